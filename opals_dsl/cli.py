@@ -1,0 +1,179 @@
+"""The ``opf`` command: argument parsing, exit statuses, and errors rendered for people.
+
+``opf check FILE`` checks a pipeline, ``opf compile FILE`` prints its plan (summary, ``--dot``,
+``--json``, ``--svg``), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`). Exit statuses:
+0 done, 1 a task failed, 2 the pipeline or the command line is invalid, 3 no cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import networkx as nx
+
+from . import __version__
+from .errors import OpfError
+
+EXIT_INVALID = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with usage, as argparse does, minus noise
+        self.print_usage(sys.stderr)
+        print(f"opf: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise _usage(f"--param takes NAME=VALUE, not '{item}'")
+        params[name.strip()] = value
+    return params
+
+
+class _UsageError(OpfError):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(f"opf: error: {message}")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the pipeline file (.opf)")
+    p.add_argument(
+        "--param", "-p", action="append", metavar="NAME=VALUE",
+        help="set a parameter (repeatable); converted to the type of its default",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="opf",
+        description="opf: declarative pipelines for large geodata, compiled to an explicit plan "
+        "and run on ipyparallel engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"opf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("check", help="check a pipeline file and report every mistake")
+    _add_common(p)
+
+    p = sub.add_parser("compile", help="compile a pipeline to its plan (summary, DOT, JSON, SVG)")
+    _add_common(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--dot", action="store_true", help="write the plan as Graphviz DOT")
+    fmt.add_argument("--json", action="store_true", help="write the plan as node-link JSON")
+    fmt.add_argument("--svg", action="store_true", help="render the plan to SVG (needs Graphviz)")
+    p.add_argument(
+        "--level", choices=("task", "job"), default="task",
+        help="draw every task (default) or one node per job step (for large plans)",
+    )
+    p.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
+
+    try:
+        from . import runcmd
+    except ImportError:  # pragma: no cover - only while the runtime is not installed
+        runcmd = None
+    if runcmd is not None:
+        p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
+        _add_common(p)
+        runcmd.add_arguments(p)
+    return parser
+
+
+def summary(graph: nx.DiGraph) -> str:
+    kinds = Counter(a["kind"] for _, a in graph.nodes(data=True))
+    tasks = sum(1 for _, a in graph.nodes(data=True) if a.get("scope") == "task")
+    jobs = len(graph.graph.get("jobs", []))
+    return (
+        f"{graph.graph['pipeline']}: {jobs} job{'s' if jobs != 1 else ''}, "
+        f"{tasks} task{'s' if tasks != 1 else ''}, {kinds['exec']} step run"
+        f"{'s' if kinds['exec'] != 1 else ''}"
+    )
+
+
+def plan_json(graph: nx.DiGraph) -> str:
+    data = nx.node_link_data(graph, edges="edges")
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .api import compile_file
+
+    graph = compile_file(args.file, parse_params(args.param))
+    print(f"{args.file}: ok — {summary(graph)}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .api import compile_file
+    from .dot import to_dot, to_job_dot
+
+    graph = compile_file(args.file, parse_params(args.param))
+    if args.json:
+        _write(plan_json(graph), args.output)
+        return 0
+    if args.dot or args.svg:
+        dot = to_job_dot(graph) if args.level == "job" else to_dot(graph)
+        if args.dot:
+            _write(dot, args.output)
+            return 0
+        exe = shutil.which("dot")
+        if exe is None:
+            raise _usage(
+                "--svg needs Graphviz's 'dot' program, which is not on PATH; install Graphviz "
+                "(e.g. 'apt-get install graphviz') or write DOT with --dot"
+            )
+        svg = subprocess.run([exe, "-Tsvg"], input=dot, capture_output=True, text=True)
+        if svg.returncode != 0:
+            raise _usage(f"Graphviz failed: {svg.stderr.strip()}")
+        _write(svg.stdout, args.output)
+        return 0
+    print(summary(graph))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return cmd_check(args)
+        if args.command == "compile":
+            return cmd_compile(args)
+        from . import runcmd
+
+        return runcmd.main(args)
+    except OpfError as exc:
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:
+        print(f"opf: error: no such file: {exc.filename}", file=sys.stderr)
+        return EXIT_INVALID
+    except UnicodeDecodeError as exc:
+        print(f"opf: error: {args.file} is not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return EXIT_INVALID
+    except IsADirectoryError as exc:
+        print(f"opf: error: {exc.filename} is a folder, not a pipeline file", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("opf: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,99 @@
+"""The error family of opf, one class per stage, each knowing how it is shown and its exit status.
+
+* :class:`OpfSyntaxError` — the file does not parse (the parse stops at the first one);
+* :class:`OpfCheckError` — the file parses but says something wrong (every one is collected);
+* :class:`PlanError` — the pipeline cannot be lowered to a plan (files, globs, destinations);
+* :class:`ParamError` — a bad ``--param`` on the command line;
+* :class:`RunError` — running the plan failed (exit 1), :class:`ClusterError` — no cluster (exit 3).
+
+Pipeline-file errors carry :class:`Diagnostic` records with structured fields (place, message),
+so tests can assert fields and the command line renders them with the source line and a caret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .source import SourceFile, Span, render_diagnostic
+
+#: how many diagnostics are shown before "... and N more"
+MAX_SHOWN = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One finding: where (``span``, may be None for command-line problems) and what."""
+
+    span: Span | None
+    message: str
+    source: SourceFile | None = field(default=None, compare=False, repr=False)
+
+    def render(self) -> str:
+        return render_diagnostic(self.source, self.span, self.message)
+
+
+class OpfError(Exception):
+    """Root of every error opf reports to a person; ``exit_code`` is the process status."""
+
+    exit_code = 2
+
+    def render(self) -> str:
+        return str(self)
+
+
+class PipelineError(OpfError):
+    """An error in a pipeline file or its parameters: one or more diagnostics."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.diagnostics = sorted(
+            diagnostics,
+            key=lambda d: (
+                d.span is not None,
+                d.span.file if d.span else "",
+                d.span.line if d.span else 0,
+                d.span.column if d.span else 0,
+            ),
+        )
+        super().__init__("\n".join(d.render() for d in self.diagnostics))
+
+    def render(self) -> str:
+        shown = [d.render() for d in self.diagnostics[:MAX_SHOWN]]
+        more = len(self.diagnostics) - MAX_SHOWN
+        if more > 0:
+            shown.append(f"... and {more} more")
+        count = len(self.diagnostics)
+        shown.append(f"{count} error{'s' if count != 1 else ''} found; nothing was run.")
+        return "\n".join(shown)
+
+    @property
+    def first(self) -> Diagnostic:
+        return self.diagnostics[0]
+
+
+class OpfSyntaxError(PipelineError):
+    """The pipeline file does not parse."""
+
+
+class OpfCheckError(PipelineError):
+    """The pipeline file parses but is wrong (unknown names, duplicates, cycles, ...)."""
+
+
+class PlanError(PipelineError):
+    """The pipeline cannot be lowered to a plan (missing files, clashing destinations, ...)."""
+
+
+class ParamError(PipelineError):
+    """A ``--param`` given on the command line is unknown or cannot be converted."""
+
+
+class RunError(OpfError):
+    """A task failed for good while running the plan."""
+
+    exit_code = 1
+
+
+class ClusterError(OpfError):
+    """The ipyparallel cluster could not be started or reached."""
+
+    exit_code = 3

@@ -1,0 +1,223 @@
+"""The syntax tree of a pipeline file: what the parser produces and the checker and planner read.
+
+Every node is a frozen, slotted dataclass with a ``span`` (its place in the file) that is left out
+of equality, so two trees compare equal when they say the same thing wherever it was written.
+Children are tuples. Templates (strings and ``run`` words) are already split into literal text
+and ``{name.attr}`` placeholders, each placeholder with its own span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .source import Span
+
+_SPAN = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A declared name (job, step, output, param, ...) and where it was written."""
+
+    value: str
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A reference to something declared: ``strip``, ``strip.stem``, ``dem.grid.dem``."""
+
+    parts: tuple[str, ...]
+    span: Span | None = _SPAN
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A string with placeholders: ``parts`` alternate literal ``str`` and :class:`Ref`."""
+
+    parts: tuple[str | Ref, ...]
+    span: Span | None = _SPAN
+
+    @property
+    def refs(self) -> tuple[Ref, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Ref))
+
+    @property
+    def is_constant(self) -> bool:
+        return not self.refs
+
+    def text(self) -> str:
+        """The template as written between the quotes (placeholders in braces)."""
+        out = []
+        for p in self.parts:
+            out.append("{" + p.dotted + "}" if isinstance(p, Ref) else p.replace("{", "{{"))
+        return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """A plain value: ``str``, ``int``, ``float``, ``bool`` or a tuple of literals' values."""
+
+    value: object
+    span: Span | None = _SPAN
+
+
+Value = Literal | Ref
+
+
+@dataclass(frozen=True, slots=True)
+class GlobSource:
+    pattern: Template
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class ListSource:
+    items: tuple[Literal, ...]
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class RangeSource:
+    args: tuple[Value, ...]
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class LinesSource:
+    path: Template
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSource:
+    """``for x in JOB.STEP.OUT``: one task per task of JOB."""
+
+    ref: Ref
+    span: Span | None = _SPAN
+
+
+Source = GlobSource | ListSource | RangeSource | LinesSource | UpstreamSource
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: Name
+    value: Literal
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    name: Name
+    path: Template
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    folder: Template
+    flat: bool
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    value: Value
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    name: Name
+    path: Template
+    temp: bool
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class In:
+    """One item of an ``in`` statement: a name (``Ref``) or a file (``Template``)."""
+
+    item: Ref | Template
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """One word of a ``run`` line, as a template."""
+
+    template: Template
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """``run WORD ...``; ``shell`` is set for ``run sh "script"``, whose script is ``words[1]``.
+
+    ``shell_quoted`` lists the placeholders of a shell script that stand inside shell quotes
+    (an error the checker reports).
+    """
+
+    words: tuple[Word, ...]
+    shell: bool = False
+    shell_quoted: tuple[Ref, ...] = ()
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Kwarg:
+    name: Name
+    value: Value
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """``call pkg.mod:fn(key = value, ...)``."""
+
+    module: str
+    function: str
+    kwargs: tuple[Kwarg, ...]
+    span: Span | None = _SPAN
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}:{self.function}"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: Name
+    outs: tuple[Out, ...]
+    ins: tuple[In, ...]
+    actions: tuple[Run | Call, ...]
+    span: Span | None = _SPAN
+
+    @property
+    def action(self) -> Run | Call | None:
+        return self.actions[0] if self.actions else None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: Name
+    var: Name | None
+    source: Source | None
+    shared: tuple[Shared, ...]
+    outputs: tuple[Output, ...]
+    retries: tuple[Retries, ...]
+    steps: tuple[Step, ...]
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    name: Name | None
+    params: tuple[Param, ...]
+    jobs: tuple[Job, ...]
+    span: Span | None = _SPAN
