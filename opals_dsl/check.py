@@ -171,26 +171,7 @@ class Scope:
             return Binding("out", name=parts[1], step=head)
 
         if in_step and head in self.jobs and len(parts) == 3:
-            if head == self.job.name.value:
-                raise ResolveError(
-                    f"'{ref.dotted}' names this job's own output as another job's; "
-                    f"within a job write '{{{parts[1]}.{parts[2]}}}'"
-                )
-            other = self.jobs[head]
-            ostep = next((s for s in other.steps if s.name.value == parts[1]), None)
-            if ostep is None:
-                raise self.unknown(ref, ctx, step, f": job '{head}' has no step '{parts[1]}'")
-            out = next((o for o in ostep.outs if o.name.value == parts[2]), None)
-            if out is None:
-                raise self.unknown(
-                    ref, ctx, step, f": step '{head}.{parts[1]}' has no output '{parts[2]}'"
-                )
-            if out.temp:
-                raise ResolveError(
-                    f"'{ref.dotted}' is a temp output of job '{head}': it is never copied "
-                    "back, so no other job can use it; drop 'temp' from its declaration"
-                )
-            return Binding("gather", job=head, step=parts[1], name=parts[2])
+            return self.resolve_upstream(ref, ctx, step)
 
         if not allow_var and (head == self.var or head in self.shared):
             raise ResolveError(f"'{ref.dotted}' cannot be used here{where}")
@@ -202,6 +183,38 @@ class Scope:
                 "params, the loop variable, task.id, job.name and pipeline.name"
             )
         raise self.unknown(ref, ctx, step, where)
+
+    def resolve_upstream(
+        self, ref: n.Ref, ctx: str = CTX_STEP, step: int | None = None
+    ) -> Binding:
+        """``JOB.STEP.OUT`` of another job: a job's source, or a gather in a step."""
+        parts = ref.parts
+        head = parts[0]
+        if len(parts) != 3 or head not in self.jobs:
+            raise self.unknown(
+                ref, ctx, step,
+                ": a job's source name must be another job's output, written JOB.STEP.OUT",
+            )
+        if head == self.job.name.value:
+            raise ResolveError(
+                f"'{ref.dotted}' names this job's own output as another job's; "
+                f"within a job write '{{{parts[1]}.{parts[2]}}}'"
+            )
+        other = self.jobs[head]
+        ostep = next((s for s in other.steps if s.name.value == parts[1]), None)
+        if ostep is None:
+            raise self.unknown(ref, ctx, step, f": job '{head}' has no step '{parts[1]}'")
+        out = next((o for o in ostep.outs if o.name.value == parts[2]), None)
+        if out is None:
+            raise self.unknown(
+                ref, ctx, step, f": step '{head}.{parts[1]}' has no output '{parts[2]}'"
+            )
+        if out.temp:
+            raise ResolveError(
+                f"'{ref.dotted}' is a temp output of job '{head}': it is never copied "
+                "back, so no other job can use it; drop 'temp' from its declaration"
+            )
+        return Binding("gather", job=head, step=parts[1], name=parts[2])
 
     def _bad_attr(self, ref: n.Ref) -> ResolveError:
         return ResolveError(
@@ -421,10 +434,10 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                     c.error(a.span, f"range takes whole numbers, not {value!r}")
         elif isinstance(src, n.UpstreamSource):
-            b = resolve(src.ref, CTX_STEP, None)
-            if b is not None and b.kind != "gather":
-                c.error(src.ref.span, "a job's source name must be another job's output: "
-                        "JOB.STEP.OUT")
+            try:
+                scope.resolve_upstream(src.ref)
+            except ResolveError as exc:
+                c.error(src.ref.span, exc.message)
         for s in job.shared:
             for r in s.path.refs:
                 resolve(r, CTX_JOB)
@@ -500,7 +513,9 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
             refs.extend((r, i) for r, _ in _templates_of_step(step))
         for ref, i in refs:
             try:
-                b = scope.resolve(ref, CTX_STEP, i)
+                b = scope.resolve(ref, CTX_STEP, i) if i is not None else (
+                    scope.resolve_upstream(ref)
+                )
             except ResolveError:
                 continue
             if b.kind == "gather" and not graph.has_edge(b.job, job.name.value):

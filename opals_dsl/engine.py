@@ -1,0 +1,763 @@
+"""The engine side of ``opf run``: what one ipyparallel engine does with the tasks it is given.
+
+The runtime (driver side) turns each task of the plan into a plain-dict *request* and ships
+batches of them to :func:`run_tasks`, which runs inside the engine and answers with one plain-dict
+*result* per request. This module imports only the standard library, so it is cheap to import on
+an engine and carries no driver-side state.
+
+Folders
+    Every engine works below a scratch root: the request's ``scratch`` if given, else
+    ``$OPF_SCRATCH`` on the engine, else the system temp folder, resolved to an absolute real path
+    (:func:`identify` reports it). A job's shared files live in the *job folder*
+    ``<scratch>/opf/<pipeline>/<job>/``; each task works in ``<job folder>/<task id>/``, so a
+    command sees the shared files as ``../<name>``. A machine is "host name + scratch root":
+    engines with the same pair share job folders.
+
+The four phases of a task, each a node of the plan with one row in the result's ``trace``
+    1. *Machine stage* (``stage:JOB``, the Job Prephase). Under an exclusive ``flock`` on
+       ``<scratch>/opf/<pipeline>/.<job>.lock``, the marker file ``<job folder>/.opf-staged`` is
+       compared with a key of the shared file set (each source's path, size and modification time
+       and its name in the job folder). Equal: nothing to do, status ``cached``. Otherwise the
+       marker is removed, temporaries of a killed stage are cleared, each shared file is copied
+       in through a temporary name and renamed into place, and the marker is written last, so an
+       interrupted stage never looks finished; status ``done``. Concurrent engines of a machine
+       therefore copy once: the first does the work, the others wait on the lock and find the
+       marker. Once an engine has seen the stage finished for a key it remembers that and only
+       re-checks the source files' stat and that the marker still exists.
+    2. *Task stage* (``stage:JOB/TASK``, the Task Prephase). A leftover task folder of an earlier
+       attempt is removed, the folder is created and every input is copied to its ``local`` path
+       (subfolders such as ``dem/strip11/`` are created). Every path is checked first: the task
+       folder must be one folder inside the job folder, and every ``local``, every declared output
+       and every copy-back source must lie inside the task folder (shared names inside the job
+       folder); a request that breaks this is refused with failure kind ``stage``.
+    3. *Exec* (``exec:JOB/TASK/STEP``, the Mainphase), one step after the other with the task
+       folder as working directory; each step's output goes to ``<logs>/<step>.log``, which starts
+       with the command line. An ``argv`` step runs without a shell, each word passed exactly as
+       given, stdin from ``/dev/null``; the first word ``python`` means this engine's interpreter,
+       a first word containing ``/`` is a path relative to the task folder, any other is looked up
+       on the engine's PATH. The environment is the engine's plus ``OPF_TASK`` and ``OPF_JOB``. A
+       ``call`` step imports ``package.module`` with the pipeline's folder on ``sys.path`` and
+       calls ``function(**kwargs)`` in this process, with the working directory, ``sys.stdout``/
+       ``sys.stderr`` and file descriptors 1 and 2 switched to the task folder and the log for
+       the duration and restored afterwards, whatever happens. After a step, each declared
+       output must exist as a file.
+    4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
+       pair is copied with :func:`atomic_copy` (the destination joined with the request's
+       ``root``), then the task folder is removed. If anything before failed, nothing is copied
+       back and the task folder is kept for inspection.
+
+Failures
+    :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which
+    node failed, of what ``kind`` (``stage``, ``not-found``, ``exit``, ``exception``,
+    ``missing-output``, ``copyback``), the return code when there is one, a one-sentence message,
+    the log file, its last lines (decoded as UTF-8, undecodable bytes replaced) and the kept task
+    folder. Each trace row holds ``node``, ``kind``, ``start``/``end`` (``time.time()``),
+    ``status`` (``done``, ``cached`` or ``failed``) and ``bytes`` (bytes copied by a stage or
+    copy-back node, the size of the declared outputs for an exec node).
+
+Atomic copies
+    :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<random hex>`` beside the destination,
+    flushes it to disk, renames it over the destination and flushes the folder: a destination is
+    either as before or complete, never truncated. On any error the temporary is removed and the
+    error raised again. :func:`is_temp_name` recognises such temporaries, so that those left by a
+    killed run can be cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import importlib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+#: a temporary file's name starts with this prefix ...
+TEMP_PREFIX = "."
+#: ... and holds this tag, followed by random hex digits
+TEMP_TAG = ".opf-tmp-"
+#: the file in a job folder that says its shared files are complete, and for which file set
+MARKER = ".opf-staged"
+#: how many lines of a failed step's log are reported
+TAIL_LINES = 20
+
+_TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
+_TAIL_BYTES = 64 * 1024
+
+# (scratch, pipeline, job) -> key of the shared file set this process saw staged there
+_STAGED: dict[tuple[str, str, str], str] = {}
+# absolute scratch base as given -> resolved real path
+_SCRATCH: dict[str, str] = {}
+
+
+def identify(scratch: str | None = None) -> dict[str, Any]:
+    """Who and where this engine is: host, process id, scratch root, machine id, interpreter."""
+    root = _scratch_root(scratch)
+    host = socket.gethostname()
+    return {
+        "host": host,
+        "pid": os.getpid(),
+        "scratch": root,
+        "machine": f"{host}:{root}",
+        "python": sys.executable,
+    }
+
+
+def is_temp_name(name: str) -> bool:
+    """True if ``name`` (a base name or a path) is a temporary written by :func:`atomic_copy`."""
+    return _TEMP_RE.match(os.path.basename(name)) is not None
+
+
+def atomic_copy(src: str, dst: str) -> int:
+    """Copy ``src`` to ``dst`` so that ``dst`` only ever appears complete; return the bytes copied.
+
+    Missing folders of ``dst`` are created. The data goes to a temporary beside ``dst``, is
+    flushed to disk and renamed into place; the folder is flushed too. On any error the temporary
+    is removed and the error re-raised, leaving ``dst`` as it was.
+    """
+    folder, name = os.path.split(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
+    try:
+        mode = stat.S_IMODE(os.stat(src).st_mode)
+        shutil.copyfile(src, tmp)
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+    return size
+
+
+def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run each task request in order and return one result per request.
+
+    A task's own failure (a bad command, a missing output, a copy that fails, a ``call`` that
+    raises ...) is reported in its result, never raised.
+    """
+    host = socket.gethostname()
+    return [_run_one(request, host) for request in batch]
+
+
+def _run_one(request: dict[str, Any], host: str) -> dict[str, Any]:
+    try:
+        task = _Task(request, host)
+    except Exception as exc:  # a request without its essentials still gets an answer
+        return _malformed(request, host, exc)
+    return task.run()
+
+
+def _malformed(request: Any, host: str, exc: Exception) -> dict[str, Any]:
+    get = request.get if isinstance(request, dict) else (lambda key, default=None: default)
+    scratch = identify(None)["scratch"]
+    with contextlib.suppress(Exception):
+        scratch = _scratch_root(get("scratch"))
+    return {
+        "job": get("job"), "task": get("task"), "attempt": get("attempt", 0), "ok": False,
+        "host": host, "pid": os.getpid(), "scratch": scratch, "machine": f"{host}:{scratch}",
+        "trace": [], "bytes_staged": 0, "bytes_copied": 0,
+        "failure": {
+            "node": None, "step": None, "kind": "stage", "returncode": None,
+            "message": f"the task request cannot be read: {type(exc).__name__}: {exc}",
+            "log": None, "tail": [], "task_dir": None,
+        },
+    }
+
+
+class _Failed(Exception):
+    """Ends a task: carries the result's ``failure`` dict."""
+
+    def __init__(self, failure: dict[str, Any]) -> None:
+        super().__init__(failure["message"])
+        self.failure = failure
+
+
+class _Task:
+    def __init__(self, req: dict[str, Any], host: str) -> None:
+        self.req = req
+        self.pipeline = str(req["pipeline"])
+        self.job = str(req["job"])
+        self.task = str(req["task"])
+        self.root = os.path.abspath(req.get("root") or os.getcwd())
+        self.scratch = _scratch_root(req.get("scratch"))
+        self.pipeline_dir = os.path.join(self.scratch, "opf", self.pipeline)
+        self.job_dir = os.path.join(self.pipeline_dir, self.job)
+        self.task_dir = os.path.join(self.job_dir, self.task)
+        logs = req.get("logs")
+        self.logs = (
+            os.path.abspath(logs)
+            if logs
+            else os.path.join(self.pipeline_dir, ".logs", self.job, self.task)
+        )
+        self.trace: list[dict[str, Any]] = []
+        self.step: str | None = None
+        self.logs_ready = False
+        self.result: dict[str, Any] = {
+            "job": req["job"],
+            "task": req["task"],
+            "attempt": req.get("attempt", 0),
+            "ok": False,
+            "host": host,
+            "pid": os.getpid(),
+            "scratch": self.scratch,
+            "machine": f"{host}:{self.scratch}",
+            "trace": self.trace,
+            "bytes_staged": 0,
+            "bytes_copied": 0,
+            "failure": None,
+        }
+
+    # -- the task --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.machine_stage()
+            self.task_stage()
+            with _environment({"OPF_TASK": self.task, "OPF_JOB": self.job}):
+                for ex in self.req.get("execs") or ():
+                    self.exec_step(ex)
+            self.copyback()
+            self.result["ok"] = True
+        except _Failed as failed:
+            self.result["failure"] = failed.failure
+        except Exception as exc:  # an unforeseen condition is still this task's failure
+            self.result["failure"] = self.unexpected(exc)
+        if self.trace and self.trace[-1]["end"] is None:
+            self.trace[-1]["end"] = time.time()
+        return self.result
+
+    def open_row(self, node: str, kind: str) -> dict[str, Any]:
+        row = {"node": node, "kind": kind, "start": time.time(), "end": None,
+               "status": "failed", "bytes": 0}
+        self.trace.append(row)
+        return row
+
+    @staticmethod
+    def close_row(row: dict[str, Any], status: str, nbytes: int = 0) -> None:
+        row["end"] = time.time()
+        row["status"] = status
+        row["bytes"] = nbytes
+
+    def fail(self, node: str, kind: str, message: str, *, step: str | None = None,
+             returncode: int | None = None, log: str | None = None) -> _Failed:
+        return _Failed({
+            "node": node,
+            "step": step,
+            "kind": kind,
+            "returncode": returncode,
+            "message": message,
+            "log": log,
+            "tail": _tail(log) if log else [],
+            "task_dir": self.task_dir,
+        })
+
+    def unexpected(self, exc: Exception) -> dict[str, Any]:
+        row = self.trace[-1] if self.trace else {"node": f"stage:{self.job}", "kind": "stage"}
+        kind = {"stage": "stage", "copyback": "copyback"}.get(row["kind"], "exception")
+        step = log = None
+        if row["kind"] == "exec":
+            step = self.step
+            log = os.path.join(self.logs, f"{step}.log")
+            if not os.path.isfile(log):
+                log = None
+        message = f"{row['node']} failed unexpectedly: {type(exc).__name__}: {_first_line(exc)}"
+        return self.fail(row["node"], kind, message, step=step, log=log).failure
+
+    # -- 1. machine stage (Job Prephase) -----------------------------------------------------
+
+    def machine_stage(self) -> None:
+        spec = self.req.get("machine_stage") or {}
+        node = spec.get("node") or f"stage:{self.job}"
+        row = self.open_row(node, "stage")
+        for what, name in (("pipeline", self.pipeline), ("job", self.job)):
+            if not _is_component(name):
+                raise self.fail(node, "stage", f"the {what} name {name!r} cannot be a folder name")
+        pairs: list[tuple[str, str]] = []
+        for src, name in spec.get("files") or ():
+            dst = _inside(self.job_dir, name)
+            if dst is None or dst == os.path.join(self.job_dir, MARKER) or is_temp_name(name):
+                raise self.fail(
+                    node, "stage",
+                    f"shared file name {name!r} does not lie inside the job folder {self.job_dir}",
+                )
+            pairs.append((os.path.join(self.root, src), dst))
+        key = self.shared_key(node, pairs)
+        marker = os.path.join(self.job_dir, MARKER)
+        cache = (self.scratch, self.pipeline, self.job)
+        if _STAGED.get(cache) == key and os.path.exists(marker):
+            self.close_row(row, "cached")
+            return
+        try:
+            os.makedirs(self.pipeline_dir, exist_ok=True)
+            lock = os.open(os.path.join(self.pipeline_dir, f".{self.job}.lock"),
+                           os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise self.fail(node, "stage", f"cannot create the job folder's lock in "
+                                           f"{self.pipeline_dir}: {_os_reason(exc)}") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _read_text(marker) == key:
+                status, nbytes = "cached", 0
+            else:
+                status, nbytes = "done", self.copy_shared(node, pairs, marker, key)
+        finally:
+            os.close(lock)  # releases the lock
+        _STAGED[cache] = key
+        self.result["bytes_staged"] += nbytes
+        self.close_row(row, status, nbytes)
+
+    def shared_key(self, node: str, pairs: list[tuple[str, str]]) -> str:
+        parts = ["opf-stage-1"]
+        for src, dst in pairs:
+            try:
+                st = os.stat(src)
+            except OSError as exc:
+                raise self.fail(node, "stage",
+                                f"shared file {src} cannot be read: {_os_reason(exc)}") from exc
+            parts.append(f"{src}\0{dst}\0{st.st_size}\0{st.st_mtime_ns}")
+        return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+    def copy_shared(self, node: str, pairs: list[tuple[str, str]], marker: str, key: str) -> int:
+        try:
+            os.makedirs(self.job_dir, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+            with os.scandir(self.job_dir) as entries:
+                for entry in entries:  # temporaries of a stage that was killed
+                    if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+        except OSError as exc:
+            raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
+                                           f"{_os_reason(exc)}") from exc
+        nbytes = 0
+        for src, dst in pairs:
+            try:
+                nbytes += atomic_copy(src, dst)
+            except OSError as exc:
+                raise self.fail(node, "stage", f"cannot copy shared file {src} to {dst}: "
+                                               f"{_os_reason(exc)}") from exc
+        try:
+            _write_atomic(marker, key)
+        except OSError as exc:
+            raise self.fail(node, "stage", f"cannot write {marker}: {_os_reason(exc)}") from exc
+        return nbytes
+
+    # -- 2. task stage (Task Prephase) -------------------------------------------------------
+
+    def task_stage(self) -> None:
+        spec = self.req.get("task_stage") or {}
+        node = spec.get("node") or f"stage:{self.job}/{self.task}"
+        row = self.open_row(node, "stage")
+        pairs = self.check_paths(node, spec)
+        made = {self.task_dir}
+        nbytes = 0
+        try:
+            try:
+                os.mkdir(self.task_dir)
+            except FileExistsError:  # left over from an earlier attempt
+                _remove_tree(self.task_dir)
+                os.mkdir(self.task_dir)
+        except OSError as exc:
+            raise self.fail(node, "stage", f"cannot create the task folder {self.task_dir}: "
+                                           f"{_os_reason(exc)}") from exc
+        for src, local, dst in pairs:
+            try:
+                folder = os.path.dirname(dst)
+                if folder not in made:
+                    os.makedirs(folder, exist_ok=True)
+                    made.add(folder)
+                nbytes += _copy_in(src, dst)
+            except OSError as exc:
+                raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
+                                               f"{_os_reason(exc)}") from exc
+        self.result["bytes_staged"] += nbytes
+        self.close_row(row, "done", nbytes)
+
+    def check_paths(self, node: str, spec: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """Refuse a request whose folders or files would lie outside where they belong."""
+        shared = self.req.get("machine_stage") or {}
+        taken = {MARKER} | {_first_part(name) for _, name in shared.get("files") or ()}
+        if not _is_component(self.task) or self.task in taken or is_temp_name(self.task):
+            raise self.fail(node, "stage", f"the task id {self.task!r} cannot name a folder of "
+                                           f"its own inside the job folder {self.job_dir}")
+        pairs = []
+        for src, local in spec.get("files") or ():
+            dst = self.local_path(node, local, "input")
+            pairs.append((os.path.join(self.root, src), local, dst))
+        for ex in self.req.get("execs") or ():
+            step = str(ex.get("step"))
+            if not _is_component(step):
+                raise self.fail(node, "stage", f"the step name {step!r} cannot name a log file")
+            for out in ex.get("outputs") or ():
+                self.local_path(node, out, f"output of step {step}")
+        for local, _ in (self.req.get("copyback") or {}).get("files") or ():
+            self.local_path(node, local, "file to copy back")
+        return pairs
+
+    def local_path(self, node: str, local: str, what: str) -> str:
+        path = _inside(self.task_dir, local)
+        if path is None:
+            raise self.fail(node, "stage", f"{what} {local!r} does not lie inside the task "
+                                           f"folder {self.task_dir}")
+        return path
+
+    # -- 3. exec (Mainphase) -----------------------------------------------------------------
+
+    def exec_step(self, ex: dict[str, Any]) -> None:
+        step = self.step = str(ex["step"])
+        node = ex.get("node") or f"exec:{self.job}/{self.task}/{step}"
+        row = self.open_row(node, "exec")
+        log = os.path.join(self.logs, f"{step}.log")
+        if not self.logs_ready:
+            try:
+                os.makedirs(self.logs, exist_ok=True)
+            except OSError as exc:
+                raise self.fail(node, "exception", f"cannot create the log folder {self.logs}: "
+                                                   f"{_os_reason(exc)}", step=step) from exc
+            self.logs_ready = True
+        if ex.get("argv") is not None:
+            returncode: int | None = self.run_argv(node, step, list(ex["argv"]), log)
+        elif ex.get("call"):
+            returncode = self.run_call(node, step, ex["call"], log)
+        else:
+            raise self.fail(node, "exception", f"step {step} has neither a command nor a call",
+                            step=step)
+        missing = []
+        nbytes = 0
+        for out in ex.get("outputs") or ():
+            try:
+                st = os.stat(os.path.join(self.task_dir, out))
+            except OSError:
+                missing.append(out)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                nbytes += st.st_size
+            else:
+                missing.append(out)
+        if missing:
+            raise self.fail(node, "missing-output",
+                            f"step {step} finished but did not write {', '.join(missing)}",
+                            step=step, returncode=returncode, log=log)
+        self.close_row(row, "done", nbytes)
+
+    def run_argv(self, node: str, step: str, argv: list[str], log: str) -> int:
+        with open(log, "wb") as out:
+            _write(out, "$ " + shlex.join(argv) + "\n")
+            program = argv[0] if argv else ""
+            if program == "python":
+                exe: str | None = sys.executable
+            elif "/" in program:
+                exe = os.path.normpath(os.path.join(self.task_dir, program))
+                if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+                    exe = None
+            else:
+                exe = shutil.which(program) if program else None
+            if exe is None:
+                if "/" in program:
+                    message = (f"program {program} of step {step} was not found as an "
+                               f"executable file in the task folder {self.task_dir}")
+                else:
+                    message = (f"program {program!r} of step {step} was not found on the "
+                               f"engine's PATH ({os.environ.get('PATH', '')})")
+                _write(out, f"opf: {message}\n")
+                out.close()
+                raise self.fail(node, "not-found", message, step=step, log=log)
+            out.flush()
+            try:
+                proc = subprocess.run(
+                    [exe, *argv[1:]], cwd=self.task_dir,
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+                )
+            except OSError as exc:
+                message = f"program {exe} of step {step} could not be started: {_os_reason(exc)}"
+                _write(out, f"opf: {message}\n")
+                out.close()
+                raise self.fail(node, "not-found", message, step=step, log=log) from exc
+        code = proc.returncode
+        if code != 0:
+            if code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = str(-code)
+                message = f"step {step} was killed by signal {name}"
+            else:
+                message = f"step {step} exited with status {code}"
+            raise self.fail(node, "exit", message, step=step, returncode=code, log=log)
+        return code
+
+    def run_call(self, node: str, step: str, spec: dict[str, Any], log: str) -> None:
+        function = str(spec.get("function", ""))
+        kwargs = dict(spec.get("kwargs") or {})
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        with open(log, "w", buffering=1, encoding="utf-8", errors="backslashreplace") as out:
+            out.write(f"$ call {function}({args})\n")
+            try:
+                fn = self.load(function)
+            except Exception as exc:
+                out.write("".join(traceback.format_exception(exc)))
+                out.close()
+                message = (f"step {step} could not load {function} (pipeline folder "
+                           f"{self.root}): {type(exc).__name__}: {_first_line(exc)}")
+                raise self.fail(node, "exception", message, step=step, log=log) from exc
+            error = _call_redirected(fn, kwargs, out, self.task_dir)
+        if isinstance(error, SystemExit):
+            code = error.code if isinstance(error.code, int) else 1
+            raise self.fail(node, "exit", f"step {step} called sys.exit({error.code!r})",
+                            step=step, returncode=code, log=log)
+        if error is not None:
+            message = f"step {step} raised {type(error).__name__}: {_first_line(error)}"
+            raise self.fail(node, "exception", message, step=step, log=log)
+
+    def load(self, function: str) -> Any:
+        module_name, sep, attr = function.partition(":")
+        if not sep or not module_name or not attr:
+            raise ValueError(f"{function!r} should be written package.module:function")
+        if self.root not in sys.path:
+            sys.path.insert(0, self.root)
+        if module_name not in sys.modules:
+            importlib.invalidate_caches()  # files written since the last import attempt
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise TypeError(f"{function} is not callable")
+        return obj
+
+    # -- 4. copy-back (Task Postphase) -------------------------------------------------------
+
+    def copyback(self) -> None:
+        spec = self.req.get("copyback") or {}
+        node = spec.get("node") or f"copyback:{self.job}/{self.task}"
+        row = self.open_row(node, "copyback")
+        nbytes = 0
+        for local, dest in spec.get("files") or ():
+            dst = os.path.join(self.root, dest)
+            try:
+                nbytes += atomic_copy(os.path.join(self.task_dir, local), dst)
+            except OSError as exc:
+                self.result["bytes_copied"] += nbytes
+                raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
+                                                  f"{_os_reason(exc)}") from exc
+        self.result["bytes_copied"] += nbytes
+        with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
+            _remove_tree(self.task_dir)
+        self.close_row(row, "done", nbytes)
+
+
+# -- machinery --------------------------------------------------------------------------------
+
+
+def _scratch_root(scratch: str | None) -> str:
+    base = scratch if scratch is not None else (
+        os.environ.get("OPF_SCRATCH") or tempfile.gettempdir())
+    base = os.path.expanduser(base)
+    if not os.path.isabs(base):  # relative to the engine's working directory, which may change
+        return os.path.realpath(base)
+    root = _SCRATCH.get(base)
+    if root is None:
+        root = _SCRATCH[base] = os.path.realpath(base)
+    return root
+
+
+def _is_component(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def _first_part(name: str) -> str:
+    return os.path.normpath(name).split("/", 1)[0]
+
+
+def _inside(base: str, rel: str) -> str | None:
+    """``base/rel`` normalised, or None when it would not lie strictly inside ``base``."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
+        return None
+    path = os.path.normpath(os.path.join(base, rel))
+    if not path.startswith(base + os.sep):
+        return None
+    return path
+
+
+def _copy_in(src: str, dst: str) -> int:
+    """Plain copy into scratch space (data and permission bits); returns the bytes copied."""
+    st = os.stat(src)
+    shutil.copyfile(src, dst)
+    with contextlib.suppress(OSError):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    return st.st_size
+
+
+def _write_atomic(path: str, text: str) -> None:
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a folder; the rename is done
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a folder (or a file in its place), also when a step left read-only folders."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        if os.path.islink(path) or not os.path.isdir(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    for folder, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+    shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the steps of one task (children inherit them), then undo.
+
+    Changing ``os.environ`` in place is much cheaper than building a fresh environment mapping
+    for every task; an engine runs one task at a time.
+    """
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
+                     cwd: str) -> BaseException | None:
+    """Call ``fn(**kwargs)`` in ``cwd`` with its output (Python and fd level) going to ``out``.
+
+    Returns the exception it raised (its traceback written to ``out``), or None. The working
+    directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 are restored in every
+    case; KeyboardInterrupt passes through after the restore.
+    """
+    try:
+        old_cwd: str | None = os.getcwd()
+    except OSError:
+        old_cwd = None
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    old_out, old_err = sys.stdout, sys.stderr
+    error: BaseException | None = None
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+            except OSError:  # the descriptor is closed: nothing to redirect
+                continue
+            os.dup2(out.fileno(), fd)
+        sys.stdout = sys.stderr = out
+        os.chdir(cwd)
+        fn(**kwargs)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            error = exc
+    except Exception as exc:
+        tb = exc.__traceback__
+        out.write("".join(traceback.format_exception(type(exc), exc,
+                                                     tb.tb_next if tb else None)))
+        error = exc
+    finally:
+        with contextlib.suppress(Exception):
+            out.flush()
+        sys.stdout, sys.stderr = old_out, old_err
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        if old_cwd is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(old_cwd)
+    return error
+
+
+def _tail(log: str) -> list[str]:
+    try:
+        with open(log, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if size > _TAIL_BYTES and lines:
+        lines = lines[1:]  # the first one is probably cut
+    return lines[-TAIL_LINES:]
+
+
+def _write(out: Any, text: str) -> None:
+    out.write(text.encode("utf-8", "backslashreplace"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

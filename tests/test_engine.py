@@ -1,0 +1,855 @@
+"""Tests of opals_dsl.engine: staging, steps, copy-back and failures, with real files and processes.
+
+``run_tasks`` is called in this process and in separate Python processes (several of them racing
+on one machine stage); steps are real programs (``python``, ``cp``, a shared shell script) and
+real ``call`` functions written into a temporary pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opals_dsl import engine
+from opals_dsl.engine import atomic_copy, identify, is_temp_name, run_tasks
+
+REPO = Path(engine.__file__).resolve().parents[1]
+
+TOOL = textwrap.dedent(
+    """
+    import sys
+    mode, cfg, src, dst = sys.argv[1:5]
+    cell = open(cfg).read().split("=")[1].strip()
+    data = open(src).read()
+    print("tool", mode, "cell", cell)
+    with open(dst, "w") as f:
+        f.write(f"{mode}:{cell}:{data}")
+    """
+)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def argv_step(job: str, task: str, step: str, argv: list[str], outputs: tuple[str, ...] = (),
+              temp: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"node": f"exec:{job}/{task}/{step}", "step": step, "argv": argv, "call": None,
+            "inputs": [], "outputs": list(outputs), "temp": list(temp)}
+
+
+def call_step(job: str, task: str, step: str, function: str, kwargs: dict[str, Any],
+              outputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"node": f"exec:{job}/{task}/{step}", "step": step, "argv": None,
+            "call": {"function": function, "kwargs": kwargs},
+            "inputs": [], "outputs": list(outputs), "temp": []}
+
+
+class Project:
+    """A pipeline folder, a scratch root and a state folder under one tmp_path."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "project"
+        self.scratch = base / "scratch"
+        self.state = base / "state"
+        self.root.mkdir()
+        (self.root / "cfg").mkdir()
+        (self.root / "cfg" / "grid.cfg").write_text("cell = 0.5\n")
+        (self.root / "tools").mkdir()
+        (self.root / "tools" / "tool.py").write_text(TOOL)
+        (self.root / "data").mkdir()
+        for name in ("strip11", "strip12"):
+            (self.root / "data" / f"{name}.xyz").write_text(f"points of {name}\n")
+
+    def request(self, task: str = "strip11", *, job: str = "dem", pipeline: str = "strips",
+                shared: list[list[str]] | None = None, inputs: list[list[str]] | None = None,
+                execs: list[dict[str, Any]] | None = None,
+                copyback: list[list[str]] | None = None, scratch: Any = "default",
+                attempt: int = 0) -> dict[str, Any]:
+        return {
+            "pipeline": pipeline,
+            "root": str(self.root),
+            "scratch": str(self.scratch) if scratch == "default" else scratch,
+            "job": job, "task": task, "attempt": attempt,
+            "machine_stage": {"node": f"stage:{job}", "files": shared or []},
+            "task_stage": {"node": f"stage:{job}/{task}", "files": inputs or []},
+            "execs": execs or [],
+            "copyback": {"node": f"copyback:{job}/{task}", "files": copyback or []},
+            "logs": str(self.state / "logs" / job / task),
+        }
+
+    def job_dir(self, job: str = "dem", pipeline: str = "strips") -> Path:
+        return Path(os.path.realpath(self.scratch)) / "opf" / pipeline / job
+
+    def task_dir(self, task: str = "strip11", job: str = "dem") -> Path:
+        return self.job_dir(job) / task
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return Project(tmp_path)
+
+
+@pytest.fixture
+def fresh_imports(monkeypatch: pytest.MonkeyPatch):
+    """Keep sys.path and sys.modules as they were after a test that imports pipeline modules."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def only(results: list[dict[str, Any]]) -> dict[str, Any]:
+    assert len(results) == 1
+    return results[0]
+
+
+def statuses(result: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(row["node"], row["status"]) for row in result["trace"]]
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports opals_dsl from this repository."""
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, check=False)
+
+
+def grid_request(project: Project, task: str = "strip11") -> dict[str, Any]:
+    """The two-step task used by several tests: a python step and a cp step."""
+    return project.request(
+        task,
+        shared=[["cfg/grid.cfg", "grid.cfg"], ["tools/tool.py", "tool.py"]],
+        inputs=[[f"data/{task}.xyz", f"{task}.xyz"]],
+        execs=[
+            argv_step("dem", task, "grid",
+                      ["python", "../tool.py", "grid", "../grid.cfg", f"{task}.xyz",
+                       f"{task}_dem.asc"], outputs=(f"{task}_dem.asc",)),
+            argv_step("dem", task, "copy", ["cp", f"{task}_dem.asc", f"{task}_copy.asc"],
+                      outputs=(f"{task}_copy.asc",)),
+        ],
+        copyback=[[f"{task}_dem.asc", f"results/grid/{task}_dem.asc"],
+                  [f"{task}_copy.asc", f"results/copy/{task}_copy.asc"]],
+    )
+
+
+# -- identity and names ------------------------------------------------------------------------
+
+
+def test_identify_resolves_scratch_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    monkeypatch.setenv("OPF_SCRATCH", str(link))
+    ident = identify(None)
+    assert ident["scratch"] == str(real)
+    assert ident["machine"] == f"{ident['host']}:{real}"
+    assert ident["pid"] == os.getpid()
+    assert ident["python"] == sys.executable
+    other = tmp_path / "explicit"
+    assert identify(str(other))["scratch"] == str(other)  # the argument wins over the variable
+    monkeypatch.delenv("OPF_SCRATCH")
+    assert identify(None)["scratch"] == os.path.realpath(tempfile.gettempdir())
+    monkeypatch.chdir(tmp_path)
+    assert identify("rel")["scratch"] == str(real.parent / "rel")
+
+
+def test_is_temp_name():
+    assert is_temp_name(".dem.asc.opf-tmp-0123abcd")
+    assert is_temp_name("/some/folder/.dem.asc.opf-tmp-ff")
+    assert not is_temp_name("dem.asc")
+    assert not is_temp_name(".dem.asc")
+    assert not is_temp_name("dem.asc.opf-tmp-0123")  # not hidden
+    assert not is_temp_name(".dem.asc.opf-tmp-")  # no random part
+    assert not is_temp_name(".dem.asc.opf-tmp-xyz")
+
+
+# -- the whole task ----------------------------------------------------------------------------
+
+
+def test_stage_exec_copyback_end_to_end(project: Project):
+    result = only(run_tasks([grid_request(project)]))
+    assert result["ok"], result["failure"]
+    assert result["failure"] is None
+    assert (result["job"], result["task"], result["attempt"]) == ("dem", "strip11", 0)
+    scratch = os.path.realpath(project.scratch)
+    assert result["scratch"] == scratch
+    assert result["machine"] == f"{result['host']}:{scratch}"
+    assert result["pid"] == os.getpid()
+
+    dem = project.root / "results" / "grid" / "strip11_dem.asc"
+    copy = project.root / "results" / "copy" / "strip11_copy.asc"
+    assert dem.read_text() == "grid:0.5:points of strip11\n"
+    assert copy.read_text() == dem.read_text()
+    assert result["bytes_copied"] == 2 * dem.stat().st_size
+    shared_bytes = sum((project.root / p).stat().st_size for p in ("cfg/grid.cfg",
+                                                                   "tools/tool.py"))
+    input_bytes = (project.root / "data" / "strip11.xyz").stat().st_size
+    assert result["bytes_staged"] == shared_bytes + input_bytes
+
+    assert statuses(result) == [
+        ("stage:dem", "done"), ("stage:dem/strip11", "done"), ("exec:dem/strip11/grid", "done"),
+        ("exec:dem/strip11/copy", "done"), ("copyback:dem/strip11", "done"),
+    ]
+    kinds = [row["kind"] for row in result["trace"]]
+    assert kinds == ["stage", "stage", "exec", "exec", "copyback"]
+    bytes_of = {row["node"]: row["bytes"] for row in result["trace"]}
+    assert bytes_of["stage:dem"] == shared_bytes
+    assert bytes_of["stage:dem/strip11"] == input_bytes
+    assert bytes_of["exec:dem/strip11/grid"] == dem.stat().st_size
+    assert bytes_of["copyback:dem/strip11"] == result["bytes_copied"]
+    for row in result["trace"]:
+        assert row["start"] <= row["end"]
+    starts = [row["start"] for row in result["trace"]]
+    assert starts == sorted(starts)
+
+    # the task folder is emptied; the job folder keeps the shared files for the next task
+    assert not project.task_dir().exists()
+    assert (project.job_dir() / "grid.cfg").read_text() == "cell = 0.5\n"
+    assert (project.job_dir() / ".opf-staged").is_file()
+
+    log = project.state / "logs" / "dem" / "strip11" / "grid.log"
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("$ ") and "../tool.py grid ../grid.cfg strip11.xyz" in lines[0]
+    assert "tool grid cell 0.5" in lines
+    assert (project.state / "logs" / "dem" / "strip11" / "copy.log").read_text().startswith("$ ")
+    assert not [p for p in project.root.rglob("*") if is_temp_name(p.name)]
+
+
+def test_batch_returns_one_result_per_request_in_order(project: Project):
+    results = run_tasks([grid_request(project, "strip11"), grid_request(project, "strip12")])
+    assert [r["task"] for r in results] == ["strip11", "strip12"]
+    assert all(r["ok"] for r in results)
+    assert statuses(results[1])[0] == ("stage:dem", "cached")
+    assert results[1]["bytes_staged"] == (project.root / "data/strip12.xyz").stat().st_size
+    assert (project.root / "results/grid/strip12_dem.asc").read_text().endswith("strip12\n")
+
+
+def test_subfolder_locals_are_created(project: Project):
+    req = project.request(
+        "mosaic",
+        inputs=[["data/strip11.xyz", "dem/strip11/x.asc"],
+                ["data/strip12.xyz", "dem/strip12/x.asc"]],
+        execs=[argv_step("dem", "mosaic", "merge",
+                         ["python", "-c",
+                          "import sys; open('m.txt','w').write(open(sys.argv[1]).read()"
+                          " + open(sys.argv[2]).read())",
+                          "dem/strip11/x.asc", "dem/strip12/x.asc"], outputs=("m.txt",))],
+        copyback=[["m.txt", "out/m.txt"]],
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert (project.root / "out" / "m.txt").read_text() == (
+        "points of strip11\npoints of strip12\n")
+
+
+def test_argv_words_arrive_intact(project: Project):
+    words = ["two words", "it's", '"quoted"', "a; touch INJECTED", f"$(touch {project.root}/SUB)",
+             f"`touch {project.root}/TICK`", "*", "ünïcødé ✓", "", "back\\slash", "> redirect",
+             "--flag=x y", "$HOME"]
+    script = "import json, sys; json.dump(sys.argv[1:], open('argv.json', 'w'))"
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "echo", ["python", "-c", script, *words],
+                         outputs=("argv.json",))],
+        copyback=[["argv.json", "argv.json"]],
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert json.loads((project.root / "argv.json").read_text()) == words
+    assert not (project.root / "SUB").exists()
+    assert not (project.root / "TICK").exists()
+    assert not list(project.root.glob("INJECTED"))
+
+
+def test_step_environment_and_stdin(project: Project):
+    script = ("import json, os, sys; json.dump([os.environ['OPF_TASK'], os.environ['OPF_JOB'],"
+              " os.environ.get('KEEP_ME'), sys.stdin.read(), os.getcwd()], open('env.json','w'))")
+    req = project.request(
+        "t-7",
+        execs=[argv_step("dem", "t-7", "env", ["python", "-c", script], outputs=("env.json",))],
+        copyback=[["env.json", "env.json"]],
+    )
+    os.environ["KEEP_ME"] = "inherited"
+    try:
+        result = only(run_tasks([req]))
+    finally:
+        del os.environ["KEEP_ME"]
+    assert result["ok"], result["failure"]
+    task, job, keep, stdin, cwd = json.loads((project.root / "env.json").read_text())
+    assert (task, job, keep, stdin) == ("t-7", "dem", "inherited", "")
+    assert cwd == str(project.task_dir("t-7"))
+    assert "OPF_TASK" not in os.environ
+
+
+def test_program_given_as_path_relative_to_task_folder(project: Project):
+    script = project.root / "tools" / "mark.sh"
+    script.write_text('#!/bin/sh\necho "marked $1" > "$2"\n')
+    script.chmod(0o755)
+    req = project.request(
+        shared=[["tools/mark.sh", "mark.sh"]],
+        execs=[argv_step("dem", "strip11", "mark", ["../mark.sh", "a b", "m.txt"],
+                         outputs=("m.txt",))],
+        copyback=[["m.txt", "m.txt"]],
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert (project.root / "m.txt").read_text() == "marked a b\n"
+    assert os.access(project.job_dir() / "mark.sh", os.X_OK)  # permission bits travel
+
+
+def test_temp_outputs_feed_later_steps(project: Project):
+    req = project.request(
+        execs=[
+            argv_step("dem", "strip11", "a", ["python", "-c", "open('t.tmp','w').write('x')"],
+                      outputs=("t.tmp",), temp=("t.tmp",)),
+            argv_step("dem", "strip11", "b", ["cp", "t.tmp", "final.txt"],
+                      outputs=("final.txt",)),
+        ],
+        copyback=[["final.txt", "final.txt"]],
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert (project.root / "final.txt").read_text() == "x"
+    assert not (project.root / "t.tmp").exists()
+
+
+def test_leftover_task_folder_is_replaced(project: Project):
+    leftover = project.task_dir()
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "junk.txt").write_text("from an earlier attempt")
+    (leftover / "sub" / "more").write_text("x")
+    script = "import json, os; json.dump(sorted(os.listdir('.')), open('ls.json', 'w'))"
+    req = project.request(
+        inputs=[["data/strip11.xyz", "strip11.xyz"]],
+        execs=[argv_step("dem", "strip11", "ls", ["python", "-c", script], outputs=("ls.json",))],
+        copyback=[["ls.json", "ls.json"]], attempt=1,
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert result["attempt"] == 1
+    assert json.loads((project.root / "ls.json").read_text()) == ["strip11.xyz"]
+
+
+def test_leftover_task_symlink_is_removed_not_followed(project: Project, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    project.job_dir().mkdir(parents=True)
+    project.task_dir().symlink_to(outside, target_is_directory=True)
+    result = only(run_tasks([project.request(
+        execs=[argv_step("dem", "strip11", "t", ["python", "-c", "open('x', 'w')"])])]))
+    assert result["ok"], result["failure"]
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert not (outside / "x").exists()
+    assert not project.task_dir().exists()
+
+
+# -- machine stage -----------------------------------------------------------------------------
+
+
+def test_machine_stage_cached_restaged_on_change_and_after_removal(project: Project):
+    shared = [["cfg/grid.cfg", "grid.cfg"]]
+    read_cfg = ["python", "-c", "open('c.txt','w').write(open('../grid.cfg').read())"]
+
+    def once(task: str) -> dict[str, Any]:
+        req = project.request(task, shared=shared,
+                              execs=[argv_step("dem", task, "r", read_cfg, outputs=("c.txt",))],
+                              copyback=[["c.txt", f"{task}.txt"]])
+        return only(run_tasks([req]))
+
+    first, second = once("a"), once("b")
+    assert statuses(first)[0] == ("stage:dem", "done")
+    assert statuses(second)[0] == ("stage:dem", "cached")
+    assert second["trace"][0]["bytes"] == 0
+
+    cfg = project.root / "cfg" / "grid.cfg"
+    cfg.write_text("cell = 2.0\n")
+    os.utime(cfg, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    third = once("c")
+    assert statuses(third)[0] == ("stage:dem", "done")
+    assert (project.root / "c.txt").read_text() == "cell = 2.0\n"
+
+    shutil.rmtree(project.job_dir())  # e.g. scratch cleaned between two runs
+    fourth = once("d")
+    assert statuses(fourth)[0] == ("stage:dem", "done")
+    assert fourth["ok"], fourth["failure"]
+
+
+def test_machine_stage_marker_is_seen_by_another_process(project: Project):
+    req = grid_request(project)
+    assert only(run_tasks([req]))["ok"]
+    code = (f"import json; from opals_dsl.engine import run_tasks; "
+            f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    other = only(json.loads(proc.stdout))
+    assert other["ok"], other["failure"]
+    assert other["pid"] != os.getpid()
+    assert statuses(other)[0] == ("stage:dem", "cached")
+
+
+def test_interrupted_machine_stage_is_redone(project: Project):
+    job = project.job_dir()
+    job.mkdir(parents=True)
+    (job / "grid.cfg").write_text("cell = half-writ")  # no marker: the stage never finished
+    (job / ".grid.cfg.opf-tmp-0badc0de").write_text("cell")
+    result = only(run_tasks([grid_request(project)]))
+    assert result["ok"], result["failure"]
+    assert statuses(result)[0] == ("stage:dem", "done")
+    assert (job / "grid.cfg").read_text() == "cell = 0.5\n"
+    assert not [p for p in job.iterdir() if is_temp_name(p.name)]
+
+
+RACER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from opals_dsl.engine import run_tasks
+    request, go = json.loads(sys.argv[1]), sys.argv[2]
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    print(json.dumps(run_tasks([request])))
+    """
+)
+
+
+def test_concurrent_engines_stage_a_machine_once(project: Project):
+    big = project.root / "cfg" / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 24)  # slow enough that racers overlap
+    size = big.stat().st_size
+    check = f"import os; assert os.path.getsize('../big.bin') == {size}; open('ok','w').close()"
+    go = project.root.parent / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    racers = []
+    for n in range(4):
+        task = f"t{n}"
+        req = project.request(task, shared=[["cfg/big.bin", "big.bin"],
+                                            ["cfg/grid.cfg", "grid.cfg"]],
+                              execs=[argv_step("dem", task, "check", ["python", "-c", check],
+                                               outputs=("ok",))],
+                              copyback=[["ok", f"ok/{task}"]])
+        racers.append(subprocess.Popen(
+            [sys.executable, "-c", RACER, json.dumps(req), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    time.sleep(0.3)  # let every racer start its interpreter and wait at the line
+    go.touch()
+    results = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=120)
+        assert racer.returncode == 0, err
+        results.append(only(json.loads(out)))
+    assert all(r["ok"] for r in results), [r["failure"] for r in results]
+    stage_status = sorted(r["trace"][0]["status"] for r in results)
+    assert stage_status == ["cached", "cached", "cached", "done"]
+    assert sum(r["bytes_staged"] for r in results) == size + len("cell = 0.5\n")
+    assert len({r["pid"] for r in results}) == 4
+    assert sorted(p.name for p in (project.root / "ok").iterdir()) == ["t0", "t1", "t2", "t3"]
+    assert (project.job_dir() / "big.bin").read_bytes() == big.read_bytes()
+
+
+def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_path: Path):
+    scratch = tmp_path / "env-scratch"
+    req = project.request(scratch=None, inputs=[["data/strip11.xyz", "in.xyz"]],
+                          execs=[argv_step("dem", "strip11", "c", ["cp", "in.xyz", "o.xyz"],
+                                           outputs=("o.xyz",))],
+                          copyback=[["o.xyz", "o.xyz"]])
+    code = (f"import json; from opals_dsl.engine import run_tasks; "
+            f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
+    proc = run_python(code, env={"OPF_SCRATCH": str(scratch)})
+    assert proc.returncode == 0, proc.stderr
+    result = only(json.loads(proc.stdout))
+    assert result["ok"], result["failure"]
+    assert result["scratch"] == str(scratch)
+    assert (scratch / "opf" / "strips" / "dem" / ".opf-staged").is_file()
+    assert not project.scratch.exists()
+
+
+# -- call steps --------------------------------------------------------------------------------
+
+
+def write_module(project: Project, body: str) -> str:
+    """A package with one module in the pipeline folder; returns the module's dotted name."""
+    package = f"pkg_{uuid.uuid4().hex[:8]}"
+    (project.root / package).mkdir()
+    (project.root / package / "__init__.py").write_text("")
+    (project.root / package / "steps.py").write_text(textwrap.dedent(body))
+    return f"{package}.steps"
+
+
+STEPS = """
+    import os, subprocess, sys
+
+    def grid(src, dst, cell, tags):
+        print("python print", cell, tags)
+        sys.stdout.flush()
+        subprocess.run(["echo", "child process output"], check=True)
+        with open(dst, "w") as f:
+            f.write(f"{open(src).read().strip()}|{cell}|{','.join(tags)}|{os.getcwd()}"
+                    f"|{os.environ['OPF_TASK']}")
+
+    def bad(cell):
+        raise ValueError(f"cell must be positive, got {cell}")
+
+    def leave(code):
+        sys.exit(code)
+
+    def nothing():
+        pass
+"""
+
+
+def test_call_step_runs_in_task_folder_and_logs(project: Project, fresh_imports,
+                                                capfd: pytest.CaptureFixture[str]):
+    module = write_module(project, STEPS)
+    cwd, out, err = os.getcwd(), sys.stdout, sys.stderr
+    req = project.request(
+        inputs=[["data/strip11.xyz", "dem/in.xyz"]],
+        execs=[call_step("dem", "strip11", "grid", f"{module}:grid",
+                         {"src": "dem/in.xyz", "dst": "out.txt", "cell": 0.5,
+                          "tags": ["a", "b"]}, outputs=("out.txt",))],
+        copyback=[["out.txt", "out.txt"]],
+    )
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert (os.getcwd(), sys.stdout, sys.stderr) == (cwd, out, err)
+    assert "OPF_TASK" not in os.environ
+    assert (project.root / "out.txt").read_text() == (
+        f"points of strip11|0.5|a,b|{project.task_dir()}|strip11")
+    log = (project.state / "logs" / "dem" / "strip11" / "grid.log").read_text().splitlines()
+    assert log[0].startswith(f"$ call {module}:grid(")
+    assert "python print 0.5 ['a', 'b']" in log
+    assert "child process output" in log
+    captured = capfd.readouterr()
+    assert "child process output" not in captured.out
+    assert "python print" not in captured.out
+
+
+def test_call_root_added_to_sys_path_once(project: Project, fresh_imports):
+    module = write_module(project, STEPS)
+    for task in ("a", "b", "c"):
+        req = project.request(task, execs=[call_step("dem", task, "n", f"{module}:nothing", {})])
+        assert only(run_tasks([req]))["ok"]
+    assert sys.path.count(str(project.root)) == 1
+
+
+def test_call_that_raises(project: Project, fresh_imports):
+    module = write_module(project, STEPS)
+    cwd, out, err = os.getcwd(), sys.stdout, sys.stderr
+    req = project.request(
+        execs=[call_step("dem", "strip11", "check", f"{module}:bad", {"cell": -1}),
+               call_step("dem", "strip11", "after", f"{module}:nothing", {})],
+    )
+    result = only(run_tasks([req]))
+    assert (os.getcwd(), sys.stdout, sys.stderr) == (cwd, out, err)
+    assert not result["ok"]
+    failure = result["failure"]
+    assert failure["kind"] == "exception"
+    assert failure["node"] == "exec:dem/strip11/check"
+    assert failure["step"] == "check"
+    assert failure["returncode"] is None
+    assert "ValueError" in failure["message"] and "got -1" in failure["message"]
+    log = Path(failure["log"])
+    assert log == project.state / "logs" / "dem" / "strip11" / "check.log"
+    text = log.read_text()
+    assert "Traceback" in text and 'raise ValueError(f"cell must be positive' in text
+    assert failure["tail"][-1] == "ValueError: cell must be positive, got -1"
+    assert statuses(result)[-1] == ("exec:dem/strip11/check", "failed")
+    assert "exec:dem/strip11/after" not in dict(statuses(result))
+    assert Path(failure["task_dir"]) == project.task_dir()
+    assert project.task_dir().is_dir()
+
+
+def test_call_sys_exit_and_unknown_function(project: Project, fresh_imports):
+    module = write_module(project, STEPS)
+    exits = only(run_tasks([project.request(
+        "x", execs=[call_step("dem", "x", "leave", f"{module}:leave", {"code": 4})])]))
+    assert exits["failure"]["kind"] == "exit"
+    assert exits["failure"]["returncode"] == 4
+    zero = only(run_tasks([project.request(
+        "z", execs=[call_step("dem", "z", "leave", f"{module}:leave", {"code": 0})])]))
+    assert zero["ok"], zero["failure"]
+    for function in (f"{module}:missing", "no_such_package_zz.mod:fn", "no colon"):
+        result = only(run_tasks([project.request(
+            "u", execs=[call_step("dem", "u", "s", function, {})])]))
+        assert result["failure"]["kind"] == "exception", function
+        assert function in result["failure"]["message"]
+        assert result["failure"]["tail"]
+
+
+# -- failing steps -----------------------------------------------------------------------------
+
+
+def test_exit_nonzero_reports_tail_keeps_folder_copies_nothing(project: Project):
+    failing = ("import sys\nfor i in range(30): print('line', i)\n"
+               "sys.stdout.flush(); sys.stderr.write('grid: bad cell\\n'); sys.exit(3)")
+    req = project.request(
+        inputs=[["data/strip11.xyz", "strip11.xyz"]],
+        execs=[argv_step("dem", "strip11", "first", ["cp", "strip11.xyz", "first.txt"],
+                         outputs=("first.txt",)),
+               argv_step("dem", "strip11", "grid", ["python", "-c", failing],
+                         outputs=("dem.asc",)),
+               argv_step("dem", "strip11", "never", ["cp", "first.txt", "never.txt"])],
+        copyback=[["first.txt", "results/first.txt"], ["dem.asc", "results/dem.asc"]],
+    )
+    result = only(run_tasks([req]))
+    assert not result["ok"]
+    failure = result["failure"]
+    assert failure["kind"] == "exit"
+    assert failure["returncode"] == 3
+    assert failure["node"] == "exec:dem/strip11/grid" and failure["step"] == "grid"
+    assert "3" in failure["message"]
+    assert len(failure["tail"]) == 20
+    assert failure["tail"][-1] == "grid: bad cell"
+    assert failure["tail"][0] == "line 11"
+    assert failure["log"] == str(project.state / "logs" / "dem" / "strip11" / "grid.log")
+    assert failure["task_dir"] == str(project.task_dir())
+    assert (project.task_dir() / "first.txt").is_file()  # kept for inspection
+    assert not (project.root / "results").exists()
+    assert statuses(result) == [
+        ("stage:dem", "done"), ("stage:dem/strip11", "done"), ("exec:dem/strip11/first", "done"),
+        ("exec:dem/strip11/grid", "failed"),
+    ]
+    assert result["bytes_copied"] == 0
+
+
+def test_killed_step_names_the_signal(project: Project):
+    req = project.request(execs=[argv_step("dem", "strip11", "die", [
+        "python", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])])
+    failure = only(run_tasks([req]))["failure"]
+    assert failure["kind"] == "exit"
+    assert failure["returncode"] == -9
+    assert "SIGKILL" in failure["message"]
+
+
+def test_log_tail_replaces_undecodable_bytes(project: Project):
+    code = "import sys; sys.stdout.buffer.write(b'bad \\xff\\xfe bytes\\n'); sys.exit(1)"
+    failure = only(run_tasks([project.request(
+        execs=[argv_step("dem", "strip11", "b", ["python", "-c", code])])]))["failure"]
+    assert failure["tail"][-1] == "bad \ufffd\ufffd bytes"
+
+
+def test_missing_output(project: Project):
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "grid",
+                         ["python", "-c", "open('one.asc', 'w').close()"],
+                         outputs=("one.asc", "two.asc", "sub/three.asc"))],
+        copyback=[["one.asc", "one.asc"]],
+    )
+    result = only(run_tasks([req]))
+    failure = result["failure"]
+    assert failure["kind"] == "missing-output"
+    assert failure["returncode"] == 0
+    assert "two.asc" in failure["message"] and "sub/three.asc" in failure["message"]
+    assert "one.asc," not in failure["message"]
+    assert not (project.root / "one.asc").exists()
+    assert (project.task_dir() / "one.asc").is_file()
+
+
+def test_output_that_is_a_folder_is_missing(project: Project):
+    req = project.request(execs=[argv_step("dem", "strip11", "d", ["mkdir", "out.asc"],
+                                           outputs=("out.asc",))])
+    assert only(run_tasks([req]))["failure"]["kind"] == "missing-output"
+
+
+def test_program_not_found(project: Project):
+    req = project.request(execs=[argv_step("dem", "strip11", "grid",
+                                           ["opf-no-such-program-q7", "x"])])
+    result = only(run_tasks([req]))
+    failure = result["failure"]
+    assert failure["kind"] == "not-found"
+    assert "opf-no-such-program-q7" in failure["message"]
+    assert os.environ["PATH"] in failure["message"]
+    assert failure["returncode"] is None
+    assert any("opf-no-such-program-q7" in line for line in failure["tail"])
+    assert project.task_dir().is_dir()
+    relative = only(run_tasks([project.request(
+        "r", execs=[argv_step("dem", "r", "s", ["./nothing-here.sh"])])]))
+    assert relative["failure"]["kind"] == "not-found"
+
+
+def test_missing_input_is_a_stage_failure(project: Project):
+    result = only(run_tasks([project.request(inputs=[["data/absent.xyz", "absent.xyz"]])]))
+    failure = result["failure"]
+    assert failure["kind"] == "stage"
+    assert failure["node"] == "stage:dem/strip11"
+    assert "data/absent.xyz" in failure["message"]
+    shared = only(run_tasks([project.request("s", shared=[["cfg/absent.cfg", "a.cfg"]])]))
+    assert shared["failure"]["kind"] == "stage"
+    assert shared["failure"]["node"] == "stage:dem"
+    assert statuses(shared) == [("stage:dem", "failed")]
+
+
+# -- the path guard ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", [
+    {"inputs": [["data/strip11.xyz", "../escape.xyz"]]},
+    {"inputs": [["data/strip11.xyz", "a/../../escape.xyz"]]},
+    {"inputs": [["data/strip11.xyz", "/tmp/opf-escape.xyz"]]},
+    {"inputs": [["data/strip11.xyz", "."]]},
+    {"outputs": ["../out.asc"]},
+    {"copyback": [["../../../cfg/grid.cfg", "stolen.cfg"]]},
+    {"task": ".."},
+    {"task": "a/b"},
+    {"task": ""},
+    {"task": "grid.cfg"},
+    {"task": ".opf-staged"},
+    {"shared": [["cfg/grid.cfg", "../../grid.cfg"]]},
+    {"shared": [["cfg/grid.cfg", "./.opf-staged"]]},
+    {"job": "../dem"},
+])
+def test_path_guard_refuses_paths_outside_their_folder(project: Project, change: dict[str, Any]):
+    task = change.get("task", "strip11")
+    job = change.get("job", "dem")
+    marker = project.root / "ran"
+    req = project.request(
+        task, job=job,
+        shared=change.get("shared", [["cfg/grid.cfg", "grid.cfg"]]),
+        inputs=change.get("inputs", []),
+        execs=[argv_step(job, task, "s", ["python", "-c", f"open({str(marker)!r}, 'w')"],
+                         outputs=tuple(change.get("outputs", ())))],
+        copyback=change.get("copyback", []),
+    )
+    result = only(run_tasks([req]))
+    assert not result["ok"]
+    assert result["failure"]["kind"] == "stage"
+    assert not marker.exists()
+    assert not (project.root / "stolen.cfg").exists()
+    assert not list(Path(os.path.realpath(project.scratch)).rglob("*escape*"))
+    assert not Path("/tmp/opf-escape.xyz").exists()
+
+
+# -- cleanup -----------------------------------------------------------------------------------
+
+
+def test_cleanup_removes_read_only_folders_left_by_a_step(project: Project):
+    code = "import os; os.makedirs('ro/inner'); open('ro/inner/f','w'); os.chmod('ro', 0o500)"
+    req = project.request(execs=[argv_step("dem", "strip11", "ro", ["python", "-c", code])])
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    assert not project.task_dir().exists()
+
+
+# -- atomic copies -----------------------------------------------------------------------------
+
+
+def test_atomic_copy_creates_folders_and_replaces(tmp_path: Path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"new content" * 1000)
+    dst = tmp_path / "a" / "b" / "dst.bin"
+    assert atomic_copy(str(src), str(dst)) == 11_000
+    assert dst.read_bytes() == src.read_bytes()
+    src.write_bytes(b"second")
+    assert atomic_copy(str(src), str(dst)) == 6
+    assert dst.read_bytes() == b"second"
+    assert [p.name for p in dst.parent.iterdir()] == ["dst.bin"]
+
+
+def test_atomic_copy_into_a_file_parent_fails_cleanly(tmp_path: Path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OSError):
+        atomic_copy(str(src), str(blocker / "dst.bin"))
+    assert blocker.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "src.bin"]
+    with pytest.raises(IsADirectoryError):
+        atomic_copy(str(tmp_path), str(tmp_path / "copy"))
+    assert not (tmp_path / "copy").exists()
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
+
+
+# A file-size limit makes the write fail halfway (EFBIG), also for root, without any mount.
+LIMITED = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys
+    from opals_dsl.engine import atomic_copy, run_tasks
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    what, arg = sys.argv[1], sys.argv[2]
+    if what == "copy":
+        src, dst = json.loads(arg)
+        try:
+            atomic_copy(src, dst)
+        except OSError as exc:
+            print(json.dumps({"errno": exc.errno}))
+        else:
+            print(json.dumps({"errno": None}))
+    else:
+        print(json.dumps(run_tasks([json.loads(arg)])))
+    """
+)
+
+
+def test_atomic_copy_failing_midway_leaves_destination_as_before(tmp_path: Path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dst = folder / "dst.bin"
+    dst.write_bytes(b"the previous complete file")
+    proc = run_python(LIMITED, "copy", json.dumps([str(big), str(dst)]))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["errno"] is not None
+    assert [p.name for p in folder.iterdir()] == ["dst.bin"]
+    assert dst.read_bytes() == b"the previous complete file"
+
+
+def test_copyback_failure_is_reported_and_leaves_no_partial_file(project: Project):
+    big = project.root / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    dest = project.root / "results" / "big.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"from the last run")
+    link = f"import os; os.symlink({str(big)!r}, 'big.out')"
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "make", ["python", "-c", link],
+                         outputs=("big.out",))],
+        copyback=[["big.out", "results/big.bin"]],
+    )
+    proc = run_python(LIMITED, "task", json.dumps(req))
+    assert proc.returncode == 0, proc.stderr
+    result = only(json.loads(proc.stdout))
+    failure = result["failure"]
+    assert failure["kind"] == "copyback"
+    assert failure["node"] == "copyback:dem/strip11"
+    assert str(dest) in failure["message"]
+    assert os.strerror(27) in failure["message"]  # EFBIG, "File too large"
+    assert dest.read_bytes() == b"from the last run"
+    assert [p.name for p in dest.parent.iterdir()] == ["big.bin"]
+    assert project.task_dir().is_dir()
+    assert statuses(result)[-1] == ("copyback:dem/strip11", "failed")
+
+
+def test_copyback_into_a_file_parent_in_process(project: Project):
+    (project.root / "results").write_text("a file where a folder should be")
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "w", ["python", "-c", "open('o.txt','w')"],
+                         outputs=("o.txt",))],
+        copyback=[["o.txt", "results/o.txt"]],
+    )
+    failure = only(run_tasks([req]))["failure"]
+    assert failure["kind"] == "copyback"
+    assert str(project.root / "results" / "o.txt") in failure["message"]
+    assert "Not a directory" in failure["message"] or "File exists" in failure["message"]
+    assert (project.task_dir() / "o.txt").is_file()
+
+
+def test_malformed_request_gets_a_result():
+    result = only(run_tasks([{"task": "x"}]))
+    assert not result["ok"]
+    assert result["failure"]["kind"] == "stage"
+    assert result["task"] == "x"
