@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
 
+    from . import report
+
+    p = sub.add_parser("report", help="write an HTML report of a run: timeline, summary, plan")
+    report.add_arguments(p)
+
     try:
         from . import runcmd
     except ImportError:  # pragma: no cover - only while the runtime is not installed
@@ -159,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "compile":
             return cmd_compile(args)
+        if args.command == "report":
+            from . import report
+
+            return report.main(args)
         from . import runcmd
 
         return runcmd.main(args)

@@ -1,0 +1,556 @@
+"""Clusters: the ipyparallel side of ``opf run`` — finding engines, and talking to them.
+
+In: how the user wants to run (:class:`ClusterOptions`: an embedded cluster of ``engines``
+engines, or an existing one by ``profile`` or connection file) and the run's state folder. Out:
+an :class:`IPyParallelExecutor`, the :class:`opals_dsl.runtime.Executor` the scheduler submits
+batches of task requests to, one engine at a time.
+
+Embedded cluster
+    ``ipp.Cluster`` with one controller and N local engines. ipyparallel's files (IPYTHONDIR,
+    the profile, connection files and logs) live in ``<state>/ipython``, never in the user's
+    home. The hub's heartbeat runs every 100 ms (start-up waits for the first beats, so this is
+    what makes a cold start take about a second rather than six); it declares an engine lost
+    after 5 s without an answer. The engines tolerate a silent hub for a minute. The processes
+    of the cluster (with their creation times, which rules out a reused process id) are written
+    to ``<state>/cluster.json`` while it runs; a run that finds that file — its run was killed
+    before it could stop its cluster — stops those processes first. On the way out, steps still
+    running (an interrupted run gives them a few seconds after SIGINT) are killed, the cluster is
+    stopped, and any of its processes still alive are killed.
+
+Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
+    Only a client is opened (the connection file is passed positionally: ipyparallel ignores
+    ``url_file=``); the controller and engines are left running at the end.
+
+Engines
+    Before work starts every engine runs :func:`prepare_engine` once: ANSI colours are turned
+    off in its tracebacks, :mod:`opals_dsl.engine` is imported and the engine says who and where
+    it is (host, scratch root, machine). Work is sent to one engine through its own DirectView,
+    so the scheduler chooses the engine. The function shipped is :data:`RUN_TASKS`, an
+    :class:`EngineCall` that pickles *by name* (≈300 bytes per message, 6 µs to pack); a
+    module-level function would travel as its code object (≈1.6 kB, 60 µs), and would run the
+    driver's copy of the code rather than the engine's installed one.
+
+Memory
+    A consumed result is dropped from the client's caches at once; every few hundred messages
+    the client's and the views' history lists are cleared and the hub is asked to forget the
+    results it still keeps, so a run of 100,000 tasks keeps a flat footprint.
+
+Failures to start or reach a cluster raise :class:`opals_dsl.errors.ClusterError` (exit 3).
+Engines import this module to unpickle an :class:`EngineCall`, so at the top it imports only the
+standard library and opf modules that do the same (ipyparallel and psutil are imported where
+used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ClusterError
+from .runtime import EngineInfo
+
+#: heartbeat of the embedded controller (ms); start-up takes a few beats
+HEARTBEAT_MS = 100
+#: beats an engine may miss before the hub drops it (50 × 100 ms = 5 s)
+HEARTBEAT_MISSES = 50
+#: pings from the hub an engine may miss before it shuts itself down (600 × 100 ms = 1 min)
+ENGINE_HEARTBEAT_MISSES = 600
+#: consumed messages between two clean-ups of ipyparallel's histories
+PURGE_EVERY = 512
+
+log = logging.getLogger(__name__)
+
+
+class EngineCall:
+    """A callable that names an engine-side function as ``"package.module:function"``.
+
+    It pickles as that string, so an engine imports and runs its own copy of the function.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __getstate__(self) -> str:
+        return self.target
+
+    def __setstate__(self, state: str) -> None:
+        self.target = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"EngineCall({self.target!r})"
+
+    @property
+    def __name__(self) -> str:  # ipyparallel labels a task with its function's name
+        return self.target.rpartition(":")[2]
+
+
+RUN_TASKS = EngineCall("opals_dsl.engine:run_tasks")
+PREPARE = EngineCall("opals_dsl.cluster:prepare_engine")
+
+
+def prepare_engine(scratch: str | None) -> dict[str, Any]:
+    """Runs on an engine: plain tracebacks, import the engine module, say who and where it is."""
+    with contextlib.suppress(Exception):
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.run_line_magic("colors", "nocolor")
+    from opals_dsl import engine
+
+    return engine.identify(scratch)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """Where to run: an embedded cluster of ``engines`` engines (None: one per core), or an
+    existing cluster named by ``profile`` or by its client connection file ``cluster_file``.
+    ``timeout`` bounds connecting and waiting for engines (seconds)."""
+
+    engines: int | None = None
+    profile: str | None = None
+    cluster_file: str | None = None
+    timeout: float = 30.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.profile is None and self.cluster_file is None
+
+
+# -- talking to engines ----------------------------------------------------------------------
+
+
+class IPyParallelExecutor:
+    """Submits batches of task requests to chosen engines of an ipyparallel client."""
+
+    def __init__(self, client: Any, *, scratch: str | None = None, timeout: float = 30.0) -> None:
+        self.client = client
+        self.scratch = scratch
+        self.timeout = timeout
+        self._views: dict[int, Any] = {}
+        self._engines: dict[int, EngineInfo] = {}
+        self._consumed: list[str] = []
+        self._purge_next: list[str] = []
+        infos, errors = self._identify(client.ids)
+        if errors:
+            engine, message = errors[0]
+            raise ClusterError(
+                f"engine {engine} cannot run opf tasks: {message}\n"
+                f"Every engine needs opf installed (the Python package opals_dsl) in the "
+                f"Python it runs."
+            )
+        if not infos:
+            raise ClusterError("the cluster has no engines")
+        for info in infos:
+            self._add(info)
+
+    def _identify(self, ids: Iterable[int]) -> tuple[list[EngineInfo], list[tuple[int, str]]]:
+        pending = {}
+        errors: list[tuple[int, str]] = []
+        for i in ids:
+            try:
+                pending[i] = self.client[i].apply_async(PREPARE, self.scratch)
+            except Exception as exc:  # the engine left meanwhile
+                errors.append((i, _describe(exc)))
+        infos = []
+        deadline = time.monotonic() + self.timeout
+        for i, ar in pending.items():
+            try:
+                ident = ar.get(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as exc:
+                errors.append((i, _describe(exc)))
+                continue
+            infos.append(EngineInfo(i, ident["host"], ident["pid"], ident["scratch"],
+                                    ident["machine"]))
+        return infos, errors
+
+    def _add(self, info: EngineInfo) -> None:
+        self._engines[info.id] = info
+        view = self.client[info.id]
+        view.block = False
+        self._views[info.id] = view
+
+    # the Executor interface
+
+    def engines(self) -> Mapping[int, EngineInfo]:
+        return dict(self._engines)
+
+    def submit(self, engine: int, batch: list[dict[str, Any]]) -> Future:
+        view = self._views.get(engine)
+        if view is None:
+            raise LookupError(f"engine {engine} is gone")
+        return view.apply_async(RUN_TASKS, batch)
+
+    def is_engine_loss(self, error: BaseException) -> bool:
+        if isinstance(error, LookupError):  # rc[id] of an engine that left: IndexError
+            return True
+        return getattr(error, "ename", None) == "EngineError"
+
+    def release(self, future: Future) -> None:
+        client = self.client
+        for msg_id in getattr(future, "msg_ids", None) or ():
+            client.results.pop(msg_id, None)
+            client.metadata.pop(msg_id, None)
+            client._futures.pop(msg_id, None)
+            client._output_futures.pop(msg_id, None)
+            self._consumed.append(msg_id)
+        if len(self._consumed) >= PURGE_EVERY:
+            self._purge()
+
+    def _purge(self) -> None:
+        client = self.client
+        consumed, self._consumed = self._consumed, []
+        for msg_id in consumed:  # late output messages may have re-created an entry
+            client.metadata.pop(msg_id, None)
+        outstanding = client.outstanding
+        if not outstanding:
+            client.history.clear()
+            for view in self._views.values():
+                view.history.clear()
+        else:
+            client.history[:] = [m for m in client.history if m in outstanding]
+            for view in self._views.values():
+                view.history[:] = [m for m in view.history if m in outstanding]
+        # the hub learns of a result a moment after we do: forget the previous window's
+        old, self._purge_next = self._purge_next, consumed
+        if old:
+            with contextlib.suppress(Exception):
+                client.purge_hub_results(jobs=old)
+
+    def refresh(self) -> tuple[list[EngineInfo], list[int]]:
+        try:
+            current = set(self.client.ids)
+        except Exception:
+            return [], []
+        gone = sorted(set(self._engines) - current)
+        for engine in gone:
+            self._engines.pop(engine, None)
+            self._views.pop(engine, None)
+        new = sorted(current - set(self._engines))
+        added: list[EngineInfo] = []
+        if new:
+            infos, _ = self._identify(new)  # an engine that cannot run tasks is left out
+            for info in infos:
+                self._add(info)
+                added.append(info)
+        return added, gone
+
+    def withdraw(self, futures: list[Future]) -> None:
+        self.client.abort(jobs=list(futures), block=False)
+
+    def interrupt(self, engines: Iterable[int]) -> None:
+        targets = [e for e in engines if e in self._views]
+        if targets:
+            self.client.send_signal("SIGINT", targets=targets, block=False)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close(linger=0)
+
+
+# -- the embedded cluster --------------------------------------------------------------------
+
+
+def _proc_record(proc: Any) -> dict[str, Any] | None:
+    try:
+        return {"pid": proc.pid, "created": proc.create_time()}
+    except Exception:
+        return None
+
+
+def _live(records: Iterable[dict[str, Any]]) -> list[Any]:
+    """The recorded processes that still run (same pid *and* creation time), with children."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for rec in records:
+        try:
+            proc = psutil.Process(int(rec["pid"]))
+            if abs(proc.create_time() - float(rec["created"])) > 0.01:
+                continue
+            found[proc.pid] = proc
+            for child in proc.children(recursive=True):
+                found[child.pid] = child
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            continue
+    return list(found.values())
+
+
+def _terminate(procs: list[Any], grace: float = 3.0) -> None:
+    import psutil
+
+    if not procs:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _kill(procs: list[Any]) -> None:
+    import psutil
+
+    for proc in procs:  # SIGKILL is not refused; no need to wait for the zombies' reaping
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def stop_leftover_cluster(state_dir: str | Path) -> bool:
+    """Stop the embedded cluster an earlier, killed run recorded in ``state_dir``; True if any
+    of its processes were still running."""
+    record = Path(state_dir) / "cluster.json"
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        data = {}
+    procs = _live(data.get("processes") or [])
+    _terminate(procs)
+    profile_dir = data.get("profile_dir")
+    cluster_id = data.get("cluster_id")
+    if profile_dir and cluster_id:
+        security = Path(profile_dir) / "security"
+        for name in (f"cluster-{cluster_id}.json", f"ipcontroller-{cluster_id}-client.json",
+                     f"ipcontroller-{cluster_id}-engine.json"):
+            with contextlib.suppress(OSError):
+                (security / name).unlink()
+    with contextlib.suppress(OSError):
+        record.unlink()
+    return bool(procs)
+
+
+@contextlib.contextmanager
+def _ipython_dir(path: Path | None) -> Iterator[None]:
+    """Point IPYTHONDIR at ``path`` for the duration (ipyparallel and its children read it)."""
+    if path is None:
+        yield
+        return
+    old = os.environ.get("IPYTHONDIR")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["IPYTHONDIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("IPYTHONDIR", None)
+        else:
+            os.environ["IPYTHONDIR"] = old
+
+
+class EmbeddedCluster:
+    """A controller and ``n`` engines on this machine, owned by this run."""
+
+    def __init__(self, state_dir: Path, n: int, timeout: float) -> None:
+        self.state_dir = state_dir
+        self.n = n
+        self.timeout = timeout
+        self.ipython_dir = state_dir / "ipython"
+        self.profile_dir = self.ipython_dir / "profile_opf"
+        self.record = state_dir / "cluster.json"
+        self.cluster: Any = None
+        self.client: Any = None
+        self._procs: list[dict[str, Any]] = []
+
+    def start(self) -> Any:
+        import ipyparallel as ipp
+        import psutil
+
+        stop_leftover_cluster(self.state_dir)
+        cluster_id = f"opf-{os.getpid()}-{secrets.token_hex(3)}"
+        logger = logging.getLogger(f"{__name__}.ipyparallel")
+        logger.propagate = False
+        if not logger.handlers:
+            logger.addHandler(logging.NullHandler())
+        self.cluster = ipp.Cluster(
+            n=self.n, profile_dir=str(self.profile_dir), cluster_id=cluster_id, delay=0,
+            controller_args=[
+                "--ip=127.0.0.1", "--log-level=WARN",
+                f"--HeartMonitor.period={HEARTBEAT_MS}",
+                f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+            ],
+            engine_args=["--log-level=WARN",
+                         f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}"],
+            engine_timeout=int(max(1, self.timeout)), log=logger, load_profile=False,
+        )
+        self.cluster.start_controller_sync()
+        self._remember(cluster_id, [self.cluster.controller.process])
+        self.cluster.start_engines_sync(self.n)
+        engines = [launcher.process for es in self.cluster.engines.values()
+                   for launcher in es.launchers.values()]
+        self._remember(cluster_id, engines)
+        self.client = self.cluster.connect_client_sync()
+        self.client.wait_for_engines(self.n, timeout=self.timeout)
+        tree = []
+        for proc in [self.cluster.controller.process, *engines]:
+            with contextlib.suppress(psutil.Error):
+                tree.extend(proc.children(recursive=True))
+        self._remember(cluster_id, tree)
+        return self.client
+
+    def output_tail(self, lines: int = 8) -> str:
+        """The last lines the controller and the engines wrote (for a failed start)."""
+        if self.cluster is None:
+            return ""
+        launchers = [("controller", self.cluster.controller)]
+        for es in self.cluster.engines.values():
+            launchers += [(f"engine {i}", la) for i, la in getattr(es, "launchers", {}).items()]
+        parts = []
+        for name, launcher in launchers:
+            with contextlib.suppress(Exception):
+                text = (launcher.get_output() or "").strip()
+                if text:
+                    tail = "\n".join("  | " + ln for ln in text.splitlines()[-lines:])
+                    parts.append(f"{name} said:\n{tail}")
+        return "\n".join(parts)
+
+    def _remember(self, cluster_id: str, procs: Iterable[Any]) -> None:
+        for proc in procs:
+            rec = _proc_record(proc)
+            if rec is not None:
+                self._procs.append(rec)
+        data = {"cluster_id": cluster_id, "profile_dir": str(self.profile_dir),
+                "driver": os.getpid(), "processes": self._procs}
+        tmp = self.record.with_name(self.record.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.record)
+
+    def stop(self) -> None:
+        # steps still running (an interrupt that did not reach them in time) are children of
+        # the engines: kill them first, so that the engines are free to exit when told
+        leftovers = _live(self._procs)
+        ours = {rec["pid"] for rec in self._procs}
+        _kill([p for p in leftovers if p.pid not in ours])
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close(linger=0)
+            self.client = None
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.stop_cluster_sync()
+        # what is left (the engines' nannies linger ~3 s trying to reach the stopped hub,
+        # steps a busy engine was running) belongs to a cluster already told to stop
+        _kill(_live(self._procs))
+        with contextlib.suppress(OSError):
+            self.record.unlink()
+        if self.cluster is not None:
+            self._remove_logs(self.cluster.cluster_id)
+        self.cluster = None
+
+    def _remove_logs(self, cluster_id: str) -> None:
+        folder = self.profile_dir / "log"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if cluster_id in entry.name or entry.name.startswith("engines"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+
+def _describe(exc: BaseException) -> str:
+    ename = getattr(exc, "ename", None)
+    if ename:
+        return f"{ename}: {getattr(exc, 'evalue', '')}".strip()
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- opening a cluster -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
+                 scratch: str | None = None) -> Iterator[IPyParallelExecutor]:
+    """Start or reach the cluster ``options`` name and yield an executor for its engines.
+
+    An embedded cluster is stopped on the way out, however the block ends; an existing one is
+    only disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
+    """
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    if options.embedded:
+        yield from _embedded(options, state, scratch)
+    else:
+        yield from _existing(options, state, scratch)
+
+
+def _embedded(options: ClusterOptions, state: Path,
+              scratch: str | None) -> Iterator[IPyParallelExecutor]:
+    n = options.engines or os.cpu_count() or 1
+    cluster = EmbeddedCluster(state, n, options.timeout)
+    executor = None
+    with _ipython_dir(cluster.ipython_dir):
+        try:
+            try:
+                client = cluster.start()
+                executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
+            except ClusterError:
+                raise
+            except Exception as exc:
+                said = cluster.output_tail()
+                raise ClusterError(
+                    f"could not start a local ipyparallel cluster of {n} engine"
+                    f"{'s' if n != 1 else ''}: {_describe(exc)}" + (f"\n{said}" if said else "")
+                ) from exc
+            yield executor
+        finally:
+            cluster.stop()
+
+
+def _existing(options: ClusterOptions, state: Path,
+              scratch: str | None) -> Iterator[IPyParallelExecutor]:
+    import ipyparallel as ipp
+
+    if options.cluster_file is not None:
+        path = Path(options.cluster_file).expanduser()
+        what = f"the ipyparallel controller of connection file {path}"
+        if not path.is_file():
+            raise ClusterError(f"the connection file {path} does not exist")
+        ipython_dir: Path | None = None if os.environ.get("IPYTHONDIR") else state / "ipython"
+
+        def connect() -> Any:
+            return ipp.Client(str(path), timeout=options.timeout)
+    else:
+        what = f"the ipyparallel cluster of profile {options.profile!r}"
+        ipython_dir = None
+
+        def connect() -> Any:
+            return ipp.Client(profile=options.profile, timeout=options.timeout)
+
+    with _ipython_dir(ipython_dir):
+        try:
+            client = connect()
+        except Exception as exc:
+            raise ClusterError(f"cannot reach {what}: {_describe(exc)}") from exc
+        executor = None
+        try:
+            try:
+                client.wait_for_engines(1, timeout=options.timeout)
+            except Exception as exc:
+                raise ClusterError(
+                    f"{what} has no engines (waited {options.timeout:g} s)"
+                ) from exc
+            executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
+            yield executor
+        finally:
+            with contextlib.suppress(Exception):
+                client.close(linger=0)

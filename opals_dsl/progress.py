@@ -1,0 +1,253 @@
+"""What a person sees while ``opf run`` works: progress, failures, and a summary at the end.
+
+In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.runtime.RunListener`).
+Out: text on a stream (standard error by default).
+
+* On a terminal: a live bar with tasks done / running / failed / total and the engines busy,
+  and a summary table at the end (rich).
+* Elsewhere (a log file, CI): plain lines — one per finished task for small runs, and for runs
+  of more than ``line_limit`` tasks a status line at most every ``interval`` seconds — and the
+  summary as plain lines.
+* ``quiet``: only failures.
+
+A task that fails for good is always reported in full: the task, the step and node, the exit
+status, the last lines of the step's log, where the whole log is and the task folder that was
+kept for inspection. A retry or a lost engine gets one line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from .runtime import Counts, EngineInfo, RunListener, RunSummary, TaskFailure, TaskRef
+
+#: lines of a failed step's log shown in a failure report
+TAIL_SHOWN = 10
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` → ``"1.5 KiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_duration(seconds: float) -> str:
+    """``75.2`` → ``"1 min 15 s"``."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def failure_report(task: TaskRef, failure: TaskFailure) -> str:
+    """A task's failure, for a person: what failed, how, the log's tail, where to look."""
+    where = f"step {failure.step}" if failure.step else (failure.node or "the task")
+    attempts = failure.attempt + 1
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    lines = [f"FAILED {task.name}: {where}{tries}"]
+    lines.append(f"  {failure.message}")
+    if failure.returncode is not None and failure.kind == "exit":
+        lines.append(f"  exit status: {failure.returncode}")
+    if failure.engine is not None:
+        machine = f" ({failure.machine})" if failure.machine else ""
+        lines.append(f"  engine: {failure.engine}{machine}")
+    tail = [line for line in failure.tail if line.strip()][-TAIL_SHOWN:]
+    if tail:
+        lines.append("  last lines of the log:")
+        lines.extend(f"    | {line}" for line in tail)
+    if failure.log:
+        lines.append(f"  full log: {failure.log}")
+    if failure.task_dir:
+        lines.append(f"  task folder kept: {failure.task_dir}")
+    return "\n".join(lines)
+
+
+def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    """The summary as (label, value) pairs, in the order shown."""
+    rows = [
+        ("tasks", str(summary.total)),
+        ("run", str(summary.done)),
+        ("skipped", str(summary.skipped)),
+        ("failed", str(summary.failed)),
+    ]
+    if summary.blocked:
+        rows.append(("not run (upstream failed)", str(summary.blocked)))
+    if summary.not_run:
+        rows.append(("not run (run stopped)", str(summary.not_run)))
+    rows.append(("retried", str(summary.retried)))
+    if summary.engines_lost:
+        rows.append(("engines lost", f"{summary.engines_lost} "
+                                     f"({summary.resubmitted} tasks moved)"))
+    rows += [
+        ("wall time", format_duration(summary.wall)),
+        ("staged", format_bytes(summary.bytes_staged)),
+        ("copied back", format_bytes(summary.bytes_copied)),
+    ]
+    if summary.trace:
+        rows.append(("trace", summary.trace))
+    return rows
+
+
+def outcome_line(summary: RunSummary) -> str:
+    if summary.no_engines:
+        return "stopped: no engine is left"
+    if summary.interrupted:
+        return "interrupted"
+    if summary.failed:
+        return f"{summary.failed} task{'s' if summary.failed != 1 else ''} failed"
+    if summary.not_run or summary.blocked:
+        return "stopped"
+    return "all tasks done"
+
+
+class Progress(RunListener):
+    """Shows a run on ``stream``; see the module docstring for the three modes."""
+
+    def __init__(self, *, stream: TextIO | None = None, quiet: bool = False,
+                 interactive: bool | None = None, title: str = "opf run",
+                 line_limit: int = 100, interval: float = 5.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        if interactive is None:
+            isatty = getattr(self.stream, "isatty", None)
+            interactive = bool(isatty and isatty())
+        self.interactive = interactive and not quiet
+        self.title = title
+        self.line_limit = line_limit
+        self.interval = interval
+        self.total = 0
+        self._per_task = True
+        self._last_status: float | None = None
+        self._counts: Counts | None = None
+        self._bar: Any = None
+        self._bar_task: Any = None
+        self._console: Any = None
+        if self.interactive:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, highlight=False)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
+        self.total = total
+        self._per_task = total <= self.line_limit
+        machines = len({e.machine for e in engines.values()})
+        if self.quiet:
+            return
+        self._say(f"{self.title}: {total} task{'s' if total != 1 else ''} on {len(engines)} "
+                  f"engine{'s' if len(engines) != 1 else ''} ({machines} "
+                  f"machine{'s' if machines != 1 else ''})")
+        if self.interactive:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                console=self._console, transient=True,
+            )
+            self._bar_task = self._bar.add_task("tasks", total=total, status="")
+            self._bar.start()
+
+    def counts_changed(self, counts: Counts) -> None:
+        self._counts = counts
+        if self._bar is not None:
+            status = (f"running {counts.running}, failed {counts.failed}, "
+                      f"engines busy {counts.engines_busy}/{counts.engines}")
+            self._bar.update(self._bar_task, completed=counts.done + counts.skipped,
+                             status=status)
+        elif not self.quiet and not self._per_task:
+            now = time.monotonic()
+            if self._last_status is None or now - self._last_status >= self.interval:
+                self._last_status = now
+                self._say(f"{counts.done + counts.skipped}/{counts.total} finished, "
+                          f"{counts.running} running, {counts.failed} failed, engines busy "
+                          f"{counts.engines_busy}/{counts.engines}")
+
+    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
+        if self.quiet or self.interactive or not self._per_task:
+            return
+        rows = result.get("trace") or []
+        starts = [r["start"] for r in rows if r.get("start")]
+        ends = [r["end"] for r in rows if r.get("end")]
+        took = f" in {format_duration(max(ends) - min(starts))}" if starts and ends else ""
+        self._say(f"done {task.name} on engine {engine}{took}")
+
+    def task_skipped(self, task: TaskRef) -> None:
+        if self.quiet or self.interactive or not self._per_task:
+            return
+        self._say(f"skipped {task.name} (unchanged)")
+
+    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
+        if self.quiet:
+            return
+        self._say(f"retrying {task.name} (attempt {failure.attempt + 2} of "
+                  f"{task.retries + 1}): {failure.message}")
+
+    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+        self._say(failure_report(task, failure))
+
+    def engine_added(self, engine: EngineInfo) -> None:
+        if not self.quiet:
+            self._say(f"engine {engine.id} joined ({engine.machine})")
+
+    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+        if self.quiet:
+            return
+        moved = f"; {len(tasks)} task{'s' if len(tasks) != 1 else ''} go to other engines" \
+            if tasks else ""
+        self._say(f"engine {engine} was lost{moved}")
+
+    def stopping(self, reason: str) -> None:
+        if self.quiet:
+            return
+        if reason == "interrupted":
+            self._say("interrupted: stopping the running tasks")
+        else:
+            self._say(f"stopping: {reason}; no new tasks are started, running ones finish")
+
+    def run_finished(self, summary: RunSummary) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self.quiet:
+            return
+        outcome = outcome_line(summary)
+        rows = summary_rows(summary)
+        if self.interactive:
+            from rich.table import Table
+
+            table = Table(title=f"{self.title}: {outcome}", show_header=False,
+                          title_justify="left")
+            table.add_column(style="bold")
+            table.add_column()
+            for label, value in rows:
+                table.add_row(label, value)
+            self._console.print(table)
+        else:
+            self._say(f"{self.title}: {outcome}")
+            width = max(len(label) for label, _ in rows)
+            for label, value in rows:
+                self._say(f"  {label:<{width}}  {value}")

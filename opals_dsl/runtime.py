@@ -1,0 +1,958 @@
+"""The scheduler: runs a plan (``networkx.DiGraph``, docs/plan-format.md) on a set of engines.
+
+In: the plan and an :class:`Executor` (a few engines that each run
+:func:`opals_dsl.engine.run_tasks` on batches of task requests). Out: a :class:`RunSummary`, a
+trace file (one row per plan node, JSON lines) and events for a :class:`RunListener` (the
+progress display, later a journal).
+
+Unit of work
+    A plan's task is the chain machine stage → task stage → exec nodes → copy-back, all pinned to
+    one engine by its ``affinity``. The scheduler submits whole chains: a task's request carries
+    every node of the chain and the engine runs them in order and reports one trace row per node,
+    so the nodes stay explicit in the trace while the driver pays for one message per *batch* of
+    tasks, not per node. The machine stage travels with every task of its job; the engine decides
+    (under a lock shared by the engines of one machine) whether it still has to be done there.
+
+State (only the loop in :meth:`Scheduler.run` changes it)
+    per task: ``pending`` (upstream tasks not finished yet), ``state`` (waiting, ready, running,
+    done, skipped, failed, blocked, not-run) and ``attempt``; a heap of ready tasks keyed by plan
+    order; per engine the batches it holds and the number of tasks in them; the batches in
+    flight. A task becomes ready when every upstream task whose published outputs its task stage
+    reads (the copy-back predecessors of its task stage) is done or skipped.
+
+Policy
+    * Ready tasks are taken in plan order (jobs as written, tasks by index), so runs are
+      repeatable and ties are broken the same way every time.
+    * A batch goes to the engine with the fewest tasks outstanding (ties: lowest engine id), and
+      an engine holds at most ``depth`` batches, so it always has the next batch queued while
+      it works on one, and no more.
+    * Batch size adapts to what the tasks cost: the first batches of a job hold one task; after
+      that a batch holds about ``batch_seconds`` of work at the job's measured mean task time
+      (at most ``max_batch`` tasks and never more than a fair share of the ready tasks). Long
+      tasks therefore travel alone, which keeps engines evenly loaded and lets a downstream task
+      start as soon as its own upstream task is done; thousands of tiny tasks travel in dozens,
+      which is what makes the driver fast.
+
+Results come back as futures (ipyparallel's ``AsyncResult`` is a ``concurrent.futures.Future``);
+their done-callbacks only put the batch on a completion queue, and the loop consumes it.
+
+Outcomes
+    * A task whose request fails is submitted again (from its task stage, to whichever engine is
+      least loaded) until it has used its ``retries`` (the task stage node's ``retries``
+      attribute, 0 if absent). Failed for good: without ``keep_going`` no new task is submitted,
+      batches not yet started are withdrawn, running ones finish; with it, only the tasks that
+      depend on the failure (transitively) are left out.
+    * An engine that is lost (its result fails as an engine failure, or it leaves the cluster)
+      takes no more work; the tasks it held go back to the ready heap with their attempt number
+      unchanged. If no engine remains, the run ends (``summary.no_engines``).
+    * ``skip(task) -> bool`` is asked when a task becomes ready, before it would be submitted; a
+      skipped task counts as finished for the tasks downstream (a journal uses this to resume).
+    * Ctrl-C (``KeyboardInterrupt``) stops submitting, asks the executor to interrupt what is
+      running, waits briefly for it, and returns with ``summary.interrupted`` set.
+
+:class:`LocalExecutor` runs requests in this process, one after the other: a deterministic,
+debuggable executor for tests of the policy and for stepping through a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import math
+import os
+import queue
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # engines import this module (through cluster.py): keep it light
+    import networkx as nx
+
+# task states
+WAITING = "waiting"
+READY = "ready"
+RUNNING = "running"
+DONE = "done"
+SKIPPED = "skipped"
+FAILED = "failed"
+BLOCKED = "blocked"  # an upstream task failed for good
+NOT_RUN = "not-run"  # the run stopped before the task was submitted
+
+TRACE_FIELDS = ("node", "kind", "job", "task", "step", "engine", "machine", "start", "end",
+                "status", "bytes", "attempt")
+
+
+# -- the executor interface ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """One engine: its id in the cluster and where it runs (``machine`` = host + scratch root)."""
+
+    id: int
+    host: str
+    pid: int
+    scratch: str
+    machine: str
+
+
+class Executor(Protocol):
+    """What the scheduler needs from a cluster."""
+
+    def engines(self) -> Mapping[int, EngineInfo]:
+        """The engines usable now."""
+        ...
+
+    def submit(self, engine: int, batch: list[dict[str, Any]]) -> Future:
+        """Start ``run_tasks(batch)`` on ``engine``; the future's result is the list of results."""
+        ...
+
+    def is_engine_loss(self, error: BaseException) -> bool:
+        """True if a failed future means its engine is gone (not a failure of the tasks)."""
+        ...
+
+    def release(self, future: Future) -> None:
+        """Forget a consumed future (results, metadata, history), so memory stays flat."""
+        ...
+
+    def refresh(self) -> tuple[list[EngineInfo], list[int]]:
+        """Engines that joined and engine ids that left since the last call."""
+        ...
+
+    def withdraw(self, futures: list[Future]) -> None:
+        """Best effort: drop batches that have not started yet (their futures then fail)."""
+        ...
+
+    def interrupt(self, engines: Iterable[int]) -> None:
+        """Best effort: interrupt what these engines are running (Ctrl-C)."""
+        ...
+
+
+class LocalExecutor:
+    """Runs batches synchronously in this process; ``scratches`` gives one engine per entry.
+
+    Each entry is a scratch root (or None for the default), so several local engines can play
+    separate machines. Submitting runs the batch at once and returns a finished future.
+    """
+
+    def __init__(self, scratches: Iterable[str | None] = (None,)) -> None:
+        from . import engine
+
+        self._engine = engine
+        self._scratch = list(scratches)
+        self._engines = {}
+        for i, scratch in enumerate(self._scratch):
+            ident = engine.identify(scratch)
+            self._engines[i] = EngineInfo(i, ident["host"], ident["pid"], ident["scratch"],
+                                          ident["machine"])
+
+    def engines(self) -> Mapping[int, EngineInfo]:
+        return self._engines
+
+    def submit(self, engine: int, batch: list[dict[str, Any]]) -> Future:
+        scratch = self._scratch[engine]
+        if scratch is not None:
+            batch = [dict(req, scratch=req.get("scratch") or scratch) for req in batch]
+        future: Future = Future()
+        try:
+            future.set_result(self._engine.run_tasks(batch))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def is_engine_loss(self, error: BaseException) -> bool:
+        return False
+
+    def release(self, future: Future) -> None:
+        pass
+
+    def refresh(self) -> tuple[list[EngineInfo], list[int]]:
+        return [], []
+
+    def withdraw(self, futures: list[Future]) -> None:
+        pass
+
+    def interrupt(self, engines: Iterable[int]) -> None:
+        pass
+
+
+# -- what the scheduler tells the world -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    """A task of the plan: its job, id, position in plan order and node ids."""
+
+    order: int
+    job: str
+    task: str
+    machine_stage: str
+    task_stage: str
+    execs: tuple[str, ...]
+    copyback: str
+    retries: int
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return (self.machine_stage, self.task_stage, *self.execs, self.copyback)
+
+    @property
+    def name(self) -> str:
+        return f"{self.job}/{self.task}"
+
+
+@dataclass(slots=True)
+class TaskFailure:
+    """A task that failed for good (or whose last attempt failed): everything a person needs."""
+
+    job: str
+    task: str
+    attempt: int
+    engine: int | None
+    machine: str | None
+    node: str | None
+    step: str | None
+    kind: str
+    returncode: int | None
+    message: str
+    log: str | None
+    tail: list[str]
+    task_dir: str | None
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did. ``exit_code``: 0 all done or skipped, 1 a task failed or the run was
+    stopped, 3 no engine left."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    blocked: int = 0
+    not_run: int = 0
+    retried: int = 0
+    resubmitted: int = 0  # tasks moved off a lost engine
+    engines_lost: int = 0
+    bytes_staged: int = 0
+    bytes_copied: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    interrupted: bool = False
+    no_engines: bool = False
+    failures: list[TaskFailure] = field(default_factory=list)
+    trace: str | None = None
+
+    @property
+    def wall(self) -> float:
+        return max(0.0, self.finished - self.started)
+
+    @property
+    def exit_code(self) -> int:
+        if self.no_engines:
+            return 3
+        if self.failed or self.interrupted or self.blocked or self.not_run:
+            return 1
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """A snapshot of the run for a progress display."""
+
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    running: int
+    engines: int
+    engines_busy: int
+
+
+class RunListener:
+    """Receives the scheduler's events; every method does nothing by default."""
+
+    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
+        pass
+
+    def counts_changed(self, counts: Counts) -> None:
+        pass
+
+    def tasks_submitted(self, tasks: list[TaskRef], engine: int) -> None:
+        pass
+
+    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
+        pass
+
+    def task_skipped(self, task: TaskRef) -> None:
+        pass
+
+    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
+        pass
+
+    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+        pass
+
+    def engine_added(self, engine: EngineInfo) -> None:
+        pass
+
+    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+        pass
+
+    def stopping(self, reason: str) -> None:
+        pass
+
+    def run_finished(self, summary: RunSummary) -> None:
+        pass
+
+
+class Listeners(RunListener):
+    """Passes every event on to several listeners, in order."""
+
+    def __init__(self, listeners: Iterable[RunListener | None]) -> None:
+        self.all = [x for x in listeners if x is not None]
+
+    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
+        for x in self.all:
+            x.run_started(total, engines)
+
+    def counts_changed(self, counts: Counts) -> None:
+        for x in self.all:
+            x.counts_changed(counts)
+
+    def tasks_submitted(self, tasks: list[TaskRef], engine: int) -> None:
+        for x in self.all:
+            x.tasks_submitted(tasks, engine)
+
+    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
+        for x in self.all:
+            x.task_done(task, result, engine)
+
+    def task_skipped(self, task: TaskRef) -> None:
+        for x in self.all:
+            x.task_skipped(task)
+
+    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
+        for x in self.all:
+            x.task_retrying(task, failure)
+
+    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+        for x in self.all:
+            x.task_failed(task, failure)
+
+    def engine_added(self, engine: EngineInfo) -> None:
+        for x in self.all:
+            x.engine_added(engine)
+
+    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+        for x in self.all:
+            x.engine_lost(engine, tasks)
+
+    def stopping(self, reason: str) -> None:
+        for x in self.all:
+            x.stopping(reason)
+
+    def run_finished(self, summary: RunSummary) -> None:
+        for x in self.all:
+            x.run_finished(summary)
+
+
+# -- the plan as tasks -----------------------------------------------------------------------
+
+
+def plan_tasks(plan: nx.DiGraph) -> tuple[list[TaskRef], list[list[int]]]:
+    """The plan's tasks in plan order, and for each the orders of the tasks it waits for."""
+    jobs = list(plan.graph.get("jobs") or [])
+    job_rank = {job: i for i, job in enumerate(jobs)}
+    chains: dict[tuple[str, str], dict[str, Any]] = {}
+    for node, data in plan.nodes(data=True):
+        kind = data.get("kind")
+        if data.get("task") is None:
+            if kind != "stage":
+                raise ValueError(f"plan node {node} has no task")
+            continue
+        chain = chains.setdefault((data["job"], data["task"]), {"execs": []})
+        if kind == "stage":
+            chain["stage"] = node
+            chain["index"] = int(data.get("index", 0))
+        elif kind == "exec":
+            chain["execs"].append((int(data.get("index", 0)), node))
+        elif kind == "copyback":
+            chain["copyback"] = node
+        else:
+            raise ValueError(f"plan node {node} has an unknown kind {kind!r}")
+    keyed = []
+    for (job, task), chain in chains.items():
+        if "stage" not in chain or "copyback" not in chain:
+            raise ValueError(f"task {job}/{task} of the plan lacks its task stage or copy-back")
+        keyed.append(((job_rank.get(job, len(jobs)), job, chain["index"], task), chain))
+    keyed.sort(key=lambda item: item[0])
+    tasks: list[TaskRef] = []
+    order_of: dict[str, int] = {}
+    for order, ((_, job, _, task), chain) in enumerate(keyed):
+        stage = chain["stage"]
+        retries = plan.nodes[stage].get("retries", 0) or 0
+        ref = TaskRef(
+            order=order, job=job, task=task, machine_stage=f"stage:{job}", task_stage=stage,
+            execs=tuple(node for _, node in sorted(chain["execs"])),
+            copyback=chain["copyback"], retries=int(retries),
+        )
+        tasks.append(ref)
+        order_of[chain["copyback"]] = order
+    deps: list[list[int]] = []
+    for ref in tasks:
+        ups = set()
+        for pred in plan.predecessors(ref.task_stage):
+            if pred in order_of:
+                ups.add(order_of[pred])
+            elif plan.nodes[pred].get("kind") != "stage" or plan.nodes[pred].get("task"):
+                raise ValueError(f"task stage {ref.task_stage} waits for {pred}, which is "
+                                 f"neither a machine stage nor a copy-back")
+        deps.append(sorted(ups))
+    return tasks, deps
+
+
+def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str | None,
+                  logs: Path) -> dict[str, Any]:
+    """The engine request for one task (docs/plan-format.md → the engine's request dict)."""
+    nodes = plan.nodes
+    machine = nodes[ref.machine_stage] if ref.machine_stage in nodes else {}
+    stage = nodes[ref.task_stage]
+    execs = []
+    for node in ref.execs:
+        data = nodes[node]
+        execs.append({
+            "node": node, "step": data["step"], "argv": data.get("argv"),
+            "call": data.get("call"), "inputs": list(data.get("inputs") or ()),
+            "outputs": list(data.get("outputs") or ()), "temp": list(data.get("temp") or ()),
+        })
+    return {
+        "pipeline": plan.graph["pipeline"],
+        "root": plan.graph["root"],
+        "scratch": scratch,
+        "job": ref.job,
+        "task": ref.task,
+        "attempt": attempt,
+        "machine_stage": {"node": ref.machine_stage,
+                          "files": [list(p) for p in machine.get("files") or ()]},
+        "task_stage": {"node": ref.task_stage,
+                       "files": [list(p) for p in stage.get("files") or ()]},
+        "execs": execs,
+        "copyback": {"node": ref.copyback,
+                     "files": [list(p) for p in nodes[ref.copyback].get("files") or ()]},
+        "logs": str(logs / ref.job / ref.task),
+    }
+
+
+def remove_stale_temporaries(plan: nx.DiGraph) -> list[str]:
+    """Remove the temporaries a killed run left in the destination folders; return their paths."""
+    from .engine import is_temp_name
+
+    root = plan.graph["root"]
+    folders = set()
+    for _, data in plan.nodes(data=True):
+        if data.get("kind") == "copyback":
+            for _, dest in data.get("files") or ():
+                folders.add(os.path.dirname(os.path.join(root, dest)))
+    removed = []
+    for folder in sorted(folders):
+        try:
+            with os.scandir(folder) as entries:
+                stale = [e.path for e in entries
+                         if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
+        except OSError:
+            continue
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+# -- the trace -------------------------------------------------------------------------------
+
+
+class TraceWriter:
+    """Appends one JSON object per plan node to ``path`` (fields: :data:`TRACE_FIELDS`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._last_flush = time.monotonic()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_flush > 1.0:
+            self._file.flush()
+            self._last_flush = now
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_trace(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a trace file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Batch:
+    id: int
+    engine: int
+    tasks: list[int]
+    attempts: list[int]
+    future: Future
+
+
+class Scheduler:
+    """Runs one plan on one executor; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        plan: nx.DiGraph,
+        executor: Executor,
+        *,
+        state_dir: str | Path,
+        scratch: str | None = None,
+        keep_going: bool = False,
+        skip: Callable[[TaskRef], bool] | None = None,
+        listener: RunListener | None = None,
+        depth: int = 2,
+        batch_seconds: float = 0.1,
+        max_batch: int = 256,
+        engine_wait: float = 0.0,
+        interrupt_wait: float = 5.0,
+    ) -> None:
+        self.plan = plan
+        self.executor = executor
+        self.state_dir = Path(state_dir)
+        self.logs = self.state_dir / "logs"
+        # the executor may have been told the scratch root when it identified its engines
+        self.scratch = scratch if scratch is not None else getattr(executor, "scratch", None)
+        self.keep_going = keep_going
+        self.skip = skip
+        self.listener = listener or RunListener()
+        self.depth = depth
+        self.batch_seconds = batch_seconds
+        self.max_batch = max_batch
+        self.engine_wait = engine_wait
+        self.interrupt_wait = interrupt_wait
+
+        self.tasks, self.deps = plan_tasks(plan)
+        n = len(self.tasks)
+        self.dependents: list[list[int]] = [[] for _ in range(n)]
+        for i, ups in enumerate(self.deps):
+            for u in ups:
+                self.dependents[u].append(i)
+        self.pending = [len(ups) for ups in self.deps]
+        self.state = [WAITING] * n
+        self.attempt = [0] * n
+        self.ready: list[int] = []
+        self.engines: dict[int, EngineInfo] = dict(executor.engines())
+        self.held: dict[int, list[_Batch]] = {e: [] for e in self.engines}
+        self.load: dict[int, int] = dict.fromkeys(self.engines, 0)
+        self.batches: dict[int, _Batch] = {}
+        self.completions: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
+        self.estimate: dict[str, float] = {}
+        self.stopping = False
+        self.summary = RunSummary(total=n)
+        self._batch_ids = 0
+        self._interrupt_requested = False
+        self._last_counts: Counts | None = None
+        self.trace: TraceWriter | None = None
+
+    def interrupt(self) -> None:
+        """Ask the loop to stop as on Ctrl-C; safe to call from a signal handler."""
+        self._interrupt_requested = True
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        s = self.summary
+        s.started = time.time()
+        self.trace = TraceWriter(self.state_dir / "trace.jsonl")
+        s.trace = str(self.trace.path)
+        self.listener.run_started(len(self.tasks), dict(self.engines))
+        try:
+            self._make_ready([i for i in range(len(self.tasks)) if self.pending[i] == 0])
+            self._loop()
+        except KeyboardInterrupt:
+            s.interrupted = True
+            self._stop("interrupted")
+            self._drain_after_interrupt()
+        finally:
+            self._finish()
+        return s
+
+    def counts(self) -> Counts:
+        s = self.summary
+        return Counts(
+            total=s.total, done=s.done, skipped=s.skipped, failed=s.failed,
+            running=sum(self.load.values()), engines=len(self.engines),
+            engines_busy=sum(1 for batches in self.held.values() if batches),
+        )
+
+    def _report_counts(self) -> None:
+        counts = self.counts()
+        if counts != self._last_counts:
+            self._last_counts = counts
+            self.listener.counts_changed(counts)
+
+    def _loop(self) -> None:
+        last_refresh = time.monotonic()
+        no_engine_since: float | None = None
+        while True:
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            if not self.stopping:
+                self._fill()
+            self._report_counts()
+            if not self.batches:
+                if self.stopping or not self.ready:
+                    return
+                if not self.engines:
+                    # work left, nobody to do it: wait a little for engines to join
+                    now = time.monotonic()
+                    no_engine_since = no_engine_since or now
+                    if now - no_engine_since >= self.engine_wait:
+                        self.summary.no_engines = True
+                        self._stop("no engine is left")
+                        return
+            else:
+                no_engine_since = None
+            try:
+                batch = self.completions.get(timeout=0.2)
+            except queue.Empty:
+                batch = None
+            while batch is not None:
+                self._complete(batch)
+                try:
+                    batch = self.completions.get_nowait()
+                except queue.Empty:
+                    batch = None
+            if self.trace is not None:
+                self.trace.flush()
+            now = time.monotonic()
+            if now - last_refresh > 1.0 or not self.engines:
+                last_refresh = now
+                self._refresh()
+
+    def _fill(self) -> None:
+        while self.ready:
+            free = [e for e in self.engines if len(self.held[e]) < self.depth]
+            if not free:
+                return
+            engine = min(free, key=lambda e: (self.load[e], e))
+            slots = sum(self.depth - len(self.held[e]) for e in free)
+            size = self._batch_size(self.tasks[self.ready[0]].job, slots)
+            picked: list[int] = []
+            while self.ready and len(picked) < size:
+                picked.append(heapq.heappop(self.ready))
+            self._submit(engine, picked)
+
+    def _batch_size(self, job: str, slots: int) -> int:
+        est = self.estimate.get(job)
+        if est is None:
+            return 1
+        size = int(self.batch_seconds / max(est, 1e-5))
+        fair = math.ceil(len(self.ready) / max(slots, 1))
+        return max(1, min(size, self.max_batch, fair))
+
+    def _submit(self, engine: int, picked: list[int]) -> None:
+        requests = [
+            build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
+                          logs=self.logs)
+            for i in picked
+        ]
+        try:
+            future = self.executor.submit(engine, requests)
+        except Exception as exc:
+            if not self.executor.is_engine_loss(exc):
+                raise
+            self._lose_engine(engine, picked, resubmit=False)
+            return
+        self._batch_ids += 1
+        batch = _Batch(self._batch_ids, engine, picked, [self.attempt[i] for i in picked],
+                       future)
+        for i in picked:
+            self.state[i] = RUNNING
+        self.batches[batch.id] = batch
+        self.held[engine].append(batch)
+        self.load[engine] += len(picked)
+        self.listener.tasks_submitted([self.tasks[i] for i in picked], engine)
+        future.add_done_callback(lambda _f, b=batch: self.completions.put(b))
+
+    def _complete(self, batch: _Batch) -> None:
+        if batch.id not in self.batches:  # already handled: its engine was lost
+            self.executor.release(batch.future)
+            return
+        del self.batches[batch.id]
+        engine = batch.engine
+        if engine in self.held:
+            with contextlib.suppress(ValueError):
+                self.held[engine].remove(batch)
+            self.load[engine] -= len(batch.tasks)
+        future = batch.future
+        error = future.exception()
+        results = None if error is not None else future.result()
+        self.executor.release(future)
+        if error is not None:
+            if self.executor.is_engine_loss(error):
+                self._lose_engine(engine, batch.tasks)
+                return
+            if _is_withdrawn(error) or self.summary.interrupted:
+                for i in batch.tasks:  # withdrawn, or stopped by our own interrupt
+                    self.state[i] = NOT_RUN
+                return
+            message = _error_text(error)
+            for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
+                self._task_failed(i, attempt, engine, None, {
+                    "node": None, "step": None, "kind": "engine", "returncode": None,
+                    "message": f"the engine could not run the task: {message}",
+                    "log": None, "tail": [], "task_dir": None,
+                })
+            return
+        assert results is not None
+        info = self.engines.get(engine)
+        durations: dict[str, list[float]] = {}
+        for i, attempt, result in zip(batch.tasks, batch.attempts, results, strict=True):
+            self._record_trace(i, attempt, engine, result)
+            s = self.summary
+            s.bytes_staged += int(result.get("bytes_staged") or 0)
+            s.bytes_copied += int(result.get("bytes_copied") or 0)
+            rows = result.get("trace") or []
+            if rows:
+                starts = [r["start"] for r in rows if r.get("start") is not None]
+                ends = [r["end"] for r in rows if r.get("end") is not None]
+                if starts and ends:
+                    durations.setdefault(self.tasks[i].job, []).append(max(ends) - min(starts))
+            if result.get("ok"):
+                self.state[i] = DONE
+                s.done += 1
+                self.listener.task_done(self.tasks[i], result, engine)
+                self._release(i)
+            else:
+                machine = result.get("machine") or (info.machine if info else None)
+                self._task_failed(i, attempt, engine, machine, result.get("failure") or {})
+        for job, values in durations.items():
+            mean = sum(values) / len(values)
+            old = self.estimate.get(job)
+            self.estimate[job] = mean if old is None else 0.5 * old + 0.5 * mean
+
+    def _task_failed(self, i: int, attempt: int, engine: int, machine: str | None,
+                     failure: dict[str, Any]) -> None:
+        ref = self.tasks[i]
+        record = TaskFailure(
+            job=ref.job, task=ref.task, attempt=attempt, engine=engine, machine=machine,
+            node=failure.get("node"), step=failure.get("step"),
+            kind=str(failure.get("kind") or "unknown"), returncode=failure.get("returncode"),
+            message=str(failure.get("message") or "the task failed"), log=failure.get("log"),
+            tail=list(failure.get("tail") or []), task_dir=failure.get("task_dir"),
+        )
+        if attempt < ref.retries and not self.stopping:
+            self.attempt[i] = attempt + 1
+            self.summary.retried += 1
+            self.listener.task_retrying(ref, record)
+            self.state[i] = READY
+            heapq.heappush(self.ready, i)
+            return
+        self.state[i] = FAILED
+        self.summary.failed += 1
+        self.summary.failures.append(record)
+        self.listener.task_failed(ref, record)
+        if self.keep_going:
+            self._block_dependents(i)
+        else:
+            self._stop(f"task {ref.name} failed")
+
+    def _release(self, i: int) -> None:
+        ready = []
+        for d in self.dependents[i]:
+            self.pending[d] -= 1
+            if self.pending[d] == 0 and self.state[d] == WAITING:
+                ready.append(d)
+        if ready:
+            self._make_ready(ready)
+
+    def _make_ready(self, tasks: list[int]) -> None:
+        # a skipped task releases its dependents at once; they are asked in plan order too
+        todo = list(tasks)
+        heapq.heapify(todo)
+        while todo:
+            j = heapq.heappop(todo)
+            if self.skip is not None and self.skip(self.tasks[j]):
+                self.state[j] = SKIPPED
+                self.summary.skipped += 1
+                self._trace_unrun(j, SKIPPED)
+                self.listener.task_skipped(self.tasks[j])
+                for d in self.dependents[j]:
+                    self.pending[d] -= 1
+                    if self.pending[d] == 0 and self.state[d] == WAITING:
+                        heapq.heappush(todo, d)
+            else:
+                self.state[j] = READY
+                heapq.heappush(self.ready, j)
+
+    def _block_dependents(self, i: int) -> None:
+        todo = list(self.dependents[i])
+        while todo:
+            d = todo.pop()
+            if self.state[d] == WAITING:
+                self.state[d] = BLOCKED
+                todo.extend(self.dependents[d])
+
+    def _lose_engine(self, engine: int, tasks: Iterable[int] = (), *,
+                     resubmit: bool = True) -> None:
+        """Take ``engine`` out; its tasks (``tasks`` and those it holds) become ready again
+        with their attempt unchanged. ``resubmit=False``: ``tasks`` were never sent."""
+        sent = list(tasks)
+        moved = list(sent)
+        for batch in self.held.pop(engine, []):
+            if self.batches.pop(batch.id, None) is not None:
+                moved.extend(batch.tasks)
+        self.load.pop(engine, None)
+        for i in moved:
+            self.state[i] = READY
+            heapq.heappush(self.ready, i)
+        self.summary.resubmitted += len(moved) - (0 if resubmit else len(sent))
+        if self.engines.pop(engine, None) is not None:
+            self.summary.engines_lost += 1
+            self.listener.engine_lost(engine, [self.tasks[i] for i in moved])
+
+    def _refresh(self) -> None:
+        added, gone = self.executor.refresh()
+        for engine in gone:
+            self._lose_engine(engine)
+        for info in added:
+            if info.id not in self.engines:
+                self.engines[info.id] = info
+                self.held[info.id] = []
+                self.load[info.id] = 0
+                self.listener.engine_added(info)
+
+    def _stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.listener.stopping(reason)
+        queued = [b.future for batches in self.held.values() for b in batches[1:]]
+        if queued:
+            with contextlib.suppress(Exception):
+                self.executor.withdraw(queued)
+
+    def _drain_after_interrupt(self) -> None:
+        busy = [e for e, batches in self.held.items() if batches]
+        with contextlib.suppress(Exception):
+            self.executor.interrupt(busy)
+        deadline = time.monotonic() + self.interrupt_wait
+        while self.batches and time.monotonic() < deadline:
+            try:
+                batch = self.completions.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._complete(batch)
+
+    def _finish(self) -> None:
+        s = self.summary
+        for batch in list(self.batches.values()):
+            for i in batch.tasks:
+                self.state[i] = NOT_RUN
+        self.batches.clear()
+        for engine in self.held:
+            self.held[engine] = []
+            self.load[engine] = 0
+        for i, state in enumerate(self.state):
+            if state in (WAITING, READY, RUNNING, NOT_RUN, BLOCKED):
+                if state == BLOCKED:
+                    s.blocked += 1
+                else:
+                    self.state[i] = NOT_RUN
+                    s.not_run += 1
+                self._trace_unrun(i, state if state == BLOCKED else NOT_RUN)
+        s.finished = time.time()
+        if self.trace is not None:
+            self.trace.close()
+        self._report_counts()
+        self.listener.run_finished(s)
+
+    # -- trace rows ------------------------------------------------------------------------
+
+    def _record_trace(self, i: int, attempt: int, engine: int, result: dict[str, Any]) -> None:
+        if self.trace is None:
+            return
+        ref = self.tasks[i]
+        machine = result.get("machine")
+        for row in result.get("trace") or ():
+            node = row.get("node")
+            self.trace.write({
+                "node": node, "kind": row.get("kind"), "job": ref.job,
+                "task": None if node == ref.machine_stage else ref.task,
+                "step": _step_of(node), "engine": engine, "machine": machine,
+                "start": row.get("start"), "end": row.get("end"), "status": row.get("status"),
+                "bytes": row.get("bytes", 0), "attempt": attempt,
+            })
+
+    def _trace_unrun(self, i: int, status: str) -> None:
+        if self.trace is None:
+            return
+        ref = self.tasks[i]
+        for node in ref.nodes[1:]:
+            self.trace.write({
+                "node": node, "kind": self.plan.nodes[node].get("kind"), "job": ref.job,
+                "task": ref.task, "step": _step_of(node), "engine": None, "machine": None,
+                "start": None, "end": None, "status": status, "bytes": 0,
+                "attempt": self.attempt[i],
+            })
+
+
+def _step_of(node: str | None) -> str | None:
+    if node and node.startswith("exec:"):
+        return node.rsplit("/", 1)[-1]
+    return None
+
+
+def _is_withdrawn(error: BaseException) -> bool:
+    return type(error).__name__ == "TaskAborted"
+
+
+def _error_text(error: BaseException) -> str:
+    ename = getattr(error, "ename", None)
+    if ename:
+        return f"{ename}: {getattr(error, 'evalue', '')}"
+    return f"{type(error).__name__}: {error}"
+
+
+def run_plan(
+    plan: nx.DiGraph,
+    executor: Executor,
+    *,
+    state_dir: str | Path,
+    scratch: str | None = None,
+    keep_going: bool = False,
+    skip: Callable[[TaskRef], bool] | None = None,
+    listener: RunListener | None = None,
+    **policy: Any,
+) -> RunSummary:
+    """Run ``plan`` on ``executor``: clear stale temporaries, schedule, write the trace.
+
+    ``state_dir`` receives ``trace.jsonl`` and ``logs/<job>/<task>/<step>.log``; ``scratch``
+    overrides the engines' scratch root (default: the executor's ``scratch``, if it has one).
+    ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
+    ``engine_wait``, ``interrupt_wait``).
+    """
+    remove_stale_temporaries(plan)
+    scheduler = Scheduler(plan, executor, state_dir=state_dir, scratch=scratch,
+                          keep_going=keep_going, skip=skip, listener=listener, **policy)
+    return scheduler.run()
