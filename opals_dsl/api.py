@@ -15,7 +15,7 @@ import networkx as nx
 
 from . import nodes as n
 from .check import check
-from .errors import OpfCheckError, PipelineError, PlanError
+from .errors import OpfCheckError, OpfSyntaxError, PipelineError, PlanError
 from .parse import parse
 from .plan import build_plan
 from .source import SourceFile
@@ -39,11 +39,44 @@ def load(path: str | Path, params: Mapping[str, str] | None = None) -> Loaded:
     """Parse and check a pipeline file; raises with every mistake found."""
     path = Path(path)
     source = SourceFile.read(path)
-    pipeline = parse(source)
+    try:
+        pipeline = parse(source)
+    except OpfSyntaxError as exc:
+        tree = getattr(exc, "pipeline", None)
+        if tree is None:  # the parse stopped: nothing more can be said
+            raise
+        # a mistake inside a string or run line: the tree is whole, so check it too
+        _values, more = check(tree, source, params or {})
+        # a check error on the line of a syntax problem only repeats it
+        lines = {d.span.line for d in exc.diagnostics if d.span is not None}
+        more = [d for d in more if d.span is None or d.span.line not in lines]
+        raise OpfSyntaxError([*exc.diagnostics, *more]) from None
     values, diagnostics = check(pipeline, source, params or {})
     if diagnostics:
-        raise OpfCheckError(diagnostics)
+        # the planner's findings, except at places a check error already explains
+        seen = {(d.span.line, d.span.column) for d in diagnostics if d.span is not None}
+        more = [
+            d for d in _plan_diagnostics(path, source, pipeline, values)
+            if d.span is None or (d.span.line, d.span.column) not in seen
+        ]
+        raise OpfCheckError(diagnostics + more)
     return Loaded(path, source, pipeline, values)
+
+
+def _plan_diagnostics(
+    path: Path, source: SourceFile, pipeline: n.Pipeline, values: dict[str, object]
+) -> list:
+    """What the planner finds (missing files, clashing destinations) in a pipeline that also
+    has check errors, so one run of ``opf check`` reports both. The planner expects a checked
+    tree; on a broken one it may stop early, and then the check errors speak for themselves."""
+    loaded = Loaded(path, source, pipeline, values)
+    try:
+        plan(loaded)
+    except PlanError as exc:
+        return list(exc.diagnostics)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return []
+    return []
 
 
 def plan(loaded: Loaded) -> nx.DiGraph:

@@ -4,19 +4,28 @@ Each pass is a small function over the tree that appends :class:`Diagnostic` rec
 run, so one ``opf check`` reports every mistake at once. The passes:
 
 * :func:`check_params` — duplicate params, ``--param`` overrides (unknown names, bad values);
-* :func:`check_declarations` — duplicate jobs, steps, outputs, shared names; reserved names;
-  names that would mean two things (a step called like the loop variable, ...);
+* :func:`check_declarations` — duplicate jobs, steps, outputs, shared names, call arguments;
+  reserved names; names that would mean two things (a step called like the loop variable, ...);
+  a job without steps, a step without (or with two) commands;
 * :func:`check_references` — every ``{name}`` resolves where it is used, a step names no later
-  step and not itself, another job's ``temp`` output is never used, list values stand alone;
+  step and not itself, another job's ``temp`` output is never used, list values stand alone,
+  ``in`` names files, ``range`` and ``retries`` get whole numbers, outputs stay in the task
+  folder;
 * :func:`check_job_cycles` — jobs that wait for each other.
 
 Name resolution lives in :class:`Scope`; the planner resolves with the same code, so what the
-checker accepts is exactly what the planner understands.
+checker accepts is exactly what the planner understands. A reference of three parts whose first
+is a job is always that job's output, so a param or loop variable called like a job hides
+nothing. Misspelt names get a "did you mean" from :func:`closest` (edit distance, so a swapped
+pair of letters counts as one mistake).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import posixpath
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -28,6 +37,7 @@ from .parse import RESERVED
 from .source import SourceFile
 
 FILE_ATTRS = ("name", "stem", "suffix", "parent")
+_INT = re.compile(r"[-+]?[0-9]+")
 SPECIALS = {"task": ("id",), "job": ("name",), "pipeline": ("name",)}
 
 
@@ -54,10 +64,84 @@ CTX_OUT = "out"  # out templates: + loop variable, task.id
 CTX_STEP = "step"  # run, call, in: everything
 
 
+def _distance(a: str, b: str, limit: int) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) that turn ``a`` into ``b``; any
+    number above ``limit`` when there are more than ``limit``."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        if min(row) > limit and (not prev or min(prev) > limit):
+            return limit + 1
+        prev2, prev = prev, row
+    return prev[len(b)]
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate a misspelt ``word`` most likely meant, or None.
+
+    difflib finds a few similar names; among them, one that a single slip of the keys (two for
+    longer names) turns into ``word`` wins, else the most similar one if it is close enough.
+    A dotted name is compared only with names that share one of its parts (``dem.grd.dem`` with
+    the outputs of job ``dem``), which keeps this quick in pipelines of many jobs.
+    """
+    dots = word.count(".")
+    parts = set(word.split("."))
+
+    def near(c: str) -> bool:
+        if abs(c.count(".") - dots) > 1:
+            return False
+        return "." not in c or not dots or not parts.isdisjoint(c.split("."))
+
+    candidates = [c for c in dict.fromkeys(candidates) if c != word and near(c)]
+    similar = difflib.get_close_matches(word, candidates, n=6, cutoff=0.6)
+    limit = 0 if len(word) <= 2 else 1 if len(word) <= 5 else 2
+    low = word.lower()
+    scored = sorted((_distance(low, c.lower(), limit), k, c) for k, c in enumerate(similar))
+    if scored and scored[0][0] <= limit:
+        return scored[0][2]
+    best = difflib.get_close_matches(word, similar, n=1, cutoff=0.75)
+    return best[0] if best else None
+
+
+_BEFORE_TASKS = (
+    "a job's source, its shared paths and its retries are read before there are tasks, so they "
+    "may use only params, pipeline.name and job.name"
+)
+
+
 class ResolveError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class _UnknownName(ResolveError):
+    """An unknown name; its "did you mean" is looked for only when the message is read."""
+
+    def __init__(self, scope: Scope, ref: n.Ref, ctx: str, step: int | None, what: str) -> None:
+        Exception.__init__(self, ref.dotted)
+        self._find = (scope, ref, ctx, step, what)
+        self._message: str | None = None
+
+    @property
+    def message(self) -> str:  # type: ignore[override]
+        if self._message is None:
+            scope, ref, ctx, step, what = self._find
+            close = closest(ref.dotted, scope._candidates(ctx, step))
+            hint = f"; did you mean '{close}'?" if close else ""
+            self._message = f"unknown name '{ref.dotted}'{what}{hint}"
+        return self._message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Scope:
@@ -72,31 +156,36 @@ class Scope:
         self.steps = {s.name.value: i for i, s in enumerate(job.steps)}
         self.step_outs = [{o.name.value: o for o in s.outs} for s in job.steps]
         self.jobs = {j.name.value: j for j in pipeline.jobs}
+        self._known: dict[tuple[str, int | None], list[str]] = {}
 
     def _candidates(self, ctx: str, step: int | None) -> list[str]:
+        key = (ctx, step)
+        if key not in self._known:
+            self._known[key] = self._names(ctx, step)
+        return self._known[key]
+
+    def _names(self, ctx: str, step: int | None) -> list[str]:
         names = list(self.params) + ["pipeline.name", "job.name"]
         if ctx != CTX_JOB:
             names += ["task.id"]
             if self.var:
                 names += [self.var] + [f"{self.var}.{a}" for a in FILE_ATTRS]
+        if ctx == CTX_STEP:
+            for j in self.pipeline.jobs:
+                if j is self.job:
+                    continue
+                for s in j.steps:
+                    names += [f"{j.name.value}.{s.name.value}.{o.name.value}" for o in s.outs]
         if ctx == CTX_STEP and step is not None:
             names += list(self.shared)
             names += list(self.step_outs[step])
             for i in range(step):
                 s = self.job.steps[i].name.value
                 names += [f"{s}.{o}" for o in self.step_outs[i]]
-            for j in self.pipeline.jobs:
-                if j is self.job:
-                    continue
-                for s in j.steps:
-                    names += [f"{j.name.value}.{s.name.value}.{o.name.value}" for o in s.outs]
         return names
 
     def unknown(self, ref: n.Ref, ctx: str, step: int | None, what: str) -> ResolveError:
-        dotted = ref.dotted
-        close = difflib.get_close_matches(dotted, self._candidates(ctx, step), n=1, cutoff=0.7)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return ResolveError(f"unknown name '{dotted}'{what}{hint}")
+        return _UnknownName(self, ref, ctx, step, what)
 
     def resolve(self, ref: n.Ref, ctx: str, step: int | None = None) -> Binding:
         """The meaning of ``ref`` in context ``ctx`` (in step number ``step``)."""
@@ -104,24 +193,24 @@ class Scope:
         head = parts[0]
         allow_var = ctx != CTX_JOB
         in_step = ctx == CTX_STEP
-        where = {
-            CTX_JOB: " (here only params, pipeline.name and job.name may be used)",
-            CTX_OUTPUT: "",
-            CTX_OUT: "",
-            CTX_STEP: "",
-        }[ctx]
-
         if head in SPECIALS:
             if len(parts) == 2 and parts[1] in SPECIALS[head]:
                 if head == "task" and not allow_var:
-                    raise ResolveError(
-                        "task.id cannot be used here: this is decided before there are tasks"
-                    )
+                    raise ResolveError(f"'{ref.dotted}' cannot be used here: {_BEFORE_TASKS}")
                 return Binding("special", name=ref.dotted)
+            if len(parts) == 1:
+                raise ResolveError(
+                    f"'{head}' alone is not a value; write '{{{head}.{SPECIALS[head][0]}}}'"
+                )
             raise ResolveError(
                 f"'{ref.dotted}' is not known; '{head}' offers only "
                 + " and ".join(f"'{head}.{a}'" for a in SPECIALS[head])
             )
+
+        # JOB.STEP.OUT: three parts never name anything else, so a param, loop variable or
+        # shared file called like a job does not hide that job's outputs
+        if in_step and head in self.jobs and len(parts) == 3:
+            return self.resolve_upstream(ref, ctx, step)
 
         # own outputs of this step, bare
         if in_step and step is not None and head in self.step_outs[step]:
@@ -170,19 +259,15 @@ class Scope:
                 )
             return Binding("out", name=parts[1], step=head)
 
-        if in_step and head in self.jobs and len(parts) == 3:
-            return self.resolve_upstream(ref, ctx, step)
-
-        if not allow_var and (head == self.var or head in self.shared):
-            raise ResolveError(f"'{ref.dotted}' cannot be used here{where}")
-        if ctx in (CTX_OUT, CTX_OUTPUT) and (
-            head in self.shared or head in self.steps or head in self.jobs
-        ):
+        others = head in self.shared or head in self.steps or head in self.jobs
+        if not allow_var and (head == self.var or others):
+            raise ResolveError(f"'{ref.dotted}' cannot be used here: {_BEFORE_TASKS}")
+        if ctx in (CTX_OUT, CTX_OUTPUT) and others:
             raise ResolveError(
                 f"'{ref.dotted}' cannot be used in an output name or folder; these may use "
                 "params, the loop variable, task.id, job.name and pipeline.name"
             )
-        raise self.unknown(ref, ctx, step, where)
+        raise self.unknown(ref, ctx, step, "")
 
     def resolve_upstream(
         self, ref: n.Ref, ctx: str = CTX_STEP, step: int | None = None
@@ -195,10 +280,17 @@ class Scope:
                 ref, ctx, step,
                 ": a job's source name must be another job's output, written JOB.STEP.OUT",
             )
+        if head == self.job.name.value and step is None:
+            raise ResolveError(
+                f"'{ref.dotted}' is an output of this job itself; a job cannot take its tasks "
+                "from its own outputs"
+            )
         if head == self.job.name.value:
+            own = step is not None and self.job.steps[step].name.value == parts[1]
+            local = parts[2] if own else f"{parts[1]}.{parts[2]}"
             raise ResolveError(
                 f"'{ref.dotted}' names this job's own output as another job's; "
-                f"within a job write '{{{parts[1]}.{parts[2]}}}'"
+                f"within a job write '{{{local}}}'"
             )
         other = self.jobs[head]
         ostep = next((s for s in other.steps if s.name.value == parts[1]), None)
@@ -207,7 +299,7 @@ class Scope:
         out = next((o for o in ostep.outs if o.name.value == parts[2]), None)
         if out is None:
             raise self.unknown(
-                ref, ctx, step, f": step '{head}.{parts[1]}' has no output '{parts[2]}'"
+                ref, ctx, step, f": step '{parts[1]}' of job '{head}' has no output '{parts[2]}'"
             )
         if out.temp:
             raise ResolveError(
@@ -217,10 +309,15 @@ class Scope:
         return Binding("gather", job=head, step=parts[1], name=parts[2])
 
     def _bad_attr(self, ref: n.Ref) -> ResolveError:
-        return ResolveError(
-            f"'{ref.dotted}': a value offers only the attributes "
-            + ", ".join(f".{a}" for a in FILE_ATTRS)
-        )
+        offers = ", ".join(f".{a}" for a in FILE_ATTRS[:-1]) + f" and .{FILE_ATTRS[-1]}"
+        if len(ref.parts) == 2:
+            close = closest(ref.parts[1], FILE_ATTRS)
+            hint = f"; did you mean '{ref.parts[0]}.{close}'?" if close else ""
+            return ResolveError(
+                f"'{ref.parts[0]}' has no attribute '.{ref.parts[1]}'{hint} "
+                f"(a value offers {offers})"
+            )
+        return ResolveError(f"'{ref.dotted}' is not known: a value offers only {offers}")
 
 
 class Checker:
@@ -243,8 +340,8 @@ def param_values(
         values.setdefault(p.name.value, p.value.value)
     for name, text in overrides.items():
         if name not in values:
-            close = difflib.get_close_matches(name, list(values), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            close = closest(name, values)
+            hint = f"; did you mean '{close}'?" if close else ""
             known = ", ".join(values) or "none"
             checker.error(
                 None,
@@ -255,32 +352,52 @@ def param_values(
         try:
             values[name] = convert_param(text, values[name])
         except ValueError as exc:
-            checker.error(None, f"--param {name}={text}: {exc}")
+            checker.error(
+                None,
+                f"--param {name}={text}: {exc} (the default of '{name}' is "
+                f"{_show(values[name])})",
+            )
     return values
 
 
 def convert_param(text: str, default: object) -> object:
-    """Convert a ``--param`` value to the type of the parameter's default."""
+    """Convert a ``--param`` value to the type of the parameter's default.
+
+    Raises ValueError saying what was expected.
+    """
     if isinstance(default, bool):
         if text in ("true", "false"):
             return text == "true"
-        raise ValueError("expected true or false, as the parameter's default is a boolean")
+        raise ValueError("expected true or false")
     if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError("expected a whole number, as the parameter's default is one") from None
+        if not _INT.fullmatch(text.strip()):
+            raise ValueError("expected a whole number")
+        return int(text)
     if isinstance(default, float):
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
-            raise ValueError("expected a number, as the parameter's default is one") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError("expected a number")
+        return value
     if isinstance(default, tuple):
         items = [t.strip() for t in text.split(",")] if text.strip() else []
         kinds = {type(v) for v in default}
         if len(kinds) == 1 and kinds != {tuple}:
             sample = default[0]
-            return tuple(convert_param(t, sample) for t in items)
+            out = []
+            for item in items:
+                try:
+                    out.append(convert_param(item, sample))
+                except ValueError:
+                    kind = "true or false values" if isinstance(sample, bool) else (
+                        "whole numbers" if isinstance(sample, int) else "numbers"
+                    )
+                    raise ValueError(
+                        f"expected a comma-separated list of {kind}, and '{item}' is not one"
+                    ) from None
+            return tuple(out)
         return tuple(items)
     return text
 
@@ -290,16 +407,27 @@ def check_params(pipeline: n.Pipeline, checker: Checker) -> None:
     for p in pipeline.params:
         _declare(checker, seen, p.name, p, "parameter")
         if p.name.value in RESERVED:
-            checker.error(p.name.span, f"'{p.name.value}' is reserved and cannot be declared")
+            _reserved(checker, p.name, "a parameter")
 
 
-def _declare(checker: Checker, seen: dict, name: n.Name, node, what: str) -> None:
+def _reserved(checker: Checker, name: n.Name, what: str) -> None:
+    attr = SPECIALS[name.value][0]
+    checker.error(
+        name.span,
+        f"'{name.value}' is reserved (it is the '{{{name.value}.{attr}}}' of templates), so it "
+        f"cannot be the name of {what}; choose another name",
+    )
+
+
+def _declare(
+    checker: Checker, seen: dict, name: n.Name, node, what: str, where: str = ""
+) -> None:
     first = seen.get(name.value)
     if first is not None:
         line = first.name.span.line if first.name.span else "?"
         checker.error(
             name.span,
-            f"duplicate {what} '{name.value}': it is already declared on line {line}; "
+            f"duplicate {what} '{name.value}'{where}: it is already declared on line {line}; "
             "give it another name",
         )
     else:
@@ -310,6 +438,8 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
     jobs: dict[str, n.Job] = {}
     for job in pipeline.jobs:
         _declare(c, jobs, job.name, job, "job")
+        if job.name.value in RESERVED:
+            _reserved(c, job.name, "a job")
         shared: dict[str, n.Shared] = {}
         for s in job.shared:
             _declare(c, shared, s.name, s, "shared name")
@@ -323,30 +453,33 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
         if job.var is not None:
             var = job.var.value
             if var in RESERVED:
-                c.error(job.var.span, f"'{var}' is reserved and cannot be declared")
+                _reserved(c, job.var, "a loop variable")
             elif var in params:
                 c.error(
                     job.var.span,
-                    f"the loop variable '{var}' has the name of a parameter; rename one of them",
+                    f"the loop variable '{var}' has the name of a parameter, so '{{{var}}}' "
+                    "would mean two things; rename one of them",
                 )
             elif var in shared:
                 c.error(
                     shared[var].name.span,
-                    f"shared name '{var}' is the name of the job's loop variable; rename one",
+                    f"shared file '{var}' has the name of the loop variable, so '{{{var}}}' "
+                    "would mean two things; rename one of them",
                 )
             singles[var] = "the loop variable"
         for s in job.shared:
             if s.name.value in params:
                 c.error(
                     s.name.span,
-                    f"shared name '{s.name.value}' is the name of a parameter; rename one of them",
+                    f"shared file '{s.name.value}' has the name of a parameter, so "
+                    f"'{{{s.name.value}}}' would mean two things; rename one of them",
                 )
             if s.name.value in RESERVED:
-                c.error(s.name.span, f"'{s.name.value}' is reserved and cannot be declared")
+                _reserved(c, s.name, "a shared file")
         for step in job.steps:
-            _declare(c, steps, step.name, step, f"step in job '{job.name.value}'")
+            _declare(c, steps, step.name, step, "step", f" in job '{job.name.value}'")
             if step.name.value in RESERVED:
-                c.error(step.name.span, f"'{step.name.value}' is reserved and cannot be declared")
+                _reserved(c, step.name, "a step")
             elif step.name.value in singles:
                 c.error(
                     step.name.span,
@@ -355,9 +488,9 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
                 )
             outs: dict[str, n.Out] = {}
             for o in step.outs:
-                _declare(c, outs, o.name, o, f"output in step '{step.name.value}'")
+                _declare(c, outs, o.name, o, "output", f" in step '{step.name.value}'")
                 if o.name.value in RESERVED:
-                    c.error(o.name.span, f"'{o.name.value}' is reserved and cannot be declared")
+                    _reserved(c, o.name, "an output")
                 elif o.name.value in singles:
                     c.error(
                         o.name.span,
@@ -375,10 +508,25 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
                     extra.span,
                     "a step runs exactly one command; split this into another step",
                 )
+            for action in step.actions:
+                if isinstance(action, n.Call):
+                    given: set[str] = set()
+                    for kw in action.kwargs:
+                        if kw.name.value in given:
+                            c.error(
+                                kw.name.span,
+                                f"argument '{kw.name.value}' is given twice in this call; "
+                                "remove one",
+                            )
+                        given.add(kw.name.value)
 
 
 def _templates_of_step(step: n.Step) -> Iterable[tuple[n.Ref, bool]]:
-    """(ref, alone-in-its-word) for every reference a step's command and ins make."""
+    """(ref, alone-in-its-word) for every reference a step's command and ins make.
+
+    In a ``run sh "..."`` script a word is a shell word: a placeholder stands alone when
+    blanks or the script's ends surround it.
+    """
     for item in step.ins:
         if isinstance(item.item, n.Ref):
             yield item.item, True
@@ -387,8 +535,14 @@ def _templates_of_step(step: n.Step) -> Iterable[tuple[n.Ref, bool]]:
                 yield r, False
     for action in step.actions:
         if isinstance(action, n.Run):
-            for w in action.words:
-                alone = len(w.template.parts) == 1
+            for k, w in enumerate(action.words):
+                parts = w.template.parts
+                if action.shell and k == 1:
+                    for j, p in enumerate(parts):
+                        if isinstance(p, n.Ref):
+                            yield p, _alone_in_script(parts, j)
+                    continue
+                alone = len(parts) == 1
                 for r in w.template.refs:
                     yield r, alone
         else:
@@ -397,10 +551,76 @@ def _templates_of_step(step: n.Step) -> Iterable[tuple[n.Ref, bool]]:
                     yield kw.value, True
 
 
+def _alone_in_script(parts: tuple[str | n.Ref, ...], j: int) -> bool:
+    before = parts[j - 1] if j > 0 else None
+    after = parts[j + 1] if j + 1 < len(parts) else None
+    ok_before = before is None or (isinstance(before, str) and before[-1:].isspace())
+    ok_after = after is None or (isinstance(after, str) and after[:1].isspace())
+    return ok_before and ok_after
+
+
 def is_list_binding(b: Binding, params: Mapping[str, object]) -> bool:
     if b.kind == "gather":
         return True
     return b.kind == "param" and b.attr is None and isinstance(params.get(b.name), tuple)
+
+
+def _show(value: object) -> str:
+    """A value as it is written in a pipeline file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _whole_number(
+    c: Checker, params: Mapping[str, object], b: Binding | None, v: n.Value, what: str,
+    minimum: int | None = None,
+) -> None:
+    """Report unless ``v`` (a literal, or a param resolved to ``b``) is a whole number."""
+    need = "a whole number" if minimum is None else f"a whole number, {minimum} or more"
+    if isinstance(v, n.Ref):
+        if b is None:
+            return
+        if b.kind != "param" or b.attr is not None:
+            c.error(v.span, f"{what} takes {need}, or a parameter holding one")
+            return
+        value = params.get(b.name)
+        shown = f"but parameter '{b.name}' is {_show(value)}"
+    else:
+        value = v.value
+        shown = f"not {_show(value)}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        c.error(v.span, f"{what} takes {need}, {shown}")
+    elif minimum is not None and value < minimum:
+        c.error(v.span, f"{what} takes {need}, {shown}")
+
+
+def _not_a_file(b: Binding, ref: n.Ref, scope: Scope, step: int) -> str | None:
+    """Why an ``in NAME`` does not name a file, or None when it does."""
+    quoted = f'write: in "{{{ref.dotted}}}"'
+    if b.attr is not None:
+        return f"'in {ref.dotted}' names a text, not a file; to stage the file it names, {quoted}"
+    if b.kind == "special":
+        return f"'in {ref.dotted}' names a text, not a file"
+    if b.kind == "param":
+        return (
+            f"'in {ref.dotted}' names a parameter's value, not a file; to stage the file it "
+            f"names, {quoted}"
+        )
+    if b.kind == "var" and not isinstance(scope.job.source, (n.GlobSource, n.UpstreamSource)):
+        return (
+            f"the loop variable '{ref.dotted}' holds values, not files; to stage the file it "
+            f"names, {quoted}"
+        )
+    if b.kind == "out" and b.step == scope.job.steps[step].name.value:
+        return (
+            f"'{ref.dotted}' is an output of this step; 'in' lists the files a step reads"
+        )
+    return None
 
 
 def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Checker) -> None:
@@ -425,14 +645,8 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
             if not 1 <= len(src.args) <= 2:
                 c.error(src.span, "range takes one or two whole numbers: range(N) or range(A, B)")
             for a in src.args:
-                value = a.value if isinstance(a, n.Literal) else None
-                if isinstance(a, n.Ref):
-                    b = resolve(a, CTX_JOB)
-                    value = params.get(b.name) if b and b.kind == "param" and not b.attr else 0
-                    if b and b.kind != "param":
-                        c.error(a.span, "range takes whole numbers or parameters holding them")
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                    c.error(a.span, f"range takes whole numbers, not {value!r}")
+                b = resolve(a, CTX_JOB) if isinstance(a, n.Ref) else None
+                _whole_number(c, params, b, a, "range")
         elif isinstance(src, n.UpstreamSource):
             try:
                 scope.resolve_upstream(src.ref)
@@ -444,18 +658,26 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
         for o in job.outputs:
             for r in o.folder.refs:
                 resolve(r, CTX_OUTPUT)
+        for rt in job.retries[:1]:
+            b = resolve(rt.value, CTX_JOB) if isinstance(rt.value, n.Ref) else None
+            _whole_number(c, params, b, rt.value, "retries", minimum=0)
         for i, step in enumerate(job.steps):
             for o in step.outs:
                 for r in o.path.refs:
                     resolve(r, CTX_OUT)
                 _check_out_path(o, c)
+            bound: dict[int, Binding | None] = {}
             for ref, alone in _templates_of_step(step):
-                b = resolve(ref, CTX_STEP, i)
+                b = bound[id(ref)] = resolve(ref, CTX_STEP, i)
                 if b is not None and not alone and is_list_binding(b, params):
+                    what = (
+                        "a list of files" if b.kind == "gather"
+                        else f"a list (the value of parameter '{b.name}')"
+                    )
                     c.error(
                         ref.span,
-                        f"'{{{ref.dotted}}}' is a list of files and must be a word of its own "
-                        "(it becomes one word per file)",
+                        f"'{{{ref.dotted}}}' is {what} and must stand as a word of its own, "
+                        "with blanks around it (it becomes one word per item)",
                     )
             for action in step.actions:
                 if isinstance(action, n.Run):
@@ -468,14 +690,12 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                             "substituted value for the shell itself, so remove the quotes "
                             "around it",
                         )
-                    if action.shell and len(action.words) == 2:
-                        for r in action.words[1].template.refs:
-                            resolve(r, CTX_STEP, i)  # already checked; kept for clarity
             for item in step.ins:
                 if isinstance(item.item, n.Ref):
-                    b = resolve(item.item, CTX_STEP, i)
-                    if b is not None and b.attr is not None:
-                        c.error(item.span, f"'in {item.item.dotted}' names a text, not a file")
+                    b = bound.get(id(item.item))
+                    why = _not_a_file(b, item.item, scope, i) if b is not None else None
+                    if why:
+                        c.error(item.span, why)
 
 
 def _check_out_path(o: n.Out, c: Checker) -> None:
@@ -490,12 +710,20 @@ def _check_out_path(o: n.Out, c: Checker) -> None:
             f"output '{o.name.value}' is an absolute path; an output is a file name relative to "
             "the task folder (its destination is set by the job's 'output' line)",
         )
-    segments = text.replace("\\", "/").split("/")
-    if ".." in segments:
+        return
+    # placeholders stand for one folder or file name each
+    shape = "".join(p if isinstance(p, str) else "x" for p in o.path.parts).replace("\\", "/")
+    norm = posixpath.normpath(shape)
+    if norm == ".." or norm.startswith("../"):
         c.error(
             o.path.span,
             f"output '{o.name.value}' leaves the task folder with '..'; an output is a file name "
             "inside the task folder",
+        )
+    elif norm == ".":
+        c.error(
+            o.path.span,
+            f"output '{o.name.value}' names the task folder itself, not a file in it",
         )
 
 

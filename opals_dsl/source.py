@@ -42,9 +42,10 @@ class SourceFile:
         return cls(name=str(path), text=path.read_text(encoding="utf-8"))
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
+        # only "\n" ends a line of the file (str.splitlines also breaks at U+2028, form feeds...)
+        lines = self.text.split("\n")
         if 1 <= number <= len(lines):
-            return lines[number - 1]
+            return lines[number - 1].removesuffix("\r")
         return ""
 
     def position(self, offset: int) -> tuple[int, int]:

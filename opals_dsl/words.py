@@ -75,7 +75,7 @@ def parse_template(
             starts.append(i)
             i = close + 1
         elif c == "}":
-            report(off(i), off(i) + 1, f"a lone '}}' in a template; {_BRACE_HELP}")
+            report(off(i), off(i) + 1, f"this '}}' closes no '{{'; {_BRACE_HELP}")
             text.append(c)
             i += 1
         else:
