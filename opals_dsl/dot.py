@@ -1,9 +1,10 @@
 """Drawing: plan graph → Graphviz DOT text, deterministic (same plan, same bytes).
 
-:func:`to_dot` draws every node, one cluster per job, shaped and coloured by kind;
-:func:`to_job_dot` draws one node per job step (for plans with thousands of tasks), with the
-task count and the dependencies between jobs. ``status`` may colour nodes by what a run would
-do with them (see ``opf run --dry-run``).
+:func:`to_dot` draws every node, one cluster per job, shaped and coloured by kind, labelled
+with the task id, the step, the program and the files; edges between jobs (a task waiting for
+another job's copy-back) are dashed. :func:`to_job_dot` draws one node per job step (for plans
+with thousands of tasks), with the task count and the dependencies between jobs. ``status`` may
+colour nodes by what a run would do with them (see ``opf run --dry-run``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _files_label(pairs: list, index: int, limit: int = 4) -> list[str]:
     return names
 
 
+def _program(a: Mapping) -> str:
+    """What an exec node runs, in a few words: ``python lidar.py``, ``sh``, ``pkg.mod:fn``."""
+    argv = a.get("argv")
+    if not argv:
+        return a["call"]["function"] if a.get("call") else ""
+    if argv[:2] == ["/bin/sh", "-c"]:
+        return "sh"
+    if argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
+        return f"python {posixpath.basename(argv[1])}"
+    return posixpath.basename(argv[0])
+
+
 def _label(nid: str, a: Mapping) -> str:
     kind = a["kind"]
     if kind == "stage" and a.get("scope") == "machine":
@@ -41,8 +54,9 @@ def _label(nid: str, a: Mapping) -> str:
         return "\n".join([f"{a['task']}: stage"] + _files_label(a["files"], 1))
     if kind == "exec":
         outs = ", ".join(posixpath.basename(o) for o in a["outputs"][:3])
-        cmd = a["argv"][0] if a.get("argv") else (a["call"]["function"] if a.get("call") else "")
-        return "\n".join(x for x in (f"{a['task']}: {a['step']}", cmd, outs) if x)
+        if len(a["outputs"]) > 3:
+            outs += f", ... {len(a['outputs']) - 3} more"
+        return "\n".join(x for x in (f"{a['task']}: {a['step']}", _program(a), outs) if x)
     return "\n".join([f"{a['task']}: copy back"] + _files_label(a["files"], 1))
 
 
@@ -67,8 +81,10 @@ def to_dot(graph: nx.DiGraph, status: Mapping[str, str] | None = None) -> str:
                 style = style.split("fillcolor")[0] + f'fillcolor="{STATUS_COLOUR[status[nid]]}"'
             lines.append(f"    {_q(nid)} [label={_q(_label(nid, a))}, {style}];")
         lines.append("  }")
+    nodes = graph.nodes
     for u, v in graph.edges:
-        lines.append(f"  {_q(u)} -> {_q(v)};")
+        between = nodes[u]["job"] != nodes[v]["job"]
+        lines.append(f"  {_q(u)} -> {_q(v)}" + (" [style=dashed];" if between else ";"))
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -1,2 +1,3 @@
 import sys
+
 print(" ".join(sys.argv[1:]))

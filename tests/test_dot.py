@@ -1,0 +1,177 @@
+"""Drawing and writing plans: golden ``--dot``, ``--dot --level job`` and ``--json`` output of
+every example pipeline, DOT that Graphviz accepts, and the shape of the drawings.
+
+Each ``examples/NAME.opf`` (and ``tests/golden/plans/features/features.opf``, which uses every
+kind of source, action and dependency) has three golden files in ``tests/golden/plans/``:
+``NAME.dot``, ``NAME.job.dot`` and ``NAME.json``, exactly what ``opf compile`` writes, except
+that the absolute folder of the pipeline (the JSON's ``root``) is written ``$ROOT``. After a
+change on purpose, regenerate them and read the diff::
+
+    OPF_REGEN_GOLDEN=1 python -m pytest tests/test_dot.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from opals_dsl.api import compile_file
+from opals_dsl.cli import main
+from opals_dsl.dot import to_dot, to_job_dot
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "plans"
+PIPELINES = sorted((REPO / "examples").glob("*.opf")) + [GOLDEN / "features" / "features.opf"]
+FORMATS = {"dot": ["--dot"], "job.dot": ["--dot", "--level", "job"], "json": ["--json"]}
+REGEN = os.environ.get("OPF_REGEN_GOLDEN") == "1"
+DOT = shutil.which("dot")
+
+
+def compile_output(pipeline: Path, flags: list[str], tmp_path: Path) -> str:
+    """What ``opf compile PIPELINE FLAGS -o FILE`` writes, with the pipeline folder as $ROOT."""
+    target = tmp_path / "out"
+    assert main(["compile", str(pipeline), *flags, "-o", str(target)]) == 0
+    text = target.read_text(encoding="utf-8")
+    root = str(pipeline.parent.resolve())
+    return text.replace(json.dumps(root)[1:-1], "$ROOT")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
+def test_golden_plans(pipeline: Path, fmt: str, tmp_path: Path) -> None:
+    text = compile_output(pipeline, FORMATS[fmt], tmp_path)
+    golden = GOLDEN / f"{pipeline.stem}.{fmt}"
+    if REGEN:
+        golden.write_text(text, encoding="utf-8")
+    assert golden.exists(), f"no golden file {golden.name}: run with OPF_REGEN_GOLDEN=1"
+    assert text == golden.read_text(encoding="utf-8")
+
+
+def test_every_example_has_golden_plans() -> None:
+    stems = {p.stem for p in PIPELINES}
+    assert {"strips", "strips_flat", "tiles"} <= stems
+    found = {p.name.split(".")[0] for p in GOLDEN.glob("*.*")}
+    assert found == stems, "golden files without a pipeline, or the reverse"
+
+
+def test_golden_json_is_the_plan(tmp_path: Path) -> None:
+    """The golden JSON reads back into the graph the planner builds."""
+    for pipeline in PIPELINES:
+        g = compile_file(pipeline)
+        data = json.loads((GOLDEN / f"{pipeline.stem}.json").read_text(encoding="utf-8"))
+        assert data["graph"]["root"] == "$ROOT"
+        data["graph"]["root"] = g.graph["root"]
+        back = nx.node_link_graph(data, edges="edges")
+        assert list(back.nodes) == list(g.nodes) and list(back.edges) == list(g.edges)
+        for nid, attrs in g.nodes(data=True):
+            assert json.loads(json.dumps(attrs)) == back.nodes[nid], nid
+
+
+# -- the DOT text --------------------------------------------------------------------------
+
+_NODE = re.compile(r'^    "((?:[^"\\]|\\.)*)" \[label="((?:[^"\\]|\\.)*)", (.*)\];$')
+_EDGE = re.compile(r'^  "((?:[^"\\]|\\.)*)" -> "((?:[^"\\]|\\.)*)"( \[style=dashed\])?;$')
+
+
+def parse_dot(text: str) -> tuple[dict[str, str], list[tuple[str, str, bool]], list[str]]:
+    """The nodes (id -> label), edges and cluster labels of a drawing by :func:`to_dot`."""
+    nodes: dict[str, str] = {}
+    edges: list[tuple[str, str, bool]] = []
+    clusters: list[str] = []
+    lines = text.splitlines()
+    assert lines[0].startswith("digraph ") and lines[0].endswith("{") and lines[-1] == "}"
+    assert text.count("{") == text.count("}")
+    for line in lines[1:-1]:
+        if m := _NODE.match(line):
+            assert m.group(1) not in nodes, f"node drawn twice: {m.group(1)}"
+            nodes[m.group(1)] = m.group(2)
+        elif m := _EDGE.match(line):
+            edges.append((m.group(1), m.group(2), bool(m.group(3))))
+        elif m := re.match(r'^    label="(.*)"; style=rounded', line):
+            clusters.append(m.group(1))
+    return nodes, edges, clusters
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
+def test_task_drawing_shows_every_node_and_edge(pipeline: Path) -> None:
+    g = compile_file(pipeline)
+    nodes, edges, clusters = parse_dot(to_dot(g))
+    assert list(nodes) == list(g.nodes)
+    assert [(u, v) for u, v, _ in edges] == list(g.edges)
+    for u, v, dashed in edges:
+        assert dashed == (g.nodes[u]["job"] != g.nodes[v]["job"])
+    assert clusters == [f"job {j}" for j in g.graph["jobs"]]
+    for nid, a in g.nodes(data=True):
+        label = nodes[nid].split("\\n")
+        if a["kind"] == "exec":
+            assert label[0] == f"{a['task']}: {a['step']}"
+            assert os.path.basename(a["outputs"][0]) in label[-1]
+        elif a["kind"] == "copyback":
+            assert label[0] == f"{a['task']}: copy back"
+            assert label[1:] == [os.path.basename(d) for _, d in a["files"]][:4]
+        elif a["scope"] == "task":
+            assert label[0] == f"{a['task']}: stage"
+        else:
+            assert label[0] == f"job {a['job']}: machine stage"
+
+
+def test_job_drawing_shows_steps_counts_and_flows() -> None:
+    g = compile_file(GOLDEN / "features" / "features.opf")
+    text = to_job_dot(g)
+    assert 'label="job grid (2 tasks)"' in text and 'label="job shade (2 tasks)"' in text
+    assert '"grid/import" -> "grid/grid";' in text
+    flows = re.findall(r'^  "(\w+)/\w+" -> "(\w+)/\w+" \[style=dashed\];$', text, re.M)
+    assert flows == [("grid", "cut"), ("grid", "shade"), ("shade", "report")]
+
+
+def test_long_file_lists_are_shortened_and_quotes_escaped(tmp_path: Path) -> None:
+    g = nx.DiGraph(pipeline='say "hi"', jobs=["j"])
+    files = [[f"d/f{k}.txt", f"f{k}.txt"] for k in range(10)]
+    g.add_node("stage:j/a\\b", kind="stage", scope="task", job="j", task='a"b', files=files)
+    g.add_node("exec:j/x/s", kind="exec", job="j", task="x", step="s", argv=["/bin/sh", "-c", "x"],
+               call=None, outputs=[f"o{k}" for k in range(5)], temp=[])
+    text = to_dot(g)
+    assert r'digraph "say \"hi\"" {' in text
+    assert r'"stage:j/a\\b" [label="a\"b: stage\nf0.txt\nf1.txt\nf2.txt\n... 7 more"' in text
+    assert r'label="x: s\nsh\no0, o1, o2, ... 2 more"' in text
+    if DOT:
+        subprocess.run([DOT, "-Tcanon"], input=text, text=True, capture_output=True, check=True)
+
+
+def test_status_colours_the_nodes() -> None:
+    g = compile_file(REPO / "examples" / "strips.opf")
+    plain = to_dot(g)
+    status = {"exec:dem/strip11/import": "skip", "exec:dem/strip12/grid": "failed"}
+    coloured = to_dot(g, status)
+    changed = [(a, b) for a, b in zip(plain.splitlines(), coloured.splitlines(), strict=True)
+               if a != b]
+    assert len(changed) == 2
+    assert 'fillcolor="#dddddd"' in changed[0][1] and 'fillcolor="#ea9999"' in changed[1][1]
+
+
+@pytest.mark.skipif(DOT is None, reason="Graphviz 'dot' is not installed")
+@pytest.mark.parametrize("fmt", ["dot", "job.dot"])
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
+def test_graphviz_accepts_the_drawings(pipeline: Path, fmt: str) -> None:
+    text = (GOLDEN / f"{pipeline.stem}.{fmt}").read_text(encoding="utf-8")
+    out = subprocess.run([DOT, "-Tsvg"], input=text, text=True, capture_output=True)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.lstrip().startswith("<?xml") and "<svg" in out.stdout
+
+
+def test_compile_command_writes_the_drawing(tmp_path: Path) -> None:
+    """The installed command, in a real process, writes the golden DOT to stdout."""
+    pipeline = REPO / "examples" / "tiles.opf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opals_dsl", "compile", pipeline.name, "--dot", "--level", "job"],
+        cwd=pipeline.parent, capture_output=True, text=True, check=True,
+    )
+    assert proc.stdout == (GOLDEN / "tiles.job.dot").read_text(encoding="utf-8")
