@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -80,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw every task (default) or one node per job step (for large plans)",
     )
     p.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
+    p.add_argument(
+        "--status", action="store_true",
+        help="with --dot or --svg: colour each task by what 'opf run' would do with it "
+        "(grey: unchanged, skipped; yellow: runs), as 'opf run --dry-run' prints it",
+    )
+    p.add_argument(
+        "--state", metavar="DIR",
+        help="with --status: the run's state folder (default: .opf beside FILE)",
+    )
+    p.add_argument(
+        "--checksum", action="store_true",
+        help="with --status: compare inputs by content, as 'opf run --checksum' does",
+    )
 
     from . import report
 
@@ -108,9 +120,6 @@ def summary(graph: nx.DiGraph) -> str:
     )
 
 
-def plan_json(graph: nx.DiGraph) -> str:
-    data = nx.node_link_data(graph, edges="edges")
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def _write(text: str, output: str | None) -> None:
@@ -131,13 +140,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from .api import compile_file
     from .dot import to_dot, to_job_dot
+    from .plan import write_json
 
     graph = compile_file(args.file, parse_params(args.param))
-    if args.json:
-        _write(plan_json(graph), args.output)
+    status = None
+    if args.status:
+        if not (args.dot or args.svg) or args.level == "job":
+            raise _usage("--status colours the drawing of every task: use it with --dot or "
+                         "--svg, without --level job")
+        from .journal import Journal
+        from .runcmd import state_dir
+
+        status = Journal.read(state_dir(args), graph, checksum=args.checksum).node_status()
+    if args.json:  # streamed: a plan of 100,000 tasks is never one string in memory
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                write_json(graph, fh)
+        else:
+            write_json(graph, sys.stdout)
         return 0
     if args.dot or args.svg:
-        dot = to_job_dot(graph) if args.level == "job" else to_dot(graph)
+        dot = to_job_dot(graph) if args.level == "job" else to_dot(graph, status)
         if args.dot:
             _write(dot, args.output)
             return 0
@@ -182,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     except IsADirectoryError as exc:
         print(f"opf: error: {exc.filename} is a folder, not a pipeline file", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"opf: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         print("opf: interrupted", file=sys.stderr)

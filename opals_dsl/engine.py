@@ -24,27 +24,39 @@ The four phases of a task, each a node of the plan with one row in the result's 
        therefore copy once: the first does the work, the others wait on the lock and find the
        marker. Once an engine has seen the stage finished for a key it remembers that and only
        re-checks the source files' stat and that the marker still exists.
-    2. *Task stage* (``stage:JOB/TASK``, the Task Prephase). A leftover task folder of an earlier
-       attempt is removed, the folder is created and every input is copied to its ``local`` path
-       (subfolders such as ``dem/strip11/`` are created). Every path is checked first: the task
-       folder must be one folder inside the job folder, and every ``local``, every declared output
-       and every copy-back source must lie inside the task folder (shared names inside the job
-       folder); a request that breaks this is refused with failure kind ``stage``.
+    2. *Task stage* (``stage:JOB/TASK``, the Task Prephase). Every path is checked first: the
+       task folder must be one folder inside the job folder, and every ``local``, every declared
+       output and every copy-back source must lie inside the task folder (shared names inside
+       the job folder); a request that breaks this is refused with failure kind ``stage``. The
+       task then takes an exclusive lock (``<scratch>/opf/<pipeline>/.<job>.tasks/<task id>``,
+       held until its copy-back is done): an engine of the same machine still running the same
+       task — work a killed driver had handed out, or an engine taken for lost — is waited for,
+       never run over. A leftover task folder of an earlier attempt is removed, the folder is
+       created and every input is copied to its ``local`` path (subfolders such as
+       ``dem/strip11/`` are created). Each input is checked before and after its copy: one that
+       changes meanwhile (still being written) fails the stage, so a step never reads a torn
+       copy. The result's ``staged`` gives each input's ``[size, mtime_ns]`` as copied (plus its
+       SHA-256 when the request says ``checksum``, computed while copying), ``shared`` the same
+       for the shared files.
     3. *Exec* (``exec:JOB/TASK/STEP``, the Mainphase), one step after the other with the task
        folder as working directory; each step's output goes to ``<logs>/<step>.log``, which starts
        with the command line. An ``argv`` step runs without a shell, each word passed exactly as
        given, stdin from ``/dev/null``; the first word ``python`` means this engine's interpreter,
        a first word containing ``/`` is a path relative to the task folder, any other is looked up
-       on the engine's PATH. The environment is the engine's plus ``OPF_TASK`` and ``OPF_JOB``. A
-       ``call`` step imports ``package.module`` with the pipeline's folder on ``sys.path`` and
-       calls ``function(**kwargs)`` in this process, with the working directory, ``sys.stdout``/
-       ``sys.stderr`` and file descriptors 1 and 2 switched to the task folder and the log for
-       the duration and restored afterwards, whatever happens. After a step, each declared
-       output must exist as a file.
+       on the engine's PATH. The folders of the declared outputs (``out x = "sub/f.asc"``) are
+       created before the step runs. The environment is the engine's plus ``OPF_TASK`` and
+       ``OPF_JOB``. A ``call`` step imports ``package.module`` with the pipeline's folder on
+       ``sys.path`` and calls ``function(**kwargs)`` in this process, with the working
+       directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 switched to the task
+       folder and the log for the duration and restored afterwards, whatever happens. A module
+       imported for a ``call`` is imported afresh when its file changed since, or when this
+       pipeline's folder has a module of that name elsewhere (an engine serves many runs). After
+       a step, each declared output must exist as a file.
     4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
        pair is copied with :func:`atomic_copy` (the destination joined with the request's
        ``root``), then the task folder is removed. If anything before failed, nothing is copied
-       back and the task folder is kept for inspection.
+       back and the task folder is kept for inspection. The result's ``outputs`` gives each
+       destination's ``[size, mtime_ns]`` once it is in place (a journal records them).
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which
@@ -53,7 +65,10 @@ Failures
     the log file, its last lines (decoded as UTF-8, undecodable bytes replaced) and the kept task
     folder. Each trace row holds ``node``, ``kind``, ``start``/``end`` (``time.time()``),
     ``status`` (``done``, ``cached`` or ``failed``) and ``bytes`` (bytes copied by a stage or
-    copy-back node, the size of the declared outputs for an exec node).
+    copy-back node, the size of the declared outputs for an exec node); the row of the node that
+    failed also holds the failure's ``returncode`` and ``message``. A full disk (or quota, or file
+    size limit) is named as such in the message, and so is a destination whose folder path runs
+    into a file.
 
 Atomic copies
     :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<random hex>`` beside the destination,
@@ -100,6 +115,8 @@ _TAIL_BYTES = 64 * 1024
 
 # (scratch, pipeline, job) -> key of the shared file set this process saw staged there
 _STAGED: dict[tuple[str, str, str], str] = {}
+# module imported for a call -> (its file, size, mtime_ns) when it was imported
+_MODULES: dict[str, tuple[str, int, int]] = {}
 # absolute scratch base as given -> resolved real path
 _SCRATCH: dict[str, str] = {}
 
@@ -228,7 +245,12 @@ class _Task:
             "bytes_staged": 0,
             "bytes_copied": 0,
             "failure": None,
+            "shared": [],
+            "staged": [],
+            "outputs": [],
         }
+        self.checksum = bool(req.get("checksum"))
+        self.task_lock: tuple[str, int] | None = None
 
     # -- the task --------------------------------------------------------------------------
 
@@ -245,6 +267,10 @@ class _Task:
             self.result["failure"] = failed.failure
         except Exception as exc:  # an unforeseen condition is still this task's failure
             self.result["failure"] = self.unexpected(exc)
+        finally:
+            if self.task_lock is not None:
+                _unlock(*self.task_lock)
+                self.task_lock = None
         if self.trace and self.trace[-1]["end"] is None:
             self.trace[-1]["end"] = time.time()
         return self.result
@@ -263,6 +289,11 @@ class _Task:
 
     def fail(self, node: str, kind: str, message: str, *, step: str | None = None,
              returncode: int | None = None, log: str | None = None) -> _Failed:
+        for row in reversed(self.trace):  # the failed node's trace row says why, too
+            if row["node"] == node:
+                row["returncode"] = returncode
+                row["message"] = message
+                break
         return _Failed({
             "node": node,
             "step": step,
@@ -331,6 +362,7 @@ class _Task:
 
     def shared_key(self, node: str, pairs: list[tuple[str, str]]) -> str:
         parts = ["opf-stage-1"]
+        stats = self.result["shared"] = []
         for src, dst in pairs:
             try:
                 st = os.stat(src)
@@ -338,6 +370,7 @@ class _Task:
                 raise self.fail(node, "stage",
                                 f"shared file {src} cannot be read: {_os_reason(exc)}") from exc
             parts.append(f"{src}\0{dst}\0{st.st_size}\0{st.st_mtime_ns}")
+            stats.append([st.st_size, st.st_mtime_ns])
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
     def copy_shared(self, node: str, pairs: list[tuple[str, str]], marker: str, key: str) -> int:
@@ -358,7 +391,7 @@ class _Task:
                 nbytes += atomic_copy(src, dst)
             except OSError as exc:
                 raise self.fail(node, "stage", f"cannot copy shared file {src} to {dst}: "
-                                               f"{_os_reason(exc)}") from exc
+                                               f"{_os_reason(exc, 'scratch')}") from exc
         try:
             _write_atomic(marker, key)
         except OSError as exc:
@@ -372,6 +405,13 @@ class _Task:
         node = spec.get("node") or f"stage:{self.job}/{self.task}"
         row = self.open_row(node, "stage")
         pairs = self.check_paths(node, spec)
+        locks = os.path.join(self.pipeline_dir, f".{self.job}.tasks")
+        try:
+            os.makedirs(locks, exist_ok=True)
+            self.task_lock = _lock(os.path.join(locks, self.task))
+        except OSError as exc:
+            raise self.fail(node, "stage", f"cannot lock the task folder {self.task_dir}: "
+                                           f"{_os_reason(exc, 'scratch')}") from exc
         made = {self.task_dir}
         nbytes = 0
         try:
@@ -383,16 +423,30 @@ class _Task:
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot create the task folder {self.task_dir}: "
                                            f"{_os_reason(exc)}") from exc
+        staged = self.result["staged"]
         for src, local, dst in pairs:
             try:
                 folder = os.path.dirname(dst)
                 if folder not in made:
                     os.makedirs(folder, exist_ok=True)
                     made.add(folder)
-                nbytes += _copy_in(src, dst)
+                stats = _copy_in(src, dst, self.checksum)
+            except FileNotFoundError as exc:
+                if os.path.exists(src):  # the file is there: its copy's folder is not
+                    raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
+                                                   f"{_os_reason(exc, 'scratch')}") from exc
+                raise self.fail(node, "stage", f"input {src} does not exist (any more): it was "
+                                               f"deleted or renamed after the plan was "
+                                               f"made") from exc
+            except _Changing as exc:
+                raise self.fail(node, "stage", f"input {src} changed while it was being copied "
+                                               f"({exc}); it is probably still being written. "
+                                               f"Run again when it is complete") from exc
             except OSError as exc:
                 raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
-                                               f"{_os_reason(exc)}") from exc
+                                               f"{_os_reason(exc, 'scratch')}") from exc
+            nbytes += stats[0]
+            staged.append(stats)
         self.result["bytes_staged"] += nbytes
         self.close_row(row, "done", nbytes)
 
@@ -438,6 +492,16 @@ class _Task:
                 raise self.fail(node, "exception", f"cannot create the log folder {self.logs}: "
                                                    f"{_os_reason(exc)}", step=step) from exc
             self.logs_ready = True
+        for out in ex.get("outputs") or ():
+            folder = os.path.dirname(os.path.join(self.task_dir, out))
+            if folder != self.task_dir:
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise self.fail(node, "exception", f"cannot create the folder of output "
+                                                       f"{out} of step {step}: "
+                                                       f"{_os_reason(exc, 'scratch')}",
+                                    step=step) from exc
         if ex.get("argv") is not None:
             returncode: int | None = self.run_argv(node, step, list(ex["argv"]), log)
         elif ex.get("call"):
@@ -504,6 +568,9 @@ class _Task:
                 except ValueError:
                     name = str(-code)
                 message = f"step {step} was killed by signal {name}"
+                if name == "SIGXFSZ":
+                    message += (" (a file grew beyond the file size limit: is the scratch disk "
+                                "or a quota full?)")
             else:
                 message = f"step {step} exited with status {code}"
             raise self.fail(node, "exit", message, step=step, returncode=code, log=log)
@@ -536,11 +603,15 @@ class _Task:
         module_name, sep, attr = function.partition(":")
         if not sep or not module_name or not attr:
             raise ValueError(f"{function!r} should be written package.module:function")
-        if self.root not in sys.path:
+        if not sys.path or sys.path[0] != self.root:  # this pipeline's modules come first
+            with contextlib.suppress(ValueError):
+                sys.path.remove(self.root)
             sys.path.insert(0, self.root)
+        _forget_stale_module(module_name, self.root)
         if module_name not in sys.modules:
             importlib.invalidate_caches()  # files written since the last import attempt
         obj: Any = importlib.import_module(module_name)
+        _remember_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
         if not callable(obj):
@@ -554,14 +625,21 @@ class _Task:
         node = spec.get("node") or f"copyback:{self.job}/{self.task}"
         row = self.open_row(node, "copyback")
         nbytes = 0
+        outputs = self.result["outputs"]
         for local, dest in spec.get("files") or ():
             dst = os.path.join(self.root, dest)
             try:
                 nbytes += atomic_copy(os.path.join(self.task_dir, local), dst)
+                st = os.stat(dst)
             except OSError as exc:
                 self.result["bytes_copied"] += nbytes
+                blocker = _file_in_the_way(os.path.dirname(dst))
+                reason = _os_reason(exc, "destination")
+                if blocker is not None:
+                    reason += f" ({blocker} is a file, not a folder)"
                 raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
-                                                  f"{_os_reason(exc)}") from exc
+                                                  f"{reason}") from exc
+            outputs.append([st.st_size, st.st_mtime_ns])
         self.result["bytes_copied"] += nbytes
         with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
             _remove_tree(self.task_dir)
@@ -601,13 +679,72 @@ def _inside(base: str, rel: str) -> str | None:
     return path
 
 
-def _copy_in(src: str, dst: str) -> int:
-    """Plain copy into scratch space (data and permission bits); returns the bytes copied."""
+def _lock(path: str) -> tuple[str, int]:
+    """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the file was removed by its last holder: lock the new one
+
+
+def _unlock(path: str, fd: int) -> None:
+    with contextlib.suppress(OSError):  # removed while held, so that none piles up
+        os.unlink(path)
+    os.close(fd)
+
+
+class _Changing(Exception):
+    """A source file changed while it was being copied."""
+
+
+def _copy_in(src: str, dst: str, checksum: bool = False) -> list[Any]:
+    """Copy into scratch space (data and permission bits); returns ``[size, mtime_ns]`` of the
+    source as copied, plus its SHA-256 if ``checksum``. Raises :class:`_Changing` when the source
+    changed during the copy."""
     st = os.stat(src)
-    shutil.copyfile(src, dst)
+    digest = None
+    if checksum:
+        h = hashlib.sha256()
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+        digest = h.hexdigest()
+    else:
+        shutil.copyfile(src, dst)
+    after = os.stat(src)
+    copied = os.stat(dst).st_size
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or copied != st.st_size:
+        raise _Changing(f"{st.st_size} bytes when the copy began, {after.st_size} after it; "
+                        f"{copied} copied")
     with contextlib.suppress(OSError):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
-    return st.st_size
+    stats: list[Any] = [st.st_size, st.st_mtime_ns]
+    if digest is not None:
+        stats.append(digest)
+    return stats
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The first part of ``folder``'s path that exists but is not a folder, if any."""
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.isdir(path):
+            return None
+        if os.path.lexists(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -736,6 +873,38 @@ def _call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
     return error
 
 
+def _module_stamp(path: str) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _remember_module(name: str) -> None:
+    if name not in _MODULES:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        stamp = _module_stamp(file) if file else None
+        if stamp is not None:
+            _MODULES[name] = stamp
+
+
+def _forget_stale_module(name: str, root: str) -> None:
+    """Drop a module a ``call`` imported earlier from ``sys.modules`` when its file changed
+    since, or when the pipeline in ``root`` has a file of that name elsewhere (an engine serves
+    many runs: each must run the code as it is now, from its own pipeline folder)."""
+    old = _MODULES.get(name)
+    if old is None or name not in sys.modules:
+        return
+    base = os.path.join(root, *name.split("."))
+    here = next((p for p in (base + ".py", os.path.join(base, "__init__.py"))
+                 if os.path.isfile(p)), None)
+    now = _module_stamp(old[0])
+    if now != old or (here is not None and os.path.realpath(here) != old[0]):
+        del sys.modules[name]
+        del _MODULES[name]
+
+
 def _tail(log: str) -> list[str]:
     try:
         with open(log, "rb") as f:
@@ -759,5 +928,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+#: errors that mean "no room": the disk, a quota, or the process's file size limit
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _os_reason(exc: OSError, disk: str | None = None) -> str:
+    """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch`` or
+    ``destination``) so that a full disk is called one."""
+    reason = exc.strerror or str(exc)
+    if disk is not None and exc.errno in _FULL:
+        what = "the scratch disk" if disk == "scratch" else "the destination's disk"
+        reason += f" ({what} is full, or a quota or file size limit was reached)"
+    return reason

@@ -12,7 +12,10 @@ Out: text on a stream (standard error by default).
 
 A task that fails for good is always reported in full: the task, the step and node, the exit
 status, the last lines of the step's log, where the whole log is and the task folder that was
-kept for inspection. A retry or a lost engine gets one line.
+kept for inspection. A retry or a lost engine gets one line. The summary names, for each failure,
+the tasks left out because of it (``--keep-going``).
+
+:func:`decision_lines` renders what a run would do with each task (``opf run --dry-run``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .runtime import Counts, EngineInfo, RunListener, RunSummary, TaskFailure, TaskRef
 
+if TYPE_CHECKING:
+    from .journal import Decision
+
 #: lines of a failed step's log shown in a failure report
 TAIL_SHOWN = 10
+#: tasks named per failure in the summary's "not run because ... failed" lines
+BLOCKED_SHOWN = 5
 
 
 def format_bytes(n: int) -> str:
@@ -100,6 +108,29 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     return rows
 
 
+def blocked_lines(summary: RunSummary) -> list[str]:
+    """For each failed task, the tasks that were not run because of it."""
+    lines = []
+    for failed, blocked in summary.blocked_by.items():
+        names = ", ".join(blocked[:BLOCKED_SHOWN])
+        if len(blocked) > BLOCKED_SHOWN:
+            names += f" and {len(blocked) - BLOCKED_SHOWN} more"
+        lines.append(f"not run because {failed} failed: {names}")
+    return lines
+
+
+def decision_lines(title: str, decisions: list[Decision]) -> list[str]:
+    """What a run would do with each task, in plan order, and a count at the end."""
+    width = min(40, max((len(d.task.name) for d in decisions), default=0))
+    lines = [f"{'run ' if d.run else 'skip'}  {d.task.name:<{width}}  {d.reason}"
+             for d in decisions]
+    runs = sum(1 for d in decisions if d.run)
+    total = len(decisions)
+    lines.append(f"{title}: {runs} of {total} task{'s' if total != 1 else ''} would run, "
+                 f"{total - runs} unchanged")
+    return lines
+
+
 def outcome_line(summary: RunSummary) -> str:
     if summary.no_engines:
         return "stopped: no engine is left"
@@ -109,6 +140,8 @@ def outcome_line(summary: RunSummary) -> str:
         return f"{summary.failed} task{'s' if summary.failed != 1 else ''} failed"
     if summary.not_run or summary.blocked:
         return "stopped"
+    if summary.total and not summary.done:
+        return "all tasks unchanged, none run"
     return "all tasks done"
 
 
@@ -134,6 +167,7 @@ class Progress(RunListener):
         self._bar: Any = None
         self._bar_task: Any = None
         self._console: Any = None
+        self._nothing_to_run = False
         if self.interactive:
             from rich.console import Console
 
@@ -150,11 +184,24 @@ class Progress(RunListener):
 
     # -- events ----------------------------------------------------------------------------
 
+    def resuming(self, to_run: int, unchanged: int) -> None:
+        """Before the run: how many tasks the journal found unchanged."""
+        self._nothing_to_run = to_run == 0
+        if self.quiet or not unchanged:
+            return
+        total = to_run + unchanged
+        if to_run:
+            self._say(f"{self.title}: {unchanged} of {total} tasks unchanged since the last "
+                      f"run; {to_run} to run")
+        else:
+            self._say(f"{self.title}: all {total} tasks unchanged since the last run; nothing "
+                      f"to run (--force runs them again)")
+
     def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
         self.total = total
         self._per_task = total <= self.line_limit
         machines = len({e.machine for e in engines.values()})
-        if self.quiet:
+        if self.quiet or (self._nothing_to_run and not engines):
             return
         self._say(f"{self.title}: {total} task{'s' if total != 1 else ''} on {len(engines)} "
                   f"engine{'s' if len(engines) != 1 else ''} ({machines} "
@@ -196,7 +243,7 @@ class Progress(RunListener):
         self._say(f"done {task.name} on engine {engine}{took}")
 
     def task_skipped(self, task: TaskRef) -> None:
-        if self.quiet or self.interactive or not self._per_task:
+        if self.quiet or self.interactive or not self._per_task or self._nothing_to_run:
             return
         self._say(f"skipped {task.name} (unchanged)")
 
@@ -251,3 +298,5 @@ class Progress(RunListener):
             width = max(len(label) for label, _ in rows)
             for label, value in rows:
                 self._say(f"  {label:<{width}}  {value}")
+        for line in blocked_lines(summary):
+            self._say(line)

@@ -5,11 +5,18 @@ In: the parsed command line (``opals_dsl.cli`` adds ``FILE`` and ``--param`` and
 task failed or the run was stopped, 2 the pipeline or the command line is invalid, 3 the cluster
 could not be started or reached (or every engine was lost), 130 interrupted.
 
-The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the trace
-(``trace.jsonl``), the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's
-ipyparallel files and its record, and ``run.lock``, which keeps two runs from sharing one state
-folder. Ctrl-C or SIGTERM stops submitting and interrupts the running steps; a second one stops
-at once. The embedded cluster is stopped however the run ends.
+The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
+journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.journal`), the trace (``trace.jsonl``),
+the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
+its record, and ``run.lock``, which keeps two runs from sharing one state folder.
+
+A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
+in the destination folders), then asks the journal which tasks are unchanged: those are skipped
+(``--force`` runs everything); if none is left to run, no embedded cluster is started.
+``--dry-run`` only prints each task's decision and its reason, and starts nothing.
+``--retries N`` replaces every job's ``retries``. Ctrl-C or SIGTERM stops submitting and
+interrupts the running steps; what finished is in the journal; a second one stops at once. The
+embedded cluster is stopped however the run ends.
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cluster import ClusterOptions, open_cluster
+from .cluster import ClusterOptions, open_cluster, stop_leftover_cluster
 from .errors import ClusterError, OpfError
-from .progress import Progress
-from .runtime import Scheduler, remove_stale_temporaries
+from .journal import Journal
+from .progress import Progress, decision_lines
+from .runtime import (
+    Listeners,
+    LocalExecutor,
+    RunSummary,
+    Scheduler,
+    plan_tasks,
+    remove_stale_temporaries,
+)
 
 EXIT_INTERRUPTED = 130
 
@@ -69,6 +84,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--keep-going", action="store_true",
         help="after a task fails for good, still run every task that does not depend on it",
     )
+    p.add_argument(
+        "--retries", type=int, metavar="N",
+        help="try a failed task up to N more times (replaces every job's 'retries')",
+    )
+    again = p.add_argument_group("running again (the journal in the state folder)")
+    again.add_argument(
+        "--dry-run", action="store_true",
+        help="run nothing and start no cluster; print for each task whether it would run, "
+        "and why",
+    )
+    again.add_argument(
+        "--force", action="store_true",
+        help="run every task, also those unchanged since they last ran",
+    )
+    again.add_argument(
+        "--checksum", action="store_true",
+        help="tell changed inputs by their content (SHA-256), not by size and time alone",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="report only failures")
     p.add_argument(
         "--report", nargs="?", const="report.html", metavar="PATH",
@@ -103,9 +136,13 @@ def state_dir(args: argparse.Namespace) -> Path:
 @contextlib.contextmanager
 def lock_state(state: Path) -> Iterator[None]:
     """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused."""
-    state.mkdir(parents=True, exist_ok=True)
     path = state / "run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _UsageError(f"opf: error: cannot use the state folder {state}: "
+                          f"{exc.strerror or exc}; choose another with --state") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,28 +197,49 @@ def main(args: argparse.Namespace) -> int:
     from .cli import parse_params
 
     options = cluster_options(args)
+    retries = getattr(args, "retries", None)
+    if retries is not None and retries < 0:
+        raise _UsageError("opf: error: --retries takes a number of retries, 0 or more")
     plan = compile_file(args.file, parse_params(getattr(args, "param", None)))
     state = state_dir(args)
     scratch = getattr(args, "scratch", None)
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
-    progress = Progress(quiet=getattr(args, "quiet", False),
-                        title=str(plan.graph.get("pipeline", "opf run")))
+    quiet = getattr(args, "quiet", False)
+    force = getattr(args, "force", False)
+    checksum = getattr(args, "checksum", False)
+    title = str(plan.graph.get("pipeline", "opf run"))
+    tasks = plan_tasks(plan)
+    if getattr(args, "dry_run", False):
+        decisions = Journal.read(state, plan, checksum=checksum, tasks=tasks).decide(force)
+        lines = decision_lines(title, decisions)
+        print("\n".join(lines[-1:] if quiet else lines))
+        return 0
+    progress = Progress(quiet=quiet, title=title)
     interrupts = _Interrupts()
     with lock_state(state), interrupts.installed():
+        stop_leftover_cluster(state)  # its engines may still be copying back: first stop them
+        remove_stale_temporaries(plan)
         try:
-            with open_cluster(options, state, scratch=scratch) as executor:
-                remove_stale_temporaries(plan)
-                scheduler = Scheduler(
-                    plan, executor, state_dir=state, scratch=scratch,
-                    keep_going=getattr(args, "keep_going", False), listener=progress,
-                )
-                interrupts.scheduler = scheduler
-                summary = scheduler.run()
-                interrupts.closing = True
-        except ClusterError as exc:
-            print(f"opf: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+            journal = Journal.open(state, plan, checksum=checksum, tasks=tasks)
+        except OSError as exc:
+            raise _UsageError(f"opf: error: cannot open the journal in {state}: "
+                              f"{exc.strerror or exc}; choose another state folder with "
+                              f"--state") from exc
+        with journal:
+            decisions = journal.decide(force)
+            to_run = sum(1 for d in decisions if d.run)
+            progress.resuming(to_run, len(decisions) - to_run)
+            try:
+                summary = _run(plan, options, journal, progress, interrupts, to_run=to_run,
+                               state=state, scratch=scratch, retries=retries,
+                               keep_going=getattr(args, "keep_going", False))
+            except ClusterError as exc:
+                print(f"opf: error: {exc}", file=sys.stderr)
+                return exc.exit_code
+        for problem in (journal.error, summary.trace_error):
+            if problem:
+                print(f"opf: warning: {problem}", file=sys.stderr)
     if getattr(args, "report", None):
         from .report import write_report
 
@@ -192,5 +250,28 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if summary.no_engines:
         print(f"opf: error: every engine of the cluster was lost; {summary.not_run} "
-              f"task{'s' if summary.not_run != 1 else ''} did not run", file=sys.stderr)
+              f"task{'s' if summary.not_run != 1 else ''} did not run (the journal keeps what "
+              f"finished: run again to do the rest)", file=sys.stderr)
     return summary.exit_code
+
+
+def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progress,
+         interrupts: _Interrupts, *, to_run: int, state: Path, scratch: str | None,
+         retries: int | None, keep_going: bool) -> RunSummary:
+    """Schedule the plan: on the cluster, or without one when every task is to be skipped."""
+
+    def schedule(executor: Any) -> RunSummary:
+        scheduler = Scheduler(
+            plan, executor, state_dir=state, scratch=scratch, keep_going=keep_going,
+            skip=journal.skip, listener=Listeners([journal, progress]), retries=retries,
+            checksum=journal.checksum, tasks=(journal.tasks, journal.deps),
+        )
+        interrupts.scheduler = scheduler
+        return scheduler.run()
+
+    if not to_run and options.embedded:  # a cluster named by the user is still reached
+        return schedule(LocalExecutor(()))
+    with open_cluster(options, state, scratch=scratch) as executor:
+        summary = schedule(executor)
+        interrupts.closing = True
+    return summary

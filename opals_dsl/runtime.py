@@ -3,7 +3,7 @@
 In: the plan and an :class:`Executor` (a few engines that each run
 :func:`opals_dsl.engine.run_tasks` on batches of task requests). Out: a :class:`RunSummary`, a
 trace file (one row per plan node, JSON lines) and events for a :class:`RunListener` (the
-progress display, later a journal).
+progress display, the journal of :mod:`opals_dsl.journal`).
 
 Unit of work
     A plan's task is the chain machine stage → task stage → exec nodes → copy-back, all pinned to
@@ -39,16 +39,24 @@ their done-callbacks only put the batch on a completion queue, and the loop cons
 Outcomes
     * A task whose request fails is submitted again (from its task stage, to whichever engine is
       least loaded) until it has used its ``retries`` (the task stage node's ``retries``
-      attribute, 0 if absent). Failed for good: without ``keep_going`` no new task is submitted,
-      batches not yet started are withdrawn, running ones finish; with it, only the tasks that
-      depend on the failure (transitively) are left out.
+      attribute, 0 if absent, or the scheduler's ``retries`` for every task). Failed for good:
+      without ``keep_going`` no new task is submitted, batches not yet started are withdrawn,
+      running ones finish; with it, only the tasks that depend on the failure (transitively) are
+      left out, and ``summary.blocked_by`` says which failure left out which tasks.
     * An engine that is lost (its result fails as an engine failure, or it leaves the cluster)
       takes no more work; the tasks it held go back to the ready heap with their attempt number
-      unchanged. If no engine remains, the run ends (``summary.no_engines``).
+      unchanged, and each gets a trace row with status ``lost`` for its task stage on that
+      engine. If no engine remains, the run ends (``summary.no_engines``).
     * ``skip(task) -> bool`` is asked when a task becomes ready, before it would be submitted; a
       skipped task counts as finished for the tasks downstream (a journal uses this to resume).
+    * After each round of results the listeners get ``checkpoint()``: a journal makes what it
+      recorded durable then, once per round rather than once per task.
     * Ctrl-C (``KeyboardInterrupt``) stops submitting, asks the executor to interrupt what is
       running, waits briefly for it, and returns with ``summary.interrupted`` set.
+
+The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
+failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
+with status ``skipped``, ``blocked`` or ``not-run``.
 
 :class:`LocalExecutor` runs requests in this process, one after the other: a deterministic,
 debuggable executor for tests of the policy and for stepping through a run.
@@ -57,6 +65,7 @@ debuggable executor for tests of the policy and for stepping through a run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import json
 import math
@@ -71,6 +80,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # engines import this module (through cluster.py): keep it light
     import networkx as nx
+
+    from .journal import Journal
 
 # task states
 WAITING = "waiting"
@@ -237,6 +248,8 @@ class RunSummary:
     not_run: int = 0
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
+    #: failed task name -> names of the tasks left out because of it (``keep_going``)
+    blocked_by: dict[str, list[str]] = field(default_factory=dict)
     engines_lost: int = 0
     bytes_staged: int = 0
     bytes_copied: int = 0
@@ -246,6 +259,7 @@ class RunSummary:
     no_engines: bool = False
     failures: list[TaskFailure] = field(default_factory=list)
     trace: str | None = None
+    trace_error: str | None = None  # the trace could not be written
 
     @property
     def wall(self) -> float:
@@ -306,6 +320,9 @@ class RunListener:
     def stopping(self, reason: str) -> None:
         pass
 
+    def checkpoint(self) -> None:
+        pass
+
     def run_finished(self, summary: RunSummary) -> None:
         pass
 
@@ -355,6 +372,10 @@ class Listeners(RunListener):
     def stopping(self, reason: str) -> None:
         for x in self.all:
             x.stopping(reason)
+
+    def checkpoint(self) -> None:
+        for x in self.all:
+            x.checkpoint()
 
     def run_finished(self, summary: RunSummary) -> None:
         for x in self.all:
@@ -417,8 +438,9 @@ def plan_tasks(plan: nx.DiGraph) -> tuple[list[TaskRef], list[list[int]]]:
 
 
 def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str | None,
-                  logs: Path) -> dict[str, Any]:
-    """The engine request for one task (docs/plan-format.md → the engine's request dict)."""
+                  logs: Path, checksum: bool = False) -> dict[str, Any]:
+    """The engine request for one task (docs/plan-format.md → the engine's request dict);
+    ``checksum`` asks the engine for the SHA-256 of each input it stages."""
     nodes = plan.nodes
     machine = nodes[ref.machine_stage] if ref.machine_stage in nodes else {}
     stage = nodes[ref.task_stage]
@@ -445,6 +467,7 @@ def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str 
         "copyback": {"node": ref.copyback,
                      "files": [list(p) for p in nodes[ref.copyback].get("files") or ()]},
         "logs": str(logs / ref.job / ref.task),
+        "checksum": checksum,
     }
 
 
@@ -477,25 +500,44 @@ def remove_stale_temporaries(plan: nx.DiGraph) -> list[str]:
 
 
 class TraceWriter:
-    """Appends one JSON object per plan node to ``path`` (fields: :data:`TRACE_FIELDS`)."""
+    """Appends one JSON object per plan node to ``path`` (fields: :data:`TRACE_FIELDS`).
+
+    A trace that cannot be written (the state folder's disk is full) does not stop the run:
+    writing stops, and ``error`` says why.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._last_flush = time.monotonic()
+        self.error: str | None = None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
+        if self.error is None:
+            try:
+                self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
+            except OSError as exc:
+                self._failed(exc)
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_flush > 1.0:
-            self._file.flush()
+        if self.error is None and (force or now - self._last_flush > 1.0):
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._failed(exc)
             self._last_flush = now
 
+    def _failed(self, exc: OSError) -> None:
+        self.error = f"cannot write the trace {self.path}: {exc.strerror or exc}"
+
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            if self.error is None:
+                self._failed(exc)
 
 
 def read_trace(path: str | Path) -> list[dict[str, Any]]:
@@ -514,6 +556,7 @@ class _Batch:
     tasks: list[int]
     attempts: list[int]
     future: Future
+    sent: float = 0.0
 
 
 class Scheduler:
@@ -529,6 +572,9 @@ class Scheduler:
         keep_going: bool = False,
         skip: Callable[[TaskRef], bool] | None = None,
         listener: RunListener | None = None,
+        retries: int | None = None,
+        checksum: bool = False,
+        tasks: tuple[list[TaskRef], list[list[int]]] | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
@@ -550,7 +596,10 @@ class Scheduler:
         self.engine_wait = engine_wait
         self.interrupt_wait = interrupt_wait
 
-        self.tasks, self.deps = plan_tasks(plan)
+        self.tasks, self.deps = tasks if tasks is not None else plan_tasks(plan)
+        if retries is not None:
+            self.tasks = [dataclasses.replace(t, retries=retries) for t in self.tasks]
+        self.checksum = checksum
         n = len(self.tasks)
         self.dependents: list[list[int]] = [[] for _ in range(n)]
         for i, ups in enumerate(self.deps):
@@ -642,6 +691,7 @@ class Scheduler:
                     batch = self.completions.get_nowait()
                 except queue.Empty:
                     batch = None
+            self.listener.checkpoint()
             if self.trace is not None:
                 self.trace.flush()
             now = time.monotonic()
@@ -673,7 +723,7 @@ class Scheduler:
     def _submit(self, engine: int, picked: list[int]) -> None:
         requests = [
             build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
-                          logs=self.logs)
+                          logs=self.logs, checksum=self.checksum)
             for i in picked
         ]
         try:
@@ -685,7 +735,7 @@ class Scheduler:
             return
         self._batch_ids += 1
         batch = _Batch(self._batch_ids, engine, picked, [self.attempt[i] for i in picked],
-                       future)
+                       future, time.time())
         for i in picked:
             self.state[i] = RUNNING
         self.batches[batch.id] = batch
@@ -710,7 +760,7 @@ class Scheduler:
         self.executor.release(future)
         if error is not None:
             if self.executor.is_engine_loss(error):
-                self._lose_engine(engine, batch.tasks)
+                self._lose_engine(engine, batch.tasks, lost_batch=batch)
                 return
             if _is_withdrawn(error) or self.summary.interrupted:
                 for i in batch.tasks:  # withdrawn, or stopped by our own interrupt
@@ -773,7 +823,9 @@ class Scheduler:
         self.summary.failures.append(record)
         self.listener.task_failed(ref, record)
         if self.keep_going:
-            self._block_dependents(i)
+            blocked = self._block_dependents(i)
+            if blocked:
+                self.summary.blocked_by[ref.name] = [self.tasks[d].name for d in blocked]
         else:
             self._stop(f"task {ref.name} failed")
 
@@ -805,23 +857,36 @@ class Scheduler:
                 self.state[j] = READY
                 heapq.heappush(self.ready, j)
 
-    def _block_dependents(self, i: int) -> None:
+    def _block_dependents(self, i: int) -> list[int]:
+        """Block every task that waits (transitively) for task ``i``; the ones blocked now, in
+        plan order."""
         todo = list(self.dependents[i])
+        blocked = []
         while todo:
             d = todo.pop()
             if self.state[d] == WAITING:
                 self.state[d] = BLOCKED
+                blocked.append(d)
                 todo.extend(self.dependents[d])
+        return sorted(blocked)
 
     def _lose_engine(self, engine: int, tasks: Iterable[int] = (), *,
-                     resubmit: bool = True) -> None:
+                     resubmit: bool = True, lost_batch: _Batch | None = None) -> None:
         """Take ``engine`` out; its tasks (``tasks`` and those it holds) become ready again
-        with their attempt unchanged. ``resubmit=False``: ``tasks`` were never sent."""
+        with their attempt unchanged. ``resubmit=False``: ``tasks`` were never sent;
+        ``lost_batch``: the batch whose failure showed the loss (``tasks`` are its tasks)."""
         sent = list(tasks)
         moved = list(sent)
+        info = self.engines.get(engine)
+        lost_at = time.time()
         for batch in self.held.pop(engine, []):
             if self.batches.pop(batch.id, None) is not None:
                 moved.extend(batch.tasks)
+                for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
+                    self._trace_lost(i, attempt, engine, info, batch.sent, lost_at)
+        if lost_batch is not None:
+            for i, attempt in zip(lost_batch.tasks, lost_batch.attempts, strict=True):
+                self._trace_lost(i, attempt, engine, info, lost_batch.sent, lost_at)
         self.load.pop(engine, None)
         for i in moved:
             self.state[i] = READY
@@ -884,6 +949,7 @@ class Scheduler:
         s.finished = time.time()
         if self.trace is not None:
             self.trace.close()
+            s.trace_error = self.trace.error
         self._report_counts()
         self.listener.run_finished(s)
 
@@ -902,7 +968,19 @@ class Scheduler:
                 "step": _step_of(node), "engine": engine, "machine": machine,
                 "start": row.get("start"), "end": row.get("end"), "status": row.get("status"),
                 "bytes": row.get("bytes", 0), "attempt": attempt,
+                **{k: row[k] for k in ("returncode", "message") if k in row},
             })
+
+    def _trace_lost(self, i: int, attempt: int, engine: int, info: EngineInfo | None,
+                    sent: float, lost_at: float) -> None:
+        if self.trace is None:
+            return
+        ref = self.tasks[i]
+        self.trace.write({
+            "node": ref.task_stage, "kind": "stage", "job": ref.job, "task": ref.task,
+            "step": None, "engine": engine, "machine": info.machine if info else None,
+            "start": sent, "end": lost_at, "status": "lost", "bytes": 0, "attempt": attempt,
+        })
 
     def _trace_unrun(self, i: int, status: str) -> None:
         if self.trace is None:
@@ -943,16 +1021,26 @@ def run_plan(
     keep_going: bool = False,
     skip: Callable[[TaskRef], bool] | None = None,
     listener: RunListener | None = None,
+    journal: Journal | None = None,
+    force: bool = False,
     **policy: Any,
 ) -> RunSummary:
     """Run ``plan`` on ``executor``: clear stale temporaries, schedule, write the trace.
 
     ``state_dir`` receives ``trace.jsonl`` and ``logs/<job>/<task>/<step>.log``; ``scratch``
     overrides the engines' scratch root (default: the executor's ``scratch``, if it has one).
+    With an open ``journal`` (:meth:`opals_dsl.journal.Journal.open`) tasks it finds unchanged
+    are skipped (all run with ``force``) and every task that finishes is recorded in it.
     ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
-    ``engine_wait``, ``interrupt_wait``).
+    ``engine_wait``, ``interrupt_wait``, ``retries``).
     """
     remove_stale_temporaries(plan)
+    if journal is not None:
+        journal.decide(force=force)
+        skip = journal.skip
+        listener = Listeners([journal, listener])
+        policy.setdefault("checksum", journal.checksum)
+        policy.setdefault("tasks", (journal.tasks, journal.deps))
     scheduler = Scheduler(plan, executor, state_dir=state_dir, scratch=scratch,
                           keep_going=keep_going, skip=skip, listener=listener, **policy)
     return scheduler.run()

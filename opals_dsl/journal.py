@@ -1,0 +1,693 @@
+"""The run's journal: which tasks finished, and from what, so that ``opf run`` can resume.
+
+In: the plan, the run's state folder and the scheduler's events (a :class:`Journal` is a
+:class:`~opals_dsl.runtime.RunListener`, and its :meth:`Journal.skip` is the scheduler's ``skip``
+hook). Out: the file ``<state>/journal/<pipeline>.jsonl`` and, before anything runs, one
+:class:`Decision` per task — run it or not, and why (``opf run --dry-run`` prints them,
+``opf compile --dot --status`` colours the plan with them).
+
+The file
+    JSON lines, appended to. The first line is ``{"opf-journal": 1, "pipeline": NAME}``; then one
+    line per task that finished, written only after the engine reported every output of the task
+    in place (each one already flushed to disk and renamed into place)::
+
+        {"task": "dem/strip11", "sig": "…", "cmd": "…", "steps": [...], "in": {...},
+         "up": {...}, "out": {...}, "time": 1712000000.5}
+
+    ``task``
+        ``JOB/TASK``.
+    ``sig``
+        16 hex digits naming this run of the task: a task that runs again gets a new one.
+    ``cmd``
+        a hash of everything the task is told to do: each step's argv or call (function and
+        arguments), its declared outputs, the names its inputs get in the task and job folders,
+        and the copy-back pairs.
+    ``steps``
+        ``[[STEP, ARGV or {"function": ..., "kwargs": ...}], ...]``: the resolved commands and
+        call parameters, kept to say *what* changed.
+    ``in``
+        ``{PATH: [size, mtime_ns]}`` (plus the SHA-256 with ``--checksum``) for every file the
+        task stages that no upstream task publishes — its inputs and the job's shared files — as
+        the engine saw them when it copied them, and for the Python file of each ``call`` that
+        lies in the pipeline's folder (``pkg/mod.py`` for ``pkg.mod:fn``), so that changed code
+        counts as a changed input. Paths are the plan's (relative to the pipeline's folder, or
+        absolute).
+    ``up``
+        ``{UPSTREAM TASK: its sig}`` for every upstream task whose published outputs the task
+        stages: such an input is "unchanged" exactly when its upstream task did not run again.
+    ``out``
+        ``{DESTINATION: [size, mtime_ns]}`` of each destination once in place.
+
+    A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "failed": true,
+    "time": ...}``. The last line of a task is the one that counts. A line that is cut off or
+    garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
+    runs again. When the file is opened for a run it is compacted if more than half of its lines
+    are stale or any is unreadable: written afresh under a temporary name and renamed.
+
+Durability
+    The records of one round of results go to the file in a single ``write`` (the file is opened
+    with ``O_APPEND``), and the file is flushed to disk at most every
+    :data:`SYNC_INTERVAL` seconds and when the run ends. Records lost to a power cut are tasks
+    the next run does again; a record never exists for outputs that are not in place.
+
+Decisions, made in dependency order (upstream tasks first), first reason that applies:
+    ``forced`` (``--force``); ``upstream T re-runs``; ``new`` (no record); ``failed in the last
+    run``; ``steps changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S
+    changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran again
+    since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
+    ``output missing: D`` / ``output changed: D``. Otherwise the task is ``unchanged`` and skipped.
+
+Checksums
+    Without ``--checksum`` an input is unchanged when its size and modification time are those
+    recorded. With it, records carry each input's SHA-256 (the engine computes it while copying
+    the input; the driver hashes the job's shared files once per run), and an input whose time
+    changed but whose content did not is unchanged; its record is then refreshed with the new
+    time, so the next run does not hash it again. A file is hashed only when its size and time
+    differ from the record.
+
+Cost
+    Records are kept in memory as their text lines (about 300 bytes per task) and parsed only
+    when a decision needs one; a decision for a task with no files costs one hash of its
+    command. Writing a record costs one ``json.dumps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .runtime import RunListener, RunSummary, TaskFailure, TaskRef, plan_tasks
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+#: format version in the journal's first line
+VERSION = 1
+#: at most this many seconds between two flushes of the journal to disk
+SYNC_INTERVAL = 0.5
+#: the ``sig`` of a failure record
+FAILED_SIG = "0" * 16
+
+_SIG_MARK = ',"sig":"'
+# one encoder each, made once: json.dumps with options builds a new encoder every call
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ENCODE_SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                  sort_keys=True).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a run does with a task: ``run`` it or skip it, and ``reason`` in words."""
+
+    task: TaskRef
+    run: bool
+    reason: str
+
+
+def journal_path(state_dir: str | Path, pipeline: str) -> Path:
+    """Where the journal of ``pipeline`` lives in a state folder."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in pipeline) or "pipeline"
+    return Path(state_dir) / "journal" / f"{safe}.jsonl"
+
+
+class Journal(RunListener):
+    """The journal of one pipeline in one state folder; see the module docstring.
+
+    Use :meth:`read` for a look without writing (``--dry-run``) and :meth:`open` for a run; a
+    run's journal must be :meth:`close`\\ d (it is a context manager).
+    """
+
+    def __init__(self, plan: nx.DiGraph, path: Path, *, checksum: bool = False,
+                 tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> None:
+        self.plan = plan
+        self.path = path
+        self.root = str(plan.graph["root"])
+        self.checksum = checksum
+        self.tasks, self.deps = tasks if tasks is not None else plan_tasks(plan)
+        #: task name → the text line of its last record
+        self.records: dict[str, str] = {}
+        self.decisions: list[Decision] | None = None
+        self.lines_read = 0
+        self.bad_lines = 0
+        #: why the journal stopped recording, if it did
+        self.error: str | None = None
+        self._header_ok = False
+        self._fd: int | None = None
+        self._pending: list[str] = []
+        self._last_sync = 0.0
+        self._unsynced = False
+        self._shared_stats: dict[str, list[Any] | None] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._job_parts: dict[str, tuple[list[list[str]], str]] = {}
+        self._refresh: dict[int, dict[str, list[Any]]] = {}
+        self._module_files: dict[str, str] = {}
+        self._salt = secrets.token_hex(8)  # sigs differ between runs even at one clock reading
+        self._serial = 0
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, state_dir: str | Path, plan: nx.DiGraph, *, checksum: bool = False,
+             tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> Journal:
+        """The journal as it is, for decisions only: nothing is written."""
+        journal = cls(plan, journal_path(state_dir, str(plan.graph["pipeline"])),
+                      checksum=checksum, tasks=tasks)
+        journal._load()
+        return journal
+
+    @classmethod
+    def open(cls, state_dir: str | Path, plan: nx.DiGraph, *, checksum: bool = False,
+             tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> Journal:
+        """The journal for a run: loaded, compacted if worthwhile, open for appending."""
+        journal = cls.read(state_dir, plan, checksum=checksum, tasks=tasks)
+        journal._open_for_append()
+        return journal
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load(self) -> None:
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        with f:
+            self._read_lines(f)
+
+    def _read_lines(self, lines: Iterable[bytes]) -> None:
+        first = True
+        for raw in lines:
+            if not raw.strip():
+                continue
+            if first:
+                first = False
+                with contextlib.suppress(ValueError):
+                    head = json.loads(raw)
+                    if isinstance(head, dict) and head.get("opf-journal") == VERSION:
+                        self._header_ok = True
+                        continue
+                if not self._header_ok:  # another format: start afresh
+                    self.bad_lines += 1
+                    return
+            self.lines_read += 1
+            # file names that are not UTF-8 were written through surrogateescape: read them so
+            text = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
+            name = _name_of(text)
+            if name is None:
+                self.bad_lines += 1
+                continue
+            self.records[name] = text + "\n"
+
+    def _open_for_append(self) -> None:
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        from .engine import is_temp_name
+
+        with os.scandir(folder) as entries:  # a compaction that was killed
+            for entry in entries:
+                if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+        stale = self.lines_read - len(self.records)
+        if (not self._header_ok or self.bad_lines or stale > len(self.records)) and (
+                self.records or self.path.exists()):
+            with contextlib.suppress(OSError):  # no room to compact: append to it as it is
+                self._rewrite()
+        new = not self.path.exists()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if new:
+            self._write(self._header())
+            self._sync(force=True)
+
+    def _header(self) -> str:
+        return json.dumps({"opf-journal": VERSION, "pipeline": self.plan.graph["pipeline"]},
+                          ensure_ascii=False) + "\n"
+
+    def _rewrite(self) -> None:
+        """Write the records afresh: to a temporary, flushed, renamed over the journal."""
+        from .engine import TEMP_PREFIX, TEMP_TAG, _fsync_folder
+
+        data = (self._header() + "".join(self.records.values())).encode(
+            "utf-8", "surrogateescape")
+        tmp = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}{TEMP_TAG}"
+                                  f"{secrets.token_hex(8)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_folder(str(self.path.parent))
+        self.lines_read = len(self.records)
+        self.bad_lines = 0
+        self._header_ok = True
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        if self._fd is None:
+            return
+        data = text.encode("utf-8", "surrogateescape")
+        try:
+            while data:  # one write() in practice; a short write continues where it stopped
+                done = os.write(self._fd, data)
+                data = data[done:]
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._unsynced = True
+
+    def _sync(self, force: bool = False) -> None:
+        if self._fd is None or not self._unsynced:
+            return
+        now = time.monotonic()
+        if force or now - self._last_sync >= SYNC_INTERVAL:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._failed(exc)
+                return
+            self._last_sync = now
+            self._unsynced = False
+
+    def _failed(self, exc: OSError) -> None:
+        """The journal cannot be written (its disk is full ...): the run goes on without it;
+        the tasks it could not record run again next time."""
+        self.error = (f"cannot write the journal {self.path}: {exc.strerror or exc}; tasks "
+                      f"finished since are not recorded and will run again")
+        self._pending = []
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def flush(self) -> None:
+        """Write the pending records and flush the file to disk."""
+        if self._fd is None:
+            return
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._write(text)
+        self._sync(force=True)
+
+    def close(self) -> None:
+        """Flush and close; the journal can still be read afterwards."""
+        if self._fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # -- RunListener -----------------------------------------------------------------------
+
+    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
+        line = self._record(task.order, result)
+        self.records[task.name] = line
+        if self._fd is not None:
+            self._pending.append(line)
+
+    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+        body = _ENCODE({"failed": True, "time": round(time.time(), 3)})
+        line = _line(task.name, FAILED_SIG, body)
+        self.records[task.name] = line
+        if self._fd is not None:
+            self._pending.append(line)
+
+    def checkpoint(self) -> None:
+        if self._fd is None:
+            return
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._write(text)
+        self._sync()
+
+    def run_finished(self, summary: RunSummary) -> None:
+        self.flush()
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def skip(self, task: TaskRef) -> bool:
+        """The scheduler's ``skip`` hook: True if the decision for ``task`` is not to run it."""
+        if self.decisions is None:
+            self.decide()
+        assert self.decisions is not None
+        return not self.decisions[task.order].run
+
+    def decide(self, force: bool = False) -> list[Decision]:
+        """Decide for every task whether it runs, and why; in plan order."""
+        n = len(self.tasks)
+        runs = [False] * n
+        decisions: list[Decision | None] = [None] * n
+        for i in self._dependency_order():
+            ref = self.tasks[i]
+            reason: str | None = "forced" if force else None
+            if reason is None:
+                for u in self.deps[i]:
+                    if runs[u]:
+                        reason = f"upstream {self.tasks[u].name} re-runs"
+                        break
+            if reason is None:
+                reason = self._compare(i)
+            runs[i] = reason is not None
+            decisions[i] = Decision(ref, runs[i], reason or "unchanged")
+        self.decisions = [d for d in decisions if d is not None]
+        if self._refresh and self._fd is not None:
+            for i, ins in self._refresh.items():
+                if not runs[i]:
+                    self._refresh_record(i, ins)
+            self.flush()
+        self._refresh.clear()
+        return self.decisions
+
+    def _dependency_order(self) -> Iterable[int]:
+        n = len(self.tasks)
+        waiting = [len(ups) for ups in self.deps]
+        downs: list[list[int]] = [[] for _ in range(n)]
+        for i, ups in enumerate(self.deps):
+            for u in ups:
+                downs[u].append(i)
+        ready = [i for i in range(n) if not waiting[i]]
+        heapq.heapify(ready)
+        while ready:
+            i = heapq.heappop(ready)
+            yield i
+            for d in downs[i]:
+                waiting[d] -= 1
+                if not waiting[d]:
+                    heapq.heappush(ready, d)
+
+    def _compare(self, i: int) -> str | None:
+        ref = self.tasks[i]
+        line = self.records.get(ref.name)
+        if line is None:
+            return "new"
+        try:
+            rec = json.loads(_body(line))
+        except ValueError:
+            return "new"  # an unreadable record: as if there were none
+        if not isinstance(rec, dict):
+            return "new"
+        if rec.get("failed"):
+            return "failed in the last run"
+        cmd, steps = self._command(i)
+        if rec.get("cmd") != cmd:
+            return _what_changed(rec.get("steps") or [], steps)
+        up = rec.get("up") or {}
+        for u in self.deps[i]:
+            name = self.tasks[u].name
+            if up.get(name) != self.sig_of(name):
+                return f"upstream {name} ran again since"
+        ins = rec.get("in") or {}
+        fresh: dict[str, list[Any]] = {}
+        own, common = self._inputs(i)
+        for path, shared in [(p, False) for p in own] + [(p, True) for p in common]:
+            old = ins.get(path)
+            if not isinstance(old, list) or len(old) < 2:
+                return f"new input: {path}"
+            st = self._shared_stat(path) if shared else self._stat(path)
+            why, entry = self._input_changed(path, st, old)
+            if why is not None:
+                return why
+            if entry is not None:
+                fresh[path] = entry
+        for dest, old in (rec.get("out") or {}).items():
+            try:
+                st = os.stat(os.path.join(self.root, dest))
+            except OSError:
+                return f"output missing: {dest}"
+            if not isinstance(old, list) or [st.st_size, st.st_mtime_ns] != old[:2]:
+                return f"output changed: {dest}"
+        if fresh:
+            self._refresh[i] = fresh
+        return None
+
+    def _input_changed(self, path: str, st: list[int] | None,
+                       old: list[Any]) -> tuple[str | None, list[Any] | None]:
+        """(reason, None) if ``path`` (now ``st``) changed; (None, refreshed entry or None) if
+        not."""
+        if st is None:
+            return f"input missing: {path}", None
+        if st[0] == old[0] and st[1] == old[1]:
+            return None, None
+        if self.checksum and len(old) > 2 and st[0] == old[0]:
+            digest = self._hash(path, st)
+            if digest == old[2]:
+                return None, [st[0], st[1], digest]
+        return f"input changed: {path}", None
+
+    def node_status(self) -> dict[str, str]:
+        """``{node id: "run" | "skip"}`` for every node of every task (for the DOT drawing)."""
+        if self.decisions is None:
+            self.decide()
+        assert self.decisions is not None
+        status: dict[str, str] = {}
+        for d in self.decisions:
+            for node in d.task.nodes[1:]:
+                status[node] = "run" if d.run else "skip"
+        return status
+
+    # -- the parts of a record ---------------------------------------------------------------
+
+    def sig_of(self, name: str) -> str | None:
+        """The ``sig`` of a task's last record, or None."""
+        line = self.records.get(name)
+        if line is None:
+            return None
+        at = line.find(_SIG_MARK)
+        return line[at + len(_SIG_MARK):at + len(_SIG_MARK) + 16] if at >= 0 else None
+
+    def _job(self, job: str, machine_stage: str) -> tuple[list[list[str]], str]:
+        """The job's shared files (``[[source, name], ...]``) and their part of ``cmd``."""
+        parts = self._job_parts.get(job)
+        if parts is None:
+            nodes = self.plan.nodes
+            files = [list(p) for p in (nodes[machine_stage].get("files") or ())] \
+                if machine_stage in nodes else []
+            parts = self._job_parts[job] = (files, _ENCODE(files))
+        return parts
+
+    def _command(self, i: int) -> tuple[str, list[list[Any]]]:
+        """The task's ``cmd`` hash and ``steps``."""
+        ref = self.tasks[i]
+        nodes = self.plan.nodes
+        steps: list[list[Any]] = []
+        declared = []
+        for node in ref.execs:
+            data = nodes[node]
+            argv = data.get("argv")
+            steps.append([data["step"], list(argv) if argv is not None else data.get("call")])
+            declared.append([data.get("outputs") or [], data.get("temp") or []])
+        _, shared = self._job(ref.job, ref.machine_stage)
+        what = _ENCODE_SORTED([steps, declared, nodes[ref.task_stage].get("files") or [],
+                               nodes[ref.copyback].get("files") or []])
+        digest = hashlib.blake2b((what + "\0" + shared).encode("utf-8", "surrogateescape"),
+                                 digest_size=12).hexdigest()
+        return digest, steps
+
+    def _upstream_files(self, i: int) -> set[str]:
+        dests: set[str] = set()
+        nodes = self.plan.nodes
+        for u in self.deps[i]:
+            dests.update(dest for _, dest in nodes[self.tasks[u].copyback].get("files") or ())
+        return dests
+
+    def _inputs(self, i: int) -> tuple[list[str], list[str]]:
+        """The files task ``i`` stages that no upstream task publishes; and the files it shares
+        with other tasks (the job's shared files, the Python files of its calls)."""
+        ref = self.tasks[i]
+        staged = self.plan.nodes[ref.task_stage].get("files") or ()
+        ups = self._upstream_files(i) if self.deps[i] else ()
+        own = [src for src, _ in staged if src not in ups]
+        shared, _ = self._job(ref.job, ref.machine_stage)
+        common = [src for src, _ in shared]
+        common.extend(self._code(i))
+        return own, common
+
+    def _code(self, i: int) -> list[str]:
+        """The pipeline-folder Python files of task ``i``'s ``call`` steps."""
+        files = []
+        for node in self.tasks[i].execs:
+            call = self.plan.nodes[node].get("call")
+            if not call:
+                continue
+            module = str(call.get("function", "")).partition(":")[0]
+            path = self._module_files.get(module)
+            if path is None:
+                base = module.replace(".", "/")
+                path = ""
+                for candidate in (f"{base}.py", f"{base}/__init__.py"):
+                    if module and os.path.isfile(os.path.join(self.root, candidate)):
+                        path = candidate
+                        break
+                self._module_files[module] = path
+            if path and path not in files:
+                files.append(path)
+        return files
+
+    def _stat(self, path: str) -> list[int] | None:
+        try:
+            st = os.stat(os.path.join(self.root, path))
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns]
+
+    def _shared_stat(self, path: str) -> list[int] | None:  # also for call modules
+        if path not in self._shared_stats:
+            self._shared_stats[path] = self._stat(path)
+        return self._shared_stats[path]
+
+    def _hash(self, path: str, st: list[int]) -> str | None:
+        key = (path, st[0], st[1])
+        digest = self._hashes.get(key)
+        if digest is None:
+            try:
+                with open(os.path.join(self.root, path), "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                return None
+            self._hashes[key] = digest
+        return digest
+
+    def _record(self, i: int, result: Mapping[str, Any]) -> str:
+        ref = self.tasks[i]
+        nodes = self.plan.nodes
+        cmd, steps = self._command(i)
+        ins: dict[str, list[Any]] = {}
+        staged_files = nodes[ref.task_stage].get("files") or ()
+        staged = result.get("staged") or []
+        ups = self._upstream_files(i) if self.deps[i] else ()
+        for k, (src, _) in enumerate(staged_files):
+            if src in ups:
+                continue
+            entry = staged[k] if k < len(staged) else self._stat(src)
+            if entry is not None:
+                ins[src] = list(entry)
+        shared, _ = self._job(ref.job, ref.machine_stage)
+        seen = result.get("shared") or []
+        driver_side = [(src, list(seen[k]) if k < len(seen) else self._shared_stat(src))
+                       for k, (src, _) in enumerate(shared)]
+        driver_side += [(src, self._shared_stat(src)) for src in self._code(i)]
+        for src, entry in driver_side:
+            if entry is None:
+                continue
+            if self.checksum and len(entry) < 3:
+                digest = self._hash(src, entry)
+                if digest is not None:
+                    entry = [*entry[:2], digest]
+            ins[src] = entry
+        up = {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]}
+        out: dict[str, list[Any]] = {}
+        outputs = result.get("outputs") or []
+        for k, (_, dest) in enumerate(nodes[ref.copyback].get("files") or ()):
+            entry = outputs[k] if k < len(outputs) else self._stat(dest)
+            if entry is not None:
+                out[dest] = list(entry)
+        now = time.time()
+        self._serial += 1
+        sig = hashlib.blake2b(f"{ref.name}\0{cmd}\0{now!r}\0{self._salt}{self._serial}".encode(
+            "utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        body = _ENCODE({"cmd": cmd, "steps": steps, "in": ins, "up": up, "out": out,
+                        "time": round(now, 3)})
+        return _line(ref.name, sig, body)
+
+    def _refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
+        name = self.tasks[i].name
+        line = self.records[name]
+        rec = json.loads(_body(line))
+        rec["in"].update(fresh)
+        sig = self.sig_of(name) or FAILED_SIG
+        line = _line(name, sig, _ENCODE(rec))
+        self.records[name] = line
+        self._pending.append(line)
+
+
+# -- the line format -------------------------------------------------------------------------
+
+
+def _line(name: str, sig: str, body: str) -> str:
+    """``{"task":NAME,"sig":SIG,`` + the rest of ``body`` (a JSON object) + newline."""
+    head = '{"task":' + _ENCODE(name) + _SIG_MARK + sig + '"'
+    return head + ("," + body[1:] if body != "{}" else "}") + "\n"
+
+
+def _name_of(text: str) -> str | None:
+    """The task name of a complete record line, or None for a line that is not one."""
+    text = text.rstrip("\r\n")
+    if not (text.startswith('{"task":') and text.endswith("}")):
+        return None
+    at = text.find(_SIG_MARK)
+    if at < 0 or len(text) < at + len(_SIG_MARK) + 17:
+        return None
+    quoted = text[8:at]
+    if "\\" in quoted:
+        try:
+            name = json.loads(quoted)
+        except ValueError:
+            return None
+    else:
+        name = quoted[1:-1] if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' else None
+    return name if isinstance(name, str) else None
+
+
+def _body(line: str) -> str:
+    """The record as a JSON object without its task and sig (for ``json.loads``)."""
+    at = line.find(_SIG_MARK)
+    rest = line[at + len(_SIG_MARK) + 17:].rstrip("\r\n")
+    return "{" + rest[1:] if rest.startswith(",") else "{" + rest
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return repr(text) if isinstance(value, str) else text
+
+
+def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
+    """Why two ``steps`` lists (the recorded and the current one) make a task run again."""
+    before = {s[0]: s[1] for s in old if isinstance(s, list) and len(s) == 2}
+    if [s[0] for s in old if isinstance(s, list) and s] != [s[0] for s in new]:
+        return (f"steps changed ({', '.join(before) or 'none'} → "
+                f"{', '.join(s[0] for s in new)})")
+    for step, now in new:
+        was = before.get(step)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            if was.get("function") != now.get("function"):
+                return f"step {step} calls {now.get('function')} (was {was.get('function')})"
+            a, b = was.get("kwargs") or {}, now.get("kwargs") or {}
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return (f"parameters of step {step} changed: {key} "
+                            f"{_short(a.get(key, '(none)'))} → {_short(b.get(key, '(none)'))}")
+        if isinstance(was, list) and isinstance(now, list):
+            for x, y in zip(was, now, strict=False):
+                if x != y:
+                    return f"command of step {step} changed: {_short(x)} → {_short(y)}"
+            return f"command of step {step} changed: {len(was)} → {len(now)} words"
+        return f"command of step {step} changed"
+    return "files or destinations of the task changed"

@@ -1,0 +1,401 @@
+"""Tests of opals_dsl.journal: what a second run skips and why, the journal file, ``--dry-run``,
+``--force``, ``--checksum`` and ``opf compile --dot --status``.
+
+Runs go through :func:`opals_dsl.runtime.run_plan` with the in-process executor (real files,
+real step processes) where the policy is tested, and through ``opf`` as a subprocess on the
+session cluster (tests/conftest.py) where the command line is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import files_under, read_json_lines, write_pipeline
+
+from opals_dsl.api import compile_file
+from opals_dsl.journal import Journal, journal_path
+from opals_dsl.runtime import LocalExecutor, run_plan
+
+CHAIN = """
+pipeline chain
+param greeting = "hello"
+
+job up for s in "data/*.txt" {
+    shared tool = "tool.py"
+    output "results/up" flat
+    step copy {
+        out a = "{s.stem}.a"
+        run python {tool} copy {s} {a}
+    }
+}
+
+job down for x in up.copy.a {
+    shared tool = "tool.py"
+    output "results/down" flat
+    step copy {
+        out b = "{x.stem}.b"
+        run python {tool} copy {x} {b}
+    }
+}
+
+job all {
+    shared tool = "tool.py"
+    output "results/all" flat
+    step merge {
+        out m = "all.txt"
+        run python {tool} merge {m} {down.copy.b}
+    }
+}
+
+job hello {
+    output "results/hello" flat
+    step say {
+        out h = "hello.txt"
+        call greet:say(word = greeting, out = h)
+    }
+}
+"""
+
+GREET = """
+def say(word, out):
+    with open(out, "w") as f:
+        f.write(word + "\\n")
+"""
+
+ALL_TASKS = ["up/s1", "up/s2", "up/s3", "down/s1", "down/s2", "down/s3", "all/0", "hello/0"]
+
+
+def project(tmp_path: Path) -> Path:
+    path = write_pipeline(tmp_path / "p", CHAIN, inputs=3)
+    (path.parent / "greet.py").write_text(GREET)
+    return path
+
+
+def run(path: Path, state: Path, scratch: Path, *, params=None, force=False, checksum=False,
+        **kwargs):
+    plan = compile_file(path, params)
+    with Journal.open(state, plan, checksum=checksum) as journal:
+        return run_plan(plan, LocalExecutor([str(scratch)]), state_dir=state, journal=journal,
+                        force=force, **kwargs)
+
+
+def decisions(path: Path, state: Path, *, params=None, force=False,
+              checksum=False) -> dict[str, str]:
+    plan = compile_file(path, params)
+    found = Journal.read(state, plan, checksum=checksum).decide(force)
+    return {d.task.name: (d.reason if d.run else "skip") for d in found}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in files_under(folder)}
+
+
+def later(path: Path, text: str) -> None:
+    """Rewrite ``path`` with a modification time surely different from before."""
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    os.utime(path, ns=(before + 2_000_000_000, before + 2_000_000_000))
+
+
+def opf(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opals_dsl", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# -- what is skipped, and why --------------------------------------------------------------------
+
+
+def test_a_second_run_skips_all_and_a_change_reruns_only_what_depends_on_it(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    first = run(path, state, scratch)
+    assert (first.done, first.skipped) == (8, 0)
+    results = path.parent / "results"
+    before = snapshot(results)
+
+    second = run(path, state, scratch)
+    assert (second.done, second.skipped, second.exit_code) == (0, 8, 0)
+    assert snapshot(results) == before  # nothing was rewritten
+    rows = read_json_lines(state / "trace.jsonl")
+    assert {r["status"] for r in rows if r["task"]} == {"skipped"}
+
+    later(path.parent / "data" / "s2.txt", "strip 2, measured again\n")
+    assert decisions(path, state) == {
+        "up/s1": "skip", "up/s2": "input changed: data/s2.txt", "up/s3": "skip",
+        "down/s1": "skip", "down/s2": "upstream up/s2 re-runs", "down/s3": "skip",
+        "all/0": "upstream down/s2 re-runs", "hello/0": "skip",
+    }
+    third = run(path, state, scratch)
+    assert (third.done, third.skipped) == (3, 5)
+    after = snapshot(results)
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed == {"up/s2.a", "down/s2.b", "all/all.txt"}
+    assert after["down/s2.b"][0] == b"copied:copied:strip 2, measured again\n"
+    assert set(decisions(path, state).values()) == {"skip"}
+
+
+def test_every_reason_to_run_again(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    results = path.parent / "results"
+
+    # a command that changed: a parameter substituted into a call's arguments
+    got = decisions(path, state, params={"greeting": "servus"})
+    assert got["hello/0"] == "parameters of step say changed: word 'hello' → 'servus'"
+    assert {k for k, v in got.items() if v != "skip"} == {"hello/0"}
+
+    # a destination deleted, or changed by hand
+    (results / "down" / "s1.b").unlink()
+    (results / "up" / "s3.a").write_text("edited by hand")
+    got = decisions(path, state)
+    assert got["down/s1"] == "output missing: results/down/s1.b"
+    assert got["up/s3"] == "output changed: results/up/s3.a"
+    assert got["down/s3"] == "upstream up/s3 re-runs"
+    assert got["all/0"] in ("upstream down/s1 re-runs", "upstream down/s3 re-runs")
+
+    # a shared file changed: every task of the jobs that use it
+    run(path, state, scratch)
+    later(path.parent / "tool.py", (path.parent / "tool.py").read_text() + "\n# v2\n")
+    got = decisions(path, state)
+    assert got["up/s1"] == "input changed: tool.py"
+    assert got["hello/0"] == "skip"
+
+    # a new input file makes a new task, and changes the gather's command
+    run(path, state, scratch)
+    (path.parent / "data" / "s4.txt").write_text("strip 4\n")
+    got = decisions(path, state)
+    assert got["up/s4"] == "new"
+    assert got["down/s4"] == "upstream up/s4 re-runs"
+    assert got["all/0"] == "upstream down/s4 re-runs"
+    assert got["up/s1"] == "skip"
+
+    # --force: everything
+    assert set(decisions(path, state, force=True).values()) == {"forced"}
+
+
+def test_a_changed_command_word_is_named(tmp_path):
+    path = project(tmp_path)
+    state = tmp_path / "state"
+    run(path, state, tmp_path / "m")
+    text = path.read_text()
+    path.write_text(text.replace("merge {m} {down.copy.b}", "merge {m} {down.copy.b} {m}"))
+    assert decisions(path, state)["all/0"] == "command of step merge changed: 7 → 8 words"
+    path.write_text(text.replace("copy {x} {b}", "copy {b} {x}"))
+    assert decisions(path, state)["down/s1"] == "command of step copy changed: 's1.a' → 's1.b'"
+    path.write_text(text.replace("step merge", "step gather"))
+    assert decisions(path, state)["all/0"] == "steps changed (merge → gather)"
+
+
+def test_a_task_that_failed_runs_again(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    # the Python file of a call counts as an input of the task
+    later(path.parent / "greet.py", "raise ImportError('broken for now')\n")
+    assert decisions(path, state)["hello/0"] == "input changed: greet.py"
+    summary = run(path, state, scratch, keep_going=True)
+    assert (summary.done, summary.failed, summary.skipped) == (0, 1, 7)
+    assert decisions(path, state)["hello/0"] == "failed in the last run"
+    later(path.parent / "greet.py", GREET)
+    summary = run(path, state, scratch, params={"greeting": "servus"})
+    assert (summary.done, summary.failed, summary.skipped) == (1, 0, 7)
+    assert (path.parent / "results" / "hello" / "hello.txt").read_text() == "servus\n"
+    assert set(decisions(path, state, params={"greeting": "servus"}).values()) == {"skip"}
+
+
+def test_an_upstream_task_that_ran_again_after_its_dependent_reruns_the_dependent(tmp_path):
+    text = CHAIN.replace("run python {tool} copy {s} {a}",
+                         "run python {tool} failon s3 4 {s} {a}")
+    path = write_pipeline(tmp_path / "p", text, inputs=2)
+    (path.parent / "greet.py").write_text(GREET)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    assert run(path, state, scratch).exit_code == 0
+    # s1 changes, and a new s3 fails: the run stops after up/s1 ran, before down/s1
+    later(path.parent / "data" / "s1.txt", "strip 1 again\n")
+    (path.parent / "data" / "s3.txt").write_text("strip 3\n")
+    summary = run(path, state, scratch, depth=1, max_batch=1)
+    assert summary.failed == 1 and summary.not_run >= 1
+    (path.parent / "data" / "s3.txt").unlink()
+    got = decisions(path, state)
+    assert got["up/s1"] == "skip"
+    assert got["down/s1"] == "upstream up/s1 ran again since"
+    assert got["all/0"] == "upstream down/s1 re-runs"
+    summary = run(path, state, scratch)
+    assert summary.exit_code == 0
+    assert (path.parent / "results" / "down" / "s1.b").read_text() == (
+        "copied:copied:strip 1 again\n")
+
+
+def test_checksum_tells_a_touched_file_from_a_changed_one(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch, checksum=True)
+    record = json.loads(Journal.read(state, compile_file(path)).records["up/s1"])
+    entry = record["in"]["data/s1.txt"]
+    assert len(entry) == 3 and len(entry[2]) == 64  # size, time, SHA-256
+    assert len(record["in"]["tool.py"]) == 3
+
+    s1 = path.parent / "data" / "s1.txt"
+    st = s1.stat()
+    os.utime(s1, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched, not changed
+    assert decisions(path, state)["up/s1"] == "input changed: data/s1.txt"
+    assert decisions(path, state, checksum=True)["up/s1"] == "skip"
+    summary = run(path, state, scratch, checksum=True)
+    assert (summary.done, summary.skipped) == (0, 8)
+    # the record now holds the new time: without --checksum the task is unchanged as well
+    assert decisions(path, state)["up/s1"] == "skip"
+
+    later(s1, "strip 9\n")  # same size, other content
+    assert len("strip 9\n") == st.st_size
+    assert decisions(path, state, checksum=True)["up/s1"] == "input changed: data/s1.txt"
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+def test_journal_lines_compaction_and_a_torn_last_line(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    file = journal_path(state, "chain")
+    assert file == state / "journal" / "chain.jsonl"
+    lines = file.read_text().splitlines()
+    assert json.loads(lines[0]) == {"opf-journal": 1, "pipeline": "chain"}
+    records = [json.loads(line) for line in lines[1:]]
+    assert sorted(r["task"] for r in records) == sorted(ALL_TASKS)
+    up1 = next(r for r in records if r["task"] == "up/s1")
+    assert set(up1) == {"task", "sig", "cmd", "steps", "in", "up", "out", "time"}
+    assert up1["steps"] == [["copy", ["python", "../tool.py", "copy", "s1.txt", "s1.a"]]]
+    dest = path.parent / "results" / "up" / "s1.a"
+    assert up1["out"] == {"results/up/s1.a": [dest.stat().st_size, dest.stat().st_mtime_ns]}
+    assert set(up1["in"]) == {"data/s1.txt", "tool.py"}
+    down1 = next(r for r in records if r["task"] == "down/s1")
+    assert down1["up"] == {"up/s1": up1["sig"]}  # the published input counts by its record
+    assert set(down1["in"]) == {"tool.py"}
+    hello = next(r for r in records if r["task"] == "hello/0")
+    assert hello["steps"] == [["say", {"function": "greet:say",
+                                       "kwargs": {"word": "hello", "out": "hello.txt"}}]]
+
+    for _ in range(2):
+        run(path, state, scratch, force=True)
+    assert len(file.read_text().splitlines()) == 1 + 3 * 8
+    # a run killed while writing leaves a cut line behind
+    with open(file, "a") as f:
+        f.write(file.read_text().splitlines()[-1][:50])
+    journal = Journal.read(state, compile_file(path))
+    assert journal.bad_lines == 1 and len(journal.records) == 8
+    assert set(decisions(path, state).values()) == {"skip"}
+    summary = run(path, state, scratch)  # compacts on opening
+    assert summary.skipped == 8
+    lines = file.read_text().splitlines()
+    assert len(lines) == 1 + 8
+    assert all(json.loads(line) for line in lines)
+
+    # a garbled record counts as none: its task runs again, the others are skipped
+    garbled = [line if '"task":"up/s2"' not in line else line.replace('"cmd"', '"cmd', 1)
+               for line in lines]
+    file.write_text("\n".join(garbled) + "\n")
+    got = decisions(path, state)
+    assert got["up/s2"] == "new" and got["up/s1"] == "skip"
+
+
+def test_a_record_is_written_only_for_outputs_in_place(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    results = path.parent / "results"
+    results.mkdir()
+    (results / "down").write_text("a file where the folder belongs")
+    summary = run(path, state, scratch, keep_going=True)
+    assert summary.failed == 3 and summary.blocked == 1
+    journal = Journal.read(state, compile_file(path))
+    for name in ("down/s1", "down/s2", "down/s3"):
+        assert json.loads(journal.records[name])["failed"] is True
+    assert "failed" not in json.loads(journal.records["up/s1"])
+    assert "all/0" not in journal.records
+    assert summary.blocked_by == {"down/s1": ["all/0"]}
+    (results / "down").unlink()
+    got = decisions(path, state)
+    assert got["down/s1"] == "failed in the last run"
+    assert got["all/0"] == "upstream down/s1 re-runs"
+    assert got["up/s1"] == "skip"
+
+
+# -- on the command line --------------------------------------------------------------------
+
+
+def test_cli_dry_run_force_and_dot_status(cluster, tmp_path):
+    path = project(tmp_path)
+    folder = path.parent
+    proc = opf("run", str(path), "--dry-run", "-n", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["run", "up/s1", "new"]
+    assert lines[-1] == "chain: 8 of 8 tasks would run, 0 unchanged"
+    assert not (folder / ".opf").exists()  # nothing ran, nothing was started or written
+    assert not (folder / "results").exists()
+
+    proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    later(folder / "data" / "s3.txt", "strip 3 v2\n")
+    proc = opf("run", str(path), "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = {line.split()[1]: line for line in proc.stdout.splitlines()[:-1]}
+    assert table["up/s3"].split(None, 2) == ["run", "up/s3", "input changed: data/s3.txt"]
+    assert table["down/s3"].split(None, 2) == ["run", "down/s3", "upstream up/s3 re-runs"]
+    assert table["up/s1"].split() == ["skip", "up/s1", "unchanged"]
+    assert proc.stdout.splitlines()[-1] == "chain: 3 of 8 tasks would run, 5 unchanged"
+    quiet = opf("run", str(path), "--dry-run", "-q", "--force", cwd=tmp_path)
+    assert quiet.stdout == "chain: 8 of 8 tasks would run, 0 unchanged\n"
+
+    dot = opf("compile", str(path), "--dot", "--status", cwd=tmp_path)
+    assert dot.returncode == 0, dot.stderr
+    node_lines = {line.split('"')[1]: line for line in dot.stdout.splitlines()
+                  if line.startswith('    "')}
+    assert 'fillcolor="#fff2cc"' in node_lines["stage:up/s3"]  # runs
+    assert 'fillcolor="#fff2cc"' in node_lines["copyback:all/0"]
+    assert 'fillcolor="#dddddd"' in node_lines["exec:up/s1/copy"]  # unchanged
+    assert 'fillcolor="#cfe2f3"' in node_lines["stage:up"]  # machine stages keep their colour
+    bad = opf("compile", str(path), "--status", cwd=tmp_path)
+    assert bad.returncode == 2 and "--status" in bad.stderr
+
+    # the run does what the dry run said, and says so
+    proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "chain: 5 of 8 tasks unchanged since the last run; 3 to run" in proc.stderr
+    assert "skipped up/s1 (unchanged)" in proc.stderr
+    assert "done up/s3 on engine" in proc.stderr
+    assert "\n  skipped      5\n" in proc.stderr
+    assert (folder / "results" / "all" / "all.txt").read_text().splitlines()[-1] == (
+        "copied:copied:strip 3 v2")
+
+
+def test_cli_nothing_to_run_starts_no_cluster(cluster, tmp_path):
+    path = project(tmp_path)
+    folder = path.parent
+    proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    before = snapshot(folder / "results")
+    proc = opf("run", str(path), "-n", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "chain: all 8 tasks unchanged since the last run; nothing to run" in proc.stderr
+    assert "engines" not in proc.stderr  # no cluster was started
+    assert "chain: all tasks unchanged, none run" in proc.stderr
+    assert not (folder / ".opf" / "cluster.json").exists()
+    assert snapshot(folder / "results") == before
+    rows = read_json_lines(folder / ".opf" / "trace.jsonl")
+    assert rows and {r["status"] for r in rows} == {"skipped"}
+    assert all(r["start"] is None for r in rows)
+
+    proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), "--force",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "  run          8" in proc.stderr
+    after = snapshot(folder / "results")
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    assert all(after[k][1] != before[k][1] for k in before)  # rewritten, the same bytes
