@@ -27,6 +27,7 @@ from pathlib import Path
 
 from opals_dsl.api import compile_file
 from opals_dsl.cluster import ClusterOptions, open_cluster
+from opals_dsl.journal import Journal
 from opals_dsl.runtime import run_plan
 
 PIPELINE = """
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--step", choices=("call", "run"), default="call")
     parser.add_argument("--no-raw", action="store_true", help="skip raw apply_async")
+    parser.add_argument("--journal", action="store_true",
+                        help="record finished tasks in the journal, as opf run does")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="opf-bench-") as tmp:
@@ -77,7 +80,11 @@ def main() -> int:
             client[:].apply_sync(noop)  # engines warm (imports done) for both contenders
 
             t0 = time.perf_counter()
-            summary = run_plan(plan, executor, state_dir=state)
+            if args.journal:
+                with Journal.open(state, plan) as journal:
+                    summary = run_plan(plan, executor, state_dir=state, journal=journal)
+            else:
+                summary = run_plan(plan, executor, state_dir=state)
             runtime_s = time.perf_counter() - t0
             assert summary.exit_code == 0, summary.failures[:1]
             runtime_rate = args.tasks / runtime_s

@@ -71,6 +71,10 @@ PURGE_EVERY = 512
 log = logging.getLogger(__name__)
 
 
+#: seconds between two questions to the controller whether it is still there
+CONTROLLER_PING_EVERY = 2.0
+
+
 class EngineCall:
     """A callable that names an engine-side function as ``"package.module:function"``.
 
@@ -147,6 +151,8 @@ class IPyParallelExecutor:
         self._engines: dict[int, EngineInfo] = {}
         self._consumed: list[str] = []
         self._purge_next: list[str] = []
+        self._ping: tuple[Any, float] | None = None
+        self._last_ping = time.monotonic()
         infos, errors = self._identify(client.ids)
         if errors:
             engine, message = errors[0]
@@ -233,7 +239,34 @@ class IPyParallelExecutor:
             with contextlib.suppress(Exception):
                 client.purge_hub_results(jobs=old)
 
+    def _controller_answers(self) -> bool:
+        """Whether the controller still answers: a dead controller tells nobody, the client's
+        engine list stays as it was and results never come, so it is asked now and then (a
+        queue-status request) and given ``timeout`` seconds to reply."""
+        now = time.monotonic()
+        if self._ping is not None:
+            reply, sent = self._ping
+            if not reply.done():
+                return now - sent <= self.timeout
+            self._ping = None
+        if now - self._last_ping >= CONTROLLER_PING_EVERY:
+            self._last_ping = now
+            try:
+                reply = self.client._send(
+                    self.client._query_stream, "queue_request",
+                    content={"targets": "all", "verbose": False},
+                )
+            except Exception:
+                return False
+            self._ping = (reply, now)
+        return True
+
     def refresh(self) -> tuple[list[EngineInfo], list[int]]:
+        if not self._controller_answers():
+            gone = sorted(self._engines)  # every engine is out of reach with its controller
+            self._engines.clear()
+            self._views.clear()
+            return [], gone
         try:
             current = set(self.client.ids)
         except Exception:

@@ -711,3 +711,55 @@ def test_a_full_state_folder_does_not_stop_the_run(cluster, tmp_path):
     assert summary_value(proc.stderr, "skipped") == str(len(recorded))
     assert summary_value(proc.stderr, "run") == str(12 - len(recorded))
     assert "warning" not in proc.stderr
+
+
+SLOW = """\
+job slow for n in range(2) {
+    step wait {
+        out done = "{n}.txt"
+        run python -c "import time, sys; time.sleep(60); open(sys.argv[1], 'w').close()" {done}
+    }
+}
+"""
+
+
+def test_a_controller_that_dies_mid_run_ends_the_run_instead_of_waiting_forever(tmp_path):
+    """A lost controller says nothing; opf must notice by itself and stop within its timeout."""
+    lone = EngineCluster(root=tmp_path / "c", profile_dir=tmp_path / "c" / "profile",
+                         cluster_id="lone",
+                         env=dict(os.environ, IPYTHONDIR=str(tmp_path / "c" / "ipython")))
+    lone.root.mkdir()
+    driver = None
+    try:
+        lone.start_controller()
+        lone.start_engine(tmp_path / "c" / "scratch")
+        lone.wait_for_engines(1)
+        path = tmp_path / "slow.opf"
+        path.write_text(SLOW)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "opals_dsl", "run", str(path), "--cluster-file",
+             str(lone.client_file), "--timeout", "3"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        def sleeping() -> bool:
+            for p in psutil.process_iter():
+                with contextlib.suppress(psutil.Error):
+                    if "time.sleep(60)" in " ".join(p.cmdline()):
+                        return True
+            return False
+
+        wait_for(sleeping, 60)
+        controller = psutil.Process(lone.controller.pid)
+        for proc in [*controller.children(recursive=True), controller]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        started = time.monotonic()
+        _out, err = driver.communicate(timeout=50)
+        assert time.monotonic() - started < 45
+        assert driver.returncode == 3, err  # the cluster can no longer be reached
+        assert "every engine of the cluster was lost" in err
+        assert not (tmp_path / "results").exists()
+    finally:
+        if driver is not None and driver.poll() is None:  # it hung: don't leave it behind
+            driver.kill()
+        lone.stop()
