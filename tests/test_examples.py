@@ -114,8 +114,10 @@ def test_strips_demo_on_embedded_cluster_matches_direct_computation(examples: Pa
 
 def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster):
     proc = opf("run", "strips_flat.opf", "--cluster-file", str(cluster.client_file),
-               cwd=examples)
+               "--report", "flat.html", cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (examples / "flat.html").read_text(encoding="utf-8")
+    assert "strip_dems_flat" in report and "mosaic/0" in report
     assert relative_files(examples / "results_flat") == sorted(
         [f"{s}.odm" for s in STRIPS] + [f"{s}_dem.asc" for s in STRIPS] + ["mosaic.asc"]
     )
