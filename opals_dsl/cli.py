@@ -98,14 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write an HTML report of a run: timeline, summary, plan")
     report.add_arguments(p)
 
-    try:
-        from . import runcmd
-    except ImportError:  # pragma: no cover - only while the runtime is not installed
-        runcmd = None
-    if runcmd is not None:
-        p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
-        _add_common(p)
-        runcmd.add_arguments(p)
+    from . import runcmd
+
+    p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
+    _add_common(p)
+    runcmd.add_arguments(p)
     return parser
 
 
