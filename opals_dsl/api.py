@@ -67,11 +67,12 @@ def _plan_diagnostics(
     path: Path, source: SourceFile, pipeline: n.Pipeline, values: dict[str, object]
 ) -> list:
     """What the planner finds (missing files, clashing destinations) in a pipeline that also
-    has check errors, so one run of ``opf check`` reports both. The planner expects a checked
-    tree; on a broken one it may stop early, and then the check errors speak for themselves."""
-    loaded = Loaded(path, source, pipeline, values)
+    has check errors, so one run of ``opf check`` reports both. The planner plans leniently
+    around unknown names; where a broken tree still stops it, the check errors speak for
+    themselves."""
     try:
-        plan(loaded)
+        build_plan(pipeline, source, str(path.parent.resolve()), values,
+                   Loaded(path, source, pipeline, values).name, lenient=True)
     except PlanError as exc:
         return list(exc.diagnostics)
     except Exception:  # noqa: BLE001 - see the docstring

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring
 from operator import attrgetter
 from pathlib import PurePosixPath
-from typing import TextIO
+from typing import Any, TextIO
 
 import networkx as nx
 
@@ -49,6 +49,7 @@ from .check import (
     CTX_STEP,
     Binding,
     Checker,
+    ResolveError,
     Scope,
     job_dependencies,
 )
@@ -190,9 +191,11 @@ class Planner:
         root: str,
         params: Mapping[str, object],
         pipeline_name: str,
+        lenient: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.root = root
+        self.lenient = lenient
         self.params = params
         self.name = pipeline_name
         self.c = Checker(source)
@@ -207,6 +210,17 @@ class Planner:
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
         self.job_name = ""
+
+    def _guarded(self, make: Callable[[], object], fallback: object) -> Any:
+        """``make()``; when lenient, a part naming something unknown becomes ``fallback``, so
+        the rest of the job is still planned and its own mistakes found (the checker has
+        already reported the unknown name)."""
+        if not self.lenient:
+            return make()
+        try:
+            return make()
+        except ResolveError:
+            return fallback
 
     # -- values --------------------------------------------------------------------------
 
@@ -233,12 +247,14 @@ class Planner:
     def abspath(self, path: str) -> str:
         return os.path.join(self.root, path)
 
-    def error(self, span: Span | None, message: str, key: object = None) -> None:
-        """Report, at most :data:`_REPORT_LIMIT` times for one ``key`` (a declaration)."""
+    def error(
+        self, span: Span | None, message: str, key: object = None, limit: int = _REPORT_LIMIT
+    ) -> None:
+        """Report, at most ``limit`` times for one ``key`` (a declaration)."""
         if key is not None:
             count = self.reported.get(id(key), 0)
             self.reported[id(key)] = count + 1
-            if count >= _REPORT_LIMIT:
+            if count >= limit:
                 return
         self.c.error(span, message)
 
@@ -422,16 +438,20 @@ class Planner:
         steps: list[_Step] = []
         for i, step in enumerate(job.steps):
             sname = step.name.value
-            outs = [
-                (o, o.name.value, self.compile_template(o.path, scope, CTX_OUT, i),
-                 (sname, o.name.value), o.temp)
-                for o in step.outs
-            ]
-            inputs, in_files = self.compile_ins(step, scope, i)
-            steps.append(
-                _Step(step, sname, outs, self.compile_action(step.action, scope, i), inputs,
-                      in_files)
+            outs = []
+            for o in step.outs:
+                text = self._guarded(
+                    lambda o=o, i=i: self.compile_template(o.path, scope, CTX_OUT, i), _BROKEN
+                )
+                if text is not _BROKEN:
+                    outs.append((o, o.name.value, text, (sname, o.name.value), o.temp))
+            inputs, in_files = self._guarded(
+                lambda step=step, i=i: self.compile_ins(step, scope, i), ([], [])
             )
+            action = self._guarded(
+                lambda step=step, i=i: self.compile_action(step.action, scope, i), _no_action
+            )
+            steps.append(_Step(step, sname, outs, action, inputs, in_files))
         # where each step's outputs go, when the folder is the same for every task
         prefixes: list[str] | None = None
         if isinstance(folder_t, str):
@@ -657,7 +677,9 @@ class Planner:
                 )
             return
         fjob, ftask, fout, _ = first
+        limit = _REPORT_LIMIT
         if fout is o:
+            limit = 1  # every task of the job clashes alike: once says it all
             var = next((j.var.value for j in self.pipeline.jobs if j.name.value == job and j.var),
                        "task")
             hint = f"{{{var}.stem}}" if var != "task" else "{task.id}"
@@ -672,7 +694,7 @@ class Planner:
                 f"'{dest}', where output '{fout.name.value}' of task '{ftask}' (job '{fjob}') "
                 "goes too; give one of them another name or output folder"
             )
-        self.error(o.path.span, msg, o)
+        self.error(o.path.span, msg, o, limit)
 
     def compile_action(
         self, action: n.Run | n.Call | None, scope: Scope, i: int
@@ -893,18 +915,33 @@ def _add_edge(succ: dict, pred: dict, u: str, v: str) -> None:
         succ[u][v] = pred[v][u] = {}
 
 
+def _no_action(t: _TaskCtx) -> tuple[list[str], None]:
+    return [], None
+
+
+#: stands for a part of a step that could not be compiled (lenient planning)
+_BROKEN = object()
+
+
 def build_plan(
     pipeline: n.Pipeline,
     source: SourceFile | None,
     root: str,
     params: Mapping[str, object],
     pipeline_name: str,
+    *,
+    lenient: bool = False,
 ) -> nx.DiGraph:
-    """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem."""
+    """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem.
+
+    ``lenient`` plans a pipeline that has check errors too, leaving out the parts that name
+    unknown things, to find what else is wrong (its plan is never run)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return Planner(pipeline, source, os.path.abspath(root), params, pipeline_name).run()
+        return Planner(
+            pipeline, source, os.path.abspath(root), params, pipeline_name, lenient
+        ).run()
     finally:
         if collecting:
             gc.enable()

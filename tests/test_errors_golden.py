@@ -169,7 +169,8 @@ def test_check_error_fields_unknown_names():
 def test_plan_error_fields_same_destination():
     error = _failure("same_destination")
     assert isinstance(error, PlanError)
-    assert _places(error) == [(5, 19), (5, 19), (12, 19)]
+    # a clash shared by every task of the job is reported once, at its declaration
+    assert _places(error) == [(5, 19), (12, 19)]
     assert "{strip.stem}" in error.diagnostics[0].message
 
 
