@@ -3,8 +3,10 @@
 * :class:`OpfSyntaxError` — the file does not parse (the parse stops at the first one);
 * :class:`OpfCheckError` — the file parses but says something wrong (every one is collected);
 * :class:`PlanError` — the pipeline cannot be lowered to a plan (files, globs, destinations);
-* :class:`ParamError` — a bad ``--param`` on the command line;
-* :class:`RunError` — running the plan failed (exit 1), :class:`ClusterError` — no cluster (exit 3).
+* :class:`ClusterError` — no cluster could be started or reached (exit 3).
+
+A bad ``--param`` is reported among the check errors (it has no place in the file). A task
+that fails is not an exception: the run's summary carries it, and ``opf run`` exits 1.
 
 Pipeline-file errors carry :class:`Diagnostic` records with structured fields (place, message),
 so tests can assert fields and the command line renders them with the source line and a caret.
@@ -81,16 +83,6 @@ class OpfCheckError(PipelineError):
 
 class PlanError(PipelineError):
     """The pipeline cannot be lowered to a plan (missing files, clashing destinations, ...)."""
-
-
-class ParamError(PipelineError):
-    """A ``--param`` given on the command line is unknown or cannot be converted."""
-
-
-class RunError(OpfError):
-    """A task failed for good while running the plan."""
-
-    exit_code = 1
 
 
 class ClusterError(OpfError):
