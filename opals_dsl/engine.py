@@ -146,10 +146,9 @@ def atomic_copy(src: str, dst: str) -> int:
     flushed to disk and renamed into place; the folder is flushed too. On any error the temporary
     is removed and the error re-raised, leaving ``dst`` as it was.
     """
-    folder, name = os.path.split(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
-    try:
+    dst = os.path.abspath(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with _replacing(dst) as tmp:
         mode = stat.S_IMODE(os.stat(src).st_mode)
         shutil.copyfile(src, tmp)
         fd = os.open(tmp, os.O_WRONLY)
@@ -160,13 +159,24 @@ def atomic_copy(src: str, dst: str) -> int:
                 os.fchmod(fd, mode)
         finally:
             os.close(fd)
+    return size
+
+
+@contextlib.contextmanager
+def _replacing(dst: str) -> Iterator[str]:
+    """A temporary path beside ``dst``: what the block writes there (flushed by the block) is
+    renamed into place when it ends and the folder is flushed; on any error the temporary is
+    removed instead and ``dst`` stays as it was."""
+    folder, name = os.path.split(dst)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
+    try:
+        yield tmp
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
-    return size
 
 
 def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -393,7 +403,7 @@ class _Task:
                 raise self.fail(node, "stage", f"cannot copy shared file {src} to {dst}: "
                                                f"{_os_reason(exc, 'scratch')}") from exc
         try:
-            _write_atomic(marker, key)
+            write_atomic(marker, key.encode())
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot write {marker}: {_os_reason(exc)}") from exc
         return nbytes
@@ -747,22 +757,18 @@ def _file_in_the_way(folder: str) -> str | None:
         path = parent
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it only ever appears complete (as :func:`atomic_copy`
+    does): a temporary beside it, flushed to disk, renamed into place."""
+    with _replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, text.encode())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
 
 
 def _fsync_folder(folder: str) -> None:

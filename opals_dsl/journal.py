@@ -237,27 +237,11 @@ class Journal(RunListener):
 
     def _rewrite(self) -> None:
         """Write the records afresh: to a temporary, flushed, renamed over the journal."""
-        from .engine import TEMP_PREFIX, TEMP_TAG, _fsync_folder
+        from .engine import write_atomic
 
         data = (self._header() + "".join(self.records.values())).encode(
             "utf-8", "surrogateescape")
-        tmp = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}{TEMP_TAG}"
-                                  f"{secrets.token_hex(8)}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_folder(str(self.path.parent))
+        write_atomic(str(self.path), data)
         self.lines_read = len(self.records)
         self.bad_lines = 0
         self._header_ok = True

@@ -33,20 +33,19 @@ clocks (``time.time()``), so lanes of different machines are only as aligned as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .engine import write_atomic
 from .progress import format_bytes
 from .progress import format_duration as _long_duration
 
@@ -621,16 +620,7 @@ def write_report(state_dir: str | Path, out_path: str | Path,
     page = render(data, svg=svg, source=str(trace), plan_note=note)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(str(out), page.encode("utf-8"))
     return out
 
 
