@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .engine import write_atomic
 from .errors import ClusterError
 from .runtime import EngineInfo
 
@@ -67,12 +68,10 @@ HEARTBEAT_MISSES = 50
 ENGINE_HEARTBEAT_MISSES = 600
 #: consumed messages between two clean-ups of ipyparallel's histories
 PURGE_EVERY = 512
-
-log = logging.getLogger(__name__)
-
-
 #: seconds between two questions to the controller whether it is still there
 CONTROLLER_PING_EVERY = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class EngineCall:
@@ -464,9 +463,7 @@ class EmbeddedCluster:
                 self._procs.append(rec)
         data = {"cluster_id": cluster_id, "profile_dir": str(self.profile_dir),
                 "driver": os.getpid(), "processes": self._procs}
-        tmp = self.record.with_name(self.record.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.record)
+        write_atomic(str(self.record), json.dumps(data, indent=1).encode("utf-8"))
 
     def stop(self) -> None:
         # steps still running (an interrupt that did not reach them in time) are children of
