@@ -1,0 +1,465 @@
+"""The plan contract: the node kinds of a plan and a task's chain, as types.
+
+A plan is a ``networkx.DiGraph`` (docs/plan-format.md) whose node attributes are plain data, so
+that ``opf compile --json`` writes it as it is. This module is the one place that knows those
+attributes: the planner writes every node through the ``*_attrs`` functions below, and every
+reader (the scheduler, the engine request, the journal, the report, the DOT drawing, the
+command line) reads them back through :func:`node` and :func:`tasks` as frozen dataclasses.
+Nobody else reads a node attribute by its string key, so adding or renaming one is a change
+here that the type checker and these tests follow everywhere.
+
+Four node kinds, one class each:
+
+=====================  ===========================  ========================================
+node id                class                        what it does
+=====================  ===========================  ========================================
+``stage:JOB``          :class:`MachineStage`        Job Prephase: job folder + shared files
+``stage:JOB/TASK``     :class:`TaskStage`           Task Prephase: task folder + inputs
+``exec:JOB/TASK/STEP`` :class:`Exec`                one step, in the task folder
+``copyback:JOB/TASK``  :class:`Copyback`            Task Postphase: outputs to destinations
+=====================  ===========================  ========================================
+
+A :class:`Task` is one chain ``stage:JOB → stage:JOB/TASK → exec… → copyback:JOB/TASK`` with
+its place in plan order; :func:`tasks` finds every chain of a plan and the tasks each waits for
+(a task waits for the copy-backs that lead into its task stage).
+
+Why functions that build dicts beside the classes: the planner writes hundreds of thousands of
+nodes, and building a frozen dataclass per node only to turn it into a dict would cost a
+quarter of the planning time. The ``*_attrs`` functions are the single definition of each
+kind's attributes and their order (the order is the order of ``opf compile --json``); each
+class's :meth:`to_attrs` calls its function, and a test checks that ``from_attrs`` inverts it.
+
+This module imports only the standard library: the graph is only read through ``graph.nodes``,
+``graph.graph`` and ``graph.predecessors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+STAGE = "stage"
+EXEC = "exec"
+COPYBACK = "copyback"
+#: the ``scope`` of a stage node
+MACHINE = "machine"
+TASK = "task"
+
+#: a file moved by a stage or copy-back node: (from, to) — see each class for which is which
+FilePair = tuple[str, str]
+
+
+class PlanFormatError(ValueError):
+    """A graph that does not follow the plan contract (not one the planner wrote)."""
+
+
+# -- node ids ---------------------------------------------------------------------------------
+
+
+def machine_stage_id(job: str) -> str:
+    return f"stage:{job}"
+
+
+def task_stage_id(job: str, task: str) -> str:
+    return f"stage:{job}/{task}"
+
+
+def exec_id(job: str, task: str, step: str) -> str:
+    return f"exec:{job}/{task}/{step}"
+
+
+def copyback_id(job: str, task: str) -> str:
+    return f"copyback:{job}/{task}"
+
+
+# -- the attributes of each kind: written by the planner, read by from_attrs -----------------
+#
+# ``files`` and the lists of an exec node are stored as given (lists of lists, as JSON has
+# them); ``affinity`` is the (job, task) tuple that pins a task's nodes to one engine.
+
+
+def machine_stage_attrs(job: str, files: list[list[str]]) -> dict[str, Any]:
+    return {"kind": STAGE, "scope": MACHINE, "job": job, "task": None, "affinity": None,
+            "files": files}
+
+
+def task_stage_attrs(job: str, task: str, affinity: tuple[str, str], index: int, retries: int,
+                     files: list[list[str]]) -> dict[str, Any]:
+    return {"kind": STAGE, "scope": TASK, "job": job, "task": task, "affinity": affinity,
+            "index": index, "retries": retries, "files": files}
+
+
+def exec_attrs(job: str, task: str, step: str, affinity: tuple[str, str], index: int,
+               argv: list[str] | None, call: dict[str, Any] | None, inputs: list[str],
+               outputs: list[str], temp: list[str]) -> dict[str, Any]:
+    return {"kind": EXEC, "job": job, "task": task, "step": step, "affinity": affinity,
+            "index": index, "argv": argv, "call": call, "inputs": inputs, "outputs": outputs,
+            "temp": temp}
+
+
+def copyback_attrs(job: str, task: str, affinity: tuple[str, str],
+                   files: list[list[str]]) -> dict[str, Any]:
+    return {"kind": COPYBACK, "job": job, "task": task, "affinity": affinity, "files": files}
+
+
+def call_attrs(function: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"function": function, "kwargs": kwargs}
+
+
+# -- the node kinds ---------------------------------------------------------------------------
+
+
+def _pairs(files: Sequence[Sequence[str]] | None) -> tuple[FilePair, ...]:
+    return tuple((str(a), str(b)) for a, b in files or ())
+
+
+def _lists(pairs: Sequence[FilePair]) -> list[list[str]]:
+    return [[a, b] for a, b in pairs]
+
+
+@dataclass(frozen=True, slots=True)
+class MachineStage:
+    """Job Prephase, run at most once per machine: ``files`` are (source on the shared drive,
+    base name in the job folder)."""
+
+    job: str
+    files: tuple[FilePair, ...] = ()
+
+    kind = STAGE
+    scope = MACHINE
+    task = None
+
+    @property
+    def id(self) -> str:
+        return machine_stage_id(self.job)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return machine_stage_attrs(self.job, _lists(self.files))
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> MachineStage:
+        return cls(a["job"], _pairs(a.get("files")))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStage:
+    """Task Prephase: ``files`` are (source on the shared drive — an input, or an upstream
+    task's published output —, path relative to the task folder); ``index`` is the task's
+    position in its job, ``retries`` how often it may run again after a failure."""
+
+    job: str
+    task: str
+    index: int = 0
+    retries: int = 0
+    files: tuple[FilePair, ...] = ()
+
+    kind = STAGE
+    scope = TASK
+
+    @property
+    def id(self) -> str:
+        return task_stage_id(self.job, self.task)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return task_stage_attrs(self.job, self.task, (self.job, self.task), self.index,
+                                self.retries, _lists(self.files))
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> TaskStage:
+        return cls(a["job"], a["task"], int(a.get("index") or 0), int(a.get("retries") or 0),
+                   _pairs(a.get("files")))
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A ``call`` step: ``function`` is ``package.module:function``; ``kwargs`` plain values,
+    files as paths relative to the task folder."""
+
+    function: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return call_attrs(self.function, dict(self.kwargs))
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> Call:
+        return cls(str(a["function"]), dict(a.get("kwargs") or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    """One step of a task: exactly one of ``argv`` (words; a first word ``python`` means the
+    engine's interpreter) and ``call``. ``inputs`` are the files it reads, ``outputs`` every
+    file it declares, ``temp`` those never copied back — all relative to the task folder
+    (shared files as ``../name``)."""
+
+    job: str
+    task: str
+    step: str
+    index: int
+    argv: tuple[str, ...] | None = None
+    call: Call | None = None
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    temp: tuple[str, ...] = ()
+
+    kind = EXEC
+
+    @property
+    def id(self) -> str:
+        return exec_id(self.job, self.task, self.step)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return exec_attrs(
+            self.job, self.task, self.step, (self.job, self.task), self.index,
+            list(self.argv) if self.argv is not None else None,
+            self.call.to_attrs() if self.call is not None else None,
+            list(self.inputs), list(self.outputs), list(self.temp),
+        )
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> Exec:
+        argv = a.get("argv")
+        call = a.get("call")
+        return cls(
+            a["job"], a["task"], a["step"], int(a.get("index") or 0),
+            tuple(argv) if argv is not None else None,
+            Call.from_attrs(call) if call else None,
+            tuple(a.get("inputs") or ()), tuple(a.get("outputs") or ()),
+            tuple(a.get("temp") or ()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Copyback:
+    """Task Postphase: ``files`` are (path relative to the task folder, destination on the
+    shared drive)."""
+
+    job: str
+    task: str
+    files: tuple[FilePair, ...] = ()
+
+    kind = COPYBACK
+
+    @property
+    def id(self) -> str:
+        return copyback_id(self.job, self.task)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return copyback_attrs(self.job, self.task, (self.job, self.task), _lists(self.files))
+
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> Copyback:
+        return cls(a["job"], a["task"], _pairs(a.get("files")))
+
+
+Node = MachineStage | TaskStage | Exec | Copyback
+
+
+def from_attrs(a: Mapping[str, Any]) -> Node:
+    """The typed node for one node's attributes."""
+    kind = a.get("kind")
+    if kind == EXEC:
+        return Exec.from_attrs(a)
+    if kind == STAGE:
+        if a.get("task") is None:
+            return MachineStage.from_attrs(a)
+        return TaskStage.from_attrs(a)
+    if kind == COPYBACK:
+        return Copyback.from_attrs(a)
+    raise PlanFormatError(f"a plan node of unknown kind {kind!r}")
+
+
+def node(graph: nx.DiGraph, nid: str) -> Node:
+    """The typed node ``nid`` of a plan."""
+    return from_attrs(graph.nodes[nid])
+
+
+def nodes(graph: nx.DiGraph) -> Iterator[tuple[str, Node]]:
+    """Every node of a plan, typed, in the graph's order."""
+    for nid, a in graph.nodes(data=True):
+        yield nid, from_attrs(a)
+
+
+def kind_of(graph: nx.DiGraph, nid: str) -> str:
+    """A node's kind (``stage``, ``exec`` or ``copyback``) without reading the rest."""
+    return str(graph.nodes[nid]["kind"])
+
+
+def job_of(graph: nx.DiGraph, nid: str) -> str:
+    """The job a node belongs to, without reading the rest."""
+    return str(graph.nodes[nid]["job"])
+
+
+# -- the plan as a whole ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInfo:
+    """The graph's own attributes: the pipeline's name, its folder (absolute), the pipeline
+    file's name relative to it, the parameters after ``--param``, the jobs in written order."""
+
+    pipeline: str
+    root: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    jobs: tuple[str, ...] = ()
+    source: str | None = None
+
+    def to_attrs(self) -> dict[str, Any]:
+        return graph_attrs(self.pipeline, self.root, dict(self.params), list(self.jobs),
+                           self.source)
+
+
+def graph_attrs(pipeline: str, root: str, params: dict[str, Any], jobs: list[str],
+                source: str | None = None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"pipeline": pipeline, "root": root, "params": params, "jobs": jobs}
+    if source is not None:
+        attrs["source"] = source
+    return attrs
+
+
+def info(graph: nx.DiGraph) -> PlanInfo:
+    g = graph.graph
+    return PlanInfo(str(g["pipeline"]), str(g["root"]), dict(g.get("params") or {}),
+                    tuple(g.get("jobs") or ()), g.get("source"))
+
+
+def set_source(graph: nx.DiGraph, source: str) -> None:
+    """Record the pipeline file's name (relative to the plan's root) in the plan."""
+    graph.graph["source"] = source
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One task's chain, by node id, with its place in plan order (jobs as written, then the
+    task's index in its job) and how often it may be retried."""
+
+    order: int
+    job: str
+    task: str
+    index: int
+    retries: int
+    execs: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.job}/{self.task}"
+
+    @property
+    def machine_stage(self) -> str:
+        return machine_stage_id(self.job)
+
+    @property
+    def task_stage(self) -> str:
+        return task_stage_id(self.job, self.task)
+
+    @property
+    def copyback(self) -> str:
+        return copyback_id(self.job, self.task)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node of the chain, the machine stage first."""
+        return (self.machine_stage, self.task_stage, *self.execs, self.copyback)
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    """A plan's tasks in plan order, and for each the orders of the tasks it waits for."""
+
+    tasks: tuple[Task, ...]
+    upstream: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def downstream(self) -> list[list[int]]:
+        """For each task, the tasks that wait for it (in plan order)."""
+        downs: list[list[int]] = [[] for _ in self.tasks]
+        for i, ups in enumerate(self.upstream):
+            for u in ups:
+                downs[u].append(i)
+        return downs
+
+
+def tasks(graph: nx.DiGraph) -> Tasks:
+    """Every task chain of a plan, checked, in plan order, with what each waits for.
+
+    Raises :class:`PlanFormatError` for a graph that is not a plan: a node of an unknown kind,
+    a task without its task stage or copy-back, a task stage waiting for something other than a
+    machine stage or a copy-back."""
+    jobs = list(graph.graph.get("jobs") or [])
+    job_rank = {job: i for i, job in enumerate(jobs)}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for nid, a in graph.nodes(data=True):
+        kind = a.get("kind")
+        task = a.get("task")
+        if task is None:
+            if kind != STAGE:
+                raise PlanFormatError(f"plan node {nid} has no task")
+            continue
+        chain = found.setdefault((a["job"], task), {"execs": []})
+        if kind == STAGE:
+            chain["stage"] = nid
+            chain["index"] = int(a.get("index") or 0)
+            chain["retries"] = int(a.get("retries") or 0)
+        elif kind == EXEC:
+            chain["execs"].append((int(a.get("index") or 0), nid))
+        elif kind == COPYBACK:
+            chain["copyback"] = nid
+        else:
+            raise PlanFormatError(f"plan node {nid} has an unknown kind {kind!r}")
+    keyed = []
+    for (job, task), chain in found.items():
+        if "stage" not in chain or "copyback" not in chain:
+            raise PlanFormatError(f"task {job}/{task} of the plan lacks its task stage or "
+                                  "copy-back")
+        keyed.append(((job_rank.get(job, len(jobs)), job, chain["index"], task), chain))
+    keyed.sort(key=lambda item: item[0])
+    chains: list[Task] = []
+    order_of: dict[str, int] = {}
+    for order, ((_, job, index, task), chain) in enumerate(keyed):
+        t = Task(order, job, task, index, chain["retries"],
+                 tuple(nid for _, nid in sorted(chain["execs"])))
+        if t.task_stage != chain["stage"] or t.copyback != chain["copyback"]:
+            raise PlanFormatError(f"the nodes of task {t.name} do not have the ids the plan "
+                                  f"format gives them")
+        chains.append(t)
+        order_of[t.copyback] = order
+    upstream: list[tuple[int, ...]] = []
+    nodes_ = graph.nodes
+    for t in chains:
+        ups: set[int] = set()
+        for pred in graph.predecessors(t.task_stage):
+            if pred in order_of:
+                ups.add(order_of[pred])
+            elif nodes_[pred].get("kind") != STAGE or nodes_[pred].get("task") is not None:
+                raise PlanFormatError(f"task stage {t.task_stage} waits for {pred}, which is "
+                                      "neither a machine stage nor a copy-back")
+        upstream.append(tuple(sorted(ups)))
+    return Tasks(tuple(chains), tuple(upstream))
+
+
+def chain(graph: nx.DiGraph, task: Task) -> tuple[MachineStage | None, TaskStage, list[Exec],
+                                                 Copyback]:
+    """The typed nodes of one task: machine stage (None if the plan lacks it), task stage,
+    exec nodes in step order, copy-back."""
+    nodes_ = graph.nodes
+    machine = (MachineStage.from_attrs(nodes_[task.machine_stage])
+               if task.machine_stage in nodes_ else None)
+    return (machine, TaskStage.from_attrs(nodes_[task.task_stage]),
+            [Exec.from_attrs(nodes_[nid]) for nid in task.execs],
+            Copyback.from_attrs(nodes_[task.copyback]))
+
+
+def destinations(graph: nx.DiGraph) -> Iterator[str]:
+    """Every destination a copy-back node writes (plan form: relative to the root or
+    absolute)."""
+    for _, a in graph.nodes(data=True):
+        if a.get("kind") == COPYBACK:
+            for _, dest in a.get("files") or ():
+                yield dest
