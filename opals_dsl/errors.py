@@ -3,7 +3,14 @@
 * :class:`OpfSyntaxError` — the file does not parse (the parse stops at the first one);
 * :class:`OpfCheckError` — the file parses but says something wrong (every one is collected);
 * :class:`PlanError` — the pipeline cannot be lowered to a plan (files, globs, destinations);
-* :class:`ClusterError` — no cluster could be started or reached (exit 3).
+* :class:`ClusterError` — no cluster could be started or reached (exit 3);
+* :class:`UsageError` — a bad command line, or a file or folder named on it that cannot be
+  used (exit 2);
+* :class:`ReportError` — no report can be made of a run (exit 2).
+
+Every error a person should read is an :class:`OpfError`; anything else that escapes is a bug in
+opf, shown as an internal error with its traceback and :data:`EXIT_INTERNAL`. The exit statuses
+are defined here, once.
 
 A bad ``--param`` is reported among the check errors (it has no place in the file). A task
 that fails is not an exception: the run's summary carries it, and ``opf run`` exits 1.
@@ -35,10 +42,24 @@ class Diagnostic:
         return render_diagnostic(self.source, self.span, self.message)
 
 
+#: every task done (or skipped as unchanged)
+EXIT_OK = 0
+#: a task failed, or the run was stopped before every task ran
+EXIT_FAILED = 1
+#: the pipeline file or the command line is invalid
+EXIT_INVALID = 2
+#: the cluster could not be started or reached, or every engine was lost
+EXIT_CLUSTER = 3
+#: a bug in opf itself (sysexits' EX_SOFTWARE): shown with its traceback
+EXIT_INTERNAL = 70
+#: stopped by Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
+
+
 class OpfError(Exception):
     """Root of every error opf reports to a person; ``exit_code`` is the process status."""
 
-    exit_code = 2
+    exit_code = EXIT_INVALID
 
     def render(self) -> str:
         return str(self)
@@ -88,4 +109,22 @@ class PlanError(PipelineError):
 class ClusterError(OpfError):
     """The ipyparallel cluster could not be started or reached."""
 
-    exit_code = 3
+    exit_code = EXIT_CLUSTER
+
+    def render(self) -> str:
+        return f"opf: error: {self}"
+
+
+class UsageError(OpfError):
+    """A bad command line (a bad option or combination of options), or a file or folder it
+    names that cannot be used; the message is one sentence saying what to do instead."""
+
+    def render(self) -> str:
+        return f"opf: error: {self}"
+
+
+class ReportError(OpfError):
+    """No report can be made (no trace in the state folder, or nothing readable in it)."""
+
+    def render(self) -> str:
+        return f"opf: error: {self}"
