@@ -463,3 +463,8 @@ def destinations(graph: nx.DiGraph) -> Iterator[str]:
         if a.get("kind") == COPYBACK:
             for _, dest in a.get("files") or ():
                 yield dest
+
+
+def call_steps(graph: nx.DiGraph) -> set[str]:
+    """The ids of the exec nodes that are ``call`` steps (they have no exit status)."""
+    return {nid for nid, a in graph.nodes(data=True) if a.get("kind") == EXEC and a.get("call")}

@@ -8,7 +8,6 @@ good (``--keep-going``), a skipped task and a job that gathers the others' outpu
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import fcntl
@@ -29,6 +28,7 @@ from conftest import EngineCluster, read_json_lines, write_pipeline
 
 from opals_dsl import report
 from opals_dsl.api import compile_file
+from opals_dsl.cli import main as opf_main
 from opals_dsl.cluster import ClusterOptions, open_cluster
 from opals_dsl.runtime import RunSummary, run_plan
 
@@ -269,23 +269,22 @@ def test_the_page_needs_nothing_from_outside(run: Run) -> None:
 # -- the command -----------------------------------------------------------------------------
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="opf report")
-    report.add_arguments(parser)
-    return parser.parse_args(list(argv))
+def opf_report(*argv: str) -> int:
+    """``opf report ARGV...`` as the command line runs it; its exit status."""
+    return opf_main(["report", *argv])
 
 
 def test_report_command_from_the_pipeline_file_and_from_the_state_folder(
         run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "from-file.html"
-    assert report.main(_args(str(run.pipeline), "-o", str(out))) == 0
+    assert opf_report(str(run.pipeline), "-o", str(out)) == 0
     assert str(out) in capsys.readouterr().out
     from_file = embedded_data(out.read_text(encoding="utf-8"))
     assert from_file["pipeline"] == "report_check"
     assert from_file["summary"] == run.data["summary"]
 
     out2 = tmp_path / "sub" / "from-state.html"
-    assert report.main(_args(str(run.state), "-o", str(out2))) == 0
+    assert opf_report(str(run.state), "-o", str(out2)) == 0
     page = out2.read_text(encoding="utf-8")
     assert embedded_data(page)["summary"] == run.data["summary"]
     assert "opf report FILE" in page  # no plan without the pipeline file: says how to get it
@@ -294,18 +293,18 @@ def test_report_command_from_the_pipeline_file_and_from_the_state_folder(
     shutil.copytree(run.state / "logs", moved / "logs")
     shutil.copy(run.state / "trace.jsonl", moved / "trace.jsonl")
     out3 = tmp_path / "state-option.html"
-    assert report.main(_args(str(run.pipeline), "--state", str(moved), "-o", str(out3))) == 0
+    assert opf_report(str(run.pipeline), "--state", str(moved), "-o", str(out3)) == 0
     assert embedded_data(out3.read_text(encoding="utf-8"))["summary"] == run.data["summary"]
 
 
 def test_report_command_without_a_trace(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.html"
-    assert report.main(_args(str(tmp_path), "-o", str(out))) == 2
+    assert opf_report(str(tmp_path), "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert "no trace" in err and str(tmp_path) in err
     assert not out.exists()
-    assert report.main(_args(str(tmp_path / "nothing-here"), "-o", str(out))) == 2
+    assert opf_report(str(tmp_path / "nothing-here"), "-o", str(out)) == 2
     assert "neither a pipeline file nor" in capsys.readouterr().err
 
 

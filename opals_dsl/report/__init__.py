@@ -1,0 +1,139 @@
+"""``opf report``: a run's trace → one self-contained HTML page (timeline, summary, plan).
+
+In: a run's state folder (``trace.jsonl``, one row per plan node as the scheduler wrote it, and
+the step logs under ``logs/``), and optionally the plan (``networkx.DiGraph``,
+docs/plan-format.md) the run executed. Out: an HTML file that opens offline — its style sheet,
+its script and its data are inside it, nothing is fetched.
+
+The page holds
+    * a summary: wall time (first node start to last node end), tasks run / skipped / failed /
+      retried / not run, bytes staged and copied back;
+    * a timeline: one lane per engine, lanes grouped by machine, one bar per node that ran,
+      coloured by kind (machine stage, task stage, exec, copy-back); failed nodes are drawn in
+      red, nodes of a retry attempt carry a dark band; hovering a bar shows its task, step,
+      times, bytes, attempt and exit status and outlines the other nodes of its task;
+    * where the time went: engine time per phase (staging and copy-back versus computing),
+      busy time per engine, the slowest tasks, every step's run times, and how often each
+      machine really ran a job's machine stage (``done``) rather than finding it ready
+      (``cached``);
+    * the plan at job level (:func:`opals_dsl.dot.to_job_dot`, drawn by Graphviz's ``dot`` and
+      inlined as SVG) when a plan is given and Graphviz is installed;
+    * every failed node, with the last lines of the step's log for a task's last attempt.
+
+:func:`~opals_dsl.report.analyse.analyse` turns trace rows into plain data (what the page
+shows, also embedded in it as JSON, ``<script id="opf-data">``);
+:func:`~opals_dsl.report.render.render` writes the page from the package's ``page.html``,
+``page.css`` and ``page.js``; :func:`write_report` does both for a state folder. The timeline is
+drawn by the page's own small script from that JSON, so a run of many thousands of nodes stays a
+compact file; when the script has run it sets ``data-opf-ready`` (the number of bars drawn) on
+the ``<html>`` element, or ``data-opf-error``.
+
+A trace cut short (a killed run) is read up to its last complete row. Times are the engines'
+clocks (``time.time()``), so lanes of different machines are only as aligned as their clocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..engine import write_atomic
+from ..errors import ReportError, UsageError
+from .analyse import analyse
+from .render import plan_svg, render
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+DEFAULT_OUTPUT = "report.html"
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of a trace file and how many lines could not be read (a killed run's last)."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def write_report(state_dir: str | Path, out_path: str | Path,
+                 plan: nx.DiGraph | None = None) -> Path:
+    """Write the report of the run whose state is in ``state_dir`` to ``out_path``; its path.
+
+    ``plan`` (the plan that ran) adds the pipeline's name and the job-level plan drawing.
+    Raises :class:`ReportError` when ``state_dir`` holds no trace.
+    """
+    state = Path(state_dir)
+    trace = state / "trace.jsonl"
+    if not trace.is_file():
+        raise ReportError(f"there is no trace of a run in {state} (no trace.jsonl); "
+                          f"run the pipeline with 'opf run' first")
+    rows, bad = read_rows(trace)
+    data = analyse(rows, plan, state)
+    data["unreadable"] = bad
+    if plan is None:
+        svg, note = None, ("Give the pipeline file (opf report FILE) to draw its plan here.")
+    else:
+        svg = plan_svg(plan)
+        note = None if svg else ("Graphviz's 'dot' program is not installed, so the plan is "
+                                 "not drawn (apt-get install graphviz).")
+    page = render(data, svg=svg, source=str(trace), plan_note=note)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(out), page.encode("utf-8"))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``opf report [FILE | STATE_DIR] [-o PATH]`` to its subparser."""
+    p.add_argument(
+        "file", nargs="?", default=".opf", metavar="FILE | STATE_DIR",
+        help="a pipeline file (its run's state is .opf beside it, or --state) or a run's "
+        "state folder (default: .opf)",
+    )
+    p.add_argument("-o", "--output", metavar="PATH", default=DEFAULT_OUTPUT,
+                   help=f"where to write the HTML page (default: {DEFAULT_OUTPUT})")
+    p.add_argument("--state", metavar="DIR",
+                   help="the run's state folder, when FILE was run with --state")
+    p.add_argument(
+        "--param", "-p", action="append", metavar="NAME=VALUE",
+        help="the parameters FILE was run with (for the plan drawing)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``opf report``: write the page, print where it is; 0, or 2 if there is nothing to show."""
+    target = Path(args.file).expanduser()
+    plan = None
+    if target.is_dir():
+        state = target
+    elif target.is_file():
+        from ..api import compile_file
+        from ..cli import parse_params
+
+        plan = compile_file(target, parse_params(getattr(args, "param", None)))
+        state = target.resolve().parent / ".opf"
+    else:
+        raise UsageError(f"{target} is neither a pipeline file nor a run's state folder")
+    if getattr(args, "state", None):
+        state = Path(args.state).expanduser()
+    out = write_report(state, args.output, plan)
+    print(f"opf: report written to {out}")
+    return 0
