@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import networkx as nx
 
+from . import model
+
 STYLE = {
     ("stage", "machine"): 'shape=folder, style=filled, fillcolor="#cfe2f3"',
     ("stage", "task"): 'shape=box, style="rounded,filled", fillcolor="#d9ead3"',
@@ -27,63 +29,68 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _files_label(pairs: list, index: int, limit: int = 4) -> list[str]:
+def _files_label(pairs: tuple[model.FilePair, ...], index: int, limit: int = 4) -> list[str]:
     names = [posixpath.basename(p[index]) for p in pairs]
     if len(names) > limit:
         names = names[: limit - 1] + [f"... {len(names) - limit + 1} more"]
     return names
 
 
-def _program(a: Mapping) -> str:
+def _program(e: model.Exec) -> str:
     """What an exec node runs, in a few words: ``python lidar.py``, ``sh``, ``pkg.mod:fn``."""
-    argv = a.get("argv")
+    argv = e.argv
     if not argv:
-        return a["call"]["function"] if a.get("call") else ""
-    if argv[:2] == ["/bin/sh", "-c"]:
+        return e.call.function if e.call is not None else ""
+    if argv[:2] == ("/bin/sh", "-c"):
         return "sh"
     if argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
         return f"python {posixpath.basename(argv[1])}"
     return posixpath.basename(argv[0])
 
 
-def _label(nid: str, a: Mapping) -> str:
-    kind = a["kind"]
-    if kind == "stage" and a.get("scope") == "machine":
-        return "\n".join([f"job {a['job']}: machine stage"] + _files_label(a["files"], 1))
-    if kind == "stage":
-        return "\n".join([f"{a['task']}: stage"] + _files_label(a["files"], 1))
-    if kind == "exec":
-        outs = ", ".join(posixpath.basename(o) for o in a["outputs"][:3])
-        if len(a["outputs"]) > 3:
-            outs += f", ... {len(a['outputs']) - 3} more"
-        return "\n".join(x for x in (f"{a['task']}: {a['step']}", _program(a), outs) if x)
-    return "\n".join([f"{a['task']}: copy back"] + _files_label(a["files"], 1))
+def _label(node: model.Node) -> str:
+    if isinstance(node, model.MachineStage):
+        return "\n".join([f"job {node.job}: machine stage"] + _files_label(node.files, 1))
+    if isinstance(node, model.TaskStage):
+        return "\n".join([f"{node.task}: stage"] + _files_label(node.files, 1))
+    if isinstance(node, model.Exec):
+        outs = ", ".join(posixpath.basename(o) for o in node.outputs[:3])
+        if len(node.outputs) > 3:
+            outs += f", ... {len(node.outputs) - 3} more"
+        return "\n".join(x for x in (f"{node.task}: {node.step}", _program(node), outs) if x)
+    return "\n".join([f"{node.task}: copy back"] + _files_label(node.files, 1))
+
+
+def _style(node: model.Node) -> str:
+    return STYLE[(node.kind, node.scope if isinstance(node, model.MachineStage | model.TaskStage)
+                  else None)]
 
 
 def to_dot(graph: nx.DiGraph, status: Mapping[str, str] | None = None) -> str:
     """The whole plan as DOT: one cluster per job."""
+    info = model.info(graph)
     lines = [
-        f"digraph {_q(graph.graph.get('pipeline', 'plan'))} {{",
+        f"digraph {_q(info.pipeline)} {{",
         "  rankdir=LR;",
         '  node [fontname="Helvetica", fontsize=10];',
         '  edge [color="#666666"];',
     ]
-    by_job: dict[str, list[str]] = {}
-    for nid, a in graph.nodes(data=True):
-        by_job.setdefault(a["job"], []).append(nid)
-    for k, job in enumerate(graph.graph.get("jobs") or sorted(by_job)):
+    by_job: dict[str, list[tuple[str, model.Node]]] = {}
+    job_of: dict[str, str] = {}
+    for nid, node in model.nodes(graph):
+        by_job.setdefault(node.job, []).append((nid, node))
+        job_of[nid] = node.job
+    for k, job in enumerate(info.jobs or sorted(by_job)):
         lines.append(f"  subgraph cluster_{k} {{")
         lines.append(f"    label={_q('job ' + job)}; style=rounded; color=\"#999999\";")
-        for nid in by_job.get(job, []):
-            a = graph.nodes[nid]
-            style = STYLE[(a["kind"], a.get("scope") if a["kind"] == "stage" else None)]
-            if status and a.get("task") is not None and nid in status:
+        for nid, node in by_job.get(job, []):
+            style = _style(node)
+            if status and node.task is not None and nid in status:
                 style = style.split("fillcolor")[0] + f'fillcolor="{STATUS_COLOUR[status[nid]]}"'
-            lines.append(f"    {_q(nid)} [label={_q(_label(nid, a))}, {style}];")
+            lines.append(f"    {_q(nid)} [label={_q(_label(node))}, {style}];")
         lines.append("  }")
-    nodes = graph.nodes
     for u, v in graph.edges:
-        between = nodes[u]["job"] != nodes[v]["job"]
+        between = job_of[u] != job_of[v]
         lines.append(f"  {_q(u)} -> {_q(v)}" + (" [style=dashed];" if between else ";"))
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -91,20 +98,22 @@ def to_dot(graph: nx.DiGraph, status: Mapping[str, str] | None = None) -> str:
 
 def to_job_dot(graph: nx.DiGraph) -> str:
     """One node per job step, with task counts; edges between jobs where outputs flow."""
+    info = model.info(graph)
     steps: dict[str, dict[str, int]] = {}
     tasks: dict[str, int] = {}
-    for _nid, a in graph.nodes(data=True):
-        if a["kind"] == "exec":
-            steps.setdefault(a["job"], {}).setdefault(a["step"], a["index"])
-        elif a["kind"] == "stage" and a.get("scope") == "task":
-            tasks[a["job"]] = tasks.get(a["job"], 0) + 1
+    nodes: dict[str, model.Node] = {}
+    for nid, node in model.nodes(graph):
+        nodes[nid] = node
+        if isinstance(node, model.Exec):
+            steps.setdefault(node.job, {}).setdefault(node.step, node.index)
+        elif isinstance(node, model.TaskStage):
+            tasks[node.job] = tasks.get(node.job, 0) + 1
     lines = [
-        f"digraph {_q(graph.graph.get('pipeline', 'plan'))} {{",
+        f"digraph {_q(info.pipeline)} {{",
         "  rankdir=LR;",
         '  node [fontname="Helvetica", fontsize=10];',
     ]
-    jobs = graph.graph.get("jobs") or sorted(steps)
-    for k, job in enumerate(jobs):
+    for k, job in enumerate(info.jobs or sorted(steps)):
         count = tasks.get(job, 0)
         lines.append(f"  subgraph cluster_{k} {{")
         lines.append(
@@ -121,12 +130,14 @@ def to_job_dot(graph: nx.DiGraph) -> str:
         lines.append("  }")
     flows: set[tuple[str, str]] = set()
     for u, v in graph.edges:
-        ua, va = graph.nodes[u], graph.nodes[v]
-        if ua["kind"] == "copyback" and va["kind"] == "stage" and ua["job"] != va["job"]:
-            flows.add((ua["job"], va["job"]))
-    for up, down in sorted(flows):
-        last = max(steps[up].items(), key=lambda kv: kv[1])[0]
-        first = min(steps[down].items(), key=lambda kv: kv[1])[0]
-        lines.append(f"  {_q(up + '/' + last)} -> {_q(down + '/' + first)} [style=dashed];")
+        up, down = nodes[u], nodes[v]
+        if isinstance(up, model.Copyback) and isinstance(down, model.TaskStage) \
+                and up.job != down.job:
+            flows.add((up.job, down.job))
+    for up_job, down_job in sorted(flows):
+        last = max(steps[up_job].items(), key=lambda kv: kv[1])[0]
+        first = min(steps[down_job].items(), key=lambda kv: kv[1])[0]
+        lines.append(f"  {_q(up_job + '/' + last)} -> {_q(down_job + '/' + first)} "
+                     "[style=dashed];")
     lines.append("}")
     return "\n".join(lines) + "\n"

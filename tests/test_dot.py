@@ -23,6 +23,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
+from opals_dsl import model
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main
 from opals_dsl.dot import to_dot, to_job_dot
@@ -133,11 +134,11 @@ def test_job_drawing_shows_steps_counts_and_flows() -> None:
 
 
 def test_long_file_lists_are_shortened_and_quotes_escaped(tmp_path: Path) -> None:
-    g = nx.DiGraph(pipeline='say "hi"', jobs=["j"])
-    files = [[f"d/f{k}.txt", f"f{k}.txt"] for k in range(10)]
-    g.add_node("stage:j/a\\b", kind="stage", scope="task", job="j", task='a"b', files=files)
-    g.add_node("exec:j/x/s", kind="exec", job="j", task="x", step="s", argv=["/bin/sh", "-c", "x"],
-               call=None, outputs=[f"o{k}" for k in range(5)], temp=[])
+    g = nx.DiGraph(**model.graph_attrs('say "hi"', "/data", {}, ["j"]))
+    files = tuple((f"d/f{k}.txt", f"f{k}.txt") for k in range(10))
+    g.add_node("stage:j/a\\b", **model.TaskStage("j", 'a"b', files=files).to_attrs())
+    g.add_node("exec:j/x/s", **model.Exec("j", "x", "s", 0, ("/bin/sh", "-c", "x"),
+                                          outputs=tuple(f"o{k}" for k in range(5))).to_attrs())
     text = to_dot(g)
     assert r'digraph "say \"hi\"" {' in text
     assert r'"stage:j/a\\b" [label="a\"b: stage\nf0.txt\nf1.txt\nf2.txt\n... 7 more"' in text
