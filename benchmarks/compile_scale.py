@@ -99,7 +99,7 @@ def make_folder(root: Path, kind: str, n: int) -> Path:
 LIBRARY = (
     "import os, sys\n"
     "from opals_dsl.api import compile_file\n"
-    "from opals_dsl.plan import write_json\n"
+    "from opals_dsl.plan.graph import write_json\n"
     "def main(path):\n"
     "    graph = compile_file(path)\n"
     "    with open(os.devnull, 'w', encoding='utf-8') as fh:\n"

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opals_dsl.api import compile_file
-from opals_dsl.cluster import ClusterOptions, open_cluster
-from opals_dsl.runtime import run_plan
+from opals_dsl.run.cluster import ClusterOptions, open_cluster
+from opals_dsl.run.runtime import run_plan
 
 PIPELINE = """
 pipeline staging

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from . import nodes as n
-from .check import check
 from .errors import OpfCheckError, OpfSyntaxError, PipelineError, PlanError
-from .parse import parse
-from .plan import build_plan
+from .lang import nodes as n
+from .lang.check import check
+from .lang.lower import build_plan
+from .lang.parse import parse
+from .plan import model
 from .source import SourceFile
 
 
@@ -83,7 +84,7 @@ def plan(loaded: Loaded) -> nx.DiGraph:
         loaded.pipeline, loaded.source, str(loaded.path.parent.resolve()), loaded.params,
         loaded.name,
     )
-    graph.graph["source"] = loaded.path.name
+    model.set_source(graph, loaded.path.name)
     return graph
 
 

@@ -1,4 +1,4 @@
-"""Tests of opals_dsl.cluster: the embedded cluster's life (start, stop, no process left behind,
+"""Tests of opals_dsl.run.cluster: the embedded cluster's life (start, stop, no process left behind,
 nothing in the user's home, a killed run's cluster stopped by the next run, SIGTERM), existing
 clusters by profile, and what engines are sent.
 
@@ -20,8 +20,8 @@ import psutil
 import pytest
 from conftest import EngineCluster, files_under, write_pipeline
 
-from opals_dsl.cluster import RUN_TASKS, EngineCall, IPyParallelExecutor, stop_leftover_cluster
-from opals_dsl.engine import is_temp_name
+from opals_dsl.run.cluster import RUN_TASKS, EngineCall, IPyParallelExecutor, stop_leftover_cluster
+from opals_dsl.run.engine import is_temp_name
 
 QUICK = """
 pipeline quick

@@ -42,7 +42,7 @@ import pytest
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import build_parser
-from opals_dsl.parse import parse
+from opals_dsl.lang.parse import parse
 from opals_dsl.source import SourceFile
 
 ROOT = Path(__file__).resolve().parents[1]

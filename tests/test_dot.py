@@ -23,10 +23,10 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from opals_dsl import model
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main
-from opals_dsl.dot import to_dot, to_job_dot
+from opals_dsl.plan import model
+from opals_dsl.plan.dot import to_dot, to_job_dot
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "plans"

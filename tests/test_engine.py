@@ -1,4 +1,5 @@
-"""Tests of opals_dsl.engine: staging, steps, copy-back and failures, with real files and processes.
+"""Tests of opals_dsl.run.engine: staging, steps, copy-back and failures, with real files
+and processes.
 
 ``run_tasks`` is called in this process and in separate Python processes (several of them racing
 on one machine stage); steps are real programs (``python``, ``cp``, a shared shell script) and
@@ -21,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from opals_dsl import engine
-from opals_dsl.engine import atomic_copy, identify, is_temp_name, run_tasks
+from opals_dsl.run import engine
+from opals_dsl.run.engine import atomic_copy, identify, is_temp_name, run_tasks
 
 REPO = Path(engine.__file__).resolve().parents[1]
 
@@ -391,7 +392,7 @@ def test_machine_stage_cached_restaged_on_change_and_after_removal(project: Proj
 def test_machine_stage_marker_is_seen_by_another_process(project: Project):
     req = grid_request(project)
     assert only(run_tasks([req]))["ok"]
-    code = (f"import json; from opals_dsl.engine import run_tasks; "
+    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
             f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
@@ -416,7 +417,7 @@ def test_interrupted_machine_stage_is_redone(project: Project):
 RACER = textwrap.dedent(
     """
     import json, os, sys, time
-    from opals_dsl.engine import run_tasks
+    from opals_dsl.run.engine import run_tasks
     request, go = json.loads(sys.argv[1]), sys.argv[2]
     while not os.path.exists(go):
         time.sleep(0.001)
@@ -465,7 +466,7 @@ def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_pat
                           execs=[argv_step("dem", "strip11", "c", ["cp", "in.xyz", "o.xyz"],
                                            outputs=("o.xyz",))],
                           copyback=[["o.xyz", "o.xyz"]])
-    code = (f"import json; from opals_dsl.engine import run_tasks; "
+    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
             f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
     proc = run_python(code, env={"OPF_SCRATCH": str(scratch)})
     assert proc.returncode == 0, proc.stderr
@@ -776,7 +777,7 @@ def test_atomic_copy_into_a_file_parent_fails_cleanly(tmp_path: Path):
 LIMITED = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from opals_dsl.engine import atomic_copy, run_tasks
+    from opals_dsl.run.engine import atomic_copy, run_tasks
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
     what, arg = sys.argv[1], sys.argv[2]

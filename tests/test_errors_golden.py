@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from opals_dsl.api import compile_file
-from opals_dsl.check import check
 from opals_dsl.cli import main
 from opals_dsl.errors import OpfCheckError, OpfSyntaxError, PipelineError, PlanError
-from opals_dsl.parse import parse
+from opals_dsl.lang.check import check
+from opals_dsl.lang.parse import parse
 from opals_dsl.source import SourceFile
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "errors"

@@ -27,10 +27,10 @@ import pytest
 from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.cluster import IPyParallelExecutor
-from opals_dsl.engine import is_temp_name
-from opals_dsl.journal import Journal
-from opals_dsl.runtime import run_plan
+from opals_dsl.run.cluster import IPyParallelExecutor
+from opals_dsl.run.engine import is_temp_name
+from opals_dsl.run.journal import Journal
+from opals_dsl.run.runtime import run_plan
 
 #: a second tool for the steps here (the first, tool.py, comes from conftest)
 EXTRA = """

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
-from opals_dsl.check import check
 from opals_dsl.errors import OpfCheckError, OpfError, PipelineError
-from opals_dsl.parse import parse
-from opals_dsl.plan import build_plan
+from opals_dsl.lang.check import check
+from opals_dsl.lang.lower import build_plan
+from opals_dsl.lang.parse import parse
 from opals_dsl.source import SourceFile
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lark import Lark
 
-from opals_dsl import nodes as n
-from opals_dsl.parse import _parser, grammar_text, parse
+from opals_dsl.lang import nodes as n
+from opals_dsl.lang.parse import _parser, grammar_text, parse
 from opals_dsl.source import SourceFile
 
 

@@ -1,7 +1,7 @@
-"""Tests of opals_dsl.journal: what a second run skips and why, the journal file, ``--dry-run``,
+"""Tests of opals_dsl.run.journal: what a second run skips and why, the journal file, ``--dry-run``,
 ``--force``, ``--checksum`` and ``opf compile --dot --status``.
 
-Runs go through :func:`opals_dsl.runtime.run_plan` with the in-process executor (real files,
+Runs go through :func:`opals_dsl.run.runtime.run_plan` with the in-process executor (real files,
 real step processes) where the policy is tested, and through ``opf`` as a subprocess on the
 session cluster (tests/conftest.py) where the command line is.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 from conftest import files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.journal import Journal, journal_path
-from opals_dsl.runtime import LocalExecutor, run_plan
+from opals_dsl.run.journal import Journal, journal_path
+from opals_dsl.run.runtime import LocalExecutor, run_plan
 
 CHAIN = """
 pipeline chain

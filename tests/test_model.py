@@ -1,4 +1,4 @@
-"""The plan contract (opals_dsl.model): every node the planner writes reads back as its typed
+"""The plan contract (opals_dsl.plan.model): every node the planner writes reads back as its typed
 node and writes out again as the same attributes, in the same order; tasks are found in plan
 order with what they wait for; a graph that is not a plan is refused."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from opals_dsl import model
 from opals_dsl.api import compile_file
+from opals_dsl.plan import model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.opf"))
@@ -92,7 +92,7 @@ def test_a_graph_that_is_not_a_plan_is_refused() -> None:
 
 
 def test_the_contract_imports_only_the_standard_library() -> None:
-    code = ("import sys; import opals_dsl.model, opals_dsl.wire; "
+    code = ("import sys; import opals_dsl.plan.model, opals_dsl.plan.wire; "
             "print(sorted(m for m in ('networkx', 'lark', 'ipyparallel', 'rich') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
-from opals_dsl import nodes as n
 from opals_dsl.errors import OpfSyntaxError
-from opals_dsl.parse import parse
+from opals_dsl.lang import nodes as n
+from opals_dsl.lang.parse import parse
 from opals_dsl.source import SourceFile
 
 

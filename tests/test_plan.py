@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.errors import PipelineError, PlanError
-from opals_dsl.plan import _attr, _glob_files, safe_id, task_ids, to_json, write_json
+from opals_dsl.lang.lower import _attr, _glob_files, safe_id, task_ids
+from opals_dsl.plan.graph import to_json, write_json
 
 
 def write(folder: Path, files: dict[str, str]) -> None:

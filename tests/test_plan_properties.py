@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.dot import to_dot
 from opals_dsl.errors import OpfCheckError, PipelineError, PlanError
-from opals_dsl.plan import to_json as plan_json
+from opals_dsl.plan.dot import to_dot
+from opals_dsl.plan.graph import to_json as plan_json
 
 FILE_EXTS = (".xyz", ".cfg", ".py", ".out", ".tmp", ".prj")
 SETTINGS = settings(

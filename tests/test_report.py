@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 from conftest import EngineCluster, read_json_lines, write_pipeline
 
-from opals_dsl import report
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.cluster import ClusterOptions, open_cluster
-from opals_dsl.runtime import RunSummary, run_plan
+from opals_dsl.cli.report import write_report
+from opals_dsl.run.cluster import ClusterOptions, open_cluster
+from opals_dsl.run.runtime import RunSummary, run_plan
 
 PIPELINE = """\
     pipeline report_check
@@ -120,7 +120,7 @@ def run(cluster: EngineCluster, tmp_path_factory: pytest.TempPathFactory) -> Run
         summary = run_plan(plan, executor, state_dir=state, keep_going=True,
                            skip=lambda ref: ref.job == "extra" and ref.task == "old")
     trace = read_json_lines(state / "trace.jsonl")
-    html = report.write_report(state, folder / "report.html", plan)
+    html = write_report(state, folder / "report.html", plan)
     return Run(path, plan, state, summary, trace, html)
 
 
@@ -336,7 +336,7 @@ def test_a_trace_cut_short_and_tasks_that_never_ran(tmp_path: Path) -> None:
         '{"node":"stage:j/d","kind":"st',
     ]
     (tmp_path / "trace.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    out = report.write_report(tmp_path, tmp_path / "r.html")
+    out = write_report(tmp_path, tmp_path / "r.html")
     data = embedded_data(out.read_text(encoding="utf-8"))
     s = data["summary"]
     assert (s["tasks"], s["done"], s["blocked"], s["not_run"], s["failed"]) == (3, 1, 1, 1, 0)

@@ -1,4 +1,4 @@
-"""Tests of the scheduler (opals_dsl.runtime) on real engines and real pipeline files.
+"""Tests of the scheduler (opals_dsl.run.runtime) on real engines and real pipeline files.
 
 Most tests run on the session's cluster (tests/conftest.py): three ``ipengine`` processes, two
 sharing one scratch root, so they are two "machines". Plans come from real ``.opf`` files through
@@ -24,10 +24,10 @@ import pytest
 from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.cluster import IPyParallelExecutor
-from opals_dsl.engine import is_temp_name
-from opals_dsl.progress import Progress, format_bytes, format_duration
-from opals_dsl.runtime import (
+from opals_dsl.run.cluster import IPyParallelExecutor
+from opals_dsl.run.engine import is_temp_name
+from opals_dsl.run.progress import Progress, format_bytes, format_duration
+from opals_dsl.run.runtime import (
     LocalExecutor,
     RunListener,
     Scheduler,

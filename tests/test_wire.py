@@ -1,4 +1,4 @@
-"""The engine's request and result (opals_dsl.wire): they travel as plain data, come back
+"""The engine's request and result (opals_dsl.plan.wire): they travel as plain data, come back
 equal, and a message in another format version is refused with a sentence that says so."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from opals_dsl import wire
+from opals_dsl.plan import wire
 
 
 def request() -> wire.TaskRequest:

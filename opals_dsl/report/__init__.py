@@ -34,21 +34,16 @@ clocks (``time.time()``), so lanes of different machines are only as aligned as 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..engine import write_atomic
-from ..errors import ReportError, UsageError
+from ..errors import ReportError
 from .analyse import analyse
 from .render import plan_svg, render
 
 if TYPE_CHECKING:
     import networkx as nx
-
-DEFAULT_OUTPUT = "report.html"
-
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """The rows of a trace file and how many lines could not be read (a killed run's last)."""
@@ -70,12 +65,11 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return rows, bad
 
 
-# -- entry points ----------------------------------------------------------------------------
+# -- the page of a state folder --------------------------------------------------------------
 
 
-def write_report(state_dir: str | Path, out_path: str | Path,
-                 plan: nx.DiGraph | None = None) -> Path:
-    """Write the report of the run whose state is in ``state_dir`` to ``out_path``; its path.
+def page(state_dir: str | Path, plan: nx.DiGraph | None = None) -> str:
+    """The report page of the run whose state is in ``state_dir``.
 
     ``plan`` (the plan that ran) adds the pipeline's name and the job-level plan drawing.
     Raises :class:`ReportError` when ``state_dir`` holds no trace.
@@ -94,46 +88,4 @@ def write_report(state_dir: str | Path, out_path: str | Path,
         svg = plan_svg(plan)
         note = None if svg else ("Graphviz's 'dot' program is not installed, so the plan is "
                                  "not drawn (apt-get install graphviz).")
-    page = render(data, svg=svg, source=str(trace), plan_note=note)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(out), page.encode("utf-8"))
-    return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``opf report [FILE | STATE_DIR] [-o PATH]`` to its subparser."""
-    p.add_argument(
-        "file", nargs="?", default=".opf", metavar="FILE | STATE_DIR",
-        help="a pipeline file (its run's state is .opf beside it, or --state) or a run's "
-        "state folder (default: .opf)",
-    )
-    p.add_argument("-o", "--output", metavar="PATH", default=DEFAULT_OUTPUT,
-                   help=f"where to write the HTML page (default: {DEFAULT_OUTPUT})")
-    p.add_argument("--state", metavar="DIR",
-                   help="the run's state folder, when FILE was run with --state")
-    p.add_argument(
-        "--param", "-p", action="append", metavar="NAME=VALUE",
-        help="the parameters FILE was run with (for the plan drawing)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    """``opf report``: write the page, print where it is; 0, or 2 if there is nothing to show."""
-    target = Path(args.file).expanduser()
-    plan = None
-    if target.is_dir():
-        state = target
-    elif target.is_file():
-        from ..api import compile_file
-        from ..cli import parse_params
-
-        plan = compile_file(target, parse_params(getattr(args, "param", None)))
-        state = target.resolve().parent / ".opf"
-    else:
-        raise UsageError(f"{target} is neither a pipeline file nor a run's state folder")
-    if getattr(args, "state", None):
-        state = Path(args.state).expanduser()
-    out = write_report(state, args.output, plan)
-    print(f"opf: report written to {out}")
-    return 0
+    return render(data, svg=svg, source=str(trace), plan_note=note)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import model
+from ..plan import model
 
 if TYPE_CHECKING:
     import networkx as nx

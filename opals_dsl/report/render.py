@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..dot import to_job_dot
+from ..plan.dot import to_job_dot
 from ..units import format_bytes, format_duration
 from .analyse import COPYBACK, EXEC, MACHINE_STAGE, PHASES, TASK_STAGE
 

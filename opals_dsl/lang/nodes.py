@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .source import Span
+from ..source import Span
 
 _SPAN = field(default=None, compare=False, repr=False)
 

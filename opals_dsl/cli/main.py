@@ -16,8 +16,8 @@ from pathlib import Path
 
 import networkx as nx
 
-from . import __version__
-from .errors import OpfError
+from .. import __version__
+from ..errors import OpfError
 
 EXIT_INVALID = 2
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write an HTML report of a run: timeline, summary, plan")
     report.add_arguments(p)
 
-    from . import runcmd
+    from . import run as runcmd
 
     p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
     _add_common(p)
@@ -127,7 +127,7 @@ def _write(text: str, output: str | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .api import compile_file
+    from ..api import compile_file
 
     graph = compile_file(args.file, parse_params(args.param))
     print(f"{args.file}: ok — {summary(graph)}")
@@ -135,9 +135,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .api import compile_file
-    from .dot import to_dot, to_job_dot
-    from .plan import write_json
+    from ..api import compile_file
+    from ..plan.dot import to_dot, to_job_dot
+    from ..plan.graph import write_json
 
     graph = compile_file(args.file, parse_params(args.param))
     status = None
@@ -145,8 +145,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not (args.dot or args.svg) or args.level == "job":
             raise _usage("--status colours the drawing of every task: use it with --dot or "
                          "--svg, without --level job")
-        from .journal import Journal
-        from .runcmd import state_dir
+        from ..run.journal import Journal
+        from .run import state_dir
 
         status = Journal.read(state_dir(args), graph, checksum=args.checksum).node_status()
     if args.json:  # streamed: a plan of 100,000 tasks is never one string in memory
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import report
 
             return report.main(args)
-        from . import runcmd
+        from . import run as runcmd
 
         return runcmd.main(args)
     except OpfError as exc:

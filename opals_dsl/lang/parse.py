@@ -20,9 +20,9 @@ from importlib import resources
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
+from ..errors import Diagnostic, OpfSyntaxError
+from ..source import SourceFile, Span
 from . import nodes as n
-from .errors import Diagnostic, OpfSyntaxError
-from .source import SourceFile, Span
 from .words import parse_template, split_run_line, string_chars
 
 #: soft keywords: names wherever a name is expected

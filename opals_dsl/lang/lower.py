@@ -26,21 +26,22 @@ from __future__ import annotations
 import fnmatch
 import gc
 import glob as globmod
-import io
-import json
 import os
 import posixpath
 import re
 import shlex
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from json.encoder import encode_basestring
 from operator import attrgetter
 from pathlib import PurePosixPath
-from typing import Any, TextIO
+from typing import Any
 
 import networkx as nx
 
+from ..errors import PlanError
+from ..plan import model
+from ..plan.graph import add_chain
+from ..source import SourceFile, Span
 from . import nodes as n
 from .check import (
     CTX_JOB,
@@ -53,8 +54,6 @@ from .check import (
     Scope,
     job_dependencies,
 )
-from .errors import PlanError
-from .source import SourceFile, Span
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = re.compile(r"[*?\[]")
@@ -406,7 +405,7 @@ class Planner:
         self.job_name = jname
         scope = Scope(self.pipeline, job, self.params)
         values = self._guarded(lambda: self.task_values(job, scope), None)
-        machine = f"stage:{jname}"
+        machine = model.machine_stage_id(jname)
 
         # Job Prephase: shared files by base name in the job folder
         shared_files: list[list[str]] = []
@@ -483,9 +482,7 @@ class Planner:
                         for s in steps]
 
         g = self.graph
-        node, succ, pred = g._node, g._succ, g._pred
-        _add_node(g, machine, {"kind": "stage", "scope": "machine", "job": jname, "task": None,
-                               "affinity": None, "files": shared_files})
+        add_chain(g, [(machine, model.machine_stage_attrs(jname, shared_files))])
         published: dict[tuple[str, str], list[str]] = {
             o[3]: [] for cs in steps for o in cs.outs if not o[4]
         }
@@ -519,7 +516,7 @@ class Planner:
                     continue
                 gather_locals[local] = dest
                 gather_files.append([dest, local])
-            gather_edges.extend(f"copyback:{gj}/{utid}" for utid in up_tasks)
+            gather_edges.extend(model.copyback_id(gj, utid) for utid in up_tasks)
         gather_edges = list(dict.fromkeys(gather_edges))
         waits = set(gather_edges)  # the copy-backs every task of the job waits for
         upstream_cb: str | None = None
@@ -534,9 +531,9 @@ class Planner:
                 stem = _attr(vtext, "stem")
             t = _TaskCtx(jname, tid, value, {}, vtext, vpath, stem)
             if up_job is not None:
-                upstream_cb = f"copyback:{up_job}/{value.upstream}"
+                upstream_cb = model.copyback_id(up_job, value.upstream)
             key = (jname, tid)
-            stage_id = f"stage:{jname}/{tid}"
+            stage_id = model.task_stage_id(jname, tid)
             stage_files: list[list[str]] = []
             local_src: dict[str, str] = {}  # this task's own staged files: local -> source
             if stage_var and value.file is not None:
@@ -620,10 +617,9 @@ class Planner:
                 argv, call = cs.action(t)
                 inputs = self.step_inputs(cs, t, in_locals)
                 execs.append((
-                    f"exec:{jname}/{tid}/{sname}",
-                    {"kind": "exec", "job": jname, "task": tid, "step": sname, "affinity": key,
-                     "index": k, "argv": argv, "call": call, "inputs": inputs,
-                     "outputs": out_locals, "temp": temps},
+                    model.exec_id(jname, tid, sname),
+                    model.exec_attrs(jname, tid, sname, key, k, argv, call, inputs, out_locals,
+                                     temps),
                 ))
             for local in produced:
                 if local in local_src or local in gather_locals:
@@ -631,26 +627,13 @@ class Planner:
                                "overwritten by an output of the same name; rename the output",
                                job)
 
-            # the task's chain, written straight into the graph (see _add_node)
-            _add_node(g, stage_id, {"kind": "stage", "scope": "task", "job": jname, "task": tid,
-                                    "affinity": key, "index": index, "retries": retries,
-                                    "files": stage_files})
-            _add_edge(succ, pred, machine, stage_id)
-            prev = stage_id
-            for nid, attrs in execs:
-                node[nid] = attrs
-                succ[nid] = {}
-                pred[nid] = {prev: {}}
-                succ[prev][nid] = pred[nid][prev]
-                prev = nid
-            cb = f"copyback:{jname}/{tid}"
-            _add_node(g, cb, {"kind": "copyback", "job": jname, "task": tid, "affinity": key,
-                              "files": copy_files})
-            _add_edge(succ, pred, prev, cb)
-            if upstream_cb is not None:
-                _add_edge(succ, pred, upstream_cb, stage_id)
-            for u in gather_edges:
-                _add_edge(succ, pred, u, stage_id)
+            waits = [machine] if upstream_cb is None else [machine, upstream_cb]
+            add_chain(g, [
+                (stage_id, model.task_stage_attrs(jname, tid, key, index, retries, stage_files)),
+                *execs,
+                (model.copyback_id(jname, tid),
+                 model.copyback_attrs(jname, tid, key, copy_files)),
+            ], waits + gather_edges)
         self.jobs[jname] = _JobPlan(ids, published)
 
     def out_local(self, text: str, o: n.Out, t: _TaskCtx) -> str:
@@ -676,7 +659,7 @@ class Planner:
         ``upstream``)."""
         claim = self.destinations.get(src)
         if claim is not None:
-            cb = f"copyback:{claim[0]}/{claim[1]}"
+            cb = model.copyback_id(claim[0], claim[1])
             if cb != upstream and cb not in waits:
                 self.error(span, _reads_output(src, job, task, claim), decl)
         if src not in self.readers:
@@ -744,7 +727,7 @@ class Planner:
                 kwargs = dict(fixed)
                 for k, getv in varying:
                     kwargs[k] = getv(t)
-                return None, {"function": target, "kwargs": kwargs}
+                return None, model.call_attrs(target, kwargs)
 
             return call
         assert isinstance(action, n.Run)
@@ -868,12 +851,11 @@ class Planner:
             self._file_bindings: list[Binding] = []
             self.plan_job(job)
         g = self.graph
-        g.graph.update(
-            pipeline=self.name,
-            root=self.root,
-            params={k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
-            jobs=[j.name.value for j in self.pipeline.jobs],
-        )
+        g.graph.update(model.graph_attrs(
+            self.name, self.root,
+            {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
+            [j.name.value for j in self.pipeline.jobs],
+        ))
         if self.c.diagnostics:
             raise PlanError(self.c.diagnostics)
         return g
@@ -929,23 +911,6 @@ def _reads_output(src: str, job: str, task: str | None,
     )
 
 
-# Nodes and edges are written straight into the graph's dicts (networkx's documented layout:
-# ``_node`` holds each node's attribute dict, ``_succ``/``_pred`` its neighbours with the edge
-# attribute dict shared by both). ``add_node(n, **attrs)`` and ``add_nodes_from`` copy every
-# attribute dict twice; at 100,000 tasks that is a quarter of the time spent planning.
-
-
-def _add_node(g: nx.DiGraph, nid: str, attrs: dict) -> None:
-    g._node[nid] = attrs
-    g._succ[nid] = {}
-    g._pred[nid] = {}
-
-
-def _add_edge(succ: dict, pred: dict, u: str, v: str) -> None:
-    if v not in succ[u]:
-        succ[u][v] = pred[v][u] = {}
-
-
 def _no_action(t: _TaskCtx) -> tuple[list[str], None]:
     return [], None
 
@@ -976,54 +941,3 @@ def build_plan(
     finally:
         if collecting:
             gc.enable()
-
-
-def json_chunks(graph: nx.DiGraph, batch: int = 64) -> Iterator[str]:
-    """The plan as networkx node-link JSON (``nx.node_link_data(graph, edges="edges")``,
-    compact, UTF-8 text), in pieces: the same text as one ``json.dumps`` of it, without
-    building the whole document in memory first.
-
-    Nodes are encoded a few dozen at a time: small batches stay in the processor's cache,
-    which makes the whole twice as fast as a few large ones."""
-    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-    directed = "true" if graph.is_directed() else "false"
-    yield f'{{"directed":{directed},"multigraph":false,"graph":{encode(graph.graph)},"nodes":['
-    nodes = list(graph.nodes)
-    for k in range(0, len(nodes), batch):
-        part = [{**graph._node[v], "id": v} for v in nodes[k : k + batch]]
-        yield ("," if k else "") + encode(part)[1:-1]
-    yield '],"edges":['
-    quote = encode_basestring  # a JSON string literal, non-ASCII kept
-    rows: list[str] = []
-    first = True
-    for u, nbrs in graph._succ.items():
-        for v, d in nbrs.items():
-            if d:
-                rows.append(encode({**d, "source": u, "target": v}))
-            else:
-                rows.append(f'{{"source":{quote(u)},"target":{quote(v)}}}')
-        if len(rows) >= 16 * batch:
-            yield ("" if first else ",") + ",".join(rows)
-            first, rows = False, []
-    if rows:
-        yield ("" if first else ",") + ",".join(rows)
-    yield "]}\n"
-
-
-def write_json(graph: nx.DiGraph, out: TextIO) -> None:
-    """Write the plan as node-link JSON to a text stream (see :func:`json_chunks`)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        for chunk in json_chunks(graph):
-            out.write(chunk)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def to_json(graph: nx.DiGraph) -> str:
-    """The plan as node-link JSON text, ending in a newline."""
-    buf = io.StringIO()
-    write_json(graph, buf)
-    return buf.getvalue()

@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cluster import ClusterOptions, open_cluster, stop_leftover_cluster
-from .errors import ClusterError, OpfError
-from .journal import Journal
-from .progress import Progress, decision_lines
-from .runtime import (
+from ..errors import ClusterError, OpfError
+from ..run.cluster import ClusterOptions, open_cluster, stop_leftover_cluster
+from ..run.journal import Journal
+from ..run.progress import Progress, decision_lines
+from ..run.runtime import (
     Listeners,
     LocalExecutor,
     RunSummary,
@@ -193,8 +193,8 @@ class _Interrupts:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from .api import compile_file
-    from .cli import parse_params
+    from ..api import compile_file
+    from .main import parse_params
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ClusterError
 from .engine import write_atomic
-from .errors import ClusterError
 from .runtime import EngineInfo
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
@@ -103,8 +103,8 @@ class EngineCall:
         return self.target.rpartition(":")[2]
 
 
-RUN_TASKS = EngineCall("opals_dsl.engine:run_tasks")
-PREPARE = EngineCall("opals_dsl.cluster:prepare_engine")
+RUN_TASKS = EngineCall("opals_dsl.run.engine:run_tasks")
+PREPARE = EngineCall("opals_dsl.run.cluster:prepare_engine")
 
 
 def prepare_engine(scratch: str | None) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def prepare_engine(scratch: str | None) -> dict[str, Any]:
         shell = get_ipython()
         if shell is not None:
             shell.run_line_magic("colors", "nocolor")
-    from opals_dsl import engine
+    from opals_dsl.run import engine
 
     return engine.identify(scratch)
 

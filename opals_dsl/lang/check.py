@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from ..errors import Diagnostic
+from ..source import SourceFile
 from . import nodes as n
-from .errors import Diagnostic
 from .parse import RESERVED
-from .source import SourceFile
 
 FILE_ATTRS = ("name", "stem", "suffix", "parent")
 _INT = re.compile(r"[-+]?[0-9]+")
