@@ -71,11 +71,17 @@ Failures
     into a file.
 
 Atomic copies
-    :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<random hex>`` beside the destination,
-    flushes it to disk, renames it over the destination and flushes the folder: a destination is
-    either as before or complete, never truncated. On any error the temporary is removed and the
-    error raised again. :func:`is_temp_name` recognises such temporaries, so that those left by a
-    killed run can be cleared.
+    :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
+    destination (8 hex digits each: a hash of the host name, the process id, random; ``name`` is
+    cut short, by bytes, where the whole would exceed the folder's name limit, at most 255
+    bytes), flushes it to disk, renames it over the destination and flushes the folder: a
+    destination is either as before or complete, never truncated. The writer holds an exclusive
+    ``flock`` on the temporary from its creation until after the rename. On any error the
+    temporary is removed and the error raised again. :func:`is_temp_name` recognises such
+    temporaries; :func:`remove_abandoned_temporaries` removes those of a folder whose writer is
+    provably gone (nobody holds the lock, and a writer of this host no longer runs; one of
+    another host must also be unchanged for :data:`FOREIGN_GRACE` seconds), never one that is
+    still being written.
 """
 
 from __future__ import annotations
@@ -103,14 +109,20 @@ from typing import Any
 
 #: a temporary file's name starts with this prefix ...
 TEMP_PREFIX = "."
-#: ... and holds this tag, followed by random hex digits
+#: ... and holds this tag, followed by hex digits: its writer's host (8), process id (8) and
+#: 8 random ones
 TEMP_TAG = ".opf-tmp-"
+#: a temporary written on another host is removed only when nobody holds its lock and it has
+#: not changed for this long (seconds): a shared drive may not show one host's locks to another
+FOREIGN_GRACE = 3600.0
 #: the file in a job folder that says its shared files are complete, and for which file set
 MARKER = ".opf-staged"
 #: how many lines of a failed step's log are reported
 TAIL_LINES = 20
 
 _TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
+_OWNER_RE = re.compile(r"\.opf-tmp-([0-9a-f]{8})([0-9a-f]{8})[0-9a-f]{8}\Z")
+_NAME_MAX = 255  # bytes in a file name, where the file system does not say
 _TAIL_BYTES = 64 * 1024
 
 # (scratch, pipeline, job) -> key of the shared file set this process saw staged there
@@ -162,21 +174,183 @@ def atomic_copy(src: str, dst: str) -> int:
     return size
 
 
+def remove_abandoned_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries in ``folder`` whose writer is provably gone; return their paths.
+
+    A temporary is abandoned when nobody holds its lock (its writer holds one until the rename)
+    and, for one written on this host, its writer's process is gone; for one written on another
+    host, when nobody holds its lock and it has not changed for :data:`FOREIGN_GRACE` seconds.
+    Temporaries that name no writer (older versions of opf) go when nobody holds their lock.
+    Everything else, and every file that is not a temporary, stays.
+    """
+    try:
+        with os.scandir(folder) as entries:
+            found = [e.path for e in entries
+                     if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    return [path for path in sorted(found) if _remove_if_abandoned(path)]
+
+
 @contextlib.contextmanager
-def _replacing(dst: str) -> Iterator[str]:
+def _replacing(dst: str, mode: int = 0o666) -> Iterator[str]:
     """A temporary path beside ``dst``: what the block writes there (flushed by the block) is
     renamed into place when it ends and the folder is flushed; on any error the temporary is
-    removed instead and ``dst`` stays as it was."""
+    removed instead and ``dst`` stays as it was.
+
+    The temporary exists (empty, created with ``mode``) when the block starts, and this process
+    holds an exclusive ``flock`` on it until after the rename: that lock is what tells
+    :func:`remove_abandoned_temporaries` that it is still being written.
+    """
     folder, name = os.path.split(dst)
-    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_TAG}{secrets.token_hex(8)}")
+    tmp, fd = _create_temporary(folder, name, mode)
     try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        try:
+            yield tmp
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(fd)  # releases the lock, once the temporary has its final name (or none)
     _fsync_folder(folder)
+
+
+def _temp_path(folder: str, name: str) -> str:
+    """A fresh temporary name for ``name`` in ``folder``: ``.<name>.opf-tmp-<owner><random>``,
+    the name cut short (by bytes) where the whole would not fit the file system's name limit."""
+    tag = f"{TEMP_TAG}{_host_tag()}{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+    raw = os.fsencode(name)
+    room = _name_max(folder) - len(os.fsencode(TEMP_PREFIX + tag))
+    if len(raw) > room:
+        raw = raw[:max(room, 1)]
+    return os.path.join(folder, TEMP_PREFIX + os.fsdecode(raw) + tag)
+
+
+def _create_temporary(folder: str, name: str, mode: int) -> tuple[str, int]:
+    """Create a new temporary for ``name`` in ``folder`` and lock it; its path and descriptor."""
+    while True:
+        tmp = _temp_path(folder, name)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:  # the random part repeated: draw again
+            continue
+        try:
+            # only a sweeper looking at it can hold it now, for a moment; where the file
+            # system cannot lock, the owner in the name is what proves it alive
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(tmp, fd):
+                return tmp, fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # a sweeper took it for abandoned before the lock: take another name
+
+
+def _remove_if_abandoned(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:  # its writer holds it
+            return False
+        except OSError:  # this file system cannot lock
+            locked = False
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and _same_file(path, fd)):
+            return False
+        if not _abandoned(os.path.basename(path), locked, st.st_mtime):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _abandoned(name: str, locked: bool, mtime: float) -> bool:
+    """Is the temporary ``name`` proven abandoned? ``locked``: this process holds its lock
+    (False where the file system cannot lock; a temporary whose lock is held by another process
+    never gets here)."""
+    owner = _OWNER_RE.search(name)
+    if owner is None:  # written before temporaries named their writer
+        return locked
+    if owner.group(1) == _host_tag():  # nobody holds it, and its writer is gone
+        return not _alive_since(int(owner.group(2), 16), mtime)
+    return locked and time.time() - mtime > FOREIGN_GRACE
+
+
+def _alive_since(pid: int, mtime: float) -> bool:
+    """Might process ``pid`` of this host be the one that last wrote a file at ``mtime``?
+
+    False when no such process runs, when it is a zombie, or when it started after the file
+    was last written (its id was reused); True when it cannot be told."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        pass
+    info = _process_start(pid)
+    if info is None:
+        return True
+    state, started = info
+    if state in ("Z", "X"):
+        return False
+    return started is None or started <= mtime + 2.0  # the start time is known to ~1 s
+
+
+def _process_start(pid: int) -> tuple[str, float | None] | None:
+    """A process's state letter and start time (seconds since the epoch), from ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        state, ticks = fields[0].decode(), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return state, boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return state, None
+
+
+def _same_file(path: str, fd: int) -> bool:
+    """Does ``path`` still name the file open as ``fd``?"""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+_HOST_TAG: list[str] = []
+
+
+def _host_tag() -> str:
+    """8 hex digits for this host in temporaries' names."""
+    if not _HOST_TAG:
+        _HOST_TAG.append(hashlib.sha256(socket.gethostname().encode(
+            "utf-8", "surrogateescape")).hexdigest()[:8])
+    return _HOST_TAG[0]
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return min(int(os.pathconf(folder, "PC_NAME_MAX")), _NAME_MAX)
+    except (OSError, ValueError, TypeError):
+        return _NAME_MAX
 
 
 def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -760,8 +934,8 @@ def _file_in_the_way(folder: str) -> str | None:
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it only ever appears complete (as :func:`atomic_copy`
     does): a temporary beside it, flushed to disk, renamed into place."""
-    with _replacing(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with _replacing(path, 0o644) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
         try:
             view = memoryview(data)
             while view:

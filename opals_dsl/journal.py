@@ -213,13 +213,9 @@ class Journal(RunListener):
     def _open_for_append(self) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        from .engine import is_temp_name
+        from .engine import remove_abandoned_temporaries
 
-        with os.scandir(folder) as entries:  # a compaction that was killed
-            for entry in entries:
-                if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+        remove_abandoned_temporaries(str(folder))  # of a compaction that was killed
         stale = self.lines_read - len(self.records)
         if (not self._header_ok or self.bad_lines or stale > len(self.records)) and (
                 self.records or self.path.exists()):

@@ -11,8 +11,11 @@ the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipypara
 its record, and ``run.lock``, which keeps two runs from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
-in the destination folders), then asks the journal which tasks are unchanged: those are skipped
-(``--force`` runs everything); if none is left to run, no embedded cluster is started.
+in the destination folders that nobody writes any more — those of another run that is still
+copying stay; the same clearing is done as soon as an engine is lost, for the folders of the
+tasks it held, and once more when the run ends), then asks the journal which tasks are
+unchanged: those are skipped (``--force`` runs everything); if none is left to run, no embedded
+cluster is started.
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
 ``--retries N`` replaces every job's ``retries``. Ctrl-C or SIGTERM stops submitting and
 interrupts the running steps; what finished is in the journal; a second one stops at once. The
@@ -40,6 +43,7 @@ from .runtime import (
     LocalExecutor,
     RunSummary,
     Scheduler,
+    TemporarySweeper,
     plan_tasks,
     remove_stale_temporaries,
 )
@@ -263,7 +267,8 @@ def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progres
     def schedule(executor: Any) -> RunSummary:
         scheduler = Scheduler(
             plan, executor, state_dir=state, scratch=scratch, keep_going=keep_going,
-            skip=journal.skip, listener=Listeners([journal, progress]), retries=retries,
+            skip=journal.skip, listener=Listeners([journal, progress, TemporarySweeper(plan)]),
+            retries=retries,
             checksum=journal.checksum, tasks=(journal.tasks, journal.deps),
         )
         interrupts.scheduler = scheduler
@@ -274,4 +279,5 @@ def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progres
     with open_cluster(options, state, scratch=scratch) as executor:
         summary = schedule(executor)
         interrupts.closing = True
+    remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
     return summary

@@ -471,29 +471,44 @@ def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str 
     }
 
 
-def remove_stale_temporaries(plan: nx.DiGraph) -> list[str]:
-    """Remove the temporaries a killed run left in the destination folders; return their paths."""
-    from .engine import is_temp_name
-
+def destination_folders(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None) -> list[str]:
+    """The folders the copy-backs of ``tasks`` (default: every task) write into, sorted."""
     root = plan.graph["root"]
+    if tasks is None:
+        nodes = (data for _, data in plan.nodes(data=True) if data.get("kind") == "copyback")
+    else:
+        nodes = (plan.nodes[t.copyback] for t in tasks if t.copyback in plan.nodes)
     folders = set()
-    for _, data in plan.nodes(data=True):
-        if data.get("kind") == "copyback":
-            for _, dest in data.get("files") or ():
-                folders.add(os.path.dirname(os.path.join(root, dest)))
+    for data in nodes:
+        for _, dest in data.get("files") or ():
+            folders.add(os.path.dirname(os.path.join(root, dest)))
+    return sorted(folders)
+
+
+def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None
+                             ) -> list[str]:
+    """Remove the temporaries that killed copy-backs left in the destination folders of
+    ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
+    is provably gone are removed (:func:`opals_dsl.engine.remove_abandoned_temporaries`): those
+    another run is still writing stay."""
+    from .engine import remove_abandoned_temporaries
+
     removed = []
-    for folder in sorted(folders):
-        try:
-            with os.scandir(folder) as entries:
-                stale = [e.path for e in entries
-                         if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
-        except OSError:
-            continue
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
+    for folder in destination_folders(plan, tasks):
+        removed += remove_abandoned_temporaries(folder)
     return removed
+
+
+class TemporarySweeper(RunListener):
+    """Removes what a copy-back left behind as soon as its engine is lost: the abandoned
+    temporaries in the destination folders of the tasks that engine held."""
+
+    def __init__(self, plan: nx.DiGraph) -> None:
+        self.plan = plan
+
+    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+        with contextlib.suppress(OSError):
+            remove_stale_temporaries(self.plan, tasks)
 
 
 # -- the trace -------------------------------------------------------------------------------
@@ -1025,7 +1040,8 @@ def run_plan(
     force: bool = False,
     **policy: Any,
 ) -> RunSummary:
-    """Run ``plan`` on ``executor``: clear stale temporaries, schedule, write the trace.
+    """Run ``plan`` on ``executor``: clear abandoned temporaries (before, when an engine is
+    lost, and after), schedule, write the trace.
 
     ``state_dir`` receives ``trace.jsonl`` and ``logs/<job>/<task>/<step>.log``; ``scratch``
     overrides the engines' scratch root (default: the executor's ``scratch``, if it has one).
@@ -1035,6 +1051,7 @@ def run_plan(
     ``engine_wait``, ``interrupt_wait``, ``retries``).
     """
     remove_stale_temporaries(plan)
+    listener = Listeners([TemporarySweeper(plan), listener])
     if journal is not None:
         journal.decide(force=force)
         skip = journal.skip
@@ -1043,4 +1060,6 @@ def run_plan(
         policy.setdefault("tasks", (journal.tasks, journal.deps))
     scheduler = Scheduler(plan, executor, state_dir=state_dir, scratch=scratch,
                           keep_going=keep_going, skip=skip, listener=listener, **policy)
-    return scheduler.run()
+    summary = scheduler.run()
+    remove_stale_temporaries(plan)  # of engines lost on the way, once they are gone
+    return summary
