@@ -9,29 +9,36 @@ Folders
     Every engine works below a scratch root: the request's ``scratch`` if given, else
     ``$OPF_SCRATCH`` on the engine, else the system temp folder, resolved to an absolute real path
     (:func:`identify` reports it). A job's shared files live in the *job folder*
-    ``<scratch>/opf/<pipeline>/<job>/``; each task works in ``<job folder>/<task id>/``, so a
-    command sees the shared files as ``../<name>``. A machine is "host name + scratch root":
-    engines with the same pair share job folders.
+    ``<scratch>/opf/<pipeline>/<job>/<key>/``, where ``<key>`` is 16 hex digits of a hash of
+    what is in it (the pipeline folder, and each shared file's source path, size, modification
+    time and name): one folder per content, so runs that stage different shared files (other
+    params, another project with the same pipeline name) never share one. Each task works in
+    ``<job folder>/<task id>/``, so a command sees the shared files as ``../<name>``. A machine
+    is "host name + scratch root": engines with the same pair share job folders.
 
 The four phases of a task, each a node of the plan with one row in the result's ``trace``
-    1. *Machine stage* (``stage:JOB``, the Job Prephase). Under an exclusive ``flock`` on
-       ``<scratch>/opf/<pipeline>/.<job>.lock``, the marker file ``<job folder>/.opf-staged`` is
-       compared with a key of the shared file set (each source's path, size and modification time
-       and its name in the job folder). Equal: nothing to do, status ``cached``. Otherwise the
-       marker is removed, temporaries of a killed stage are cleared, each shared file is copied
-       in through a temporary name and renamed into place, and the marker is written last, so an
-       interrupted stage never looks finished; status ``done``. Concurrent engines of a machine
-       therefore copy once: the first does the work, the others wait on the lock and find the
-       marker. Once an engine has seen the stage finished for a key it remembers that and only
-       re-checks the source files' stat and that the marker still exists.
+    1. *Machine stage* (``stage:JOB``, the Job Prephase). The key of the shared file set picks
+       the job folder. The engine takes a shared ``flock`` on
+       ``<scratch>/opf/<pipeline>/<job>/.<key>.lock`` and keeps it until it needs another job
+       folder of this job or ends, so a folder is never removed while an engine uses it. If the
+       marker file ``<job folder>/.opf-staged`` holds the (full) key, there is nothing to do:
+       status ``cached``. Otherwise, under an exclusive lock on
+       ``<scratch>/opf/<pipeline>/.<job>.lock`` (and if the marker still does not hold the key),
+       the marker is removed, temporaries of a killed stage are cleared, each shared file is
+       copied in through a temporary name and renamed into place (a source that changes while
+       it is copied fails the stage), and the marker is written last, so an interrupted stage
+       never looks finished; status ``done``. Concurrent engines of a machine therefore copy
+       once: the first does the work, the others wait on the lock and find the marker. After
+       staging, the job's other job folders that no engine holds (their lock can be taken
+       exclusively at once) are removed, their marker first.
     2. *Task stage* (``stage:JOB/TASK``, the Task Prephase). Every path is checked first: the
        task folder must be one folder inside the job folder, and every ``local``, every declared
        output and every copy-back source must lie inside the task folder (shared names inside
        the job folder); a request that breaks this is refused with failure kind ``stage``. The
-       task then takes an exclusive lock (``<scratch>/opf/<pipeline>/.<job>.tasks/<task id>``,
-       held until its copy-back is done): an engine of the same machine still running the same
-       task — work a killed driver had handed out, or an engine taken for lost — is waited for,
-       never run over. A leftover task folder of an earlier attempt is removed, the folder is
+       task then takes an exclusive lock (``<pipeline>/<job>/.<key>.tasks/<task id>``, held
+       until its copy-back is done): an engine of the same machine still running the same task
+       — work a killed driver had handed out, or an engine taken for lost — is waited for, never
+       run over. A leftover task folder of an earlier attempt is removed, the folder is
        created and every input is copied to its ``local`` path (subfolders such as
        ``dem/strip11/`` are created). Each input is checked before and after its copy: one that
        changes meanwhile (still being written) fails the stage, so a step never reads a torn
@@ -63,12 +70,12 @@ Failures
     node failed, of what ``kind`` (``stage``, ``not-found``, ``exit``, ``exception``,
     ``missing-output``, ``copyback``), the return code when there is one, a one-sentence message,
     the log file, its last lines (decoded as UTF-8, undecodable bytes replaced) and the kept task
-    folder. Each trace row holds ``node``, ``kind``, ``start``/``end`` (``time.time()``),
-    ``status`` (``done``, ``cached`` or ``failed``) and ``bytes`` (bytes copied by a stage or
-    copy-back node, the size of the declared outputs for an exec node); the row of the node that
-    failed also holds the failure's ``returncode`` and ``message``. A full disk (or quota, or file
-    size limit) is named as such in the message, and so is a destination whose folder path runs
-    into a file.
+    folder (None when the task had none yet). Each trace row holds ``node``, ``kind``,
+    ``start``/``end`` (``time.time()``), ``status`` (``done``, ``cached`` or ``failed``) and
+    ``bytes`` (bytes copied by a stage or copy-back node, the size of the declared outputs for an
+    exec node); the row of the node that failed also holds the failure's ``returncode`` and
+    ``message``. A full disk (or quota, or file size limit) is named as such in the message, and
+    so is a destination whose folder path runs into a file.
 
 Atomic copies
     :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
@@ -123,10 +130,14 @@ TAIL_LINES = 20
 _TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
 _OWNER_RE = re.compile(r"\.opf-tmp-([0-9a-f]{8})([0-9a-f]{8})[0-9a-f]{8}\Z")
 _NAME_MAX = 255  # bytes in a file name, where the file system does not say
+_KEY_LEN = 16  # hex digits of the shared files' key in a job folder's name
+_KEY_LOCK_RE = re.compile(rf"\.([0-9a-f]{{{_KEY_LEN}}})\.lock\Z")
 _TAIL_BYTES = 64 * 1024
 
-# (scratch, pipeline, job) -> key of the shared file set this process saw staged there
-_STAGED: dict[tuple[str, str, str], str] = {}
+# a job's folder of folders -> (short key, descriptor) of the job folder this process holds a
+# shared lock on (see _Task.use_job_folder), the most recently used last; at most _HOLD_MAX
+_HELD: dict[str, tuple[str, int]] = {}
+_HOLD_MAX = 64
 # module imported for a call -> (its file, size, mtime_ns) when it was imported
 _MODULES: dict[str, tuple[str, int, int]] = {}
 # absolute scratch base as given -> resolved real path
@@ -144,6 +155,14 @@ def identify(scratch: str | None = None) -> dict[str, Any]:
         "machine": f"{host}:{root}",
         "python": sys.executable,
     }
+
+
+def job_folder(request: dict[str, Any]) -> str:
+    """The job folder the task ``request`` would use on this engine, for its shared files as
+    they are now (the folder need not exist)."""
+    task = _Task(request, socket.gethostname())
+    task.pick_job_folder(f"stage:{task.job}", request.get("machine_stage") or {})
+    return task.job_dir
 
 
 def is_temp_name(name: str) -> bool:
@@ -405,7 +424,9 @@ class _Task:
         self.root = os.path.abspath(req.get("root") or os.getcwd())
         self.scratch = _scratch_root(req.get("scratch"))
         self.pipeline_dir = os.path.join(self.scratch, "opf", self.pipeline)
-        self.job_dir = os.path.join(self.pipeline_dir, self.job)
+        # the job's folders, one per content of its shared files; the machine stage picks one
+        self.jobs_dir = os.path.join(self.pipeline_dir, self.job)
+        self.job_dir = self.jobs_dir
         self.task_dir = os.path.join(self.job_dir, self.task)
         logs = req.get("logs")
         self.logs = (
@@ -486,7 +507,7 @@ class _Task:
             "message": message,
             "log": log,
             "tail": _tail(log) if log else [],
-            "task_dir": self.task_dir,
+            "task_dir": self.task_dir if os.path.isdir(self.task_dir) else None,
         })
 
     def unexpected(self, exc: Exception) -> dict[str, Any]:
@@ -507,53 +528,107 @@ class _Task:
         spec = self.req.get("machine_stage") or {}
         node = spec.get("node") or f"stage:{self.job}"
         row = self.open_row(node, "stage")
-        for what, name in (("pipeline", self.pipeline), ("job", self.job)):
-            if not _is_component(name):
-                raise self.fail(node, "stage", f"the {what} name {name!r} cannot be a folder name")
-        pairs: list[tuple[str, str]] = []
-        for src, name in spec.get("files") or ():
-            dst = _inside(self.job_dir, name)
-            if dst is None or dst == os.path.join(self.job_dir, MARKER) or is_temp_name(name):
-                raise self.fail(
-                    node, "stage",
-                    f"shared file name {name!r} does not lie inside the job folder {self.job_dir}",
-                )
-            pairs.append((os.path.join(self.root, src), dst))
-        key = self.shared_key(node, pairs)
-        marker = os.path.join(self.job_dir, MARKER)
-        cache = (self.scratch, self.pipeline, self.job)
-        if _STAGED.get(cache) == key and os.path.exists(marker):
-            self.close_row(row, "cached")
-            return
+        pairs, key = self.pick_job_folder(node, spec)
         try:
-            os.makedirs(self.pipeline_dir, exist_ok=True)
-            lock = os.open(os.path.join(self.pipeline_dir, f".{self.job}.lock"),
-                           os.O_RDWR | os.O_CREAT, 0o666)
+            status, nbytes = self.use_job_folder(node, pairs, key)
         except OSError as exc:
-            raise self.fail(node, "stage", f"cannot create the job folder's lock in "
-                                           f"{self.pipeline_dir}: {_os_reason(exc)}") from exc
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if _read_text(marker) == key:
-                status, nbytes = "cached", 0
-            else:
-                status, nbytes = "done", self.copy_shared(node, pairs, marker, key)
-        finally:
-            os.close(lock)  # releases the lock
-        _STAGED[cache] = key
+            raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
+                                           f"{_os_reason(exc, 'scratch')}") from exc
         self.result["bytes_staged"] += nbytes
         self.close_row(row, status, nbytes)
 
-    def shared_key(self, node: str, pairs: list[tuple[str, str]]) -> str:
-        parts = ["opf-stage-1"]
+    def pick_job_folder(self, node: str, spec: dict[str, Any]
+                        ) -> tuple[list[tuple[str, str]], str]:
+        """Set ``job_dir`` and ``task_dir`` to the folders for this content of the shared files;
+        the ``(source, destination)`` pairs to stage and the content's key."""
+        for what, name in (("pipeline", self.pipeline), ("job", self.job)):
+            if not _is_component(name):
+                raise self.fail(node, "stage", f"the {what} name {name!r} cannot be a folder name")
+        names: list[tuple[str, str]] = []
+        for src, name in spec.get("files") or ():
+            dst = _inside(self.jobs_dir, name)
+            if dst is None or dst == os.path.join(self.jobs_dir, MARKER) or is_temp_name(name):
+                raise self.fail(
+                    node, "stage",
+                    f"shared file name {name!r} does not lie inside the job folder {self.jobs_dir}",
+                )
+            names.append((os.path.join(self.root, src), dst[len(self.jobs_dir) + 1:]))
+        key = self.shared_key(node, names)
+        short = key[:_KEY_LEN]
+        self.job_dir = os.path.join(self.jobs_dir, short)
+        self.task_dir = os.path.join(self.job_dir, self.task)
+        return [(src, os.path.join(self.job_dir, name)) for src, name in names], key
+
+    def use_job_folder(self, node: str, pairs: list[tuple[str, str]],
+                       key: str) -> tuple[str, int]:
+        """Make sure this engine holds a shared lock on this content's job folder, staging the
+        shared files first if they are not complete there; the status and bytes copied.
+
+        ``<jobs>/.<short key>.lock`` is held shared by every engine that uses the folder, from
+        its first task there until it needs another content of the job's shared files or ends;
+        it is taken exclusively, and only without waiting, to remove the folder
+        (:func:`_remove_unused_job_folders`). Staging itself is serialised by
+        ``<pipeline>/.<job>.lock``. A folder's content does not change once its marker is
+        written, so a task that saw the marker under the shared lock can use the files.
+        """
+        short = os.path.basename(self.job_dir)
+        marker = os.path.join(self.job_dir, MARKER)
+        lock_path = os.path.join(self.jobs_dir, f".{short}.lock")
+        held = _HELD.pop(self.jobs_dir, None)
+        if held is not None and (held[0] != short or not _same_file(lock_path, held[1])):
+            os.close(held[1])  # other content now, or the scratch folder was cleared
+            held = None
+        if held is not None:
+            _HELD[self.jobs_dir] = held  # the most recently used, last
+        else:
+            os.makedirs(self.jobs_dir, exist_ok=True)
+            while True:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if _same_file(lock_path, fd):
+                    break
+                os.close(fd)  # the folder was removed meanwhile: lock the new one
+            _HELD[self.jobs_dir] = (short, fd)
+            while len(_HELD) > _HOLD_MAX:  # an engine that served many jobs lets the oldest go
+                os.close(_HELD.pop(next(iter(_HELD)))[1])
+        if _marker_holds(marker, key):
+            return "cached", 0
+        nbytes = self.stage_shared(node, pairs, marker, key)
+        if nbytes is None:
+            return "cached", 0
+        _remove_unused_job_folders(self.jobs_dir, short)
+        return "done", nbytes
+
+    def stage_shared(self, node: str, pairs: list[tuple[str, str]], marker: str,
+                     key: str) -> int | None:
+        """Copy the shared files in under the job's staging lock; None if another engine did it
+        meanwhile."""
+        lock = os.open(os.path.join(self.pipeline_dir, f".{self.job}.lock"),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _marker_holds(marker, key):
+                return None
+            return self.copy_shared(node, pairs, marker, key)
+        finally:
+            os.close(lock)  # releases the lock
+
+    def shared_key(self, node: str, names: list[tuple[str, str]]) -> str:
+        """What a job folder holds: the pipeline folder, and each shared file's source, its
+        size and modification time, and its name in the job folder."""
+        parts = ["opf-stage-2", self.root]
         stats = self.result["shared"] = []
-        for src, dst in pairs:
+        for src, name in names:
             try:
                 st = os.stat(src)
             except OSError as exc:
                 raise self.fail(node, "stage",
                                 f"shared file {src} cannot be read: {_os_reason(exc)}") from exc
-            parts.append(f"{src}\0{dst}\0{st.st_size}\0{st.st_mtime_ns}")
+            parts.append(f"{src}\0{name}\0{st.st_size}\0{st.st_mtime_ns}")
             stats.append([st.st_size, st.st_mtime_ns])
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -570,12 +645,17 @@ class _Task:
             raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
                                            f"{_os_reason(exc)}") from exc
         nbytes = 0
-        for src, dst in pairs:
+        for (src, dst), (size, mtime_ns) in zip(pairs, self.result["shared"], strict=True):
             try:
                 nbytes += atomic_copy(src, dst)
+                after = os.stat(src)
             except OSError as exc:
                 raise self.fail(node, "stage", f"cannot copy shared file {src} to {dst}: "
                                                f"{_os_reason(exc, 'scratch')}") from exc
+            if (after.st_size, after.st_mtime_ns) != (size, mtime_ns):
+                raise self.fail(node, "stage", f"shared file {src} changed while it was being "
+                                               f"copied; it is probably still being written. "
+                                               f"Run again when it is complete")
         try:
             write_atomic(marker, key.encode())
         except OSError as exc:
@@ -589,7 +669,7 @@ class _Task:
         node = spec.get("node") or f"stage:{self.job}/{self.task}"
         row = self.open_row(node, "stage")
         pairs = self.check_paths(node, spec)
-        locks = os.path.join(self.pipeline_dir, f".{self.job}.tasks")
+        locks = os.path.join(self.jobs_dir, f".{os.path.basename(self.job_dir)}.tasks")
         try:
             os.makedirs(locks, exist_ok=True)
             self.task_lock = _lock(os.path.join(locks, self.task))
@@ -879,6 +959,55 @@ def _lock(path: str) -> tuple[str, int]:
         os.close(fd)  # the file was removed by its last holder: lock the new one
 
 
+def _marker_holds(marker: str, key: str) -> bool:
+    """Does the job folder's marker say it is complete for ``key``?"""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, 256) == key.encode()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
+    """Remove the job folders in ``jobs_dir`` (other than ``keep``) that no engine uses: each
+    one whose lock can be taken exclusively at once; return the removed folders."""
+    try:
+        names = sorted(os.listdir(jobs_dir))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _KEY_LOCK_RE.match(name)
+        if match is None or match.group(1) == keep:
+            continue
+        path = os.path.join(jobs_dir, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_file(path, fd):
+                continue
+            folder = os.path.join(jobs_dir, match.group(1))
+            with contextlib.suppress(FileNotFoundError):  # first: it no longer looks complete
+                os.unlink(os.path.join(folder, MARKER))
+            _remove_tree(folder)
+            _remove_tree(os.path.join(jobs_dir, f".{match.group(1)}.tasks"))
+            os.unlink(path)
+            removed.append(folder)
+        except OSError:  # in use (or it cannot be locked, or removed): leave it
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _unlock(path: str, fd: int) -> None:
     with contextlib.suppress(OSError):  # removed while held, so that none piles up
         os.unlink(path)
@@ -957,14 +1086,6 @@ def _fsync_folder(folder: str) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _remove_tree(path: str) -> None:

@@ -88,11 +88,15 @@ class Project:
             "logs": str(self.state / "logs" / job / task),
         }
 
-    def job_dir(self, job: str = "dem", pipeline: str = "strips") -> Path:
-        return Path(os.path.realpath(self.scratch)) / "opf" / pipeline / job
+    def job_dir(self, job: str = "dem", pipeline: str = "strips",
+                shared: list[list[str]] | None = None) -> Path:
+        """The job folder for these shared files as they are now (one per content)."""
+        req = self.request(job=job, pipeline=pipeline, shared=shared)
+        return Path(engine.job_folder(req))
 
-    def task_dir(self, task: str = "strip11", job: str = "dem") -> Path:
-        return self.job_dir(job) / task
+    def task_dir(self, task: str = "strip11", job: str = "dem",
+                 shared: list[list[str]] | None = None) -> Path:
+        return self.job_dir(job, shared=shared) / task
 
 
 @pytest.fixture
@@ -127,11 +131,14 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None,
                           env=full_env, timeout=timeout, check=False)
 
 
+GRID_SHARED = [["cfg/grid.cfg", "grid.cfg"], ["tools/tool.py", "tool.py"]]
+
+
 def grid_request(project: Project, task: str = "strip11") -> dict[str, Any]:
     """The two-step task used by several tests: a python step and a cp step."""
     return project.request(
         task,
-        shared=[["cfg/grid.cfg", "grid.cfg"], ["tools/tool.py", "tool.py"]],
+        shared=GRID_SHARED,
         inputs=[[f"data/{task}.xyz", f"{task}.xyz"]],
         execs=[
             argv_step("dem", task, "grid",
@@ -217,9 +224,11 @@ def test_stage_exec_copyback_end_to_end(project: Project):
     assert starts == sorted(starts)
 
     # the task folder is emptied; the job folder keeps the shared files for the next task
-    assert not project.task_dir().exists()
-    assert (project.job_dir() / "grid.cfg").read_text() == "cell = 0.5\n"
-    assert (project.job_dir() / ".opf-staged").is_file()
+    job = project.job_dir(shared=GRID_SHARED)
+    assert job.parent == Path(os.path.realpath(project.scratch)) / "opf" / "strips" / "dem"
+    assert not (job / "strip11").exists()
+    assert (job / "grid.cfg").read_text() == "cell = 0.5\n"
+    assert (job / ".opf-staged").is_file()
 
     log = project.state / "logs" / "dem" / "strip11" / "grid.log"
     lines = log.read_text().splitlines()
@@ -307,7 +316,8 @@ def test_program_given_as_path_relative_to_task_folder(project: Project):
     result = only(run_tasks([req]))
     assert result["ok"], result["failure"]
     assert (project.root / "m.txt").read_text() == "marked a b\n"
-    assert os.access(project.job_dir() / "mark.sh", os.X_OK)  # permission bits travel
+    assert os.access(project.job_dir(shared=[["tools/mark.sh", "mark.sh"]]) / "mark.sh",
+                     os.X_OK)  # permission bits travel
 
 
 def test_temp_outputs_feed_later_steps(project: Project):
@@ -382,10 +392,57 @@ def test_machine_stage_cached_restaged_on_change_and_after_removal(project: Proj
     assert statuses(third)[0] == ("stage:dem", "done")
     assert (project.root / "c.txt").read_text() == "cell = 2.0\n"
 
-    shutil.rmtree(project.job_dir())  # e.g. scratch cleaned between two runs
+    shutil.rmtree(project.job_dir(shared=shared))  # e.g. scratch cleaned between two runs
     fourth = once("d")
     assert statuses(fourth)[0] == ("stage:dem", "done")
     assert fourth["ok"], fourth["failure"]
+
+
+def run_elsewhere(req: dict[str, Any]) -> dict[str, Any]:
+    """Run one request in another process: another engine of the same machine."""
+    code = (f"import json; from opals_dsl.engine import run_tasks; "
+            f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    return only(json.loads(proc.stdout))
+
+
+def test_job_folder_per_content_removed_only_when_no_engine_holds_it(project: Project):
+    """Each content of the shared files gets its own job folder; staging a new content removes
+    the job's other folders, but only those no engine holds (an engine holds the folder of its
+    last task of the job)."""
+    shared = [["cfg/grid.cfg", "grid.cfg"]]
+    cfg = project.root / "cfg" / "grid.cfg"
+    read_cfg = ["python", "-c", "open('c.txt','w').write(open('../grid.cfg').read())"]
+
+    def req(task: str) -> dict[str, Any]:
+        return project.request(task, shared=shared,
+                               execs=[argv_step("dem", task, "r", read_cfg, outputs=("c.txt",))],
+                               copyback=[["c.txt", f"{task}.txt"]])
+
+    def change(text: str, later: int) -> Path:
+        cfg.write_text(text)
+        os.utime(cfg, ns=(time.time_ns(), time.time_ns() + later * 10_000_000))
+        return project.job_dir(shared=shared)
+
+    one = project.job_dir(shared=shared)
+    assert statuses(only(run_tasks([req("a")])))[0] == ("stage:dem", "done")  # held here
+    two = change("cell = 2.0\n", 1)
+    assert two != one and two.parent == one.parent
+    assert run_elsewhere(req("b"))["ok"]
+    assert (one / "grid.cfg").read_text() == "cell = 0.5\n"  # still held by this process
+    assert (two / "grid.cfg").read_text() == "cell = 2.0\n"
+    assert (project.root / "a.txt").read_text() == "cell = 0.5\n"
+    assert (project.root / "b.txt").read_text() == "cell = 2.0\n"
+
+    third = only(run_tasks([req("c")]))  # this process moves on to content two: one is free
+    assert statuses(third)[0] == ("stage:dem", "cached")
+    three = change("cell = 3.0\n", 2)
+    assert run_elsewhere(req("d"))["ok"]
+    assert not one.exists() and not (one.parent / f".{one.name}.lock").exists()
+    assert (two / ".opf-staged").is_file()  # held by this process
+    assert (three / "grid.cfg").read_text() == "cell = 3.0\n"
+    assert (project.root / "d.txt").read_text() == "cell = 3.0\n"
 
 
 def test_machine_stage_marker_is_seen_by_another_process(project: Project):
@@ -402,7 +459,7 @@ def test_machine_stage_marker_is_seen_by_another_process(project: Project):
 
 
 def test_interrupted_machine_stage_is_redone(project: Project):
-    job = project.job_dir()
+    job = project.job_dir(shared=GRID_SHARED)
     job.mkdir(parents=True)
     (job / "grid.cfg").write_text("cell = half-writ")  # no marker: the stage never finished
     (job / ".grid.cfg.opf-tmp-0badc0de").write_text("cell")
@@ -456,7 +513,8 @@ def test_concurrent_engines_stage_a_machine_once(project: Project):
     assert sum(r["bytes_staged"] for r in results) == size + len("cell = 0.5\n")
     assert len({r["pid"] for r in results}) == 4
     assert sorted(p.name for p in (project.root / "ok").iterdir()) == ["t0", "t1", "t2", "t3"]
-    assert (project.job_dir() / "big.bin").read_bytes() == big.read_bytes()
+    job = project.job_dir(shared=[["cfg/big.bin", "big.bin"], ["cfg/grid.cfg", "grid.cfg"]])
+    assert (job / "big.bin").read_bytes() == big.read_bytes()
 
 
 def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_path: Path):
@@ -472,7 +530,7 @@ def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_pat
     result = only(json.loads(proc.stdout))
     assert result["ok"], result["failure"]
     assert result["scratch"] == str(scratch)
-    assert (scratch / "opf" / "strips" / "dem" / ".opf-staged").is_file()
+    assert len(list((scratch / "opf" / "strips" / "dem").glob("*/.opf-staged"))) == 1
     assert not project.scratch.exists()
 
 

@@ -548,9 +548,11 @@ def test_hostile_names_and_values_are_single_words_and_nothing_escapes(cluster, 
     assert {p for p in new if not p.startswith(".opf/")} == declared
     # in scratch: the job folder with its shared file; every task folder was emptied
     left = {p.relative_to(scratch).as_posix() for p in scratch.rglob("*")}
-    assert left == {"opf", "opf/hostile", "opf/hostile/.w.lock", "opf/hostile/.w.tasks",
-                    "opf/hostile/w",
-                    "opf/hostile/w/extra.py", "opf/hostile/w/.opf-staged"}
+    key, = {p.parent.name for p in scratch.rglob(".opf-staged")}
+    job = f"opf/hostile/w/{key}"
+    assert left == {"opf", "opf/hostile", "opf/hostile/.w.lock", "opf/hostile/w",
+                    f"opf/hostile/w/.{key}.lock", f"opf/hostile/w/.{key}.tasks", job,
+                    f"{job}/extra.py", f"{job}/.opf-staged"}
     for where in (cluster.root, tmp_path):
         assert not list(where.rglob("pwned")) and not list(where.rglob("P"))
 

@@ -321,8 +321,9 @@ def test_cli_success_on_cluster_file_and_scratch_option(cluster, tmp_path):
     state = tmp_path / "p" / ".opf"  # the default state folder, beside the pipeline file
     rows = read_json_lines(state / "trace.jsonl")
     assert {r["machine"].split(":", 1)[1] for r in rows} == {str(scratch.resolve())}
-    assert (scratch / "opf" / "stream" / "up" / "tool.py").is_file()  # the job folder
-    assert not (scratch / "opf" / "stream" / "up" / "s1").exists()  # task folders emptied
+    job, = (scratch / "opf" / "stream" / "up").glob("*/.opf-staged")  # the job folder
+    assert (job.parent / "tool.py").is_file()
+    assert not (job.parent / "s1").exists()  # task folders emptied
     assert (tmp_path / "p" / "results" / "all" / "all.txt").is_file()
     # the cluster was left running
     client = cluster.client()

@@ -1,5 +1,9 @@
-"""Runs that share an output folder keep out of each other's way.
+"""Runs that share a machine's scratch root or an output folder keep out of each other's way.
 
+* Two ``opf run`` at once of one pipeline with different params (each with its own state
+  folder, on one scratch root), or of two projects that use the same pipeline name, each get
+  the shared files they asked for: a job folder holds one content of the shared files, and is
+  not changed or removed while another run uses it.
 * A run removes only temporaries whose writer is provably gone: one that another process is
   still writing stays, one left by a killed process goes; an engine killed in the middle of a
   copy-back leaves nothing behind once the run is over.
@@ -13,6 +17,7 @@ helper processes holding real temporaries, and real kills.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,9 +28,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import files_under
 
 from opals_dsl import engine
 from opals_dsl.engine import atomic_copy, is_temp_name
+from opals_dsl.journal import journal_path
 
 REPO = Path(engine.__file__).resolve().parents[1]
 
@@ -64,6 +71,92 @@ def wait_for(path: Path, procs: list[subprocess.Popen[str]], timeout: float = 12
             assert proc.poll() is None, f"{proc.args} ended early:\n{proc.communicate()}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
+
+
+# -- two runs on one machine -------------------------------------------------------------------
+
+# Every task but the first waits for the gate file: the other run's first result, so that the
+# other run has staged its shared files by the time these tasks read theirs.
+VARIANTS = """
+pipeline variants
+param variant = "A"
+param gate = "/"
+job a for i in range(6) {
+    shared cfg = "{variant}/grid.cfg"
+    output "results/{variant}" flat
+    step s {
+        out o = "r{i}.txt"
+        run sh "[ {i} = 0 ] || while [ ! -e {gate} ]; do sleep 0.05; done; cat {cfg} > {o}"
+    }
+}
+"""
+
+
+def variant_project(folder: Path, configs: dict[str, str]) -> Path:
+    folder.mkdir(parents=True)
+    for variant, text in configs.items():
+        (folder / variant).mkdir()
+        (folder / variant / "grid.cfg").write_text(text)
+    path = folder / "p.opf"
+    path.write_text(VARIANTS)
+    return path
+
+
+@pytest.mark.parametrize("sharing", ["params", "projects"])
+def test_two_runs_at_once_each_get_their_own_shared_files(tmp_path, sharing):
+    """Run 1 stages its shared files and finishes a task; run 2 (other params, or another
+    project with the same pipeline name) stages its own on the same scratch root while run 1
+    still has tasks to do. Each result holds only its own run's config, both runs exit 0, and
+    each journal records exactly its own results, unchanged for the next run."""
+    scratch = tmp_path / "scratch"
+    if sharing == "params":
+        path = variant_project(tmp_path / "p", {"A": "config A\n", "B": "config B\n"})
+        runs = [(path, "A", "config A\n"), (path, "B", "config B\n")]
+    else:
+        one = variant_project(tmp_path / "one", {"A": "config of one\n"})
+        two = variant_project(tmp_path / "two", {"A": "config of two\n"})
+        runs = [(one, "A", "config of one\n"), (two, "A", "config of two\n")]
+    states = [tmp_path / "state1", tmp_path / "state2"]
+    firsts = [p.parent / "results" / v / "r0.txt" for p, v, _ in runs]
+    gates = [firsts[1], Path("/")]  # run 1 waits for run 2's first result; run 2 never waits
+
+    def args(k: int) -> list[str]:
+        path, variant, _ = runs[k]
+        return [str(path), "-n", "1", "--scratch", str(scratch), "--state", str(states[k]),
+                "-p", f"variant={variant}", "-p", f"gate={gates[k]}"]
+
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(start_opf("run", *args(0), cwd=tmp_path))
+        wait_for(firsts[0], procs)  # run 1 has staged and used its job folder
+        procs.append(start_opf("run", *args(1), cwd=tmp_path))
+        outcomes = [finish(proc) for proc in procs]
+    finally:
+        stop(procs)
+    for code, _, err in outcomes:
+        assert code == 0, err
+
+    for k, (path, variant, text) in enumerate(runs):
+        results = path.parent / "results" / variant
+        got = {p.name: p.read_text() for p in files_under(results)}
+        assert got == {f"r{i}.txt": text for i in range(6)}, f"run {k + 1}"
+        journal = [json.loads(line) for line in
+                   journal_path(states[k], "variants").read_text().splitlines()[1:]]
+        assert sorted(r["task"] for r in journal) == [f"a/{i}" for i in range(6)]
+        cfg = path.parent / variant / "grid.cfg"
+        for rec in journal:
+            assert rec["in"] == {f"{variant}/grid.cfg": [cfg.stat().st_size,
+                                                         cfg.stat().st_mtime_ns]}
+            for dest, (size, _) in rec["out"].items():
+                assert (path.parent / dest).stat().st_size == size
+        code, out, err = finish(start_opf("run", *args(k), "--dry-run", cwd=tmp_path))
+        assert code == 0, err
+        assert "6 unchanged" in out, out
+
+    # on the machine: one job folder per content, each complete with its own config
+    folders = sorted((scratch / "opf" / "variants" / "a").glob("*/.opf-staged"))
+    contents = {(m.parent / "grid.cfg").read_text() for m in folders}
+    assert contents <= {text for _, _, text in runs}
 
 
 # -- temporaries -------------------------------------------------------------------------------
