@@ -149,7 +149,7 @@ def test_long_file_lists_are_shortened_and_quotes_escaped(tmp_path: Path) -> Non
 def test_status_colours_the_nodes() -> None:
     g = compile_file(REPO / "examples" / "strips.opf")
     plain = to_dot(g)
-    status = {"exec:dem/strip11/import": "skip", "exec:dem/strip12/grid": "failed"}
+    status = {"exec:dem/strip7326/import": "skip", "exec:dem/strip7327/grid": "failed"}
     coloured = to_dot(g, status)
     changed = [(a, b) for a, b in zip(plain.splitlines(), coloured.splitlines(), strict=True)
                if a != b]
