@@ -1,4 +1,4 @@
-"""Split examples/data/simple.las into its flight strips: examples/data/strip7326.las ... strip7334.las.
+"""Split examples/data/simple.las into its flight strips, data/strip7326.las ... strip7334.las.
 
 simple.las (from laspy 2.7.0's test data, see data/ATTRIBUTION.md) holds 1,065 points of an
 airborne laser scan over Autzen Stadium, Eugene, Oregon, flown in nine overlapping east-west

@@ -19,7 +19,8 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   grid. An empty cell takes the value of the nearest cell with points when that cell is at most
   `fill` cells away (centre to centre), and is nodata beyond. The DEM is a Cloud-Optimized
   GeoTIFF (tiled, DEFLATE-compressed, float32) with the points' CRS (`header.parse_crs()`), the
-  transform of the grid and the nodata value. Inputs with different CRSs are an error.
+  transform of the grid and the nodata value; a CRS that equals an EPSG CRS is written as
+  that EPSG CRS, so GIS shows its name and code. Inputs with different CRSs are an error.
 - **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
@@ -100,11 +101,32 @@ def parse_crs(text: str) -> pyproj.CRS:
                          "(give e.g. EPSG:2994, a WKT string or a PROJ string)") from None
 
 
+def epsg_code(crs: pyproj.CRS) -> int | None:
+    """The EPSG code of a CRS that equals an EPSG CRS, even where its WKT names no authority.
+
+    LAS files often carry ESRI-flavoured WKT without one (autzen_trim.laz does); read as ESRI's
+    dialect, GDAL matches it to its EPSG code, and pyproj confirms the EPSG CRS equals the file's.
+    """
+    code = crs.to_epsg()
+    if code is None:
+        try:
+            code = rasterio.crs.CRS.from_wkt(crs.to_wkt("WKT1_ESRI"),
+                                             morph_from_esri_dialect=True).to_epsg()
+        except (pyproj.exceptions.CRSError, rasterio.errors.CRSError):
+            return None
+    if code is None:
+        return None
+    try:
+        return code if pyproj.CRS.from_epsg(code).equals(crs) else None
+    except pyproj.exceptions.CRSError:
+        return None
+
+
 def crs_name(crs: pyproj.CRS | None) -> str:
     if crs is None:
         return "no CRS"
-    code = crs.to_epsg()
-    return f"{crs.name} (EPSG:{code})" if code else crs.name
+    code = epsg_code(crs)
+    return f"{pyproj.CRS.from_epsg(code).name} (EPSG:{code})" if code else crs.name
 
 
 def same_crs(a: pyproj.CRS | None, b: pyproj.CRS | None) -> bool:
@@ -322,7 +344,11 @@ def write_raster(grid: Grid, path: str | Path, dtype: str = "float32") -> None:
     """Write a Cloud-Optimized GeoTIFF with the grid's CRS, transform and nodata (NaN cells)."""
     nrows, ncols = grid.values.shape
     values = np.where(np.isnan(grid.values), grid.nodata, grid.values).astype(dtype)
-    crs = rasterio.crs.CRS.from_wkt(grid.crs.to_wkt()) if grid.crs is not None else None
+    crs = None
+    if grid.crs is not None:  # written by its EPSG code where it has one, so GIS names it
+        code = epsg_code(grid.crs)
+        crs = rasterio.crs.CRS.from_epsg(code) if code else rasterio.crs.CRS.from_wkt(
+            grid.crs.to_wkt())
     options = dict(GEOTIFF, predictor=3 if dtype.startswith("float") else 2)
     with _replacing(path) as tmp:
         with rasterio.open(tmp, "w", width=ncols, height=nrows, count=1, dtype=dtype, crs=crs,
@@ -375,7 +401,8 @@ def hillshade(grid: Grid, azimuth: float = 315.0, altitude: float = 45.0) -> Gri
     """Shade the DEM as lit from `azimuth` (degrees clockwise from north) and `altitude`.
 
     Values are 1 + 254 * cos(angle between the surface normal and the light), at least 1 and
-    rounded to whole numbers, as `gdaldem hillshade` writes them; NaN where the DEM or a neighbour has no data.
+    rounded to whole numbers, as `gdaldem hillshade` writes them; NaN where the DEM or a
+    neighbour has no data.
     """
     nx, ny, nz = _surface_normal(grid)
     az, alt = math.radians(azimuth), math.radians(altitude)
