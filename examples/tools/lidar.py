@@ -20,7 +20,8 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   `fill` cells away (centre to centre), and is nodata beyond. The DEM is a Cloud-Optimized
   GeoTIFF (tiled, DEFLATE-compressed, float32) with the points' CRS (`header.parse_crs()`), the
   transform of the grid and the nodata value; a CRS that equals an EPSG CRS is written as
-  that EPSG CRS, so GIS shows its name and code. Inputs with different CRSs are an error.
+  that EPSG CRS, so GIS shows its name and code. Inputs with different CRSs are an error, and
+  so are inputs without a CRS when `--crs` gives none.
 - **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
@@ -51,7 +52,7 @@ import laspy
 import numpy as np
 import pyproj
 import rasterio
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 
 GROUND = 2  # ASPRS LAS classification code of ground points
 CONFIG_DEFAULTS: dict[str, float] = {"cell": 1.0, "fill": 0, "nodata": -9999.0}
@@ -86,8 +87,8 @@ class Grid:
 
     @property
     def transform(self) -> Affine:
-        return from_origin(self.xll, self.yll + self.values.shape[0] * self.cell,
-                           self.cell, self.cell)
+        top = self.yll + self.values.shape[0] * self.cell
+        return Affine(self.cell, 0.0, self.xll, 0.0, -self.cell, top)
 
 
 # --- coordinate reference systems ---------------------------------------------------------
@@ -458,6 +459,9 @@ def _grid(args: argparse.Namespace) -> str:
             config[key] = getattr(args, key)
             _check_setting(key, config[key], f"--{key}")
     points = read_points(args.inputs, args.crs, args.ground)
+    if points.crs is None:
+        raise LidarError(f"{args.inputs[0]} carries no coordinate reference system; give it "
+                         "with --crs, e.g. --crs EPSG:2994")
     grid = grid_points(points, config["cell"], int(config["fill"]), config["nodata"])
     write_raster(grid, args.output)
     nrows, ncols = grid.values.shape
