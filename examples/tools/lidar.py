@@ -41,6 +41,7 @@ status 2. Needs laspy (with lazrs for LAZ), numpy, pyproj and rasterio (GDAL in 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -108,18 +109,20 @@ def epsg_code(crs: pyproj.CRS) -> int | None:
     LAS files often carry ESRI-flavoured WKT without one (autzen_trim.laz does); read as ESRI's
     dialect, GDAL matches it to its EPSG code, and pyproj confirms the EPSG CRS equals the file's.
     """
-    code = crs.to_epsg()
-    if code is None:
-        try:
-            code = rasterio.crs.CRS.from_wkt(crs.to_wkt("WKT1_ESRI"),
-                                             morph_from_esri_dialect=True).to_epsg()
-        except (pyproj.exceptions.CRSError, rasterio.errors.CRSError):
-            return None
-    if code is None:
-        return None
-    try:
-        return code if pyproj.CRS.from_epsg(code).equals(crs) else None
-    except pyproj.exceptions.CRSError:
+    return _epsg_of_wkt(crs.to_wkt())
+
+
+@functools.lru_cache(maxsize=16)
+def _epsg_of_wkt(wkt: str) -> int | None:
+    crs = pyproj.CRS.from_wkt(wkt)
+    ident = crs.to_json_dict().get("id", {})
+    if ident.get("authority") == "EPSG":  # says so itself: no search needed
+        return int(ident["code"])
+    try:  # the search takes about half a second, hence the cache
+        code = rasterio.crs.CRS.from_wkt(crs.to_wkt("WKT1_ESRI"),
+                                         morph_from_esri_dialect=True).to_epsg()
+        return code if code is not None and pyproj.CRS.from_epsg(code).equals(crs) else None
+    except (pyproj.exceptions.CRSError, rasterio.errors.CRSError):
         return None
 
 
