@@ -116,6 +116,9 @@ def test_import_refuses_a_crs_that_contradicts_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"x y z\n1 2 3\n", "not a LAS/LAZ file laspy can read"),
+    ((DATA / "strip7328.las").read_bytes()[:3000], "the file is cut short: its header says "
+     "147 points, it holds 81"),
+    ((DATA / "autzen_trim.laz").read_bytes()[:300_000], "not a LAS/LAZ file laspy can read"),
     (None, "No such file or directory"),
 ])
 def test_import_reports_unreadable_input_on_one_line(tmp_path: Path, content: bytes | None,

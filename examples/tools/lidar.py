@@ -173,8 +173,18 @@ def one_crs(named: list[tuple[str, pyproj.CRS | None]], given: pyproj.CRS | None
 
 def _open_las(path: str | Path) -> laspy.LasData:
     try:
-        return laspy.read(path)
-    except laspy.errors.LaspyException as exc:
+        with laspy.open(path) as reader:
+            header = reader.header
+            if not header.are_points_compressed:  # a LAS file cut short: say so plainly
+                size, start = os.path.getsize(path), header.offset_to_point_data
+                held = max(size - start, 0) // header.point_format.size
+                if held < header.point_count:
+                    raise LidarError(f"{path}: the file is cut short: its header says "
+                                     f"{header.point_count} points, it holds {held}")
+            return reader.read()
+    except (LidarError, OSError):
+        raise
+    except Exception as exc:  # laspy's and lazrs' errors on broken files are of many kinds
         raise LidarError(f"{path}: not a LAS/LAZ file laspy can read ({exc})") from None
 
 
