@@ -114,6 +114,18 @@ def test_import_refuses_a_crs_that_contradicts_the_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_import_reads_a_copc_file_and_writes_plain_laz(tmp_path: Path) -> None:
+    copc = Path(__file__).parent / "data" / "simple.copc.laz"  # LAS 1.4, point format 7
+    proc = run_tool("import", "--ground", copc, "ground.laz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    source, out = laspy.read(copc), laspy.read(tmp_path / "ground.laz")
+    ground = source.points[source.classification == 2]
+    assert len(out.points) == len(ground) == 276
+    assert np.array_equal(out.points["X"], ground["X"])
+    assert out.header.parse_crs().equals(source.header.parse_crs())
+    assert "copc" not in {v.user_id for v in out.header.vlrs}
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"x y z\n1 2 3\n", "not a LAS/LAZ file laspy can read"),
     ((DATA / "strip7328.las").read_bytes()[:3000], "the file is cut short: its header says "
@@ -305,6 +317,19 @@ def test_slope_and_hillshade_of_a_plane(tmp_path: Path, dzdx: float, dzdy: float
         shade = src.read(1)
     assert shade[0, 0] == shade[0, 1] == shade[1, 0] == 0
     assert np.all(shade[away] == round(1 + 254 * max(0.0, normal @ light)))
+
+
+def test_slope_compares_heights_in_feet_with_metres_across(tmp_path: Path) -> None:
+    # NAD83 / UTM 10N (metres) + NAVD88 height (US survey feet): heights rise 1 ft per metre
+    xs = 500_000.0 + 2.0 * np.arange(5) + 1.0
+    plane = np.tile(100.0 + xs - xs[0], (4, 1))
+    write_dem(tmp_path / "plane.tif", plane, left=500_000, top=5_000_008, cell=2,
+              crs="EPSG:26910+6360")
+    run_all([["slope", "plane.tif", "slope.tif"]], tmp_path)
+    slope, src = read_dem(tmp_path / "slope.tif")
+    assert "NAVD88 height (ftUS)" in src.crs.to_wkt()  # the compound CRS is kept
+    rise = 1200 / 3937  # one US survey foot in metres
+    np.testing.assert_allclose(slope, math.degrees(math.atan(rise)), atol=1e-3)
 
 
 # --- the data -------------------------------------------------------------------------------

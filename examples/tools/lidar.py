@@ -10,10 +10,11 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
     python lidar.py hillshade [--azimuth A] [--altitude H] IN.tif OUT.tif   shaded relief
     python lidar.py slope IN.tif OUT.tif                             slope in degrees
 
-- **import** reads an ASPRS LAS 1.0-1.4 file, LAZ-compressed or not (COPC files are LAZ),
-  keeps all points or with `--ground` only the ground class (2), and writes them as LAZ with
-  the input's header, CRS included. `--crs` (EPSG code, WKT or PROJ string) gives a CRS to a
-  file that carries none; a file whose own CRS differs from `--crs` is an error.
+- **import** reads an ASPRS LAS 1.0-1.4 file, LAZ-compressed or not (a COPC file is LAZ; its
+  octree index is not kept), keeps all points or with `--ground` only the ground class (2),
+  and writes them as LAZ with the input's header, CRS included. `--crs` (EPSG code, WKT or
+  PROJ string) gives a CRS to a file that carries none; a file whose own CRS differs from
+  `--crs` is an error.
 - **grid** makes a DEM: the mean height of each cell's points (with `--ground`, of its ground
   points). Cell edges lie on multiples of the cell size, so DEMs of overlapping strips share one
   grid. An empty cell takes the value of the nearest cell with points when that cell is at most
@@ -28,10 +29,11 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   of a DEM; a cell next to nodata is nodata.
 
 Units are never converted: a CRS in feet gives cell sizes, coordinates and heights in feet.
-Slope and hillshade assume heights in the CRS's horizontal unit, as LAS files in a projected
-CRS have them.
+Slope and hillshade take heights to be in the CRS's horizontal unit, as LAS files in a
+projected CRS have them, unless a compound CRS gives the heights a unit of their own (metres
+east and north, US survey feet up): then they compare like with like.
 
-The computations are plain functions (`read_points`, `write_points`, `grid_points`,
+The computations are plain functions (`read_points`, `import_points`, `grid_points`,
 `fill_nearest`, `read_raster`, `write_raster`, `mosaic`, `hillshade`, `slope`) so they can be
 imported. Errors in the input are reported on one line (`FILE: what is wrong`) with exit
 status 2. Needs laspy (with lazrs for LAZ), numpy, pyproj and rasterio (GDAL in its wheel);
@@ -48,12 +50,17 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import laspy
 import numpy as np
 import pyproj
-import rasterio
-from rasterio.transform import Affine
+from affine import Affine  # rasterio's transform type
+
+if TYPE_CHECKING:
+    import laspy
+
+# laspy and rasterio are imported where they are used, so that a step loads only what its
+# subcommand needs: starting Python with all of them takes a second or more on a busy machine
 
 GROUND = 2  # ASPRS LAS classification code of ground points
 CONFIG_DEFAULTS: dict[str, float] = {"cell": 1.0, "fill": 0, "nodata": -9999.0}
@@ -118,6 +125,9 @@ def _epsg_of_wkt(wkt: str) -> int | None:
     ident = crs.to_json_dict().get("id", {})
     if ident.get("authority") == "EPSG":  # says so itself: no search needed
         return int(ident["code"])
+    import rasterio.crs
+    import rasterio.errors
+
     try:  # the search takes about half a second, hence the cache
         code = rasterio.crs.CRS.from_wkt(crs.to_wkt("WKT1_ESRI"),
                                          morph_from_esri_dialect=True).to_epsg()
@@ -172,6 +182,8 @@ def one_crs(named: list[tuple[str, pyproj.CRS | None]], given: pyproj.CRS | None
 # --- points -------------------------------------------------------------------------------
 
 def _open_las(path: str | Path) -> laspy.LasData:
+    import laspy
+
     try:
         with laspy.open(path) as reader:
             header = reader.header
@@ -230,6 +242,11 @@ def import_points(source: str | Path, dest: str | Path, crs: pyproj.CRS | None =
             raise LidarError(f"{source}: no ground points (class 2)")
     if own is None and crs is not None:
         las.header.add_crs(crs)
+    # a COPC file's octree index describes its own point order; laspy cannot write it, and the
+    # points written here are a plain LAZ file
+    las.header.vlrs[:] = [v for v in las.header.vlrs if v.user_id != "copc"]
+    if las.header.evlrs is not None:
+        las.header.evlrs[:] = [v for v in las.header.evlrs if v.user_id != "copc"]
     with _replacing(dest) as tmp:
         las.write(tmp, do_compress=Path(dest).suffix.lower() == ".laz")
     return len(las.points)
@@ -341,6 +358,9 @@ def fill_nearest(values: np.ndarray, max_cells: int) -> np.ndarray:
 
 def read_raster(path: str | Path) -> Grid:
     """Read a north-up single-band raster (a DEM); cells equal to its nodata become NaN."""
+    import rasterio
+    import rasterio.errors
+
     try:
         with rasterio.open(path) as src:
             values = src.read(1, masked=True).astype(np.float64).filled(np.nan)
@@ -356,6 +376,9 @@ def read_raster(path: str | Path) -> Grid:
 
 def write_raster(grid: Grid, path: str | Path, dtype: str = "float32") -> None:
     """Write a Cloud-Optimized GeoTIFF with the grid's CRS, transform and nodata (NaN cells)."""
+    import rasterio
+    import rasterio.crs
+
     nrows, ncols = grid.values.shape
     values = np.where(np.isnan(grid.values), grid.nodata, grid.values).astype(dtype)
     crs = None
@@ -403,9 +426,24 @@ def mosaic(grids: list[Grid], names: list[str] | None = None) -> Grid:
     return Grid(values, x0 * cell, min(bottom) * cell, cell, crs, grids[0].nodata)
 
 
+def height_scale(crs: pyproj.CRS | None) -> float:
+    """Length of the CRS's vertical unit in its horizontal unit (1 unless it says otherwise).
+
+    A compound CRS may have heights in another unit than its coordinates (metres east and
+    north, US survey feet up); slopes must compare like with like. The DEM keeps its heights.
+    """
+    if crs is None:
+        return 1.0
+    across = [a for a in crs.axis_info if a.direction in ("east", "north")]
+    up = [a for a in crs.axis_info if a.direction == "up"]
+    if not across or not up:
+        return 1.0
+    return up[0].unit_conversion_factor / across[0].unit_conversion_factor
+
+
 def _surface_normal(grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # heights rise to the east along columns and to the south along rows (row 0 is north)
-    dz_south, dz_east = np.gradient(grid.values, grid.cell)
+    dz_south, dz_east = np.gradient(grid.values * height_scale(grid.crs), grid.cell)
     nx, ny, nz = -dz_east, dz_south, np.ones_like(dz_east)
     length = np.sqrt(nx**2 + ny**2 + nz**2)
     return nx / length, ny / length, nz / length
