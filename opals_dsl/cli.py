@@ -1,8 +1,10 @@
 """The ``opf`` command: argument parsing, exit statuses, and errors rendered for people.
 
-``opf check FILE`` checks a pipeline, ``opf compile FILE`` prints its plan (summary, ``--dot``,
-``--json``, ``--svg``), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`). Exit statuses:
-0 done, 1 a task failed, 2 the pipeline or the command line is invalid, 3 no cluster.
+``opf check FILE`` checks a pipeline, ``opf compile
+FILE`` prints its plan (summary, ``--dot``, ``--json``, ``--svg``), ``opf run FILE`` runs it (see
+:mod:`opals_dsl.runcmd`), ``opf fmt FILE...`` lays files out (see :mod:`opals_dsl.fmt`). Exit
+statuses: 0 done, 1 a task failed (or, for ``opf fmt --check``, a file would change), 2 the
+pipeline or the command line is invalid, 3 no cluster.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
     _add_common(p)
     runcmd.add_arguments(p)
+
+    from . import fmt as formatter
+
+    p = sub.add_parser("fmt", help="rewrite pipeline files in opf's one layout (comments kept)")
+    formatter.add_arguments(p)
     return parser
 
 
@@ -188,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import report
 
             return report.main(args)
+        if args.command == "fmt":
+            from . import fmt as formatter
+
+            return formatter.main(args)
         from . import runcmd
 
         return runcmd.main(args)
