@@ -123,6 +123,15 @@ def test_a_messy_pipeline_gets_the_canonical_layout():
         """)
 
 
+def test_the_layout_shown_in_the_docs_is_what_opf_fmt_makes():
+    from test_docs import blocks
+
+    # the first two pipelines of the page: a file ("This file:") and its layout ("becomes:")
+    before, after, *_ = [b for b in blocks(ROOT / "docs" / "editors.md") if b.lang == "opf-parse"]
+    assert fmt(before.text) == after.text
+    assert fmt(after.text) == after.text
+
+
 def test_lists_with_comments_or_a_trailing_comma_get_one_item_a_line():
     text = textwrap.dedent("""\
         param sizes = [1, 2,]
