@@ -120,8 +120,9 @@ def format_source(source: SourceFile) -> str:
     """
     before = parse(source)
     text = _prepared(source.text)
-    found = _comments(text, tokens(source))
-    result = _Layout(text, tokens(source), found).render()
+    toks = tokens(source)
+    found = _comments(text, toks)
+    result = _Layout(text, toks, found).render()
     _verify(source, before, found, result)
     return result
 
@@ -603,21 +604,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="change nothing; print what would change as a unified diff")
 
 
-def _files(names: list[str]) -> Iterator[str]:
+def _files(names: list[str]) -> Iterator[tuple[str, str | None]]:
+    """Each file to format, with the problem that stops it (a folder without .opf files)."""
     for name in names:
         path = Path(name)
-        if name != "-" and path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*.opf")
-                if p.is_file() and not any(
-                    part.startswith(".") for part in p.relative_to(path).parts
-                )
-            )
-            if not found:
-                yield f"{name}{os.sep}*.opf"  # reported as a missing file
-            yield from (str(p) for p in found)
-        else:
-            yield name
+        if name == "-" or not path.is_dir():
+            yield name, None
+            continue
+        found = sorted(
+            p for p in path.rglob("*.opf")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not found:
+            yield name, f"{name} holds no .opf file"
+        for p in found:
+            yield str(p), None
 
 
 def format_text(text: str, name: str) -> str:
@@ -646,8 +648,12 @@ def main(args: argparse.Namespace) -> int:
     """``opf fmt``: 0 done (or nothing to change), 1 with --check when a file would change,
     2 when a file cannot be read or does not parse (it is left as it was)."""
     status = 0
-    for name in _files(args.files):
+    for name, problem in _files(args.files):
         shown = "<stdin>" if name == "-" else name
+        if problem is not None:
+            print(f"opf: error: {problem}", file=sys.stderr)
+            status = 2
+            continue
         try:
             if name == "-":
                 text = sys.stdin.buffer.read().decode("utf-8")

@@ -584,6 +584,9 @@ def test_folders_and_standard_input(tmp_path: Path):
     piped = opf("fmt", "-", cwd=tmp_path, stdin=MESSY)
     assert (piped.returncode, piped.stdout) == (0, NEAT)
     assert opf("fmt", "--check", "-", cwd=tmp_path, stdin=MESSY).returncode == 1
+    (tmp_path / "empty").mkdir()
+    empty = opf("fmt", "empty", cwd=tmp_path)
+    assert (empty.returncode, empty.stderr) == (2, "opf: error: empty holds no .opf file\n")
     bad = opf("fmt", "-", cwd=tmp_path, stdin="job {\n")
     assert bad.returncode == 2 and bad.stdout == "" and "<stdin>:1:5: error:" in bad.stderr
 
