@@ -154,8 +154,7 @@ def _file_problem(exc: Exception, file: str) -> str:
         return f"{file} is not UTF-8 text ({exc.reason})"
     if isinstance(exc, IsADirectoryError):
         return f"{exc.filename} is a folder, not a pipeline file"
-    assert isinstance(exc, OSError)
-    return f"{exc.filename or ''}: {exc.strerror or exc}"
+    return f"{getattr(exc, 'filename', None) or ''}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def cmd_check_report(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fuzz_frontend import SEEDS as FUZZ_SEEDS
+from test_fuzz_frontend import mutate
 
 from opals_dsl.cli import main
 from opals_dsl.errors import OpfSyntaxError
@@ -493,6 +495,22 @@ def test_the_docs_pipelines_format_without_complaint():
     assert len(SEEDS) >= 10
     for seed in SEEDS:
         assert_invariants(seed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_text_is_formatted_faithfully_or_refused_as_a_syntax_error(data: st.DataObject):
+    """Pipelines with characters, tokens and lines deleted, inserted or swapped (the front
+    end's fuzzing): a text that does not parse is refused with the parser's error; one that
+    parses keeps its tree and comments and formats to itself."""
+    text = mutate(data.draw(st.sampled_from(FUZZ_SEEDS)), data)
+    try:
+        parse(SourceFile("t.opf", text))
+    except OpfSyntaxError:
+        with pytest.raises(OpfSyntaxError):
+            fmt(text)
+        return
+    assert_invariants(text)
 
 
 # -- the command -------------------------------------------------------------------------------
