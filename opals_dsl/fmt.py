@@ -12,10 +12,13 @@ How, and why it is right
     found *between* tokens starts a comment and every comment is found this way, at its place
     (:func:`comments`). A ``run`` line is one token that keeps its ``\\`` continuations and its
     own comment; it is written as it stands, except that its continuation lines move with the
-    block's indentation and blanks at its end go, and only when the line still splits into
-    exactly the same words (:func:`opals_dsl.words.split_run_line` decides). Each result is
-    checked before it is returned: it must parse to a tree equal to the original's and hold the
-    same comments in the same order, or :class:`FormatError` leaves the file alone.
+    block's indentation and blanks at its end go (not after a backslash, which would continue
+    it), and only when the line still splits into exactly the same words
+    (:func:`opals_dsl.words.split_run_line` decides). Each result is checked before it is
+    returned: it must parse to a tree equal to the original's and hold the same comments in
+    the same order, or :class:`FormatError` leaves the file alone. (Working on tokens, not on
+    the tree, also keeps every statement where it was written: the tree groups a job's lines
+    by kind, so the comments between them would lose their places.)
 
 The layout
     * four spaces per block; one statement per line; tokens one space apart, none inside
@@ -23,8 +26,9 @@ The layout
     * no blank line at the start or end of a block; never two blank lines in a row; one blank
       line after ``pipeline`` and around every job (above the comments that lead into it);
       elsewhere blank lines stay where they were;
-    * consecutive ``param``, ``shared`` and ``out`` lines line up their ``=``; trailing comments
-      of consecutive lines line up two spaces after the longest of those lines;
+    * consecutive ``param``, ``shared`` and ``out`` lines line up their ``=``; the trailing
+      comments of a paragraph (lines with no blank or comment line between) line up two spaces
+      after the longest line that has one;
     * a bracketed list stays on one line when it fits in :data:`LINE_LENGTH` columns and holds
       no comment and no trailing comma; otherwise it gets one item per line, each with a comma
       (so a trailing comma asks for that layout, as in black);
@@ -347,17 +351,17 @@ class _Layout:
         return out.lines
 
     def _run_line(self, tok: Token, indent: int) -> str:
-        """The run line as written, its continuation lines moved with the block, CRs before its
-        line ends and blanks after it gone — unless that would change a word."""
+        """The run line as written, its continuation lines moved with the block and the blanks
+        at its end gone — unless that would change a word or continue the line."""
         raw = str(tok)
         line_start = self.text.rfind("\n", 0, tok.start_pos) + 1
         old = self.text[line_start : tok.start_pos]
         new = " " * indent
         parts = raw.split("\n")
+        # (inside the token every line end follows a backslash: only the last line has blanks
+        # at its end, and a backslash left last by removing them would continue the line)
         for k, part in enumerate(parts):
-            if k < len(parts) - 1:
-                part = part.removesuffix("\r")
-            else:
+            if k == len(parts) - 1 and not part.rstrip(" \t\r\f\v").endswith("\\"):
                 part = part.rstrip(" \t\r\f\v")
             if k > 0 and part.startswith(old):
                 part = new + part[len(old) :]
@@ -573,18 +577,19 @@ def _group(out: _Out, g: _Group, after: int) -> None:
 
 
 def _align_comments(lines: list[_Line]) -> None:
-    """Trailing comments of consecutive lines start in one column."""
+    """Trailing comments of a paragraph (lines with no blank or comment line between) start in
+    one column, two spaces after the longest line that has one."""
     i = 0
     while i < len(lines):
-        if not (lines[i].text and lines[i].comment is not None):
+        if not lines[i].text:
             i += 1
             continue
         j = i
-        while j < len(lines) and lines[j].text and lines[j].comment is not None:
+        while j < len(lines) and lines[j].text:
             j += 1
-        col = max(line.width for line in lines[i:j]) + 2
+        widths = [line.width for line in lines[i:j] if line.comment is not None]
         for line in lines[i:j]:
-            line.comment_col = col
+            line.comment_col = max(widths, default=0) + 2
         i = j
 
 

@@ -150,7 +150,7 @@ def test_lists_with_comments_or_a_trailing_comma_get_one_item_a_line():
         ]
         param names = [  # the strips
             "a",
-            "b",  # the first two
+            "b",         # the first two
             # and one more
             "c",
         ]
@@ -192,6 +192,14 @@ def test_run_lines_stay_word_for_word_and_continuations_move_with_the_block():
         "}\n"
     )
     assert_invariants(text)
+
+
+def test_blanks_after_a_backslash_at_the_end_of_a_run_line_stay():
+    """``a\\ `` ends in an escaped blank; without the blank the line would go on."""
+    for end in ["x\\ ", "# note \\ "]:
+        text = f"job j {{\n    step s {{\n        run echo {end}\n    }}\n}}\n"
+        assert fmt(text) == text
+        assert_invariants(text)
 
 
 def test_blank_lines_between_sections_and_none_at_block_edges():
@@ -361,8 +369,8 @@ class Writer:
             else:
                 out += self.draw(st.sampled_from([" ", "  ", "\t"]))
             out += word
-        if self.draw(st.booleans()):
-            out += " " + self.comment()
+        if self.draw(st.booleans()):  # (a backslash at its end would continue the line)
+            out += " " + self.comment().rstrip("\\")
         return self.own_line_comments() + indent + out + "\n" + "\n" * self.draw(st.integers(0, 1))
 
     def step(self, indent: str) -> str:
