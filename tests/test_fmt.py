@@ -68,8 +68,8 @@ def assert_invariants(text: str) -> str:
 
 def test_the_examples_are_in_the_canonical_layout():
     """``opf fmt --check examples/`` passes: the files users copy from are laid out as opf
-    lays them out (after editing one, run ``opf fmt examples/``)."""
-    for path in EXAMPLES:
+    lays them out (after editing one, run ``opf fmt examples/``); so is the editor test's."""
+    for path in [*EXAMPLES, ROOT / "editors" / "test" / "features.opf"]:
         text = path.read_text(encoding="utf-8")
         assert fmt(text) == text, f"{path.name} is not formatted; run: opf fmt examples/"
 
