@@ -1,8 +1,10 @@
 """The ``opf`` command: argument parsing, exit statuses, and errors rendered for people.
 
-``opf check FILE`` checks a pipeline, ``opf compile FILE`` prints its plan (summary, ``--dot``,
-``--json``, ``--svg``), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`). Exit statuses:
-0 done, 1 a task failed, 2 the pipeline or the command line is invalid, 3 no cluster.
+``opf check FILE`` checks a pipeline (``--format json`` or ``github`` for tools), ``opf compile
+FILE`` prints its plan (summary, ``--dot``, ``--json``, ``--svg``), ``opf run FILE`` runs it (see
+:mod:`opals_dsl.runcmd`), ``opf fmt FILE...`` lays files out (see :mod:`opals_dsl.fmt`). Exit
+statuses: 0 done, 1 a task failed (or, for ``opf fmt --check``, a file would change), 2 the
+pipeline or the command line is invalid, 3 no cluster.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check a pipeline file and report every mistake")
     _add_common(p)
+    p.add_argument(
+        "--format", choices=("text", "json", "github"), default="text",
+        help="how to report: text for people (default), json (a list of findings on stdout) "
+        "or github (workflow annotations on stdout); the exit status is the same",
+    )
 
     p = sub.add_parser("compile", help="compile a pipeline to its plan (summary, DOT, JSON, SVG)")
     _add_common(p)
@@ -103,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
     _add_common(p)
     runcmd.add_arguments(p)
+
+    from . import fmt as formatter
+
+    p = sub.add_parser("fmt", help="rewrite pipeline files in opf's one layout (comments kept)")
+    formatter.add_arguments(p)
     return parser
 
 
@@ -132,6 +144,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     graph = compile_file(args.file, parse_params(args.param))
     print(f"{args.file}: ok — {summary(graph)}")
     return 0
+
+
+def _file_problem(exc: Exception, file: str) -> str:
+    """What the command line says when a pipeline file cannot be read (as :func:`main` does)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{file} is not UTF-8 text ({exc.reason})"
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename} is a folder, not a pipeline file"
+    return f"{getattr(exc, 'filename', None) or ''}: {getattr(exc, 'strerror', None) or exc}"
+
+
+def cmd_check_report(args: argparse.Namespace) -> int:
+    """``opf check --format json|github``: every finding, with its place, on stdout."""
+    from .api import compile_file
+    from .errors import PipelineError, finding, render_findings
+
+    status = 0
+    try:
+        compile_file(args.file, parse_params(args.param))
+        found = []
+    except PipelineError as exc:
+        found = [finding(d, args.file) for d in exc.diagnostics]
+        status = exc.exit_code
+    except OpfError as exc:
+        found = [finding(str(exc).removeprefix("opf: error: "), args.file)]
+        status = exc.exit_code
+    except (OSError, UnicodeDecodeError) as exc:
+        found = [finding(_file_problem(exc, args.file), args.file)]
+        status = EXIT_INVALID
+    sys.stdout.write(render_findings(found, args.format))
+    return status
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -180,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "check" and args.format != "text":
+            return cmd_check_report(args)
         if args.command == "check":
             return cmd_check(args)
         if args.command == "compile":
@@ -188,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import report
 
             return report.main(args)
+        if args.command == "fmt":
+            from . import fmt as formatter
+
+            return formatter.main(args)
         from . import runcmd
 
         return runcmd.main(args)

@@ -169,6 +169,17 @@ def parse(source: SourceFile) -> n.Pipeline:
     return pipeline
 
 
+def tokens(source: SourceFile) -> list[Token]:
+    """The tokens the parser reads in a file that parses: everything but blanks and comments,
+    newlines inside brackets dropped, with offsets into ``source.text``. The formatter
+    (:mod:`opals_dsl.fmt`) lays them out again; what lies between them is blanks and comments."""
+    parser, _postlex = _parser()
+    text = source.text if source.text.endswith("\n") else source.text + "\n"
+    if text.startswith("\ufeff"):  # as parse() reads it: offsets stay the same
+        text = " " + text[1:]
+    return list(parser.parse_interactive(text).iter_parse())
+
+
 # -- syntax errors in words ------------------------------------------------------------------
 
 _VALUES = frozenset({"INT", "FLOAT", "STRING", "TRUE", "FALSE", "LSQB"})
