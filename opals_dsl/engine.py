@@ -29,10 +29,10 @@ The four phases of a task, each a node of the plan with one row in the result's 
        output and every copy-back source must lie inside the task folder (shared names inside
        the job folder); a request that breaks this is refused with failure kind ``stage``. The
        task then takes an exclusive lock (``<scratch>/opf/<pipeline>/.<job>.tasks/<task id>``,
-       held until its copy-back is done, with the holder's process id in it): an engine of the
-       same machine still running the same task — work a killed driver had handed out, or an
-       engine taken for lost — is waited for, never run over; but a holder that stays stopped
-       (``kill -STOP``) for :data:`STOPPED_HOLDER_WAIT` seconds fails the stage, naming it.
+       held until its copy-back is done): an engine of the same machine still running the same
+       task — work a killed driver had handed out, or an engine taken for lost — is waited
+       for, never run over; but a holder that stays stopped (``kill -STOP``) for
+       :data:`STOPPED_HOLDER_WAIT` seconds fails the stage, naming it.
        A leftover task folder of an earlier attempt is removed, the folder is created and
        every input is copied to its ``local`` path (subfolders such as
        ``dem/strip11/`` are created). Each input is checked before and after its copy: one that
@@ -792,8 +792,8 @@ class _HeldByStopped(Exception):
 def _lock(path: str) -> tuple[str, int]:
     """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it.
 
-    The holder writes its process id into the file. A waiter polls; if the holder is a process
-    of this machine that stays stopped (``kill -STOP``: an engine taken for lost, frozen) for
+    A waiter polls; if the holder (found in ``/proc/locks``) is a process of this machine that
+    stays stopped (``kill -STOP``: an engine taken for lost, frozen) for
     :data:`STOPPED_HOLDER_WAIT` seconds, it gives up with :class:`_HeldByStopped` rather than
     wait for ever. A holder that runs is waited for, however long it takes.
     """
@@ -817,8 +817,6 @@ def _lock(path: str) -> tuple[str, int]:
                     stopped_since = None
                 time.sleep(LOCK_POLL)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return path, fd
         except FileNotFoundError:
             pass
@@ -829,10 +827,27 @@ def _lock(path: str) -> tuple[str, int]:
 
 
 def _holder(fd: int) -> int | None:
+    """The process that holds the flock on the file of ``fd``, from ``/proc/locks`` (Linux;
+    elsewhere None). Read only while waiting: the holder writes nothing, so taking a lock
+    costs no write (a write makes ext4 flush the file when it is closed)."""
     try:
-        return int(os.pread(fd, 32, 0).split()[0])
-    except (OSError, ValueError, IndexError):
+        st = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
         return None
+    ino = f":{st.st_ino} "
+    found: dict[str, int] = {}
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the id
+        if len(parts) >= 6 and parts[1] == "FLOCK" and ino in f"{parts[5]} ":
+            with contextlib.suppress(ValueError):
+                found[parts[5]] = int(parts[4])
+    exact = found.get(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    if exact is not None:
+        return exact
+    return next(iter(found.values())) if len(found) == 1 else None  # st_dev may differ
 
 
 def _is_stopped(pid: int) -> bool:
