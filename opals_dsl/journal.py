@@ -49,14 +49,15 @@ Receipts
     ``cmd``, the sigs of its upstream tasks, its call modules' state and the driver's time of
     sending (``sent``). Once the task's results are in place the engine appends a receipt (the
     stamp plus what the engine saw: ``staged``, ``shared``, ``outputs``) to a file of its own in
-    ``<state>/journal/<pipeline>.receipts/``. A run that ends normally removes its receipts;
-    those left by a killed run (or by engines that went on without it) are read when the
-    journal is loaded: a receipt becomes its task's record when its ``cmd`` is the plan's and
-    the task's record, if any, is older than the receipt's ``sent`` (and not the receipt's own
-    sig). So a result that landed while nobody listened is "unchanged" — exactly as it
-    landed; a destination changed since still reads "output changed", and the downstream tasks
-    that used the result before it landed again see "upstream T ran again since". The next
-    run writes adopted receipts into the journal and removes the receipt files.
+    ``<state>/journal/<pipeline>.receipts/``. A run that ends takes in its own receipts (of
+    results it never received) and removes them; those left by a killed run (or by engines
+    that went on without it) are read when the journal is loaded: a receipt becomes its task's
+    record when its ``cmd`` is the plan's and the task's record, if any, is older than the
+    receipt's ``sent`` (and not the receipt's own sig). So a result that landed while nobody
+    listened is "unchanged" — exactly as it landed; a destination changed since still reads
+    "output changed", and the downstream tasks that used the result before it landed again see
+    "upstream T ran again since". The next run writes adopted receipts into the journal and
+    removes the receipt files.
 
 Durability
     The records of one round of results go to the file in a single ``write`` (the file is opened
@@ -327,22 +328,27 @@ class Journal(RunListener):
         self._sync(force=True)
 
     def close(self) -> None:
-        """Flush and close; the journal can still be read afterwards. This run's receipts
-        are removed once the journal holds what they say."""
+        """Flush and close; the journal can still be read afterwards. This run's receipts are
+        taken in first (a task whose result this run never received — an engine that finished
+        after an interrupt, or after it was taken for lost — but which landed) and then
+        removed, once the journal holds what they say."""
         if self._fd is None:
             return
         try:
+            self._receipt_files = []
+            self._adopt_receipts(prefix=self._run_tag + "-")
+            self._pending.extend(self._adopted)
+            self._adopted = []
             self.flush()
         finally:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
         if self.error is None:
-            with contextlib.suppress(OSError), os.scandir(self.receipts) as entries:
-                for entry in entries:
-                    if entry.name.startswith(self._run_tag + "-"):
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)
+            for receipt in self._receipt_files:
+                with contextlib.suppress(OSError):
+                    receipt.unlink()
+        self._receipt_files = []
 
     # -- RunListener -----------------------------------------------------------------------
 
@@ -683,7 +689,7 @@ class Journal(RunListener):
         self._stubs[i] = stub
         return {"folder": str(self.receipts), "run": self._run_tag, "record": stub}
 
-    def _adopt_receipts(self) -> None:
+    def _adopt_receipts(self, prefix: str = "") -> None:
         """Take the receipts engines left for results that landed without this journal
         hearing of them (``opf run`` killed, or an engine that went on after it lost contact).
 
@@ -694,7 +700,8 @@ class Journal(RunListener):
         the engine saw them once they were in place — so a result that landed is "unchanged",
         and one changed since is not."""
         try:
-            entries = sorted(p for p in self.receipts.iterdir() if p.suffix == ".jsonl")
+            entries = sorted(p for p in self.receipts.iterdir()
+                             if p.suffix == ".jsonl" and p.name.startswith(prefix))
         except OSError:
             return
         index = {t.name: t.order for t in self.tasks}

@@ -450,3 +450,25 @@ def test_a_result_that_landed_unrecorded_is_recognised_by_its_receipt(tmp_path):
     assert run_tasks([request])[0]["ok"]
     later(path.parent / "results" / "up" / "s1.a", "edited by hand")
     assert decisions(path, state)["up/s1"] == "output changed: results/up/s1.a"
+
+
+def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
+    """An engine that finished after the run stopped listening (an interrupt, an engine taken
+    for lost) left a receipt in the run's own file: closing the journal records it."""
+    from opals_dsl.engine import run_tasks
+    from opals_dsl.runtime import build_request
+
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    plan = compile_file(path)
+    receipts = journal_path(state, "chain").with_suffix(".receipts")
+    with Journal.open(state, plan) as journal:
+        ref = next(t for t in journal.tasks if t.name == "up/s2")
+        request = build_request(plan, ref, 0, scratch=str(scratch), logs=state / "logs",
+                                receipt=journal.stamp(ref))
+        assert run_tasks([request])[0]["ok"]  # its result never reaches this run
+    assert not list(receipts.iterdir())
+    got = decisions(path, state)
+    assert got["up/s2"] == "skip"
+    assert got["down/s2"] == "upstream up/s2 ran again since"
