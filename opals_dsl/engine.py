@@ -38,8 +38,10 @@ The four phases of a task, each a node of the plan with one row in the result's 
        task then takes an exclusive lock (``<pipeline>/<job>/.<key>.tasks/<task id>``, held
        until its copy-back is done): an engine of the same machine still running the same task
        — work a killed driver had handed out, or an engine taken for lost — is waited for, never
-       run over. A leftover task folder of an earlier attempt is removed, the folder is
-       created and every input is copied to its ``local`` path (subfolders such as
+       run over; but a holder that stays stopped (``kill -STOP``) for
+       :data:`STOPPED_HOLDER_WAIT` seconds fails the stage, naming it.
+       A leftover task folder of an earlier attempt is removed, the folder is created and
+       every input is copied to its ``local`` path (subfolders such as
        ``dem/strip11/`` are created). Each input is checked before and after its copy: one that
        changes meanwhile (still being written) fails the stage, so a step never reads a torn
        copy. The result's ``staged`` gives each input's ``[size, mtime_ns]`` as copied (plus its
@@ -51,9 +53,16 @@ The four phases of a task, each a node of the plan with one row in the result's 
        given, stdin from ``/dev/null``; the first word ``python`` means this engine's interpreter,
        a first word containing ``/`` is a path relative to the task folder, any other is looked up
        on the engine's PATH. The folders of the declared outputs (``out x = "sub/f.asc"``) are
-       created before the step runs. The environment is the engine's plus ``OPF_TASK`` and
-       ``OPF_JOB``. A ``call`` step imports ``package.module`` with the pipeline's folder on
-       ``sys.path`` and calls ``function(**kwargs)`` in this process, with the working
+       created before the step runs. The environment is the engine's plus ``OPF_TASK``,
+       ``OPF_JOB`` and the request's ``run_id`` as ``OPF_RUN_ID``. The step runs in a session
+       (and so a process group) of its own: when it ends, what it left running in its group is
+       killed; when the engine is interrupted while it waits (SIGINT, an engine shutting down)
+       the whole group gets SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds; and the
+       engine's *lifeline* (:mod:`opals_dsl.reaper`, a small process started with the first
+       step) ends every group still running should the engine die, ``kill -9`` included. A
+       log that cannot be written fails the step with kind ``log``, naming the state folder's
+       disk when it is full. A ``call`` step imports ``package.module`` with the pipeline's
+       folder on ``sys.path`` and calls ``function(**kwargs)`` in this process, with the working
        directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 switched to the task
        folder and the log for the duration and restored afterwards, whatever happens. A module
        imported for a ``call`` is imported afresh when its file changed since, or when this
@@ -63,19 +72,23 @@ The four phases of a task, each a node of the plan with one row in the result's 
        pair is copied with :func:`atomic_copy` (the destination joined with the request's
        ``root``), then the task folder is removed. If anything before failed, nothing is copied
        back and the task folder is kept for inspection. The result's ``outputs`` gives each
-       destination's ``[size, mtime_ns]`` once it is in place (a journal records them).
+       destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
+       the request carries a ``receipt``, a line of JSON — the receipt's record plus
+       ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
+       ``<receipt folder>/<run>-<host>-<pid>.jsonl`` (:meth:`opals_dsl.journal.Journal.stamp`).
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which
     node failed, of what ``kind`` (``stage``, ``not-found``, ``exit``, ``exception``,
-    ``missing-output``, ``copyback``), the return code when there is one, a one-sentence message,
-    the log file, its last lines (decoded as UTF-8, undecodable bytes replaced) and the kept task
-    folder (None when the task had none yet). Each trace row holds ``node``, ``kind``,
-    ``start``/``end`` (``time.time()``), ``status`` (``done``, ``cached`` or ``failed``) and
-    ``bytes`` (bytes copied by a stage or copy-back node, the size of the declared outputs for an
-    exec node); the row of the node that failed also holds the failure's ``returncode`` and
-    ``message``. A full disk (or quota, or file size limit) is named as such in the message, and
-    so is a destination whose folder path runs into a file.
+    ``missing-output``, ``log``, ``copyback``), the return code when there is one, a
+    one-sentence message, the log file, its last lines (decoded as UTF-8, undecodable bytes
+    replaced) and the task folder kept for inspection (None when there is none). Each trace
+    row holds ``node``, ``kind``, ``start``/``end`` (``time.time()``),
+    ``status`` (``done``, ``cached`` or ``failed``) and ``bytes`` (bytes copied by a stage or
+    copy-back node, the size of the declared outputs for an exec node); the row of the node that
+    failed also holds the failure's ``returncode`` and ``message``. A full disk (or quota, or file
+    size limit) is named as such in the message, and so is a destination whose folder path runs
+    into a file.
 
 Atomic copies
     :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
@@ -98,6 +111,7 @@ import errno
 import fcntl
 import hashlib
 import importlib
+import json
 import os
 import re
 import secrets
@@ -126,6 +140,12 @@ FOREIGN_GRACE = 3600.0
 MARKER = ".opf-staged"
 #: how many lines of a failed step's log are reported
 TAIL_LINES = 20
+#: seconds a step's process group gets between SIGTERM and SIGKILL when it is stopped
+STOP_GRACE = 2.0
+#: seconds a task waits for its task folder's lock while the holder is a stopped process
+STOPPED_HOLDER_WAIT = 10.0
+#: seconds between two tries of a task folder's lock that another process holds
+LOCK_POLL = 0.1
 
 _TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
 _OWNER_RE = re.compile(r"\.opf-tmp-([0-9a-f]{8})([0-9a-f]{8})[0-9a-f]{8}\Z")
@@ -142,6 +162,12 @@ _HOLD_MAX = 64
 _MODULES: dict[str, tuple[str, int, int]] = {}
 # absolute scratch base as given -> resolved real path
 _SCRATCH: dict[str, str] = {}
+# the variables set for a task's steps, and their values in the engine's own environment
+_TASK_VARS = ("OPF_TASK", "OPF_JOB", "OPF_RUN_ID")
+_ENGINE_ENV = {name: os.environ.get(name) for name in _TASK_VARS}
+# process groups of the steps running now, and the lifeline that ends them if this process dies
+_GROUPS: set[int] = set()
+_LIFELINE: subprocess.Popen | None = None
 
 
 def identify(scratch: str | None = None) -> dict[str, Any]:
@@ -463,11 +489,16 @@ class _Task:
         try:
             self.machine_stage()
             self.task_stage()
-            with _environment({"OPF_TASK": self.task, "OPF_JOB": self.job}):
+            env = {"OPF_TASK": self.task, "OPF_JOB": self.job}
+            if self.req.get("run_id"):
+                env["OPF_RUN_ID"] = str(self.req["run_id"])
+            with _environment(env):
                 for ex in self.req.get("execs") or ():
                     self.exec_step(ex)
             self.copyback()
             self.result["ok"] = True
+            with contextlib.suppress(Exception):  # the results are in place, whatever happens
+                self.write_receipt()
         except _Failed as failed:
             self.result["failure"] = failed.failure
         except Exception as exc:  # an unforeseen condition is still this task's failure
@@ -673,6 +704,14 @@ class _Task:
         try:
             os.makedirs(locks, exist_ok=True)
             self.task_lock = _lock(os.path.join(locks, self.task))
+        except _HeldByStopped as held:
+            raise self.fail(
+                node, "stage",
+                f"the task folder {self.task_dir} is held by process {held.pid} on this machine, "
+                f"which has been stopped for {held.waited:.0f} s (kill -STOP, Ctrl-Z, a "
+                f"debugger): most likely an engine that was taken for lost while it ran this "
+                f"task. opf does not run over its work: resume it (kill -CONT {held.pid}) or end "
+                f"it (kill {held.pid}), then run again") from None
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot lock the task folder {self.task_dir}: "
                                            f"{_os_reason(exc, 'scratch')}") from exc
@@ -753,8 +792,9 @@ class _Task:
             try:
                 os.makedirs(self.logs, exist_ok=True)
             except OSError as exc:
-                raise self.fail(node, "exception", f"cannot create the log folder {self.logs}: "
-                                                   f"{_os_reason(exc)}", step=step) from exc
+                raise self.fail(node, "log", f"cannot create the log folder {self.logs} for step "
+                                             f"{step}: {_os_reason(exc, 'state')}",
+                                step=step) from exc
             self.logs_ready = True
         for out in ex.get("outputs") or ():
             folder = os.path.dirname(os.path.join(self.task_dir, out))
@@ -791,9 +831,30 @@ class _Task:
                             step=step, returncode=returncode, log=log)
         self.close_row(row, "done", nbytes)
 
+    def open_log(self, node: str, step: str, log: str, header: str, *,
+                 text: bool = False) -> Any:
+        """The step's log, opened and begun with ``header`` (its command line). A log that
+        cannot be written fails the step as a problem of the run's state folder, not of the
+        step (a full disk there is named as such)."""
+        out: Any = None
+        try:
+            if text:
+                out = open(log, "w", buffering=1, encoding="utf-8",  # noqa: SIM115
+                           errors="backslashreplace")
+                out.write(header)
+            else:
+                out = open(log, "wb", buffering=0)  # noqa: SIM115
+                _write(out, header)
+        except OSError as exc:
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    out.close()
+            raise self.fail(node, "log", f"cannot write the log of step {step} ({log}): "
+                                         f"{_os_reason(exc, 'state')}", step=step) from exc
+        return out
+
     def run_argv(self, node: str, step: str, argv: list[str], log: str) -> int:
-        with open(log, "wb") as out:
-            _write(out, "$ " + shlex.join(argv) + "\n")
+        with self.open_log(node, step, log, "$ " + shlex.join(argv) + "\n") as out:
             program = argv[0] if argv else ""
             if program == "python":
                 exe: str | None = sys.executable
@@ -810,21 +871,24 @@ class _Task:
                 else:
                     message = (f"program {program!r} of step {step} was not found on the "
                                f"engine's PATH ({os.environ.get('PATH', '')})")
-                _write(out, f"opf: {message}\n")
+                with contextlib.suppress(OSError):
+                    _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log)
-            out.flush()
             try:
-                proc = subprocess.run(
-                    [exe, *argv[1:]], cwd=self.task_dir,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+                # a session of its own: the step and everything it starts form one process
+                # group, which is ended as a whole (see _wait_step)
+                proc = subprocess.Popen(
+                    [exe, *argv[1:]], cwd=self.task_dir, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             except OSError as exc:
                 message = f"program {exe} of step {step} could not be started: {_os_reason(exc)}"
-                _write(out, f"opf: {message}\n")
+                with contextlib.suppress(OSError):
+                    _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log) from exc
-        code = proc.returncode
+            code = _wait_step(proc)
         if code != 0:
             if code < 0:
                 try:
@@ -837,6 +901,9 @@ class _Task:
                                 "or a quota full?)")
             else:
                 message = f"step {step} exited with status {code}"
+            if _disk_full(self.logs):
+                message += (" (the disk of the run's state folder, which holds the step's log, "
+                            "is full)")
             raise self.fail(node, "exit", message, step=step, returncode=code, log=log)
         return code
 
@@ -844,13 +911,14 @@ class _Task:
         function = str(spec.get("function", ""))
         kwargs = dict(spec.get("kwargs") or {})
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        with open(log, "w", buffering=1, encoding="utf-8", errors="backslashreplace") as out:
-            out.write(f"$ call {function}({args})\n")
+        with self.open_log(node, step, log, f"$ call {function}({args})\n", text=True) as out:
             try:
                 fn = self.load(function)
             except Exception as exc:
-                out.write("".join(traceback.format_exception(exc)))
-                out.close()
+                with contextlib.suppress(OSError):
+                    out.write("".join(traceback.format_exception(exc)))
+                with contextlib.suppress(OSError):
+                    out.close()
                 message = (f"step {step} could not load {function} (pipeline folder "
                            f"{self.root}): {type(exc).__name__}: {_first_line(exc)}")
                 raise self.fail(node, "exception", message, step=step, log=log) from exc
@@ -881,6 +949,29 @@ class _Task:
         if not callable(obj):
             raise TypeError(f"{function} is not callable")
         return obj
+
+    def write_receipt(self) -> None:
+        """After a copy-back: append the task's receipt (what the journal would record) to this
+        engine's receipt file in the run's state folder, so that a result that landed is
+        recognised even if the driver never hears of it. Best effort: a receipt that cannot be
+        written only means that the task runs again next time."""
+        spec = self.req.get("receipt")
+        if not isinstance(spec, dict) or not spec.get("folder"):
+            return
+        record = dict(spec.get("record") or {})
+        record.update(staged=self.result["staged"], shared=self.result["shared"],
+                      outputs=self.result["outputs"], landed=time.time())
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        folder = str(spec["folder"])
+        name = f"{spec.get('run') or 'run'}-{self.result['host']}-{os.getpid()}.jsonl"
+        with contextlib.suppress(OSError):
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
     # -- 4. copy-back (Task Postphase) -------------------------------------------------------
 
@@ -943,12 +1034,42 @@ def _inside(base: str, rel: str) -> str | None:
     return path
 
 
+class _HeldByStopped(Exception):
+    """A task folder's lock is held by a process of this machine that stays stopped."""
+
+    def __init__(self, pid: int, waited: float) -> None:
+        super().__init__(f"held by stopped process {pid}")
+        self.pid = pid
+        self.waited = waited
+
+
 def _lock(path: str) -> tuple[str, int]:
-    """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it."""
+    """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it.
+
+    A waiter polls; if the holder (found in ``/proc/locks``) is a process of this machine that
+    stays stopped (``kill -STOP``: an engine taken for lost, frozen) for
+    :data:`STOPPED_HOLDER_WAIT` seconds, it gives up with :class:`_HeldByStopped` rather than
+    wait for ever. A holder that runs is waited for, however long it takes.
+    """
+    stopped_since: float | None = None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                holder = _holder(fd)
+                if holder is not None and _is_stopped(holder):
+                    now = time.monotonic()
+                    stopped_since = stopped_since if stopped_since is not None else now
+                    if now - stopped_since >= STOPPED_HOLDER_WAIT:
+                        raise _HeldByStopped(holder, now - stopped_since)
+                else:
+                    stopped_since = None
+                time.sleep(LOCK_POLL)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return path, fd
         except FileNotFoundError:
@@ -1006,6 +1127,137 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def _holder(fd: int) -> int | None:
+    """The process that holds the flock on the file of ``fd``, from ``/proc/locks`` (Linux;
+    elsewhere None). Read only while waiting: the holder writes nothing, so taking a lock
+    costs no write (a write makes ext4 flush the file when it is closed)."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ino = f":{st.st_ino} "
+    found: dict[str, int] = {}
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the id
+        if len(parts) >= 6 and parts[1] == "FLOCK" and ino in f"{parts[5]} ":
+            with contextlib.suppress(ValueError):
+                found[parts[5]] = int(parts[4])
+    exact = found.get(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    if exact is not None:
+        return exact
+    return next(iter(found.values())) if len(found) == 1 else None  # st_dev may differ
+
+
+def _is_stopped(pid: int) -> bool:
+    """True if process ``pid`` of this machine is stopped (Linux; elsewhere always False)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    state = data[data.rfind(b")") + 2:][:1]
+    return state in (b"T", b"t")
+
+
+# -- steps' process groups ------------------------------------------------------------------
+
+
+def _wait_step(proc: subprocess.Popen) -> int:
+    """Wait for a step started in a session of its own; return its exit status.
+
+    When the step's process ends, whatever it left running in its process group is killed
+    (before the step is reaped, so that the group's id cannot have been reused). If the wait
+    is interrupted (Ctrl-C reaching the engine, an engine shutting down), the whole group is
+    ended first — SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL — and the interruption goes on.
+    While the step runs its group is known to this process's lifeline, which ends it should
+    this process die.
+    """
+    pgid = proc.pid
+    _watch(pgid)
+    try:
+        try:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOWAIT)
+        except BaseException:
+            _end_group(pgid)
+            raise
+        _killpg(pgid, signal.SIGKILL)
+    finally:
+        _unwatch(pgid)
+        proc.wait()
+    return proc.returncode
+
+
+def _end_group(pgid: int) -> None:
+    _killpg(pgid, signal.SIGTERM)
+    _killpg(pgid, signal.SIGCONT)  # a stopped process sees SIGTERM only once it runs
+    deadline = time.monotonic() + STOP_GRACE
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.02)
+    except BaseException:  # a second interruption: no more grace
+        pass
+    _killpg(pgid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _watch(pgid: int) -> None:
+    _GROUPS.add(pgid)
+    _tell(f"+{pgid}\n")
+
+
+def _unwatch(pgid: int) -> None:
+    _GROUPS.discard(pgid)
+    _tell(f"-{pgid}\n")
+
+
+def _tell(line: str) -> None:
+    """Tell this process's lifeline (:mod:`opals_dsl.reaper`, started when first needed and
+    again if it died) about a step group."""
+    global _LIFELINE
+    proc = _LIFELINE
+    if proc is not None and proc.poll() is None and proc.stdin is not None:
+        try:
+            proc.stdin.write(line.encode())
+            proc.stdin.flush()
+            return
+        except OSError:
+            pass
+    _LIFELINE = proc = _start_lifeline()
+    if proc is not None and proc.stdin is not None and _GROUPS:
+        with contextlib.suppress(OSError):
+            proc.stdin.write("".join(f"+{g}\n" for g in _GROUPS).encode())
+            proc.stdin.flush()
+
+
+def _start_lifeline() -> subprocess.Popen | None:
+    # the engine's own environment, without the variables of the task running now: the
+    # lifeline serves every task of this engine
+    env = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
+    env.update({k: v for k, v in _ENGINE_ENV.items() if v is not None})
+    reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", reaper, "groups"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
+            start_new_session=True,
+        )
+    except OSError:
+        return None
 
 
 def _unlock(path: str, fd: int) -> None:
@@ -1234,10 +1486,20 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _os_reason(exc: OSError, disk: str | None = None) -> str:
-    """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch`` or
-    ``destination``) so that a full disk is called one."""
+    """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch``,
+    ``destination`` or ``state``) so that a full disk is called one."""
     reason = exc.strerror or str(exc)
     if disk is not None and exc.errno in _FULL:
-        what = "the scratch disk" if disk == "scratch" else "the destination's disk"
+        what = {"scratch": "the scratch disk", "destination": "the destination's disk",
+                "state": "the disk of the run's state folder"}.get(disk, "the disk")
         reason += f" ({what} is full, or a quota or file size limit was reached)"
     return reason
+
+
+def _disk_full(folder: str) -> bool:
+    """True if the file system of ``folder`` has no free block left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_blocks > 0 and st.f_bavail == 0

@@ -17,9 +17,12 @@ tasks it held, and once more when the run ends), then asks the journal which tas
 unchanged: those are skipped (``--force`` runs everything); if none is left to run, no embedded
 cluster is started.
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
-``--retries N`` replaces every job's ``retries``. Ctrl-C or SIGTERM stops submitting and
-interrupts the running steps; what finished is in the journal; a second one stops at once. The
-embedded cluster is stopped however the run ends.
+``--retries N`` replaces every job's ``retries``. Ctrl-C, SIGTERM or SIGHUP (a terminal or ssh
+session that goes away) stops submitting and interrupts the running steps, each of which is
+ended with its whole process group; what finished is in the journal; a second one stops at
+once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
+``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.reaper`) within
+seconds.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .runtime import (
     RunSummary,
     Scheduler,
     TemporarySweeper,
+    new_run_id,
     plan_tasks,
     remove_stale_temporaries,
 )
@@ -164,27 +168,52 @@ def lock_state(state: Path) -> Iterator[None]:
 
 
 class _Interrupts:
-    """SIGINT/SIGTERM: the first asks the scheduler to stop, the next one raises at once."""
+    """SIGINT, SIGTERM and SIGHUP, handled alike.
+
+    While the scheduler runs, the first asks it to stop (it interrupts the running steps and
+    waits briefly for them), the next raises KeyboardInterrupt at once. While an embedded
+    cluster starts (``starting``) a signal is only noted, and the start, which asks
+    ``requested``, stops cleanly by itself: raising inside ipyparallel's event loop would leave
+    its tasks behind. While the cluster is being stopped (``closing``) signals are ignored, so
+    the stop finishes. SIGHUP means the terminal is gone: standard output and error, if they
+    are that terminal, are pointed at ``/dev/null`` before anything more is written. Once a
+    run was interrupted, a further signal after the clean-up ends the process at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.scheduler: Scheduler | None = None
+        self.starting = False
         self.closing = False
+        self.requested = False
         self.count = 0
         self._saved: dict[int, Any] = {}
 
     def handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            _detach_terminal()
         if self.closing:
             return  # the cluster is being stopped: let that finish
         self.count += 1
+        self.requested = True
+        if self.starting:
+            return
         if self.scheduler is not None and self.count == 1:
             self.scheduler.interrupt()
             return
         raise KeyboardInterrupt
 
+    def attach(self, scheduler: Scheduler) -> None:
+        """The scheduler now running; a signal that came before it reaches it at once."""
+        self.scheduler = scheduler
+        if self.requested:
+            scheduler.interrupt()
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._saved[sig] = signal.signal(sig, self.handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
@@ -192,7 +221,25 @@ class _Interrupts:
             yield self
         finally:
             for sig, old in self._saved.items():
-                signal.signal(sig, old)
+                signal.signal(sig, _end_now if self.count else old)
+
+
+def _end_now(signum: int, frame: Any) -> None:
+    """After an interrupted run everything is cleaned up: a further Ctrl-C ends the process at
+    once, quietly (raising KeyboardInterrupt now would only print a traceback)."""
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _detach_terminal() -> None:
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                os.dup2(null, fd)
+    os.close(null)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -264,20 +311,28 @@ def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progres
          retries: int | None, keep_going: bool) -> RunSummary:
     """Schedule the plan: on the cluster, or without one when every task is to be skipped."""
 
+    run_id = new_run_id()
+
     def schedule(executor: Any) -> RunSummary:
         scheduler = Scheduler(
             plan, executor, state_dir=state, scratch=scratch, keep_going=keep_going,
             skip=journal.skip, listener=Listeners([journal, progress, TemporarySweeper(plan)]),
             retries=retries,
-            checksum=journal.checksum, tasks=(journal.tasks, journal.deps),
+            checksum=journal.checksum, tasks=(journal.tasks, journal.deps), run_id=run_id,
+            stamp=journal.stamp,
         )
-        interrupts.scheduler = scheduler
+        interrupts.attach(scheduler)
         return scheduler.run()
 
     if not to_run and options.embedded:  # a cluster named by the user is still reached
         return schedule(LocalExecutor(()))
-    with open_cluster(options, state, scratch=scratch) as executor:
-        summary = schedule(executor)
-        interrupts.closing = True
+    interrupts.starting = options.embedded
+    with open_cluster(options, state, scratch=scratch, run_id=run_id,
+                      interrupted=lambda: interrupts.requested) as executor:
+        interrupts.starting = False
+        try:
+            summary = schedule(executor)
+        finally:
+            interrupts.closing = True
     remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
     return summary

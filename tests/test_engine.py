@@ -7,13 +7,16 @@ real ``call`` functions written into a temporary pipeline folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -911,3 +914,168 @@ def test_malformed_request_gets_a_result():
     assert not result["ok"]
     assert result["failure"]["kind"] == "stage"
     assert result["task"] == "x"
+
+
+# -- processes, locks and the state folder -------------------------------------------------------
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once process ``pid`` has ended (a zombie counts as ended) within ``timeout``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_step_runs_in_a_process_group_of_its_own_that_ends_with_it(project: Project):
+    """What a step leaves running in its group (a background job) ends with the step; the
+    step's processes carry the run's id."""
+    script = ("sleep 1001 & echo $! > sleep.pid; echo $OPF_RUN_ID > run.txt; "
+              "ps -o pgid= -p $$ > pgid.txt; ps -o sid= -p $$ > sid.txt")
+    req = dict(project.request(execs=[argv_step("dem", "strip11", "bg", ["sh", "-c", script],
+                                                outputs=("sleep.pid", "run.txt"))],
+                               copyback=[["sleep.pid", "sleep.pid"], ["run.txt", "run.txt"],
+                                         ["pgid.txt", "pgid.txt"], ["sid.txt", "sid.txt"]]),
+               run_id="run-42")
+    result = only(run_tasks([req]))
+    sleeper = int((project.root / "sleep.pid").read_text())
+    try:
+        assert result["ok"], result["failure"]
+        assert (project.root / "run.txt").read_text() == "run-42\n"
+        pgid = int((project.root / "pgid.txt").read_text())
+        assert pgid != os.getpgrp()
+        assert int((project.root / "sid.txt").read_text()) == pgid  # a session of its own
+        assert _gone(sleeper), "the step's background sleep outlived the step"
+    finally:
+        _kill(sleeper)
+
+
+def test_an_interrupted_step_ends_with_its_whole_group(project: Project, tmp_path: Path):
+    """Ctrl-C reaching an engine (SIGINT) ends the step and everything it started."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    req = project.request(execs=[argv_step("dem", "strip11", "wait", [
+        "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait"])])
+    code = ("import json, sys; from opals_dsl.engine import run_tasks\n"
+            "try:\n    run_tasks([json.loads(sys.argv[1])])\n"
+            "except KeyboardInterrupt:\n    sys.exit(42)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks / "sleep").is_file() or not (marks / "sleep").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        sleeper = int((marks / "sleep").read_text())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 42
+        assert _gone(sleeper), "the step's sleep outlived the interrupted step"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sleeper is not None:
+            _kill(sleeper)
+
+
+def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Path):
+    """kill -9 of the process that runs steps: its lifeline ends their process groups."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    req = project.request(execs=[argv_step("dem", "strip11", "wait", [
+        "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait; echo late > {marks}/late"])])
+    code = ("import json, sys; from opals_dsl.engine import run_tasks; "
+            "run_tasks([json.loads(sys.argv[1])])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks / "sleep").is_file() or not (marks / "sleep").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        sleeper = int((marks / "sleep").read_text())
+        proc.kill()
+        proc.wait()
+        assert _gone(sleeper), "the killed engine's step went on"
+        time.sleep(0.3)
+        assert not (marks / "late").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sleeper is not None:
+            _kill(sleeper)
+
+
+def test_a_task_folder_held_by_a_stopped_process_fails_in_bounded_time(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """An engine frozen with its task's lock (kill -STOP) is not waited for for ever."""
+    monkeypatch.setattr(engine, "STOPPED_HOLDER_WAIT", 1.0)
+    locks = project.job_dir().parent / ".dem.tasks"
+    locks.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from opals_dsl.engine import _lock; "
+         "_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+         str(locks / "strip11")],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    results: list[Any] = []
+    worker = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        req = project.request(execs=[argv_step("dem", "strip11", "s", ["true"])])
+        worker = threading.Thread(target=lambda: results.extend(run_tasks([req])), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the task waited for the stopped holder for ever"
+        failure = results[0]["failure"]
+        assert failure["kind"] == "stage" and failure["node"] == "stage:dem/strip11"
+        assert f"is held by process {holder.pid} on this machine" in failure["message"]
+        assert "stopped" in failure["message"] and f"kill -CONT {holder.pid}" in failure["message"]
+    finally:
+        holder.kill()
+        holder.wait()
+        if worker is not None:
+            worker.join(timeout=30)
+
+
+def test_a_failure_before_the_task_folder_exists_names_no_kept_folder(project: Project):
+    result = only(run_tasks([project.request(shared=[["cfg/absent.cfg", "a.cfg"]])]))
+    assert result["failure"]["node"] == "stage:dem"
+    assert result["failure"]["task_dir"] is None
+    assert not project.task_dir().exists()
+
+
+@pytest.mark.parametrize("kind", ["argv", "call"])
+def test_a_log_that_cannot_be_written_names_the_state_folder_s_disk(project: Project, kind,
+                                                                    fresh_imports):
+    """A full disk under the run's state folder is not the step's fault, and says so."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    logs = project.state / "logs" / "dem" / "strip11"
+    logs.mkdir(parents=True)
+    (logs / "s.log").symlink_to("/dev/full")  # every write there: No space left on device
+    if kind == "argv":
+        step = argv_step("dem", "strip11", "s", ["true"])
+    else:
+        (project.root / "noop.py").write_text("def run():\n    pass\n")
+        step = call_step("dem", "strip11", "s", "noop:run", {})
+    failure = only(run_tasks([project.request(execs=[step])]))["failure"]
+    assert failure["kind"] == "log" and failure["step"] == "s"
+    assert failure["message"] == (
+        f"cannot write the log of step s ({logs / 's.log'}): No space left on device (the disk "
+        f"of the run's state folder is full, or a quota or file size limit was reached)")
