@@ -8,6 +8,10 @@ mistake inside a string or a command line is shown at its exact column:
 * :func:`split_run_line` — the text after ``run``, split into words as a POSIX shell would
   (quotes group, backslash escapes, ``#`` at the start of a word begins a comment, a backslash
   before the newline continues the line), each word then parsed as a template.
+
+and, for the script of ``run sh "..."``, :func:`shell_places`: where each placeholder stands in
+the shell text (the planner makes it a positional parameter, ``"$1"``; the checker refuses
+the places where that would not stay one word holding the value).
 """
 
 from __future__ import annotations
@@ -274,35 +278,34 @@ _MISPLACED = {
     "arith": "stands inside shell arithmetic",
     "dbr": "stands inside '[[ ... ]]'",
     "bracket": "stands inside '[...]' within a word",
+    "case": "comes after a 'case' inside $(...) within quotes",
 }
 
+#: how to fix each; <REF> stands for the placeholder, <NAME> for its name
 _MISPLACED_FIX = {
     "sq": "opf quotes every substituted value for the shell itself, so remove the quotes "
           "around it",
     "backslash": "the backslash would escape the quoting opf gives the value; remove it (a "
                  "literal brace is written '{{')",
-    "dollar": "'{{NAME}}' is opf's value, not a shell variable; remove the '$' (a shell "
-              "variable is written '${{NAME}}')",
+    "dollar": "<REF> is opf's value, not a shell variable; remove the '$' (the shell variable "
+              "would be written '${{<NAME>}}')",
     "bt": "backticks quote differently; write $(...) instead",
-    "brace": "give the value to a shell variable first (v={{NAME}}) and use that",
+    "brace": "give the value to a shell variable first (v=<REF>) and use that",
     "arith": "bash evaluates a value there as an expression and would run a command written in "
-             "it; compute with a program instead (e.g. expr {{NAME}} + 1)",
+             "it; compute with a program instead (e.g. expr <REF> + 1)",
     "dbr": "bash evaluates the operands of -eq, -lt and the like there as expressions and would "
            "run a command written in a value; use '[ ... ]' instead",
     "bracket": "bash may evaluate a value there as an expression (an array index); write it as a "
                "word of its own",
+    "case": "a pattern's ')' there makes the rest of the script ambiguous to read; write the "
+            "case as a command of its own, outside the quotes",
 }
-_MISPLACED["case"] = "comes after a 'case' inside $(...) within quotes"
-_MISPLACED_FIX["case"] = (
-    "a pattern's ')' there makes the rest of the script ambiguous to read; write the case as a "
-    "command of its own, outside the quotes"
-)
 _MISPLACED_FIX["ansi"] = _MISPLACED_FIX["dq"] = _MISPLACED_FIX["sq"]
 
 
 def misplaced_message(dotted: str, why: str) -> str:
     """The error for placeholder ``{dotted}`` standing where a ``run sh`` value may not."""
-    fix = _MISPLACED_FIX[why].replace("{{NAME}}", "{" + dotted + "}")
+    fix = _MISPLACED_FIX[why].replace("<REF>", "{" + dotted + "}").replace("<NAME>", dotted)
     return f"'{{{dotted}}}' {_MISPLACED[why]}: {fix}"
 
 

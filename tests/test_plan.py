@@ -399,6 +399,40 @@ def test_run_sh_quotes_every_value_so_nothing_can_inject(tmp_path: Path) -> None
         assert out.stdout.splitlines() == [value] + [f"up/{i}/{i}.txt" for i in ids]
 
 
+def test_a_task_file_starting_with_a_dash_goes_as_dot_slash_so_it_is_no_option(
+    tmp_path: Path,
+) -> None:
+    g = plan_of(tmp_path, """\
+        job j for x in "data/*.txt" {
+            step s {
+                out o = "{x.stem}.out"
+                run cp {x} {o} {x}.bak --in={x} pre{o} {x.name}
+            }
+            step t {
+                out u = "{x.stem}.u"
+                run sh "cat {x} {s.o} > {u}; echo {x}.bak --in={x} >> {u}"
+            }
+        }
+        job k for v in ["-n"] {
+            step s {
+                run echo {v}
+            }
+        }
+    """, {"data/-n.txt": "x\n"})
+    tid = tasks(g, "j")[0]
+    s = g.nodes[f"exec:j/{tid}/s"]
+    # at the start of a word: ./; inside a word no option can start; an attribute is a text
+    assert s["argv"] == ["cp", "./-n.txt", "./-n.out", "./-n.txt.bak", "--in=-n.txt",
+                         "pre-n.out", "-n.txt"]
+    assert s["inputs"] == ["-n.txt"] and s["outputs"] == ["-n.out"]
+    assert g.nodes[f"stage:j/{tid}"]["files"] == [["data/-n.txt", "-n.txt"]]
+    t = g.nodes[f"exec:j/{tid}/t"]["argv"]
+    assert t[2] == 'cat "$1" "$2" > "$3"; echo "$1".bak --in="$4" >> "$3"'
+    assert t[4:] == ["./-n.txt", "./-n.out", "./-n.u", "-n.txt"]
+    # a value is not a file: it goes as it is
+    assert g.nodes[f"exec:k/{tasks(g, 'k')[0]}/s"]["argv"] == ["echo", "-n"]
+
+
 def test_run_words_are_never_split(tmp_path: Path) -> None:
     g = plan_of(tmp_path, """\
         param names = ["a b", "c"]
