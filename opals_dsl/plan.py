@@ -210,6 +210,8 @@ class Planner:
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
         self.job_name = ""
+        # job -> the placeholder that tells its tasks apart, for the hint of a clash
+        self._clash_hint: dict[str, str] = {}
 
     def _guarded(self, make: Callable[[], object], fallback: object) -> Any:
         """``make()``; when lenient, a part naming something unknown becomes ``fallback``, so
@@ -349,8 +351,9 @@ class Planner:
             try:
                 with open(self.abspath(rel), encoding="utf-8-sig") as fh:
                     lines = [ln.strip() for ln in fh]
-            except FileNotFoundError:
-                self.c.error(src.path.span, f"the list file '{rel}' does not exist")
+            except (FileNotFoundError, IsADirectoryError):
+                self.c.error(src.path.span,
+                             f"the list file '{rel}' {_why_not_a_file(self.abspath(rel))}")
                 return None
             except (OSError, UnicodeDecodeError) as exc:
                 self.c.error(src.path.span, f"the list file '{rel}' cannot be read: {exc}")
@@ -373,7 +376,8 @@ class Planner:
         if not _WILDCARDS.search(pattern):
             rel = self.plan_path(pattern)
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(src.pattern.span, f"the input file '{rel}' does not exist")
+                self.c.error(src.pattern.span,
+                             f"the input file '{rel}' {_why_not_a_file(self.abspath(rel))}")
                 return None
             return [TaskValue(rel, file=rel)]
         files = sorted(self.plan_path(f) for f in _glob_files(pattern, self.root))
@@ -410,7 +414,8 @@ class Planner:
                 )
             names_seen[base] = s
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(s.path.span, f"the shared file '{rel}' does not exist")
+                self.c.error(s.path.span,
+                             f"the shared file '{rel}' {_why_not_a_file(self.abspath(rel))}")
             self.read(rel, jname, None, s.path.span, s)
             shared_files.append([rel, base])
         if values is None:
@@ -420,6 +425,16 @@ class Planner:
             _attr(v.file, "stem") if v.file is not None else format_value(v.value) for v in values
         ]
         ids = ["0"] if job.source is None else task_ids(labels)
+        if job.var is not None and job.var.value not in ("task", "job", "pipeline") and (
+            ids[0] == safe_id(labels[0])
+        ):
+            # the loop values differ (ignoring case; else the ids have their index in front):
+            # the file's stem or the value tells the tasks apart
+            var = job.var.value
+            if isinstance(job.source, (n.GlobSource, n.UpstreamSource)):
+                self._clash_hint[jname] = f"{{{var}.stem}}"
+            elif not any("/" in label for label in labels):
+                self._clash_hint[jname] = f"{{{var}}}"
         retries = 0
         if job.retries:
             rv = job.retries[0].value
@@ -581,8 +596,8 @@ class Planner:
                     local = posixpath.basename(rel)
                     in_locals.append(local)
                     if not os.path.isfile(self.abspath(rel)):
-                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') does "
-                                     "not exist")
+                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') "
+                                     f"{_why_not_a_file(self.abspath(rel))}")
                     seen = local_src.get(local)
                     if seen is None:
                         local_src[local] = rel
@@ -680,9 +695,7 @@ class Planner:
         limit = _REPORT_LIMIT
         if fout is o:
             limit = 1  # every task of the job clashes alike: once says it all
-            var = next((j.var.value for j in self.pipeline.jobs if j.name.value == job and j.var),
-                       "task")
-            hint = f"{{{var}.stem}}" if var != "task" else "{task.id}"
+            hint = self._clash_hint.get(job, "{task.id}")
             msg = (
                 f"tasks '{ftask}' and '{task}' of job '{job}' would both copy output "
                 f"'{o.name.value}' back to '{dest}'; make the name differ per task, e.g. "
@@ -922,6 +935,17 @@ def _glob_files(pattern: str, root: str) -> list[str]:
             ]
     except OSError:
         return []
+
+
+def _why_not_a_file(path: str) -> str:
+    """What is at ``path``, which is not a file to read: the end of an error message."""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    if os.path.islink(path):
+        return f"is a symbolic link to '{os.readlink(path)}', which does not exist"
+    if os.path.exists(path):
+        return "is not a regular file"
+    return "does not exist"
 
 
 def _positional(k: int) -> str:
