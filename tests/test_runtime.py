@@ -353,8 +353,11 @@ def test_cli_a_file_named_like_an_option_is_copied_as_a_file(cluster, tmp_path):
     assert (results / "-n.copy").read_text() == "dash\n"
     assert (results / "-n.both").read_text() == "dash\ndash\n"
     assert (results / "s1.both").read_text() == "strip 1\nstrip 1\n"
-    log = tmp_path / "p" / ".opf" / "logs" / "j" / "-n" / "copy.log"
-    assert log.read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
+    logs = tmp_path / "p" / ".opf" / "logs" / "j" / "-n"
+    assert (logs / "copy.log").read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
+    # the script names the values; they follow it as the shell's arguments
+    assert (logs / "sh.log").read_text().startswith(
+        """$ /bin/sh -c 'cat "$1" "$2" > "$3"' sh ./-n.txt ./-n.copy ./-n.both\n""")
 
 
 def test_cli_unreachable_cluster_exits_3(cluster, tmp_path):
