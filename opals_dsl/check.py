@@ -683,13 +683,8 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                 if isinstance(action, n.Run):
                     if not action.words:
                         c.error(action.span, "this run line has no command")
-                    for r in action.shell_quoted:
-                        c.error(
-                            r.span,
-                            f"'{{{r.dotted}}}' stands inside shell quotes: opf quotes every "
-                            "substituted value for the shell itself, so remove the quotes "
-                            "around it",
-                        )
+                    for span, message in action.shell_problems:
+                        c.error(span, message)
             for item in step.ins:
                 if isinstance(item.item, n.Ref):
                     b = bound.get(id(item.item))

@@ -31,7 +31,6 @@ import json
 import os
 import posixpath
 import re
-import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
@@ -55,6 +54,7 @@ from .check import (
 )
 from .errors import PlanError
 from .source import SourceFile, Span
+from .words import shell_places
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = re.compile(r"[*?\[]")
@@ -210,6 +210,8 @@ class Planner:
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
         self.job_name = ""
+        # job -> the placeholder that tells its tasks apart, for the hint of a clash
+        self._clash_hint: dict[str, str] = {}
 
     def _guarded(self, make: Callable[[], object], fallback: object) -> Any:
         """``make()``; when lenient, a part naming something unknown becomes ``fallback``, so
@@ -349,8 +351,9 @@ class Planner:
             try:
                 with open(self.abspath(rel), encoding="utf-8-sig") as fh:
                     lines = [ln.strip() for ln in fh]
-            except FileNotFoundError:
-                self.c.error(src.path.span, f"the list file '{rel}' does not exist")
+            except (FileNotFoundError, IsADirectoryError):
+                self.c.error(src.path.span,
+                             f"the list file '{rel}' {_why_not_a_file(self.abspath(rel))}")
                 return None
             except (OSError, UnicodeDecodeError) as exc:
                 self.c.error(src.path.span, f"the list file '{rel}' cannot be read: {exc}")
@@ -373,7 +376,8 @@ class Planner:
         if not _WILDCARDS.search(pattern):
             rel = self.plan_path(pattern)
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(src.pattern.span, f"the input file '{rel}' does not exist")
+                self.c.error(src.pattern.span,
+                             f"the input file '{rel}' {_why_not_a_file(self.abspath(rel))}")
                 return None
             return [TaskValue(rel, file=rel)]
         files = sorted(self.plan_path(f) for f in _glob_files(pattern, self.root))
@@ -410,7 +414,8 @@ class Planner:
                 )
             names_seen[base] = s
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(s.path.span, f"the shared file '{rel}' does not exist")
+                self.c.error(s.path.span,
+                             f"the shared file '{rel}' {_why_not_a_file(self.abspath(rel))}")
             self.read(rel, jname, None, s.path.span, s)
             shared_files.append([rel, base])
         if values is None:
@@ -420,6 +425,16 @@ class Planner:
             _attr(v.file, "stem") if v.file is not None else format_value(v.value) for v in values
         ]
         ids = ["0"] if job.source is None else task_ids(labels)
+        if job.var is not None and job.var.value not in ("task", "job", "pipeline") and (
+            ids[0] == safe_id(labels[0])
+        ):
+            # the loop values differ (ignoring case; else the ids have their index in front):
+            # the file's stem or the value tells the tasks apart
+            var = job.var.value
+            if isinstance(job.source, (n.GlobSource, n.UpstreamSource)):
+                self._clash_hint[jname] = f"{{{var}.stem}}"
+            elif not any("/" in label for label in labels):
+                self._clash_hint[jname] = f"{{{var}}}"
         retries = 0
         if job.retries:
             rv = job.retries[0].value
@@ -581,8 +596,8 @@ class Planner:
                     local = posixpath.basename(rel)
                     in_locals.append(local)
                     if not os.path.isfile(self.abspath(rel)):
-                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') does "
-                                     "not exist")
+                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') "
+                                     f"{_why_not_a_file(self.abspath(rel))}")
                     seen = local_src.get(local)
                     if seen is None:
                         local_src[local] = rel
@@ -680,9 +695,7 @@ class Planner:
         limit = _REPORT_LIMIT
         if fout is o:
             limit = 1  # every task of the job clashes alike: once says it all
-            var = next((j.var.value for j in self.pipeline.jobs if j.name.value == job and j.var),
-                       "task")
-            hint = f"{{{var}.stem}}" if var != "task" else "{task.id}"
+            hint = self._clash_hint.get(job, "{task.id}")
             msg = (
                 f"tasks '{ftask}' and '{task}' of job '{job}' would both copy output "
                 f"'{o.name.value}' back to '{dest}'; make the name differ per task, e.g. "
@@ -724,34 +737,22 @@ class Planner:
             return call
         assert isinstance(action, n.Run)
         if action.shell:
-            script: list[Text] = []
-            for p in action.words[1].template.parts:
-                if isinstance(p, str):
-                    script.append(p)
-                    continue
-                v = self.value(scope.resolve(p, CTX_STEP, i))
-                if isinstance(v, list):
-                    script.append(" ".join(shlex.quote(format_value(x)) for x in v))
-                elif callable(v):
-                    script.append(lambda t, v=v: shlex.quote(format_value(v(t))))
-                else:
-                    script.append(shlex.quote(format_value(v)))
-            body = _render(script)
-            return lambda t: (["/bin/sh", "-c", _text_of(body, t)], None)
+            return self.compile_script(action.words[1].template, scope, i)
 
         words: list[object] = []  # str | list[str] (one word per item) | function -> str
         for w in action.words:
             parts = w.template.parts
             if len(parts) == 1 and isinstance(parts[0], n.Ref):
-                v = self.value(scope.resolve(parts[0], CTX_STEP, i))
-                if isinstance(v, list):
-                    words.append([format_value(x) for x in v])
-                elif callable(v):
-                    words.append(lambda t, v=v: format_value(v(t)))
-                else:
-                    words.append(format_value(v))
-            else:
-                words.append(self.compile_template(w.template, scope, CTX_STEP, i))
+                words.append(self.run_value(parts[0], scope, i, starts_word=True))
+                continue
+            pieces: list[Text] = []
+            for k, p in enumerate(parts):
+                if isinstance(p, str):
+                    pieces.append(p)
+                    continue
+                v = self.run_value(p, scope, i, starts_word=k == 0)
+                pieces.append(",".join(v) if isinstance(v, list) else v)
+            words.append(_render(pieces))
         if not any(isinstance(w, list) for w in words):
             return lambda t: ([w if w.__class__ is str else w(t) for w in words], None)
 
@@ -767,6 +768,68 @@ class Planner:
             return argv, None
 
         return run
+
+    def run_value(
+        self, ref: n.Ref, scope: Scope, i: int, *, starts_word: bool
+    ) -> str | list[str] | Callable[[_TaskCtx], str]:
+        """A placeholder of a run line as words: one (constant or a function of the task), or a
+        list (a gather or a list param: one word per item).
+
+        A file of the task folder (the loop's file, an output) that begins a word and whose
+        name begins with '-' is written ``./-n.txt``, so that no program takes it for an
+        option."""
+        b = scope.resolve(ref, CTX_STEP, i)
+        if b.kind == "gather" or (b.kind == "param" and b.attr is None):
+            v = self.value(b)
+            if isinstance(v, list):
+                return [format_value(x) for x in v]
+        piece = self.text(b)
+        if not starts_word or b.attr is not None:
+            return piece
+        if b.kind == "out":
+            return lambda t: _not_an_option(piece(t))  # type: ignore[operator]
+        if b.kind == "var":
+            return lambda t: (
+                "./" + t.text if t.text[:1] == "-" and t.var.file is not None else t.text
+            )
+        return piece
+
+    def compile_script(
+        self, tpl: n.Template, scope: Scope, i: int
+    ) -> Callable[[_TaskCtx], tuple[list[str], None]]:
+        """``run sh "SCRIPT"`` as ``["/bin/sh", "-c", SCRIPT', "sh", VALUE...]``.
+
+        No value is ever part of the script the shell parses: each placeholder becomes a quoted
+        positional parameter, ``"$1"`` or ``"${12}"`` (a list one per item, ``"$3" "$4"``), and
+        the values follow the script as the shell's arguments. A name used twice refers to one
+        parameter. ``words.shell_places`` says where a placeholder may stand (and the checker
+        refuses the rest), so that ``"$1"`` stays one word holding exactly the value."""
+        script: list[str] = []
+        args: list[Text] = []
+        numbered: dict[tuple[str, bool], str] = {}  # one parameter for a name used twice
+        places = iter(shell_places(tpl.parts))
+        for p in tpl.parts:
+            if isinstance(p, str):
+                script.append(p)
+                continue
+            _why, starts_word = next(places)
+            kind = scope.resolve(p, CTX_STEP, i).kind
+            key = (p.dotted, starts_word and kind in ("var", "out"))  # see run_value
+            refs = numbered.get(key)
+            if refs is None:
+                v = self.run_value(p, scope, i, starts_word=starts_word)
+                items: list[Text] = v if isinstance(v, list) else [v]  # type: ignore[assignment]
+                refs = " ".join(_positional(len(args) + k + 1) for k in range(len(items)))
+                args.extend(items)
+                numbered[key] = refs
+            script.append(refs)
+        head = ["/bin/sh", "-c", "".join(script), "sh"]
+        if all(a.__class__ is str for a in args):
+            argv = head + args  # type: ignore[operator]
+            return lambda t: (list(argv), None)
+        return lambda t: (
+            head + [a if a.__class__ is str else a(t) for a in args], None  # type: ignore[misc]
+        )
 
     def compile_ins(
         self, step: n.Step, scope: Scope, i: int
@@ -872,6 +935,27 @@ def _glob_files(pattern: str, root: str) -> list[str]:
             ]
     except OSError:
         return []
+
+
+def _why_not_a_file(path: str) -> str:
+    """What is at ``path``, which is not a file to read: the end of an error message."""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    if os.path.islink(path):
+        return f"is a symbolic link to '{os.readlink(path)}', which does not exist"
+    if os.path.exists(path):
+        return "is not a regular file"
+    return "does not exist"
+
+
+def _positional(k: int) -> str:
+    """A quoted reference to the shell's ``k``-th positional parameter."""
+    return f'"${k}"' if k < 10 else f'"${{{k}}}"'
+
+
+def _not_an_option(path: str) -> str:
+    """A task-folder-relative path that no program takes for an option."""
+    return "./" + path if path[:1] == "-" else path
 
 
 def _prefix(folder: str) -> str:
