@@ -1,8 +1,10 @@
 """The ``opf`` command: argument parsing, exit statuses, and errors rendered for people.
 
 ``opf check FILE`` checks a pipeline, ``opf compile FILE`` prints its plan (summary, ``--dot``,
-``--json``, ``--svg``), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`). Exit statuses:
-0 done, 1 a task failed, 2 the pipeline or the command line is invalid, 3 no cluster.
+``--json``, ``--svg``; ``-o PATH`` is written whole or not at all), ``opf run FILE`` runs it (see
+:mod:`opals_dsl.runcmd`). Exit statuses: 0 done, 1 a task failed, 2 the pipeline or the command
+line is invalid, 3 no cluster, 141 stdout was closed early (``opf compile --json | head``: no
+message, the status a shell shows for a program that SIGPIPE ended).
 """
 
 from __future__ import annotations

@@ -41,8 +41,11 @@ The file
     A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "failed": true,
     "time": ...}``. The last line of a task is the one that counts. A line that is cut off or
     garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
-    runs again. When the file is opened for a run it is compacted if more than half of its lines
-    are stale or any is unreadable: written afresh under a temporary name and renamed.
+    runs again; so is a record whose fields do not have the types written here (the file edited
+    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
+    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
+    for a run it is compacted if more than half of its lines are stale or any is unreadable:
+    written afresh under a temporary name and renamed.
 
 Durability
     The records of one round of results go to the file in a single ``write`` (the file is opened

@@ -12,7 +12,9 @@ attribute). Upstream outputs add ``copyback:UP/T → stage:JOB/TASK`` edges: one
 What can only be known by looking at files or at all tasks together — globs that match nothing,
 missing inputs, two outputs copied to one destination, two inputs (or an input and an output)
 with one local name, a task reading a file that another task's copy-back writes without waiting
-for it — is found here and reported as a :class:`PlanError`, every one of them.
+for it, an output that would be copied back over the pipeline file, a file the pipeline reads,
+into the run's state folder or a scratch root's ``opf`` folder (:class:`Protected`), more than
+:data:`MAX_TASKS` tasks — is found here and reported as a :class:`PlanError`, every one of them.
 
 Speed: templates are compiled once per job into literal text and small functions of the task,
 and whatever is the same for every task of a job (shared files, gathered lists, params, the

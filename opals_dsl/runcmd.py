@@ -13,7 +13,10 @@ its record, and ``run.lock``, which keeps two runs from sharing one state folder
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
 in the destination folders), then asks the journal which tasks are unchanged: those are skipped
 (``--force`` runs everything); if none is left to run, no embedded cluster is started.
-``--dry-run`` only prints each task's decision and its reason, and starts nothing.
+``--dry-run`` only prints each task's decision and its reason, and starts nothing. No output may
+be copied back into the state folder or into the ``opf`` folder of the scratch root: the plan
+is checked against ``--state`` and ``--scratch`` when it is made, and against the scratch roots
+the engines report before anything is submitted (exit 2, see :class:`opals_dsl.plan.Protected`).
 ``--retries N`` replaces every job's ``retries``. Ctrl-C or SIGTERM stops submitting and
 interrupts the running steps; what finished is in the journal; a second one stops at once. The
 embedded cluster is stopped however the run ends.

@@ -1,7 +1,9 @@
 """Source text and positions: the first stage of the front end.
 
-A :class:`SourceFile` holds the text of one pipeline file; a :class:`Span` is a place in it
-(1-based line and column, end exclusive). :func:`render_diagnostic` turns a place and a message
+A :class:`SourceFile` holds the text of one pipeline file (read only if it is a regular file of
+at most :data:`MAX_FILE_BYTES`); a :class:`Span` is a place in it (1-based line and column, end
+exclusive), found by bisection in a table of line starts, so a place costs no more in a large
+file than in a small one. :func:`render_diagnostic` turns a place and a message
 into what a person reads::
 
     strips.opf:12:9: error: unknown name 'celll'; did you mean 'cell'?
