@@ -41,8 +41,11 @@ The file
     A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "failed": true,
     "time": ...}``. The last line of a task is the one that counts. A line that is cut off or
     garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
-    runs again. When the file is opened for a run it is compacted if more than half of its lines
-    are stale or any is unreadable: written afresh under a temporary name and renamed.
+    runs again; so is a record whose fields do not have the types written here (the file edited
+    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
+    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
+    for a run it is compacted if more than half of its lines are stale or any is unreadable:
+    written afresh under a temporary name and renamed.
 
 Receipts
     Each request carries a *stamp* (:meth:`Journal.stamp`): the sig its record will have, its
@@ -153,6 +156,11 @@ class Journal(RunListener):
         self.decisions: list[Decision] | None = None
         self.lines_read = 0
         self.bad_lines = 0
+        #: what :meth:`warnings` reports: tasks whose record is a line of JSON but not a
+        #: record, complete lines that are not JSON records, a file that is no journal
+        self.damaged: list[str] = []
+        self.unreadable = 0
+        self.foreign = False
         #: why the journal stopped recording, if it did
         self.error: str | None = None
         self._header_ok = False
@@ -226,13 +234,14 @@ class Journal(RunListener):
                 continue
             if first:
                 first = False
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     head = json.loads(raw)
                     if isinstance(head, dict) and head.get("opf-journal") == VERSION:
                         self._header_ok = True
                         continue
                 if not self._header_ok:  # another format: start afresh
                     self.bad_lines += 1
+                    self.foreign = True
                     return
             self.lines_read += 1
             # file names that are not UTF-8 were written through surrogateescape: read them so
@@ -240,6 +249,8 @@ class Journal(RunListener):
             name = _name_of(text)
             if name is None:
                 self.bad_lines += 1
+                if raw.endswith(b"\n"):  # not the cut-off end of a write a kill interrupted
+                    self.unreadable += 1
                 continue
             self.records[name] = text + "\n"
 
@@ -432,9 +443,10 @@ class Journal(RunListener):
             return "new"
         try:
             rec = json.loads(_body(line))
-        except ValueError:
-            return "new"  # an unreadable record: as if there were none
-        if not isinstance(rec, dict):
+        except (ValueError, RecursionError):
+            rec = None
+        if not _well_formed(rec):  # a damaged record: as if there were none
+            self._damaged(ref.name)
             return "new"
         if rec.get("failed"):
             return "failed in the last run"
@@ -469,6 +481,34 @@ class Journal(RunListener):
         if fresh:
             self._refresh[i] = fresh
         return None
+
+    def _damaged(self, name: str) -> None:
+        """Forget the record of task ``name``: it cannot be read as one (the journal was edited,
+        or damaged on its disk); the task runs again and gets a new record."""
+        del self.records[name]
+        self.bad_lines += 1
+        self.damaged.append(name)
+
+    def warnings(self) -> list[str]:
+        """What the user should hear about the journal: that it is not one, lines that could
+        not be read, and records that were skipped because they are damaged (their tasks run
+        again). A line cut off at the end of the file (a run killed while writing it) is the
+        expected trace of a kill, and not reported."""
+        out = []
+        if self.foreign:
+            out.append(f"{self.path} does not begin as an opf journal; it is ignored, so every "
+                       "task runs")
+        if self.unreadable:
+            count = self.unreadable
+            out.append(f"{count} line{'s' if count != 1 else ''} of the journal {self.path} "
+                       f"{'are' if count != 1 else 'is'} not a record and skipped")
+        if self.damaged:
+            shown = ", ".join(self.damaged[:3]) + (", ..." if len(self.damaged) > 3 else "")
+            count = len(self.damaged)
+            out.append(f"{count} record{'s' if count != 1 else ''} of the journal {self.path} "
+                       f"{'are' if count != 1 else 'is'} damaged and skipped ({shown}); "
+                       f"{'those tasks run' if count != 1 else 'that task runs'} again")
+        return out
 
     def _input_changed(self, path: str, st: list[int] | None,
                        old: list[Any]) -> tuple[str | None, list[Any] | None]:
@@ -769,11 +809,29 @@ def _name_of(text: str) -> str | None:
     if "\\" in quoted:
         try:
             name = json.loads(quoted)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     else:
         name = quoted[1:-1] if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' else None
     return name if isinstance(name, str) else None
+
+
+def _well_formed(rec: Any) -> bool:
+    """Has a parsed record the fields, of the types, that :meth:`Journal._compare` reads?"""
+    if not isinstance(rec, dict):
+        return False
+    if rec.get("failed"):
+        return True
+    steps = rec.get("steps")
+    if not isinstance(rec.get("cmd"), str) or not isinstance(steps, list):
+        return False
+    if not all(isinstance(s, list) and s and isinstance(s[0], str) for s in steps):
+        return False
+    for key in ("in", "up", "out"):
+        part = rec.get(key, {})
+        if not isinstance(part, dict):
+            return False
+    return all(isinstance(v, list) for key in ("in", "out") for v in rec.get(key, {}).values())
 
 
 def _body(line: str) -> str:

@@ -12,7 +12,9 @@ attribute). Upstream outputs add ``copyback:UP/T → stage:JOB/TASK`` edges: one
 What can only be known by looking at files or at all tasks together — globs that match nothing,
 missing inputs, two outputs copied to one destination, two inputs (or an input and an output)
 with one local name, a task reading a file that another task's copy-back writes without waiting
-for it — is found here and reported as a :class:`PlanError`, every one of them.
+for it, an output that would be copied back over the pipeline file, a file the pipeline reads,
+into the run's state folder or a scratch root's ``opf`` folder (:class:`Protected`), more than
+:data:`MAX_TASKS` tasks — is found here and reported as a :class:`PlanError`, every one of them.
 
 Speed: templates are compiled once per job into literal text and small functions of the task,
 and whatever is the same for every task of a job (shared files, gathered lists, params, the
@@ -31,7 +33,9 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterator, Mapping
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from operator import attrgetter
@@ -48,6 +52,7 @@ from .check import (
     CTX_STEP,
     Binding,
     Checker,
+    JobTable,
     ResolveError,
     Scope,
     job_dependencies,
@@ -60,6 +65,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = re.compile(r"[*?\[]")
 #: at most this many errors are reported for one declaration (a glob, an out, an in)
 _REPORT_LIMIT = 3
+#: the most tasks a job, and a whole pipeline, may have: ten times what the planner is built
+#: for, so that a slip (``range(1000000000)``, a huge ``--param``) is a message, not an
+#: exhausted memory
+MAX_TASKS = 10_000_000
+#: the largest file ``lines(...)`` reads (MAX_TASKS lines of about 25 characters)
+MAX_LIST_FILE_BYTES = 256 * 1024 * 1024
 
 
 def format_value(value: object) -> str:
@@ -192,8 +203,10 @@ class Planner:
         params: Mapping[str, object],
         pipeline_name: str,
         lenient: bool = False,
+        protected: Protected | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.protected = protected
         self.root = root
         self.lenient = lenient
         self.params = params
@@ -206,12 +219,16 @@ class Planner:
         # shared-drive file -> (job, task or None, span) of the first stage that reads it
         # (shared files, glob matches, `in` files: not the upstream outputs a task waits for)
         self.readers: dict[str, tuple[str, str | None, Span | None]] = {}
-        self.reported: dict[int, int] = {}
+        # readers that are not a stage's: what they are ("its list file", ...)
+        self.reader_what: dict[str, str] = {}
+        self.reported: dict[object, int] = {}
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
         self.job_name = ""
         # job -> the placeholder that tells its tasks apart, for the hint of a clash
         self._clash_hint: dict[str, str] = {}
+        self.table = JobTable(pipeline)
+        self.task_count = 0  # tasks of the jobs expanded so far (see room_for)
 
     def _guarded(self, make: Callable[[], object], fallback: object) -> Any:
         """``make()``; when lenient, a part naming something unknown becomes ``fallback``, so
@@ -254,8 +271,9 @@ class Planner:
     ) -> None:
         """Report, at most ``limit`` times for one ``key`` (a declaration)."""
         if key is not None:
-            count = self.reported.get(id(key), 0)
-            self.reported[id(key)] = count + 1
+            ident = (key[0], id(key[1])) if isinstance(key, tuple) else id(key)
+            count = self.reported.get(ident, 0)
+            self.reported[ident] = count + 1
             if count >= limit:
                 return
         self.c.error(span, message)
@@ -335,39 +353,42 @@ class Planner:
             if not src.items:
                 self.c.error(src.span, "this list is empty, so the job would have no task")
                 return None
+            if not self.room_for(len(src.items), src.span, "this list"):
+                return None
             return [TaskValue(i.value) for i in src.items]
         if isinstance(src, n.RangeSource):
             args = [
                 a.value if isinstance(a, n.Literal) else self.params[a.parts[0]] for a in src.args
             ]
             values = range(*args)  # type: ignore[arg-type]
+            shown = f"range({', '.join(map(str, args))})"
             if not values:
-                self.c.error(src.span, f"range({', '.join(map(str, args))}) is empty, so the "
-                             "job would have no task")
+                self.c.error(src.span, f"{shown} is empty, so the job would have no task")
+                return None
+            try:
+                count = len(values)
+            except OverflowError:  # more than sys.maxsize; the step is 1
+                count = values.stop - values.start
+            if not self.room_for(count, src.span, shown):
                 return None
             return [TaskValue(v) for v in values]
         if isinstance(src, n.LinesSource):
             rel = self.plan_path(self.job_template(src.path, scope, jname))
-            try:
-                with open(self.abspath(rel), encoding="utf-8-sig") as fh:
-                    lines = [ln.strip() for ln in fh]
-            except (FileNotFoundError, IsADirectoryError):
-                self.c.error(src.path.span,
-                             f"the list file '{rel}' {_why_not_a_file(self.abspath(rel))}")
+            self.read(rel, jname, None, src.path.span, src, what="its list file")
+            lines = self.list_file(rel, src.path.span)
+            if lines is None:
                 return None
-            except (OSError, UnicodeDecodeError) as exc:
-                self.c.error(src.path.span, f"the list file '{rel}' cannot be read: {exc}")
-                return None
-            values = [ln for ln in lines if ln and not ln.startswith("#")]
-            if not values:
+            if not lines:
                 self.c.error(src.path.span, f"the list file '{rel}' has no lines, so the job "
                              "would have no task")
                 return None
-            return [TaskValue(v) for v in values]
+            return [TaskValue(v) for v in lines]
         assert isinstance(src, n.UpstreamSource)
         up_job, up_step, up_out = src.ref.parts
         up = self.jobs[up_job]
         dests = up.published[(up_step, up_out)]
+        if not self.room_for(len(dests), src.span, f"job '{up_job}'"):
+            return None
         return [
             TaskValue(d, file=d, upstream=tid) for tid, d in zip(up.tasks, dests, strict=True)
         ]
@@ -388,12 +409,83 @@ class Planner:
                 "and the spelling",
             )
             return None
+        if not self.room_for(len(files), src.pattern.span, f"the pattern '{pattern}'"):
+            return None
         return [TaskValue(f, file=f) for f in files]
+
+    def room_for(self, count: int, span: Span | None, what: str) -> bool:
+        """Count ``count`` more tasks, or report (at ``span``) that they are more than
+        :data:`MAX_TASKS` for the job or the pipeline and return False."""
+        if count > MAX_TASKS:
+            self.c.error(span, f"{what} would make {count:,} tasks; a job may have at most "
+                         f"{MAX_TASKS:,}")
+            return False
+        if self.task_count + count > MAX_TASKS:
+            total = self.task_count + count
+            self.c.error(span, f"{what} would make {count:,} more tasks, {total:,} in all; a "
+                         f"pipeline may have at most {MAX_TASKS:,}")
+            return False
+        self.task_count += count
+        return True
+
+    def list_file(self, rel: str, span: Span | None) -> list[str] | None:
+        """The values of a ``lines(...)`` file: its lines, stripped, without blank ones and
+        ``#`` comments; None (reported) when it is not a regular file of at most
+        :data:`MAX_LIST_FILE_BYTES`, not UTF-8, holds a NUL, or has too many lines."""
+        path = self.abspath(rel)
+        try:
+            # not blocking on a named pipe without a writer: its type is refused below
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
+            return None
+        except OSError as exc:
+            self.c.error(span, f"the list file '{rel}' cannot be read: {exc.strerror or exc}")
+            return None
+        room = MAX_TASKS - self.task_count
+        values: list[str] = []
+        try:
+            with open(fd, encoding="utf-8-sig", closefd=True) as fh:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode):
+                    self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
+                    return None
+                if not stat.S_ISREG(info.st_mode):
+                    self.c.error(span, f"the list file '{rel}' is not a regular file (a device or "
+                                 "named pipe would be read for ever); name an ordinary file")
+                    return None
+                if info.st_size > MAX_LIST_FILE_BYTES:
+                    self.c.error(span, f"the list file '{rel}' is {info.st_size:,} bytes, more "
+                                 f"than the {MAX_LIST_FILE_BYTES:,} a list file may have")
+                    return None
+                for number, line in enumerate(fh, 1):
+                    value = line.strip()
+                    if not value or value.startswith("#"):
+                        continue
+                    if "\0" in value:
+                        self.c.error(span, f"line {number} of the list file '{rel}' holds a NUL "
+                                     "character, which no file name or command word can hold; "
+                                     "is it a text file?")
+                        return None
+                    if len(values) >= room:
+                        self.c.error(span, f"the list file '{rel}' has more than {room:,} lines; "
+                                     f"a job and a pipeline may have at most {MAX_TASKS:,} tasks")
+                        return None
+                    values.append(value)
+        except UnicodeDecodeError as exc:
+            self.c.error(span, f"the list file '{rel}' is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start:,}); save it as UTF-8")
+            return None
+        except OSError as exc:
+            self.c.error(span, f"the list file '{rel}' cannot be read: {exc.strerror or exc}")
+            return None
+        self.task_count += len(values)
+        return values
 
     def plan_job(self, job: n.Job) -> None:
         jname = job.name.value
         self.job_name = jname
-        scope = Scope(self.pipeline, job, self.params)
+        scope = Scope(self.pipeline, job, self.params, self.table)
         values = self.task_values(job, scope)
         machine = f"stage:{jname}"
 
@@ -447,6 +539,8 @@ class Planner:
         if job.outputs:
             folder_t = self.compile_template(job.outputs[0].folder, scope, CTX_OUTPUT)
             flat = job.outputs[0].flat
+            if isinstance(folder_t, str):
+                self.check_folder(folder_t, job.outputs[0])
         else:
             folder_t = f"results/{jname}"
             flat = False
@@ -467,6 +561,12 @@ class Planner:
                 lambda step=step, i=i: self.compile_action(step.action, scope, i), _no_action
             )
             steps.append(_Step(step, sname, outs, action, inputs, in_files))
+        for step in job.steps:  # a call's module in the pipeline's folder is read too
+            if isinstance(step.action, n.Call):
+                module = _module_file(self.root, step.action.module)
+                if module is not None:
+                    self.read(module, jname, None, step.action.span, step.action,
+                              what="the Python module of its call")
         # where each step's outputs go, when the folder is the same for every task
         prefixes: list[str] | None = None
         if isinstance(folder_t, str):
@@ -486,7 +586,8 @@ class Planner:
         destinations, readers = self.destinations, self.readers
         var_span = job.var.span if job.var else None
         stage_var = any(b.kind == "var" and b.attr is None for b in self._file_bindings)
-        read_var = stage_var and isinstance(job.source, n.GlobSource)
+        # a glob's matches are the job's inputs, staged or not: no copy-back may overwrite them
+        read_var = isinstance(job.source, n.GlobSource)
 
         # gathered files: the same for every task of the job
         gathers = sorted(
@@ -534,17 +635,18 @@ class Planner:
             if stage_var and value.file is not None:
                 stage_files.append([value.file, vtext])
                 local_src[vtext] = value.file
-                if read_var:
-                    if value.file in destinations:
-                        self.read(value.file, jname, tid, var_span, job.source, waits,
-                                  upstream_cb)
-                    else:
-                        readers.setdefault(value.file, (jname, tid, var_span))
+            if read_var:
+                if value.file in destinations:
+                    self.read(value.file, jname, tid, var_span, job.source, waits, upstream_cb)
+                else:
+                    readers.setdefault(value.file, (jname, tid, var_span))
             if gather_files:
                 stage_files += gather_files
 
             if prefixes is None:
                 text = _text_of(folder_t, t)
+                if text[:1] == "~":
+                    self.check_folder(text, job.outputs[0])
                 folder = self.plan_path(text or ".")
                 task_prefixes = [
                     _prefix(folder if flat else self.plan_path(posixpath.join(folder, s.name)))
@@ -659,20 +761,66 @@ class Planner:
             return f"_invalid_/{o.name.value}"
         return norm
 
+    def check_folder(self, text: str, decl: n.Output) -> None:
+        """An output folder must not start with ``~``: opf does not expand it (no shell is
+        involved), so the results would go to a folder named ``~``."""
+        if text[:1] == "~":
+            self.error(
+                decl.folder.span,
+                f"the output folder '{text}' starts with '~', which opf does not expand: the "
+                "results would go to a folder named '~' in the pipeline's folder; write the "
+                "folder in full (e.g. \"/home/me/results\"), or relative to the pipeline file",
+                decl, 1,
+            )
+
+    def check_destinations(self) -> None:
+        """No copy-back may write the pipeline file, into the run's state folder or into opf's
+        part of a scratch root (see :class:`Protected`). Checked once per destination folder;
+        a folder is compared as written and with its links resolved."""
+        if self.protected is None or not self.destinations:
+            return
+        by_folder: dict[str, list[str]] = {}
+        for dest in self.destinations:
+            folder, _, _ = dest.rpartition("/")
+            group = by_folder.get(folder)
+            if group is None:
+                group = by_folder[folder] = []
+            group.append(dest)
+        for folder, dests in by_folder.items():
+            forms = self.protected.forms(os.path.join(self.root, folder))
+            why = self.protected.folder_refusal(forms, self.root)
+            for dest in dests:
+                reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
+                if reason is None:
+                    continue
+                job, task, o, step = self.destinations[dest]
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of step '{step}' (job '{job}') would be copied back "
+                    f"to '{dest}', {reason}; choose another output folder or file name",
+                    ("protected", o), 1,
+                )
+
     def read(
         self, src: str, job: str, task: str | None, span: Span | None, decl: object,
         waits: set[str] | frozenset[str] = frozenset(), upstream: str | None = None,
+        what: str | None = None,
     ) -> None:
         """Note that a stage copies ``src`` from the shared drive; it must not be a file that
         some task's copy-back writes, unless the stage waits for that copy-back (``waits``,
-        ``upstream``)."""
+        ``upstream``). ``what`` names a file that the planner itself reads (a job's list
+        file): no copy-back may write it at all."""
         claim = self.destinations.get(src)
         if claim is not None:
             cb = f"copyback:{claim[0]}/{claim[1]}"
-            if cb != upstream and cb not in waits:
+            if what is not None:
+                self.error(span, _overwritten(src, f"read by job '{job}' as {what}", claim), decl)
+            elif cb != upstream and cb not in waits:
                 self.error(span, _reads_output(src, job, task, claim), decl)
         if src not in self.readers:
             self.readers[src] = (job, task, span)
+            if what is not None:
+                self.reader_what[src] = what
 
     def claim(self, dest: str, job: str, task: str, o: n.Out, step: str) -> None:
         first = self.destinations.get(dest)
@@ -681,13 +829,16 @@ class Planner:
             reader = self.readers.get(dest)
             if reader is not None:
                 rjob, rtask, _ = reader
+                what = self.reader_what.get(dest)
                 who = (f"task '{rtask}' of job '{rjob}'" if rtask is not None
                        else f"job '{rjob}' (a shared file)")
+                reads = f"which job '{rjob}' reads as {what}" if what is not None else (
+                    f"a file that {who} reads as an input")
                 self.error(
                     o.path.span,
                     f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
-                    f"to '{dest}', a file that {who} reads as an input; a copy-back must not "
-                    "overwrite an input: give the output another name or output folder",
+                    f"to '{dest}', {reads}; a copy-back must not overwrite an input: give the "
+                    "output another name or output folder",
                     o,
                 )
             return
@@ -899,6 +1050,7 @@ class Planner:
                 continue  # an upstream job could not be expanded; its error is reported
             self._file_bindings: list[Binding] = []
             self.plan_job(job)
+        self.check_destinations()
         g = self.graph
         g.graph.update(
             pipeline=self.name,
@@ -965,6 +1117,15 @@ def _prefix(folder: str) -> str:
     return folder if folder.endswith("/") else folder + "/"
 
 
+def _overwritten(src: str, who: str, claim: tuple[str, str, n.Out, str]) -> str:
+    cjob, ctask, cout, _ = claim
+    return (
+        f"'{src}' is {who}, and output '{cout.name.value}' of task '{ctask}' (job '{cjob}') "
+        "would be copied back over it; a copy-back must not overwrite a file the pipeline "
+        "reads: give the output another name or output folder"
+    )
+
+
 def _reads_output(src: str, job: str, task: str | None,
                   claim: tuple[str, str, n.Out, str]) -> str:
     cjob, ctask, cout, cstep = claim
@@ -1003,6 +1164,105 @@ def _no_action(t: _TaskCtx) -> tuple[list[str], None]:
     return [], None
 
 
+def _module_file(root: str, module: str) -> str | None:
+    """The file of a ``call``'s module in the pipeline's folder (``pkg/mod.py`` or
+    ``pkg/mod/__init__.py``), relative to it; None if it lies elsewhere."""
+    base = module.replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py"):
+        if module and os.path.isfile(os.path.join(root, candidate)):
+            return candidate
+    return None
+
+
+def default_scratch() -> str:
+    """The scratch root an engine of this machine uses without ``--scratch``:
+    ``$OPF_SCRATCH``, else the system temp folder (resolved)."""
+    base = os.environ.get("OPF_SCRATCH") or tempfile.gettempdir()
+    return os.path.realpath(os.path.expanduser(base))
+
+
+@dataclass(frozen=True, slots=True)
+class Protected:
+    """The places no output may be copied back to, as absolute paths:
+
+    * ``pipeline``: the pipeline file (``output "." flat`` with ``out o = "self.opf"`` would
+      replace it);
+    * ``state``: the run's state folder (journal, logs, trace, lock), and everything in it;
+    * ``scratch``: scratch roots, of which the ``opf`` folder is refused — the job and task
+      folders the engines create, fill and empty live there, so a result copied back into one
+      would be deleted by a task's clean-up. The rest of a scratch root is not opf's (it is
+      the system temp folder by default) and is left alone.
+
+    ``opf check`` protects the defaults (:meth:`for_pipeline`); ``opf run`` the state folder
+    and scratch root it is given, and then the scratch roots its engines report.
+    """
+
+    pipeline: str | None = None
+    state: str | None = None
+    scratch: tuple[str, ...] = ()
+
+    @classmethod
+    def for_pipeline(cls, path: str | os.PathLike[str], *, state: str | None = None,
+                     scratch: Iterable[str | None] = (None,)) -> Protected:
+        """The defaults for a pipeline file: ``.opf`` beside it unless ``state``; the scratch
+        roots ``scratch`` (None: :func:`default_scratch`)."""
+        path = os.path.abspath(os.fspath(path))
+        roots = [default_scratch() if r is None else os.path.abspath(os.path.expanduser(r))
+                 for r in scratch]
+        return cls(path, os.path.abspath(state or os.path.join(os.path.dirname(path), ".opf")),
+                   tuple(dict.fromkeys(roots)))
+
+    def with_scratch(self, roots: Iterable[str]) -> Protected:
+        return Protected(self.pipeline, self.state, tuple(dict.fromkeys([*self.scratch, *roots])))
+
+    @staticmethod
+    def forms(path: str) -> tuple[str, ...]:
+        """An absolute path as written (normalised) and with its links resolved."""
+        norm = os.path.normpath(path)
+        real = os.path.realpath(norm)
+        return (norm,) if real == norm else (norm, real)
+
+    def _areas(self, root: str | None) -> list[tuple[tuple[str, ...], str]]:
+        def shown(path: str) -> str:  # as the pipeline's destinations are shown
+            if root is None:
+                return path
+            rel = os.path.relpath(path, root)
+            return path if rel == ".." or rel.startswith("../") else rel
+
+        areas = []
+        if self.state:
+            areas.append((self.forms(self.state),
+                          f"inside the run's state folder '{shown(self.state)}' (its journal, "
+                          "logs and trace)"))
+        for base in self.scratch:
+            work = os.path.join(base, "opf")
+            areas.append((self.forms(work),
+                          f"inside '{shown(work)}', where the engines keep their job and task "
+                          "folders (a task's folder is emptied after its copy-back)"))
+        return areas
+
+    def folder_refusal(self, folder: tuple[str, ...], root: str | None = None) -> str | None:
+        """Why nothing may be copied back into a folder (its :meth:`forms`), or None; paths
+        inside ``root`` are named relative to it."""
+        for area, why in self._areas(root):
+            for f in folder:
+                for a in area:
+                    if f == a or f.startswith(a.rstrip("/") + "/"):
+                        return why
+        return None
+
+    def file_refusal(self, folder: tuple[str, ...], name: str) -> str | None:
+        """Why the file ``name`` in a folder (its :meth:`forms`) may not be written, or None."""
+        if self.pipeline is None:
+            return None
+        for path in self.forms(self.pipeline):  # the file as named, and a link's target
+            if name == os.path.basename(path):
+                mine = self.forms(os.path.dirname(path))
+                if any(f in mine for f in folder):
+                    return "which is the pipeline file itself"
+        return None
+
+
 #: stands for a part of a step that could not be compiled (lenient planning)
 _BROKEN = object()
 
@@ -1015,16 +1275,18 @@ def build_plan(
     pipeline_name: str,
     *,
     lenient: bool = False,
+    protected: Protected | None = None,
 ) -> nx.DiGraph:
     """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem.
 
     ``lenient`` plans a pipeline that has check errors too, leaving out the parts that name
-    unknown things, to find what else is wrong (its plan is never run)."""
+    unknown things, to find what else is wrong (its plan is never run). ``protected`` names
+    the places no output may be copied back to (none if None)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         return Planner(
-            pipeline, source, os.path.abspath(root), params, pipeline_name, lenient
+            pipeline, source, os.path.abspath(root), params, pipeline_name, lenient, protected
         ).run()
     finally:
         if collecting:

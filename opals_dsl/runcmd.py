@@ -22,7 +22,10 @@ session that goes away) stops submitting and interrupts the running steps, each 
 ended with its whole process group; what finished is in the journal; a second one stops at
 once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
 ``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.reaper`) within
-seconds.
+seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
+scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
+against the scratch roots the engines report before anything is submitted (exit 2, see
+:class:`opals_dsl.plan.Protected`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,25 +247,32 @@ def _detach_terminal() -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from .api import compile_file
+    from .api import Protected, compile_file
     from .cli import parse_params
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
     if retries is not None and retries < 0:
         raise _UsageError("opf: error: --retries takes a number of retries, 0 or more")
-    plan = compile_file(args.file, parse_params(getattr(args, "param", None)))
     state = state_dir(args)
     scratch = getattr(args, "scratch", None)
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
+    params = parse_params(getattr(args, "param", None))
+    # no output may be copied back over the pipeline, into this run's state folder, or into
+    # the folders the engines work in (see opals_dsl.plan.Protected)
+    protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
+    plan = compile_file(args.file, params, protected=protected)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)
     title = str(plan.graph.get("pipeline", "opf run"))
     tasks = plan_tasks(plan)
     if getattr(args, "dry_run", False):
-        decisions = Journal.read(state, plan, checksum=checksum, tasks=tasks).decide(force)
+        journal = Journal.read(state, plan, checksum=checksum, tasks=tasks)
+        decisions = journal.decide(force)
+        for warning in journal.warnings():
+            print(f"opf: warning: {warning}", file=sys.stderr)
         lines = decision_lines(title, decisions)
         print("\n".join(lines[-1:] if quiet else lines))
         return 0
@@ -279,12 +289,16 @@ def main(args: argparse.Namespace) -> int:
                               f"--state") from exc
         with journal:
             decisions = journal.decide(force)
+            for warning in journal.warnings():
+                print(f"opf: warning: {warning}", file=sys.stderr)
             to_run = sum(1 for d in decisions if d.run)
             progress.resuming(to_run, len(decisions) - to_run)
             try:
                 summary = _run(plan, options, journal, progress, interrupts, to_run=to_run,
                                state=state, scratch=scratch, retries=retries,
-                               keep_going=getattr(args, "keep_going", False))
+                               keep_going=getattr(args, "keep_going", False),
+                               guard=lambda roots: _guard_scratch(args.file, params, protected,
+                                                                  plan, roots))
             except ClusterError as exc:
                 print(f"opf: error: {exc}", file=sys.stderr)
                 return exc.exit_code
@@ -306,10 +320,35 @@ def main(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _guard_scratch(file: str, params: dict[str, str], protected: Any, plan: Any,
+                   roots: Iterable[str]) -> None:
+    """Raise the :class:`~opals_dsl.errors.PlanError` of the pipeline if one of its outputs
+    would be copied back into the opf folder of a scratch root the engines reported.
+
+    The plan's destinations are looked at first (cheap); only when one is refused is the
+    pipeline planned again with those roots, for messages that name its declarations."""
+    from .api import Protected, compile_file
+
+    roots = [r for r in dict.fromkeys(roots) if r not in protected.scratch]
+    if not roots:
+        return
+    engines = Protected(scratch=tuple(roots))
+    folders: set[str] = set()
+    for _, data in plan.nodes(data=True):
+        if data.get("kind") == "copyback":
+            folders.update(dest.rpartition("/")[0] for _, dest in data.get("files") or ())
+    root = str(plan.graph["root"])
+    if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
+        compile_file(file, params, protected=protected.with_scratch(roots))
+
+
 def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progress,
          interrupts: _Interrupts, *, to_run: int, state: Path, scratch: str | None,
-         retries: int | None, keep_going: bool) -> RunSummary:
-    """Schedule the plan: on the cluster, or without one when every task is to be skipped."""
+         retries: int | None, keep_going: bool,
+         guard: Callable[[Iterable[str]], None] | None = None) -> RunSummary:
+    """Schedule the plan: on the cluster, or without one when every task is to be skipped.
+    ``guard`` is given the engines' scratch roots before anything is submitted; it raises to
+    stop the run."""
 
     run_id = new_run_id()
 
@@ -331,6 +370,8 @@ def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progres
                       interrupted=lambda: interrupts.requested) as executor:
         interrupts.starting = False
         try:
+            if guard is not None:
+                guard(info.scratch for info in executor.engines().values())
             summary = schedule(executor)
         finally:
             interrupts.closing = True

@@ -472,3 +472,60 @@ def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
     got = decisions(path, state)
     assert got["up/s2"] == "skip"
     assert got["down/s2"] == "upstream up/s2 ran again since"
+
+
+def test_a_record_with_wrong_field_types_is_skipped_with_a_warning(tmp_path, capsys):
+    """A damaged record (the journal edited by hand, or damaged on its disk) is skipped: its
+    task runs again, a warning says so, and nothing raises."""
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    file = journal_path(state, "chain")
+    damage = {
+        "up/s1": ("in", []),
+        "up/s2": ("steps", 5),
+        "up/s3": ("steps", [[["copy"], 1]]),
+        "down/s1": ("out", 3),
+        "down/s2": ("up", "x"),
+        "hello/0": ("cmd", None),
+    }
+    lines = file.read_text().splitlines()
+    edited = [lines[0]]
+    for line in lines[1:]:
+        record = json.loads(line)
+        if record["task"] in damage:
+            key, value = damage[record["task"]]
+            record[key] = value
+        elif record["task"] == "all/0":  # valid JSON, nested beyond what the parser follows
+            line = line[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}"
+        edited.append(line if record["task"] == "all/0" else json.dumps(
+            record, separators=(",", ":"), ensure_ascii=False))
+    edited.insert(3, '{"task": "up/s9", "sig": "garbled')  # a whole line, not a record
+    file.write_text("\n".join(edited) + "\n")
+
+    journal = Journal.read(state, compile_file(path))
+    got = {d.task.name: (d.reason if d.run else "skip") for d in journal.decide()}
+    assert got == {
+        "up/s1": "new", "up/s2": "new", "up/s3": "new",
+        "down/s1": "upstream up/s1 re-runs", "down/s2": "upstream up/s2 re-runs",
+        "down/s3": "upstream up/s3 re-runs", "all/0": "upstream down/s1 re-runs",
+        "hello/0": "new",
+    }
+    damaged = sorted(set(damage) - {"down/s1", "down/s2"})  # those were never looked at
+    assert sorted(journal.damaged) == damaged
+    assert journal.warnings() == [
+        f"1 line of the journal {file} is not a record and skipped",
+        f"4 records of the journal {file} are damaged and skipped (up/s1, up/s2, up/s3, ...); "
+        "those tasks run again"]
+
+    from opals_dsl.cli import main
+
+    status = main(["run", str(path), "--dry-run", "--state", str(state)])
+    err = capsys.readouterr().err
+    assert status == 0
+    assert f"opf: warning: 4 records of the journal {file} are damaged and skipped" in err
+    assert "Traceback" not in err
+
+    summary = run(path, state, scratch)  # the run does them again and records them afresh
+    assert summary.exit_code == 0 and summary.skipped == 0
+    assert set(decisions(path, state).values()) == {"skip"}
