@@ -447,9 +447,6 @@ class Planner:
         try:
             with open(fd, encoding="utf-8-sig", closefd=True) as fh:
                 info = os.fstat(fd)
-                if stat.S_ISDIR(info.st_mode):
-                    self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
-                    return None
                 if not stat.S_ISREG(info.st_mode):
                     self.c.error(span, f"the list file '{rel}' is not a regular file (a device or "
                                  "named pipe would be read for ever); name an ordinary file")
@@ -475,6 +472,9 @@ class Planner:
         except UnicodeDecodeError as exc:
             self.c.error(span, f"the list file '{rel}' is not UTF-8 text ({exc.reason} at byte "
                          f"{exc.start:,}); save it as UTF-8")
+            return None
+        except IsADirectoryError:
+            self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
             return None
         except OSError as exc:
             self.c.error(span, f"the list file '{rel}' cannot be read: {exc.strerror or exc}")
