@@ -77,6 +77,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -601,19 +602,23 @@ class LaunchedCluster:
 
     def _start_set(self, n: int) -> None:
         kind = self.options.kind
+        for tool in _TOOLS.get(kind, ()):
+            if shutil.which(tool) is None:
+                raise ClusterError(
+                    f"could not start engines with {kind}: {tool} is not installed on this "
+                    f"machine (or not on PATH); run opf where {kind}'s commands are, e.g. a "
+                    f"login node")
         try:
-            set_id = self.cluster.start_engines_sync(n, engine_set_id=kind)
-        except FileNotFoundError as exc:
-            raise ClusterError(
-                f"could not start engines with {kind}: {exc.filename or exc} is not installed "
-                f"on this machine (or not on PATH); {_hint(kind)}") from exc
+            with _stderr_captured(kind in ("slurm", "pbs")) as caught:
+                set_id = self.cluster.start_engines_sync(n, engine_set_id=kind)
         except subprocess.CalledProcessError as exc:
-            said = _last_lines(exc.output.decode(errors="replace")
-                               if isinstance(exc.output, bytes) else exc.output or "", 8)
+            out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) \
+                else (exc.output or "")
+            said = _last_lines("".join(caught) + "\n" + out, 8)
             raise ClusterError(
                 f"could not start engines with {kind}: {shlex.join(map(str, exc.cmd))} "
                 f"failed with exit status {exc.returncode}"
-                + (f": {said}" if said else "") + f"; {_hint(kind)}") from exc
+                + (f": {said}" if said else "") + f".\nCheck: {_hint(kind)}.") from exc
         engine_set = self.cluster.engines[set_id]
         if kind in ("slurm", "pbs"):
             job = getattr(engine_set, "job_id", "")
@@ -700,9 +705,11 @@ class LaunchedCluster:
             return ""
         parts = []
         with contextlib.suppress(Exception):
-            text = (self.cluster.controller.get_output() or "").strip()
-            if text:
-                parts.append("controller said:\n" + _indent(text, lines))
+            controller = self.cluster.controller
+            if controller.process.poll() is not None:  # a running one only says it started
+                text = (controller.get_output() or "").strip()
+                if text:
+                    parts.append("controller said:\n" + _indent(text, lines))
         for set_id, es in list(self.cluster.engines.items()):
             if self.options.kind == "ssh":
                 continue  # fetching remote logs takes ssh calls per engine; the error says enough
@@ -746,6 +753,9 @@ class LaunchedCluster:
                     for engine_set in sets:
                         pool.submit(_quietly, _stop_launcher, engine_set)
             else:
+                for set_id, engine_set in list(cluster.engines.items()):
+                    if self.options.kind in ("slurm", "pbs") and not engine_set.job_id:
+                        cluster.engines.pop(set_id)  # never submitted: nothing to cancel
                 _quietly(cluster.stop_engines_sync)
             _quietly(cluster.stop_controller_sync)
         if self._job is not None:
@@ -781,6 +791,40 @@ class LaunchedCluster:
         for suffix in (".sbatch", ".pbs"):
             with contextlib.suppress(OSError):
                 (self.ipython_dir / f"{self.cluster_id}{suffix}").unlink()
+
+
+#: the commands a launcher needs on this machine
+_TOOLS = {"slurm": ("sbatch", "squeue", "scancel"), "pbs": ("qsub", "qstat", "qdel"),
+          "mpi": ("mpiexec",)}
+
+
+@contextlib.contextmanager
+def _stderr_captured(on: bool) -> Iterator[list[str]]:
+    """Catch what the launcher's commands write to standard error (ipyparallel keeps only
+    their standard output): ``sbatch: error: ...`` belongs in opf's message, not above it.
+    Yields a list that holds what was caught once the block is left; it is written out again
+    unless an error is propagating (the error quotes it)."""
+    caught: list[str] = []
+    if not on:
+        yield caught
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        ok = False
+        try:
+            yield caught
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            caught.append(tmp.read().decode(errors="replace"))
+            if ok and caught[0]:
+                sys.stderr.write(caught[0])
 
 
 def _indent(text: str, lines: int) -> str:
