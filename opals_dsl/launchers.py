@@ -118,6 +118,9 @@ SSH_CONNECT_TIMEOUT = 10
 BATCH_GONE_WAIT = 30.0
 #: the record of a launched cluster in the state folder
 RECORD = "launched.json"
+#: the commands a launcher needs on this machine
+_TOOLS = {"ssh": ("ssh",), "slurm": ("sbatch", "squeue", "scancel"),
+          "pbs": ("qsub", "qstat", "qdel"), "mpi": ("mpiexec",)}
 
 #: Python run on each host before engines start there: its cores, whether the engines'
 #: imports work, and ipyparallel's profile folder made quietly (the launcher would announce it)
@@ -356,9 +359,6 @@ def probe_host(host: str, options: LaunchOptions, python: str, timeout: float,
     except subprocess.TimeoutExpired:
         return HostProbe(host, problem=f"{host} did not answer over SSH within {timeout:g} s; "
                                        f"{_ssh_hint(options, host)}")
-    except FileNotFoundError:
-        return HostProbe(host, problem="ssh is not installed on this machine (it is on PATH "
-                                       "nowhere); install OpenSSH's client")
     out = dict(re.findall(r"__opf_(\w+)=(.*)", proc.stdout))
     said = _last_lines(proc.stderr)
     if proc.returncode == 255:
@@ -467,11 +467,17 @@ class LaunchedCluster:
         self._t0 = time.monotonic()
         deadline = self._t0 + self.timeout
         self.cluster_id = f"opf-{os.getpid()}-{secrets.token_hex(3)}"
+        config = self._config()
+        for tool in _TOOLS.get(opts.kind, ()):
+            if shutil.which(tool) is None:
+                raise ClusterError(
+                    f"could not start engines with {opts.kind}: {tool} is not installed on "
+                    f"this machine (or not on PATH); run opf where {opts.kind}'s commands "
+                    f"work, e.g. on a login node")
         engines: dict[str, int] = {}
         if opts.kind == "ssh":
             engines = self._probe_hosts(deadline)
         ip, location = self._controller_address()
-        config = self._config(engines)
         logger = logging.getLogger(f"{__name__}.ipyparallel")
         logger.propagate = False
         if not logger.handlers:
@@ -539,7 +545,7 @@ class LaunchedCluster:
                 return only, only
         return "*", socket.getfqdn()
 
-    def _config(self, engines: dict[str, int]) -> Any:
+    def _config(self) -> Any:
         from traitlets.config import Config
 
         opts = self.options
@@ -602,12 +608,6 @@ class LaunchedCluster:
 
     def _start_set(self, n: int) -> None:
         kind = self.options.kind
-        for tool in _TOOLS.get(kind, ()):
-            if shutil.which(tool) is None:
-                raise ClusterError(
-                    f"could not start engines with {kind}: {tool} is not installed on this "
-                    f"machine (or not on PATH); run opf where {kind}'s commands are, e.g. a "
-                    f"login node")
         try:
             with _stderr_captured(kind in ("slurm", "pbs")) as caught:
                 set_id = self.cluster.start_engines_sync(n, engine_set_id=kind)
@@ -791,11 +791,6 @@ class LaunchedCluster:
         for suffix in (".sbatch", ".pbs"):
             with contextlib.suppress(OSError):
                 (self.ipython_dir / f"{self.cluster_id}{suffix}").unlink()
-
-
-#: the commands a launcher needs on this machine
-_TOOLS = {"slurm": ("sbatch", "squeue", "scancel"), "pbs": ("qsub", "qstat", "qdel"),
-          "mpi": ("mpiexec",)}
 
 
 @contextlib.contextmanager

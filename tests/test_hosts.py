@@ -9,7 +9,8 @@ pipelines live in ``<repo>/.opf-hosts/`` (not under /tmp, which each host has it
 * a host lost mid-run (its link cut, or every process in it killed): its tasks run again on the
   others and the run ends with exit 0 (the time from loss to re-submission is printed);
 * a host that cannot be reached at start: exit 3 with a message naming it;
-* Ctrl-C: exit 130, and nothing opf started is left on any host or here.
+* Ctrl-C: exit 130, and nothing opf started is left on any host or here;
+* the hosts of a test session killed with SIGKILL are removed by the next session.
 
 Root only (CI runs as root), and marked ``hosts``: the README's ``pytest`` leaves them out,
 ``.ci/run`` runs them after it (``pytest -m "hosts or slurm"``).
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import hosts as hostlib
 import pytest
 from conftest import REPO, files_under, write_pipeline
 from hosts import Host, Hosts, missing
@@ -315,3 +317,27 @@ def test_ctrl_c_stops_the_run_and_every_engine_on_every_host(hosts: Hosts, share
     assert driver.returncode == 130, err
     assert "Traceback" not in err
     nothing_left(hosts.hosts, shared / "p" / ".opf")
+
+
+def test_hosts_of_a_killed_session_are_removed_by_the_next(shared: Path):
+    maker = subprocess.Popen([sys.executable, str(REPO / "tests" / "hosts.py"),
+                              str(shared / "hosts")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [maker.stdout.readline() for _ in range(4)]  # the ssh config, three hosts
+    finally:
+        maker.kill()  # SIGKILL: no teardown of any kind
+        maker.wait()
+    holders = [int(line.split()[2]) for line in lines[1:]]
+    assert all(hostlib._alive(pid) for pid in holders), lines
+    namespaces = {hostlib._netns(pid) for pid in holders}
+
+    hostlib.acquire()  # what the next session's fixture does first
+    hostlib.release()
+    wait_for(lambda: not any(hostlib._alive(pid) for pid in holders), 30, "the holders to go")
+    for ns in namespaces:
+        assert hostlib.pids_in_netns(ns) == []
+    for i in (1, 2, 3):
+        wait_for(lambda i=i: subprocess.run(["ip", "link", "show", f"opfv{i}"],
+                                            capture_output=True).returncode != 0,
+                 30, f"link opfv{i} to go")

@@ -327,3 +327,33 @@ def test_a_job_slurm_refuses_exits_3_with_sbatch_s_message(slurm: Slurm, shared:
         in proc.stderr
     assert "Check: 'sinfo' and 'squeue', the partition (--partition)" in proc.stderr
     nothing_left(slurm, shared / "p" / ".opf")
+
+
+def test_a_killed_run_s_job_and_controller_are_stopped_by_the_next_run(slurm: Slurm,
+                                                                       shared: Path):
+    import psutil
+
+    path, _ = pipeline(shared, 0, inputs=1)
+    state = shared / "state"
+    driver = subprocess.Popen(
+        opf(str(path), "--engines", "slurm", "-n", "1", "--partition", "held",
+            "--controller-ip", CONTROLLER_IP, "--timeout", "300", "--state", str(state)),
+        cwd=shared, env=run_env(slurm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "PENDING" in slurm.queue(), 120, "the job to wait in the queue")
+    finally:
+        driver.kill()  # no handler runs: the job and the controller are left behind
+        driver.wait()
+    record = json.loads((state / "launched.json").read_text())
+    assert record["batch_job"]["kind"] == "slurm"
+    assert str(record["batch_job"]["id"]) in slurm.queue()
+    controller = [psutil.Process(p["pid"]) for p in record["processes"]]
+    assert controller and all(p.is_running() for p in controller)
+
+    proc = subprocess.run(opf(str(path), "-n", "1", "--state", str(state)), cwd=shared,
+                          env=run_env(slurm), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert slurm.queue() == ""
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                             for p in controller), 30, "the old controller to stop")
+    assert not (state / "launched.json").exists()
