@@ -8,7 +8,8 @@ pipelines live in ``<repo>/.opf-hosts/`` (not under /tmp, which each host has it
 * the Job Prephase runs once per host, tasks spread over all hosts, outputs equal a local run's;
 * a host lost mid-run (its link cut, or every process in it killed): its tasks run again on the
   others and the run ends with exit 0 (the time from loss to re-submission is printed);
-* a host that cannot be reached at start: exit 3 with a message naming it;
+* a host that cannot be reached at start, or lacks the engines' Python or opf: exit 3 with a
+  message naming it and what to check;
 * Ctrl-C: exit 130, and nothing opf started is left on any host or here;
 * the hosts of a test session killed with SIGKILL are removed by the next session.
 
@@ -181,7 +182,7 @@ def engine_start_seconds(stderr: str) -> float | None:
 
 
 def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
-        hosts: Hosts, shared: Path, record_property):
+        hosts: Hosts, shared: Path):
     path = write_pipeline(shared / "p", SPREAD, inputs=12)
     (shared / "p" / "cfg.txt").write_text("cell 1.0\n")
     local = shared / "local"
@@ -198,7 +199,8 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
     cores = len(os.sched_getaffinity(0))
     assert f"{3 * cores} engines on 3 machines ready" in proc.stderr
     assert "controller listening on 198.18.0.1;" in proc.stderr
-    record_property("ssh_engine_start_s", engine_start_seconds(proc.stderr))
+    print(f"\n{3 * cores} engines over SSH on 3 hosts ready in "
+          f"{engine_start_seconds(proc.stderr)} s")
 
     rows = trace(state)
     prephase = [r for r in rows if r["node"] == "stage:work"]
@@ -226,7 +228,7 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
 
 @pytest.mark.parametrize("how", ["link", "kill"])
 def test_a_host_lost_mid_run_its_tasks_run_again_on_the_others(
-        hosts: Hosts, shared: Path, how: str, record_property):
+        hosts: Hosts, shared: Path, how: str):
     marks = shared / "marks"
     marks.mkdir()
     path = write_pipeline(shared / "p", MARKED.format(marks=marks, seconds=4), inputs=3)
@@ -267,18 +269,16 @@ def test_a_host_lost_mid_run_its_tasks_run_again_on_the_others(
     assert again, f"{lost_task} did not run again on another host"
     noticed = max(r["end"] for r in lost if r["task"] == lost_task) - lost_at
     resubmitted = min(r["start"] for r in again) - lost_at
-    record_property("loss_noticed_s", round(noticed, 2))
-    record_property("loss_to_resubmission_s", round(resubmitted, 2))
-    print(f"\n[{how}] {lost_task}: loss noticed after {noticed:.1f} s, running again on "
-          f"another host after {resubmitted:.1f} s")
+    print(f"\n3 engines over SSH on 3 hosts ready in {engine_start_seconds(err)} s; [{how}] "
+          f"{lost_task}: loss noticed after {noticed:.1f} s, running again on another host "
+          f"after {resubmitted:.1f} s")
     alive = [h for h in hosts.hosts if h.name != "opfhost2"]
     for host in alive:
         wait_for(lambda h=host: h.processes() == [], 30,
                  f"the processes opf started on {host.name} to end")
 
 
-def test_a_host_that_cannot_be_reached_at_start_exits_3(hosts: Hosts, shared: Path,
-                                                        record_property):
+def test_a_host_that_cannot_be_reached_at_start_exits_3(hosts: Hosts, shared: Path):
     path = write_pipeline(shared / "p", SPREAD, inputs=2)
     (shared / "p" / "cfg.txt").write_text("cell 1.0\n")
     hosts["opfhost3"].link_down()  # up, but answers nothing
@@ -288,7 +288,7 @@ def test_a_host_that_cannot_be_reached_at_start_exits_3(hosts: Hosts, shared: Pa
             "--ssh-config", str(hosts.ssh_config), "--timeout", "60"),
         cwd=shared, env=run_env(), capture_output=True, text=True, timeout=120)
     took = time.monotonic() - t0
-    record_property("unreachable_exit_s", round(took, 1))
+    print(f"\nexit {proc.returncode} after {took:.1f} s")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "cannot reach opfhost3 over SSH" in proc.stderr
@@ -341,3 +341,25 @@ def test_hosts_of_a_killed_session_are_removed_by_the_next(shared: Path):
         wait_for(lambda i=i: subprocess.run(["ip", "link", "show", f"opfv{i}"],
                                             capture_output=True).returncode != 0,
                  30, f"link opfv{i} to go")
+
+
+@pytest.mark.parametrize(("python", "says"), [
+    ("/no/such/python", "opfhost1 cannot run /no/such/python: "),
+    ("/usr/bin/python3", "the Python on opfhost1 (/usr/bin/python3) cannot import ipyparallel "
+                         "and opf: ModuleNotFoundError: No module named"),
+])
+def test_a_host_without_the_engines_python_or_opf_exits_3(hosts: Hosts, shared: Path,
+                                                          python: str, says: str):
+    if python == "/usr/bin/python3" and not Path(python).exists():
+        pytest.skip("no system Python at /usr/bin/python3")
+    path = write_pipeline(shared / "p", SPREAD, inputs=1)
+    (shared / "p" / "cfg.txt").write_text("cell 1.0\n")
+    proc = subprocess.run(
+        opf(str(path), "--engines", "ssh:opfhost1:1", "--ssh-config", str(hosts.ssh_config),
+            "--remote-python", python),
+        cwd=shared, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"opf: error: {says}" in proc.stderr
+    assert "--remote-python" in proc.stderr
+    nothing_left(hosts.hosts, shared / "p" / ".opf")
