@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -742,27 +743,29 @@ class LaunchedCluster:
             with contextlib.suppress(Exception):
                 self.client.close(linger=0)
             self.client = None
+        # the engines (each SSH engine by its own launcher; their logs are not fetched, that is
+        # three more ssh calls an engine: the remote folder goes as a whole), the controller
+        # and the remote folders, all at once
+        parts: list[Callable[[], Any]] = []
         cluster = self.cluster
         if cluster is not None:
-            sets = list(cluster.engines.values())
-            if self.options.kind == "ssh" and sets:
-                # each engine by its own launcher, all at once; their logs are not fetched
-                # (that is three more ssh calls an engine): the remote folder goes as a whole
-                with ThreadPoolExecutor(max_workers=min(16, len(sets)),
-                                        thread_name_prefix="opf-stop") as pool:
-                    for engine_set in sets:
-                        pool.submit(_quietly, _stop_launcher, engine_set)
+            if self.options.kind == "ssh":
+                parts += [functools.partial(_stop_launcher, es) for es in cluster.engines.values()]
             else:
                 for set_id, engine_set in list(cluster.engines.items()):
                     if self.options.kind in ("slurm", "pbs") and not engine_set.job_id:
                         cluster.engines.pop(set_id)  # never submitted: nothing to cancel
-                _quietly(cluster.stop_engines_sync)
-            _quietly(cluster.stop_controller_sync)
+                parts.append(cluster.stop_engines_sync)
+            parts.append(cluster.stop_controller_sync)
+        parts += [functools.partial(self._remove_remote_dir, host) for host in self._hosts]
+        if parts:
+            with ThreadPoolExecutor(max_workers=min(16, len(parts)),
+                                    thread_name_prefix="opf-stop") as pool:
+                for part in parts:
+                    pool.submit(_quietly, part)
         if self._job is not None:
             _quietly(subprocess.run, self._job["delete"], capture_output=True, timeout=30)
             _wait_batch_gone(self._job, BATCH_GONE_WAIT)
-        if self._hosts:
-            self._remove_remote_dirs()
         _kill(_live(self._procs))
         _kill(_our_ssh_children(self._t0))
         with contextlib.suppress(OSError):
@@ -770,16 +773,9 @@ class LaunchedCluster:
         self._remove_logs()
         self.cluster = None
 
-    def _remove_remote_dirs(self) -> None:
-        base = ssh_base(self.options, 10)
-        cmd = f"rm -rf {shlex.quote(self.remote_dir)}"
-
-        def remove(host: str) -> None:
-            subprocess.run(["ssh", *base, host, cmd], capture_output=True, timeout=20)
-
-        with ThreadPoolExecutor(max_workers=min(16, len(self._hosts))) as pool:
-            for host in self._hosts:
-                pool.submit(_quietly, remove, host)
+    def _remove_remote_dir(self, host: str) -> None:
+        subprocess.run(["ssh", *ssh_base(self.options, 10), host,
+                        f"rm -rf {shlex.quote(self.remote_dir)}"], capture_output=True, timeout=20)
 
     def _remove_logs(self) -> None:
         folder = self.profile_dir / "log"
