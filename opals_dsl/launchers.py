@@ -27,7 +27,8 @@ SSH
     ``:N`` gets one engine per core it has. Engines are then started in parallel (at most
     :data:`PER_HOST` at once per host, so that sshd's limit on unauthenticated connections is
     never hit), each by ipyparallel's SSH launcher: one engine set per engine. ipyparallel's
-    files on a host live in ``/tmp/opf-<cluster id>``, removed at the end. ``--ssh-config FILE``
+    files on a host live in ``/tmp/<cluster id>`` (``opf-<pid>-<random>``), removed at the
+    end. ``--ssh-config FILE``
     is passed to ssh and scp as ``-F FILE`` (host aliases, users, keys, ports); ``USER@HOST``
     works too. ``--remote-python`` (default: this Python's path, right for a venv on the shared
     drive) is the engines' interpreter.
@@ -44,7 +45,7 @@ MPI
     ``mpiexec``'s options (a host file) go into a ``--launcher-config`` file.
 
 Any other launcher setting: ``--launcher-config FILE``, an ipyparallel configuration file
-(``ipcluster_config.py`` or ``.json``: ``c.SlurmEngineSetLauncher.options = "--mem=4G"``,
+(``ipcluster_config.py`` or ``.json``: ``c.SlurmEngineSetLauncher.qos = "long"``,
 ``c.SSHEngineSetLauncher.environment = {...}``, ``c.MPIEngineSetLauncher.mpi_args = [...]``);
 the flags above win over it.
 
@@ -56,10 +57,10 @@ Waiting
     they come); a run with none stops with exit 3, the launcher's output and what to check.
 
 Stopping
-    however the run ends (done, error, Ctrl-C, SIGTERM): starts still under way are awaited, the
-    engine sets and the controller are stopped by their launchers (the SSH engines in parallel),
-    a batch job is cancelled, the remote folders are removed, and what is left of the local
-    processes (the controller, ssh sessions) is killed. Ctrl-C while stopping is held back until
+    however the run ends (done, error, Ctrl-C, SIGTERM): starts still under way are awaited;
+    the engine sets and the controller are stopped by their launchers and the remote folders
+    removed, all at once; a batch job is cancelled; and what is left of the local processes
+    (the controller, ssh sessions) is killed. Ctrl-C while stopping is held back until
     the stop is done. A run killed with ``kill -9`` leaves ``<state>/launched.json``; the next run
     in that state folder stops the controller and cancels the batch job recorded there; the
     engines over SSH stop by themselves within a minute once their controller is gone.
@@ -457,7 +458,7 @@ class LaunchedCluster:
 
     @property
     def remote_dir(self) -> str:
-        return f"/tmp/opf-{self.cluster_id}"
+        return f"/tmp/{self.cluster_id}"
 
     # starting
 

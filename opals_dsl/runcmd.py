@@ -8,7 +8,9 @@ could not be started or reached (or every engine was lost), 130 interrupted.
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
 journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.journal`), the trace (``trace.jsonl``),
 the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
-its record, and ``run.lock``, which keeps two runs from sharing one state folder.
+its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
+``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.launchers`), and ``run.lock``, which keeps two runs
+from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
 in the destination folders), then asks the journal which tasks are unchanged: those are skipped

@@ -160,7 +160,7 @@ def nothing_left(hosts: list[Host], state: Path) -> None:
     for host in hosts:
         wait_for(lambda h=host: h.processes() == [], 30,
                  f"the processes opf started on {host.name} to end: {host.processes()}")
-        leftover = host.run("sh", "-c", "ls -d /tmp/opf-opf-* 2>/dev/null", check=False)
+        leftover = host.run("sh", "-c", "ls -d /tmp/opf-* 2>/dev/null", check=False)
         assert leftover.stdout.strip() == "", leftover.stdout
     import psutil
 
