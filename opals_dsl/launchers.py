@@ -207,10 +207,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._-]+$")
 
 
-def parse_engines(text: str) -> int | LaunchOptions:
-    """``--engines`` → a number of local engines, or what to start elsewhere (without the
-    launcher's settings). Raises :class:`LaunchUsageError`."""
-    value = text.strip()
+def parse_engines(text: str | int) -> int | LaunchOptions:
+    """``--engines`` → a number of local engines (0: ``local``, as many as there are cores),
+    or what to start elsewhere (without the launcher's settings). Raises
+    :class:`LaunchUsageError`."""
+    value = str(text).strip()
     if value.isdigit():
         n = int(value)
         if n < 1:
