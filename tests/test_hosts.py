@@ -94,8 +94,13 @@ HOSTS = ("opfhost1", "opfhost2", "opfhost3")
 
 @pytest.fixture(scope="session")
 def session_folder() -> Iterator[Path]:
-    """``<repo>/.opf-hosts/<pid>``: the shared drive of this session's hosts."""
+    """``<repo>/.opf-hosts/<pid>``: the shared drive of this session's hosts (and the folders
+    of sessions that were killed before they could remove theirs are removed)."""
     folder = REPO / ".opf-hosts" / str(os.getpid())
+    if folder.parent.is_dir():
+        for old in folder.parent.iterdir():
+            if old.name.isdigit() and not hostlib._alive(int(old.name)):
+                shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield folder
