@@ -22,6 +22,9 @@ Embedded cluster
     seconds after SIGINT) are killed with their process groups, the cluster is stopped, and
     every process of the run still alive is ended.
 
+Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
+    A controller here and engines started by ipyparallel's launchers: :mod:`opals_dsl.launchers`.
+
 Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
     Only a client is opened (the connection file is passed positionally: ipyparallel ignores
     ``url_file=``); the controller and engines are left running at the end.
@@ -138,13 +141,15 @@ def prepare_engine(scratch: str | None) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     """Where to run: an embedded cluster of ``engines`` engines (None: one per core), or an
-    existing cluster named by ``profile`` or by its client connection file ``cluster_file``.
+    existing cluster named by ``profile`` or by its client connection file ``cluster_file``,
+    or engines that opf starts elsewhere (``launch``, :class:`opals_dsl.launchers.LaunchOptions`).
     ``timeout`` bounds connecting and waiting for engines (seconds)."""
 
     engines: int | None = None
     profile: str | None = None
     cluster_file: str | None = None
     timeout: float = 30.0
+    launch: Any = None
 
     @property
     def embedded(self) -> bool:
@@ -409,12 +414,15 @@ def _kill(procs: list[Any]) -> None:
 
 def stop_leftover_cluster(state_dir: str | Path) -> bool:
     """Stop the embedded cluster an earlier, killed run recorded in ``state_dir``; True if any
-    of its processes were still running."""
+    of its processes were still running (and the same for engines it started elsewhere)."""
+    from .launchers import stop_leftover_launch
+
+    launched = stop_leftover_launch(state_dir)
     record = Path(state_dir) / "cluster.json"
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return False
+        return launched
     except (OSError, ValueError):
         data = {}
     if not isinstance(data, dict):
@@ -430,7 +438,7 @@ def stop_leftover_cluster(state_dir: str | Path) -> bool:
                 (security / name).unlink()
     with contextlib.suppress(OSError):
         record.unlink()
-    return bool(procs)
+    return bool(procs) or launched
 
 
 @contextlib.contextmanager
@@ -664,7 +672,11 @@ def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    if options.embedded:
+    if options.launch is not None:
+        from .launchers import launched
+
+        yield from launched(options, state, scratch)
+    elif options.embedded:
         yield from _embedded(options, state, scratch, run_id, interrupted)
     else:
         yield from _existing(options, state, scratch)

@@ -8,7 +8,9 @@ could not be started or reached (or every engine was lost), 130 interrupted.
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
 journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.journal`), the trace (``trace.jsonl``),
 the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
-its record, and ``run.lock``, which keeps two runs from sharing one state folder.
+its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
+``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.launchers`), and ``run.lock``, which keeps two runs
+from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
 in the destination folders that nobody writes any more — those of another run that is still
@@ -40,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import launchers
 from .cluster import ClusterOptions, open_cluster, stop_leftover_cluster
 from .errors import ClusterError, OpfError
 from .journal import Journal
@@ -66,8 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``opf run`` (beyond FILE and --param) to its subparser."""
     where = p.add_argument_group("cluster (default: start one on this machine for the run)")
     where.add_argument(
-        "-n", "--engines", type=int, metavar="N",
-        help="engines of the embedded cluster (default: one per core)",
+        "-n", type=int, metavar="N", dest="n",
+        help="number of engines: of the embedded cluster (default: one per core), or to "
+        "submit with --engines slurm, pbs or mpi",
+    )
+    where.add_argument(
+        "--engines", metavar="SPEC",
+        help="N: N engines here (as -n N); ssh:HOST[:N][,HOST[:N]...]: N engines on each host "
+        "over SSH (default: one per core); slurm, pbs, mpi: -n N engines through the batch "
+        "system or mpiexec. opf starts them, and stops them at the end",
     )
     ext = where.add_mutually_exclusive_group()
     ext.add_argument(
@@ -80,9 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(ipcontroller-client.json); it is left running",
     )
     where.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS",
-        help="how long to wait for the cluster and its engines (default: 30)",
+        "--timeout", type=float, metavar="SECONDS",
+        help="how long to wait for the cluster and its engines (default: 30; 120 for "
+        "engines started elsewhere)",
     )
+    launchers.add_arguments(p)
     p.add_argument(
         "--state", metavar="DIR",
         help="folder for the run's trace, logs and state (default: .opf beside FILE)",
@@ -122,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    engines = getattr(args, "engines", None)
+    engines, launch = launchers.launch_options(args)
     profile = getattr(args, "profile", None)
     cluster_file = getattr(args, "cluster_file", None)
     if engines is not None:
@@ -131,11 +143,13 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         if profile is not None or cluster_file is not None:
             raise _UsageError("opf: error: -n starts a cluster of its own; it cannot be "
                               "combined with --profile or --cluster-file")
-    timeout = getattr(args, "timeout", 30.0)
-    if timeout is None or timeout <= 0:
+    timeout = getattr(args, "timeout", None)
+    if timeout is None:
+        timeout = 30.0 if launch is None else launchers.DEFAULT_TIMEOUT
+    if timeout <= 0:
         raise _UsageError("opf: error: --timeout takes a number of seconds above 0")
     return ClusterOptions(engines=engines, profile=profile, cluster_file=cluster_file,
-                          timeout=timeout)
+                          timeout=timeout, launch=launch)
 
 
 def state_dir(args: argparse.Namespace) -> Path:
