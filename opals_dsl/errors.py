@@ -17,12 +17,17 @@ that fails is not an exception: the run's summary carries it, and ``opf run`` ex
 
 Pipeline-file errors carry :class:`Diagnostic` records with structured fields (place, message),
 so tests can assert fields and the command line renders them with the source line and a caret.
+For tools, :func:`finding` turns a diagnostic (or a problem without a place, such as a missing
+file) into a plain record and :func:`render_findings` writes a list of them as JSON or as GitHub
+workflow annotations (``opf check --format json|github``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .source import SourceFile, Span, render_diagnostic
 
@@ -128,3 +133,80 @@ class ReportError(OpfError):
 
     def render(self) -> str:
         return f"opf: error: {self}"
+
+
+# -- findings for tools ----------------------------------------------------------------------
+
+
+def split_hint(message: str) -> tuple[str, str | None]:
+    """``"what is wrong; how to fix it"`` → the two halves (the hint is None without a ``; ``).
+
+    opf's messages say what is wrong, then after the first ``"; "`` what to do about it, so
+    ``what + "; " + hint`` is always the message as printed.
+    """
+    what, sep, hint = message.partition("; ")
+    return (what, hint) if sep and what and hint else (message, None)
+
+
+def finding(what: Diagnostic | str, file: str | None = None, severity: str = "error"
+            ) -> dict[str, Any]:
+    """One finding as tools read it: ``file``, ``line``, ``column``, ``end_line``,
+    ``end_column`` (1-based, the end exclusive, as :class:`Span`; None where a problem has no
+    place in the file, like a bad ``--param``), ``severity``, ``message`` and ``hint``.
+
+    ``what`` is a diagnostic or the message of a problem without a place; ``file`` is the
+    pipeline file it concerns, used when the diagnostic does not name one.
+    """
+    span = what.span if isinstance(what, Diagnostic) else None
+    message = what.message if isinstance(what, Diagnostic) else what
+    text, hint = split_hint(message)
+    return {
+        "file": span.file if span is not None else file,
+        "line": span.line if span is not None else None,
+        "column": span.column if span is not None else None,
+        "end_line": span.end_line if span is not None else None,
+        "end_column": span.end_column if span is not None else None,
+        "severity": severity,
+        "message": text,
+        "hint": hint,
+    }
+
+
+def _annotation_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _annotation_property(text: str) -> str:
+    return _annotation_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_annotation(f: dict[str, Any]) -> str:
+    """A finding as a GitHub Actions workflow command: ``::error file=F,line=L,col=C,...::msg``.
+
+    GitHub's columns are 1-based and its ``endColumn`` is the last column of the place, so the
+    exclusive end of a span is one less; columns are only given for a place on one line.
+    """
+    props = []
+    if f.get("file"):
+        props.append(f"file={_annotation_property(str(f['file']))}")
+    if f.get("line") is not None:
+        props.append(f"line={f['line']}")
+        end_line = f.get("end_line") or f["line"]
+        if end_line == f["line"] and f.get("column") is not None:
+            end_column = max(f["column"], (f.get("end_column") or f["column"] + 1) - 1)
+            props += [f"col={f['column']}", f"endColumn={end_column}"]
+        elif end_line != f["line"]:
+            props.append(f"endLine={end_line}")
+    props.append("title=opf check")
+    message = f["message"] if f.get("hint") is None else f"{f['message']}; {f['hint']}"
+    level = f.get("severity") if f.get("severity") in ("error", "warning", "notice") else "error"
+    return f"::{level} {','.join(props)}::{_annotation_data(message)}"
+
+
+def render_findings(findings: list[dict[str, Any]], form: str) -> str:
+    """The findings as ``json`` (a list, one object per finding) or ``github`` annotations."""
+    if form == "json":
+        return json.dumps(findings, indent=2, ensure_ascii=False) + "\n"
+    if form == "github":
+        return "".join(github_annotation(f) + "\n" for f in findings)
+    raise ValueError(f"unknown format {form!r}")

@@ -4,12 +4,12 @@ Every fenced code block in ``docs/*.md`` and ``README.md`` is tested by its info
 
 ``opf``
     a whole pipeline file; it must pass ``opf check`` when written into a copy of
-    ``examples/`` (so it may use ``data/strip*.xyz``, ``cfg/grid.cfg``, ``tools/lidar.py``).
+    ``examples/`` (so it may use ``data/strip*.las``, ``cfg/grid.cfg``, ``tools/lidar.py``).
 ``opf-parse``
     a whole pipeline file that names files which do not exist here; it must parse.
 ``opf-job`` / ``opf-step``
     lines from inside a job / a step; they are wrapped in ``job example for strip in
-    "data/strip*.xyz" { ... }`` (and ``step example { ... }``) and must parse.
+    "data/strip*.las" { ... }`` (and ``step example { ... }``) and must parse.
 ``opf-error [NAME.opf]``
     a whole pipeline file that ``opf check`` must reject with exit status 2; it is written as
     NAME.opf (default ``pipeline.opf``) into a copy of ``examples/``. If the next block is a
@@ -145,9 +145,9 @@ def test_pipelines_that_name_other_files_parse(block: Block):
 def wrap(block: Block) -> str:
     body = "".join("        " + line + "\n" for line in block.text.splitlines())
     if block.lang == "opf-step":
-        return ('job example for strip in "data/strip*.xyz" {\n    step example {\n'
+        return ('job example for strip in "data/strip*.las" {\n    step example {\n'
                 f"{body}    }}\n}}\n")
-    return f'job example for strip in "data/strip*.xyz" {{\n{body}}}\n'
+    return f'job example for strip in "data/strip*.las" {{\n{body}}}\n'
 
 
 @pytest.mark.parametrize("block", _of("opf-job", "opf-step"))

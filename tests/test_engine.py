@@ -8,13 +8,16 @@ real ``call`` functions written into a temporary pipeline folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -89,11 +92,15 @@ class Project:
             "logs": str(self.state / "logs" / job / task),
         }
 
-    def job_dir(self, job: str = "dem", pipeline: str = "strips") -> Path:
-        return Path(os.path.realpath(self.scratch)) / "opf" / pipeline / job
+    def job_dir(self, job: str = "dem", pipeline: str = "strips",
+                shared: list[list[str]] | None = None) -> Path:
+        """The job folder for these shared files as they are now (one per content)."""
+        req = self.request(job=job, pipeline=pipeline, shared=shared)
+        return Path(engine.job_folder(req))
 
-    def task_dir(self, task: str = "strip11", job: str = "dem") -> Path:
-        return self.job_dir(job) / task
+    def task_dir(self, task: str = "strip11", job: str = "dem",
+                 shared: list[list[str]] | None = None) -> Path:
+        return self.job_dir(job, shared=shared) / task
 
 
 @pytest.fixture
@@ -128,11 +135,14 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None,
                           env=full_env, timeout=timeout, check=False)
 
 
+GRID_SHARED = [["cfg/grid.cfg", "grid.cfg"], ["tools/tool.py", "tool.py"]]
+
+
 def grid_request(project: Project, task: str = "strip11") -> dict[str, Any]:
     """The two-step task used by several tests: a python step and a cp step."""
     return project.request(
         task,
-        shared=[["cfg/grid.cfg", "grid.cfg"], ["tools/tool.py", "tool.py"]],
+        shared=GRID_SHARED,
         inputs=[[f"data/{task}.xyz", f"{task}.xyz"]],
         execs=[
             argv_step("dem", task, "grid",
@@ -218,9 +228,11 @@ def test_stage_exec_copyback_end_to_end(project: Project):
     assert starts == sorted(starts)
 
     # the task folder is emptied; the job folder keeps the shared files for the next task
-    assert not project.task_dir().exists()
-    assert (project.job_dir() / "grid.cfg").read_text() == "cell = 0.5\n"
-    assert (project.job_dir() / ".opf-staged").is_file()
+    job = project.job_dir(shared=GRID_SHARED)
+    assert job.parent == Path(os.path.realpath(project.scratch)) / "opf" / "strips" / "dem"
+    assert not (job / "strip11").exists()
+    assert (job / "grid.cfg").read_text() == "cell = 0.5\n"
+    assert (job / ".opf-staged").is_file()
 
     log = project.state / "logs" / "dem" / "strip11" / "grid.log"
     lines = log.read_text().splitlines()
@@ -308,7 +320,8 @@ def test_program_given_as_path_relative_to_task_folder(project: Project):
     result = only(run_tasks([req]))
     assert result["ok"], result["failure"]
     assert (project.root / "m.txt").read_text() == "marked a b\n"
-    assert os.access(project.job_dir() / "mark.sh", os.X_OK)  # permission bits travel
+    assert os.access(project.job_dir(shared=[["tools/mark.sh", "mark.sh"]]) / "mark.sh",
+                     os.X_OK)  # permission bits travel
 
 
 def test_temp_outputs_feed_later_steps(project: Project):
@@ -383,10 +396,57 @@ def test_machine_stage_cached_restaged_on_change_and_after_removal(project: Proj
     assert statuses(third)[0] == ("stage:dem", "done")
     assert (project.root / "c.txt").read_text() == "cell = 2.0\n"
 
-    shutil.rmtree(project.job_dir())  # e.g. scratch cleaned between two runs
+    shutil.rmtree(project.job_dir(shared=shared))  # e.g. scratch cleaned between two runs
     fourth = once("d")
     assert statuses(fourth)[0] == ("stage:dem", "done")
     assert fourth["ok"], fourth["failure"]
+
+
+def run_elsewhere(req: dict[str, Any]) -> dict[str, Any]:
+    """Run one request in another process: another engine of the same machine."""
+    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
+            f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    return only(json.loads(proc.stdout))
+
+
+def test_job_folder_per_content_removed_only_when_no_engine_holds_it(project: Project):
+    """Each content of the shared files gets its own job folder; staging a new content removes
+    the job's other folders, but only those no engine holds (an engine holds the folder of its
+    last task of the job)."""
+    shared = [["cfg/grid.cfg", "grid.cfg"]]
+    cfg = project.root / "cfg" / "grid.cfg"
+    read_cfg = ["python", "-c", "open('c.txt','w').write(open('../grid.cfg').read())"]
+
+    def req(task: str) -> dict[str, Any]:
+        return project.request(task, shared=shared,
+                               execs=[argv_step("dem", task, "r", read_cfg, outputs=("c.txt",))],
+                               copyback=[["c.txt", f"{task}.txt"]])
+
+    def change(text: str, later: int) -> Path:
+        cfg.write_text(text)
+        os.utime(cfg, ns=(time.time_ns(), time.time_ns() + later * 10_000_000))
+        return project.job_dir(shared=shared)
+
+    one = project.job_dir(shared=shared)
+    assert statuses(only(run_tasks([req("a")])))[0] == ("stage:dem", "done")  # held here
+    two = change("cell = 2.0\n", 1)
+    assert two != one and two.parent == one.parent
+    assert run_elsewhere(req("b"))["ok"]
+    assert (one / "grid.cfg").read_text() == "cell = 0.5\n"  # still held by this process
+    assert (two / "grid.cfg").read_text() == "cell = 2.0\n"
+    assert (project.root / "a.txt").read_text() == "cell = 0.5\n"
+    assert (project.root / "b.txt").read_text() == "cell = 2.0\n"
+
+    third = only(run_tasks([req("c")]))  # this process moves on to content two: one is free
+    assert statuses(third)[0] == ("stage:dem", "cached")
+    three = change("cell = 3.0\n", 2)
+    assert run_elsewhere(req("d"))["ok"]
+    assert not one.exists() and not (one.parent / f".{one.name}.lock").exists()
+    assert (two / ".opf-staged").is_file()  # held by this process
+    assert (three / "grid.cfg").read_text() == "cell = 3.0\n"
+    assert (project.root / "d.txt").read_text() == "cell = 3.0\n"
 
 
 def test_machine_stage_marker_is_seen_by_another_process(project: Project):
@@ -403,7 +463,7 @@ def test_machine_stage_marker_is_seen_by_another_process(project: Project):
 
 
 def test_interrupted_machine_stage_is_redone(project: Project):
-    job = project.job_dir()
+    job = project.job_dir(shared=GRID_SHARED)
     job.mkdir(parents=True)
     (job / "grid.cfg").write_text("cell = half-writ")  # no marker: the stage never finished
     (job / ".grid.cfg.opf-tmp-0badc0de").write_text("cell")
@@ -457,7 +517,8 @@ def test_concurrent_engines_stage_a_machine_once(project: Project):
     assert sum(r["bytes_staged"] for r in results) == size + len("cell = 0.5\n")
     assert len({r["pid"] for r in results}) == 4
     assert sorted(p.name for p in (project.root / "ok").iterdir()) == ["t0", "t1", "t2", "t3"]
-    assert (project.job_dir() / "big.bin").read_bytes() == big.read_bytes()
+    job = project.job_dir(shared=[["cfg/big.bin", "big.bin"], ["cfg/grid.cfg", "grid.cfg"]])
+    assert (job / "big.bin").read_bytes() == big.read_bytes()
 
 
 def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_path: Path):
@@ -473,7 +534,7 @@ def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_pat
     result = only(json.loads(proc.stdout))
     assert result["ok"], result["failure"]
     assert result["scratch"] == str(scratch)
-    assert (scratch / "opf" / "strips" / "dem" / ".opf-staged").is_file()
+    assert len(list((scratch / "opf" / "strips" / "dem").glob("*/.opf-staged"))) == 1
     assert not project.scratch.exists()
 
 
@@ -854,3 +915,168 @@ def test_malformed_request_gets_a_result():
     assert not result["ok"]
     assert result["failure"]["kind"] == "stage"
     assert result["task"] == "x"
+
+
+# -- processes, locks and the state folder -------------------------------------------------------
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once process ``pid`` has ended (a zombie counts as ended) within ``timeout``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_step_runs_in_a_process_group_of_its_own_that_ends_with_it(project: Project):
+    """What a step leaves running in its group (a background job) ends with the step; the
+    step's processes carry the run's id."""
+    script = ("sleep 1001 & echo $! > sleep.pid; echo $OPF_RUN_ID > run.txt; "
+              "ps -o pgid= -p $$ > pgid.txt; ps -o sid= -p $$ > sid.txt")
+    req = dict(project.request(execs=[argv_step("dem", "strip11", "bg", ["sh", "-c", script],
+                                                outputs=("sleep.pid", "run.txt"))],
+                               copyback=[["sleep.pid", "sleep.pid"], ["run.txt", "run.txt"],
+                                         ["pgid.txt", "pgid.txt"], ["sid.txt", "sid.txt"]]),
+               run_id="run-42")
+    result = only(run_tasks([req]))
+    sleeper = int((project.root / "sleep.pid").read_text())
+    try:
+        assert result["ok"], result["failure"]
+        assert (project.root / "run.txt").read_text() == "run-42\n"
+        pgid = int((project.root / "pgid.txt").read_text())
+        assert pgid != os.getpgrp()
+        assert int((project.root / "sid.txt").read_text()) == pgid  # a session of its own
+        assert _gone(sleeper), "the step's background sleep outlived the step"
+    finally:
+        _kill(sleeper)
+
+
+def test_an_interrupted_step_ends_with_its_whole_group(project: Project, tmp_path: Path):
+    """Ctrl-C reaching an engine (SIGINT) ends the step and everything it started."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    req = project.request(execs=[argv_step("dem", "strip11", "wait", [
+        "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait"])])
+    code = ("import json, sys; from opals_dsl.run.engine import run_tasks\n"
+            "try:\n    run_tasks([json.loads(sys.argv[1])])\n"
+            "except KeyboardInterrupt:\n    sys.exit(42)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks / "sleep").is_file() or not (marks / "sleep").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        sleeper = int((marks / "sleep").read_text())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 42
+        assert _gone(sleeper), "the step's sleep outlived the interrupted step"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sleeper is not None:
+            _kill(sleeper)
+
+
+def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Path):
+    """kill -9 of the process that runs steps: its lifeline ends their process groups."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    req = project.request(execs=[argv_step("dem", "strip11", "wait", [
+        "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait; echo late > {marks}/late"])])
+    code = ("import json, sys; from opals_dsl.run.engine import run_tasks; "
+            "run_tasks([json.loads(sys.argv[1])])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks / "sleep").is_file() or not (marks / "sleep").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        sleeper = int((marks / "sleep").read_text())
+        proc.kill()
+        proc.wait()
+        assert _gone(sleeper), "the killed engine's step went on"
+        time.sleep(0.3)
+        assert not (marks / "late").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sleeper is not None:
+            _kill(sleeper)
+
+
+def test_a_task_folder_held_by_a_stopped_process_fails_in_bounded_time(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """An engine frozen with its task's lock (kill -STOP) is not waited for for ever."""
+    monkeypatch.setattr(engine, "STOPPED_HOLDER_WAIT", 1.0)
+    locks = project.job_dir().parent / ".dem.tasks"
+    locks.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from opals_dsl.run.engine import _lock; "
+         "_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+         str(locks / "strip11")],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    results: list[Any] = []
+    worker = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        req = project.request(execs=[argv_step("dem", "strip11", "s", ["true"])])
+        worker = threading.Thread(target=lambda: results.extend(run_tasks([req])), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the task waited for the stopped holder for ever"
+        failure = results[0]["failure"]
+        assert failure["kind"] == "stage" and failure["node"] == "stage:dem/strip11"
+        assert f"is held by process {holder.pid} on this machine" in failure["message"]
+        assert "stopped" in failure["message"] and f"kill -CONT {holder.pid}" in failure["message"]
+    finally:
+        holder.kill()
+        holder.wait()
+        if worker is not None:
+            worker.join(timeout=30)
+
+
+def test_a_failure_before_the_task_folder_exists_names_no_kept_folder(project: Project):
+    result = only(run_tasks([project.request(shared=[["cfg/absent.cfg", "a.cfg"]])]))
+    assert result["failure"]["node"] == "stage:dem"
+    assert result["failure"]["task_dir"] is None
+    assert not project.task_dir().exists()
+
+
+@pytest.mark.parametrize("kind", ["argv", "call"])
+def test_a_log_that_cannot_be_written_names_the_state_folder_s_disk(project: Project, kind,
+                                                                    fresh_imports):
+    """A full disk under the run's state folder is not the step's fault, and says so."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    logs = project.state / "logs" / "dem" / "strip11"
+    logs.mkdir(parents=True)
+    (logs / "s.log").symlink_to("/dev/full")  # every write there: No space left on device
+    if kind == "argv":
+        step = argv_step("dem", "strip11", "s", ["true"])
+    else:
+        (project.root / "noop.py").write_text("def run():\n    pass\n")
+        step = call_step("dem", "strip11", "s", "noop:run", {})
+    failure = only(run_tasks([project.request(execs=[step])]))["failure"]
+    assert failure["kind"] == "log" and failure["step"] == "s"
+    assert failure["message"] == (
+        f"cannot write the log of step s ({logs / 's.log'}): No space left on device (the disk "
+        f"of the run's state folder is full, or a quota or file size limit was reached)")

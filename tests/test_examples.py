@@ -1,36 +1,33 @@
-"""The example pipelines, run for real: strips → DEMs → mosaic, checked by numbers.
+"""The example pipelines, run for real on real airborne laser scanning data, checked by numbers.
 
-``strips.opf`` runs on an embedded cluster exactly as the README's demo command runs it; the
-mosaic it produces is compared with (a) the same tool functions called directly over all points,
-and (b) an independent per-cell computation from the raw points wherever every strip covering a
-cell has points in it. ``strips_flat.opf`` and ``tiles.opf`` run on the session cluster and are
-checked for their folder layouts.
+``strips.opf`` runs on an embedded cluster exactly as the README's first command runs it. Every
+DEM and the mosaic it writes are compared cell by cell with DEMs computed here from the raw LAS
+points (laspy + numpy, nothing of the example tool); their CRS, transform and nodata are read
+back with rasterio, and with ``gdalinfo`` where GDAL's command-line tools are installed.
+``autzen.opf``'s DEM (a LAZ file with its own CRS) is checked the same way; ``strips_flat.opf``
+and ``tiles.opf`` run on the session cluster and are checked for their folder layouts.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import laspy
 import numpy as np
+import pyproj
 import pytest
+import rasterio
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-STRIPS = ["strip11", "strip12", "strip21", "strip22", "strip31", "strip32"]
-
-
-def _lidar():
-    spec = importlib.util.spec_from_file_location("lidar_tool", EXAMPLES / "tools" / "lidar.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lidar_tool"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lidar = _lidar()
+STRIPS = [f"strip{n}" for n in range(7326, 7335)]
+EPSG_2994 = pyproj.CRS.from_epsg(2994)  # NAD83(HARN) / Oregon GIC Lambert (ft)
+GDALINFO = shutil.which("gdalinfo")
+FLOAT32 = 1e-3  # heights of a few hundred feet, stored as float32
 
 
 @pytest.fixture()
@@ -44,7 +41,7 @@ def examples(tmp_path: Path) -> Path:
     return folder
 
 
-def opf(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def opf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "opals_dsl", *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout,
@@ -55,87 +52,185 @@ def relative_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def test_strips_demo_on_embedded_cluster_matches_direct_computation(examples: Path):
-    proc = opf("run", "strips.opf", "-n", "2", "--param", "cell=2.0", cwd=examples)
+# --- the independent computation -----------------------------------------------------------
+
+class Expected:
+    """A DEM computed from raw points: `values` (NaN = nodata), row 0 at cell row `top`."""
+
+    def __init__(self, values: np.ndarray, left: int, top: int, cell: float) -> None:
+        self.values, self.left, self.top, self.cell = values, left, top, cell
+
+    @property
+    def transform(self) -> rasterio.Affine:
+        return rasterio.Affine(self.cell, 0.0, self.left * self.cell,
+                               0.0, -self.cell, (self.top + 1) * self.cell)
+
+
+def expected_dem(las_path: Path, cell: float, fill: int) -> Expected:
+    """The ground DEM of a LAS/LAZ file as the examples document it, computed directly.
+
+    Mean height of the ground points (class 2) per cell, cells on multiples of `cell`; an empty
+    cell takes the value of the nearest cell with points (centre to centre, in cells; on a tie
+    the northern, then the western one) when that is at most `fill` cells away.
+    """
+    las = laspy.read(las_path)
+    ground = np.asarray(las.classification) == 2
+    x, y, z = (np.asarray(v, dtype=np.float64)[ground] for v in (las.x, las.y, las.z))
+    cx, cy = np.floor(x / cell).astype(np.int64), np.floor(y / cell).astype(np.int64)
+    left, top = int(cx.min()), int(cy.max())
+    nrows, ncols = top - int(cy.min()) + 1, int(cx.max()) - left + 1
+    # per-cell mean: sort the points by cell and average each run of equal cells
+    key = (top - cy) * ncols + (cx - left)
+    order = np.argsort(key, kind="stable")
+    cells, starts = np.unique(key[order], return_index=True)
+    means = np.add.reduceat(z[order], starts) / np.diff(np.append(starts, len(order)))
+    values = np.full(nrows * ncols, np.nan)
+    values[cells] = means
+    values = values.reshape(nrows, ncols)
+    # fill by brute force, a band of rows at a time: every data cell near the band is a candidate
+    data = np.argwhere(~np.isnan(values))
+    filled = values.copy()
+    band = 16
+    for r0 in range(0, nrows, band):
+        empty = np.argwhere(np.isnan(values[r0:r0 + band])) + (r0, 0)
+        near = data[(data[:, 0] >= r0 - fill) & (data[:, 0] < r0 + band + fill)]
+        if len(empty) == 0 or len(near) == 0:
+            continue
+        d2 = ((empty[:, None, :] - near[None, :, :]) ** 2).sum(axis=2)
+        # nearest first; among equals the smallest (row, col): north, then west
+        rank = d2 * (nrows * ncols) + (near[:, 0] * ncols + near[:, 1])[None, :]
+        best = rank.argmin(axis=1)
+        ok = d2[np.arange(len(empty)), best] <= fill**2
+        src = near[best[ok]]
+        filled[empty[ok, 0], empty[ok, 1]] = values[src[:, 0], src[:, 1]]
+    return Expected(filled, left, top, cell)
+
+
+def expected_mosaic(dems: list[Expected]) -> Expected:
+    """The mean of the DEMs' data where they overlap, NaN where none has data."""
+    cell = dems[0].cell
+    left, top = min(d.left for d in dems), max(d.top for d in dems)
+    right = max(d.left + d.values.shape[1] for d in dems)
+    bottom = min(d.top - d.values.shape[0] for d in dems)
+    stack = np.full((len(dems), top - bottom, right - left), np.nan)
+    for k, d in enumerate(dems):
+        r, c = top - d.top, d.left - left
+        stack[k, r:r + d.values.shape[0], c:c + d.values.shape[1]] = d.values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": no DEM there
+        values = np.nanmean(stack, axis=0)
+    return Expected(values, left, top, cell)
+
+
+def assert_geotiff(path: Path, expected: Expected, crs: pyproj.CRS) -> None:
+    """The file is a GeoTIFF with the CRS, transform and nodata of `expected`, and its values."""
+    with rasterio.open(path) as src:
+        assert src.driver == "GTiff" and src.count == 1 and src.dtypes == ("float32",)
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.profile["tiled"] and src.compression.name == "deflate"
+        assert pyproj.CRS.from_wkt(src.crs.to_wkt()).equals(crs), src.crs
+        assert src.crs.to_epsg() == 2994 and src.crs.linear_units == "foot"
+        assert src.transform == expected.transform
+        assert src.nodata == -9999
+        values = src.read(1)
+    assert values.shape == expected.values.shape
+    assert np.array_equal(values == -9999, np.isnan(expected.values)), path.name
+    has = ~np.isnan(expected.values)
+    np.testing.assert_allclose(values[has], expected.values[has], rtol=0, atol=FLOAT32)
+
+
+def assert_gdalinfo(path: Path, expected: Expected) -> None:
+    """GDAL's own command-line reader sees the same CRS, transform and nodata."""
+    proc = subprocess.run([GDALINFO, "-json", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert "Oregon GIC Lambert (ft)" in info["coordinateSystem"]["wkt"]
+    assert 'ID["EPSG",2994]' in info["coordinateSystem"]["wkt"]
+    assert info["geoTransform"] == list(expected.transform.to_gdal())
+    assert info["size"] == [expected.values.shape[1], expected.values.shape[0]]
+    assert info["bands"][0]["noDataValue"] == -9999
+
+
+# --- the examples --------------------------------------------------------------------------
+
+def test_strips_demo_on_embedded_cluster_matches_independent_dems(examples: Path) -> None:
+    proc = opf("run", "strips.opf", "-n", "2", cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = examples / "results"
     assert relative_files(results) == sorted(
-        [f"import/{s}.odm" for s in STRIPS] + [f"grid/{s}_dem.asc" for s in STRIPS]
-        + ["mosaic.asc"]
+        [f"import/{s}.laz" for s in STRIPS] + [f"grid/{s}_dem.tif" for s in STRIPS]
+        + ["mosaic.tif", "mosaic_hillshade.tif"]
     )
     assert not [p for p in results.rglob(".*")], "no temporary may be left at a destination"
 
-    config = lidar.read_config(examples / "cfg" / "grid.cfg")
-    points = {s: lidar.read_xyz(examples / "data" / f"{s}.xyz") for s in STRIPS}
-
-    # (a) every DEM and the mosaic equal the tool's own functions applied directly
-    direct = {}
+    # the example's settings: cell from the pipeline's param, fill from cfg/grid.cfg
+    assert "param cell    = 100.0" in (examples / "strips.opf").read_text()
+    assert "\nfill = 3\n" in (examples / "cfg" / "grid.cfg").read_text()
+    dems = {s: expected_dem(examples / "data" / f"{s}.las", 100.0, 3) for s in STRIPS}
     for s in STRIPS:
-        direct[s] = lidar.grid_points(
-            points[s], 2.0, config["interpolation"], config["fill"], config["nodata"]
-        )
-        got = lidar.read_asc(results / "grid" / f"{s}_dem.asc")
-        assert (got.xll, got.yll, got.cell) == (direct[s].xll, direct[s].yll, 2.0)
-        np.testing.assert_allclose(got.values, direct[s].values, atol=6e-4)
-    expected = lidar.mosaic(list(direct.values()))
-    mosaic = lidar.read_asc(results / "mosaic.asc")
-    assert mosaic.values.shape == expected.values.shape
-    assert (mosaic.xll, mosaic.yll) == (expected.xll, expected.yll)
-    np.testing.assert_allclose(mosaic.values, expected.values, atol=1.2e-3, equal_nan=True)
+        assert_geotiff(results / "grid" / f"{s}_dem.tif", dems[s], EPSG_2994)
+        imported = laspy.read(results / "import" / f"{s}.laz")
+        assert imported.header.parse_crs().equals(EPSG_2994)
+        assert set(np.unique(imported.classification)) == {2}
+    mosaic = expected_mosaic(list(dems.values()))
+    assert_geotiff(results / "mosaic.tif", mosaic, EPSG_2994)
+    # the strips overlap: some cells of the mosaic are means of two or three DEMs
+    assert np.isnan(mosaic.values).sum() < 0.1 * mosaic.values.size
 
-    # (b) independently from the raw points: where every strip whose grid covers a cell has
-    # points in that cell, the mosaic is the mean over those strips of their points' mean height
-    cell = 2.0
-    sums: dict[tuple[int, int], list[float]] = {}
-    covering: dict[tuple[int, int], int] = {}
-    for s in STRIPS:
-        p = points[s]
-        ix = np.floor(p[:, 0] / cell).astype(int)
-        iy = np.floor(p[:, 1] / cell).astype(int)
-        for cx in range(ix.min(), ix.max() + 1):
-            for cy in range(iy.min(), iy.max() + 1):
-                covering[(cx, cy)] = covering.get((cx, cy), 0) + 1
-        per_cell: dict[tuple[int, int], list[float]] = {}
-        for x, y, z in zip(ix, iy, p[:, 2], strict=True):
-            per_cell.setdefault((int(x), int(y)), []).append(float(z))
-        for key, zs in per_cell.items():
-            sums.setdefault(key, []).append(sum(zs) / len(zs))
-    x0 = round(mosaic.xll / cell)
-    top = round(mosaic.yll / cell) + mosaic.values.shape[0] - 1
-    checked = 0
-    for (cx, cy), means in sums.items():
-        if len(means) != covering[(cx, cy)]:
-            continue  # some covering strip has no point here: its value there is a fill
-        value = mosaic.values[top - cy, cx - x0]
-        assert value == pytest.approx(sum(means) / len(means), abs=1.2e-3), (cx, cy)
-        checked += 1
-    assert checked > 0.8 * mosaic.values.size
+    with rasterio.open(results / "mosaic_hillshade.tif") as src:
+        assert src.dtypes == ("uint8",) and src.nodata == 0
+        assert src.transform == mosaic.transform and src.crs.to_epsg() == 2994
+        shade = src.read(1)
+    assert shade[~np.isnan(mosaic.values)].mean() > 100  # mostly lit, the ground is flat
+    if GDALINFO:
+        for path in [results / "grid" / f"{STRIPS[0]}_dem.tif", results / "mosaic.tif"]:
+            assert_gdalinfo(path, mosaic if path.name == "mosaic.tif" else dems[STRIPS[0]])
 
 
-def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster):
+def test_autzen_dem_keeps_the_laz_files_crs_and_feet(examples: Path, cluster) -> None:
+    proc = opf("run", "autzen.opf", "--cluster-file", str(cluster.client_file), cwd=examples)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = examples / "results_autzen"
+    names = ["autzen_trim_dem.tif", "autzen_trim_ground.laz", "autzen_trim_hillshade.tif",
+             "autzen_trim_slope.tif"]
+    assert relative_files(results) == names
+    source_crs = laspy.open(examples / "data" / "autzen_trim.laz").header.parse_crs()
+    dem = expected_dem(examples / "data" / "autzen_trim.laz", 5.0, 3)
+    assert_geotiff(results / "autzen_trim_dem.tif", dem, source_crs)
+    # feet stay feet: 5 ft cells, heights of the Willamette valley floor in feet (about 420)
+    assert dem.transform.a == 5.0
+    assert 400 < np.nanmedian(dem.values) < 450
+    for name in ("autzen_trim_hillshade.tif", "autzen_trim_slope.tif"):
+        with rasterio.open(results / name) as src:
+            assert src.transform == dem.transform and src.crs.to_epsg() == 2994
+    if GDALINFO:
+        assert_gdalinfo(results / "autzen_trim_dem.tif", dem)
+
+
+def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster) -> None:
     proc = opf("run", "strips_flat.opf", "--cluster-file", str(cluster.client_file),
                "--report", "flat.html", cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (examples / "flat.html").read_text(encoding="utf-8")
     assert "strip_dems_flat" in report and "mosaic/0" in report
     assert relative_files(examples / "results_flat") == sorted(
-        [f"{s}.odm" for s in STRIPS] + [f"{s}_dem.asc" for s in STRIPS] + ["mosaic.asc"]
+        [f"{s}.laz" for s in STRIPS] + [f"{s}_dem.tif" for s in STRIPS] + ["mosaic.tif"]
     )
 
 
-def test_tiles_map_layout_and_temp_outputs_stay_out(examples: Path, cluster):
+def test_tiles_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> None:
     proc = opf("run", "tiles.opf", "--cluster-file", str(cluster.client_file), cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = relative_files(examples / "results_tiles")
     assert got == sorted(
-        [f"grid/{s}_dem.asc" for s in STRIPS]
-        + [f"shade/{s}_dem_shade.asc" for s in STRIPS]
-        + [f"shade/{s}_dem_slope.asc" for s in STRIPS]
+        [f"grid/{s}_dem.tif" for s in STRIPS]
+        + [f"shade/{s}_dem_shade.tif" for s in STRIPS]
+        + [f"shade/{s}_dem_slope.tif" for s in STRIPS]
     )
-    # each hillshade is the tool's hillshade of that strip's own DEM (written to 1 decimal)
+    # each hillshade is on its own strip's DEM grid
     for s in STRIPS:
-        dem = lidar.read_asc(examples / "results_tiles" / "grid" / f"{s}_dem.asc")
-        shade = lidar.read_asc(examples / "results_tiles" / "shade" / f"{s}_dem_shade.asc")
-        np.testing.assert_allclose(
-            shade.values, lidar.hillshade(dem, 315.0).values, atol=0.051, equal_nan=True
-        )
+        with rasterio.open(examples / "results_tiles" / "grid" / f"{s}_dem.tif") as dem, \
+                rasterio.open(examples / "results_tiles" / "shade" / f"{s}_dem_shade.tif") as sh:
+            assert sh.transform == dem.transform and sh.shape == dem.shape
+            assert sh.crs == dem.crs

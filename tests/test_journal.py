@@ -399,3 +399,133 @@ def test_cli_nothing_to_run_starts_no_cluster(cluster, tmp_path):
     after = snapshot(folder / "results")
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
     assert all(after[k][1] != before[k][1] for k in before)  # rewritten, the same bytes
+
+
+# -- receipts: results that landed while nobody listened -----------------------------------------
+
+
+def test_a_result_that_landed_unrecorded_is_recognised_by_its_receipt(tmp_path):
+    """An engine that lands a task's results leaves a receipt; when the driver never heard
+    of it (killed), the next run takes the receipt for the record: the task is unchanged, its
+    downstream tasks run because their upstream ran again, and a result changed since the
+    landing is still seen as changed. A receipt older than the task's record is ignored."""
+    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.run.runtime import build_request
+
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    plan = compile_file(path)
+    receipts = journal_path(state, "chain").with_suffix(".receipts")
+    assert not receipts.exists() or not list(receipts.iterdir())  # a clean run leaves none
+
+    journal = Journal.read(state, plan)  # the killed run's view: it sent up/s1, then died
+    ref = next(t for t in journal.tasks if t.name == "up/s1")
+    request = build_request(plan, ref, 0, scratch=str(scratch), logs=state / "logs",
+                            receipt=journal.stamp(ref))
+    assert run_tasks([request])[0]["ok"]
+    assert len(list(receipts.iterdir())) == 1
+    receipt = next(receipts.iterdir()).read_text()
+
+    got = decisions(path, state)
+    assert got["up/s1"] == "skip"  # not "output changed: results/up/s1.a"
+    assert got["down/s1"] == "upstream up/s1 ran again since"
+    assert {k for k, v in got.items() if v != "skip"} == {"down/s1", "all/0"}
+
+    # the next run writes the receipt into the journal and removes it
+    third = run(path, state, scratch)
+    assert (third.done, third.skipped) == (2, 6)
+    assert not list(receipts.iterdir())
+    assert set(decisions(path, state).values()) == {"skip"}
+
+    # an old receipt (sent before the task's last record) says nothing
+    (receipts / "old.jsonl").write_text(receipt)
+    assert set(decisions(path, state).values()) == {"skip"}
+
+    # a receipt does not hide a change made after the landing
+    (receipts / "old.jsonl").unlink()
+    journal = Journal.read(state, plan)
+    request = build_request(plan, ref, 0, scratch=str(scratch), logs=state / "logs",
+                            receipt=journal.stamp(ref))
+    assert run_tasks([request])[0]["ok"]
+    later(path.parent / "results" / "up" / "s1.a", "edited by hand")
+    assert decisions(path, state)["up/s1"] == "output changed: results/up/s1.a"
+
+
+def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
+    """An engine that finished after the run stopped listening (an interrupt, an engine taken
+    for lost) left a receipt in the run's own file: closing the journal records it."""
+    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.run.runtime import build_request
+
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    plan = compile_file(path)
+    receipts = journal_path(state, "chain").with_suffix(".receipts")
+    with Journal.open(state, plan) as journal:
+        ref = next(t for t in journal.tasks if t.name == "up/s2")
+        request = build_request(plan, ref, 0, scratch=str(scratch), logs=state / "logs",
+                                receipt=journal.stamp(ref))
+        assert run_tasks([request])[0]["ok"]  # its result never reaches this run
+    assert not list(receipts.iterdir())
+    got = decisions(path, state)
+    assert got["up/s2"] == "skip"
+    assert got["down/s2"] == "upstream up/s2 ran again since"
+
+
+def test_a_record_with_wrong_field_types_is_skipped_with_a_warning(tmp_path, capsys):
+    """A damaged record (the journal edited by hand, or damaged on its disk) is skipped: its
+    task runs again, a warning says so, and nothing raises."""
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    file = journal_path(state, "chain")
+    damage = {
+        "up/s1": ("in", []),
+        "up/s2": ("steps", 5),
+        "up/s3": ("steps", [[["copy"], 1]]),
+        "down/s1": ("out", 3),
+        "down/s2": ("up", "x"),
+        "hello/0": ("cmd", None),
+    }
+    lines = file.read_text().splitlines()
+    edited = [lines[0]]
+    for line in lines[1:]:
+        record = json.loads(line)
+        if record["task"] in damage:
+            key, value = damage[record["task"]]
+            record[key] = value
+        elif record["task"] == "all/0":  # valid JSON, nested beyond what the parser follows
+            line = line[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}"
+        edited.append(line if record["task"] == "all/0" else json.dumps(
+            record, separators=(",", ":"), ensure_ascii=False))
+    edited.insert(3, '{"task": "up/s9", "sig": "garbled')  # a whole line, not a record
+    file.write_text("\n".join(edited) + "\n")
+
+    journal = Journal.read(state, compile_file(path))
+    got = {d.task.name: (d.reason if d.run else "skip") for d in journal.decide()}
+    assert got == {
+        "up/s1": "new", "up/s2": "new", "up/s3": "new",
+        "down/s1": "upstream up/s1 re-runs", "down/s2": "upstream up/s2 re-runs",
+        "down/s3": "upstream up/s3 re-runs", "all/0": "upstream down/s1 re-runs",
+        "hello/0": "new",
+    }
+    damaged = sorted(set(damage) - {"down/s1", "down/s2"})  # those were never looked at
+    assert sorted(journal.damaged) == damaged
+    assert journal.warnings() == [
+        f"1 line of the journal {file} is not a record and skipped",
+        f"4 records of the journal {file} are damaged and skipped (up/s1, up/s2, up/s3, ...); "
+        "those tasks run again"]
+
+    from opals_dsl.cli import main
+
+    status = main(["run", str(path), "--dry-run", "--state", str(state)])
+    err = capsys.readouterr().err
+    assert status == 0
+    assert f"opf: warning: 4 records of the journal {file} are damaged and skipped" in err
+    assert "Traceback" not in err
+
+    summary = run(path, state, scratch)  # the run does them again and records them afresh
+    assert summary.exit_code == 0 and summary.skipped == 0
+    assert set(decisions(path, state).values()) == {"skip"}

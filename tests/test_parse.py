@@ -392,13 +392,77 @@ def test_run_sh_takes_a_script_in_double_quotes():
     run = step_of('run sh "cat {a} | wc -l > {b}"\n').action
     assert run.shell
     assert run.words[1].template == T("cat ", ("a",), " | wc -l > ", ("b",))
-    assert run.shell_quoted == ()
+    assert run.shell_problems == ()
+
+
+def shell_problems(script: str) -> list[tuple[str, str]]:
+    """(the place as written, the message) of each problem in ``run sh "SCRIPT"``."""
+    line = 'run sh "' + script.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    run = step_of(line + "\n").action
+    assert run.shell
+    text = line.split("\n")
+    return [(text[0][s.column - 9 : s.end_column - 9], m) for s, m in run.shell_problems]
 
 
 def test_run_sh_knows_placeholders_inside_shell_quotes():
-    run = step_of('run sh "cat \'{a}\' \\"{b}\\" {c} \'x\' {d}"\n').action
-    assert run.shell
-    assert [r.dotted for r in run.shell_quoted] == ["a", "b"]
+    found = shell_problems("""cat '{a}' "{b}" {c} 'x' {d}""")
+    assert [place for place, _ in found] == ["{a}", "{b}"]
+    assert all("stands inside shell quotes" in m for _, m in found)
+
+
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [
+        ("echo \\{p} \\' > {o}", "follows a backslash"),  # the issue's injection
+        ("echo ${p}", "follows a '$'"),
+        ("echo $'it\\' {p} '", "inside shell quotes"),  # bash's $'...' takes \' as a quote
+        ("echo $'a\\'' {p}", "inside shell quotes"),  # ... where POSIX sh opens '...' here
+        ("echo `cat {p}`", "inside backticks"),
+        ("echo ${{x:-{p}}}", "inside '${...}'"),
+        ("echo $(( {p} + 1 ))", "shell arithmetic"),
+        ("(( {p} > 1 ))", "shell arithmetic"),
+        ("echo $[ {p} ]", "shell arithmetic"),
+        ("[[ {p} -eq 1 ]]", "inside '[[ ... ]]'"),
+        ("a[{p}]=1", "inside '[...]'"),
+        ("ls [{p}]*", "inside '[...]'"),
+        ("echo \"$(echo {o}) {p}\"", "inside shell quotes"),
+        ("echo \"$(case x in a) echo \" {p} \";; esac)\"", "after a 'case'"),
+    ],
+)
+def test_run_sh_refuses_a_placeholder_where_its_value_would_not_arrive_as_it_is(script, why):
+    found = shell_problems(script)
+    assert [place for place, _ in found] == ["{p}"]
+    assert why in found[0][1]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "cat {a} | wc -l > {o}",
+        "{p}_dem.asc pre{p} x={p} --in={p}",
+        "echo \"$(cat {p})\" $(cat {p}) $( (cd x && cat {p}) )",
+        "[ {p} -eq 1 ] && echo {p} # a comment: it's {p}",
+        "echo '$1' \"$0\" ${{#}} ${{x}} $(( 1 + 2 )) {p}",
+        "case {p} in a) echo {p};; esac; echo $(case x in a) echo;; esac) {p}",
+        "ls *.[ch] [ab]x {{a,b}} {p}",
+    ],
+)
+def test_run_sh_takes_a_placeholder_in_plain_shell_text(script):
+    assert shell_problems(script) == []
+
+
+@pytest.mark.parametrize(
+    ("script", "named"),
+    [("echo $1", "$1"), ('echo "$@"', "$@"), ("echo $*", "$*"), ("echo ${{2}}", "${2}"),
+     ("echo ${{#1}}", "${#1}"), ("echo `echo $3`", "$3")],
+)
+def test_run_sh_scripts_may_not_name_the_positional_parameters_that_carry_the_values(
+    script, named
+):
+    found = shell_problems(script)
+    assert len(found) == 1
+    assert found[0][0] == named.replace("{", "{{").replace("}", "}}")
+    assert found[0][1].startswith(f"'{named}' in a run sh script")
 
 
 @pytest.mark.parametrize(

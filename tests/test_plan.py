@@ -400,6 +400,40 @@ def test_run_sh_quotes_every_value_so_nothing_can_inject(tmp_path: Path) -> None
         assert out.stdout.splitlines() == [value] + [f"up/{i}/{i}.txt" for i in ids]
 
 
+def test_a_task_file_starting_with_a_dash_goes_as_dot_slash_so_it_is_no_option(
+    tmp_path: Path,
+) -> None:
+    g = plan_of(tmp_path, """\
+        job j for x in "data/*.txt" {
+            step s {
+                out o = "{x.stem}.out"
+                run cp {x} {o} {x}.bak --in={x} pre{o} {x.name}
+            }
+            step t {
+                out u = "{x.stem}.u"
+                run sh "cat {x} {s.o} > {u}; echo {x}.bak --in={x} >> {u}"
+            }
+        }
+        job k for v in ["-n"] {
+            step s {
+                run echo {v}
+            }
+        }
+    """, {"data/-n.txt": "x\n"})
+    tid = tasks(g, "j")[0]
+    s = g.nodes[f"exec:j/{tid}/s"]
+    # at the start of a word: ./; inside a word no option can start; an attribute is a text
+    assert s["argv"] == ["cp", "./-n.txt", "./-n.out", "./-n.txt.bak", "--in=-n.txt",
+                         "pre-n.out", "-n.txt"]
+    assert s["inputs"] == ["-n.txt"] and s["outputs"] == ["-n.out"]
+    assert g.nodes[f"stage:j/{tid}"]["files"] == [["data/-n.txt", "-n.txt"]]
+    t = g.nodes[f"exec:j/{tid}/t"]["argv"]
+    assert t[2] == 'cat "$1" "$2" > "$3"; echo "$1".bak --in="$4" >> "$3"'
+    assert t[4:] == ["./-n.txt", "./-n.out", "./-n.u", "-n.txt"]
+    # a value is not a file: it goes as it is
+    assert g.nodes[f"exec:k/{tasks(g, 'k')[0]}/s"]["argv"] == ["echo", "-n"]
+
+
 def test_run_words_are_never_split(tmp_path: Path) -> None:
     g = plan_of(tmp_path, """\
         param names = ["a b", "c"]
@@ -630,6 +664,65 @@ def test_a_constant_output_name_in_a_job_with_many_tasks(tmp_path: Path) -> None
     assert '"{strip.stem}.asc"' in err.diagnostics[0].message
 
 
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [
+        ("range(3)", '"{i}.txt"'),
+        ('["a", "b"]', '"{i}.txt"'),
+        ('lines("list.txt")', '"{i}.txt"'),
+        ('"data/*.xyz"', '"{i.stem}.txt"'),
+        ('["a", "A"]', '"{task.id}.txt"'),  # the values tell the tasks apart only by case
+        ('lines("paths.txt")', '"{task.id}.txt"'),  # a value with '/' is no file name
+    ],
+)
+def test_a_clash_hint_names_what_tells_the_tasks_apart(
+    tmp_path: Path, source: str, hint: str
+) -> None:
+    err = error_of(tmp_path, f"""\
+        job j for i in {source} {{
+            step s {{
+                out o = "same.txt"
+                run prog {{o}}
+            }}
+        }}
+    """, {"list.txt": "north\nsouth\n", "paths.txt": "a/x\nb/x\n", "data/a.xyz": "",
+          "data/b.xyz": ""})
+    assert f"make the name differ per task, e.g. {hint}" in err.diagnostics[0].message
+
+
+def test_an_input_that_is_no_file_is_called_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "data" / "folder.xyz").mkdir(parents=True)
+    (tmp_path / "data" / "real.xyz").write_text("1 2 3\n")
+    (tmp_path / "data" / "gone.prj").symlink_to("missing.prj")
+    (tmp_path / "data" / "list").mkdir()
+    err = error_of(tmp_path, """\
+        job a for f in "data/folder.xyz" {
+            step s {
+                run prog {f}
+            }
+        }
+        job b for f in "data/real.xyz" {
+            shared cfg = "data"
+            step s {
+                in "data/gone.prj"
+                run prog {f} {cfg}
+            }
+        }
+        job c for v in lines("data/list") {
+            step s {
+                run prog {v}
+            }
+        }
+    """)
+    assert [d.message for d in err.diagnostics] == [
+        "the input file 'data/folder.xyz' is a folder, not a file",
+        "the shared file 'data' is a folder, not a file",
+        "the input file 'data/gone.prj' (task 'real') is a symbolic link to 'missing.prj', "
+        "which does not exist",
+        "the list file 'data/list' is a folder, not a file",
+    ]
+
+
 def test_two_jobs_copying_back_to_one_file(tmp_path: Path) -> None:
     err = error_of(tmp_path, """\
         job a {
@@ -799,3 +892,29 @@ def test_the_collector_runs_again_after_planning(tmp_path: Path) -> None:
     assert gc.isenabled()
     plan_of(tmp_path, STRIPS_OPF, STRIPS)
     assert gc.isenabled()
+
+
+def test_every_task_of_a_gathering_job_may_read_the_gathered_destination(tmp_path: Path) -> None:
+    """A task that gathers a job's outputs waits for their copy-backs, so naming one of their
+    destinations as an `in` file is no race — for its last task as for its first."""
+    text = """
+        job a {
+            output "results" flat
+            step s {
+                out x = "x.txt"
+                run prog {x}
+            }
+        }
+        job b for v in ["1", "2", "3"] {
+            output "out/{v}" flat
+            step s {
+                out y = "y.txt"
+                in "results/x.txt"
+                run prog {a.s.x} {y}
+            }
+        }
+    """
+    g = plan_of(tmp_path, text, {"results/x.txt": "x"})
+    for task in ("1", "2", "3"):
+        assert g.has_edge("copyback:a/0", f"stage:b/{task}")
+        assert ["results/x.txt", "x.txt"] in g.nodes[f"stage:b/{task}"]["files"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import shlex
 import tempfile
 from dataclasses import dataclass, field
@@ -471,10 +472,18 @@ def test_invariant_2_each_task_is_the_chain(model: PipelineM) -> None:
 
 
 def _file_words(a: dict) -> list[str]:
-    """Words of an exec node's command that name files (by their extension)."""
+    """Words of an exec node's command that name files (by their extension); a ``run sh``
+    script's values follow it (``/bin/sh -c SCRIPT sh VALUE...``), and a file whose name starts
+    with '-' is written ``./-name``."""
     if a["argv"] is not None:
         argv = a["argv"]
-        words = shlex.split(argv[2]) if argv[:2] == ["/bin/sh", "-c"] else argv[1:]
+        if argv[:2] == ["/bin/sh", "-c"]:
+            values = argv[4:]
+            script = re.sub(r'"\$(\d)"|"\$\{(\d+)\}"',
+                            lambda m: shlex.quote(values[int(m[1] or m[2]) - 1]), argv[2])
+            words = shlex.split(script)
+        else:
+            words = argv[1:]
     else:
         words = []
         for v in a["call"]["kwargs"].values():
@@ -483,6 +492,7 @@ def _file_words(a: dict) -> list[str]:
     for w in words:
         if isinstance(w, str):
             w = w.split("=")[-1]
+            w = w[2:] if w.startswith("./-") else w
             if is_file_word(w):
                 found.append(w)
     return found

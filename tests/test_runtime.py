@@ -321,8 +321,9 @@ def test_cli_success_on_cluster_file_and_scratch_option(cluster, tmp_path):
     state = tmp_path / "p" / ".opf"  # the default state folder, beside the pipeline file
     rows = read_json_lines(state / "trace.jsonl")
     assert {r["machine"].split(":", 1)[1] for r in rows} == {str(scratch.resolve())}
-    assert (scratch / "opf" / "stream" / "up" / "tool.py").is_file()  # the job folder
-    assert not (scratch / "opf" / "stream" / "up" / "s1").exists()  # task folders emptied
+    job, = (scratch / "opf" / "stream" / "up").glob("*/.opf-staged")  # the job folder
+    assert (job.parent / "tool.py").is_file()
+    assert not (job.parent / "s1").exists()  # task folders emptied
     assert (tmp_path / "p" / "results" / "all" / "all.txt").is_file()
     # the cluster was left running
     client = cluster.client()
@@ -330,6 +331,34 @@ def test_cli_success_on_cluster_file_and_scratch_option(cluster, tmp_path):
         assert len(client.ids) >= 3
     finally:
         client.close()
+
+
+def test_cli_a_file_named_like_an_option_is_copied_as_a_file(cluster, tmp_path):
+    path = write_pipeline(tmp_path / "p", """
+        job j for x in "data/*.txt" {
+            output "results" flat
+            step copy {
+                out o = "{x.stem}.copy"
+                run cp {x} {o}
+            }
+            step sh {
+                out b = "{x.stem}.both"
+                run sh "cat {x} {copy.o} > {b}"
+            }
+        }
+    """, inputs=1)
+    (tmp_path / "p" / "data" / "-n.txt").write_text("dash\n", encoding="utf-8")
+    proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = tmp_path / "p" / "results"
+    assert (results / "-n.copy").read_text() == "dash\n"
+    assert (results / "-n.both").read_text() == "dash\ndash\n"
+    assert (results / "s1.both").read_text() == "strip 1\nstrip 1\n"
+    logs = tmp_path / "p" / ".opf" / "logs" / "j" / "-n"
+    assert (logs / "copy.log").read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
+    # the script names the values; they follow it as the shell's arguments
+    assert (logs / "sh.log").read_text().startswith(
+        """$ /bin/sh -c 'cat "$1" "$2" > "$3"' sh ./-n.txt ./-n.copy ./-n.both\n""")
 
 
 def test_cli_unreachable_cluster_exits_3(cluster, tmp_path):

@@ -1,45 +1,84 @@
 """A small airborne laser scanning toolkit, standing in for OPALS modules in the examples.
 
+LAS/LAZ point clouds in, GeoTIFF rasters out, in the data's coordinate reference system (CRS).
 Each subcommand reads files and writes one file, so a pipeline step can run it:
 
-    python lidar.py import IN.xyz OUT.odm                  ASCII x y z -> binary point file
-    python lidar.py grid [--config CFG] [--cell C] IN.odm OUT.asc     points -> DEM
-    python lidar.py mosaic -o OUT.asc IN1.asc IN2.asc ...  DEMs -> one DEM
-    python lidar.py hillshade [--azimuth A] [--altitude H] IN.asc OUT.asc   shaded relief
-    python lidar.py slope IN.asc OUT.asc                   slope in degrees
+    python lidar.py import [--ground] [--crs CRS] IN.las OUT.laz     a strip's points, as LAZ
+    python lidar.py grid [--config CFG] [--cell C] [--fill N] [--ground] [--crs CRS]
+                         IN.laz [IN2.laz ...] OUT.tif                 points -> DEM
+    python lidar.py mosaic -o OUT.tif IN1.tif IN2.tif ...            DEMs -> one DEM
+    python lidar.py hillshade [--azimuth A] [--altitude H] IN.tif OUT.tif   shaded relief
+    python lidar.py slope IN.tif OUT.tif                             slope in degrees
 
-The computations are plain functions (`read_xyz`, `write_odm`, `read_odm`, `read_config`,
-`grid_points`, `read_asc`, `write_asc`, `mosaic`, `hillshade`, `slope`) so they can be
-imported and checked directly. Rasters are `Grid` values whose `values` array holds NaN for
-"no data" and whose first row is the northernmost one, as in an ESRI ASCII grid.
+- **import** reads an ASPRS LAS 1.0-1.4 file, LAZ-compressed or not (a COPC file is LAZ; its
+  octree index is not kept), keeps all points or with `--ground` only the ground class (2),
+  and writes them as LAZ with the input's header, CRS included. `--crs` (EPSG code, WKT or
+  PROJ string) gives a CRS to a file that carries none; a file whose own CRS differs from
+  `--crs` is an error.
+- **grid** makes a DEM: the mean height of each cell's points (with `--ground`, of its ground
+  points). Cell edges lie on multiples of the cell size, so DEMs of overlapping strips share one
+  grid. An empty cell takes the value of the nearest cell with points when that cell is at most
+  `fill` cells away (centre to centre), and is nodata beyond. The DEM is a Cloud-Optimized
+  GeoTIFF (tiled, DEFLATE-compressed, float32) with the points' CRS (`header.parse_crs()`), the
+  transform of the grid and the nodata value; a CRS that equals an EPSG CRS is written as
+  that EPSG CRS, so GIS shows its name and code. Inputs with different CRSs are an error, and
+  so are inputs without a CRS when `--crs` gives none.
+- **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
+  overlap, nodata where none has data.
+- **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
+  of a DEM; a cell next to nodata is nodata.
 
-Errors in the input are reported on one line (`FILE:LINE: what is wrong`) with exit status 2.
-Needs only numpy and the standard library.
+Units are never converted: a CRS in feet gives cell sizes, coordinates and heights in feet.
+Slope and hillshade take heights to be in the CRS's horizontal unit, as LAS files in a
+projected CRS have them, unless a compound CRS gives the heights a unit of their own (metres
+east and north, US survey feet up): then they compare like with like.
+
+The computations are plain functions (`read_points`, `import_points`, `grid_points`,
+`fill_nearest`, `read_raster`, `write_raster`, `mosaic`, `hillshade`, `slope`) so they can be
+imported. Errors in the input are reported on one line (`FILE: what is wrong`) with exit
+status 2. Needs laspy (with lazrs for LAZ), numpy, pyproj and rasterio (GDAL in its wheel);
+`pip install 'opals_dsl[examples]'` brings them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import struct
+import os
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyproj
+from affine import Affine  # rasterio's transform type
 
-ODM_MAGIC = b"LIDARODM"
-# magic, point count, bounding box (xmin, ymin, zmin, xmax, ymax, zmax); then float64 x, y, z
-ODM_HEADER = struct.Struct("<8sQ6d")
-ASC_HEADER_KEYS = ("ncols", "nrows", "xllcorner", "yllcorner", "xllcenter", "yllcenter",
-                   "cellsize", "nodata_value")
-CONFIG_DEFAULTS: dict[str, object] = {
-    "cell": 1.0, "interpolation": "mean", "fill": "nearest", "nodata": -9999.0, "decimals": 3,
-}
+if TYPE_CHECKING:
+    import laspy
+
+# laspy and rasterio are imported where they are used, so that a step loads only what its
+# subcommand needs: starting Python with all of them takes a second or more on a busy machine
+
+GROUND = 2  # ASPRS LAS classification code of ground points
+CONFIG_DEFAULTS: dict[str, float] = {"cell": 1.0, "fill": 0, "nodata": -9999.0}
+GEOTIFF = {"driver": "COG", "compress": "deflate", "predictor": 3, "blocksize": 256}
 
 
 class LidarError(Exception):
     """A problem with the input, reported to the user as one line."""
+
+
+@dataclass
+class Points:
+    """Coordinates (float64 arrays, in the CRS's units) and the CRS (None: the file has none)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    crs: pyproj.CRS | None
 
 
 @dataclass
@@ -50,74 +89,194 @@ class Grid:
     xll: float  # x of the lower-left corner of the lower-left cell
     yll: float
     cell: float
+    crs: pyproj.CRS | None = None
     nodata: float = -9999.0
+    counts: dict[str, int] = field(default_factory=dict)  # what grid_points did, for the log
+
+    @property
+    def transform(self) -> Affine:
+        top = self.yll + self.values.shape[0] * self.cell
+        return Affine(self.cell, 0.0, self.xll, 0.0, -self.cell, top)
+
+
+# --- coordinate reference systems ---------------------------------------------------------
+
+def parse_crs(text: str) -> pyproj.CRS:
+    """A CRS from the command line: `EPSG:2994`, WKT, a PROJ string, ..."""
+    try:
+        return pyproj.CRS.from_user_input(text)
+    except pyproj.exceptions.CRSError:
+        raise LidarError(f"{text!r} is not a coordinate reference system "
+                         "(give e.g. EPSG:2994, a WKT string or a PROJ string)") from None
+
+
+def epsg_code(crs: pyproj.CRS) -> int | None:
+    """The EPSG code of a CRS that equals an EPSG CRS, even where its WKT names no authority.
+
+    LAS files often carry ESRI-flavoured WKT without one (autzen_trim.laz does); read as ESRI's
+    dialect, GDAL matches it to its EPSG code, and pyproj confirms the EPSG CRS equals the file's.
+    """
+    return _epsg_of_wkt(crs.to_wkt())
+
+
+@functools.lru_cache(maxsize=16)
+def _epsg_of_wkt(wkt: str) -> int | None:
+    crs = pyproj.CRS.from_wkt(wkt)
+    ident = crs.to_json_dict().get("id", {})
+    if ident.get("authority") == "EPSG":  # says so itself: no search needed
+        return int(ident["code"])
+    import rasterio.crs
+    import rasterio.errors
+
+    try:  # the search takes about half a second, hence the cache
+        code = rasterio.crs.CRS.from_wkt(crs.to_wkt("WKT1_ESRI"),
+                                         morph_from_esri_dialect=True).to_epsg()
+        return code if code is not None and pyproj.CRS.from_epsg(code).equals(crs) else None
+    except (pyproj.exceptions.CRSError, rasterio.errors.CRSError):
+        return None
+
+
+def crs_name(crs: pyproj.CRS | None) -> str:
+    if crs is None:
+        return "no CRS"
+    code = epsg_code(crs)
+    return f"{pyproj.CRS.from_epsg(code).name} (EPSG:{code})" if code else crs.name
+
+
+def same_crs(a: pyproj.CRS | None, b: pyproj.CRS | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.equals(b)
+
+
+def one_crs(named: list[tuple[str, pyproj.CRS | None]], given: pyproj.CRS | None,
+            what: str = "file") -> pyproj.CRS | None:
+    """The one CRS of several files: the files' own, or `given` for files that carry none.
+
+    Two files with different CRSs, or a file whose CRS is not `given`, are an error naming them.
+    """
+    found: list[tuple[str, pyproj.CRS]] = []
+    for name, crs in named:
+        if crs is not None and given is not None and not same_crs(crs, given):
+            raise LidarError(f"{name}: the {what} is in {crs_name(crs)}, not in the CRS given "
+                             f"with --crs, {crs_name(given)}; leave out --crs for files that "
+                             "carry a CRS")
+        if crs is not None:
+            found.append((name, crs))
+    for name, crs in found[1:]:
+        first, first_crs = found[0]
+        if not same_crs(crs, first_crs):
+            raise LidarError(f"{first} and {name} are in different coordinate reference "
+                             f"systems: {crs_name(first_crs)} and {crs_name(crs)}; reproject "
+                             "one of them first")
+    if given is not None:
+        return given
+    missing = [name for name, crs in named if crs is None]
+    if missing and found:
+        raise LidarError(f"{missing[0]} carries no coordinate reference system but "
+                         f"{found[0][0]} is in {crs_name(found[0][1])}; give the CRS of "
+                         "the files that carry none with --crs")
+    return found[0][1] if found else None
 
 
 # --- points -------------------------------------------------------------------------------
 
-def read_xyz(path: str | Path) -> np.ndarray:
-    """Read an ASCII point file (`x y z` per line; `#` comments and blank lines allowed)."""
-    rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        if len(words) != 3:
-            raise LidarError(f"{path}:{lineno}: expected 3 numbers (x y z), found {len(words)}")
-        try:
-            point = [float(w) for w in words]
-        except ValueError:
-            bad = next(w for w in words if not _is_number(w))
-            raise LidarError(f"{path}:{lineno}: {bad!r} is not a number") from None
-        if not all(math.isfinite(v) for v in point):
-            raise LidarError(f"{path}:{lineno}: coordinates must be finite numbers")
-        rows.append(point)
-    if not rows:
-        raise LidarError(f"{path}: no points in the file")
-    return np.array(rows, dtype=np.float64)
+def _open_las(path: str | Path) -> laspy.LasData:
+    import laspy
 
-
-def _read_text(path: str | Path) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LidarError(f"{path}: not a text file (it is not UTF-8)") from None
+        with laspy.open(path) as reader:
+            header = reader.header
+            if not header.are_points_compressed:  # a LAS file cut short: say so plainly
+                size, start = os.path.getsize(path), header.offset_to_point_data
+                held = max(size - start, 0) // header.point_format.size
+                if held < header.point_count:
+                    raise LidarError(f"{path}: the file is cut short: its header says "
+                                     f"{header.point_count} points, it holds {held}")
+            return reader.read()
+    except (LidarError, OSError):
+        raise
+    except Exception as exc:  # laspy's and lazrs' errors on broken files are of many kinds
+        raise LidarError(f"{path}: not a LAS/LAZ file laspy can read ({exc})") from None
 
 
-def _is_number(word: str) -> bool:
+def _header_crs(path: str | Path, header: laspy.LasHeader) -> pyproj.CRS | None:
     try:
-        float(word)
-    except ValueError:
-        return False
-    return True
+        return header.parse_crs()
+    except Exception as exc:  # a CRS record that pyproj cannot read
+        raise LidarError(f"{path}: its coordinate reference system record cannot be read "
+                         f"({exc})") from None
 
 
-def write_odm(points: np.ndarray, path: str | Path) -> None:
-    """Write points (an N x 3 array) as a binary point file with a header."""
-    points = np.ascontiguousarray(points, dtype="<f8")
-    bbox = (*points.min(axis=0), *points.max(axis=0))
-    with open(path, "wb") as f:
-        f.write(ODM_HEADER.pack(ODM_MAGIC, len(points), *bbox))
-        f.write(points.tobytes())
+def read_points(paths: list[str | Path], crs: pyproj.CRS | None = None,
+                ground: bool = False) -> Points:
+    """The points of LAS/LAZ files (with `ground`, of class 2 only) and their one CRS."""
+    xs, ys, zs, named = [], [], [], []
+    for path in paths:
+        las = _open_las(path)
+        named.append((str(path), _header_crs(path, las.header)))
+        keep = las.classification == GROUND if ground else slice(None)
+        xs.append(np.asarray(las.x)[keep])
+        ys.append(np.asarray(las.y)[keep])
+        zs.append(np.asarray(las.z)[keep])
+    points = Points(np.concatenate(xs), np.concatenate(ys), np.concatenate(zs),
+                    one_crs(named, crs))
+    if len(points.x) == 0:
+        kind = "ground points (class 2)" if ground else "points"
+        raise LidarError(f"{', '.join(map(str, paths))}: no {kind} to grid")
+    return points
 
 
-def read_odm(path: str | Path) -> np.ndarray:
-    """Read a binary point file written by `write_odm`; returns an N x 3 array."""
-    data = Path(path).read_bytes()
-    if len(data) < ODM_HEADER.size or data[:8] != ODM_MAGIC:
-        raise LidarError(f"{path}: not a point file written by 'lidar.py import'")
-    count = ODM_HEADER.unpack_from(data)[1]
-    if len(data) != ODM_HEADER.size + count * 24:
-        raise LidarError(f"{path}: truncated point file (header says {count} points)")
-    return np.frombuffer(data, dtype="<f8", offset=ODM_HEADER.size).reshape(count, 3)
+def import_points(source: str | Path, dest: str | Path, crs: pyproj.CRS | None = None,
+                  ground: bool = False) -> int:
+    """Copy a LAS/LAZ file's points (with `ground`, class 2 only) to `dest`; return their count.
+
+    The header, CRS record included, is kept; `crs` is written into it when the file has none.
+    """
+    las = _open_las(source)
+    own = _header_crs(source, las.header)
+    one_crs([(str(source), own)], crs)
+    if ground:
+        las.points = las.points[las.classification == GROUND].copy()
+        if len(las.points) == 0:
+            raise LidarError(f"{source}: no ground points (class 2)")
+    if own is None and crs is not None:
+        las.header.add_crs(crs)
+    # a COPC file's octree index describes its own point order; laspy cannot write it, and the
+    # points written here are a plain LAZ file
+    las.header.vlrs[:] = [v for v in las.header.vlrs if v.user_id != "copc"]
+    if las.header.evlrs is not None:
+        las.header.evlrs[:] = [v for v in las.header.evlrs if v.user_id != "copc"]
+    with _replacing(dest) as tmp:
+        las.write(tmp, do_compress=Path(dest).suffix.lower() == ".laz")
+    return len(las.points)
+
+
+@contextmanager
+def _replacing(dest: str | Path):
+    """A hidden temporary path beside `dest`, renamed to `dest` when the block succeeds.
+
+    So a reader never sees a half-written file, and a failed write leaves no file behind.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.part{dest.suffix}")
+    try:
+        yield str(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- gridding -----------------------------------------------------------------------------
 
-def read_config(path: str | Path) -> dict[str, object]:
+def read_config(path: str | Path) -> dict[str, float]:
     """Read `key = value` lines (`#` comments) over the defaults in CONFIG_DEFAULTS."""
     config = dict(CONFIG_DEFAULTS)
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LidarError(f"{path}: not a text file (it is not UTF-8)") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -127,148 +286,128 @@ def read_config(path: str | Path) -> dict[str, object]:
             raise LidarError(f"{where}: expected 'key = value', found {line!r}")
         if key not in CONFIG_DEFAULTS:
             raise LidarError(f"{where}: unknown key {key!r} (known: {', '.join(CONFIG_DEFAULTS)})")
-        config[key] = _config_value(key, value, where)
+        try:
+            config[key] = int(value) if key == "fill" else float(value)
+        except ValueError:
+            kind = "a whole number" if key == "fill" else "a number"
+            raise LidarError(f"{where}: {key} must be {kind}, found {value!r}") from None
+        _check_setting(key, config[key], where)
     return config
 
 
-def _config_value(key: str, value: str, where: str) -> object:
-    choices = {"interpolation": ("mean", "min", "max"), "fill": ("nearest", "none")}
-    if key in choices:
-        if value not in choices[key]:
-            raise LidarError(f"{where}: {key} must be one of {', '.join(choices[key])}")
-        return value
-    try:
-        number = int(value) if key == "decimals" else float(value)
-    except ValueError:
-        raise LidarError(f"{where}: {key} must be a number, found {value!r}") from None
-    if key == "cell" and not number > 0:
-        raise LidarError(f"{where}: cell must be greater than 0")
-    if key == "decimals" and number < 0:
-        raise LidarError(f"{where}: decimals must be 0 or more")
-    return number
+def _check_setting(key: str, value: float, where: str) -> None:
+    if key == "cell" and not value > 0:
+        raise LidarError(f"{where}: cell must be greater than 0, found {value:g}")
+    if key == "fill" and value < 0:
+        raise LidarError(f"{where}: fill must be 0 or more cells, found {value:g}")
 
 
-def grid_points(points: np.ndarray, cell: float, interpolation: str = "mean",
-                fill: str = "nearest", nodata: float = -9999.0) -> Grid:
-    """Grid points to a DEM: per cell the mean (or min, max) height of its points.
+def grid_points(points: Points, cell: float, fill: int = 0, nodata: float = -9999.0) -> Grid:
+    """Grid points to a DEM: per cell the mean height of its points.
 
     Cell edges lie on multiples of `cell`, so grids of overlapping strips share cell
     boundaries; a cell holds the points with `left <= x < right` and `bottom <= y < top`.
-    With `fill="nearest"` every empty cell takes the value of the nearest cell with points.
+    Empty cells take the value of the nearest cell with points at most `fill` cells away.
     """
-    ix = np.floor(points[:, 0] / cell).astype(np.int64)
-    iy = np.floor(points[:, 1] / cell).astype(np.int64)
+    ix = np.floor(points.x / cell).astype(np.int64)
+    iy = np.floor(points.y / cell).astype(np.int64)
     ncols = int(ix.max() - ix.min()) + 1
     nrows = int(iy.max() - iy.min()) + 1
-    col = ix - ix.min()
-    row = iy.max() - iy  # row 0 is the top (north) row
-    flat = row * ncols + col
-    z = points[:, 2]
-    if interpolation == "mean":
-        total = np.bincount(flat, weights=z, minlength=nrows * ncols)
-        count = np.bincount(flat, minlength=nrows * ncols)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            values = total / count  # NaN where a cell holds no point
-    else:
-        values = np.full(nrows * ncols, np.inf if interpolation == "min" else -np.inf)
-        (np.minimum if interpolation == "min" else np.maximum).at(values, flat, z)
-        values[np.isinf(values)] = np.nan
-    values = values.reshape(nrows, ncols)
-    if fill == "nearest":
-        values = fill_nearest(values)
-    return Grid(values, float(ix.min() * cell), float(iy.min() * cell), float(cell), nodata)
+    flat = (iy.max() - iy) * ncols + (ix - ix.min())  # row 0 is the top (north) row
+    total = np.bincount(flat, weights=points.z, minlength=nrows * ncols)
+    count = np.bincount(flat, minlength=nrows * ncols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = (total / count).reshape(nrows, ncols)  # NaN where a cell holds no point
+    filled = fill_nearest(values, fill)
+    counts = {"cells": values.size, "with points": int((count > 0).sum()),
+              "filled": int(np.isnan(values).sum() - np.isnan(filled).sum()),
+              "nodata": int(np.isnan(filled).sum()), "points": len(points.z)}
+    return Grid(filled, float(ix.min() * cell), float(iy.min() * cell), float(cell),
+                points.crs, nodata, counts)
 
 
-def fill_nearest(values: np.ndarray, tile: int = 32) -> np.ndarray:
-    """Give each NaN cell the value of the nearest non-NaN cell (on a tie, the first in rows).
+def fill_nearest(values: np.ndarray, max_cells: int) -> np.ndarray:
+    """Give each NaN cell the value of the nearest non-NaN cell at most `max_cells` away.
 
-    The grid is searched tile by tile: the empty cells of a tile are compared with the data
-    cells in a window around it, widened until every nearest cell found lies within the
-    window's margin, which proves no cell outside the window is nearer.
+    Distances are between cell centres, in cells. Neighbours are tried in order of distance
+    (on a tie: the northern one first, then the western one), so the first one with data is
+    the nearest; cells with no data within `max_cells` stay NaN. The work grows with
+    `max_cells` squared, which is fine for the few cells a DEM should be filled over.
     """
     out = values.copy()
-    known = ~np.isnan(values)
-    if known.all() or not known.any():
+    todo = np.isnan(values)
+    if max_cells <= 0 or not todo.any() or todo.all():
         return out
+    r = int(max_cells)
+    offsets = sorted((dr * dr + dc * dc, dr, dc) for dr in range(-r, r + 1)
+                     for dc in range(-r, r + 1) if 0 < dr * dr + dc * dc <= max_cells ** 2)
     nrows, ncols = values.shape
-    for r0 in range(0, nrows, tile):
-        for c0 in range(0, ncols, tile):
-            empty = np.argwhere(~known[r0:r0 + tile, c0:c0 + tile]) + (r0, c0)
-            if len(empty) == 0:
-                continue
-            margin = 1
-            while True:
-                rs, cs = max(r0 - margin, 0), max(c0 - margin, 0)
-                window = known[rs:r0 + tile + margin, cs:c0 + tile + margin]
-                found = np.argwhere(window) + (rs, cs)
-                if len(found):
-                    d2 = ((empty[:, None, :] - found[None, :, :]) ** 2).sum(axis=2)
-                    whole_grid = window.shape == values.shape
-                    if d2.min(axis=1).max() <= margin**2 or whole_grid:
-                        break
-                margin *= 2
-            nearest = found[d2.argmin(axis=1)]
-            out[empty[:, 0], empty[:, 1]] = values[nearest[:, 0], nearest[:, 1]]
+    padded = np.full((nrows + 2 * r, ncols + 2 * r), np.nan)
+    padded[r:r + nrows, r:r + ncols] = values
+    for _, dr, dc in offsets:
+        neighbour = padded[r + dr:r + dr + nrows, r + dc:r + dc + ncols]
+        take = todo & ~np.isnan(neighbour)
+        out[take] = neighbour[take]
+        todo &= ~take
+        if not todo.any():
+            break
     return out
 
 
 # --- rasters ------------------------------------------------------------------------------
 
-def read_asc(path: str | Path) -> Grid:
-    """Read an ESRI ASCII grid; cells equal to NODATA_value become NaN."""
-    words = _read_text(path).split()
-    header: dict[str, float] = {}
-    while words and words[0].lower() in ASC_HEADER_KEYS:
-        if len(words) < 2:
-            raise LidarError(f"{path}: header entry {words[0]!r} has no value")
-        key, value = words[0].lower(), words[1]
-        try:
-            header[key] = float(value)
-        except ValueError:
-            raise LidarError(f"{path}: header {words[0]} must be a number, "
-                             f"found {value!r}") from None
-        words = words[2:]
-    for key in ("ncols", "nrows", "cellsize"):
-        if key not in header:
-            raise LidarError(f"{path}: not an ESRI ASCII grid (no {key} in the header)")
-    ncols, nrows, cell = int(header["ncols"]), int(header["nrows"]), header["cellsize"]
-    half = cell / 2
-    xll = header["xllcorner"] if "xllcorner" in header else header.get("xllcenter", half) - half
-    yll = header["yllcorner"] if "yllcorner" in header else header.get("yllcenter", half) - half
-    if len(words) != ncols * nrows:
-        raise LidarError(f"{path}: expected {nrows} x {ncols} = {ncols * nrows} cell values, "
-                         f"found {len(words)}")
+def read_raster(path: str | Path) -> Grid:
+    """Read a north-up single-band raster (a DEM); cells equal to its nodata become NaN."""
+    import rasterio
+    import rasterio.errors
+
     try:
-        values = np.array(words, dtype=np.float64).reshape(nrows, ncols)
-    except ValueError:
-        raise LidarError(f"{path}: a cell value is not a number") from None
-    nodata = header.get("nodata_value", -9999.0)
-    values[values == nodata] = np.nan
-    return Grid(values, xll, yll, cell, nodata)
+        with rasterio.open(path) as src:
+            values = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+            t, crs, nodata = src.transform, src.crs, src.nodata
+    except rasterio.errors.RasterioIOError as exc:
+        raise LidarError(f"{path}: not a raster GDAL can read ({exc})") from None
+    if t.b != 0 or t.d != 0 or t.e >= 0 or not math.isclose(t.a, -t.e):
+        raise LidarError(f"{path}: only north-up rasters with square cells are supported")
+    crs = pyproj.CRS.from_wkt(crs.to_wkt()) if crs else None
+    return Grid(values, t.c, t.f + values.shape[0] * t.e, t.a, crs,
+                -9999.0 if nodata is None else nodata)
 
 
-def write_asc(grid: Grid, path: str | Path, decimals: int = 3) -> None:
-    """Write an ESRI ASCII grid, NaN cells as the grid's nodata value."""
+def write_raster(grid: Grid, path: str | Path, dtype: str = "float32") -> None:
+    """Write a Cloud-Optimized GeoTIFF with the grid's CRS, transform and nodata (NaN cells)."""
+    import rasterio
+    import rasterio.crs
+
     nrows, ncols = grid.values.shape
-    nodata = f"{grid.nodata:g}"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"ncols {ncols}\nnrows {nrows}\nxllcorner {grid.xll!r}\nyllcorner {grid.yll!r}\n"
-                f"cellsize {grid.cell!r}\nNODATA_value {nodata}\n")
-        for row in grid.values:
-            f.write(" ".join(nodata if np.isnan(v) else f"{v:.{decimals}f}" for v in row))
-            f.write("\n")
+    values = np.where(np.isnan(grid.values), grid.nodata, grid.values).astype(dtype)
+    crs = None
+    if grid.crs is not None:  # written by its EPSG code where it has one, so GIS names it
+        code = epsg_code(grid.crs)
+        crs = rasterio.crs.CRS.from_epsg(code) if code else rasterio.crs.CRS.from_wkt(
+            grid.crs.to_wkt())
+    options = dict(GEOTIFF, predictor=3 if dtype.startswith("float") else 2)
+    with _replacing(path) as tmp:
+        with rasterio.open(tmp, "w", width=ncols, height=nrows, count=1, dtype=dtype, crs=crs,
+                           transform=grid.transform, nodata=grid.nodata, **options) as dst:
+            dst.write(values, 1)
 
 
-def mosaic(grids: list[Grid]) -> Grid:
-    """Merge grids of one cell size onto one grid: the mean where they overlap, NaN elsewhere."""
+def mosaic(grids: list[Grid], names: list[str] | None = None) -> Grid:
+    """Merge grids of one CRS and cell size onto one grid: the mean where they overlap."""
+    names = names or [f"grid {i + 1}" for i in range(len(grids))]
+    crs = one_crs([(n, g.crs) for n, g in zip(names, grids, strict=True)], None, "DEM")
     cell = grids[0].cell
-    if any(g.cell != cell for g in grids):
-        sizes = ", ".join(sorted({f"{g.cell:g}" for g in grids}))
-        raise LidarError(f"the grids must have the same cell size, found {sizes}")
+    for name, g in zip(names, grids, strict=True):
+        if not math.isclose(g.cell, cell, rel_tol=1e-9):
+            raise LidarError(f"{names[0]} and {name} have different cell sizes, "
+                             f"{cell:g} and {g.cell:g}; grid them with one cell size")
     # position of each grid's lower-left corner in cells; it must fall on a cell boundary
     corners = [(g.xll / cell, g.yll / cell) for g in grids]
-    if any(abs(c - round(c)) > 1e-6 for corner in corners for c in corner):
-        raise LidarError("the grids' corners are not aligned to multiples of the cell size")
+    for name, corner in zip(names, corners, strict=True):
+        if any(abs(c - round(c)) > 1e-6 for c in corner):
+            raise LidarError(f"{name}: its corner is not on a multiple of the cell size {cell:g}, "
+                             "so it is not on the grid of the others")
     left = [round(cx) for cx, _ in corners]
     bottom = [round(cy) for _, cy in corners]
     right = [lx + g.values.shape[1] for lx, g in zip(left, grids, strict=True)]
@@ -284,49 +423,76 @@ def mosaic(grids: list[Grid]) -> Grid:
         count[window] += has
     with np.errstate(invalid="ignore", divide="ignore"):
         values = total / count
-    return Grid(values, x0 * cell, min(bottom) * cell, cell, grids[0].nodata)
+    return Grid(values, x0 * cell, min(bottom) * cell, cell, crs, grids[0].nodata)
+
+
+def height_scale(crs: pyproj.CRS | None) -> float:
+    """Length of the CRS's vertical unit in its horizontal unit (1 unless it says otherwise).
+
+    A compound CRS may have heights in another unit than its coordinates (metres east and
+    north, US survey feet up); slopes must compare like with like. The DEM keeps its heights.
+    """
+    if crs is None:
+        return 1.0
+    across = [a for a in crs.axis_info if a.direction in ("east", "north")]
+    up = [a for a in crs.axis_info if a.direction == "up"]
+    if not across or not up:
+        return 1.0
+    return up[0].unit_conversion_factor / across[0].unit_conversion_factor
 
 
 def _surface_normal(grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # heights rise to the east along columns and to the south along rows (row 0 is north)
-    dz_south, dz_east = np.gradient(grid.values, grid.cell)
+    dz_south, dz_east = np.gradient(grid.values * height_scale(grid.crs), grid.cell)
     nx, ny, nz = -dz_east, dz_south, np.ones_like(dz_east)
     length = np.sqrt(nx**2 + ny**2 + nz**2)
     return nx / length, ny / length, nz / length
 
 
 def hillshade(grid: Grid, azimuth: float = 315.0, altitude: float = 45.0) -> Grid:
-    """Shade the DEM as lit from `azimuth` (degrees clockwise from north) and `altitude`: 0-255."""
+    """Shade the DEM as lit from `azimuth` (degrees clockwise from north) and `altitude`.
+
+    Values are 1 + 254 * cos(angle between the surface normal and the light), at least 1 and
+    rounded to whole numbers, as `gdaldem hillshade` writes them; NaN where the DEM or a
+    neighbour has no data.
+    """
     nx, ny, nz = _surface_normal(grid)
     az, alt = math.radians(azimuth), math.radians(altitude)
     light = (math.sin(az) * math.cos(alt), math.cos(az) * math.cos(alt), math.sin(alt))
-    shade = 255.0 * np.clip(nx * light[0] + ny * light[1] + nz * light[2], 0.0, None)
-    return Grid(shade, grid.xll, grid.yll, grid.cell, grid.nodata)
+    shade = 1.0 + 254.0 * np.clip(nx * light[0] + ny * light[1] + nz * light[2], 0.0, None)
+    return Grid(np.rint(shade), grid.xll, grid.yll, grid.cell, grid.crs, 0)
 
 
 def slope(grid: Grid) -> Grid:
-    """Slope of the DEM in degrees (0 = flat)."""
+    """Slope of the DEM in degrees (0 = flat); NaN where the DEM or a neighbour has no data."""
     _, _, nz = _surface_normal(grid)
-    return Grid(np.degrees(np.arccos(nz)), grid.xll, grid.yll, grid.cell, grid.nodata)
+    return Grid(np.degrees(np.arccos(nz)), grid.xll, grid.yll, grid.cell, grid.crs, grid.nodata)
 
 
 # --- command line -------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lidar.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import", help="convert an ASCII x y z file to a binary point file")
+    crs_help = "CRS of input files that carry none, e.g. EPSG:2994"
+    p = sub.add_parser("import", help="a LAS/LAZ file's points (all or ground) as LAZ")
+    p.add_argument("--ground", action="store_true", help="keep only ground points (class 2)")
+    p.add_argument("--crs", type=parse_crs, help=crs_help)
     p.add_argument("input")
     p.add_argument("output")
-    p = sub.add_parser("grid", help="grid a point file to a DEM (ESRI ASCII grid)")
+    p = sub.add_parser("grid", help="grid LAS/LAZ points to a DEM (GeoTIFF)")
     p.add_argument("--config", help="file of 'key = value' gridding settings")
-    p.add_argument("--cell", type=float, help="cell size; overrides the config's 'cell'")
-    p.add_argument("input")
+    p.add_argument("--cell", type=float, help="cell size, in the CRS's unit; overrides 'cell'")
+    p.add_argument("--fill", type=int, help="fill empty cells from data at most this many cells "
+                   "away; overrides 'fill'")
+    p.add_argument("--ground", action="store_true", help="grid only ground points (class 2)")
+    p.add_argument("--crs", type=parse_crs, help=crs_help)
+    p.add_argument("inputs", nargs="+", metavar="input")
     p.add_argument("output")
-    p = sub.add_parser("mosaic", help="merge DEMs of one cell size, the mean where they overlap")
+    p = sub.add_parser("mosaic", help="merge DEMs on one grid, the mean where they overlap")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("inputs", nargs="+")
-    p = sub.add_parser("hillshade", help="shaded relief of a DEM, 0-255")
+    p.add_argument("inputs", nargs="+", metavar="input")
+    p = sub.add_parser("hillshade", help="shaded relief of a DEM, 1-255 (0: nodata)")
     p.add_argument("--azimuth", type=float, default=315.0, help="degrees clockwise from north")
     p.add_argument("--altitude", type=float, default=45.0, help="degrees above the horizon")
     p.add_argument("input")
@@ -334,25 +500,45 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("slope", help="slope of a DEM in degrees")
     p.add_argument("input")
     p.add_argument("output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _grid(args: argparse.Namespace) -> str:
+    config = read_config(args.config) if args.config else dict(CONFIG_DEFAULTS)
+    for key in ("cell", "fill"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+            _check_setting(key, config[key], f"--{key}")
+    points = read_points(args.inputs, args.crs, args.ground)
+    if points.crs is None:
+        raise LidarError(f"{args.inputs[0]} carries no coordinate reference system; give it "
+                         "with --crs, e.g. --crs EPSG:2994")
+    grid = grid_points(points, config["cell"], int(config["fill"]), config["nodata"])
+    write_raster(grid, args.output)
+    nrows, ncols = grid.values.shape
+    unit = grid.crs.axis_info[0].unit_name if grid.crs is not None and grid.crs.axis_info else ""
+    c = grid.counts
+    return (f"{args.output}: {ncols} x {nrows} cells of {grid.cell:g} {unit}".rstrip()
+            + f" from {c['points']} points in {crs_name(grid.crs)}: {c['with points']} with "
+            f"points, {c['filled']} filled, {c['nodata']} nodata")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "import":
-            write_odm(read_xyz(args.input), args.output)
+            n = import_points(args.input, args.output, args.crs, args.ground)
+            print(f"{args.output}: {n} points")
         elif args.command == "grid":
-            config = read_config(args.config) if args.config else dict(CONFIG_DEFAULTS)
-            cell = args.cell if args.cell is not None else config["cell"]
-            if not cell > 0:
-                raise LidarError(f"the cell size must be greater than 0, found {cell:g}")
-            grid = grid_points(read_odm(args.input), cell, config["interpolation"],
-                               config["fill"], config["nodata"])
-            write_asc(grid, args.output, config["decimals"])
+            print(_grid(args))
         elif args.command == "mosaic":
-            write_asc(mosaic([read_asc(path) for path in args.inputs]), args.output)
+            grids = [read_raster(path) for path in args.inputs]
+            write_raster(mosaic(grids, args.inputs), args.output)
         elif args.command == "hillshade":
-            shaded = hillshade(read_asc(args.input), args.azimuth, args.altitude)
-            write_asc(shaded, args.output, decimals=1)
+            shade = hillshade(read_raster(args.input), args.azimuth, args.altitude)
+            write_raster(shade, args.output, dtype="uint8")
         else:
-            write_asc(slope(read_asc(args.input)), args.output, decimals=2)
+            write_raster(slope(read_raster(args.input)), args.output)
     except LidarError as exc:
         print(f"lidar.py {args.command}: error: {exc}", file=sys.stderr)
         return 2

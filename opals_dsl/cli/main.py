@@ -1,23 +1,33 @@
 """The ``opf`` command: argument parsing, exit statuses, and errors rendered for people.
 
-``opf check FILE`` checks a pipeline, ``opf compile FILE`` prints its plan (summary, ``--dot``,
-``--json``, ``--svg``), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`). Exit statuses:
-0 done, 1 a task failed, 2 the pipeline or the command line is invalid, 3 no cluster.
+``opf check FILE`` checks a pipeline (``--format json`` or ``github`` for tools), ``opf compile
+FILE`` prints its plan (summary, ``--dot``, ``--json``, ``--svg``; ``-o PATH`` is written whole or
+not at all), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`), ``opf fmt FILE...`` lays
+files out (see :mod:`opals_dsl.fmt`). Exit statuses: 0 done, 1 a task failed (or, for ``opf fmt
+--check``, a file would change), 2 the pipeline or the command line is invalid, 3 no cluster, 141
+stdout was closed early (``opf compile --json | head``: no message, the status a shell shows for
+a program that SIGPIPE ended).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
+from collections.abc import Iterator
+from typing import TextIO
 
 import networkx as nx
 
 from .. import __version__
 from ..errors import OpfError
+from ..source import NotARegularFile, SourceTooLarge
 
 EXIT_INVALID = 2
 
@@ -67,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check a pipeline file and report every mistake")
     _add_common(p)
+    p.add_argument(
+        "--format", choices=("text", "json", "github"), default="text",
+        help="how to report: text for people (default), json (a list of findings on stdout) "
+        "or github (workflow annotations on stdout); the exit status is the same",
+    )
 
     p = sub.add_parser("compile", help="compile a pipeline to its plan (summary, DOT, JSON, SVG)")
     _add_common(p)
@@ -103,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
     _add_common(p)
     runcmd.add_arguments(p)
+
+    from ..lang import fmt as formatter
+
+    p = sub.add_parser("fmt", help="rewrite pipeline files in opf's one layout (comments kept)")
+    formatter.add_arguments(p)
     return parser
 
 
@@ -119,11 +139,33 @@ def summary(graph: nx.DiGraph) -> str:
 
 
 
+#: how text that names files is written: a file name that is not UTF-8 (Python holds its
+#: bytes as lone surrogates) is written as its escape ``\udcff``, which is what JSON reads
+#: back as that very name (and shows it in DOT), instead of failing half-way through
+ERRORS = "backslashreplace"
+
+
+@contextlib.contextmanager
+def _output(output: str | None) -> Iterator[TextIO]:
+    """The text stream to write a result to: ``output``, written so that it appears only
+    complete (a temporary beside it, renamed into place when done), or stdout."""
+    if not output:
+        yield sys.stdout
+        return
+    from ..run.engine import _replacing as replacing
+
+    target = os.path.abspath(output)
+    if os.path.isdir(target):
+        raise _usage(f"-o {output} is a folder; name a file to write")
+    with replacing(target) as tmp, open(tmp, "x", encoding="utf-8", errors=ERRORS) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _write(text: str, output: str | None) -> None:
-    if output:
-        Path(output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    with _output(output) as fh:
+        fh.write(text)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -132,6 +174,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     graph = compile_file(args.file, parse_params(args.param))
     print(f"{args.file}: ok — {summary(graph)}")
     return 0
+
+
+def _file_problem(exc: Exception, file: str) -> str:
+    """What the command line says when a pipeline file cannot be read (as :func:`main` does)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{file} is not UTF-8 text ({exc.reason})"
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename} is a folder, not a pipeline file"
+    return f"{getattr(exc, 'filename', None) or ''}: {getattr(exc, 'strerror', None) or exc}"
+
+
+def cmd_check_report(args: argparse.Namespace) -> int:
+    """``opf check --format json|github``: every finding, with its place, on stdout."""
+    from ..api import compile_file
+    from ..errors import PipelineError, finding, render_findings
+
+    status = 0
+    try:
+        compile_file(args.file, parse_params(args.param))
+        found = []
+    except PipelineError as exc:
+        found = [finding(d, args.file) for d in exc.diagnostics]
+        status = exc.exit_code
+    except OpfError as exc:
+        found = [finding(str(exc).removeprefix("opf: error: "), args.file)]
+        status = exc.exit_code
+    except (OSError, UnicodeDecodeError) as exc:
+        found = [finding(_file_problem(exc, args.file), args.file)]
+        status = EXIT_INVALID
+    sys.stdout.write(render_findings(found, args.format))
+    return status
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -148,13 +223,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from ..run.journal import Journal
         from .run import state_dir
 
-        status = Journal.read(state_dir(args), graph, checksum=args.checksum).node_status()
+        journal = Journal.read(state_dir(args), graph, checksum=args.checksum)
+        status = journal.node_status()
+        for warning in journal.warnings():
+            print(f"opf: warning: {warning}", file=sys.stderr)
     if args.json:  # streamed: a plan of 100,000 tasks is never one string in memory
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as fh:
-                write_json(graph, fh)
-        else:
-            write_json(graph, sys.stdout)
+        with _output(args.output) as fh:
+            write_json(graph, fh)
         return 0
     if args.dot or args.svg:
         dot = to_job_dot(graph) if args.level == "job" else to_dot(graph, status)
@@ -167,7 +242,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 "--svg needs Graphviz's 'dot' program, which is not on PATH; install Graphviz "
                 "(e.g. 'apt-get install graphviz') or write DOT with --dot"
             )
-        svg = subprocess.run([exe, "-Tsvg"], input=dot, capture_output=True, text=True)
+        svg = subprocess.run([exe, "-Tsvg"], input=dot, capture_output=True,
+                             encoding="utf-8", errors=ERRORS)
         if svg.returncode != 0:
             raise _usage(f"Graphviz failed: {svg.stderr.strip()}")
         _write(svg.stdout, args.output)
@@ -177,9 +253,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):  # file names that are not UTF-8, see ERRORS
+        sys.stdout.reconfigure(errors=ERRORS)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "check" and args.format != "text":
+            return cmd_check_report(args)
         if args.command == "check":
             return cmd_check(args)
         if args.command == "compile":
@@ -188,12 +268,25 @@ def main(argv: list[str] | None = None) -> int:
             from . import report
 
             return report.main(args)
+        if args.command == "fmt":
+            from ..lang import fmt as formatter
+
+            return formatter.main(args)
         from . import run as runcmd
 
         return runcmd.main(args)
     except OpfError as exc:
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        return _stdout_closed()
+    except (NotARegularFile, SourceTooLarge) as exc:
+        print(f"opf: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except MemoryError:
+        print("opf: error: out of memory; the pipeline or its parameters ask for more than "
+              "this machine has", file=sys.stderr)
+        return EXIT_INVALID
     except FileNotFoundError as exc:
         print(f"opf: error: no such file: {exc.filename}", file=sys.stderr)
         return EXIT_INVALID
@@ -209,3 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("opf: interrupted", file=sys.stderr)
         return 130
+
+
+#: the status of a program whose output was closed early (``opf compile --json | head``): what a
+#: shell shows for one that SIGPIPE ended, as ``yes | head`` does
+EXIT_PIPE = 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away: end quietly, as Unix tools do. What is still buffered
+    for stdout goes nowhere, so that flushing it at exit raises nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE

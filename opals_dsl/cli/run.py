@@ -8,15 +8,26 @@ could not be started or reached (or every engine was lost), 130 interrupted.
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
 journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.journal`), the trace (``trace.jsonl``),
 the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
-its record, and ``run.lock``, which keeps two runs from sharing one state folder.
+its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
+``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.launchers`), and ``run.lock``, which keeps two runs
+from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
-in the destination folders), then asks the journal which tasks are unchanged: those are skipped
-(``--force`` runs everything); if none is left to run, no embedded cluster is started.
+in the destination folders that nobody writes any more — those of another run that is still
+copying stay; the same clearing is done as soon as an engine is lost, for the folders of the
+tasks it held, and once more when the run ends), then asks the journal which tasks are
+unchanged: those are skipped (``--force`` runs everything); if none is left to run, no embedded
+cluster is started.
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
-``--retries N`` replaces every job's ``retries``. Ctrl-C or SIGTERM stops submitting and
-interrupts the running steps; what finished is in the journal; a second one stops at once. The
-embedded cluster is stopped however the run ends.
+``--retries N`` replaces every job's ``retries``. Ctrl-C, SIGTERM or SIGHUP (a terminal or ssh
+session that goes away) stops submitting and interrupts the running steps, each of which is
+ended with its whole process group; what finished is in the journal; a second one stops at
+once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
+``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.reaper`) within
+seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
+scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
+against the scratch roots the engines report before anything is submitted (exit 2, see
+:class:`opals_dsl.plan.Protected`).
 """
 
 from __future__ import annotations
@@ -27,11 +38,12 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError, OpfError
+from ..run import launchers
 from ..run.cluster import ClusterOptions, open_cluster, stop_leftover_cluster
 from ..run.journal import Journal
 from ..run.progress import Progress, decision_lines
@@ -40,6 +52,8 @@ from ..run.runtime import (
     LocalExecutor,
     RunSummary,
     Scheduler,
+    TemporarySweeper,
+    new_run_id,
     plan_tasks,
     remove_stale_temporaries,
 )
@@ -55,8 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``opf run`` (beyond FILE and --param) to its subparser."""
     where = p.add_argument_group("cluster (default: start one on this machine for the run)")
     where.add_argument(
-        "-n", "--engines", type=int, metavar="N",
-        help="engines of the embedded cluster (default: one per core)",
+        "-n", type=int, metavar="N", dest="n",
+        help="number of engines: of the embedded cluster (default: one per core), or to "
+        "submit with --engines slurm, pbs or mpi",
+    )
+    where.add_argument(
+        "--engines", metavar="SPEC",
+        help="N: N engines here (as -n N); ssh:HOST[:N][,HOST[:N]...]: N engines on each host "
+        "over SSH (default: one per core); slurm, pbs, mpi: -n N engines through the batch "
+        "system or mpiexec. opf starts them, and stops them at the end",
     )
     ext = where.add_mutually_exclusive_group()
     ext.add_argument(
@@ -69,9 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(ipcontroller-client.json); it is left running",
     )
     where.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS",
-        help="how long to wait for the cluster and its engines (default: 30)",
+        "--timeout", type=float, metavar="SECONDS",
+        help="how long to wait for the cluster and its engines (default: 30; 120 for "
+        "engines started elsewhere)",
     )
+    launchers.add_arguments(p)
     p.add_argument(
         "--state", metavar="DIR",
         help="folder for the run's trace, logs and state (default: .opf beside FILE)",
@@ -111,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    engines = getattr(args, "engines", None)
+    engines, launch = launchers.launch_options(args)
     profile = getattr(args, "profile", None)
     cluster_file = getattr(args, "cluster_file", None)
     if engines is not None:
@@ -120,11 +143,13 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         if profile is not None or cluster_file is not None:
             raise _UsageError("opf: error: -n starts a cluster of its own; it cannot be "
                               "combined with --profile or --cluster-file")
-    timeout = getattr(args, "timeout", 30.0)
-    if timeout is None or timeout <= 0:
+    timeout = getattr(args, "timeout", None)
+    if timeout is None:
+        timeout = 30.0 if launch is None else launchers.DEFAULT_TIMEOUT
+    if timeout <= 0:
         raise _UsageError("opf: error: --timeout takes a number of seconds above 0")
     return ClusterOptions(engines=engines, profile=profile, cluster_file=cluster_file,
-                          timeout=timeout)
+                          timeout=timeout, launch=launch)
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -160,27 +185,52 @@ def lock_state(state: Path) -> Iterator[None]:
 
 
 class _Interrupts:
-    """SIGINT/SIGTERM: the first asks the scheduler to stop, the next one raises at once."""
+    """SIGINT, SIGTERM and SIGHUP, handled alike.
+
+    While the scheduler runs, the first asks it to stop (it interrupts the running steps and
+    waits briefly for them), the next raises KeyboardInterrupt at once. While an embedded
+    cluster starts (``starting``) a signal is only noted, and the start, which asks
+    ``requested``, stops cleanly by itself: raising inside ipyparallel's event loop would leave
+    its tasks behind. While the cluster is being stopped (``closing``) signals are ignored, so
+    the stop finishes. SIGHUP means the terminal is gone: standard output and error, if they
+    are that terminal, are pointed at ``/dev/null`` before anything more is written. Once a
+    run was interrupted, a further signal after the clean-up ends the process at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.scheduler: Scheduler | None = None
+        self.starting = False
         self.closing = False
+        self.requested = False
         self.count = 0
         self._saved: dict[int, Any] = {}
 
     def handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            _detach_terminal()
         if self.closing:
             return  # the cluster is being stopped: let that finish
         self.count += 1
+        self.requested = True
+        if self.starting:
+            return
         if self.scheduler is not None and self.count == 1:
             self.scheduler.interrupt()
             return
         raise KeyboardInterrupt
 
+    def attach(self, scheduler: Scheduler) -> None:
+        """The scheduler now running; a signal that came before it reaches it at once."""
+        self.scheduler = scheduler
+        if self.requested:
+            scheduler.interrupt()
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._saved[sig] = signal.signal(sig, self.handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
@@ -188,30 +238,55 @@ class _Interrupts:
             yield self
         finally:
             for sig, old in self._saved.items():
-                signal.signal(sig, old)
+                signal.signal(sig, _end_now if self.count else old)
+
+
+def _end_now(signum: int, frame: Any) -> None:
+    """After an interrupted run everything is cleaned up: a further Ctrl-C ends the process at
+    once, quietly (raising KeyboardInterrupt now would only print a traceback)."""
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _detach_terminal() -> None:
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                os.dup2(null, fd)
+    os.close(null)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from ..api import compile_file
+    from ..api import Protected, compile_file
     from .main import parse_params
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
     if retries is not None and retries < 0:
         raise _UsageError("opf: error: --retries takes a number of retries, 0 or more")
-    plan = compile_file(args.file, parse_params(getattr(args, "param", None)))
     state = state_dir(args)
     scratch = getattr(args, "scratch", None)
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
+    params = parse_params(getattr(args, "param", None))
+    # no output may be copied back over the pipeline, into this run's state folder, or into
+    # the folders the engines work in (see opals_dsl.plan.Protected)
+    protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
+    plan = compile_file(args.file, params, protected=protected)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)
     title = str(plan.graph.get("pipeline", "opf run"))
     tasks = plan_tasks(plan)
     if getattr(args, "dry_run", False):
-        decisions = Journal.read(state, plan, checksum=checksum, tasks=tasks).decide(force)
+        journal = Journal.read(state, plan, checksum=checksum, tasks=tasks)
+        decisions = journal.decide(force)
+        for warning in journal.warnings():
+            print(f"opf: warning: {warning}", file=sys.stderr)
         lines = decision_lines(title, decisions)
         print("\n".join(lines[-1:] if quiet else lines))
         return 0
@@ -228,12 +303,16 @@ def main(args: argparse.Namespace) -> int:
                               f"--state") from exc
         with journal:
             decisions = journal.decide(force)
+            for warning in journal.warnings():
+                print(f"opf: warning: {warning}", file=sys.stderr)
             to_run = sum(1 for d in decisions if d.run)
             progress.resuming(to_run, len(decisions) - to_run)
             try:
                 summary = _run(plan, options, journal, progress, interrupts, to_run=to_run,
                                state=state, scratch=scratch, retries=retries,
-                               keep_going=getattr(args, "keep_going", False))
+                               keep_going=getattr(args, "keep_going", False),
+                               guard=lambda roots: _guard_scratch(args.file, params, protected,
+                                                                  plan, roots))
             except ClusterError as exc:
                 print(f"opf: error: {exc}", file=sys.stderr)
                 return exc.exit_code
@@ -255,23 +334,60 @@ def main(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _guard_scratch(file: str, params: dict[str, str], protected: Any, plan: Any,
+                   roots: Iterable[str]) -> None:
+    """Raise the :class:`~opals_dsl.errors.PlanError` of the pipeline if one of its outputs
+    would be copied back into the opf folder of a scratch root the engines reported.
+
+    The plan's destinations are looked at first (cheap); only when one is refused is the
+    pipeline planned again with those roots, for messages that name its declarations."""
+    from ..api import Protected, compile_file
+
+    roots = [r for r in dict.fromkeys(roots) if r not in protected.scratch]
+    if not roots:
+        return
+    engines = Protected(scratch=tuple(roots))
+    folders: set[str] = set()
+    for _, data in plan.nodes(data=True):
+        if data.get("kind") == "copyback":
+            folders.update(dest.rpartition("/")[0] for _, dest in data.get("files") or ())
+    root = str(plan.graph["root"])
+    if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
+        compile_file(file, params, protected=protected.with_scratch(roots))
+
+
 def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progress,
          interrupts: _Interrupts, *, to_run: int, state: Path, scratch: str | None,
-         retries: int | None, keep_going: bool) -> RunSummary:
-    """Schedule the plan: on the cluster, or without one when every task is to be skipped."""
+         retries: int | None, keep_going: bool,
+         guard: Callable[[Iterable[str]], None] | None = None) -> RunSummary:
+    """Schedule the plan: on the cluster, or without one when every task is to be skipped.
+    ``guard`` is given the engines' scratch roots before anything is submitted; it raises to
+    stop the run."""
+
+    run_id = new_run_id()
 
     def schedule(executor: Any) -> RunSummary:
         scheduler = Scheduler(
             plan, executor, state_dir=state, scratch=scratch, keep_going=keep_going,
-            skip=journal.skip, listener=Listeners([journal, progress]), retries=retries,
-            checksum=journal.checksum, tasks=(journal.tasks, journal.deps),
+            skip=journal.skip, listener=Listeners([journal, progress, TemporarySweeper(plan)]),
+            retries=retries,
+            checksum=journal.checksum, tasks=(journal.tasks, journal.deps), run_id=run_id,
+            stamp=journal.stamp,
         )
-        interrupts.scheduler = scheduler
+        interrupts.attach(scheduler)
         return scheduler.run()
 
     if not to_run and options.embedded:  # a cluster named by the user is still reached
         return schedule(LocalExecutor(()))
-    with open_cluster(options, state, scratch=scratch) as executor:
-        summary = schedule(executor)
-        interrupts.closing = True
+    interrupts.starting = options.embedded
+    with open_cluster(options, state, scratch=scratch, run_id=run_id,
+                      interrupted=lambda: interrupts.requested) as executor:
+        interrupts.starting = False
+        try:
+            if guard is not None:
+                guard(info.scratch for info in executor.engines().values())
+            summary = schedule(executor)
+        finally:
+            interrupts.closing = True
+    remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
     return summary

@@ -135,7 +135,10 @@ class _UnknownName(ResolveError):
     def message(self) -> str:  # type: ignore[override]
         if self._message is None:
             scope, ref, ctx, step, what = self._find
-            close = closest(ref.dotted, scope._candidates(ctx, step))
+            close = None
+            if scope.table.hints_left > 0:
+                scope.table.hints_left -= 1
+                close = closest(ref.dotted, scope._candidates(ctx, step))
             hint = f"; did you mean '{close}'?" if close else ""
             self._message = f"unknown name '{ref.dotted}'{what}{hint}"
         return self._message
@@ -144,10 +147,44 @@ class _UnknownName(ResolveError):
         return self.message
 
 
+class JobTable:
+    """What the scopes of every job of one pipeline share, made once: the jobs by name, and
+    (on first need, for a "did you mean") every ``JOB.STEP.OUT`` of the pipeline.
+
+    Pass one to each :class:`Scope` of a pipeline: a scope made without one builds its own,
+    which costs a pass over every job, so a scope per job without it is quadratic."""
+
+    def __init__(self, pipeline: n.Pipeline) -> None:
+        self.jobs = {j.name.value: j for j in pipeline.jobs}
+        self._pipeline = pipeline
+        self._outputs: list[tuple[n.Job, str]] | None = None
+        #: how many more "did you mean" searches may be made (see :data:`HINT_BUDGET`)
+        self.hints_left = HINT_BUDGET
+
+    def outputs(self) -> list[tuple[n.Job, str]]:
+        """(job, ``JOB.STEP.OUT``) for every output of every job."""
+        if self._outputs is None:
+            self._outputs = [
+                (j, f"{j.name.value}.{s.name.value}.{o.name.value}")
+                for j in self._pipeline.jobs for s in j.steps for o in s.outs
+            ]
+        return self._outputs
+
+
+#: "did you mean" searches per pipeline: each looks through every name a place can see, so a
+#: file with an unknown name in each of 100,000 jobs would take hours to check; beyond this
+#: many the message names the unknown name without a suggestion (only the first 50 messages
+#: are shown anyway)
+HINT_BUDGET = 200
+
+
 class Scope:
     """Names visible in one job: resolves a reference in a context to a :class:`Binding`."""
 
-    def __init__(self, pipeline: n.Pipeline, job: n.Job, params: Mapping[str, object]) -> None:
+    def __init__(
+        self, pipeline: n.Pipeline, job: n.Job, params: Mapping[str, object],
+        table: JobTable | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.job = job
         self.params = params
@@ -155,7 +192,8 @@ class Scope:
         self.shared = {s.name.value: s for s in job.shared}
         self.steps = {s.name.value: i for i, s in enumerate(job.steps)}
         self.step_outs = [{o.name.value: o for o in s.outs} for s in job.steps]
-        self.jobs = {j.name.value: j for j in pipeline.jobs}
+        self.table = table if table is not None else JobTable(pipeline)
+        self.jobs = self.table.jobs
         self._known: dict[tuple[str, int | None], list[str]] = {}
 
     def _candidates(self, ctx: str, step: int | None) -> list[str]:
@@ -171,11 +209,7 @@ class Scope:
             if self.var:
                 names += [self.var] + [f"{self.var}.{a}" for a in FILE_ATTRS]
         if ctx == CTX_STEP:
-            for j in self.pipeline.jobs:
-                if j is self.job:
-                    continue
-                for s in j.steps:
-                    names += [f"{j.name.value}.{s.name.value}.{o.name.value}" for o in s.outs]
+            names += [dotted for j, dotted in self.table.outputs() if j is not self.job]
         if ctx == CTX_STEP and step is not None:
             names += list(self.shared)
             names += list(self.step_outs[step])
@@ -339,13 +373,14 @@ def param_values(
     for p in pipeline.params:
         values.setdefault(p.name.value, p.value.value)
     for name, text in overrides.items():
+        shown = text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
         if name not in values:
             close = closest(name, values)
             hint = f"; did you mean '{close}'?" if close else ""
             known = ", ".join(values) or "none"
             checker.error(
                 None,
-                f"--param {name}={text}: this pipeline has no parameter '{name}'{hint} "
+                f"--param {name}={shown}: this pipeline has no parameter '{name}'{hint} "
                 f"(its parameters: {known})",
             )
             continue
@@ -354,7 +389,7 @@ def param_values(
         except ValueError as exc:
             checker.error(
                 None,
-                f"--param {name}={text}: {exc} (the default of '{name}' is "
+                f"--param {name}={shown}: {exc} (the default of '{name}' is "
                 f"{_show(values[name])})",
             )
     return values
@@ -372,7 +407,10 @@ def convert_param(text: str, default: object) -> object:
     if isinstance(default, int):
         if not _INT.fullmatch(text.strip()):
             raise ValueError("expected a whole number")
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise ValueError("this whole number is too large") from None
     if isinstance(default, float):
         try:
             value = float(text)
@@ -624,8 +662,9 @@ def _not_a_file(b: Binding, ref: n.Ref, scope: Scope, step: int) -> str | None:
 
 
 def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Checker) -> None:
+    table = JobTable(pipeline)
     for job in pipeline.jobs:
-        scope = Scope(pipeline, job, params)
+        scope = Scope(pipeline, job, params, table)
 
         def resolve(
             ref: n.Ref, ctx: str, step: int | None = None, scope: Scope = scope
@@ -683,13 +722,8 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                 if isinstance(action, n.Run):
                     if not action.words:
                         c.error(action.span, "this run line has no command")
-                    for r in action.shell_quoted:
-                        c.error(
-                            r.span,
-                            f"'{{{r.dotted}}}' stands inside shell quotes: opf quotes every "
-                            "substituted value for the shell itself, so remove the quotes "
-                            "around it",
-                        )
+                    for span, message in action.shell_problems:
+                        c.error(span, message)
             for item in step.ins:
                 if isinstance(item.item, n.Ref):
                     b = bound.get(id(item.item))
@@ -732,8 +766,9 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
     edge attribute ``ref`` is the first reference that makes it."""
     graph = nx.DiGraph()
     graph.add_nodes_from(j.name.value for j in pipeline.jobs)
+    table = JobTable(pipeline)
     for job in pipeline.jobs:
-        scope = Scope(pipeline, job, params)
+        scope = Scope(pipeline, job, params, table)
         refs: list[tuple[n.Ref, int | None]] = []
         if isinstance(job.source, n.UpstreamSource):
             refs.append((job.source.ref, None))

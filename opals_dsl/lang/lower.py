@@ -12,7 +12,9 @@ attribute). Upstream outputs add ``copyback:UP/T → stage:JOB/TASK`` edges: one
 What can only be known by looking at files or at all tasks together — globs that match nothing,
 missing inputs, two outputs copied to one destination, two inputs (or an input and an output)
 with one local name, a task reading a file that another task's copy-back writes without waiting
-for it — is found here and reported as a :class:`PlanError`, every one of them.
+for it, an output that would be copied back over the pipeline file, a file the pipeline reads,
+into the run's state folder or a scratch root's ``opf`` folder (:class:`Protected`), more than
+:data:`MAX_TASKS` tasks — is found here and reported as a :class:`PlanError`, every one of them.
 
 Speed: templates are compiled once per job into literal text and small functions of the task,
 and whatever is the same for every task of a job (shared files, gathered lists, params, the
@@ -29,8 +31,9 @@ import glob as globmod
 import os
 import posixpath
 import re
-import shlex
-from collections.abc import Callable, Mapping
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import PurePosixPath
@@ -50,15 +53,23 @@ from .check import (
     CTX_STEP,
     Binding,
     Checker,
+    JobTable,
     ResolveError,
     Scope,
     job_dependencies,
 )
+from .words import shell_places
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = re.compile(r"[*?\[]")
 #: at most this many errors are reported for one declaration (a glob, an out, an in)
 _REPORT_LIMIT = 3
+#: the most tasks a job, and a whole pipeline, may have: ten times what the planner is built
+#: for, so that a slip (``range(1000000000)``, a huge ``--param``) is a message, not an
+#: exhausted memory
+MAX_TASKS = 10_000_000
+#: the largest file ``lines(...)`` reads (MAX_TASKS lines of about 25 characters)
+MAX_LIST_FILE_BYTES = 256 * 1024 * 1024
 
 
 def format_value(value: object) -> str:
@@ -191,8 +202,10 @@ class Planner:
         params: Mapping[str, object],
         pipeline_name: str,
         lenient: bool = False,
+        protected: Protected | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.protected = protected
         self.root = root
         self.lenient = lenient
         self.params = params
@@ -205,11 +218,17 @@ class Planner:
         # shared-drive file -> (job, task or None, span) of the first stage that reads it
         # (shared files, glob matches, `in` files: not the upstream outputs a task waits for)
         self.readers: dict[str, tuple[str, str | None, Span | None]] = {}
-        self.reported: dict[int, int] = {}
+        # readers that are not a stage's: what they are ("its list file", ...)
+        self.reader_what: dict[str, str] = {}
+        self.reported: dict[object, int] = {}
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
         self._compiled_outs: set[tuple[str, str]] = set()
         self.job_name = ""
+        # job -> the placeholder that tells its tasks apart, for the hint of a clash
+        self._clash_hint: dict[str, str] = {}
+        self.table = JobTable(pipeline)
+        self.task_count = 0  # tasks of the jobs expanded so far (see room_for)
 
     def _guarded(self, make: Callable[[], object], fallback: object) -> Any:
         """``make()``; when lenient, a part naming something unknown becomes ``fallback``, so
@@ -252,8 +271,9 @@ class Planner:
     ) -> None:
         """Report, at most ``limit`` times for one ``key`` (a declaration)."""
         if key is not None:
-            count = self.reported.get(id(key), 0)
-            self.reported[id(key)] = count + 1
+            ident = (key[0], id(key[1])) if isinstance(key, tuple) else id(key)
+            count = self.reported.get(ident, 0)
+            self.reported[ident] = count + 1
             if count >= limit:
                 return
         self.c.error(span, message)
@@ -345,6 +365,8 @@ class Planner:
             if not src.items:
                 self.c.error(src.span, "this list is empty, so the job would have no task")
                 return None
+            if not self.room_for(len(src.items), src.span, "this list"):
+                return None
             return [TaskValue(i.value) for i in src.items]
         if isinstance(src, n.RangeSource):
             args = [
@@ -354,31 +376,33 @@ class Planner:
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
                 raise ResolveError("range takes whole numbers")  # lenient: checked already
             values = range(*args)  # type: ignore[arg-type]
+            shown = f"range({', '.join(map(str, args))})"
             if not values:
-                self.c.error(src.span, f"range({', '.join(map(str, args))}) is empty, so the "
-                             "job would have no task")
+                self.c.error(src.span, f"{shown} is empty, so the job would have no task")
+                return None
+            try:
+                count = len(values)
+            except OverflowError:  # more than sys.maxsize; the step is 1
+                count = values.stop - values.start
+            if not self.room_for(count, src.span, shown):
                 return None
             return [TaskValue(v) for v in values]
         if isinstance(src, n.LinesSource):
             rel = self.plan_path(self.job_template(src.path, scope, jname))
-            try:
-                with open(self.abspath(rel), encoding="utf-8-sig") as fh:
-                    lines = [ln.strip() for ln in fh]
-            except FileNotFoundError:
-                self.c.error(src.path.span, f"the list file '{rel}' does not exist")
+            self.read(rel, jname, None, src.path.span, src, what="its list file")
+            lines = self.list_file(rel, src.path.span)
+            if lines is None:
                 return None
-            except (OSError, UnicodeDecodeError) as exc:
-                self.c.error(src.path.span, f"the list file '{rel}' cannot be read: {exc}")
-                return None
-            values = [ln for ln in lines if ln and not ln.startswith("#")]
-            if not values:
+            if not lines:
                 self.c.error(src.path.span, f"the list file '{rel}' has no lines, so the job "
                              "would have no task")
                 return None
-            return [TaskValue(v) for v in values]
+            return [TaskValue(v) for v in lines]
         assert isinstance(src, n.UpstreamSource)
         b = scope.resolve_upstream(src.ref)
         tasks, dests = self.published(b.job, b.step, b.name)
+        if not self.room_for(len(dests), src.span, f"job '{b.job}'"):
+            return None
         return [
             TaskValue(d, file=d, upstream=tid) for tid, d in zip(tasks, dests, strict=True)
         ]
@@ -387,7 +411,8 @@ class Planner:
         if not _WILDCARDS.search(pattern):
             rel = self.plan_path(pattern)
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(src.pattern.span, f"the input file '{rel}' does not exist")
+                self.c.error(src.pattern.span,
+                             f"the input file '{rel}' {_why_not_a_file(self.abspath(rel))}")
                 return None
             return [TaskValue(rel, file=rel)]
         files = sorted(self.plan_path(f) for f in _glob_files(pattern, self.root))
@@ -398,12 +423,83 @@ class Planner:
                 "and the spelling",
             )
             return None
+        if not self.room_for(len(files), src.pattern.span, f"the pattern '{pattern}'"):
+            return None
         return [TaskValue(f, file=f) for f in files]
+
+    def room_for(self, count: int, span: Span | None, what: str) -> bool:
+        """Count ``count`` more tasks, or report (at ``span``) that they are more than
+        :data:`MAX_TASKS` for the job or the pipeline and return False."""
+        if count > MAX_TASKS:
+            self.c.error(span, f"{what} would make {count:,} tasks; a job may have at most "
+                         f"{MAX_TASKS:,}")
+            return False
+        if self.task_count + count > MAX_TASKS:
+            total = self.task_count + count
+            self.c.error(span, f"{what} would make {count:,} more tasks, {total:,} in all; a "
+                         f"pipeline may have at most {MAX_TASKS:,}")
+            return False
+        self.task_count += count
+        return True
+
+    def list_file(self, rel: str, span: Span | None) -> list[str] | None:
+        """The values of a ``lines(...)`` file: its lines, stripped, without blank ones and
+        ``#`` comments; None (reported) when it is not a regular file of at most
+        :data:`MAX_LIST_FILE_BYTES`, not UTF-8, holds a NUL, or has too many lines."""
+        path = self.abspath(rel)
+        try:
+            # not blocking on a named pipe without a writer: its type is refused below
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
+            return None
+        except OSError as exc:
+            self.c.error(span, f"the list file '{rel}' cannot be read: {exc.strerror or exc}")
+            return None
+        room = MAX_TASKS - self.task_count
+        values: list[str] = []
+        try:
+            with open(fd, encoding="utf-8-sig", closefd=True) as fh:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    self.c.error(span, f"the list file '{rel}' is not a regular file (a device or "
+                                 "named pipe would be read for ever); name an ordinary file")
+                    return None
+                if info.st_size > MAX_LIST_FILE_BYTES:
+                    self.c.error(span, f"the list file '{rel}' is {info.st_size:,} bytes, more "
+                                 f"than the {MAX_LIST_FILE_BYTES:,} a list file may have")
+                    return None
+                for number, line in enumerate(fh, 1):
+                    value = line.strip()
+                    if not value or value.startswith("#"):
+                        continue
+                    if "\0" in value:
+                        self.c.error(span, f"line {number} of the list file '{rel}' holds a NUL "
+                                     "character, which no file name or command word can hold; "
+                                     "is it a text file?")
+                        return None
+                    if len(values) >= room:
+                        self.c.error(span, f"the list file '{rel}' has more than {room:,} lines; "
+                                     f"a job and a pipeline may have at most {MAX_TASKS:,} tasks")
+                        return None
+                    values.append(value)
+        except UnicodeDecodeError as exc:
+            self.c.error(span, f"the list file '{rel}' is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start:,}); save it as UTF-8")
+            return None
+        except IsADirectoryError:
+            self.c.error(span, f"the list file '{rel}' {_why_not_a_file(path)}")
+            return None
+        except OSError as exc:
+            self.c.error(span, f"the list file '{rel}' cannot be read: {exc.strerror or exc}")
+            return None
+        self.task_count += len(values)
+        return values
 
     def plan_job(self, job: n.Job) -> None:
         jname = job.name.value
         self.job_name = jname
-        scope = Scope(self.pipeline, job, self.params)
+        scope = Scope(self.pipeline, job, self.params, self.table)
         values = self._guarded(lambda: self.task_values(job, scope), None)
         machine = model.machine_stage_id(jname)
 
@@ -427,7 +523,8 @@ class Planner:
                 )
             names_seen[base] = s
             if not os.path.isfile(self.abspath(rel)):
-                self.c.error(s.path.span, f"the shared file '{rel}' does not exist")
+                self.c.error(s.path.span,
+                             f"the shared file '{rel}' {_why_not_a_file(self.abspath(rel))}")
             self.read(rel, jname, None, s.path.span, s)
             shared_files.append([rel, base])
         if values is None:
@@ -437,6 +534,16 @@ class Planner:
             _attr(v.file, "stem") if v.file is not None else format_value(v.value) for v in values
         ]
         ids = ["0"] if job.source is None else task_ids(labels)
+        if job.var is not None and job.var.value not in ("task", "job", "pipeline") and (
+            ids[0] == safe_id(labels[0])
+        ):
+            # the loop values differ (ignoring case; else the ids have their index in front):
+            # the file's stem or the value tells the tasks apart
+            var = job.var.value
+            if isinstance(job.source, (n.GlobSource, n.UpstreamSource)):
+                self._clash_hint[jname] = f"{{{var}.stem}}"
+            elif not any("/" in label for label in labels):
+                self._clash_hint[jname] = f"{{{var}}}"
         retries = 0
         if job.retries:
             rv = job.retries[0].value
@@ -452,6 +559,8 @@ class Planner:
             if folder_t is None:
                 return
             flat = job.outputs[0].flat
+            if isinstance(folder_t, str):
+                self.check_folder(folder_t, job.outputs[0])
         else:
             folder_t = f"results/{jname}"
             flat = False
@@ -474,6 +583,12 @@ class Planner:
                 lambda step=step, i=i: self.compile_action(step.action, scope, i), _no_action
             )
             steps.append(_Step(step, sname, outs, action, inputs, in_files))
+        for step in job.steps:  # a call's module in the pipeline's folder is read too
+            if isinstance(step.action, n.Call):
+                module = _module_file(self.root, step.action.module)
+                if module is not None:
+                    self.read(module, jname, None, step.action.span, step.action,
+                              what="the Python module of its call")
         # where each step's outputs go, when the folder is the same for every task
         prefixes: list[str] | None = None
         if isinstance(folder_t, str):
@@ -491,7 +606,8 @@ class Planner:
         destinations, readers = self.destinations, self.readers
         var_span = job.var.span if job.var else None
         stage_var = any(b.kind == "var" and b.attr is None for b in self._file_bindings)
-        read_var = stage_var and isinstance(job.source, n.GlobSource)
+        # a glob's matches are the job's inputs, staged or not: no copy-back may overwrite them
+        read_var = isinstance(job.source, n.GlobSource)
 
         # gathered files: the same for every task of the job
         gathers = sorted(
@@ -539,17 +655,18 @@ class Planner:
             if stage_var and value.file is not None:
                 stage_files.append([value.file, vtext])
                 local_src[vtext] = value.file
-                if read_var:
-                    if value.file in destinations:
-                        self.read(value.file, jname, tid, var_span, job.source, waits,
-                                  upstream_cb)
-                    else:
-                        readers.setdefault(value.file, (jname, tid, var_span))
+            if read_var:
+                if value.file in destinations:
+                    self.read(value.file, jname, tid, var_span, job.source, waits, upstream_cb)
+                else:
+                    readers.setdefault(value.file, (jname, tid, var_span))
             if gather_files:
                 stage_files += gather_files
 
             if prefixes is None:
                 text = _text_of(folder_t, t)
+                if text[:1] == "~":
+                    self.check_folder(text, job.outputs[0])
                 folder = self.plan_path(text or ".")
                 task_prefixes = [
                     _prefix(folder if flat else self.plan_path(posixpath.join(folder, s.name)))
@@ -601,8 +718,8 @@ class Planner:
                     local = posixpath.basename(rel)
                     in_locals.append(local)
                     if not os.path.isfile(self.abspath(rel)):
-                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') does "
-                                     "not exist")
+                        self.c.error(item.span, f"the input file '{rel}' (task '{tid}') "
+                                     f"{_why_not_a_file(self.abspath(rel))}")
                     seen = local_src.get(local)
                     if seen is None:
                         local_src[local] = rel
@@ -627,13 +744,13 @@ class Planner:
                                "overwritten by an output of the same name; rename the output",
                                job)
 
-            waits = [machine] if upstream_cb is None else [machine, upstream_cb]
+            after = [machine] if upstream_cb is None else [machine, upstream_cb]
             add_chain(g, [
                 (stage_id, model.task_stage_attrs(jname, tid, key, index, retries, stage_files)),
                 *execs,
                 (model.copyback_id(jname, tid),
                  model.copyback_attrs(jname, tid, key, copy_files)),
-            ], waits + gather_edges)
+            ], after + gather_edges)
         self.jobs[jname] = _JobPlan(ids, published)
 
     def out_local(self, text: str, o: n.Out, t: _TaskCtx) -> str:
@@ -650,20 +767,66 @@ class Planner:
             return f"_invalid_/{o.name.value}"
         return norm
 
+    def check_folder(self, text: str, decl: n.Output) -> None:
+        """An output folder must not start with ``~``: opf does not expand it (no shell is
+        involved), so the results would go to a folder named ``~``."""
+        if text[:1] == "~":
+            self.error(
+                decl.folder.span,
+                f"the output folder '{text}' starts with '~', which opf does not expand: the "
+                "results would go to a folder named '~' in the pipeline's folder; write the "
+                "folder in full (e.g. \"/home/me/results\"), or relative to the pipeline file",
+                decl, 1,
+            )
+
+    def check_destinations(self) -> None:
+        """No copy-back may write the pipeline file, into the run's state folder or into opf's
+        part of a scratch root (see :class:`Protected`). Checked once per destination folder;
+        a folder is compared as written and with its links resolved."""
+        if self.protected is None or not self.destinations:
+            return
+        by_folder: dict[str, list[str]] = {}
+        for dest in self.destinations:
+            folder, _, _ = dest.rpartition("/")
+            group = by_folder.get(folder)
+            if group is None:
+                group = by_folder[folder] = []
+            group.append(dest)
+        for folder, dests in by_folder.items():
+            forms = self.protected.forms(os.path.join(self.root, folder))
+            why = self.protected.folder_refusal(forms, self.root)
+            for dest in dests:
+                reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
+                if reason is None:
+                    continue
+                job, task, o, step = self.destinations[dest]
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of step '{step}' (job '{job}') would be copied back "
+                    f"to '{dest}', {reason}; choose another output folder or file name",
+                    ("protected", o), 1,
+                )
+
     def read(
         self, src: str, job: str, task: str | None, span: Span | None, decl: object,
         waits: set[str] | frozenset[str] = frozenset(), upstream: str | None = None,
+        what: str | None = None,
     ) -> None:
         """Note that a stage copies ``src`` from the shared drive; it must not be a file that
         some task's copy-back writes, unless the stage waits for that copy-back (``waits``,
-        ``upstream``)."""
+        ``upstream``). ``what`` names a file that the planner itself reads (a job's list
+        file): no copy-back may write it at all."""
         claim = self.destinations.get(src)
         if claim is not None:
             cb = model.copyback_id(claim[0], claim[1])
-            if cb != upstream and cb not in waits:
+            if what is not None:
+                self.error(span, _overwritten(src, f"read by job '{job}' as {what}", claim), decl)
+            elif cb != upstream and cb not in waits:
                 self.error(span, _reads_output(src, job, task, claim), decl)
         if src not in self.readers:
             self.readers[src] = (job, task, span)
+            if what is not None:
+                self.reader_what[src] = what
 
     def claim(self, dest: str, job: str, task: str, o: n.Out, step: str) -> None:
         first = self.destinations.get(dest)
@@ -672,13 +835,16 @@ class Planner:
             reader = self.readers.get(dest)
             if reader is not None:
                 rjob, rtask, _ = reader
+                what = self.reader_what.get(dest)
                 who = (f"task '{rtask}' of job '{rjob}'" if rtask is not None
                        else f"job '{rjob}' (a shared file)")
+                reads = f"which job '{rjob}' reads as {what}" if what is not None else (
+                    f"a file that {who} reads as an input")
                 self.error(
                     o.path.span,
                     f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
-                    f"to '{dest}', a file that {who} reads as an input; a copy-back must not "
-                    "overwrite an input: give the output another name or output folder",
+                    f"to '{dest}', {reads}; a copy-back must not overwrite an input: give the "
+                    "output another name or output folder",
                     o,
                 )
             return
@@ -686,9 +852,7 @@ class Planner:
         limit = _REPORT_LIMIT
         if fout is o:
             limit = 1  # every task of the job clashes alike: once says it all
-            var = next((j.var.value for j in self.pipeline.jobs if j.name.value == job and j.var),
-                       "task")
-            hint = f"{{{var}.stem}}" if var != "task" else "{task.id}"
+            hint = self._clash_hint.get(job, "{task.id}")
             msg = (
                 f"tasks '{ftask}' and '{task}' of job '{job}' would both copy output "
                 f"'{o.name.value}' back to '{dest}'; make the name differ per task, e.g. "
@@ -732,34 +896,22 @@ class Planner:
             return call
         assert isinstance(action, n.Run)
         if action.shell:
-            script: list[Text] = []
-            for p in action.words[1].template.parts:
-                if isinstance(p, str):
-                    script.append(p)
-                    continue
-                v = self.value(scope.resolve(p, CTX_STEP, i))
-                if isinstance(v, list):
-                    script.append(" ".join(shlex.quote(format_value(x)) for x in v))
-                elif callable(v):
-                    script.append(lambda t, v=v: shlex.quote(format_value(v(t))))
-                else:
-                    script.append(shlex.quote(format_value(v)))
-            body = _render(script)
-            return lambda t: (["/bin/sh", "-c", _text_of(body, t)], None)
+            return self.compile_script(action.words[1].template, scope, i)
 
         words: list[object] = []  # str | list[str] (one word per item) | function -> str
         for w in action.words:
             parts = w.template.parts
             if len(parts) == 1 and isinstance(parts[0], n.Ref):
-                v = self.value(scope.resolve(parts[0], CTX_STEP, i))
-                if isinstance(v, list):
-                    words.append([format_value(x) for x in v])
-                elif callable(v):
-                    words.append(lambda t, v=v: format_value(v(t)))
-                else:
-                    words.append(format_value(v))
-            else:
-                words.append(self.compile_template(w.template, scope, CTX_STEP, i))
+                words.append(self.run_value(parts[0], scope, i, starts_word=True))
+                continue
+            pieces: list[Text] = []
+            for k, p in enumerate(parts):
+                if isinstance(p, str):
+                    pieces.append(p)
+                    continue
+                v = self.run_value(p, scope, i, starts_word=k == 0)
+                pieces.append(",".join(v) if isinstance(v, list) else v)
+            words.append(_render(pieces))
         if not any(isinstance(w, list) for w in words):
             # a copy of the constant words with the varying ones filled in: twice as fast as
             # building the list word by word, and this runs for every step of every task
@@ -786,6 +938,68 @@ class Planner:
             return argv, None
 
         return run
+
+    def run_value(
+        self, ref: n.Ref, scope: Scope, i: int, *, starts_word: bool
+    ) -> str | list[str] | Callable[[_TaskCtx], str]:
+        """A placeholder of a run line as words: one (constant or a function of the task), or a
+        list (a gather or a list param: one word per item).
+
+        A file of the task folder (the loop's file, an output) that begins a word and whose
+        name begins with '-' is written ``./-n.txt``, so that no program takes it for an
+        option."""
+        b = scope.resolve(ref, CTX_STEP, i)
+        if b.kind == "gather" or (b.kind == "param" and b.attr is None):
+            v = self.value(b)
+            if isinstance(v, list):
+                return [format_value(x) for x in v]
+        piece = self.text(b)
+        if not starts_word or b.attr is not None:
+            return piece
+        if b.kind == "out":
+            return lambda t: _not_an_option(piece(t))  # type: ignore[operator]
+        if b.kind == "var":
+            return lambda t: (
+                "./" + t.text if t.text[:1] == "-" and t.var.file is not None else t.text
+            )
+        return piece
+
+    def compile_script(
+        self, tpl: n.Template, scope: Scope, i: int
+    ) -> Callable[[_TaskCtx], tuple[list[str], None]]:
+        """``run sh "SCRIPT"`` as ``["/bin/sh", "-c", SCRIPT', "sh", VALUE...]``.
+
+        No value is ever part of the script the shell parses: each placeholder becomes a quoted
+        positional parameter, ``"$1"`` or ``"${12}"`` (a list one per item, ``"$3" "$4"``), and
+        the values follow the script as the shell's arguments. A name used twice refers to one
+        parameter. ``words.shell_places`` says where a placeholder may stand (and the checker
+        refuses the rest), so that ``"$1"`` stays one word holding exactly the value."""
+        script: list[str] = []
+        args: list[Text] = []
+        numbered: dict[tuple[str, bool], str] = {}  # one parameter for a name used twice
+        places = iter(shell_places(tpl.parts))
+        for p in tpl.parts:
+            if isinstance(p, str):
+                script.append(p)
+                continue
+            _why, starts_word = next(places)
+            kind = scope.resolve(p, CTX_STEP, i).kind
+            key = (p.dotted, starts_word and kind in ("var", "out"))  # see run_value
+            refs = numbered.get(key)
+            if refs is None:
+                v = self.run_value(p, scope, i, starts_word=starts_word)
+                items: list[Text] = v if isinstance(v, list) else [v]  # type: ignore[assignment]
+                refs = " ".join(_positional(len(args) + k + 1) for k in range(len(items)))
+                args.extend(items)
+                numbered[key] = refs
+            script.append(refs)
+        head = ["/bin/sh", "-c", "".join(script), "sh"]
+        if all(a.__class__ is str for a in args):
+            argv = head + args  # type: ignore[operator]
+            return lambda t: (list(argv), None)
+        return lambda t: (
+            head + [a if a.__class__ is str else a(t) for a in args], None  # type: ignore[misc]
+        )
 
     def compile_ins(
         self, step: n.Step, scope: Scope, i: int
@@ -861,6 +1075,7 @@ class Planner:
                 continue  # an upstream job could not be expanded; its error is reported
             self._file_bindings: list[Binding] = []
             self.plan_job(job)
+        self.check_destinations()
         g = self.graph
         g.graph.update(model.graph_attrs(
             self.name, self.root,
@@ -898,11 +1113,41 @@ def _glob_files(pattern: str, root: str) -> list[str]:
         return []
 
 
+def _why_not_a_file(path: str) -> str:
+    """What is at ``path``, which is not a file to read: the end of an error message."""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    if os.path.islink(path):
+        return f"is a symbolic link to '{os.readlink(path)}', which does not exist"
+    if os.path.exists(path):
+        return "is not a regular file"
+    return "does not exist"
+
+
+def _positional(k: int) -> str:
+    """A quoted reference to the shell's ``k``-th positional parameter."""
+    return f'"${k}"' if k < 10 else f'"${{{k}}}"'
+
+
+def _not_an_option(path: str) -> str:
+    """A task-folder-relative path that no program takes for an option."""
+    return "./" + path if path[:1] == "-" else path
+
+
 def _prefix(folder: str) -> str:
     """What goes before a task-folder-relative name to give its destination."""
     if folder == ".":
         return ""
     return folder if folder.endswith("/") else folder + "/"
+
+
+def _overwritten(src: str, who: str, claim: tuple[str, str, n.Out, str]) -> str:
+    cjob, ctask, cout, _ = claim
+    return (
+        f"'{src}' is {who}, and output '{cout.name.value}' of task '{ctask}' (job '{cjob}') "
+        "would be copied back over it; a copy-back must not overwrite a file the pipeline "
+        "reads: give the output another name or output folder"
+    )
 
 
 def _reads_output(src: str, job: str, task: str | None,
@@ -926,6 +1171,105 @@ def _no_action(t: _TaskCtx) -> tuple[list[str], None]:
     return [], None
 
 
+def _module_file(root: str, module: str) -> str | None:
+    """The file of a ``call``'s module in the pipeline's folder (``pkg/mod.py`` or
+    ``pkg/mod/__init__.py``), relative to it; None if it lies elsewhere."""
+    base = module.replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py"):
+        if module and os.path.isfile(os.path.join(root, candidate)):
+            return candidate
+    return None
+
+
+def default_scratch() -> str:
+    """The scratch root an engine of this machine uses without ``--scratch``:
+    ``$OPF_SCRATCH``, else the system temp folder (resolved)."""
+    base = os.environ.get("OPF_SCRATCH") or tempfile.gettempdir()
+    return os.path.realpath(os.path.expanduser(base))
+
+
+@dataclass(frozen=True, slots=True)
+class Protected:
+    """The places no output may be copied back to, as absolute paths:
+
+    * ``pipeline``: the pipeline file (``output "." flat`` with ``out o = "self.opf"`` would
+      replace it);
+    * ``state``: the run's state folder (journal, logs, trace, lock), and everything in it;
+    * ``scratch``: scratch roots, of which the ``opf`` folder is refused — the job and task
+      folders the engines create, fill and empty live there, so a result copied back into one
+      would be deleted by a task's clean-up. The rest of a scratch root is not opf's (it is
+      the system temp folder by default) and is left alone.
+
+    ``opf check`` protects the defaults (:meth:`for_pipeline`); ``opf run`` the state folder
+    and scratch root it is given, and then the scratch roots its engines report.
+    """
+
+    pipeline: str | None = None
+    state: str | None = None
+    scratch: tuple[str, ...] = ()
+
+    @classmethod
+    def for_pipeline(cls, path: str | os.PathLike[str], *, state: str | None = None,
+                     scratch: Iterable[str | None] = (None,)) -> Protected:
+        """The defaults for a pipeline file: ``.opf`` beside it unless ``state``; the scratch
+        roots ``scratch`` (None: :func:`default_scratch`)."""
+        path = os.path.abspath(os.fspath(path))
+        roots = [default_scratch() if r is None else os.path.abspath(os.path.expanduser(r))
+                 for r in scratch]
+        return cls(path, os.path.abspath(state or os.path.join(os.path.dirname(path), ".opf")),
+                   tuple(dict.fromkeys(roots)))
+
+    def with_scratch(self, roots: Iterable[str]) -> Protected:
+        return Protected(self.pipeline, self.state, tuple(dict.fromkeys([*self.scratch, *roots])))
+
+    @staticmethod
+    def forms(path: str) -> tuple[str, ...]:
+        """An absolute path as written (normalised) and with its links resolved."""
+        norm = os.path.normpath(path)
+        real = os.path.realpath(norm)
+        return (norm,) if real == norm else (norm, real)
+
+    def _areas(self, root: str | None) -> list[tuple[tuple[str, ...], str]]:
+        def shown(path: str) -> str:  # as the pipeline's destinations are shown
+            if root is None:
+                return path
+            rel = os.path.relpath(path, root)
+            return path if rel == ".." or rel.startswith("../") else rel
+
+        areas = []
+        if self.state:
+            areas.append((self.forms(self.state),
+                          f"inside the run's state folder '{shown(self.state)}' (its journal, "
+                          "logs and trace)"))
+        for base in self.scratch:
+            work = os.path.join(base, "opf")
+            areas.append((self.forms(work),
+                          f"inside '{shown(work)}', where the engines keep their job and task "
+                          "folders (a task's folder is emptied after its copy-back)"))
+        return areas
+
+    def folder_refusal(self, folder: tuple[str, ...], root: str | None = None) -> str | None:
+        """Why nothing may be copied back into a folder (its :meth:`forms`), or None; paths
+        inside ``root`` are named relative to it."""
+        for area, why in self._areas(root):
+            for f in folder:
+                for a in area:
+                    if f == a or f.startswith(a.rstrip("/") + "/"):
+                        return why
+        return None
+
+    def file_refusal(self, folder: tuple[str, ...], name: str) -> str | None:
+        """Why the file ``name`` in a folder (its :meth:`forms`) may not be written, or None."""
+        if self.pipeline is None:
+            return None
+        for path in self.forms(self.pipeline):  # the file as named, and a link's target
+            if name == os.path.basename(path):
+                mine = self.forms(os.path.dirname(path))
+                if any(f in mine for f in folder):
+                    return "which is the pipeline file itself"
+        return None
+
+
 #: stands for a part of a step that could not be compiled (lenient planning)
 _BROKEN = object()
 
@@ -938,16 +1282,18 @@ def build_plan(
     pipeline_name: str,
     *,
     lenient: bool = False,
+    protected: Protected | None = None,
 ) -> nx.DiGraph:
     """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem.
 
     ``lenient`` plans a pipeline that has check errors too, leaving out the parts that name
-    unknown things, to find what else is wrong (its plan is never run)."""
+    unknown things, to find what else is wrong (its plan is never run). ``protected`` names
+    the places no output may be copied back to (none if None)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         return Planner(
-            pipeline, source, os.path.abspath(root), params, pipeline_name, lenient
+            pipeline, source, os.path.abspath(root), params, pipeline_name, lenient, protected
         ).run()
     finally:
         if collecting:

@@ -159,13 +159,14 @@ class Word:
 class Run:
     """``run WORD ...``; ``shell`` is set for ``run sh "script"``, whose script is ``words[1]``.
 
-    ``shell_quoted`` lists the placeholders of a shell script that stand inside shell quotes
-    (an error the checker reports).
+    ``shell_problems`` lists, with their places, the mistakes in a shell script that the checker
+    reports: a placeholder where its value would not arrive as it is (inside the script's own
+    quotes, after a backslash, ...), the script naming ``$1``, ``$@`` or ``$*`` itself.
     """
 
     words: tuple[Word, ...]
     shell: bool = False
-    shell_quoted: tuple[Ref, ...] = ()
+    shell_problems: tuple[tuple[Span | None, str], ...] = field(default=(), compare=False)
     span: Span | None = _SPAN
 
 

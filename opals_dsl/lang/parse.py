@@ -11,6 +11,7 @@ reported together after the parse.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Iterator
 from copy import copy
@@ -54,6 +55,11 @@ _WORDS = {
 
 #: how deeply lists may nest (the tree is built recursively)
 MAX_NESTING = 32
+#: the longest string literal and the longest ``run`` line (with its continuation lines), in
+#: characters: no command line can be that long (Linux takes at most 2 MiB of arguments, and
+#: 128 KiB in one of them), and a string holds a file name, a folder or a short value; longer
+#: ones only cost memory (each character is kept with its place in the file while parsing)
+MAX_TEXT = 1024 * 1024
 
 
 class _TooDeep(Exception):
@@ -107,7 +113,7 @@ class _PostLex:
                 self.blocks.append((self.line_head.type if self.line_head else "", tok))
             elif tok.type == "RBRACE" and self.blocks:
                 self.blocks.pop()
-            elif tok.type == "RUN_LINE" and tok.split()[-1:] == ["}"]:
+            elif tok.type == "RUN_LINE" and _ends_in_brace(tok):
                 self.run_braces.append(tok)
             if tok.type == "_NL":
                 self.line_head = None
@@ -121,6 +127,12 @@ class _PostLex:
             if len(self.history) > 8:
                 del self.history[0]
             yield tok
+
+
+def _ends_in_brace(tok: Token) -> bool:
+    """Is the last word of a ``run`` line a lone ``}``? (without splitting a long line)"""
+    text = tok.rstrip()
+    return text.endswith("}") and text[-2:-1].isspace()
 
 
 def grammar_text() -> str:
@@ -148,6 +160,14 @@ def parse(source: SourceFile) -> n.Pipeline:
     text = source.text if source.text.endswith("\n") else source.text + "\n"
     if text.startswith("\ufeff"):  # a byte order mark, as some editors write: a blank
         text = " " + text[1:]
+    nul = text.find("\0")
+    if nul >= 0:  # no file name, command word or value can hold one: say so before the lexer
+        raise OpfSyntaxError([Diagnostic(
+            source.span(nul, nul + 1),
+            "unexpected NUL character (U+0000): a pipeline file is text and cannot hold one; "
+            "delete it (was a binary file given as the pipeline?)",
+            source,
+        )])
     try:
         tree = parser.parse(text)
     except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
@@ -167,6 +187,17 @@ def parse(source: SourceFile) -> n.Pipeline:
         error.pipeline = pipeline
         raise error
     return pipeline
+
+
+def tokens(source: SourceFile) -> list[Token]:
+    """The tokens the parser reads in a file that parses: everything but blanks and comments,
+    newlines inside brackets dropped, with offsets into ``source.text``. The formatter
+    (:mod:`opals_dsl.fmt`) lays them out again; what lies between them is blanks and comments."""
+    parser, _postlex = _parser()
+    text = source.text if source.text.endswith("\n") else source.text + "\n"
+    if text.startswith("\ufeff"):  # as parse() reads it: offsets stay the same
+        text = " " + text[1:]
+    return list(parser.parse_interactive(text).iter_parse())
 
 
 # -- syntax errors in words ------------------------------------------------------------------
@@ -240,7 +271,7 @@ def _token_text(tok: Token) -> str:
         return "the end of the file"
     text = str(tok)
     if tok.type == "RUN_LINE":
-        text = text.split()[0] if text.split() else "run"
+        text = text[:64].split(None, 1)[0] if text.strip() else "run"
     if len(text) > 30:
         text = text[:27] + "..."
     return f"'{text}'"
@@ -548,17 +579,49 @@ class _Builder(Transformer):
     def dotted(self, meta, items):
         return ".".join(i.value for i in items)
 
+    def _too_long(self, tok: Token, what: str, hint: str) -> bool:
+        """Report a string or run line longer than :data:`MAX_TEXT`."""
+        if len(tok) <= MAX_TEXT:
+            return False
+        self.problems.append(Diagnostic(
+            _point(self.source, tok),
+            f"this {what} is {len(tok):,} characters long, more than the {MAX_TEXT:,} opf "
+            f"takes; {hint}",
+            self.source,
+        ))
+        return True
+
     def string(self, meta, items):
         tok = items[0]
+        if self._too_long(tok, "string",
+                          'a long list of values belongs in a file read with lines("list.txt")'):
+            return n.Template(("",), _span_of(self.source, tok))
         chars, offsets, closing = string_chars(str(tok), tok.start_pos, self._report)
         tpl, _ = parse_template(self.source, chars, offsets, self._report, closing=closing)
         return n.Template(tpl.parts, _span_of(self.source, tok))
 
     def int(self, meta, items):
-        return n.Literal(int(items[0]), self._span(meta))
+        try:
+            value = int(items[0])
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            self._number_problem(meta, items[0])
+            value = 0
+        return n.Literal(value, self._span(meta))
 
     def float(self, meta, items):
-        return n.Literal(float(items[0]), self._span(meta))
+        value = float(items[0])
+        if not math.isfinite(value):
+            self._number_problem(meta, items[0])
+            value = 0.0
+        return n.Literal(value, self._span(meta))
+
+    def _number_problem(self, meta, tok: Token) -> None:
+        shown = str(tok) if len(tok) <= 30 else f"{tok[:12]}...{tok[-12:]} ({len(tok):,} digits)"
+        self.problems.append(Diagnostic(
+            self._span(meta),
+            f"the number {shown} is too large; write it as a string if it is a name or a code",
+            self.source,
+        ))
 
     def boolean(self, meta, items):
         return n.Literal(str(items[0]) == "true", self._span(meta))
@@ -708,6 +771,10 @@ class _Builder(Transformer):
 
     def run(self, meta, items):
         tok = items[0]
+        if self._too_long(tok, "run line", "no system runs a command that long (Linux takes at "
+                          "most 2 MiB of arguments): let the command read long lists from a "
+                          "file"):
+            return n.Run((), span=_point(self.source, tok, 3))
         return split_run_line(self.source, str(tok), tok.start_pos, self._report)
 
     def call(self, meta, items):

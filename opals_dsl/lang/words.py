@@ -8,6 +8,10 @@ mistake inside a string or a command line is shown at its exact column:
 * :func:`split_run_line` — the text after ``run``, split into words as a POSIX shell would
   (quotes group, backslash escapes, ``#`` at the start of a word begins a comment, a backslash
   before the newline continues the line), each word then parsed as a template.
+
+and, for the script of ``run sh "..."``, :func:`shell_places`: where each placeholder stands in
+the shell text (the planner makes it a positional parameter, ``"$1"``; the checker refuses
+the places where that would not stay one word holding the value).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ..source import SourceFile
+from ..source import SourceFile, Span
 from .nodes import Ref, Run, Template, Word
 
 _NAME_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
@@ -203,33 +207,372 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
     shell = len(words) == 2 and "".join(words[0][0]) == "sh" and bool(words[1][2]) and all(
         words[1][2]
     )
-    quoted_refs: list[Ref] = []
+    problems: list[tuple[Span | None, str]] = []
     if shell:
-        script = "".join(words[1][0])
-        state = _shell_quote_states(script)
-        tpl, starts = parsed[1]
-        for ref, idx in zip(tpl.refs, starts, strict=True):
-            if state[idx]:
-                quoted_refs.append(ref)
-    return Run(tuple(out), shell=shell, shell_quoted=tuple(quoted_refs), span=span)
+        chars, offsets, _quoted = words[1]
+        problems = _script_problems(source, "".join(chars), offsets, *parsed[1])
+    return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
 
 
-def _shell_quote_states(script: str) -> list[bool]:
-    """For each character of a shell script: is it inside shell quotes?"""
-    states: list[bool] = []
-    single = double = False
+def _script_problems(
+    source: SourceFile, text: str, offsets: list[int], tpl: Template, starts: list[int]
+) -> list[tuple[Span | None, str]]:
+    """What is wrong with a ``run sh`` script (its text, each character at ``offsets``)."""
+    cs: list[str | None] = []
+    offs: list[int] = []
+    at_start = dict(zip(starts, tpl.refs, strict=True))
+    refs: dict[int, Ref] = {}
+    ends: list[int] = []
+    k = 0
+    while k < len(text):
+        offs.append(offsets[k])
+        if k in at_start:
+            refs[len(cs)] = at_start[k]
+            cs.append(None)
+            k = text.index("}", k) + 1
+        else:
+            cs.append(text[k])
+            k += 2 if text[k] in "{}" and text[k + 1 : k + 2] == text[k] else 1
+        ends.append(offsets[k - 1] + 1)
+    places, positional = scan_shell(cs)
+    problems: list[tuple[Span | None, str]] = []
+    for index, ref in refs.items():
+        why = places[index][0]
+        if why is not None:
+            problems.append((ref.span, misplaced_message(ref.dotted, why)))
+    for a, b in positional:
+        name = "".join(c or "" for c in cs[a:b])
+        problems.append((source.span(offs[a], ends[b - 1]), positional_message(name)))
+    return problems
+
+
+# -- run sh: where each placeholder stands in the script ----------------------------------------
+#
+# A ``run sh`` script is the pipeline author's shell code; the values of its placeholders never
+# become part of it. The planner writes each placeholder as a quoted reference to a positional
+# parameter (``"$1"``, ``"${12}"``; a list as ``"$3" "$4" ...``) and passes the values after the
+# script: ``/bin/sh -c SCRIPT sh VALUE...``. The shell expands ``"$1"`` to exactly one word
+# holding the value and never parses an expanded value as code (POSIX 2.6: the results of
+# expansion undergo only field splitting, globbing and quote removal, and inside double quotes
+# none of them). That holds wherever the reference stands as plain shell text; the scanner below
+# finds the places where it would not: inside the script's own quotes (the ``"`` of ``"$1"``
+# would close theirs), after a backslash or a ``$``, inside backticks, ``${...}``, arithmetic
+# (bash evaluates ``a[$(cmd)]`` in a value there), ``[[ ... ]]`` and ``word[...]``. It scans as
+# bash and as POSIX sh (dash) do — the two differ only in ``$'...'`` — and a placeholder must
+# stand in plain text for both. The script may not name ``$1``, ``$@``, ``$*`` itself: those
+# are the values.
+
+_BLANKS = " \t\n"
+_WORD_END = _BLANKS + ";&|<>()"
+_POSITIONAL = "123456789@*"
+
+#: why a placeholder may not stand in a context of the scanner
+_MISPLACED = {
+    "sq": "stands inside shell quotes",
+    "ansi": "stands inside shell quotes",
+    "dq": "stands inside shell quotes",
+    "backslash": "follows a backslash",
+    "dollar": "follows a '$'",
+    "bt": "stands inside backticks",
+    "brace": "stands inside '${...}'",
+    "arith": "stands inside shell arithmetic",
+    "dbr": "stands inside '[[ ... ]]'",
+    "bracket": "stands inside '[...]' within a word",
+    "case": "comes after a 'case' inside $(...) within quotes",
+}
+
+#: how to fix each; <REF> stands for the placeholder, <NAME> for its name
+_MISPLACED_FIX = {
+    "sq": "opf quotes every substituted value for the shell itself, so remove the quotes "
+          "around it",
+    "backslash": "the backslash would escape the quoting opf gives the value; remove it (a "
+                 "literal brace is written '{{')",
+    "dollar": "<REF> is opf's value, not a shell variable; remove the '$' (the shell variable "
+              "would be written '${{<NAME>}}')",
+    "bt": "backticks quote differently; write $(...) instead",
+    "brace": "give the value to a shell variable first (v=<REF>) and use that",
+    "arith": "bash evaluates a value there as an expression and would run a command written in "
+             "it; compute with a program instead (e.g. expr <REF> + 1)",
+    "dbr": "bash evaluates the operands of -eq, -lt and the like there as expressions and would "
+           "run a command written in a value; use '[ ... ]' instead",
+    "bracket": "bash may evaluate a value there as an expression (an array index); write it as a "
+               "word of its own",
+    "case": "a pattern's ')' there makes the rest of the script ambiguous to read; write the "
+            "case as a command of its own, outside the quotes",
+}
+_MISPLACED_FIX["ansi"] = _MISPLACED_FIX["dq"] = _MISPLACED_FIX["sq"]
+
+
+def misplaced_message(dotted: str, why: str) -> str:
+    """The error for placeholder ``{dotted}`` standing where a ``run sh`` value may not."""
+    fix = _MISPLACED_FIX[why].replace("<REF>", "{" + dotted + "}").replace("<NAME>", dotted)
+    return f"'{{{dotted}}}' {_MISPLACED[why]}: {fix}"
+
+
+def positional_message(name: str) -> str:
+    return (
+        f"'{name}' in a run sh script: opf passes the values of the placeholders to the script as "
+        "its positional parameters, so $1, $@ and $* are not the script's own; name a value by "
+        "its placeholder, like {strip}"
+    )
+
+
+def shell_places(parts: tuple[str | Ref, ...]) -> list[tuple[str | None, bool]]:
+    """For each placeholder of a ``run sh`` script (in order): why it may not stand where it
+    stands (a key of the messages above) or None, and whether it begins a shell word."""
+    cs: list[str | None] = []
+    for p in parts:
+        if isinstance(p, str):
+            cs.extend(p)
+        else:
+            cs.append(None)
+    places, _ = scan_shell(cs)
+    return [places[k] for k, c in enumerate(cs) if c is None]
+
+
+def scan_shell(
+    cs: list[str | None],
+) -> tuple[dict[int, tuple[str | None, bool]], list[tuple[int, int]]]:
+    """Scan a script given as characters, None where a placeholder stands, as bash and as POSIX
+    sh. Returns, by index, each placeholder's place (see :func:`shell_places`), and the index
+    ranges where the script itself names a positional parameter (``$1``, ``${2}``, ``$@``)."""
+    bash_places, bash_pos = _scan(cs, ansi=True)
+    sh_places, sh_pos = _scan(cs, ansi=False)
+    places = {
+        k: (bash_places[k][0] or sh_places[k][0], sh_places[k][1]) for k in sh_places
+    }
+    return places, sorted(set(bash_pos) | set(sh_pos))
+
+
+def _scan(
+    cs: list[str | None], *, ansi: bool
+) -> tuple[dict[int, tuple[str | None, bool]], list[tuple[int, int]]]:
+    n = len(cs)
+    places: dict[int, tuple[str | None, bool]] = {}
+    positional: list[tuple[int, int]] = []
+    # a frame: [kind, paren depth, inside double quotes]
+    stack: list[list] = [["cmd", 0, False]]
+    word_start = True
+    confused = False
     i = 0
-    while i < len(script):
-        c = script[i]
-        states.append(single or double)
-        if c == "\\" and not single and i + 1 < len(script):
-            states.append(single or double)
+
+    def at(k: int) -> str | None:
+        return cs[k] if k < n else ""
+
+    def dollar(k: int, in_dq: bool) -> int:
+        """Handle the '$' at ``k``; returns the index to go on from."""
+        nxt = at(k + 1)
+        if nxt is None:
+            places[k + 1] = ("dollar", False)
+            return k + 1
+        if nxt == "(":
+            if at(k + 2) == "(":
+                stack.append(["arith", 0, in_dq])
+                return k + 3
+            stack.append(["cmd", 0, False])
+            return k + 2
+        if nxt == "{":
+            j = k + 2
+            if at(j) in ("#", "!"):
+                j += 1
+            if at(j) and at(j) in _POSITIONAL:  # type: ignore[operator]
+                end = j + 1
+                while at(end) and at(end).isdigit():  # type: ignore[union-attr]
+                    end += 1
+                end += at(end) == "}"
+                positional.append((k, end))
+            stack.append(["brace", 0, in_dq])
+            return k + 2
+        if nxt == "[":
+            stack.append(["arithb", 0, in_dq])
+            return k + 2
+        if nxt == "'" and ansi and not in_dq:
+            stack.append(["ansi", 0, False])
+            return k + 2
+        if nxt and nxt in _POSITIONAL:
+            positional.append((k, k + 2))
+            return k + 2
+        return k + 1
+
+    while i < n:
+        frame = stack[-1]
+        kind = frame[0]
+        c = cs[i]
+        if c is None:  # a placeholder
+            if i not in places:
+                why = None if kind in ("cmd", "comment") else kind
+                if confused and why is None:
+                    why = "case"
+                places[i] = ("arith" if why == "arithb" else why, word_start)
+            word_start = False
+            i += 1
+            continue
+        if kind == "comment":
+            if c == "\n":
+                stack.pop()
+                word_start = True
+            i += 1
+            continue
+        if kind == "sq":
+            if c == "'":
+                stack.pop()
+            i += 1
+            continue
+        if c == "\\":
+            if at(i + 1) is None:
+                why = "backslash" if kind == "cmd" else kind
+                places[i + 1] = ("arith" if why == "arithb" else why, False)
+            word_start = False
             i += 2
             continue
-        if c == "'" and not double:
-            single = not single
-        elif c == '"' and not single:
-            double = not double
+        if kind == "ansi":
+            if c == "'":
+                stack.pop()
+            i += 1
+            continue
+        if kind == "bt":
+            if c == "`":
+                stack.pop()
+                i += 1
+            elif c == "$" and at(i + 1) and at(i + 1) in _POSITIONAL:  # type: ignore[operator]
+                positional.append((i, i + 2))
+                i += 2
+            else:
+                i += 1
+            continue
+        if kind == "dq":
+            if c == '"':
+                stack.pop()
+                i += 1
+            elif c == "`":
+                stack.append(["bt", 0, True])
+                i += 1
+            elif c == "$":
+                depth = len(stack)
+                i = dollar(i, True)
+                word_start = len(stack) > depth and stack[-1][0] == "cmd"
+            else:
+                i += 1
+            continue
+        # cmd, brace, arith, arithb, dbr, bracket: unquoted text
+        if c == "$":
+            depth = len(stack)
+            i = dollar(i, frame[2] if kind != "cmd" else False)
+            word_start = len(stack) > depth and stack[-1][0] == "cmd"
+            continue
+        if c == "'" and not (kind == "brace" and frame[2]):
+            stack.append(["sq", 0, False])
+            word_start = False
+            i += 1
+            continue
+        if c == '"':
+            stack.append(["dq", 0, True])
+            word_start = False
+            i += 1
+            continue
+        if c == "`":
+            stack.append(["bt", 0, False])
+            word_start = False
+            i += 1
+            continue
+        if kind == "brace":
+            if c == "}":
+                stack.pop()
+            i += 1
+            continue
+        if kind == "arith":
+            if c == "(":
+                frame[1] += 1
+            elif c == ")":
+                if frame[1]:
+                    frame[1] -= 1
+                else:
+                    stack.pop()
+                    i += 1 if at(i + 1) == ")" else 0
+                    word_start = False
+            i += 1
+            continue
+        if kind == "arithb":
+            if c == "]":
+                stack.pop()
+            i += 1
+            continue
+        if kind == "bracket":
+            if c == "]":
+                stack.pop()
+                i += 1
+            elif c in _WORD_END:
+                stack.pop()  # not a bracket after all: the word ends here
+            else:
+                i += 1
+            continue
+        if kind == "dbr":
+            if word_start and c == "]" and at(i + 1) == "]" and (
+                at(i + 2) is not None and at(i + 2) in ("", *_WORD_END)  # type: ignore[operator]
+            ):
+                stack.pop()
+                word_start = False
+                i += 2
+                continue
+            word_start = c in _BLANKS
+            i += 1
+            continue
+        # kind == "cmd": command text
+        if c in _BLANKS or c in ";&|<>":
+            word_start = True
+            i += 1
+            continue
+        if word_start and c == "#":
+            stack.append(["comment", 0, False])
+            i += 1
+            continue
+        if c == "(":
+            if word_start and at(i + 1) == "(":
+                stack.append(["arith", 0, False])
+                i += 2
+                continue
+            frame[1] += 1
+            word_start = True
+            i += 1
+            continue
+        if c == ")":
+            if frame[1]:
+                frame[1] -= 1
+            elif len(stack) > 1:
+                stack.pop()
+                word_start = False
+                i += 1
+                continue
+            word_start = True
+            i += 1
+            continue
+        if c == "[":
+            nxt = at(i + 1)
+            if word_start and nxt == "[" and at(i + 2) is not None and (
+                at(i + 2) in ("", *_BLANKS)  # type: ignore[operator]
+            ):
+                stack.append(["dbr", 0, False])
+                word_start = True
+                i += 2
+                continue
+            if not (word_start and nxt is not None and nxt in ("", *_WORD_END)):
+                stack.append(["bracket", 0, False])  # not the word '[' (test)
+            word_start = False
+            i += 1
+            continue
+        if word_start and not confused and _word_at(cs, i) == "case" and any(
+            f[0] != "cmd" for f in stack
+        ):
+            # a pattern's ')' would seem to close the '$(' around; where that '$(' stands in
+            # quotes, opf cannot tell what the rest of the script is in
+            confused = True
+        word_start = False
         i += 1
-    return states
+    return places, positional
 
+
+def _word_at(cs: list[str | None], i: int) -> str:
+    end = i
+    while end < len(cs) and cs[end] is not None and cs[end] not in _WORD_END:  # type: ignore[operator]
+        end += 1
+    return "".join(cs[i:end])  # type: ignore[arg-type]

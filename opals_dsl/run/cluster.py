@@ -10,12 +10,20 @@ Embedded cluster
     the profile, connection files and logs) live in ``<state>/ipython``, never in the user's
     home. The hub's heartbeat runs every 100 ms (start-up waits for the first beats, so this is
     what makes a cold start take about a second rather than six); it declares an engine lost
-    after 5 s without an answer. The engines tolerate a silent hub for a minute. The processes
-    of the cluster (with their creation times, which rules out a reused process id) are written
-    to ``<state>/cluster.json`` while it runs; a run that finds that file — its run was killed
-    before it could stop its cluster — stops those processes first. On the way out, steps still
-    running (an interrupted run gives them a few seconds after SIGINT) are killed, the cluster is
-    stopped, and any of its processes still alive are killed.
+    after 5 s without an answer. The engines tolerate a silent hub for a minute. Every process
+    of the cluster carries the run's id in its environment (``OPF_RUN_ID``, as the steps do).
+    The processes of the cluster (with their creation times, which rules out a reused process
+    id) are written to ``<state>/cluster.json`` while it runs, and told to the run's lifeline
+    (:mod:`opals_dsl.reaper`), which ends the cluster within seconds if this process dies
+    without stopping it (``kill -9``); a run that finds the file — its run and its lifeline
+    were killed — stops those processes, and every process carrying that run's id, first. A
+    start that is interrupted (Ctrl-C) stops between two of ipyparallel's steps, never inside
+    its event loop. On the way out, steps still running (an interrupted run gives them a few
+    seconds after SIGINT) are killed with their process groups, the cluster is stopped, and
+    every process of the run still alive is ended.
+
+Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
+    A controller here and engines started by ipyparallel's launchers: :mod:`opals_dsl.launchers`.
 
 Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
     Only a client is opened (the connection file is passed positionally: ipyparallel ignores
@@ -29,6 +37,12 @@ Engines
     :class:`EngineCall` that pickles *by name* (≈300 bytes per message, 6 µs to pack); a
     module-level function would travel as its code object (≈1.6 kB, 60 µs), and would run the
     driver's copy of the code rather than the engine's installed one.
+
+Lost engines
+    :meth:`IPyParallelExecutor.discard` kills a lost engine that still runs on this machine (same
+    process id and creation time as when it was identified), unless the controller itself is
+    out of reach. Replies to requests the client no longer waits for (an engine taken for lost
+    that comes back) are dropped, rather than printed by ipyparallel as "stale results".
 
 Memory
     A consumed result is dropped from the client's caches at once; every few hundred messages
@@ -49,8 +63,11 @@ import json
 import logging
 import os
 import secrets
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +75,8 @@ from typing import Any
 
 from ..errors import ClusterError
 from .engine import write_atomic
-from .runtime import EngineInfo
+from .reaper import MARKER, end_run
+from .runtime import EngineInfo, new_run_id
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
 HEARTBEAT_MS = 100
@@ -123,13 +141,15 @@ def prepare_engine(scratch: str | None) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     """Where to run: an embedded cluster of ``engines`` engines (None: one per core), or an
-    existing cluster named by ``profile`` or by its client connection file ``cluster_file``.
+    existing cluster named by ``profile`` or by its client connection file ``cluster_file``,
+    or engines that opf starts elsewhere (``launch``, :class:`opals_dsl.launchers.LaunchOptions`).
     ``timeout`` bounds connecting and waiting for engines (seconds)."""
 
     engines: int | None = None
     profile: str | None = None
     cluster_file: str | None = None
     timeout: float = 30.0
+    launch: Any = None
 
     @property
     def embedded(self) -> bool:
@@ -146,12 +166,18 @@ class IPyParallelExecutor:
         self.client = client
         self.scratch = scratch
         self.timeout = timeout
+        #: the run id its engines carry in their environment (an embedded cluster), if any
+        self.run_id: str | None = None
         self._views: dict[int, Any] = {}
         self._engines: dict[int, EngineInfo] = {}
         self._consumed: list[str] = []
         self._purge_next: list[str] = []
         self._ping: tuple[Any, float] | None = None
         self._last_ping = time.monotonic()
+        self._unreachable = False
+        # engine id -> (pid, creation time) of the engines that run on this machine
+        self._local: dict[int, tuple[int, float]] = {}
+        _quiet_late_replies(client)
         infos, errors = self._identify(client.ids)
         if errors:
             engine, message = errors[0]
@@ -190,6 +216,11 @@ class IPyParallelExecutor:
         view = self.client[info.id]
         view.block = False
         self._views[info.id] = view
+        if info.host == socket.gethostname():
+            import psutil
+
+            with contextlib.suppress(psutil.Error):
+                self._local[info.id] = (info.pid, psutil.Process(info.pid).create_time())
 
     # the Executor interface
 
@@ -262,6 +293,7 @@ class IPyParallelExecutor:
 
     def refresh(self) -> tuple[list[EngineInfo], list[int]]:
         if not self._controller_answers():
+            self._unreachable = True  # the engines are not to blame: leave them be
             gone = sorted(self._engines)  # every engine is out of reach with its controller
             self._engines.clear()
             self._views.clear()
@@ -291,9 +323,57 @@ class IPyParallelExecutor:
         if targets:
             self.client.send_signal("SIGINT", targets=targets, block=False)
 
+    def discard(self, engine: int) -> str | None:
+        """Kill a lost engine's process if it runs on this machine: an engine taken for lost
+        (frozen with ``kill -STOP``, swapping, hung) would otherwise hold its task's folder,
+        and the task could not run elsewhere on this machine. Its steps die with it (their
+        groups are ended by the engine's lifeline)."""
+        self._views.pop(engine, None)
+        self._engines.pop(engine, None)
+        local = self._local.pop(engine, None)
+        if local is None or self._unreachable:
+            return None
+        import psutil
+
+        pid, created = local
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) > 0.01:
+                return None
+            status = proc.status()
+            if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            proc.kill()
+        except psutil.Error:
+            return None
+        how = "was stopped" if status == psutil.STATUS_STOPPED else "did not answer"
+        return f"its process {pid} on this machine {how}; it was killed, with its steps"
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close(linger=0)
+
+
+def _quiet_late_replies(client: Any) -> None:
+    """Drop replies to requests the client no longer waits for. An engine that was taken for
+    lost and comes back (``kill -CONT``) still answers; ipyparallel would print each such
+    "stale result" — the whole message — on standard output."""
+    handlers = getattr(client, "_queue_handlers", None)
+    if not isinstance(handlers, dict):
+        return
+    for kind, handler in list(handlers.items()):
+        def only_awaited(msg: Any, handler: Any = handler) -> None:
+            with contextlib.suppress(Exception):
+                md = msg.get("metadata") or {}
+                if md.get("is_broadcast") and md.get("is_coalescing"):
+                    msg_id = md.get("original_msg_id")
+                else:
+                    msg_id = (msg.get("parent_header") or {}).get("msg_id")
+                if msg_id not in client.outstanding:
+                    return
+            handler(msg)
+
+        handlers[kind] = only_awaited
 
 
 # -- the embedded cluster --------------------------------------------------------------------
@@ -324,21 +404,6 @@ def _live(records: Iterable[dict[str, Any]]) -> list[Any]:
     return list(found.values())
 
 
-def _terminate(procs: list[Any], grace: float = 3.0) -> None:
-    import psutil
-
-    if not procs:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
-
-
 def _kill(procs: list[Any]) -> None:
     import psutil
 
@@ -349,16 +414,20 @@ def _kill(procs: list[Any]) -> None:
 
 def stop_leftover_cluster(state_dir: str | Path) -> bool:
     """Stop the embedded cluster an earlier, killed run recorded in ``state_dir``; True if any
-    of its processes were still running."""
+    of its processes were still running (and the same for engines it started elsewhere)."""
+    from .launchers import stop_leftover_launch
+
+    launched = stop_leftover_launch(state_dir)
     record = Path(state_dir) / "cluster.json"
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return False
+        return launched
     except (OSError, ValueError):
         data = {}
-    procs = _live(data.get("processes") or [])
-    _terminate(procs)
+    if not isinstance(data, dict):
+        data = {}
+    procs = end_run(data.get("processes") or [], data.get("run_id"), grace=3.0)
     profile_dir = data.get("profile_dir")
     cluster_id = data.get("cluster_id")
     if profile_dir and cluster_id:
@@ -369,7 +438,7 @@ def stop_leftover_cluster(state_dir: str | Path) -> bool:
                 (security / name).unlink()
     with contextlib.suppress(OSError):
         record.unlink()
-    return bool(procs)
+    return bool(procs) or launched
 
 
 @contextlib.contextmanager
@@ -378,37 +447,64 @@ def _ipython_dir(path: Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    old = os.environ.get("IPYTHONDIR")
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["IPYTHONDIR"] = str(path)
+    with _environ(IPYTHONDIR=str(path)):
+        yield
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables of this process (its children inherit them) for the
+    duration."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("IPYTHONDIR", None)
-        else:
-            os.environ["IPYTHONDIR"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class EmbeddedCluster:
-    """A controller and ``n`` engines on this machine, owned by this run."""
+    """A controller and ``n`` engines on this machine, owned by this run.
 
-    def __init__(self, state_dir: Path, n: int, timeout: float) -> None:
+    Every process of the cluster carries the run's ``run_id`` in its environment
+    (``OPF_RUN_ID``, which the run's steps carry too), and is told to the run's lifeline
+    (:mod:`opals_dsl.reaper`): a small process that ends them all should this process die
+    without stopping them. ``interrupted`` is asked while the cluster starts; when it says
+    True, the start stops with KeyboardInterrupt (raised here, never inside ipyparallel's event
+    loop).
+    """
+
+    def __init__(self, state_dir: Path, n: int, timeout: float, run_id: str | None = None,
+                 interrupted: Callable[[], bool] | None = None) -> None:
         self.state_dir = state_dir
         self.n = n
         self.timeout = timeout
+        self.run_id = run_id
+        self.interrupted = interrupted
         self.ipython_dir = state_dir / "ipython"
         self.profile_dir = self.ipython_dir / "profile_opf"
         self.record = state_dir / "cluster.json"
         self.cluster: Any = None
         self.client: Any = None
         self._procs: list[dict[str, Any]] = []
+        self._lifeline: subprocess.Popen | None = None
+
+    def _check(self) -> None:
+        if self.interrupted is not None and self.interrupted():
+            raise KeyboardInterrupt
 
     def start(self) -> Any:
         import ipyparallel as ipp
         import psutil
 
         stop_leftover_cluster(self.state_dir)
+        self._check()
+        self._start_lifeline()
         cluster_id = f"opf-{os.getpid()}-{secrets.token_hex(3)}"
         logger = logging.getLogger(f"{__name__}.ipyparallel")
         logger.propagate = False
@@ -427,18 +523,55 @@ class EmbeddedCluster:
         )
         self.cluster.start_controller_sync()
         self._remember(cluster_id, [self.cluster.controller.process])
+        self._check()
         self.cluster.start_engines_sync(self.n)
         engines = [launcher.process for es in self.cluster.engines.values()
                    for launcher in es.launchers.values()]
         self._remember(cluster_id, engines)
+        self._check()
         self.client = self.cluster.connect_client_sync()
-        self.client.wait_for_engines(self.n, timeout=self.timeout)
+        waiting = self.client.wait_for_engines(self.n, timeout=self.timeout, block=False)
+        while True:
+            self._check()
+            try:
+                waiting.result(timeout=0.1)
+                break
+            except TimeoutError:
+                if waiting.done():
+                    raise
         tree = []
         for proc in [self.cluster.controller.process, *engines]:
             with contextlib.suppress(psutil.Error):
                 tree.extend(proc.children(recursive=True))
         self._remember(cluster_id, tree)
         return self.client
+
+    def _start_lifeline(self) -> None:
+        """The run's lifeline: ends the cluster if this process dies without stopping it."""
+        env = {k: v for k, v in os.environ.items() if k != MARKER}
+        reaper = Path(__file__).with_name("reaper.py")
+        try:
+            self._lifeline = subprocess.Popen(
+                [sys.executable, str(reaper), "run"], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )
+        except OSError:
+            self._lifeline = None
+            return
+        if self.run_id:
+            self._tell({"marker": self.run_id})
+
+    def _tell(self, item: dict[str, Any] | None) -> None:
+        proc = self._lifeline
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write((json.dumps(item) + "\n" if item is not None else "done\n")
+                             .encode())
+            proc.stdin.flush()
+        except OSError:
+            pass
 
     def output_tail(self, lines: int = 8) -> str:
         """The last lines the controller and the engines wrote (for a failed start)."""
@@ -461,16 +594,22 @@ class EmbeddedCluster:
             rec = _proc_record(proc)
             if rec is not None:
                 self._procs.append(rec)
+                self._tell(rec)
         data = {"cluster_id": cluster_id, "profile_dir": str(self.profile_dir),
-                "driver": os.getpid(), "processes": self._procs}
+                "driver": os.getpid(), "run_id": self.run_id, "processes": self._procs}
         write_atomic(str(self.record), json.dumps(data, indent=1).encode("utf-8"))
 
     def stop(self) -> None:
         # steps still running (an interrupt that did not reach them in time) are children of
-        # the engines: kill them first, so that the engines are free to exit when told
-        leftovers = _live(self._procs)
+        # the engines, each leading a process group: end them first, so that the engines are
+        # free to exit when told
         ours = {rec["pid"] for rec in self._procs}
-        _kill([p for p in leftovers if p.pid not in ours])
+        leftovers = [p for p in _live(self._procs) if p.pid not in ours]
+        for proc in leftovers:
+            with contextlib.suppress(OSError):
+                if os.getpgid(proc.pid) == proc.pid:
+                    os.killpg(proc.pid, 9)
+        _kill(leftovers)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close(linger=0)
@@ -479,13 +618,25 @@ class EmbeddedCluster:
             with contextlib.suppress(Exception):
                 self.cluster.stop_cluster_sync()
         # what is left (the engines' nannies linger ~3 s trying to reach the stopped hub,
-        # steps a busy engine was running) belongs to a cluster already told to stop
-        _kill(_live(self._procs))
+        # steps a busy engine was running, the engines' lifelines finishing their work)
+        # belongs to a cluster already told to stop: every process of the run goes now
+        end_run(self._procs, self.run_id, grace=0.5)
         with contextlib.suppress(OSError):
             self.record.unlink()
         if self.cluster is not None:
             self._remove_logs(self.cluster.cluster_id)
         self.cluster = None
+        if self._lifeline is not None:
+            self._tell(None)  # done: nothing for it to end
+            with contextlib.suppress(OSError):
+                if self._lifeline.stdin is not None:
+                    self._lifeline.stdin.close()
+            try:
+                self._lifeline.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._lifeline.kill()
+                self._lifeline.wait()
+            self._lifeline = None
 
     def _remove_logs(self, cluster_id: str) -> None:
         folder = self.profile_dir / "log"
@@ -509,30 +660,42 @@ def _describe(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
-                 scratch: str | None = None) -> Iterator[IPyParallelExecutor]:
+                 scratch: str | None = None, run_id: str | None = None,
+                 interrupted: Callable[[], bool] | None = None,
+                 ) -> Iterator[IPyParallelExecutor]:
     """Start or reach the cluster ``options`` name and yield an executor for its engines.
 
-    An embedded cluster is stopped on the way out, however the block ends; an existing one is
+    An embedded cluster is stopped on the way out, however the block ends (and by its lifeline
+    if this process is killed); every process of it carries ``OPF_RUN_ID=run_id``; a start
+    that ``interrupted`` reports interrupted raises KeyboardInterrupt. An existing cluster is
     only disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    if options.embedded:
-        yield from _embedded(options, state, scratch)
+    if options.launch is not None:
+        from .launchers import launched
+
+        yield from launched(options, state, scratch)
+    elif options.embedded:
+        yield from _embedded(options, state, scratch, run_id, interrupted)
     else:
         yield from _existing(options, state, scratch)
 
 
-def _embedded(options: ClusterOptions, state: Path,
-              scratch: str | None) -> Iterator[IPyParallelExecutor]:
+def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
+              run_id: str | None, interrupted: Callable[[], bool] | None,
+              ) -> Iterator[IPyParallelExecutor]:
     n = options.engines or os.cpu_count() or 1
-    cluster = EmbeddedCluster(state, n, options.timeout)
+    run_id = run_id or new_run_id()
+    cluster = EmbeddedCluster(state, n, options.timeout, run_id, interrupted)
     executor = None
-    with _ipython_dir(cluster.ipython_dir):
+    marked = _environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
+    with _ipython_dir(cluster.ipython_dir), marked:
         try:
             try:
                 client = cluster.start()
                 executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
+                executor.run_id = run_id
             except ClusterError:
                 raise
             except Exception as exc:

@@ -41,8 +41,26 @@ The file
     A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "failed": true,
     "time": ...}``. The last line of a task is the one that counts. A line that is cut off or
     garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
-    runs again. When the file is opened for a run it is compacted if more than half of its lines
-    are stale or any is unreadable: written afresh under a temporary name and renamed.
+    runs again; so is a record whose fields do not have the types written here (the file edited
+    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
+    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
+    for a run it is compacted if more than half of its lines are stale or any is unreadable:
+    written afresh under a temporary name and renamed.
+
+Receipts
+    Each request carries a *stamp* (:meth:`Journal.stamp`): the sig its record will have, its
+    ``cmd``, the sigs of its upstream tasks, its call modules' state and the driver's time of
+    sending (``sent``). Once the task's results are in place the engine appends a receipt (the
+    stamp plus what the engine saw: ``staged``, ``shared``, ``outputs``) to a file of its own in
+    ``<state>/journal/<pipeline>.receipts/``. A run that ends takes in its own receipts (of
+    results it never received) and removes them; those left by a killed run (or by engines
+    that went on without it) are read when the journal is loaded: a receipt becomes its task's
+    record when its ``cmd`` is the plan's and the task's record, if any, is older than the
+    receipt's ``sent`` (and not the receipt's own sig). So a result that landed while nobody
+    listened is "unchanged" — exactly as it landed; a destination changed since still reads
+    "output changed", and the downstream tasks that used the result before it landed again see
+    "upstream T ran again since". The next run writes adopted receipts into the journal and
+    removes the receipt files.
 
 Durability
     The records of one round of results go to the file in a single ``write`` (the file is opened
@@ -138,6 +156,11 @@ class Journal(RunListener):
         self.decisions: list[Decision] | None = None
         self.lines_read = 0
         self.bad_lines = 0
+        #: what :meth:`warnings` reports: tasks whose record is a line of JSON but not a
+        #: record, complete lines that are not JSON records, a file that is no journal
+        self.damaged: list[str] = []
+        self.unreadable = 0
+        self.foreign = False
         #: why the journal stopped recording, if it did
         self.error: str | None = None
         self._header_ok = False
@@ -152,6 +175,13 @@ class Journal(RunListener):
         self._module_files: dict[str, str] = {}
         self._salt = secrets.token_hex(8)  # sigs differ between runs even at one clock reading
         self._serial = 0
+        #: where engines leave receipts of tasks whose results landed
+        self.receipts = path.with_suffix(".receipts")
+        self._run_tag = secrets.token_hex(6)
+        self._stubs: dict[int, dict[str, Any]] = {}
+        self._cmds: dict[int, str] = {}
+        self._adopted: list[str] = []
+        self._receipt_files: list[Path] = []
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -170,6 +200,15 @@ class Journal(RunListener):
         """The journal for a run: loaded, compacted if worthwhile, open for appending."""
         journal = cls.read(state_dir, plan, checksum=checksum, tasks=tasks)
         journal._open_for_append()
+        if journal._adopted:
+            journal._write("".join(journal._adopted))
+            journal._sync(force=True)
+            journal._adopted = []
+        if journal.error is None:  # what they said is in the journal now
+            for receipt in journal._receipt_files:
+                with contextlib.suppress(OSError):
+                    receipt.unlink()
+        journal._receipt_files = []
         return journal
 
     def __enter__(self) -> Journal:
@@ -182,9 +221,11 @@ class Journal(RunListener):
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
-            return
-        with f:
-            self._read_lines(f)
+            pass
+        else:
+            with f:
+                self._read_lines(f)
+        self._adopt_receipts()
 
     def _read_lines(self, lines: Iterable[bytes]) -> None:
         first = True
@@ -193,13 +234,14 @@ class Journal(RunListener):
                 continue
             if first:
                 first = False
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     head = json.loads(raw)
                     if isinstance(head, dict) and head.get("opf-journal") == VERSION:
                         self._header_ok = True
                         continue
                 if not self._header_ok:  # another format: start afresh
                     self.bad_lines += 1
+                    self.foreign = True
                     return
             self.lines_read += 1
             # file names that are not UTF-8 were written through surrogateescape: read them so
@@ -207,19 +249,17 @@ class Journal(RunListener):
             name = _name_of(text)
             if name is None:
                 self.bad_lines += 1
+                if raw.endswith(b"\n"):  # not the cut-off end of a write a kill interrupted
+                    self.unreadable += 1
                 continue
             self.records[name] = text + "\n"
 
     def _open_for_append(self) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        from .engine import is_temp_name
+        from .engine import remove_abandoned_temporaries
 
-        with os.scandir(folder) as entries:  # a compaction that was killed
-            for entry in entries:
-                if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+        remove_abandoned_temporaries(str(folder))  # of a compaction that was killed
         stale = self.lines_read - len(self.records)
         if (not self._header_ok or self.bad_lines or stale > len(self.records)) and (
                 self.records or self.path.exists()):
@@ -295,25 +335,38 @@ class Journal(RunListener):
         self._sync(force=True)
 
     def close(self) -> None:
-        """Flush and close; the journal can still be read afterwards."""
+        """Flush and close; the journal can still be read afterwards. This run's receipts are
+        taken in first (a task whose result this run never received — an engine that finished
+        after an interrupt, or after it was taken for lost — but which landed) and then
+        removed, once the journal holds what they say."""
         if self._fd is None:
             return
         try:
+            self._receipt_files = []
+            self._adopt_receipts(prefix=self._run_tag + "-")
+            self._pending.extend(self._adopted)
+            self._adopted = []
             self.flush()
         finally:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+        if self.error is None:
+            for receipt in self._receipt_files:
+                with contextlib.suppress(OSError):
+                    receipt.unlink()
+        self._receipt_files = []
 
     # -- RunListener -----------------------------------------------------------------------
 
     def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
-        line = self._record(task.order, result)
+        line = self._record(task.order, result, self._stubs.pop(task.order, None))
         self.records[task.name] = line
         if self._fd is not None:
             self._pending.append(line)
 
     def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+        self._stubs.pop(task.order, None)
         body = _ENCODE({"failed": True, "time": round(time.time(), 3)})
         line = _line(task.name, FAILED_SIG, body)
         self.records[task.name] = line
@@ -390,9 +443,10 @@ class Journal(RunListener):
             return "new"
         try:
             rec = json.loads(_body(line))
-        except ValueError:
-            return "new"  # an unreadable record: as if there were none
-        if not isinstance(rec, dict):
+        except (ValueError, RecursionError):
+            rec = None
+        if not _well_formed(rec):  # a damaged record: as if there were none
+            self._damaged(ref.name)
             return "new"
         if rec.get("failed"):
             return "failed in the last run"
@@ -427,6 +481,34 @@ class Journal(RunListener):
         if fresh:
             self._refresh[i] = fresh
         return None
+
+    def _damaged(self, name: str) -> None:
+        """Forget the record of task ``name``: it cannot be read as one (the journal was edited,
+        or damaged on its disk); the task runs again and gets a new record."""
+        del self.records[name]
+        self.bad_lines += 1
+        self.damaged.append(name)
+
+    def warnings(self) -> list[str]:
+        """What the user should hear about the journal: that it is not one, lines that could
+        not be read, and records that were skipped because they are damaged (their tasks run
+        again). A line cut off at the end of the file (a run killed while writing it) is the
+        expected trace of a kill, and not reported."""
+        out = []
+        if self.foreign:
+            out.append(f"{self.path} does not begin as an opf journal; it is ignored, so every "
+                       "task runs")
+        if self.unreadable:
+            count = self.unreadable
+            out.append(f"{count} line{'s' if count != 1 else ''} of the journal {self.path} "
+                       f"{'are' if count != 1 else 'is'} not a record and skipped")
+        if self.damaged:
+            shown = ", ".join(self.damaged[:3]) + (", ..." if len(self.damaged) > 3 else "")
+            count = len(self.damaged)
+            out.append(f"{count} record{'s' if count != 1 else ''} of the journal {self.path} "
+                       f"{'are' if count != 1 else 'is'} damaged and skipped ({shown}); "
+                       f"{'those tasks run' if count != 1 else 'that task runs'} again")
+        return out
 
     def _input_changed(self, path: str, st: list[int] | None,
                        old: list[Any]) -> tuple[str | None, list[Any] | None]:
@@ -489,6 +571,7 @@ class Journal(RunListener):
                                nodes[ref.copyback].get("files") or []])
         digest = hashlib.blake2b((what + "\0" + shared).encode("utf-8", "surrogateescape"),
                                  digest_size=12).hexdigest()
+        self._cmds[i] = digest
         return digest, steps
 
     def _upstream_files(self, i: int) -> set[str]:
@@ -555,9 +638,27 @@ class Journal(RunListener):
             self._hashes[key] = digest
         return digest
 
-    def _record(self, i: int, result: Mapping[str, Any]) -> str:
+    def _code_stats(self, i: int) -> dict[str, list[Any]]:
+        """The driver's view of task ``i``'s call modules (``in`` entries)."""
+        code = {}
+        for src in self._code(i):
+            entry = self._shared_stat(src)
+            if entry is not None and self.checksum:
+                digest = self._hash(src, entry)
+                if digest is not None:
+                    entry = [*entry[:2], digest]
+            if entry is not None:
+                code[src] = entry
+        return code
+
+    def _record(self, i: int, result: Mapping[str, Any],
+                stub: Mapping[str, Any] | None = None) -> str:
+        """The record line of task ``i`` from the engine's ``result``; ``stub`` (what
+        :meth:`stamp` gave the request) supplies its sig, upstream sigs and call modules as
+        they were when the task was sent, and for a receipt its time."""
         ref = self.tasks[i]
         nodes = self.plan.nodes
+        adopting = stub is not None and "landed" in stub
         cmd, steps = self._command(i)
         ins: dict[str, list[Any]] = {}
         staged_files = nodes[ref.task_stage].get("files") or ()
@@ -571,31 +672,110 @@ class Journal(RunListener):
                 ins[src] = list(entry)
         shared, _ = self._job(ref.job, ref.machine_stage)
         seen = result.get("shared") or []
-        driver_side = [(src, list(seen[k]) if k < len(seen) else self._shared_stat(src))
-                       for k, (src, _) in enumerate(shared)]
-        driver_side += [(src, self._shared_stat(src)) for src in self._code(i)]
-        for src, entry in driver_side:
+        for k, (src, _) in enumerate(shared):
+            entry = list(seen[k]) if k < len(seen) else self._shared_stat(src)
             if entry is None:
                 continue
-            if self.checksum and len(entry) < 3:
+            if self.checksum and len(entry) < 3 and not adopting:  # hash the file as it is now
                 digest = self._hash(src, entry)
                 if digest is not None:
                     entry = [*entry[:2], digest]
             ins[src] = entry
-        up = {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]}
+        code = stub.get("code") if stub is not None else None
+        ins.update(code if isinstance(code, dict) else self._code_stats(i))
+        up = stub.get("up") if stub is not None else None
+        if not isinstance(up, dict):
+            up = {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]}
         out: dict[str, list[Any]] = {}
         outputs = result.get("outputs") or []
         for k, (_, dest) in enumerate(nodes[ref.copyback].get("files") or ()):
             entry = outputs[k] if k < len(outputs) else self._stat(dest)
             if entry is not None:
                 out[dest] = list(entry)
-        now = time.time()
-        self._serial += 1
-        sig = hashlib.blake2b(f"{ref.name}\0{cmd}\0{now!r}\0{self._salt}{self._serial}".encode(
-            "utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        sig = stub.get("sig") if stub is not None else None
+        if not isinstance(sig, str) or len(sig) != 16:
+            sig = self._new_sig(ref.name, cmd)
+        when = stub.get("sent") if adopting and stub is not None else None
+        now = float(when) if isinstance(when, (int, float)) else time.time()
         body = _ENCODE({"cmd": cmd, "steps": steps, "in": ins, "up": up, "out": out,
                         "time": round(now, 3)})
         return _line(ref.name, sig, body)
+
+    def _new_sig(self, name: str, cmd: str) -> str:
+        self._serial += 1
+        return hashlib.blake2b(
+            f"{name}\0{cmd}\0{time.time()!r}\0{self._salt}{self._serial}".encode(
+                "utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+    # -- receipts -----------------------------------------------------------------------------
+
+    def stamp(self, task: TaskRef) -> dict[str, Any]:
+        """What a request carries so that its engine leaves a receipt once the task's results
+        landed (:meth:`opals_dsl.engine._Task.write_receipt`): the record's sig (also used when
+        the result reaches this run), the sigs of its upstream tasks and the state of its call
+        modules now, the time it was sent, and where receipts go."""
+        i = task.order
+        cmd = self._cmds.get(i) or self._command(i)[0]
+        stub = {
+            "task": task.name, "sig": self._new_sig(task.name, cmd),
+            "sent": round(time.time(), 3), "cmd": cmd,
+            "up": {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]},
+            "code": self._code_stats(i),
+        }
+        self._stubs[i] = stub
+        return {"folder": str(self.receipts), "run": self._run_tag, "record": stub}
+
+    def _adopt_receipts(self, prefix: str = "") -> None:
+        """Take the receipts engines left for results that landed without this journal
+        hearing of them (``opf run`` killed, or an engine that went on after it lost contact).
+
+        A receipt stands for a record when its task's command is the plan's and it is newer
+        than the task's record: the task was sent (``sent``, by the driver's clock, as the
+        record's ``time``) after the record was written, and its record is not the receipt's
+        own (same sig). It then becomes the task's record, with the outputs' size and time as
+        the engine saw them once they were in place — so a result that landed is "unchanged",
+        and one changed since is not."""
+        try:
+            entries = sorted(p for p in self.receipts.iterdir()
+                             if p.suffix == ".jsonl" and p.name.startswith(prefix))
+        except OSError:
+            return
+        index = {t.name: t.order for t in self.tasks}
+        best: dict[int, dict[str, Any]] = {}
+        for path in entries:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            self._receipt_files.append(path)
+            for raw in data.splitlines():
+                try:
+                    rec = json.loads(raw)
+                    i = index[rec["task"]]
+                    sent = float(rec["sent"])
+                    landed = float(rec["landed"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                old = best.get(i)
+                if old is None or (sent, landed) > (old["sent"], old["landed"]):
+                    best[i] = rec
+        for i, rec in sorted(best.items()):
+            name = self.tasks[i].name
+            if rec.get("cmd") != (self._cmds.get(i) or self._command(i)[0]):
+                continue
+            line = self.records.get(name)
+            if line is not None:
+                if self.sig_of(name) == rec.get("sig"):
+                    continue
+                try:
+                    recorded = float(json.loads(_body(line)).get("time") or 0)
+                except (ValueError, TypeError, AttributeError):
+                    recorded = 0.0
+                if recorded >= float(rec["sent"]):
+                    continue
+            line = self._record(i, rec, rec)
+            self.records[name] = line
+            self._adopted.append(line)
 
     def _refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
         name = self.tasks[i].name
@@ -629,11 +809,29 @@ def _name_of(text: str) -> str | None:
     if "\\" in quoted:
         try:
             name = json.loads(quoted)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     else:
         name = quoted[1:-1] if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' else None
     return name if isinstance(name, str) else None
+
+
+def _well_formed(rec: Any) -> bool:
+    """Has a parsed record the fields, of the types, that :meth:`Journal._compare` reads?"""
+    if not isinstance(rec, dict):
+        return False
+    if rec.get("failed"):
+        return True
+    steps = rec.get("steps")
+    if not isinstance(rec.get("cmd"), str) or not isinstance(steps, list):
+        return False
+    if not all(isinstance(s, list) and s and isinstance(s[0], str) for s in steps):
+        return False
+    for key in ("in", "up", "out"):
+        part = rec.get(key, {})
+        if not isinstance(part, dict):
+            return False
+    return all(isinstance(v, list) for key in ("in", "out") for v in rec.get(key, {}).values())
 
 
 def _body(line: str) -> str:

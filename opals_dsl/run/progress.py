@@ -11,9 +11,12 @@ Out: text on a stream (standard error by default).
 * ``quiet``: only failures.
 
 A task that fails for good is always reported in full: the task, the step and node, the exit
-status, the last lines of the step's log, where the whole log is and the task folder that was
-kept for inspection. A retry or a lost engine gets one line. The summary names, for each failure,
-the tasks left out because of it (``--keep-going``).
+status, the last lines of the step's log (control characters shown as ``\\xNN``, never sent to
+the terminal: :func:`printable`), where the whole log is and the task folder that was kept for
+inspection, if one was. Counts agree in number ("1 task", "2 tasks": :func:`count`). When the
+stream fails (the terminal went away), the run goes on without output. A retry or a lost
+engine gets one line. The summary names, for each failure, the tasks left out because of it
+(``--keep-going``).
 
 :func:`decision_lines` renders what a run would do with each task (``opf run --dry-run``).
 """
@@ -34,6 +37,20 @@ if TYPE_CHECKING:
 TAIL_SHOWN = 10
 #: tasks named per failure in the summary's "not run because ... failed" lines
 BLOCKED_SHOWN = 5
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``count(1, "task")`` → ``"1 task"``, ``count(2, "task")`` → ``"2 tasks"``."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7f, 0xa0)] if c != 0x09}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes, carriage returns, bells ...)
+    shown as ``\\xNN`` instead of acted on; tabs are kept. For what steps wrote."""
+    return text.translate(_CONTROL)
 
 
 def format_bytes(n: int) -> str:
@@ -65,7 +82,7 @@ def failure_report(task: TaskRef, failure: TaskFailure) -> str:
     attempts = failure.attempt + 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     lines = [f"FAILED {task.name}: {where}{tries}"]
-    lines.append(f"  {failure.message}")
+    lines.append(f"  {printable(failure.message)}")
     if failure.returncode is not None and failure.kind == "exit":
         lines.append(f"  exit status: {failure.returncode}")
     if failure.engine is not None:
@@ -74,7 +91,7 @@ def failure_report(task: TaskRef, failure: TaskFailure) -> str:
     tail = [line for line in failure.tail if line.strip()][-TAIL_SHOWN:]
     if tail:
         lines.append("  last lines of the log:")
-        lines.extend(f"    | {line}" for line in tail)
+        lines.extend(f"    | {printable(line)}" for line in tail)
     if failure.log:
         lines.append(f"  full log: {failure.log}")
     if failure.task_dir:
@@ -97,7 +114,7 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     rows.append(("retried", str(summary.retried)))
     if summary.engines_lost:
         rows.append(("engines lost", f"{summary.engines_lost} "
-                                     f"({summary.resubmitted} tasks moved)"))
+                                     f"({count(summary.resubmitted, 'task')} moved)"))
     rows += [
         ("wall time", format_duration(summary.wall)),
         ("staged", format_bytes(summary.bytes_staged)),
@@ -126,7 +143,7 @@ def decision_lines(title: str, decisions: list[Decision]) -> list[str]:
              for d in decisions]
     runs = sum(1 for d in decisions if d.run)
     total = len(decisions)
-    lines.append(f"{title}: {runs} of {total} task{'s' if total != 1 else ''} would run, "
+    lines.append(f"{title}: {runs} of {count(total, 'task')} would run, "
                  f"{total - runs} unchanged")
     return lines
 
@@ -137,7 +154,7 @@ def outcome_line(summary: RunSummary) -> str:
     if summary.interrupted:
         return "interrupted"
     if summary.failed:
-        return f"{summary.failed} task{'s' if summary.failed != 1 else ''} failed"
+        return f"{count(summary.failed, 'task')} failed"
     if summary.not_run or summary.blocked:
         return "stopped"
     if summary.total and not summary.done:
@@ -168,6 +185,7 @@ class Progress(RunListener):
         self._bar_task: Any = None
         self._console: Any = None
         self._nothing_to_run = False
+        self._gone = False
         if self.interactive:
             from rich.console import Console
 
@@ -176,11 +194,16 @@ class Progress(RunListener):
     # -- output ----------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
-        if self._console is not None:
-            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
-        else:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+        if self._gone:
+            return
+        try:
+            if self._console is not None:
+                self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+        except OSError:  # the terminal went away (a dropped ssh session): the run goes on
+            self._gone = True
 
     # -- events ----------------------------------------------------------------------------
 
@@ -191,8 +214,11 @@ class Progress(RunListener):
             return
         total = to_run + unchanged
         if to_run:
-            self._say(f"{self.title}: {unchanged} of {total} tasks unchanged since the last "
-                      f"run; {to_run} to run")
+            self._say(f"{self.title}: {unchanged} of {count(total, 'task')} unchanged since the "
+                      f"last run; {to_run} to run")
+        elif total == 1:
+            self._say(f"{self.title}: its task is unchanged since the last run; nothing to run "
+                      f"(--force runs it again)")
         else:
             self._say(f"{self.title}: all {total} tasks unchanged since the last run; nothing "
                       f"to run (--force runs them again)")
@@ -203,9 +229,8 @@ class Progress(RunListener):
         machines = len({e.machine for e in engines.values()})
         if self.quiet or (self._nothing_to_run and not engines):
             return
-        self._say(f"{self.title}: {total} task{'s' if total != 1 else ''} on {len(engines)} "
-                  f"engine{'s' if len(engines) != 1 else ''} ({machines} "
-                  f"machine{'s' if machines != 1 else ''})")
+        self._say(f"{self.title}: {count(total, 'task')} on {count(len(engines), 'engine')} "
+                  f"({count(machines, 'machine')})")
         if self.interactive:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -251,7 +276,7 @@ class Progress(RunListener):
         if self.quiet:
             return
         self._say(f"retrying {task.name} (attempt {failure.attempt + 2} of "
-                  f"{task.retries + 1}): {failure.message}")
+                  f"{task.retries + 1}): {printable(failure.message)}")
 
     def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
         self._say(failure_report(task, failure))
@@ -263,9 +288,13 @@ class Progress(RunListener):
     def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
         if self.quiet:
             return
-        moved = f"; {len(tasks)} task{'s' if len(tasks) != 1 else ''} go to other engines" \
-            if tasks else ""
+        moved = (f"; {count(len(tasks), 'task')} {'goes' if len(tasks) == 1 else 'go'} to "
+                 f"other engines") if tasks else ""
         self._say(f"engine {engine} was lost{moved}")
+
+    def engine_discarded(self, engine: int, note: str) -> None:
+        if not self.quiet:
+            self._say(f"engine {engine}: {note}")
 
     def stopping(self, reason: str) -> None:
         if self.quiet:

@@ -46,13 +46,22 @@ Outcomes
     * An engine that is lost (its result fails as an engine failure, or it leaves the cluster)
       takes no more work; the tasks it held go back to the ready heap with their attempt number
       unchanged, and each gets a trace row with status ``lost`` for its task stage on that
-      engine. If no engine remains, the run ends (``summary.no_engines``).
+      engine. The executor is asked to ``discard`` it (a lost engine still running on this
+      machine is killed, so that it cannot hold its task's folder). The tasks of the batch it
+      was running are charged with the loss and from then on travel alone; a task charged
+      :data:`LOST_LIMIT` times fails for good (it keeps killing its engine), naming the step
+      whose log was written last. If no engine remains, the run ends (``summary.no_engines``).
     * ``skip(task) -> bool`` is asked when a task becomes ready, before it would be submitted; a
       skipped task counts as finished for the tasks downstream (a journal uses this to resume).
     * After each round of results the listeners get ``checkpoint()``: a journal makes what it
       recorded durable then, once per round rather than once per task.
     * Ctrl-C (``KeyboardInterrupt``) stops submitting, asks the executor to interrupt what is
       running, waits briefly for it, and returns with ``summary.interrupted`` set.
+
+Every request carries the run's id (``run_id``: given, the executor's, or a fresh one), which
+the engines put in the environment of the steps as ``OPF_RUN_ID``, and, when a ``stamp`` hook is
+given (a journal's :meth:`~opals_dsl.journal.Journal.stamp`), what the engine needs to leave a
+receipt once the task's results landed.
 
 The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
 failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
@@ -95,6 +104,15 @@ NOT_RUN = "not-run"  # the run stopped before the task was submitted
 
 TRACE_FIELDS = ("node", "kind", "job", "task", "step", "engine", "machine", "start", "end",
                 "status", "bytes", "attempt")
+#: a task on which this many engines were lost fails for good: it keeps killing its engine
+LOST_LIMIT = 2
+
+
+def new_run_id() -> str:
+    """A fresh id for a run (``OPF_RUN_ID`` of every process the run starts)."""
+    import secrets
+
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
 
 
 # -- the executor interface ------------------------------------------------------------------
@@ -140,6 +158,11 @@ class Executor(Protocol):
 
     def interrupt(self, engines: Iterable[int]) -> None:
         """Best effort: interrupt what these engines are running (Ctrl-C)."""
+        ...
+
+    def discard(self, engine: int) -> str | None:
+        """Best effort: make sure a lost engine does no more work (an engine process of this
+        machine that is still there is killed); say what was done, or None."""
         ...
 
 
@@ -189,6 +212,9 @@ class LocalExecutor:
 
     def interrupt(self, engines: Iterable[int]) -> None:
         pass
+
+    def discard(self, engine: int) -> str | None:
+        return None
 
 
 # -- what the scheduler tells the world -------------------------------------------------------
@@ -317,6 +343,9 @@ class RunListener:
     def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
         pass
 
+    def engine_discarded(self, engine: int, note: str) -> None:
+        """A lost engine was made to stop (``note`` says how)."""
+
     def stopping(self, reason: str) -> None:
         pass
 
@@ -368,6 +397,10 @@ class Listeners(RunListener):
     def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
         for x in self.all:
             x.engine_lost(engine, tasks)
+
+    def engine_discarded(self, engine: int, note: str) -> None:
+        for x in self.all:
+            x.engine_discarded(engine, note)
 
     def stopping(self, reason: str) -> None:
         for x in self.all:
@@ -438,9 +471,12 @@ def plan_tasks(plan: nx.DiGraph) -> tuple[list[TaskRef], list[list[int]]]:
 
 
 def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str | None,
-                  logs: Path, checksum: bool = False) -> dict[str, Any]:
+                  logs: Path, checksum: bool = False, run_id: str | None = None,
+                  receipt: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine request for one task (docs/plan-format.md → the engine's request dict);
-    ``checksum`` asks the engine for the SHA-256 of each input it stages."""
+    ``checksum`` asks the engine for the SHA-256 of each input it stages, ``run_id`` marks the
+    steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once the task's results
+    landed (:meth:`opals_dsl.journal.Journal.stamp`)."""
     nodes = plan.nodes
     machine = nodes[ref.machine_stage] if ref.machine_stage in nodes else {}
     stage = nodes[ref.task_stage]
@@ -468,32 +504,49 @@ def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str 
                      "files": [list(p) for p in nodes[ref.copyback].get("files") or ()]},
         "logs": str(logs / ref.job / ref.task),
         "checksum": checksum,
+        "run_id": run_id,
+        "receipt": receipt,
     }
 
 
-def remove_stale_temporaries(plan: nx.DiGraph) -> list[str]:
-    """Remove the temporaries a killed run left in the destination folders; return their paths."""
-    from .engine import is_temp_name
-
+def destination_folders(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None) -> list[str]:
+    """The folders the copy-backs of ``tasks`` (default: every task) write into, sorted."""
     root = plan.graph["root"]
+    if tasks is None:
+        nodes = (data for _, data in plan.nodes(data=True) if data.get("kind") == "copyback")
+    else:
+        nodes = (plan.nodes[t.copyback] for t in tasks if t.copyback in plan.nodes)
     folders = set()
-    for _, data in plan.nodes(data=True):
-        if data.get("kind") == "copyback":
-            for _, dest in data.get("files") or ():
-                folders.add(os.path.dirname(os.path.join(root, dest)))
+    for data in nodes:
+        for _, dest in data.get("files") or ():
+            folders.add(os.path.dirname(os.path.join(root, dest)))
+    return sorted(folders)
+
+
+def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None
+                             ) -> list[str]:
+    """Remove the temporaries that killed copy-backs left in the destination folders of
+    ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
+    is provably gone are removed (:func:`opals_dsl.engine.remove_abandoned_temporaries`): those
+    another run is still writing stay."""
+    from .engine import remove_abandoned_temporaries
+
     removed = []
-    for folder in sorted(folders):
-        try:
-            with os.scandir(folder) as entries:
-                stale = [e.path for e in entries
-                         if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
-        except OSError:
-            continue
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
+    for folder in destination_folders(plan, tasks):
+        removed += remove_abandoned_temporaries(folder)
     return removed
+
+
+class TemporarySweeper(RunListener):
+    """Removes what a copy-back left behind as soon as its engine is lost: the abandoned
+    temporaries in the destination folders of the tasks that engine held."""
+
+    def __init__(self, plan: nx.DiGraph) -> None:
+        self.plan = plan
+
+    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+        with contextlib.suppress(OSError):
+            remove_stale_temporaries(self.plan, tasks)
 
 
 # -- the trace -------------------------------------------------------------------------------
@@ -575,6 +628,8 @@ class Scheduler:
         retries: int | None = None,
         checksum: bool = False,
         tasks: tuple[list[TaskRef], list[list[int]]] | None = None,
+        run_id: str | None = None,
+        stamp: Callable[[TaskRef], dict[str, Any] | None] | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
@@ -595,6 +650,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.engine_wait = engine_wait
         self.interrupt_wait = interrupt_wait
+        self.run_id = run_id or getattr(executor, "run_id", None) or new_run_id()
+        self.stamp = stamp
 
         self.tasks, self.deps = tasks if tasks is not None else plan_tasks(plan)
         if retries is not None:
@@ -608,6 +665,8 @@ class Scheduler:
         self.pending = [len(ups) for ups in self.deps]
         self.state = [WAITING] * n
         self.attempt = [0] * n
+        #: task -> the engines lost while it was running (tasks with none are not in it)
+        self.lost_on: dict[int, list[int]] = {}
         self.ready: list[int] = []
         self.engines: dict[int, EngineInfo] = dict(executor.engines())
         self.held: dict[int, list[_Batch]] = {e: [] for e in self.engines}
@@ -709,7 +768,11 @@ class Scheduler:
             size = self._batch_size(self.tasks[self.ready[0]].job, slots)
             picked: list[int] = []
             while self.ready and len(picked) < size:
+                if picked and self.ready[0] in self.lost_on:
+                    break  # a task that was running when an engine was lost travels alone
                 picked.append(heapq.heappop(self.ready))
+                if picked[-1] in self.lost_on:
+                    break
             self._submit(engine, picked)
 
     def _batch_size(self, job: str, slots: int) -> int:
@@ -721,9 +784,11 @@ class Scheduler:
         return max(1, min(size, self.max_batch, fair))
 
     def _submit(self, engine: int, picked: list[int]) -> None:
+        stamp = self.stamp
         requests = [
             build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
-                          logs=self.logs, checksum=self.checksum)
+                          logs=self.logs, checksum=self.checksum, run_id=self.run_id,
+                          receipt=stamp(self.tasks[i]) if stamp is not None else None)
             for i in picked
         ]
         try:
@@ -818,6 +883,10 @@ class Scheduler:
             self.state[i] = READY
             heapq.heappush(self.ready, i)
             return
+        self._failed_for_good(i, record)
+
+    def _failed_for_good(self, i: int, record: TaskFailure) -> None:
+        ref = self.tasks[i]
         self.state[i] = FAILED
         self.summary.failed += 1
         self.summary.failures.append(record)
@@ -874,27 +943,91 @@ class Scheduler:
                      resubmit: bool = True, lost_batch: _Batch | None = None) -> None:
         """Take ``engine`` out; its tasks (``tasks`` and those it holds) become ready again
         with their attempt unchanged. ``resubmit=False``: ``tasks`` were never sent;
-        ``lost_batch``: the batch whose failure showed the loss (``tasks`` are its tasks)."""
+        ``lost_batch``: the batch whose failure showed the loss (``tasks`` are its tasks).
+
+        The tasks of the batch the engine was running (its oldest: an engine runs its batches
+        in order) are charged with the loss; one charged :data:`LOST_LIMIT` times fails for
+        good instead — it keeps killing its engine. A lost engine still running on this machine
+        is killed (``Executor.discard``), so that it cannot hold a task's folder for ever."""
         sent = list(tasks)
         moved = list(sent)
         info = self.engines.get(engine)
         lost_at = time.time()
+        lost: list[_Batch] = [] if lost_batch is None else [lost_batch]
         for batch in self.held.pop(engine, []):
+            future = batch.future
+            if future.done() and future.exception() is None:
+                continue  # it finished before the loss: its result is on the completion queue
             if self.batches.pop(batch.id, None) is not None:
                 moved.extend(batch.tasks)
-                for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
-                    self._trace_lost(i, attempt, engine, info, batch.sent, lost_at)
-        if lost_batch is not None:
-            for i, attempt in zip(lost_batch.tasks, lost_batch.attempts, strict=True):
-                self._trace_lost(i, attempt, engine, info, lost_batch.sent, lost_at)
+                lost.append(batch)
+        for batch in lost:
+            for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
+                self._trace_lost(i, attempt, engine, info, batch.sent, lost_at)
+        running = min(lost, key=lambda b: b.id) if lost and resubmit else None
+        if running is not None:
+            for i in running.tasks:
+                self.lost_on.setdefault(i, []).append(engine)
         self.load.pop(engine, None)
-        for i in moved:
+        note = None
+        known = self.engines.pop(engine, None) is not None
+        if known:
+            with contextlib.suppress(Exception):
+                note = self.executor.discard(engine)
+        given_up = [i for i in moved if len(self.lost_on.get(i, ())) >= LOST_LIMIT]
+        again = [i for i in moved if i not in given_up]
+        for i in again:
             self.state[i] = READY
             heapq.heappush(self.ready, i)
-        self.summary.resubmitted += len(moved) - (0 if resubmit else len(sent))
-        if self.engines.pop(engine, None) is not None:
+        self.summary.resubmitted += len(again) - (0 if resubmit else len(sent))
+        if known:
             self.summary.engines_lost += 1
-            self.listener.engine_lost(engine, [self.tasks[i] for i in moved])
+            self.listener.engine_lost(engine, [self.tasks[i] for i in again])
+            if note:
+                self.listener.engine_discarded(engine, note)
+        for i in given_up:
+            self._kept_killing(i, engine, info, running.sent if running else lost_at)
+
+    def _kept_killing(self, i: int, engine: int, info: EngineInfo | None,
+                      since: float) -> None:
+        """Task ``i`` was running on :data:`LOST_LIMIT` engines that were lost: it fails for
+        good, its report naming the step whose log was written last."""
+        ref = self.tasks[i]
+        engines = self.lost_on[i]
+        node = step = log = None
+        tail: list[str] = []
+        for exec_node in reversed(ref.execs):
+            name = self.plan.nodes[exec_node].get("step")
+            path = self.logs / ref.job / ref.task / f"{name}.log"
+            try:
+                written = path.stat().st_mtime
+            except OSError:
+                continue
+            if written >= since - 2.0:  # the file server's clock may differ a little
+                from .engine import _tail
+
+                node, step, log, tail = exec_node, name, str(path), _tail(str(path))
+                break
+        during = f" while it ran step {step}" if step else ""
+        ids = ", ".join(str(e) for e in engines)
+        record = TaskFailure(
+            job=ref.job, task=ref.task, attempt=self.attempt[i], engine=engine,
+            machine=info.machine if info else None, node=node, step=step, kind="engine-lost",
+            returncode=None, log=log, tail=tail, task_dir=None,
+            message=(f"the engine running this task was lost {len(engines)} times (engines "
+                     f"{ids}){during}: the task keeps killing its engine — a step that ends or "
+                     f"crashes the engine's own process (a call of os._exit, a crash in a "
+                     f"call step's native code) or exhausts the machine's memory"),
+        )
+        if self.trace is not None:
+            self.trace.write({
+                "node": node or ref.task_stage, "kind": "exec" if node else "stage",
+                "job": ref.job, "task": ref.task, "step": step, "engine": engine,
+                "machine": record.machine, "start": since, "end": time.time(),
+                "status": FAILED, "bytes": 0, "attempt": self.attempt[i],
+                "returncode": None, "message": record.message,
+            })
+        self._failed_for_good(i, record)
 
     def _refresh(self) -> None:
         added, gone = self.executor.refresh()
@@ -1025,22 +1158,27 @@ def run_plan(
     force: bool = False,
     **policy: Any,
 ) -> RunSummary:
-    """Run ``plan`` on ``executor``: clear stale temporaries, schedule, write the trace.
+    """Run ``plan`` on ``executor``: clear abandoned temporaries (before, when an engine is
+    lost, and after), schedule, write the trace.
 
     ``state_dir`` receives ``trace.jsonl`` and ``logs/<job>/<task>/<step>.log``; ``scratch``
     overrides the engines' scratch root (default: the executor's ``scratch``, if it has one).
     With an open ``journal`` (:meth:`opals_dsl.journal.Journal.open`) tasks it finds unchanged
     are skipped (all run with ``force``) and every task that finishes is recorded in it.
     ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
-    ``engine_wait``, ``interrupt_wait``, ``retries``).
+    ``engine_wait``, ``interrupt_wait``, ``retries``, ``run_id``).
     """
     remove_stale_temporaries(plan)
+    listener = Listeners([TemporarySweeper(plan), listener])
     if journal is not None:
         journal.decide(force=force)
         skip = journal.skip
         listener = Listeners([journal, listener])
         policy.setdefault("checksum", journal.checksum)
         policy.setdefault("tasks", (journal.tasks, journal.deps))
+        policy.setdefault("stamp", journal.stamp)
     scheduler = Scheduler(plan, executor, state_dir=state_dir, scratch=scratch,
                           keep_going=keep_going, skip=skip, listener=listener, **policy)
-    return scheduler.run()
+    summary = scheduler.run()
+    remove_stale_temporaries(plan)  # of engines lost on the way, once they are gone
+    return summary

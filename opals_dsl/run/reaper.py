@@ -1,0 +1,222 @@
+"""Lifelines: a small process that ends what a dead process leaves running.
+
+A process that is killed outright (``kill -9``, the out-of-memory killer, ``os._exit`` in a
+``call`` step) cannot clean up after itself, and what it started goes on without it. So the
+processes of a run that start others keep a *lifeline*: a child process, in a session of its
+own (a Ctrl-C or a hang-up of the terminal does not reach it), that reads a pipe from its
+owner. The owner tells it what to end should it die; when the pipe reaches end of file without
+the owner having said ``done`` — the owner died, however — the lifeline ends those processes and
+exits. It does the same on SIGTERM; SIGINT and SIGHUP are ignored.
+
+``python -m opals_dsl.reaper groups`` (an engine's lifeline; standard library only)
+    Lines ``+PGID`` and ``-PGID``: the process group of a step that starts and ends (every step
+    runs in a session of its own, see :mod:`opals_dsl.engine`). At the end, every group still
+    listed gets SIGTERM (and SIGCONT, so that a stopped one sees it), and SIGKILL after
+    :data:`GRACE` seconds if any of it is left.
+
+``python -m opals_dsl.reaper run`` (the lifeline of ``opf run`` with an embedded cluster)
+    Lines of JSON: ``{"marker": RUN_ID}`` once, then ``{"pid": P, "created": T}`` for each
+    process of the cluster. At the end, :func:`end_run` ends those processes (a recorded pid
+    counts only with its creation time, so a reused pid is never hit), their descendants, the
+    process groups they lead, and every process whose environment carries ``OPF_RUN_ID=RUN_ID``
+    (steps that left their parent's tree). So an embedded cluster dies with its driver within a
+    few seconds, whatever killed the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+#: the environment variable that marks every process a run starts (engines, steps)
+MARKER = "OPF_RUN_ID"
+#: seconds between SIGTERM and SIGKILL
+GRACE = 2.0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise _Stop
+
+
+def _follow(take: Callable[[bytes], None]) -> bool:
+    """Pass each line of standard input to ``take`` until end of file or SIGTERM (True: the
+    owner is gone, end what it left) or a line ``done`` (False: nothing to end)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        for line in sys.stdin.buffer:
+            line = line.strip()
+            if line == b"done":
+                return False
+            with contextlib.suppress(ValueError):
+                take(line)
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+    return True
+
+
+def end_groups(groups: Iterable[int], grace: float = GRACE) -> None:
+    """SIGTERM (and SIGCONT) to each process group, SIGKILL to what is left after ``grace``."""
+    alive = set()
+    for pgid in groups:
+        if pgid <= 1 or pgid == os.getpgrp():
+            continue
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)
+            alive.add(pgid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        for pgid in list(alive):
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                alive.discard(pgid)
+    for pgid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def marked(marker: str) -> list[Any]:
+    """The processes (psutil) whose environment carries ``OPF_RUN_ID=marker``."""
+    import psutil
+
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get(MARKER) == marker:
+                found.append(proc)
+    return found
+
+
+def end_run(records: Iterable[dict[str, Any]], marker: str | None,
+            grace: float = GRACE) -> list[Any]:
+    """End a run's processes: the recorded ones (``{"pid", "created"}``, checked against the
+    creation time), their descendants, the process groups any of them leads, and every process
+    marked with ``marker``. SIGTERM first, SIGKILL after ``grace``. Returns what was found."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for rec in records:
+        try:
+            proc = psutil.Process(int(rec["pid"]))
+            if abs(proc.create_time() - float(rec["created"])) > 0.01:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found[proc.pid] = proc
+            for child in proc.children(recursive=True):
+                found[child.pid] = child
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            continue
+    if marker:
+        for proc in marked(marker):
+            found.setdefault(proc.pid, proc)
+    for pid in (os.getpid(), os.getppid()):
+        found.pop(pid, None)
+    procs = list(found.values())
+    if not procs:
+        return []
+    groups = set()
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc.pid) == proc.pid:  # it leads a group: a step, an engine ...
+                groups.add(proc.pid)
+    groups.discard(os.getpgrp())
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)
+    alive = _wait_gone(procs, grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    _wait_gone(alive, max(grace, 0.5))
+    return procs
+
+
+def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
+    """Wait up to ``timeout`` seconds for ``procs`` to end; those still running. A zombie
+    (ended, not yet reaped by its parent — which may be a slow init) counts as ended."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        still = []
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    still.append(proc)
+        alive = still
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def _groups_main() -> int:
+    groups: set[int] = set()
+
+    def take(line: bytes) -> None:
+        if line.startswith(b"+"):
+            groups.add(int(line[1:]))
+        elif line.startswith(b"-"):
+            groups.discard(int(line[1:]))
+
+    if _follow(take):
+        end_groups(groups)
+    return 0
+
+
+def _run_main() -> int:
+    marker: list[str] = []
+    records: list[dict[str, Any]] = []
+
+    def take(line: bytes) -> None:
+        item = json.loads(line)
+        if isinstance(item, dict) and "marker" in item:
+            marker.append(str(item["marker"]))
+        elif isinstance(item, dict):
+            records.append(item)
+
+    if _follow(take):
+        end_run(records, marker[-1] if marker else None)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["groups"]:
+        return _groups_main()
+    if argv == ["run"]:
+        return _run_main()
+    print("usage: python -m opals_dsl.reaper groups|run", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

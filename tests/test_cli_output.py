@@ -1,0 +1,116 @@
+"""What ``opf compile`` writes: whole or not at all, whatever the file names, and a reader that
+goes away early ends it quietly.
+
+* ``-o FILE`` is written to a temporary beside FILE and renamed into place, so FILE is never
+  seen cut off, also when the disk refuses the write half-way (here: a file size limit);
+* a file name that is not UTF-8 (Python holds its bytes as lone surrogates) is written as the
+  JSON escape ``\\udcff``, which a JSON reader turns back into that very name;
+* ``opf compile --json | head`` ends with the status of a program that SIGPIPE ended (141, as
+  ``yes | head``), and prints nothing.
+
+Every case runs ``opf`` as a child process, on real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+OPF = [sys.executable, "-m", "opals_dsl"]
+
+GLOB = """\
+    job j for f in "data/*.txt" {
+        output "results" flat
+        step s {
+            out o = "{f.stem}.out"
+            run cp {f} {o}
+        }
+    }
+"""
+
+MANY = """\
+    job tiles for i in range(20000) {
+        output "results" flat
+        step cut {
+            out tif = "{i}.tif"
+            run cut {i} {tif}
+        }
+    }
+"""
+
+
+def pipeline(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "p.opf"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_json_that_reads_back_to_it(tmp_path: Path):
+    path = pipeline(tmp_path, GLOB)
+    data = os.fsencode(tmp_path / "data")
+    os.mkdir(data)
+    for name in (b"a.txt", b"\xff\xfe.txt"):
+        with open(os.path.join(data, name), "wb") as f:
+            f.write(b"x")
+    proc = subprocess.run([*OPF, "compile", "--json", "-o", "plan.json", path.name],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    written = (tmp_path / "plan.json").read_bytes()
+    plan = json.loads(written.decode("utf-8"))  # valid UTF-8 text
+    files = {os.fsencode(dest) for node in plan["nodes"] if node["kind"] == "copyback"
+             for _, dest in node["files"]}
+    assert files == {b"results/a.out", b"results/\xff\xfe.out"}
+
+    proc = subprocess.run([*OPF, "compile", "--json", path.name], cwd=tmp_path,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == written
+
+
+def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
+    path = pipeline(tmp_path, MANY)
+    target = tmp_path / "plan.json"
+    target.write_text("the plan of yesterday\n")
+
+    def small_files() -> None:  # the disk refuses a file beyond 64 KiB: EFBIG, no signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    for fmt in ("--json", "--dot"):
+        proc = subprocess.run([*OPF, "compile", fmt, "-o", target.name, path.name],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              preexec_fn=small_files)
+        assert proc.returncode == 2, proc.stderr
+        assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+        assert target.read_text() == "the plan of yesterday\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.opf", "plan.json"]
+
+    proc = subprocess.run([*OPF, "compile", "--json", "-o", target.name, path.name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(target.read_text())["nodes"]) == 1 + 3 * 20000
+
+
+def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):
+    path = pipeline(tmp_path, MANY)
+    proc = subprocess.Popen([*OPF, "compile", "--json", path.name], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(1000).startswith(b'{"directed":true')
+        proc.stdout.close()  # as `head -c 1000` does
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+        assert err == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,82 @@
+"""Tests of opals_dsl.progress: what a person reads — failure reports that never pass a step's
+terminal control codes on, and counts in good English ("1 task", "2 tasks")."""
+
+from __future__ import annotations
+
+import io
+
+from opals_dsl.run.progress import Progress, count, failure_report, printable, summary_rows
+from opals_dsl.run.runtime import EngineInfo, RunSummary, TaskFailure, TaskRef
+
+TASK = TaskRef(order=0, job="dem", task="s1", machine_stage="stage:dem",
+               task_stage="stage:dem/s1", execs=("exec:dem/s1/grid",), copyback="copyback:dem/s1",
+               retries=0)
+
+
+def failure(**changes) -> TaskFailure:
+    fields = dict(job="dem", task="s1", attempt=0, engine=0, machine="vm:/tmp",
+                  node="exec:dem/s1/grid", step="grid", kind="exit", returncode=1,
+                  message="step grid exited with status 1", log="/state/logs/dem/s1/grid.log",
+                  tail=[], task_dir=None)
+    fields.update(changes)
+    return TaskFailure(**fields)
+
+
+def test_printable_shows_control_characters_and_keeps_tabs():
+    """Invariant: no character of the result is a control character, other than tab."""
+    text = "a\x1b[31mred\x1b[0m\tb\rc\x07\x08\x9b2J\x7f é"
+    shown = printable(text)
+    assert shown == "a\\x1b[31mred\\x1b[0m\tb\\x0dc\\x07\\x08\\x9b2J\\x7f é"
+    assert all(c == "\t" or (ord(c) >= 0x20 and not 0x7f <= ord(c) < 0xa0) for c in shown)
+
+
+def test_a_failure_report_never_passes_escape_codes_to_the_terminal():
+    report = failure_report(TASK, failure(
+        tail=["normal line", "\x1b[2J\x1b[Hcleared your screen", "bell\x07", "tab\there"],
+        message="step grid raised ValueError: \x1b]0;title\x07"))
+    assert "\x1b" not in report and "\x07" not in report
+    assert "    | \\x1b[2J\\x1b[Hcleared your screen" in report
+    assert "    | tab\there" in report
+    assert "step grid raised ValueError: \\x1b]0;title\\x07" in report
+
+
+def test_the_task_folder_is_named_only_when_it_was_kept():
+    assert "task folder kept" not in failure_report(TASK, failure(task_dir=None))
+    assert "  task folder kept: /scratch/opf/p/dem/s1" in failure_report(
+        TASK, failure(task_dir="/scratch/opf/p/dem/s1"))
+
+
+def test_counts_are_singular_and_plural():
+    assert (count(0, "task"), count(1, "task"), count(2, "task")) == ("0 tasks", "1 task",
+                                                                      "2 tasks")
+    one = dict(summary_rows(RunSummary(total=1, engines_lost=1, resubmitted=1)))
+    assert one["engines lost"] == "1 (1 task moved)"
+    two = dict(summary_rows(RunSummary(total=3, engines_lost=2, resubmitted=3)))
+    assert two["engines lost"] == "2 (3 tasks moved)"
+
+
+def progress_lines(events) -> list[str]:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interactive=False, title="p")
+    events(progress)
+    return stream.getvalue().splitlines()
+
+
+def test_progress_lines_agree_in_number():
+    engine = EngineInfo(0, "vm", 1, "/tmp", "vm:/tmp")
+    lines = progress_lines(lambda p: (
+        p.run_started(1, {0: engine}),
+        p.engine_lost(0, [TASK]),
+        p.engine_lost(1, [TASK, TASK]),
+        p.engine_discarded(2, "its process 7 on this machine was stopped; it was killed"),
+    ))
+    assert lines == [
+        "p: 1 task on 1 engine (1 machine)",
+        "engine 0 was lost; 1 task goes to other engines",
+        "engine 1 was lost; 2 tasks go to other engines",
+        "engine 2: its process 7 on this machine was stopped; it was killed",
+    ]
+    assert progress_lines(lambda p: p.resuming(0, 1)) == [
+        "p: its task is unchanged since the last run; nothing to run (--force runs it again)"]
+    assert progress_lines(lambda p: p.resuming(1, 1)) == [
+        "p: 1 of 2 tasks unchanged since the last run; 1 to run"]
