@@ -104,9 +104,9 @@ from .cluster import (
     _kill,
     _live,
     _proc_record,
-    _terminate,
 )
 from .engine import write_atomic
+from .reaper import end_run
 
 #: what ``--engines`` takes besides a number
 KINDS = ("ssh", "slurm", "pbs", "mpi")
@@ -957,8 +957,9 @@ def stop_leftover_launch(state_dir: str | Path) -> bool:
         return False
     except (OSError, ValueError):
         data = {}
-    procs = _live(data.get("processes") or [])
-    _terminate(procs)
+    if not isinstance(data, dict):
+        data = {}
+    procs = end_run(data.get("processes") or [], None, grace=3.0)
     job = data.get("batch_job")
     found = bool(procs)
     if isinstance(job, dict) and job.get("delete"):
