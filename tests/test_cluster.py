@@ -21,7 +21,7 @@ import pytest
 from conftest import EngineCluster, files_under, write_pipeline
 
 from opals_dsl.run.cluster import RUN_TASKS, EngineCall, IPyParallelExecutor, stop_leftover_cluster
-from opals_dsl.run.engine import is_temp_name
+from opals_dsl.run.fsatomic import is_temp_name
 
 QUICK = """
 pipeline quick

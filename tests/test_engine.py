@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from opals_dsl.run import engine
-from opals_dsl.run.engine import atomic_copy, identify, is_temp_name, run_tasks
+from opals_dsl.run import engine, locks
+from opals_dsl.run.engine import identify, run_tasks
+from opals_dsl.run.fsatomic import atomic_copy, is_temp_name
 
 REPO = Path(engine.__file__).resolve().parents[1]
 
@@ -838,7 +839,8 @@ def test_atomic_copy_into_a_file_parent_fails_cleanly(tmp_path: Path):
 LIMITED = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from opals_dsl.run.engine import atomic_copy, run_tasks
+    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.run.fsatomic import atomic_copy
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
     what, arg = sys.argv[1], sys.argv[2]
@@ -1025,13 +1027,14 @@ def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Pa
 def test_a_task_folder_held_by_a_stopped_process_fails_in_bounded_time(
         project: Project, monkeypatch: pytest.MonkeyPatch):
     """An engine frozen with its task's lock (kill -STOP) is not waited for for ever."""
-    monkeypatch.setattr(engine, "STOPPED_HOLDER_WAIT", 1.0)
-    locks = project.job_dir().parent / ".dem.tasks"
-    locks.mkdir(parents=True)
+    monkeypatch.setattr(locks, "STOPPED_HOLDER_WAIT", 1.0)
+    job_dir = project.job_dir()  # its tasks' locks are beside it, in .<its name>.tasks
+    folder = job_dir.parent / f".{job_dir.name}.tasks"
+    folder.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from opals_dsl.run.engine import _lock; "
-         "_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)",
-         str(locks / "strip11")],
+        [sys.executable, "-c", "import sys, time; from opals_dsl.run.locks import lock; "
+         "lock(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+         str(folder / "strip11")],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
     results: list[Any] = []
     worker = None

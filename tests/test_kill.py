@@ -36,7 +36,7 @@ import psutil
 from conftest import EngineCluster, files_under, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.run.engine import is_temp_name
+from opals_dsl.run.fsatomic import is_temp_name
 from opals_dsl.run.journal import Journal, journal_path
 
 KILL_TOOL = """

@@ -30,8 +30,8 @@ import psutil
 import pytest
 from conftest import files_under
 
-from opals_dsl.run import engine
-from opals_dsl.run.engine import atomic_copy, is_temp_name
+from opals_dsl.run import engine, fsatomic
+from opals_dsl.run.fsatomic import atomic_copy, is_temp_name
 from opals_dsl.run.journal import journal_path
 
 REPO = Path(engine.__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ WRITER = textwrap.dedent(
     import os, sys, time
     from opals_dsl.run import engine
     dst, ready, go = sys.argv[1:4]
-    with engine._replacing(dst) as tmp:
+    with fsatomic.replacing(dst) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, b"the first half")
         with open(ready + ".part", "w") as f:
@@ -256,7 +256,7 @@ def test_which_temporaries_are_proven_abandoned(tmp_path):
         wait_for(tmp_path / "dead", [dead])
         dead.kill()
         dead.wait(timeout=30)
-        here = engine._host_tag()
+        here = fsatomic._host_tag()
         other = "0" * 8 if here != "0" * 8 else "1" * 8
         mine = f"{os.getpid():08x}"  # this process runs, and holds no lock on these
         names = {
@@ -268,12 +268,12 @@ def test_which_temporaries_are_proven_abandoned(tmp_path):
         }
         for name in names.values():
             (folder / name).write_text("partial")
-        old = time.time() - engine.FOREIGN_GRACE - 60
+        old = time.time() - fsatomic.FOREIGN_GRACE - 60
         os.utime(folder / names["foreign_old"], (old, old))
         live_tmp = Path((tmp_path / "live").read_text())
         dead_tmp = Path((tmp_path / "dead").read_text())
 
-        removed = engine.remove_abandoned_temporaries(str(folder))
+        removed = fsatomic.remove_abandoned_temporaries(str(folder))
         assert sorted(removed) == sorted([str(dead_tmp), str(folder / names["legacy"]),
                                           str(folder / names["foreign_old"])])
         left = {p.name for p in folder.iterdir()}
@@ -295,7 +295,7 @@ def test_long_destination_names_are_copied_atomically(tmp_path, name):
     assert atomic_copy(str(src), str(out / name)) == 7000
     assert (out / name).read_bytes() == src.read_bytes()
     assert os.listdir(out) == [name]
-    tmp = engine._temp_path(str(out), name)
+    tmp = fsatomic._temp_path(str(out), name)
     assert len(os.fsencode(os.path.basename(tmp))) <= 255
     assert is_temp_name(tmp)
 

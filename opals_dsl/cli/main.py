@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     runcmd.add_arguments(p)
 
-    from ..lang import fmt as formatter
+    from . import fmt as formatter
 
     p = sub.add_parser("fmt", help="rewrite pipeline files in opf's one layout (comments kept)")
     formatter.add_arguments(p)
@@ -152,7 +152,7 @@ def _output(output: str | None) -> Iterator[TextIO]:
     if not output:
         yield sys.stdout
         return
-    from ..run.engine import _replacing as replacing
+    from ..run.fsatomic import replacing
 
     target = os.path.abspath(output)
     if os.path.isdir(target):
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return report.main(args)
         if args.command == "fmt":
-            from ..lang import fmt as formatter
+            from . import fmt as formatter
 
             return formatter.main(args)
         from . import run as runcmd

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .. import report
 from ..errors import UsageError
-from ..run.engine import write_atomic
+from ..run.fsatomic import write_atomic
 
 if TYPE_CHECKING:
     import networkx as nx

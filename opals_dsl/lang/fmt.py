@@ -38,19 +38,12 @@ The layout
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import os
 import re
-import stat
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lark import Token
 
-from ..errors import MAX_SHOWN, OpfError, OpfSyntaxError, PipelineError
+from ..errors import OpfError, OpfSyntaxError
 from ..source import SourceFile
 from . import nodes as n
 from .parse import parse, tokens
@@ -593,40 +586,6 @@ def _align_comments(lines: list[_Line]) -> None:
         i = j
 
 
-# -- opf fmt ---------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``opf fmt FILE... [--check] [--diff]``."""
-    p.add_argument(
-        "files", nargs="+", metavar="FILE",
-        help="pipeline files, or folders (every .opf file in them); '-' formats standard input "
-        "to standard output",
-    )
-    p.add_argument("--check", action="store_true",
-                   help="change nothing; exit 1 if a file would be reformatted")
-    p.add_argument("--diff", action="store_true",
-                   help="change nothing; print what would change as a unified diff")
-
-
-def _files(names: list[str]) -> Iterator[tuple[str, str | None]]:
-    """Each file to format, with the problem that stops it (a folder without .opf files)."""
-    for name in names:
-        path = Path(name)
-        if name == "-" or not path.is_dir():
-            yield name, None
-            continue
-        found = sorted(
-            p for p in path.rglob("*.opf")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not found:
-            yield name, f"{name} holds no .opf file"
-        for p in found:
-            yield str(p), None
-
-
 def format_text(text: str, name: str) -> str:
     """Format the text of a whole file as read from disk: its line ends (CRLF or not) and a
     byte order mark are kept, the layout inside is canonical."""
@@ -637,79 +596,3 @@ def format_text(text: str, name: str) -> str:
     if crlf:
         out = out.replace("\n", "\r\n")
     return ("\ufeff" if bom else "") + out
-
-
-def _write(path: str, text: str) -> None:
-    from .engine import write_atomic
-
-    target = os.path.realpath(path)  # a link stays a link: its file is rewritten
-    mode = stat.S_IMODE(os.stat(target).st_mode)
-    write_atomic(target, text.encode("utf-8"))
-    if stat.S_IMODE(os.stat(target).st_mode) != mode:
-        os.chmod(target, mode)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``opf fmt``: 0 done (or nothing to change), 1 with --check when a file would change,
-    2 when a file cannot be read or does not parse (it is left as it was)."""
-    status = 0
-    for name, problem in _files(args.files):
-        shown = "<stdin>" if name == "-" else name
-        if problem is not None:
-            print(f"opf: error: {problem}", file=sys.stderr)
-            status = 2
-            continue
-        try:
-            if name == "-":
-                text = sys.stdin.buffer.read().decode("utf-8")
-            else:
-                with open(name, encoding="utf-8", newline="") as fh:
-                    text = fh.read()
-            formatted = format_text(text, shown)
-        except PipelineError as exc:
-            for d in exc.diagnostics[:MAX_SHOWN]:
-                print(d.render(), file=sys.stderr)
-            count = len(exc.diagnostics)
-            print(f"opf: {shown}: not formatted: fix the error{'s' if count != 1 else ''} "
-                  "above first", file=sys.stderr)
-            status = 2
-            continue
-        except FormatError as exc:
-            print(exc.render(), file=sys.stderr)
-            status = 2
-            continue
-        except FileNotFoundError:
-            print(f"opf: error: no such file: {shown}", file=sys.stderr)
-            status = 2
-            continue
-        except UnicodeDecodeError as exc:
-            print(f"opf: error: {shown} is not UTF-8 text ({exc.reason})", file=sys.stderr)
-            status = 2
-            continue
-        except OSError as exc:
-            print(f"opf: error: {shown}: {exc.strerror or exc}", file=sys.stderr)
-            status = 2
-            continue
-        if name == "-" and not (args.check or args.diff):
-            sys.stdout.write(formatted)
-            continue
-        if formatted == text:
-            continue
-        if args.diff:
-            sys.stdout.writelines(difflib.unified_diff(
-                text.splitlines(keepends=True), formatted.splitlines(keepends=True),
-                fromfile=shown, tofile=f"{shown} (formatted)",
-            ))
-        if args.check:
-            print(f"would reformat {shown}", file=sys.stderr)
-            status = max(status, 1)
-        elif not args.diff:
-            try:
-                _write(name, formatted)
-            except OSError as exc:
-                print(f"opf: error: {shown}: cannot write: {exc.strerror or exc}",
-                      file=sys.stderr)
-                status = 2
-                continue
-            print(f"reformatted {shown}", file=sys.stderr)
-    return status

@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
-from .engine import write_atomic
+from .fsatomic import write_atomic
 from .reaper import MARKER, end_run
 from .runtime import EngineInfo, new_run_id
 

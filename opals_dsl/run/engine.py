@@ -114,7 +114,6 @@ import importlib
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -125,31 +124,23 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
-#: a temporary file's name starts with this prefix ...
-TEMP_PREFIX = "."
-#: ... and holds this tag, followed by hex digits: its writer's host (8), process id (8) and
-#: 8 random ones
-TEMP_TAG = ".opf-tmp-"
-#: a temporary written on another host is removed only when nobody holds its lock and it has
-#: not changed for this long (seconds): a shared drive may not show one host's locks to another
-FOREIGN_GRACE = 3600.0
+from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
+from .locks import HeldByStopped, lock, unlock
+from .steps import (
+    call_redirected,
+    forget_stale_module,
+    remember_module,
+    task_environment,
+    wait_step,
+)
+
 #: the file in a job folder that says its shared files are complete, and for which file set
 MARKER = ".opf-staged"
 #: how many lines of a failed step's log are reported
 TAIL_LINES = 20
-#: seconds a step's process group gets between SIGTERM and SIGKILL when it is stopped
-STOP_GRACE = 2.0
-#: seconds a task waits for its task folder's lock while the holder is a stopped process
-STOPPED_HOLDER_WAIT = 10.0
-#: seconds between two tries of a task folder's lock that another process holds
-LOCK_POLL = 0.1
 
-_TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
-_OWNER_RE = re.compile(r"\.opf-tmp-([0-9a-f]{8})([0-9a-f]{8})[0-9a-f]{8}\Z")
-_NAME_MAX = 255  # bytes in a file name, where the file system does not say
 _KEY_LEN = 16  # hex digits of the shared files' key in a job folder's name
 _KEY_LOCK_RE = re.compile(rf"\.([0-9a-f]{{{_KEY_LEN}}})\.lock\Z")
 _TAIL_BYTES = 64 * 1024
@@ -158,16 +149,8 @@ _TAIL_BYTES = 64 * 1024
 # shared lock on (see _Task.use_job_folder), the most recently used last; at most _HOLD_MAX
 _HELD: dict[str, tuple[str, int]] = {}
 _HOLD_MAX = 64
-# module imported for a call -> (its file, size, mtime_ns) when it was imported
-_MODULES: dict[str, tuple[str, int, int]] = {}
 # absolute scratch base as given -> resolved real path
 _SCRATCH: dict[str, str] = {}
-# the variables set for a task's steps, and their values in the engine's own environment
-_TASK_VARS = ("OPF_TASK", "OPF_JOB", "OPF_RUN_ID")
-_ENGINE_ENV = {name: os.environ.get(name) for name in _TASK_VARS}
-# process groups of the steps running now, and the lifeline that ends them if this process dies
-_GROUPS: set[int] = set()
-_LIFELINE: subprocess.Popen | None = None
 
 
 def identify(scratch: str | None = None) -> dict[str, Any]:
@@ -191,211 +174,6 @@ def job_folder(request: dict[str, Any]) -> str:
     return task.job_dir
 
 
-def is_temp_name(name: str) -> bool:
-    """True if ``name`` (a base name or a path) is a temporary written by :func:`atomic_copy`."""
-    return _TEMP_RE.match(os.path.basename(name)) is not None
-
-
-def atomic_copy(src: str, dst: str) -> int:
-    """Copy ``src`` to ``dst`` so that ``dst`` only ever appears complete; return the bytes copied.
-
-    Missing folders of ``dst`` are created. The data goes to a temporary beside ``dst``, is
-    flushed to disk and renamed into place; the folder is flushed too. On any error the temporary
-    is removed and the error re-raised, leaving ``dst`` as it was.
-    """
-    dst = os.path.abspath(dst)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with _replacing(dst) as tmp:
-        mode = stat.S_IMODE(os.stat(src).st_mode)
-        shutil.copyfile(src, tmp)
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-            with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
-                os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-    return size
-
-
-def remove_abandoned_temporaries(folder: str) -> list[str]:
-    """Remove the temporaries in ``folder`` whose writer is provably gone; return their paths.
-
-    A temporary is abandoned when nobody holds its lock (its writer holds one until the rename)
-    and, for one written on this host, its writer's process is gone; for one written on another
-    host, when nobody holds its lock and it has not changed for :data:`FOREIGN_GRACE` seconds.
-    Temporaries that name no writer (older versions of opf) go when nobody holds their lock.
-    Everything else, and every file that is not a temporary, stays.
-    """
-    try:
-        with os.scandir(folder) as entries:
-            found = [e.path for e in entries
-                     if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
-    return [path for path in sorted(found) if _remove_if_abandoned(path)]
-
-
-@contextlib.contextmanager
-def _replacing(dst: str, mode: int = 0o666) -> Iterator[str]:
-    """A temporary path beside ``dst``: what the block writes there (flushed by the block) is
-    renamed into place when it ends and the folder is flushed; on any error the temporary is
-    removed instead and ``dst`` stays as it was.
-
-    The temporary exists (empty, created with ``mode``) when the block starts, and this process
-    holds an exclusive ``flock`` on it until after the rename: that lock is what tells
-    :func:`remove_abandoned_temporaries` that it is still being written.
-    """
-    folder, name = os.path.split(dst)
-    tmp, fd = _create_temporary(folder, name, mode)
-    try:
-        try:
-            yield tmp
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    finally:
-        os.close(fd)  # releases the lock, once the temporary has its final name (or none)
-    _fsync_folder(folder)
-
-
-def _temp_path(folder: str, name: str) -> str:
-    """A fresh temporary name for ``name`` in ``folder``: ``.<name>.opf-tmp-<owner><random>``,
-    the name cut short (by bytes) where the whole would not fit the file system's name limit."""
-    tag = f"{TEMP_TAG}{_host_tag()}{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
-    raw = os.fsencode(name)
-    room = _name_max(folder) - len(os.fsencode(TEMP_PREFIX + tag))
-    if len(raw) > room:
-        raw = raw[:max(room, 1)]
-    return os.path.join(folder, TEMP_PREFIX + os.fsdecode(raw) + tag)
-
-
-def _create_temporary(folder: str, name: str, mode: int) -> tuple[str, int]:
-    """Create a new temporary for ``name`` in ``folder`` and lock it; its path and descriptor."""
-    while True:
-        tmp = _temp_path(folder, name)
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        except FileExistsError:  # the random part repeated: draw again
-            continue
-        try:
-            # only a sweeper looking at it can hold it now, for a moment; where the file
-            # system cannot lock, the owner in the name is what proves it alive
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if _same_file(tmp, fd):
-                return tmp, fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # a sweeper took it for abandoned before the lock: take another name
-
-
-def _remove_if_abandoned(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:  # its writer holds it
-            return False
-        except OSError:  # this file system cannot lock
-            locked = False
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) and _same_file(path, fd)):
-            return False
-        if not _abandoned(os.path.basename(path), locked, st.st_mtime):
-            return False
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _abandoned(name: str, locked: bool, mtime: float) -> bool:
-    """Is the temporary ``name`` proven abandoned? ``locked``: this process holds its lock
-    (False where the file system cannot lock; a temporary whose lock is held by another process
-    never gets here)."""
-    owner = _OWNER_RE.search(name)
-    if owner is None:  # written before temporaries named their writer
-        return locked
-    if owner.group(1) == _host_tag():  # nobody holds it, and its writer is gone
-        return not _alive_since(int(owner.group(2), 16), mtime)
-    return locked and time.time() - mtime > FOREIGN_GRACE
-
-
-def _alive_since(pid: int, mtime: float) -> bool:
-    """Might process ``pid`` of this host be the one that last wrote a file at ``mtime``?
-
-    False when no such process runs, when it is a zombie, or when it started after the file
-    was last written (its id was reused); True when it cannot be told."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by another user
-        pass
-    info = _process_start(pid)
-    if info is None:
-        return True
-    state, started = info
-    if state in ("Z", "X"):
-        return False
-    return started is None or started <= mtime + 2.0  # the start time is known to ~1 s
-
-
-def _process_start(pid: int) -> tuple[str, float | None] | None:
-    """A process's state letter and start time (seconds since the epoch), from ``/proc``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        state, ticks = fields[0].decode(), int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-    try:
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return state, boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError, IndexError):
-        return state, None
-
-
-def _same_file(path: str, fd: int) -> bool:
-    """Does ``path`` still name the file open as ``fd``?"""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    fst = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
-
-
-_HOST_TAG: list[str] = []
-
-
-def _host_tag() -> str:
-    """8 hex digits for this host in temporaries' names."""
-    if not _HOST_TAG:
-        _HOST_TAG.append(hashlib.sha256(socket.gethostname().encode(
-            "utf-8", "surrogateescape")).hexdigest()[:8])
-    return _HOST_TAG[0]
-
-
-def _name_max(folder: str) -> int:
-    try:
-        return min(int(os.pathconf(folder, "PC_NAME_MAX")), _NAME_MAX)
-    except (OSError, ValueError, TypeError):
-        return _NAME_MAX
 
 
 def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -492,7 +270,7 @@ class _Task:
             env = {"OPF_TASK": self.task, "OPF_JOB": self.job}
             if self.req.get("run_id"):
                 env["OPF_RUN_ID"] = str(self.req["run_id"])
-            with _environment(env):
+            with task_environment(env):
                 for ex in self.req.get("execs") or ():
                     self.exec_step(ex)
             self.copyback()
@@ -505,7 +283,7 @@ class _Task:
             self.result["failure"] = self.unexpected(exc)
         finally:
             if self.task_lock is not None:
-                _unlock(*self.task_lock)
+                unlock(*self.task_lock)
                 self.task_lock = None
         if self.trace and self.trace[-1]["end"] is None:
             self.trace[-1]["end"] = time.time()
@@ -606,7 +384,7 @@ class _Task:
         marker = os.path.join(self.job_dir, MARKER)
         lock_path = os.path.join(self.jobs_dir, f".{short}.lock")
         held = _HELD.pop(self.jobs_dir, None)
-        if held is not None and (held[0] != short or not _same_file(lock_path, held[1])):
+        if held is not None and (held[0] != short or not same_file(lock_path, held[1])):
             os.close(held[1])  # other content now, or the scratch folder was cleared
             held = None
         if held is not None:
@@ -620,7 +398,7 @@ class _Task:
                 except BaseException:
                     os.close(fd)
                     raise
-                if _same_file(lock_path, fd):
+                if same_file(lock_path, fd):
                     break
                 os.close(fd)  # the folder was removed meanwhile: lock the new one
             _HELD[self.jobs_dir] = (short, fd)
@@ -703,8 +481,8 @@ class _Task:
         locks = os.path.join(self.jobs_dir, f".{os.path.basename(self.job_dir)}.tasks")
         try:
             os.makedirs(locks, exist_ok=True)
-            self.task_lock = _lock(os.path.join(locks, self.task))
-        except _HeldByStopped as held:
+            self.task_lock = lock(os.path.join(locks, self.task))
+        except HeldByStopped as held:
             raise self.fail(
                 node, "stage",
                 f"the task folder {self.task_dir} is held by process {held.pid} on this machine, "
@@ -877,7 +655,7 @@ class _Task:
                 raise self.fail(node, "not-found", message, step=step, log=log)
             try:
                 # a session of its own: the step and everything it starts form one process
-                # group, which is ended as a whole (see _wait_step)
+                # group, which is ended as a whole (see wait_step)
                 proc = subprocess.Popen(
                     [exe, *argv[1:]], cwd=self.task_dir, stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -888,7 +666,7 @@ class _Task:
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log) from exc
-            code = _wait_step(proc)
+            code = wait_step(proc)
         if code != 0:
             if code < 0:
                 try:
@@ -922,7 +700,7 @@ class _Task:
                 message = (f"step {step} could not load {function} (pipeline folder "
                            f"{self.root}): {type(exc).__name__}: {_first_line(exc)}")
                 raise self.fail(node, "exception", message, step=step, log=log) from exc
-            error = _call_redirected(fn, kwargs, out, self.task_dir)
+            error = call_redirected(fn, kwargs, out, self.task_dir)
         if isinstance(error, SystemExit):
             code = error.code if isinstance(error.code, int) else 1
             raise self.fail(node, "exit", f"step {step} called sys.exit({error.code!r})",
@@ -939,11 +717,11 @@ class _Task:
             with contextlib.suppress(ValueError):
                 sys.path.remove(self.root)
             sys.path.insert(0, self.root)
-        _forget_stale_module(module_name, self.root)
+        forget_stale_module(module_name, self.root)
         if module_name not in sys.modules:
             importlib.invalidate_caches()  # files written since the last import attempt
         obj: Any = importlib.import_module(module_name)
-        _remember_module(module_name)
+        remember_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
         if not callable(obj):
@@ -1034,51 +812,6 @@ def _inside(base: str, rel: str) -> str | None:
     return path
 
 
-class _HeldByStopped(Exception):
-    """A task folder's lock is held by a process of this machine that stays stopped."""
-
-    def __init__(self, pid: int, waited: float) -> None:
-        super().__init__(f"held by stopped process {pid}")
-        self.pid = pid
-        self.waited = waited
-
-
-def _lock(path: str) -> tuple[str, int]:
-    """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it.
-
-    A waiter polls; if the holder (found in ``/proc/locks``) is a process of this machine that
-    stays stopped (``kill -STOP``: an engine taken for lost, frozen) for
-    :data:`STOPPED_HOLDER_WAIT` seconds, it gives up with :class:`_HeldByStopped` rather than
-    wait for ever. A holder that runs is waited for, however long it takes.
-    """
-    stopped_since: float | None = None
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                holder = _holder(fd)
-                if holder is not None and _is_stopped(holder):
-                    now = time.monotonic()
-                    stopped_since = stopped_since if stopped_since is not None else now
-                    if now - stopped_since >= STOPPED_HOLDER_WAIT:
-                        raise _HeldByStopped(holder, now - stopped_since)
-                else:
-                    stopped_since = None
-                time.sleep(LOCK_POLL)
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return path, fd
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the file was removed by its last holder: lock the new one
-
 
 def _marker_holds(marker: str, key: str) -> bool:
     """Does the job folder's marker say it is complete for ``key``?"""
@@ -1113,7 +846,7 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _same_file(path, fd):
+            if not same_file(path, fd):
                 continue
             folder = os.path.join(jobs_dir, match.group(1))
             with contextlib.suppress(FileNotFoundError):  # first: it no longer looks complete
@@ -1129,141 +862,10 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
     return removed
 
 
-def _holder(fd: int) -> int | None:
-    """The process that holds the flock on the file of ``fd``, from ``/proc/locks`` (Linux;
-    elsewhere None). Read only while waiting: the holder writes nothing, so taking a lock
-    costs no write (a write makes ext4 flush the file when it is closed)."""
-    try:
-        st = os.fstat(fd)
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    ino = f":{st.st_ino} "
-    found: dict[str, int] = {}
-    for line in lines:
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the id
-        if len(parts) >= 6 and parts[1] == "FLOCK" and ino in f"{parts[5]} ":
-            with contextlib.suppress(ValueError):
-                found[parts[5]] = int(parts[4])
-    exact = found.get(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
-    if exact is not None:
-        return exact
-    return next(iter(found.values())) if len(found) == 1 else None  # st_dev may differ
-
-
-def _is_stopped(pid: int) -> bool:
-    """True if process ``pid`` of this machine is stopped (Linux; elsewhere always False)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    state = data[data.rfind(b")") + 2:][:1]
-    return state in (b"T", b"t")
-
 
 # -- steps' process groups ------------------------------------------------------------------
 
 
-def _wait_step(proc: subprocess.Popen) -> int:
-    """Wait for a step started in a session of its own; return its exit status.
-
-    When the step's process ends, whatever it left running in its process group is killed
-    (before the step is reaped, so that the group's id cannot have been reused). If the wait
-    is interrupted (Ctrl-C reaching the engine, an engine shutting down), the whole group is
-    ended first — SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL — and the interruption goes on.
-    While the step runs its group is known to this process's lifeline, which ends it should
-    this process die.
-    """
-    pgid = proc.pid
-    _watch(pgid)
-    try:
-        try:
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOWAIT)
-        except BaseException:
-            _end_group(pgid)
-            raise
-        _killpg(pgid, signal.SIGKILL)
-    finally:
-        _unwatch(pgid)
-        proc.wait()
-    return proc.returncode
-
-
-def _end_group(pgid: int) -> None:
-    _killpg(pgid, signal.SIGTERM)
-    _killpg(pgid, signal.SIGCONT)  # a stopped process sees SIGTERM only once it runs
-    deadline = time.monotonic() + STOP_GRACE
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                    break
-            except ChildProcessError:
-                break
-            time.sleep(0.02)
-    except BaseException:  # a second interruption: no more grace
-        pass
-    _killpg(pgid, signal.SIGKILL)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _watch(pgid: int) -> None:
-    _GROUPS.add(pgid)
-    _tell(f"+{pgid}\n")
-
-
-def _unwatch(pgid: int) -> None:
-    _GROUPS.discard(pgid)
-    _tell(f"-{pgid}\n")
-
-
-def _tell(line: str) -> None:
-    """Tell this process's lifeline (:mod:`opals_dsl.reaper`, started when first needed and
-    again if it died) about a step group."""
-    global _LIFELINE
-    proc = _LIFELINE
-    if proc is not None and proc.poll() is None and proc.stdin is not None:
-        try:
-            proc.stdin.write(line.encode())
-            proc.stdin.flush()
-            return
-        except OSError:
-            pass
-    _LIFELINE = proc = _start_lifeline()
-    if proc is not None and proc.stdin is not None and _GROUPS:
-        with contextlib.suppress(OSError):
-            proc.stdin.write("".join(f"+{g}\n" for g in _GROUPS).encode())
-            proc.stdin.flush()
-
-
-def _start_lifeline() -> subprocess.Popen | None:
-    # the engine's own environment, without the variables of the task running now: the
-    # lifeline serves every task of this engine
-    env = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
-    env.update({k: v for k, v in _ENGINE_ENV.items() if v is not None})
-    reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper, "groups"], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
-            start_new_session=True,
-        )
-    except OSError:
-        return None
-
-
-def _unlock(path: str, fd: int) -> None:
-    with contextlib.suppress(OSError):  # removed while held, so that none piles up
-        os.unlink(path)
-    os.close(fd)
 
 
 class _Changing(Exception):
@@ -1312,33 +914,6 @@ def _file_in_the_way(folder: str) -> str | None:
         path = parent
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it only ever appears complete (as :func:`atomic_copy`
-    does): a temporary beside it, flushed to disk, renamed into place."""
-    with _replacing(path, 0o644) as tmp:
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some file systems cannot sync a folder; the rename is done
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
-
 
 def _remove_tree(path: str) -> None:
     """Remove a folder (or a file in its place), also when a step left read-only folders."""
@@ -1357,105 +932,6 @@ def _remove_tree(path: str) -> None:
             os.chmod(folder, 0o700)
     shutil.rmtree(path)
 
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the steps of one task (children inherit them), then undo.
-
-    Changing ``os.environ`` in place is much cheaper than building a fresh environment mapping
-    for every task; an engine runs one task at a time.
-    """
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
-                     cwd: str) -> BaseException | None:
-    """Call ``fn(**kwargs)`` in ``cwd`` with its output (Python and fd level) going to ``out``.
-
-    Returns the exception it raised (its traceback written to ``out``), or None. The working
-    directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 are restored in every
-    case; KeyboardInterrupt passes through after the restore.
-    """
-    try:
-        old_cwd: str | None = os.getcwd()
-    except OSError:
-        old_cwd = None
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved: list[tuple[int, int]] = []
-    old_out, old_err = sys.stdout, sys.stderr
-    error: BaseException | None = None
-    try:
-        for fd in (1, 2):
-            try:
-                saved.append((fd, os.dup(fd)))
-            except OSError:  # the descriptor is closed: nothing to redirect
-                continue
-            os.dup2(out.fileno(), fd)
-        sys.stdout = sys.stderr = out
-        os.chdir(cwd)
-        fn(**kwargs)
-    except SystemExit as exc:
-        if exc.code not in (None, 0):
-            error = exc
-    except Exception as exc:
-        tb = exc.__traceback__
-        out.write("".join(traceback.format_exception(type(exc), exc,
-                                                     tb.tb_next if tb else None)))
-        error = exc
-    finally:
-        with contextlib.suppress(Exception):
-            out.flush()
-        sys.stdout, sys.stderr = old_out, old_err
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-        if old_cwd is not None:
-            with contextlib.suppress(OSError):
-                os.chdir(old_cwd)
-    return error
-
-
-def _module_stamp(path: str) -> tuple[str, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-def _remember_module(name: str) -> None:
-    if name not in _MODULES:
-        file = getattr(sys.modules.get(name), "__file__", None)
-        stamp = _module_stamp(file) if file else None
-        if stamp is not None:
-            _MODULES[name] = stamp
-
-
-def _forget_stale_module(name: str, root: str) -> None:
-    """Drop a module a ``call`` imported earlier from ``sys.modules`` when its file changed
-    since, or when the pipeline in ``root`` has a file of that name elsewhere (an engine serves
-    many runs: each must run the code as it is now, from its own pipeline folder)."""
-    old = _MODULES.get(name)
-    if old is None or name not in sys.modules:
-        return
-    base = os.path.join(root, *name.split("."))
-    here = next((p for p in (base + ".py", os.path.join(base, "__init__.py"))
-                 if os.path.isfile(p)), None)
-    now = _module_stamp(old[0])
-    if now != old or (here is not None and os.path.realpath(here) != old[0]):
-        del sys.modules[name]
-        del _MODULES[name]
 
 
 def _tail(log: str) -> list[str]:

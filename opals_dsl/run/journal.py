@@ -257,7 +257,7 @@ class Journal(RunListener):
     def _open_for_append(self) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        from .engine import remove_abandoned_temporaries
+        from .fsatomic import remove_abandoned_temporaries
 
         remove_abandoned_temporaries(str(folder))  # of a compaction that was killed
         stale = self.lines_read - len(self.records)
@@ -277,7 +277,7 @@ class Journal(RunListener):
 
     def _rewrite(self) -> None:
         """Write the records afresh: to a temporary, flushed, renamed over the journal."""
-        from .engine import write_atomic
+        from .fsatomic import write_atomic
 
         data = (self._header() + "".join(self.records.values())).encode(
             "utf-8", "surrogateescape")

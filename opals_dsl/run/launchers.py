@@ -105,7 +105,7 @@ from .cluster import (
     _live,
     _proc_record,
 )
-from .engine import write_atomic
+from .fsatomic import write_atomic
 from .reaper import end_run
 
 #: what ``--engines`` takes besides a number

@@ -529,7 +529,7 @@ def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None =
     ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
     is provably gone are removed (:func:`opals_dsl.engine.remove_abandoned_temporaries`): those
     another run is still writing stay."""
-    from .engine import remove_abandoned_temporaries
+    from .fsatomic import remove_abandoned_temporaries
 
     removed = []
     for folder in destination_folders(plan, tasks):

@@ -1,0 +1,45 @@
+"""What the commands share: ``--param`` values, the run's state folder, and the words of an
+error line (the only place ``opf: error:`` is written)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UsageError
+
+#: where a run keeps its state, beside the pipeline file, unless ``--state`` says otherwise
+STATE_FOLDER = ".opf"
+
+
+def error_line(message: str) -> str:
+    """A message as the command line shows an error."""
+    return f"opf: error: {message}"
+
+
+def warning_line(message: str) -> str:
+    """A message as the command line shows a warning."""
+    return f"opf: warning: {message}"
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` options as a mapping (the values are converted when checked)."""
+    params: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--param takes NAME=VALUE, not '{item}'")
+        params[name.strip()] = value
+    return params
+
+
+def state_dir(file: str | Path, state: str | Path | None = None) -> Path:
+    """The run's state folder: ``state`` if given, else :data:`STATE_FOLDER` beside ``file``."""
+    if state:
+        return Path(state).expanduser().resolve()
+    return Path(file).resolve().parent / STATE_FOLDER
+
+
+def state_of(args: argparse.Namespace) -> Path:
+    """The state folder that the parsed arguments of a command name."""
+    return state_dir(args.file, getattr(args, "state", None))

@@ -1,0 +1,282 @@
+"""Files that only ever appear complete: the one atomic-write mechanism of opf.
+
+:func:`atomic_copy` and :func:`write_atomic` write to ``<folder>/.<name>.opf-tmp-<hex>`` beside
+the destination (the hex digits name the writer's host and process), flush it to disk, rename it
+over the destination and flush the folder: a destination is either as before or complete, never
+truncated. On any error the temporary is removed and the error raised again. The writer holds a
+lock on the temporary while it writes. :func:`is_temp_name` recognises such temporaries;
+:func:`remove_abandoned_temporaries` removes those of a folder whose writer is provably gone
+(nobody holds the lock, and a writer of this host no longer runs; one of another host must also
+be unchanged for :data:`FOREIGN_GRACE` seconds), never one that is still being written.
+
+Standard library only: engines import it (copy-back, shared files), as do the journal, the
+cluster record, ``opf fmt`` and ``opf report``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator
+
+# this host's tag in temporary names, computed once
+_HOST_TAG: list[str] = []
+
+#: a temporary file's name starts with this prefix ...
+TEMP_PREFIX = "."
+
+#: ... and holds this tag, followed by hex digits: its writer's host (8), process id (8) and
+#: 8 random ones
+TEMP_TAG = ".opf-tmp-"
+
+#: a temporary written on another host is removed only when nobody holds its lock and it has
+#: not changed for this long (seconds): a shared drive may not show one host's locks to another
+FOREIGN_GRACE = 3600.0
+
+_TEMP_RE = re.compile(r"\..+\.opf-tmp-[0-9a-f]+\Z", re.DOTALL)
+
+
+_OWNER_RE = re.compile(r"\.opf-tmp-([0-9a-f]{8})([0-9a-f]{8})[0-9a-f]{8}\Z")
+
+_NAME_MAX = 255  # bytes in a file name, where the file system does not say
+
+
+def is_temp_name(name: str) -> bool:
+    """True if ``name`` (a base name or a path) is a temporary written by :func:`atomic_copy`."""
+    return _TEMP_RE.match(os.path.basename(name)) is not None
+
+
+def atomic_copy(src: str, dst: str) -> int:
+    """Copy ``src`` to ``dst`` so that ``dst`` only ever appears complete; return the bytes copied.
+
+    Missing folders of ``dst`` are created. The data goes to a temporary beside ``dst``, is
+    flushed to disk and renamed into place; the folder is flushed too. On any error the temporary
+    is removed and the error re-raised, leaving ``dst`` as it was.
+    """
+    dst = os.path.abspath(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with replacing(dst) as tmp:
+        mode = stat.S_IMODE(os.stat(src).st_mode)
+        shutil.copyfile(src, tmp)
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    return size
+
+
+def remove_abandoned_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries in ``folder`` whose writer is provably gone; return their paths.
+
+    A temporary is abandoned when nobody holds its lock (its writer holds one until the rename)
+    and, for one written on this host, its writer's process is gone; for one written on another
+    host, when nobody holds its lock and it has not changed for :data:`FOREIGN_GRACE` seconds.
+    Temporaries that name no writer (older versions of opf) go when nobody holds their lock.
+    Everything else, and every file that is not a temporary, stays.
+    """
+    try:
+        with os.scandir(folder) as entries:
+            found = [e.path for e in entries
+                     if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    return [path for path in sorted(found) if _remove_if_abandoned(path)]
+
+
+@contextlib.contextmanager
+def replacing(dst: str, mode: int = 0o666) -> Iterator[str]:
+    """A temporary path beside ``dst``: what the block writes there (flushed by the block) is
+    renamed into place when it ends and the folder is flushed; on any error the temporary is
+    removed instead and ``dst`` stays as it was.
+
+    The temporary exists (empty, created with ``mode``) when the block starts, and this process
+    holds an exclusive ``flock`` on it until after the rename: that lock is what tells
+    :func:`remove_abandoned_temporaries` that it is still being written.
+    """
+    folder, name = os.path.split(dst)
+    tmp, fd = _create_temporary(folder, name, mode)
+    try:
+        try:
+            yield tmp
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(fd)  # releases the lock, once the temporary has its final name (or none)
+    fsync_folder(folder)
+
+
+def _temp_path(folder: str, name: str) -> str:
+    """A fresh temporary name for ``name`` in ``folder``: ``.<name>.opf-tmp-<owner><random>``,
+    the name cut short (by bytes) where the whole would not fit the file system's name limit."""
+    tag = f"{TEMP_TAG}{_host_tag()}{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+    raw = os.fsencode(name)
+    room = _name_max(folder) - len(os.fsencode(TEMP_PREFIX + tag))
+    if len(raw) > room:
+        raw = raw[:max(room, 1)]
+    return os.path.join(folder, TEMP_PREFIX + os.fsdecode(raw) + tag)
+
+
+def _create_temporary(folder: str, name: str, mode: int) -> tuple[str, int]:
+    """Create a new temporary for ``name`` in ``folder`` and lock it; its path and descriptor."""
+    while True:
+        tmp = _temp_path(folder, name)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:  # the random part repeated: draw again
+            continue
+        try:
+            # only a sweeper looking at it can hold it now, for a moment; where the file
+            # system cannot lock, the owner in the name is what proves it alive
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if same_file(tmp, fd):
+                return tmp, fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # a sweeper took it for abandoned before the lock: take another name
+
+
+def _remove_if_abandoned(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:  # its writer holds it
+            return False
+        except OSError:  # this file system cannot lock
+            locked = False
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and same_file(path, fd)):
+            return False
+        if not _abandoned(os.path.basename(path), locked, st.st_mtime):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _abandoned(name: str, locked: bool, mtime: float) -> bool:
+    """Is the temporary ``name`` proven abandoned? ``locked``: this process holds its lock
+    (False where the file system cannot lock; a temporary whose lock is held by another process
+    never gets here)."""
+    owner = _OWNER_RE.search(name)
+    if owner is None:  # written before temporaries named their writer
+        return locked
+    if owner.group(1) == _host_tag():  # nobody holds it, and its writer is gone
+        return not _alive_since(int(owner.group(2), 16), mtime)
+    return locked and time.time() - mtime > FOREIGN_GRACE
+
+
+def _alive_since(pid: int, mtime: float) -> bool:
+    """Might process ``pid`` of this host be the one that last wrote a file at ``mtime``?
+
+    False when no such process runs, when it is a zombie, or when it started after the file
+    was last written (its id was reused); True when it cannot be told."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        pass
+    info = _process_start(pid)
+    if info is None:
+        return True
+    state, started = info
+    if state in ("Z", "X"):
+        return False
+    return started is None or started <= mtime + 2.0  # the start time is known to ~1 s
+
+
+def _process_start(pid: int) -> tuple[str, float | None] | None:
+    """A process's state letter and start time (seconds since the epoch), from ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        state, ticks = fields[0].decode(), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return state, boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return state, None
+
+
+def same_file(path: str, fd: int) -> bool:
+    """Does ``path`` still name the file open as ``fd``?"""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _host_tag() -> str:
+    """8 hex digits for this host in temporaries' names."""
+    if not _HOST_TAG:
+        _HOST_TAG.append(hashlib.sha256(socket.gethostname().encode(
+            "utf-8", "surrogateescape")).hexdigest()[:8])
+    return _HOST_TAG[0]
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return min(int(os.pathconf(folder, "PC_NAME_MAX")), _NAME_MAX)
+    except (OSError, ValueError, TypeError):
+        return _NAME_MAX
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it only ever appears complete (as :func:`atomic_copy`
+    does): a temporary beside it, flushed to disk, renamed into place."""
+    with replacing(path, 0o644) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a folder; the rename is done
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,106 @@
+"""The task folder's lock, on an engine: an exclusive ``flock`` that waits for the holder,
+except a holder that has been stopped (SIGSTOP, a debugger) for :data:`STOPPED_HOLDER_WAIT`
+seconds, which is reported instead of waited for forever (:class:`HeldByStopped`).
+
+Standard library only: engines import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+
+#: seconds a task waits for its task folder's lock while the holder is a stopped process
+STOPPED_HOLDER_WAIT = 10.0
+
+#: seconds between two tries of a task folder's lock that another process holds
+LOCK_POLL = 0.1
+
+
+class HeldByStopped(Exception):
+    """A task folder's lock is held by a process of this machine that stays stopped."""
+
+    def __init__(self, pid: int, waited: float) -> None:
+        super().__init__(f"held by stopped process {pid}")
+        self.pid = pid
+        self.waited = waited
+
+
+def lock(path: str) -> tuple[str, int]:
+    """Hold an exclusive lock on the file ``path`` (created if need be), waiting for it.
+
+    A waiter polls; if the holder (found in ``/proc/locks``) is a process of this machine that
+    stays stopped (``kill -STOP``: an engine taken for lost, frozen) for
+    :data:`STOPPED_HOLDER_WAIT` seconds, it gives up with :class:`HeldByStopped` rather than
+    wait for ever. A holder that runs is waited for, however long it takes.
+    """
+    stopped_since: float | None = None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                holder = _holder(fd)
+                if holder is not None and _is_stopped(holder):
+                    now = time.monotonic()
+                    stopped_since = stopped_since if stopped_since is not None else now
+                    if now - stopped_since >= STOPPED_HOLDER_WAIT:
+                        raise HeldByStopped(holder, now - stopped_since)
+                else:
+                    stopped_since = None
+                time.sleep(LOCK_POLL)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the file was removed by its last holder: lock the new one
+
+
+def _holder(fd: int) -> int | None:
+    """The process that holds the flock on the file of ``fd``, from ``/proc/locks`` (Linux;
+    elsewhere None). Read only while waiting: the holder writes nothing, so taking a lock
+    costs no write (a write makes ext4 flush the file when it is closed)."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ino = f":{st.st_ino} "
+    found: dict[str, int] = {}
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the id
+        if len(parts) >= 6 and parts[1] == "FLOCK" and ino in f"{parts[5]} ":
+            with contextlib.suppress(ValueError):
+                found[parts[5]] = int(parts[4])
+    exact = found.get(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    if exact is not None:
+        return exact
+    return next(iter(found.values())) if len(found) == 1 else None  # st_dev may differ
+
+
+def _is_stopped(pid: int) -> bool:
+    """True if process ``pid`` of this machine is stopped (Linux; elsewhere always False)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    state = data[data.rfind(b")") + 2:][:1]
+    return state in (b"T", b"t")
+
+
+def unlock(path: str, fd: int) -> None:
+    with contextlib.suppress(OSError):  # removed while held, so that none piles up
+        os.unlink(path)
+    os.close(fd)

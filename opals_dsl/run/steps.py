@@ -1,0 +1,235 @@
+"""A step's processes and calls, on an engine: each ``run`` step in a process group of its own
+that ends with the step, its engine or its run; each ``call`` step in the engine with its output
+redirected to the step's log.
+
+Every step process starts a session of its own, so the step and everything it starts form one
+process group; :func:`wait_step` waits for it and, when the step is stopped, ends the group
+(SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds). The groups running now are told to the
+engine's *lifeline* (:mod:`opals_dsl.run.reaper`, started with the first step), which ends them
+should the engine die. A ``call`` imports its module afresh when the module's file changed since,
+or when the pipeline's folder has a module of that name elsewhere.
+
+Standard library only: engines import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+#: seconds a step's process group gets between SIGTERM and SIGKILL when it is stopped
+STOP_GRACE = 2.0
+
+# module imported for a call -> (its file, size, mtime_ns) when it was imported
+_MODULES: dict[str, tuple[str, int, int]] = {}
+
+# the variables set for a task's steps, and their values in the engine's own environment
+_TASK_VARS = ("OPF_TASK", "OPF_JOB", "OPF_RUN_ID")
+
+_ENGINE_ENV = {name: os.environ.get(name) for name in _TASK_VARS}
+
+
+# process groups of the steps running now, and the lifeline that ends them if this process dies
+_GROUPS: set[int] = set()
+
+_LIFELINE: subprocess.Popen | None = None
+
+
+def wait_step(proc: subprocess.Popen) -> int:
+    """Wait for a step started in a session of its own; return its exit status.
+
+    When the step's process ends, whatever it left running in its process group is killed
+    (before the step is reaped, so that the group's id cannot have been reused). If the wait
+    is interrupted (Ctrl-C reaching the engine, an engine shutting down), the whole group is
+    ended first — SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL — and the interruption goes on.
+    While the step runs its group is known to this process's lifeline, which ends it should
+    this process die.
+    """
+    pgid = proc.pid
+    _watch(pgid)
+    try:
+        try:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOWAIT)
+        except BaseException:
+            _end_group(pgid)
+            raise
+        _killpg(pgid, signal.SIGKILL)
+    finally:
+        _unwatch(pgid)
+        proc.wait()
+    return proc.returncode
+
+
+def _end_group(pgid: int) -> None:
+    _killpg(pgid, signal.SIGTERM)
+    _killpg(pgid, signal.SIGCONT)  # a stopped process sees SIGTERM only once it runs
+    deadline = time.monotonic() + STOP_GRACE
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.02)
+    except BaseException:  # a second interruption: no more grace
+        pass
+    _killpg(pgid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _watch(pgid: int) -> None:
+    _GROUPS.add(pgid)
+    _tell(f"+{pgid}\n")
+
+
+def _unwatch(pgid: int) -> None:
+    _GROUPS.discard(pgid)
+    _tell(f"-{pgid}\n")
+
+
+def _tell(line: str) -> None:
+    """Tell this process's lifeline (:mod:`opals_dsl.reaper`, started when first needed and
+    again if it died) about a step group."""
+    global _LIFELINE
+    proc = _LIFELINE
+    if proc is not None and proc.poll() is None and proc.stdin is not None:
+        try:
+            proc.stdin.write(line.encode())
+            proc.stdin.flush()
+            return
+        except OSError:
+            pass
+    _LIFELINE = proc = _start_lifeline()
+    if proc is not None and proc.stdin is not None and _GROUPS:
+        with contextlib.suppress(OSError):
+            proc.stdin.write("".join(f"+{g}\n" for g in _GROUPS).encode())
+            proc.stdin.flush()
+
+
+def _start_lifeline() -> subprocess.Popen | None:
+    # the engine's own environment, without the variables of the task running now: the
+    # lifeline serves every task of this engine
+    env = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
+    env.update({k: v for k, v in _ENGINE_ENV.items() if v is not None})
+    reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", reaper, "groups"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
+            start_new_session=True,
+        )
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def task_environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the steps of one task (children inherit them), then undo.
+
+    Changing ``os.environ`` in place is much cheaper than building a fresh environment mapping
+    for every task; an engine runs one task at a time.
+    """
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
+                     cwd: str) -> BaseException | None:
+    """Call ``fn(**kwargs)`` in ``cwd`` with its output (Python and fd level) going to ``out``.
+
+    Returns the exception it raised (its traceback written to ``out``), or None. The working
+    directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 are restored in every
+    case; KeyboardInterrupt passes through after the restore.
+    """
+    try:
+        old_cwd: str | None = os.getcwd()
+    except OSError:
+        old_cwd = None
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    old_out, old_err = sys.stdout, sys.stderr
+    error: BaseException | None = None
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+            except OSError:  # the descriptor is closed: nothing to redirect
+                continue
+            os.dup2(out.fileno(), fd)
+        sys.stdout = sys.stderr = out
+        os.chdir(cwd)
+        fn(**kwargs)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            error = exc
+    except Exception as exc:
+        tb = exc.__traceback__
+        out.write("".join(traceback.format_exception(type(exc), exc,
+                                                     tb.tb_next if tb else None)))
+        error = exc
+    finally:
+        with contextlib.suppress(Exception):
+            out.flush()
+        sys.stdout, sys.stderr = old_out, old_err
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        if old_cwd is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(old_cwd)
+    return error
+
+
+def _module_stamp(path: str) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def remember_module(name: str) -> None:
+    if name not in _MODULES:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        stamp = _module_stamp(file) if file else None
+        if stamp is not None:
+            _MODULES[name] = stamp
+
+
+def forget_stale_module(name: str, root: str) -> None:
+    """Drop a module a ``call`` imported earlier from ``sys.modules`` when its file changed
+    since, or when the pipeline in ``root`` has a file of that name elsewhere (an engine serves
+    many runs: each must run the code as it is now, from its own pipeline folder)."""
+    old = _MODULES.get(name)
+    if old is None or name not in sys.modules:
+        return
+    base = os.path.join(root, *name.split("."))
+    here = next((p for p in (base + ".py", os.path.join(base, "__init__.py"))
+                 if os.path.isfile(p)), None)
+    now = _module_stamp(old[0])
+    if now != old or (here is not None and os.path.realpath(here) != old[0]):
+        del sys.modules[name]
+        del _MODULES[name]
