@@ -157,7 +157,7 @@ def _output(output: str | None) -> Iterator[TextIO]:
     target = os.path.abspath(output)
     if os.path.isdir(target):
         raise _usage(f"-o {output} is a folder; name a file to write")
-    with replacing(target) as tmp, open(tmp, "x", encoding="utf-8", errors=ERRORS) as fh:
+    with replacing(target, 0o644) as tmp, open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
