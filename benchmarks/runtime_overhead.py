@@ -4,7 +4,7 @@ Starts one embedded 2-engine cluster (as ``opf run -n 2`` does), then in the sam
 
 * the runtime: a pipeline of N one-step tasks whose step does nothing (``call`` of a no-op
   function by default, ``--step run`` for ``run true``, a process per task), compiled from a
-  real ``.opf`` file and scheduled with :func:`opals_dsl.run.runtime.run_plan` — each task still
+  real ``.opf`` file and scheduled with :func:`opals_dsl.run.session.run` — each task still
   creates and removes its task folder and writes its step log;
 * raw ipyparallel: N ``apply_async`` calls of a no-op function, one message each, round-robin
   over two DirectViews (the fastest one-at-a-time form measured here), then waiting for all.
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 from opals_dsl.api import compile_file
+from opals_dsl.run import session
 from opals_dsl.run.cluster import ClusterOptions, open_cluster
-from opals_dsl.run.journal import Journal
-from opals_dsl.run.runtime import run_plan
 
 PIPELINE = """
 pipeline overhead
@@ -80,11 +79,8 @@ def main() -> int:
             client[:].apply_sync(noop)  # engines warm (imports done) for both contenders
 
             t0 = time.perf_counter()
-            if args.journal:
-                with Journal.open(state, plan) as journal:
-                    summary = run_plan(plan, executor, state_dir=state, journal=journal)
-            else:
-                summary = run_plan(plan, executor, state_dir=state)
+            summary = session.run(plan, executor=executor, state_dir=state,
+                                  resume=args.journal)
             runtime_s = time.perf_counter() - t0
             assert summary.exit_code == 0, summary.failures[:1]
             runtime_rate = args.tasks / runtime_s

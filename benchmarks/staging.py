@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opals_dsl.api import compile_file
+from opals_dsl.run import session
 from opals_dsl.run.cluster import ClusterOptions, open_cluster
-from opals_dsl.run.runtime import run_plan
 
 PIPELINE = """
 pipeline staging
@@ -117,7 +117,7 @@ def main() -> int:
                 cp_s = cp_two_hops(shared, root / "cp-scratch", args.engines)
                 shutil.rmtree(shared / "cp-results")
                 t0 = time.perf_counter()
-                summary = run_plan(plan, executor, state_dir=state)
+                summary = session.run(plan, executor=executor, state_dir=state, resume=False)
                 os.sync()  # opf already flushed its copies; this makes the two timings alike
                 opf_s = time.perf_counter() - t0
                 assert summary.exit_code == 0, summary.failures[:1]

@@ -61,6 +61,11 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
+def error_line(message: str) -> str:
+    """A message as ``opf`` shows an error on the command line."""
+    return f"opf: error: {message}"
+
+
 class OpfError(Exception):
     """Root of every error opf reports to a person; ``exit_code`` is the process status."""
 
@@ -111,28 +116,31 @@ class PlanError(PipelineError):
     """The pipeline cannot be lowered to a plan (missing files, clashing destinations, ...)."""
 
 
-class ClusterError(OpfError):
+class _SentenceError(OpfError):
+    """An error said in one sentence, with no place in a pipeline file."""
+
+    def render(self) -> str:
+        return error_line(str(self))
+
+
+class ClusterError(_SentenceError):
     """The ipyparallel cluster could not be started or reached."""
 
     exit_code = EXIT_CLUSTER
 
-    def render(self) -> str:
-        return f"opf: error: {self}"
 
-
-class UsageError(OpfError):
+class UsageError(_SentenceError):
     """A bad command line (a bad option or combination of options), or a file or folder it
     names that cannot be used; the message is one sentence saying what to do instead."""
 
-    def render(self) -> str:
-        return f"opf: error: {self}"
 
-
-class ReportError(OpfError):
+class ReportError(_SentenceError):
     """No report can be made (no trace in the state folder, or nothing readable in it)."""
 
-    def render(self) -> str:
-        return f"opf: error: {self}"
+
+class FormatError(_SentenceError):
+    """``opf fmt``'s layout would change what a file says (a bug in opf); the file is left
+    alone."""
 
 
 # -- findings for tools ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from opals_dsl.plan import wire
 from opals_dsl.run import engine, locks
 from opals_dsl.run.engine import identify, run_tasks
 from opals_dsl.run.fsatomic import atomic_copy, is_temp_name
@@ -48,16 +49,15 @@ TOOL = textwrap.dedent(
 
 
 def argv_step(job: str, task: str, step: str, argv: list[str], outputs: tuple[str, ...] = (),
-              temp: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"node": f"exec:{job}/{task}/{step}", "step": step, "argv": argv, "call": None,
-            "inputs": [], "outputs": list(outputs), "temp": list(temp)}
+              temp: tuple[str, ...] = ()) -> wire.Step:
+    return wire.Step(f"exec:{job}/{task}/{step}", step, tuple(argv), outputs=tuple(outputs),
+                     temp=tuple(temp))
 
 
 def call_step(job: str, task: str, step: str, function: str, kwargs: dict[str, Any],
-              outputs: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"node": f"exec:{job}/{task}/{step}", "step": step, "argv": None,
-            "call": {"function": function, "kwargs": kwargs},
-            "inputs": [], "outputs": list(outputs), "temp": []}
+              outputs: tuple[str, ...] = ()) -> wire.Step:
+    return wire.Step(f"exec:{job}/{task}/{step}", step, None, function, kwargs,
+                     outputs=tuple(outputs))
 
 
 class Project:
@@ -78,20 +78,19 @@ class Project:
 
     def request(self, task: str = "strip11", *, job: str = "dem", pipeline: str = "strips",
                 shared: list[list[str]] | None = None, inputs: list[list[str]] | None = None,
-                execs: list[dict[str, Any]] | None = None,
+                execs: list[wire.Step] | None = None,
                 copyback: list[list[str]] | None = None, scratch: Any = "default",
-                attempt: int = 0) -> dict[str, Any]:
-        return {
-            "pipeline": pipeline,
-            "root": str(self.root),
-            "scratch": str(self.scratch) if scratch == "default" else scratch,
-            "job": job, "task": task, "attempt": attempt,
-            "machine_stage": {"node": f"stage:{job}", "files": shared or []},
-            "task_stage": {"node": f"stage:{job}/{task}", "files": inputs or []},
-            "execs": execs or [],
-            "copyback": {"node": f"copyback:{job}/{task}", "files": copyback or []},
-            "logs": str(self.state / "logs" / job / task),
-        }
+                attempt: int = 0, run_id: str | None = None) -> dict[str, Any]:
+        """A task request as the driver sends it (plain data)."""
+        return wire.TaskRequest(
+            pipeline=pipeline, root=str(self.root), job=job, task=task,
+            machine_stage=wire.Stage(f"stage:{job}", tuple(map(tuple, shared or ()))),
+            task_stage=wire.Stage(f"stage:{job}/{task}", tuple(map(tuple, inputs or ()))),
+            steps=tuple(execs or ()),
+            copyback=wire.Stage(f"copyback:{job}/{task}", tuple(map(tuple, copyback or ()))),
+            attempt=attempt, scratch=str(self.scratch) if scratch == "default" else scratch,
+            logs=str(self.state / "logs" / job / task), run_id=run_id,
+        ).to_wire()
 
     def job_dir(self, job: str = "dem", pipeline: str = "strips",
                 shared: list[list[str]] | None = None) -> Path:
@@ -947,11 +946,11 @@ def test_a_step_runs_in_a_process_group_of_its_own_that_ends_with_it(project: Pr
     step's processes carry the run's id."""
     script = ("sleep 1001 & echo $! > sleep.pid; echo $OPF_RUN_ID > run.txt; "
               "ps -o pgid= -p $$ > pgid.txt; ps -o sid= -p $$ > sid.txt")
-    req = dict(project.request(execs=[argv_step("dem", "strip11", "bg", ["sh", "-c", script],
-                                                outputs=("sleep.pid", "run.txt"))],
-                               copyback=[["sleep.pid", "sleep.pid"], ["run.txt", "run.txt"],
-                                         ["pgid.txt", "pgid.txt"], ["sid.txt", "sid.txt"]]),
-               run_id="run-42")
+    req = project.request(execs=[argv_step("dem", "strip11", "bg", ["sh", "-c", script],
+                                           outputs=("sleep.pid", "run.txt"))],
+                          copyback=[["sleep.pid", "sleep.pid"], ["run.txt", "run.txt"],
+                                    ["pgid.txt", "pgid.txt"], ["sid.txt", "sid.txt"]],
+                          run_id="run-42")
     result = only(run_tasks([req]))
     sleeper = int((project.root / "sleep.pid").read_text())
     try:

@@ -27,10 +27,11 @@ import pytest
 from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
+from opals_dsl.run import session
 from opals_dsl.run.cluster import IPyParallelExecutor
 from opals_dsl.run.fsatomic import is_temp_name
 from opals_dsl.run.journal import Journal
-from opals_dsl.run.runtime import run_plan
+from opals_dsl.run.resume import Resume
 
 #: a second tool for the steps here (the first, tool.py, comes from conftest)
 EXTRA = """
@@ -333,9 +334,7 @@ def test_an_input_deleted_or_changed_after_the_plan_was_made(cluster, tmp_path):
     state = tmp_path / "state"
     executor = IPyParallelExecutor(cluster.client(), timeout=30)
     try:
-        with Journal.open(state, plan) as journal:
-            summary = run_plan(plan, executor, state_dir=state, journal=journal,
-                               keep_going=True)
+        summary = session.run(plan, executor=executor, state_dir=state, keep_going=True)
     finally:
         executor.close()
     assert (summary.done, summary.failed) == (2, 1)
@@ -347,7 +346,7 @@ def test_an_input_deleted_or_changed_after_the_plan_was_made(cluster, tmp_path):
     assert sorted(p.name for p in results.iterdir()) == ["s1.a", "s3.a"]
     assert (results / "s3.a").read_text() == "copied:strip 3, corrected after compiling\n"
     # the journal holds what the engine copied: the next plan (without s2) has nothing to do
-    decisions = Journal.read(state, compile_file(path)).decide()
+    decisions = Resume(Journal.read(state, compile_file(path))).decide()
     assert [(d.task.name, d.run) for d in decisions] == [("work/s1", False), ("work/s3", False)]
 
 

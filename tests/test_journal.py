@@ -17,8 +17,11 @@ from pathlib import Path
 from conftest import files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
+from opals_dsl.run import session
+from opals_dsl.run.executor import LocalExecutor
 from opals_dsl.run.journal import Journal, journal_path
-from opals_dsl.run.runtime import LocalExecutor, run_plan
+from opals_dsl.run.resume import Resume
+from opals_dsl.run.scheduler import build_request
 
 CHAIN = """
 pipeline chain
@@ -78,15 +81,14 @@ def project(tmp_path: Path) -> Path:
 def run(path: Path, state: Path, scratch: Path, *, params=None, force=False, checksum=False,
         **kwargs):
     plan = compile_file(path, params)
-    with Journal.open(state, plan, checksum=checksum) as journal:
-        return run_plan(plan, LocalExecutor([str(scratch)]), state_dir=state, journal=journal,
-                        force=force, **kwargs)
+    return session.run(plan, executor=LocalExecutor([str(scratch)]), state_dir=state,
+                       force=force, checksum=checksum, **kwargs)
 
 
 def decisions(path: Path, state: Path, *, params=None, force=False,
               checksum=False) -> dict[str, str]:
     plan = compile_file(path, params)
-    found = Journal.read(state, plan, checksum=checksum).decide(force)
+    found = Resume(Journal.read(state, plan, checksum=checksum)).decide(force)
     return {d.task.name: (d.reason if d.run else "skip") for d in found}
 
 
@@ -410,8 +412,6 @@ def test_a_result_that_landed_unrecorded_is_recognised_by_its_receipt(tmp_path):
     downstream tasks run because their upstream ran again, and a result changed since the
     landing is still seen as changed. A receipt older than the task's record is ignored."""
     from opals_dsl.run.engine import run_tasks
-    from opals_dsl.run.runtime import build_request
-
     path = project(tmp_path)
     state, scratch = tmp_path / "state", tmp_path / "m"
     run(path, state, scratch)
@@ -456,8 +456,6 @@ def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
     """An engine that finished after the run stopped listening (an interrupt, an engine taken
     for lost) left a receipt in the run's own file: closing the journal records it."""
     from opals_dsl.run.engine import run_tasks
-    from opals_dsl.run.runtime import build_request
-
     path = project(tmp_path)
     state, scratch = tmp_path / "state", tmp_path / "m"
     run(path, state, scratch)
@@ -504,7 +502,7 @@ def test_a_record_with_wrong_field_types_is_skipped_with_a_warning(tmp_path, cap
     file.write_text("\n".join(edited) + "\n")
 
     journal = Journal.read(state, compile_file(path))
-    got = {d.task.name: (d.reason if d.run else "skip") for d in journal.decide()}
+    got = {d.task.name: (d.reason if d.run else "skip") for d in Resume(journal).decide()}
     assert got == {
         "up/s1": "new", "up/s2": "new", "up/s3": "new",
         "down/s1": "upstream up/s1 re-runs", "down/s2": "upstream up/s2 re-runs",

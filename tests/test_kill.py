@@ -38,6 +38,7 @@ from conftest import EngineCluster, files_under, write_pipeline
 from opals_dsl.api import compile_file
 from opals_dsl.run.fsatomic import is_temp_name
 from opals_dsl.run.journal import Journal, journal_path
+from opals_dsl.run.resume import Resume
 
 KILL_TOOL = """
 import hashlib, sys, time
@@ -273,7 +274,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resumes(cluster, tmp_path):
             leftovers = temporaries(folder)
 
         # the last run goes to the end and does only what is left
-        expected_skips = sum(1 for d in Journal.read(state, compile_file(path)).decide()
+        expected_skips = sum(1 for d in Resume(Journal.read(state, compile_file(path))).decide()
                              if not d.run)
         assert expected_skips > 0, why
         run = Run(path, *embedded)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 
+from opals_dsl.plan.model import Task
+from opals_dsl.run.events import RunSummary, TaskFailure
+from opals_dsl.run.executor import EngineInfo
 from opals_dsl.run.progress import Progress, count, failure_report, printable, summary_rows
-from opals_dsl.run.runtime import EngineInfo, RunSummary, TaskFailure, TaskRef
 
-TASK = TaskRef(order=0, job="dem", task="s1", machine_stage="stage:dem",
-               task_stage="stage:dem/s1", execs=("exec:dem/s1/grid",), copyback="copyback:dem/s1",
-               retries=0)
+TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, execs=("exec:dem/s1/grid",))
 
 
 def failure(**changes) -> TaskFailure:

@@ -29,8 +29,9 @@ from conftest import EngineCluster, read_json_lines, write_pipeline
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
 from opals_dsl.cli.report import write_report
+from opals_dsl.run import session
 from opals_dsl.run.cluster import ClusterOptions, open_cluster
-from opals_dsl.run.runtime import RunSummary, run_plan
+from opals_dsl.run.events import RunSummary
 
 PIPELINE = """\
     pipeline report_check
@@ -117,7 +118,8 @@ def run(cluster: EngineCluster, tmp_path_factory: pytest.TempPathFactory) -> Run
     plan = compile_file(path)
     state = folder / ".opf"  # where `opf run p.opf` keeps its state
     with open_cluster(ClusterOptions(cluster_file=str(cluster.client_file)), state) as executor:
-        summary = run_plan(plan, executor, state_dir=state, keep_going=True,
+        summary = session.run(plan, executor=executor, state_dir=state, resume=False,
+                              keep_going=True,
                            skip=lambda ref: ref.job == "extra" and ref.task == "old")
     trace = read_json_lines(state / "trace.jsonl")
     html = write_report(state, folder / "report.html", plan)

@@ -24,17 +24,16 @@ import pytest
 from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
+from opals_dsl.plan import model
+from opals_dsl.run import session
 from opals_dsl.run.cluster import IPyParallelExecutor
+from opals_dsl.run.events import RunListener
+from opals_dsl.run.executor import LocalExecutor
 from opals_dsl.run.fsatomic import is_temp_name
-from opals_dsl.run.progress import Progress, format_bytes, format_duration
-from opals_dsl.run.runtime import (
-    LocalExecutor,
-    RunListener,
-    Scheduler,
-    plan_tasks,
-    remove_stale_temporaries,
-    run_plan,
-)
+from opals_dsl.run.progress import Progress
+from opals_dsl.run.scheduler import Scheduler
+from opals_dsl.run.session import remove_stale_temporaries
+from opals_dsl.units import format_bytes, format_duration
 
 CHAIN = """
 pipeline {name}
@@ -71,6 +70,12 @@ job all {{
     }}
 }}
 """
+
+
+def run_plan(plan, executor, *, state_dir, **kwargs):
+    """The session, on ``executor``, without a journal: every task runs (or those ``skip``
+    lets run)."""
+    return session.run(plan, executor=executor, state_dir=state_dir, resume=False, **kwargs)
 
 
 def executor_for(cluster: EngineCluster) -> IPyParallelExecutor:
@@ -511,10 +516,11 @@ def test_consumed_results_are_dropped_from_the_client(cluster, tmp_path):
 
 def test_plan_tasks_follow_plan_order_and_dependencies(tmp_path):
     path = write_pipeline(tmp_path / "p", CHAIN.format(name="order"), inputs=3)
-    tasks, deps = plan_tasks(compile_file(path))
+    found = model.tasks(compile_file(path))
+    tasks = found.tasks
     assert [t.name for t in tasks] == ["up/s1", "up/s2", "up/s3", "down/s1", "down/s2",
                                        "down/s3", "all/0"]
-    assert deps == [[], [], [], [0], [1], [2], [3, 4, 5]]
+    assert found.upstream == ((), (), (), (0,), (1,), (2,), (3, 4, 5))
     assert tasks[3].execs == ("exec:down/s1/first", "exec:down/s1/second")
     assert tasks[3].nodes[0] == "stage:down"
 

@@ -1,20 +1,17 @@
 """What the commands share: ``--param`` values, the run's state folder, and the words of an
-error line (the only place ``opf: error:`` is written)."""
+error or warning line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, error_line
+
+__all__ = ["error_line", "parse_params", "state_dir", "state_of", "warning_line"]
 
 #: where a run keeps its state, beside the pipeline file, unless ``--state`` says otherwise
 STATE_FOLDER = ".opf"
-
-
-def error_line(message: str) -> str:
-    """A message as the command line shows an error."""
-    return f"opf: error: {message}"
 
 
 def warning_line(message: str) -> str:

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import EXIT_INVALID, MAX_SHOWN, PipelineError
-from ..lang.fmt import FormatError, format_text
+from ..errors import EXIT_INVALID, MAX_SHOWN, FormatError, PipelineError
+from ..lang.fmt import format_text
 from ..run.fsatomic import write_atomic
 from .common import error_line
 

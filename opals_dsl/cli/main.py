@@ -19,42 +19,24 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections import Counter
+import traceback
 from collections.abc import Iterator
 from typing import TextIO
 
 import networkx as nx
 
 from .. import __version__
-from ..errors import OpfError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
+from ..plan import model
 from ..source import NotARegularFile, SourceTooLarge
-
-EXIT_INVALID = 2
+from .common import error_line, parse_params, state_of, warning_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 2 with usage, as argparse does, minus noise
         self.print_usage(sys.stderr)
-        print(f"opf: error: {message}", file=sys.stderr)
+        print(error_line(message), file=sys.stderr)
         raise SystemExit(EXIT_INVALID)
-
-
-def parse_params(items: list[str] | None) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise _usage(f"--param takes NAME=VALUE, not '{item}'")
-        params[name.strip()] = value
-    return params
-
-
-class _UsageError(OpfError):
-    pass
-
-
-def _usage(message: str) -> _UsageError:
-    return _UsageError(f"opf: error: {message}")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -127,16 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def summary(graph: nx.DiGraph) -> str:
-    kinds = Counter(a["kind"] for _, a in graph.nodes(data=True))
-    tasks = sum(1 for _, a in graph.nodes(data=True) if a.get("scope") == "task")
-    jobs = len(graph.graph.get("jobs", []))
+    """``NAME: J jobs, T tasks, S step runs``."""
+    tasks = model.tasks(graph)
+    jobs = len(model.info(graph).jobs)
+    steps = sum(len(t.execs) for t in tasks.tasks)
     return (
-        f"{graph.graph['pipeline']}: {jobs} job{'s' if jobs != 1 else ''}, "
-        f"{tasks} task{'s' if tasks != 1 else ''}, {kinds['exec']} step run"
-        f"{'s' if kinds['exec'] != 1 else ''}"
+        f"{model.info(graph).pipeline}: {jobs} job{'s' if jobs != 1 else ''}, "
+        f"{len(tasks)} task{'s' if len(tasks) != 1 else ''}, {steps} step run"
+        f"{'s' if steps != 1 else ''}"
     )
-
-
 
 
 #: how text that names files is written: a file name that is not UTF-8 (Python holds its
@@ -156,7 +137,7 @@ def _output(output: str | None) -> Iterator[TextIO]:
 
     target = os.path.abspath(output)
     if os.path.isdir(target):
-        raise _usage(f"-o {output} is a folder; name a file to write")
+        raise UsageError(f"-o {output} is a folder; name a file to write")
     with replacing(target, 0o644) as tmp, open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
         yield fh
         fh.flush()
@@ -200,7 +181,7 @@ def cmd_check_report(args: argparse.Namespace) -> int:
         found = [finding(d, args.file) for d in exc.diagnostics]
         status = exc.exit_code
     except OpfError as exc:
-        found = [finding(str(exc).removeprefix("opf: error: "), args.file)]
+        found = [finding(str(exc), args.file)]
         status = exc.exit_code
     except (OSError, UnicodeDecodeError) as exc:
         found = [finding(_file_problem(exc, args.file), args.file)]
@@ -218,15 +199,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     status = None
     if args.status:
         if not (args.dot or args.svg) or args.level == "job":
-            raise _usage("--status colours the drawing of every task: use it with --dot or "
+            raise UsageError("--status colours the drawing of every task: use it with --dot or "
                          "--svg, without --level job")
         from ..run.journal import Journal
-        from .run import state_dir
+        from ..run.resume import Resume
 
-        journal = Journal.read(state_dir(args), graph, checksum=args.checksum)
-        status = journal.node_status()
+        journal = Journal.read(state_of(args), graph, checksum=args.checksum)
+        status = Resume(journal).node_status()
         for warning in journal.warnings():
-            print(f"opf: warning: {warning}", file=sys.stderr)
+            print(warning_line(warning), file=sys.stderr)
     if args.json:  # streamed: a plan of 100,000 tasks is never one string in memory
         with _output(args.output) as fh:
             write_json(graph, fh)
@@ -238,14 +219,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
             return 0
         exe = shutil.which("dot")
         if exe is None:
-            raise _usage(
+            raise UsageError(
                 "--svg needs Graphviz's 'dot' program, which is not on PATH; install Graphviz "
                 "(e.g. 'apt-get install graphviz') or write DOT with --dot"
             )
         svg = subprocess.run([exe, "-Tsvg"], input=dot, capture_output=True,
                              encoding="utf-8", errors=ERRORS)
         if svg.returncode != 0:
-            raise _usage(f"Graphviz failed: {svg.stderr.strip()}")
+            raise UsageError(f"Graphviz failed: {svg.stderr.strip()}")
         _write(svg.stdout, args.output)
         return 0
     print(summary(graph))
@@ -253,55 +234,62 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``opf ARGS``: run the command; its exit status. Every error is rendered here."""
     if isinstance(sys.stdout, io.TextIOWrapper):  # file names that are not UTF-8, see ERRORS
         sys.stdout.reconfigure(errors=ERRORS)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "check" and args.format != "text":
-            return cmd_check_report(args)
-        if args.command == "check":
-            return cmd_check(args)
-        if args.command == "compile":
-            return cmd_compile(args)
-        if args.command == "report":
-            from . import report
-
-            return report.main(args)
-        if args.command == "fmt":
-            from . import fmt as formatter
-
-            return formatter.main(args)
-        from . import run as runcmd
-
-        return runcmd.main(args)
-    except OpfError as exc:
-        print(exc.render(), file=sys.stderr)
-        return exc.exit_code
+        return _dispatch(args)
     except BrokenPipeError:
         return _stdout_closed()
-    except (NotARegularFile, SourceTooLarge) as exc:
-        print(f"opf: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except MemoryError:
-        print("opf: error: out of memory; the pipeline or its parameters ask for more than "
-              "this machine has", file=sys.stderr)
-        return EXIT_INVALID
-    except FileNotFoundError as exc:
-        print(f"opf: error: no such file: {exc.filename}", file=sys.stderr)
-        return EXIT_INVALID
-    except UnicodeDecodeError as exc:
-        print(f"opf: error: {args.file} is not UTF-8 text ({exc.reason})", file=sys.stderr)
-        return EXIT_INVALID
-    except IsADirectoryError as exc:
-        print(f"opf: error: {exc.filename} is a folder, not a pipeline file", file=sys.stderr)
-        return EXIT_INVALID
-    except OSError as exc:
-        print(f"opf: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_INVALID
     except KeyboardInterrupt:
         print("opf: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every error ends here, rendered once
+        text, status = _explain(exc, getattr(args, "file", None))
+        print(text, file=sys.stderr)
+        return status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check" and args.format != "text":
+        return cmd_check_report(args)
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "compile":
+        return cmd_compile(args)
+    if args.command == "report":
+        from . import report
+
+        return report.main(args)
+    if args.command == "fmt":
+        from . import fmt as formatter
+
+        return formatter.main(args)
+    from . import run as runcmd
+
+    return runcmd.main(args)
+
+
+def _explain(exc: Exception, file: str | None) -> tuple[str, int]:
+    """What a person reads about an error, and the exit status it gives.
+
+    An :class:`~opals_dsl.errors.OpfError` renders itself; the few operating-system errors a
+    person causes (a file that is not there or not text, a full memory) are said in words;
+    anything else is a bug in opf: shown with its traceback, exit 70."""
+    if isinstance(exc, OpfError):
+        return exc.render(), exc.exit_code
+    if isinstance(exc, NotARegularFile | SourceTooLarge):
+        return error_line(str(exc)), EXIT_INVALID
+    if isinstance(exc, MemoryError):
+        return error_line("out of memory; the pipeline or its parameters ask for more than "
+                          "this machine has"), EXIT_INVALID
+    if isinstance(exc, OSError | UnicodeDecodeError):
+        return error_line(_file_problem(exc, file or "")), EXIT_INVALID
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    return (f"opf: internal error: {type(exc).__name__}: {exc}\n"
+            f"This is a bug in opf, not in your pipeline; please report it with what follows.\n"
+            f"{trace}"), EXIT_INTERNAL
 
 
 #: the status of a program whose output was closed early (``opf compile --json | head``): what a

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .. import report
 from ..errors import UsageError
 from ..run.fsatomic import write_atomic
+from .common import parse_params, state_dir
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -47,7 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """``opf report``: write the page, print where it is."""
     from ..api import compile_file
-    from .main import parse_params
 
     target = Path(args.file).expanduser()
     plan = None
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         state = target
     elif target.is_file():
         plan = compile_file(target, parse_params(getattr(args, "param", None)))
-        state = target.resolve().parent / ".opf"
+        state = state_dir(target)
     else:
         raise UsageError(f"{target} is neither a pipeline file nor a run's state folder")
     if getattr(args, "state", None):

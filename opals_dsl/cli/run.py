@@ -33,36 +33,21 @@ against the scratch roots the engines report before anything is submitted (exit 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterError, OpfError
-from ..run import launchers
-from ..run.cluster import ClusterOptions, open_cluster, stop_leftover_cluster
+from ..errors import EXIT_INTERRUPTED, UsageError
+from ..plan import model
+from ..run import launchers, session
+from ..run.cluster import ClusterOptions
+from ..run.events import Listeners, RunListener
 from ..run.journal import Journal
 from ..run.progress import Progress, decision_lines
-from ..run.runtime import (
-    Listeners,
-    LocalExecutor,
-    RunSummary,
-    Scheduler,
-    TemporarySweeper,
-    new_run_id,
-    plan_tasks,
-    remove_stale_temporaries,
-)
-
-EXIT_INTERRUPTED = 130
-
-
-class _UsageError(OpfError):
-    """A bad combination of ``opf run`` options (exit 2)."""
+from ..run.resume import Resume
+from .common import error_line, parse_params, state_of, warning_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,198 +124,74 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     cluster_file = getattr(args, "cluster_file", None)
     if engines is not None:
         if engines < 1:
-            raise _UsageError("opf: error: -n takes a number of engines, 1 or more")
+            raise UsageError("-n takes a number of engines, 1 or more")
         if profile is not None or cluster_file is not None:
-            raise _UsageError("opf: error: -n starts a cluster of its own; it cannot be "
+            raise UsageError("-n starts a cluster of its own; it cannot be "
                               "combined with --profile or --cluster-file")
     timeout = getattr(args, "timeout", None)
     if timeout is None:
         timeout = 30.0 if launch is None else launchers.DEFAULT_TIMEOUT
     if timeout <= 0:
-        raise _UsageError("opf: error: --timeout takes a number of seconds above 0")
+        raise UsageError("--timeout takes a number of seconds above 0")
     return ClusterOptions(engines=engines, profile=profile, cluster_file=cluster_file,
                           timeout=timeout, launch=launch)
 
 
-def state_dir(args: argparse.Namespace) -> Path:
-    if getattr(args, "state", None):
-        return Path(args.state).expanduser().resolve()
-    return Path(args.file).resolve().parent / ".opf"
+class _Warnings(RunListener):
+    """Says the run's warnings on standard error."""
 
-
-@contextlib.contextmanager
-def lock_state(state: Path) -> Iterator[None]:
-    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused."""
-    path = state / "run.lock"
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise _UsageError(f"opf: error: cannot use the state folder {state}: "
-                          f"{exc.strerror or exc}; choose another with --state") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise _UsageError(
-                f"opf: error: another opf run (process {other}) is using the state folder "
-                f"{state}; wait for it to finish, or give this run its own folder with --state"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-class _Interrupts:
-    """SIGINT, SIGTERM and SIGHUP, handled alike.
-
-    While the scheduler runs, the first asks it to stop (it interrupts the running steps and
-    waits briefly for them), the next raises KeyboardInterrupt at once. While an embedded
-    cluster starts (``starting``) a signal is only noted, and the start, which asks
-    ``requested``, stops cleanly by itself: raising inside ipyparallel's event loop would leave
-    its tasks behind. While the cluster is being stopped (``closing``) signals are ignored, so
-    the stop finishes. SIGHUP means the terminal is gone: standard output and error, if they
-    are that terminal, are pointed at ``/dev/null`` before anything more is written. Once a
-    run was interrupted, a further signal after the clean-up ends the process at once.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.scheduler: Scheduler | None = None
-        self.starting = False
-        self.closing = False
-        self.requested = False
-        self.count = 0
-        self._saved: dict[int, Any] = {}
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP:
-            _detach_terminal()
-        if self.closing:
-            return  # the cluster is being stopped: let that finish
-        self.count += 1
-        self.requested = True
-        if self.starting:
-            return
-        if self.scheduler is not None and self.count == 1:
-            self.scheduler.interrupt()
-            return
-        raise KeyboardInterrupt
-
-    def attach(self, scheduler: Scheduler) -> None:
-        """The scheduler now running; a signal that came before it reaches it at once."""
-        self.scheduler = scheduler
-        if self.requested:
-            scheduler.interrupt()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_Interrupts]:
-        try:
-            for sig in self.SIGNALS:
-                self._saved[sig] = signal.signal(sig, self.handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
-            yield self
-        finally:
-            for sig, old in self._saved.items():
-                signal.signal(sig, _end_now if self.count else old)
-
-
-def _end_now(signum: int, frame: Any) -> None:
-    """After an interrupted run everything is cleaned up: a further Ctrl-C ends the process at
-    once, quietly (raising KeyboardInterrupt now would only print a traceback)."""
-    os._exit(EXIT_INTERRUPTED)
-
-
-def _detach_terminal() -> None:
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            if os.isatty(fd):
-                os.dup2(null, fd)
-    os.close(null)
+    def warning(self, message: str) -> None:
+        print(warning_line(message), file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
     from ..api import Protected, compile_file
-    from .main import parse_params
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
     if retries is not None and retries < 0:
-        raise _UsageError("opf: error: --retries takes a number of retries, 0 or more")
-    state = state_dir(args)
+        raise UsageError("--retries takes a number of retries, 0 or more")
+    state = state_of(args)
     scratch = getattr(args, "scratch", None)
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
     params = parse_params(getattr(args, "param", None))
     # no output may be copied back over the pipeline, into this run's state folder, or into
-    # the folders the engines work in (see opals_dsl.plan.Protected)
+    # the folders the engines work in (see opals_dsl.lang.lower.Protected)
     protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
     plan = compile_file(args.file, params, protected=protected)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)
-    title = str(plan.graph.get("pipeline", "opf run"))
-    tasks = plan_tasks(plan)
+    title = model.info(plan).pipeline
     if getattr(args, "dry_run", False):
-        journal = Journal.read(state, plan, checksum=checksum, tasks=tasks)
-        decisions = journal.decide(force)
+        journal = Journal.read(state, plan, checksum=checksum)
+        decisions = Resume(journal).decide(force)
         for warning in journal.warnings():
-            print(f"opf: warning: {warning}", file=sys.stderr)
+            print(warning_line(warning), file=sys.stderr)
         lines = decision_lines(title, decisions)
         print("\n".join(lines[-1:] if quiet else lines))
         return 0
-    progress = Progress(quiet=quiet, title=title)
-    interrupts = _Interrupts()
-    with lock_state(state), interrupts.installed():
-        stop_leftover_cluster(state)  # its engines may still be copying back: first stop them
-        remove_stale_temporaries(plan)
-        try:
-            journal = Journal.open(state, plan, checksum=checksum, tasks=tasks)
-        except OSError as exc:
-            raise _UsageError(f"opf: error: cannot open the journal in {state}: "
-                              f"{exc.strerror or exc}; choose another state folder with "
-                              f"--state") from exc
-        with journal:
-            decisions = journal.decide(force)
-            for warning in journal.warnings():
-                print(f"opf: warning: {warning}", file=sys.stderr)
-            to_run = sum(1 for d in decisions if d.run)
-            progress.resuming(to_run, len(decisions) - to_run)
-            try:
-                summary = _run(plan, options, journal, progress, interrupts, to_run=to_run,
-                               state=state, scratch=scratch, retries=retries,
-                               keep_going=getattr(args, "keep_going", False),
-                               guard=lambda roots: _guard_scratch(args.file, params, protected,
-                                                                  plan, roots))
-            except ClusterError as exc:
-                print(f"opf: error: {exc}", file=sys.stderr)
-                return exc.exit_code
-        for problem in (journal.error, summary.trace_error):
-            if problem:
-                print(f"opf: warning: {problem}", file=sys.stderr)
+    summary = session.run(
+        plan, state_dir=state, cluster=options, scratch=scratch, force=force,
+        checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
+        listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
+        guard=lambda roots: _guard_scratch(args.file, params, protected, plan, roots),
+    )
     if getattr(args, "report", None):
         from .report import write_report
 
         path = write_report(state, Path(args.report), plan)
-        if not getattr(args, "quiet", False):
+        if not quiet:
             print(f"report: {path}")
     if summary.interrupted:
         return EXIT_INTERRUPTED
     if summary.no_engines:
-        print(f"opf: error: every engine of the cluster was lost; {summary.not_run} "
-              f"task{'s' if summary.not_run != 1 else ''} did not run (the journal keeps what "
-              f"finished: run again to do the rest)", file=sys.stderr)
+        print(error_line(
+            f"every engine of the cluster was lost; {summary.not_run} "
+            f"task{'s' if summary.not_run != 1 else ''} did not run (the journal keeps what "
+            f"finished: run again to do the rest)"), file=sys.stderr)
     return summary.exit_code
 
 
@@ -347,47 +208,9 @@ def _guard_scratch(file: str, params: dict[str, str], protected: Any, plan: Any,
     if not roots:
         return
     engines = Protected(scratch=tuple(roots))
-    folders: set[str] = set()
-    for _, data in plan.nodes(data=True):
-        if data.get("kind") == "copyback":
-            folders.update(dest.rpartition("/")[0] for _, dest in data.get("files") or ())
-    root = str(plan.graph["root"])
+    folders = {dest.rpartition("/")[0] for dest in model.destinations(plan)}
+    root = model.info(plan).root
     if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
         compile_file(file, params, protected=protected.with_scratch(roots))
 
 
-def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progress,
-         interrupts: _Interrupts, *, to_run: int, state: Path, scratch: str | None,
-         retries: int | None, keep_going: bool,
-         guard: Callable[[Iterable[str]], None] | None = None) -> RunSummary:
-    """Schedule the plan: on the cluster, or without one when every task is to be skipped.
-    ``guard`` is given the engines' scratch roots before anything is submitted; it raises to
-    stop the run."""
-
-    run_id = new_run_id()
-
-    def schedule(executor: Any) -> RunSummary:
-        scheduler = Scheduler(
-            plan, executor, state_dir=state, scratch=scratch, keep_going=keep_going,
-            skip=journal.skip, listener=Listeners([journal, progress, TemporarySweeper(plan)]),
-            retries=retries,
-            checksum=journal.checksum, tasks=(journal.tasks, journal.deps), run_id=run_id,
-            stamp=journal.stamp,
-        )
-        interrupts.attach(scheduler)
-        return scheduler.run()
-
-    if not to_run and options.embedded:  # a cluster named by the user is still reached
-        return schedule(LocalExecutor(()))
-    interrupts.starting = options.embedded
-    with open_cluster(options, state, scratch=scratch, run_id=run_id,
-                      interrupted=lambda: interrupts.requested) as executor:
-        interrupts.starting = False
-        try:
-            if guard is not None:
-                guard(info.scratch for info in executor.engines().values())
-            summary = schedule(executor)
-        finally:
-            interrupts.closing = True
-    remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
-    return summary

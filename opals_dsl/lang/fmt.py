@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from lark import Token
 
-from ..errors import OpfError, OpfSyntaxError
+from ..errors import FormatError, OpfSyntaxError
 from ..source import SourceFile
 from . import nodes as n
 from .parse import parse, tokens
@@ -59,10 +59,6 @@ _OPENERS = frozenset({"LPAR", "LSQB"})
 _CLOSERS = frozenset({"RPAR", "RSQB"})
 _ALIGNED = frozenset({"PARAM", "SHARED", "OUT"})
 _COMMENT = re.compile(r"#[^\n]*")
-
-
-class FormatError(OpfError):
-    """The layout would change what a file says (a bug in opf); the file is left alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +132,7 @@ def _verify(source: SourceFile, before: n.Pipeline, found: list[Comment], result
         why = "the formatted file would not parse"
     if why:
         raise FormatError(
-            f"opf: error: {source.name}: not formatted: {why}. This is a bug in opf; the file "
+            f"{source.name}: not formatted: {why}. This is a bug in opf; the file "
             "was left as it was. Please report it with the file."
         )
 

@@ -76,6 +76,13 @@ def copyback_id(job: str, task: str) -> str:
     return f"copyback:{job}/{task}"
 
 
+def step_of(nid: str | None) -> str | None:
+    """The step an exec node id names (step names hold no ``/``); None for other nodes."""
+    if nid and nid.startswith("exec:"):
+        return nid.rsplit("/", 1)[-1]
+    return None
+
+
 # -- the attributes of each kind: written by the planner, read by from_attrs -----------------
 #
 # ``files`` and the lists of an exec node are stored as given (lists of lists, as JSON has
@@ -365,6 +372,11 @@ class Task:
     def nodes(self) -> tuple[str, ...]:
         """Every node of the chain, the machine stage first."""
         return (self.machine_stage, self.task_stage, *self.execs, self.copyback)
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """Every node of the chain with its kind, the machine stage first."""
+        return [(self.machine_stage, STAGE), (self.task_stage, STAGE),
+                *((nid, EXEC) for nid in self.execs), (self.copyback, COPYBACK)]
 
 
 @dataclass(frozen=True, slots=True)

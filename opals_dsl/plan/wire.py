@@ -17,7 +17,7 @@ This module imports only the standard library: the engine imports it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: the version of the request and result format; both sides must speak the same one
@@ -98,10 +98,29 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where the engine appends a receipt once the task's results landed (``folder``, a file
+    per ``run`` and engine), and the ``record`` stub (plain data from the journal) it extends
+    with what it saw of the files."""
+
+    folder: str
+    run: str
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"folder": self.folder, "run": self.run, "record": dict(self.record)}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Receipt:
+        return cls(str(d["folder"]), str(d.get("run") or "run"), dict(d.get("record") or {}))
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRequest:
     """One task for an engine: where (``pipeline``, ``root`` — the pipeline's folder on the
     shared drive —, ``scratch``, ``logs``), which (``job``, ``task``, ``attempt``) and its
-    chain. ``checksum`` asks for the SHA-256 of each staged input."""
+    chain. ``checksum`` asks for the SHA-256 of each staged input; ``run_id`` marks the steps'
+    processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed."""
 
     pipeline: str
     root: str
@@ -115,12 +134,15 @@ class TaskRequest:
     scratch: str | None = None
     logs: str | None = None
     checksum: bool = False
+    run_id: str | None = None
+    receipt: Receipt | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "v": VERSION, "pipeline": self.pipeline, "root": self.root, "job": self.job,
             "task": self.task, "attempt": self.attempt, "scratch": self.scratch,
-            "logs": self.logs, "checksum": self.checksum,
+            "logs": self.logs, "checksum": self.checksum, "run_id": self.run_id,
+            "receipt": self.receipt.to_wire() if self.receipt is not None else None,
             "machine_stage": self.machine_stage.to_wire(),
             "task_stage": self.task_stage.to_wire(),
             "steps": [s.to_wire() for s in self.steps],
@@ -140,6 +162,7 @@ class TaskRequest:
                 tuple(Step.from_wire(s) for s in d.get("steps") or ()),
                 Stage.from_wire(d["copyback"]), int(d.get("attempt") or 0),
                 d.get("scratch"), d.get("logs"), bool(d.get("checksum")),
+                d.get("run_id"), Receipt.from_wire(d["receipt"]) if d.get("receipt") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"the task request is incomplete: {type(exc).__name__}: "
@@ -149,9 +172,7 @@ class TaskRequest:
         """This request with a scratch root, unless it names one already."""
         if self.scratch is not None or scratch is None:
             return self
-        return TaskRequest(self.pipeline, self.root, self.job, self.task, self.machine_stage,
-                           self.task_stage, self.steps, self.copyback, self.attempt, scratch,
-                           self.logs, self.checksum)
+        return replace(self, scratch=scratch)
 
 
 # -- the result -------------------------------------------------------------------------------
@@ -258,7 +279,7 @@ class TaskResult:
         return {
             "v": VERSION, "job": self.job, "task": self.task, "attempt": self.attempt,
             "ok": self.ok, "host": self.host, "pid": self.pid, "scratch": self.scratch,
-            "trace": [r.to_wire() for r in self.trace],
+            "machine": self.machine, "trace": [r.to_wire() for r in self.trace],
             "failure": self.failure.to_wire() if self.failure is not None else None,
             "bytes_staged": self.bytes_staged, "bytes_copied": self.bytes_copied,
             "shared": {k: list(v) for k, v in self.shared.items()},

@@ -34,36 +34,16 @@ clocks (``time.time()``), so lanes of different machines are only as aligned as 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ReportError
+from ..plan.trace import TRACE_FILE, read_trace
 from .analyse import analyse
 from .render import plan_svg, render
 
 if TYPE_CHECKING:
     import networkx as nx
-
-def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The rows of a trace file and how many lines could not be read (a killed run's last)."""
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
-
 
 # -- the page of a state folder --------------------------------------------------------------
 
@@ -75,11 +55,11 @@ def page(state_dir: str | Path, plan: nx.DiGraph | None = None) -> str:
     Raises :class:`ReportError` when ``state_dir`` holds no trace.
     """
     state = Path(state_dir)
-    trace = state / "trace.jsonl"
+    trace = state / TRACE_FILE
     if not trace.is_file():
         raise ReportError(f"there is no trace of a run in {state} (no trace.jsonl); "
                           f"run the pipeline with 'opf run' first")
-    rows, bad = read_rows(trace)
+    rows, bad = read_trace(trace)
     data = analyse(rows, plan, state)
     data["unreadable"] = bad
     if plan is None:

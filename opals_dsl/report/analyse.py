@@ -12,14 +12,13 @@ in the order :func:`analyse` calls them.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..plan import model
+from ..plan import model, trace
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -302,10 +301,10 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
         log = tail = None
         step = r.get("step")
         if final and step and state_dir is not None and key is not None:
-            path = Path(state_dir) / "logs" / job / key[1] / f"{step}.log"
+            path = trace.log_path(Path(state_dir) / "logs", job, key[1], step)
             if path.is_file():
                 log = str(path.resolve())
-                tail = _tail(path)
+                tail = trace.tail(path, TAIL_LINES)
         found.append({
             "node": r.get("node"), "job": job, "task": task, "step": step,
             "phase": PHASES[_phase(r) or 0], "attempt": attempt,
@@ -316,15 +315,3 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             "final": final, "log": log, "tail": tail,
         })
     return found
-
-
-def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]

@@ -74,9 +74,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
+from .events import new_run_id
+from .executor import EngineInfo, describe_error
 from .fsatomic import write_atomic
 from .reaper import MARKER, end_run
-from .runtime import EngineInfo, new_run_id
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
 HEARTBEAT_MS = 100
@@ -198,14 +199,14 @@ class IPyParallelExecutor:
             try:
                 pending[i] = self.client[i].apply_async(PREPARE, self.scratch)
             except Exception as exc:  # the engine left meanwhile
-                errors.append((i, _describe(exc)))
+                errors.append((i, describe_error(exc)))
         infos = []
         deadline = time.monotonic() + self.timeout
         for i, ar in pending.items():
             try:
                 ident = ar.get(timeout=max(0.1, deadline - time.monotonic()))
             except Exception as exc:
-                errors.append((i, _describe(exc)))
+                errors.append((i, describe_error(exc)))
                 continue
             infos.append(EngineInfo(i, ident["host"], ident["pid"], ident["scratch"],
                                     ident["machine"]))
@@ -647,13 +648,6 @@ class EmbeddedCluster:
                         os.unlink(entry.path)
 
 
-def _describe(exc: BaseException) -> str:
-    ename = getattr(exc, "ename", None)
-    if ename:
-        return f"{ename}: {getattr(exc, 'evalue', '')}".strip()
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 # -- opening a cluster -----------------------------------------------------------------------
 
@@ -702,7 +696,8 @@ def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
                 said = cluster.output_tail()
                 raise ClusterError(
                     f"could not start a local ipyparallel cluster of {n} engine"
-                    f"{'s' if n != 1 else ''}: {_describe(exc)}" + (f"\n{said}" if said else "")
+                    f"{'s' if n != 1 else ''}: {describe_error(exc)}"
+                    + (f"\n{said}" if said else "")
                 ) from exc
             yield executor
         finally:
@@ -733,7 +728,7 @@ def _existing(options: ClusterOptions, state: Path,
         try:
             client = connect()
         except Exception as exc:
-            raise ClusterError(f"cannot reach {what}: {_describe(exc)}") from exc
+            raise ClusterError(f"cannot reach {what}: {describe_error(exc)}") from exc
         executor = None
         try:
             try:

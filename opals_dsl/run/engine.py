@@ -126,6 +126,16 @@ import time
 import traceback
 from typing import Any
 
+from ..plan.trace import TAIL_LINES, tail
+from ..plan.wire import (
+    Failure,
+    Stage,
+    Step,
+    TaskRequest,
+    TaskResult,
+    TraceRow,
+    WireError,
+)
 from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
 from .locks import HeldByStopped, lock, unlock
 from .steps import (
@@ -138,12 +148,9 @@ from .steps import (
 
 #: the file in a job folder that says its shared files are complete, and for which file set
 MARKER = ".opf-staged"
-#: how many lines of a failed step's log are reported
-TAIL_LINES = 20
 
 _KEY_LEN = 16  # hex digits of the shared files' key in a job folder's name
 _KEY_LOCK_RE = re.compile(rf"\.([0-9a-f]{{{_KEY_LEN}}})\.lock\Z")
-_TAIL_BYTES = 64 * 1024
 
 # a job's folder of folders -> (short key, descriptor) of the job folder this process holds a
 # shared lock on (see _Task.use_job_folder), the most recently used last; at most _HOLD_MAX
@@ -167,175 +174,162 @@ def identify(scratch: str | None = None) -> dict[str, Any]:
 
 
 def job_folder(request: dict[str, Any]) -> str:
-    """The job folder the task ``request`` would use on this engine, for its shared files as
-    they are now (the folder need not exist)."""
-    task = _Task(request, socket.gethostname())
-    task.pick_job_folder(f"stage:{task.job}", request.get("machine_stage") or {})
+    """The job folder the task ``request`` (plain data) would use on this engine, for its
+    shared files as they are now (the folder need not exist)."""
+    req = TaskRequest.from_wire(request)
+    task = _Task(req, socket.gethostname())
+    task.pick_job_folder(req.machine_stage.node, req.machine_stage)
     return task.job_dir
 
 
-
-
 def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run each task request in order and return one result per request.
+    """Run each task request (:class:`~opals_dsl.plan.wire.TaskRequest` as plain data) in order
+    and return one result (:class:`~opals_dsl.plan.wire.TaskResult` as plain data) per request.
 
     A task's own failure (a bad command, a missing output, a copy that fails, a ``call`` that
-    raises ...) is reported in its result, never raised.
+    raises ...) is reported in its result, never raised; so is a request this engine cannot
+    read (another version of opf, say).
     """
     host = socket.gethostname()
-    return [_run_one(request, host) for request in batch]
+    return [_run_one(request, host).to_wire() for request in batch]
 
 
-def _run_one(request: dict[str, Any], host: str) -> dict[str, Any]:
+def _run_one(data: Any, host: str) -> TaskResult:
     try:
-        task = _Task(request, host)
+        task = _Task(TaskRequest.from_wire(data), host)
     except Exception as exc:  # a request without its essentials still gets an answer
-        return _malformed(request, host, exc)
+        return _malformed(data, host, exc)
     return task.run()
 
 
-def _malformed(request: Any, host: str, exc: Exception) -> dict[str, Any]:
-    get = request.get if isinstance(request, dict) else (lambda key, default=None: default)
+def _malformed(data: Any, host: str, exc: Exception) -> TaskResult:
+    get = data.get if isinstance(data, dict) else (lambda key, default=None: default)
     scratch = identify(None)["scratch"]
     with contextlib.suppress(Exception):
         scratch = _scratch_root(get("scratch"))
-    return {
-        "job": get("job"), "task": get("task"), "attempt": get("attempt", 0), "ok": False,
-        "host": host, "pid": os.getpid(), "scratch": scratch, "machine": f"{host}:{scratch}",
-        "trace": [], "bytes_staged": 0, "bytes_copied": 0,
-        "failure": {
-            "node": None, "step": None, "kind": "stage", "returncode": None,
-            "message": f"the task request cannot be read: {type(exc).__name__}: {exc}",
-            "log": None, "tail": [], "task_dir": None,
-        },
-    }
+    reason = str(exc) if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}"
+    return TaskResult(
+        job=str(get("job")), task=str(get("task")), attempt=int(get("attempt", 0) or 0),
+        ok=False, host=host, pid=os.getpid(), scratch=scratch,
+        failure=Failure("stage", f"the task request cannot be read: {reason}"),
+    )
 
 
 class _Failed(Exception):
-    """Ends a task: carries the result's ``failure`` dict."""
+    """Ends a task: carries the result's failure."""
 
-    def __init__(self, failure: dict[str, Any]) -> None:
-        super().__init__(failure["message"])
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
         self.failure = failure
 
 
 class _Task:
-    def __init__(self, req: dict[str, Any], host: str) -> None:
+    def __init__(self, req: TaskRequest, host: str) -> None:
         self.req = req
-        self.pipeline = str(req["pipeline"])
-        self.job = str(req["job"])
-        self.task = str(req["task"])
-        self.root = os.path.abspath(req.get("root") or os.getcwd())
-        self.scratch = _scratch_root(req.get("scratch"))
+        self.host = host
+        self.pipeline = req.pipeline
+        self.job = req.job
+        self.task = req.task
+        self.root = os.path.abspath(req.root or os.getcwd())
+        self.scratch = _scratch_root(req.scratch)
         self.pipeline_dir = os.path.join(self.scratch, "opf", self.pipeline)
         # the job's folders, one per content of its shared files; the machine stage picks one
         self.jobs_dir = os.path.join(self.pipeline_dir, self.job)
         self.job_dir = self.jobs_dir
         self.task_dir = os.path.join(self.job_dir, self.task)
-        logs = req.get("logs")
         self.logs = (
-            os.path.abspath(logs)
-            if logs
+            os.path.abspath(req.logs)
+            if req.logs
             else os.path.join(self.pipeline_dir, ".logs", self.job, self.task)
         )
-        self.trace: list[dict[str, Any]] = []
+        self.trace: list[TraceRow] = []
         self.step: str | None = None
         self.logs_ready = False
-        self.result: dict[str, Any] = {
-            "job": req["job"],
-            "task": req["task"],
-            "attempt": req.get("attempt", 0),
-            "ok": False,
-            "host": host,
-            "pid": os.getpid(),
-            "scratch": self.scratch,
-            "machine": f"{host}:{self.scratch}",
-            "trace": self.trace,
-            "bytes_staged": 0,
-            "bytes_copied": 0,
-            "failure": None,
-            "shared": [],
-            "staged": [],
-            "outputs": [],
-        }
-        self.checksum = bool(req.get("checksum"))
+        # what the result says, keyed by the plan's paths
+        self.bytes_staged = 0
+        self.bytes_copied = 0
+        self.shared: dict[str, list[Any]] = {}
+        self.staged: dict[str, list[Any]] = {}
+        self.outputs: dict[str, list[Any]] = {}
+        self.checksum = req.checksum
         self.task_lock: tuple[str, int] | None = None
 
     # -- the task --------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> TaskResult:
+        ok = False
+        failure: Failure | None = None
         try:
             self.machine_stage()
             self.task_stage()
             env = {"OPF_TASK": self.task, "OPF_JOB": self.job}
-            if self.req.get("run_id"):
-                env["OPF_RUN_ID"] = str(self.req["run_id"])
+            if self.req.run_id:
+                env["OPF_RUN_ID"] = str(self.req.run_id)
             with task_environment(env):
-                for ex in self.req.get("execs") or ():
-                    self.exec_step(ex)
+                for step in self.req.steps:
+                    self.exec_step(step)
             self.copyback()
-            self.result["ok"] = True
+            ok = True
             with contextlib.suppress(Exception):  # the results are in place, whatever happens
                 self.write_receipt()
         except _Failed as failed:
-            self.result["failure"] = failed.failure
+            failure = failed.failure
         except Exception as exc:  # an unforeseen condition is still this task's failure
-            self.result["failure"] = self.unexpected(exc)
+            failure = self.unexpected(exc)
         finally:
             if self.task_lock is not None:
                 unlock(*self.task_lock)
                 self.task_lock = None
-        if self.trace and self.trace[-1]["end"] is None:
-            self.trace[-1]["end"] = time.time()
-        return self.result
+        if self.trace and self.trace[-1].end is None:
+            self.trace[-1].end = time.time()
+        return TaskResult(
+            job=self.job, task=self.task, attempt=self.req.attempt, ok=ok, host=self.host,
+            pid=os.getpid(), scratch=self.scratch, trace=tuple(self.trace), failure=failure,
+            bytes_staged=self.bytes_staged, bytes_copied=self.bytes_copied,
+            shared=self.shared, staged=self.staged, outputs=self.outputs,
+        )
 
-    def open_row(self, node: str, kind: str) -> dict[str, Any]:
-        row = {"node": node, "kind": kind, "start": time.time(), "end": None,
-               "status": "failed", "bytes": 0}
+    def open_row(self, node: str, kind: str) -> TraceRow:
+        row = TraceRow(node, kind, time.time())
         self.trace.append(row)
         return row
 
     @staticmethod
-    def close_row(row: dict[str, Any], status: str, nbytes: int = 0) -> None:
-        row["end"] = time.time()
-        row["status"] = status
-        row["bytes"] = nbytes
+    def close_row(row: TraceRow, status: str, nbytes: int = 0) -> None:
+        row.end = time.time()
+        row.status = status
+        row.bytes = nbytes
 
     def fail(self, node: str, kind: str, message: str, *, step: str | None = None,
              returncode: int | None = None, log: str | None = None) -> _Failed:
         for row in reversed(self.trace):  # the failed node's trace row says why, too
-            if row["node"] == node:
-                row["returncode"] = returncode
-                row["message"] = message
+            if row.node == node:
+                row.returncode = returncode
+                row.message = message
                 break
-        return _Failed({
-            "node": node,
-            "step": step,
-            "kind": kind,
-            "returncode": returncode,
-            "message": message,
-            "log": log,
-            "tail": _tail(log) if log else [],
-            "task_dir": self.task_dir if os.path.isdir(self.task_dir) else None,
-        })
+        return _Failed(Failure(
+            kind, message, node=node, step=step, returncode=returncode, log=log,
+            tail=tuple(tail(log, TAIL_LINES)) if log else (),
+            task_dir=self.task_dir if os.path.isdir(self.task_dir) else None,
+        ))
 
-    def unexpected(self, exc: Exception) -> dict[str, Any]:
-        row = self.trace[-1] if self.trace else {"node": f"stage:{self.job}", "kind": "stage"}
-        kind = {"stage": "stage", "copyback": "copyback"}.get(row["kind"], "exception")
+    def unexpected(self, exc: Exception) -> Failure:
+        row = self.trace[-1] if self.trace else TraceRow(f"stage:{self.job}", "stage", 0.0)
+        kind = {"stage": "stage", "copyback": "copyback"}.get(row.kind, "exception")
         step = log = None
-        if row["kind"] == "exec":
+        if row.kind == "exec":
             step = self.step
             log = os.path.join(self.logs, f"{step}.log")
             if not os.path.isfile(log):
                 log = None
-        message = f"{row['node']} failed unexpectedly: {type(exc).__name__}: {_first_line(exc)}"
-        return self.fail(row["node"], kind, message, step=step, log=log).failure
+        message = f"{row.node} failed unexpectedly: {type(exc).__name__}: {_first_line(exc)}"
+        return self.fail(row.node, kind, message, step=step, log=log).failure
 
     # -- 1. machine stage (Job Prephase) -----------------------------------------------------
 
     def machine_stage(self) -> None:
-        spec = self.req.get("machine_stage") or {}
-        node = spec.get("node") or f"stage:{self.job}"
+        spec = self.req.machine_stage
+        node = spec.node
         row = self.open_row(node, "stage")
         pairs, key = self.pick_job_folder(node, spec)
         try:
@@ -343,30 +337,29 @@ class _Task:
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
                                            f"{_os_reason(exc, 'scratch')}") from exc
-        self.result["bytes_staged"] += nbytes
+        self.bytes_staged += nbytes
         self.close_row(row, status, nbytes)
 
-    def pick_job_folder(self, node: str, spec: dict[str, Any]
-                        ) -> tuple[list[tuple[str, str]], str]:
+    def pick_job_folder(self, node: str, spec: Stage) -> tuple[list[tuple[str, str]], str]:
         """Set ``job_dir`` and ``task_dir`` to the folders for this content of the shared files;
         the ``(source, destination)`` pairs to stage and the content's key."""
         for what, name in (("pipeline", self.pipeline), ("job", self.job)):
             if not _is_component(name):
                 raise self.fail(node, "stage", f"the {what} name {name!r} cannot be a folder name")
-        names: list[tuple[str, str]] = []
-        for src, name in spec.get("files") or ():
+        names: list[tuple[str, str, str]] = []  # (plan source, absolute source, name)
+        for src, name in spec.files:
             dst = _inside(self.jobs_dir, name)
             if dst is None or dst == os.path.join(self.jobs_dir, MARKER) or is_temp_name(name):
                 raise self.fail(
                     node, "stage",
                     f"shared file name {name!r} does not lie inside the job folder {self.jobs_dir}",
                 )
-            names.append((os.path.join(self.root, src), dst[len(self.jobs_dir) + 1:]))
+            names.append((src, os.path.join(self.root, src), dst[len(self.jobs_dir) + 1:]))
         key = self.shared_key(node, names)
         short = key[:_KEY_LEN]
         self.job_dir = os.path.join(self.jobs_dir, short)
         self.task_dir = os.path.join(self.job_dir, self.task)
-        return [(src, os.path.join(self.job_dir, name)) for src, name in names], key
+        return [(src, os.path.join(self.job_dir, name)) for _, src, name in names], key
 
     def use_job_folder(self, node: str, pairs: list[tuple[str, str]],
                        key: str) -> tuple[str, int]:
@@ -426,19 +419,19 @@ class _Task:
         finally:
             os.close(lock)  # releases the lock
 
-    def shared_key(self, node: str, names: list[tuple[str, str]]) -> str:
+    def shared_key(self, node: str, names: list[tuple[str, str, str]]) -> str:
         """What a job folder holds: the pipeline folder, and each shared file's source, its
         size and modification time, and its name in the job folder."""
         parts = ["opf-stage-2", self.root]
-        stats = self.result["shared"] = []
-        for src, name in names:
+        self.shared = {}
+        for plan_src, src, name in names:
             try:
                 st = os.stat(src)
             except OSError as exc:
                 raise self.fail(node, "stage",
                                 f"shared file {src} cannot be read: {_os_reason(exc)}") from exc
             parts.append(f"{src}\0{name}\0{st.st_size}\0{st.st_mtime_ns}")
-            stats.append([st.st_size, st.st_mtime_ns])
+            self.shared[plan_src] = [st.st_size, st.st_mtime_ns]
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
     def copy_shared(self, node: str, pairs: list[tuple[str, str]], marker: str, key: str) -> int:
@@ -454,7 +447,7 @@ class _Task:
             raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
                                            f"{_os_reason(exc)}") from exc
         nbytes = 0
-        for (src, dst), (size, mtime_ns) in zip(pairs, self.result["shared"], strict=True):
+        for (src, dst), (size, mtime_ns) in zip(pairs, self.shared.values(), strict=True):
             try:
                 nbytes += atomic_copy(src, dst)
                 after = os.stat(src)
@@ -474,8 +467,8 @@ class _Task:
     # -- 2. task stage (Task Prephase) -------------------------------------------------------
 
     def task_stage(self) -> None:
-        spec = self.req.get("task_stage") or {}
-        node = spec.get("node") or f"stage:{self.job}/{self.task}"
+        spec = self.req.task_stage
+        node = spec.node
         row = self.open_row(node, "stage")
         pairs = self.check_paths(node, spec)
         locks = os.path.join(self.jobs_dir, f".{os.path.basename(self.job_dir)}.tasks")
@@ -504,8 +497,7 @@ class _Task:
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot create the task folder {self.task_dir}: "
                                            f"{_os_reason(exc)}") from exc
-        staged = self.result["staged"]
-        for src, local, dst in pairs:
+        for plan_src, src, local, dst in pairs:
             try:
                 folder = os.path.dirname(dst)
                 if folder not in made:
@@ -527,28 +519,28 @@ class _Task:
                 raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
                                                f"{_os_reason(exc, 'scratch')}") from exc
             nbytes += stats[0]
-            staged.append(stats)
-        self.result["bytes_staged"] += nbytes
+            self.staged[plan_src] = stats
+        self.bytes_staged += nbytes
         self.close_row(row, "done", nbytes)
 
-    def check_paths(self, node: str, spec: dict[str, Any]) -> list[tuple[str, str, str]]:
-        """Refuse a request whose folders or files would lie outside where they belong."""
-        shared = self.req.get("machine_stage") or {}
-        taken = {MARKER} | {_first_part(name) for _, name in shared.get("files") or ()}
+    def check_paths(self, node: str, spec: Stage) -> list[tuple[str, str, str, str]]:
+        """Refuse a request whose folders or files would lie outside where they belong; the
+        inputs as (plan source, absolute source, local name, local path)."""
+        taken = {MARKER} | {_first_part(name) for _, name in self.req.machine_stage.files}
         if not _is_component(self.task) or self.task in taken or is_temp_name(self.task):
             raise self.fail(node, "stage", f"the task id {self.task!r} cannot name a folder of "
                                            f"its own inside the job folder {self.job_dir}")
         pairs = []
-        for src, local in spec.get("files") or ():
+        for src, local in spec.files:
             dst = self.local_path(node, local, "input")
-            pairs.append((os.path.join(self.root, src), local, dst))
-        for ex in self.req.get("execs") or ():
-            step = str(ex.get("step"))
-            if not _is_component(step):
-                raise self.fail(node, "stage", f"the step name {step!r} cannot name a log file")
-            for out in ex.get("outputs") or ():
-                self.local_path(node, out, f"output of step {step}")
-        for local, _ in (self.req.get("copyback") or {}).get("files") or ():
+            pairs.append((src, os.path.join(self.root, src), local, dst))
+        for ex in self.req.steps:
+            if not _is_component(ex.step):
+                raise self.fail(node, "stage", f"the step name {ex.step!r} cannot name a log "
+                                               "file")
+            for out in ex.outputs:
+                self.local_path(node, out, f"output of step {ex.step}")
+        for local, _ in self.req.copyback.files:
             self.local_path(node, local, "file to copy back")
         return pairs
 
@@ -561,9 +553,9 @@ class _Task:
 
     # -- 3. exec (Mainphase) -----------------------------------------------------------------
 
-    def exec_step(self, ex: dict[str, Any]) -> None:
-        step = self.step = str(ex["step"])
-        node = ex.get("node") or f"exec:{self.job}/{self.task}/{step}"
+    def exec_step(self, ex: Step) -> None:
+        step = self.step = ex.step
+        node = ex.node
         row = self.open_row(node, "exec")
         log = os.path.join(self.logs, f"{step}.log")
         if not self.logs_ready:
@@ -574,7 +566,7 @@ class _Task:
                                              f"{step}: {_os_reason(exc, 'state')}",
                                 step=step) from exc
             self.logs_ready = True
-        for out in ex.get("outputs") or ():
+        for out in ex.outputs:
             folder = os.path.dirname(os.path.join(self.task_dir, out))
             if folder != self.task_dir:
                 try:
@@ -584,16 +576,16 @@ class _Task:
                                                        f"{out} of step {step}: "
                                                        f"{_os_reason(exc, 'scratch')}",
                                     step=step) from exc
-        if ex.get("argv") is not None:
-            returncode: int | None = self.run_argv(node, step, list(ex["argv"]), log)
-        elif ex.get("call"):
-            returncode = self.run_call(node, step, ex["call"], log)
+        if ex.argv is not None:
+            returncode: int | None = self.run_argv(node, step, list(ex.argv), log)
+        elif ex.function:
+            returncode = self.run_call(node, step, ex.function, dict(ex.kwargs), log)
         else:
             raise self.fail(node, "exception", f"step {step} has neither a command nor a call",
                             step=step)
         missing = []
         nbytes = 0
-        for out in ex.get("outputs") or ():
+        for out in ex.outputs:
             try:
                 st = os.stat(os.path.join(self.task_dir, out))
             except OSError:
@@ -685,9 +677,8 @@ class _Task:
             raise self.fail(node, "exit", message, step=step, returncode=code, log=log)
         return code
 
-    def run_call(self, node: str, step: str, spec: dict[str, Any], log: str) -> None:
-        function = str(spec.get("function", ""))
-        kwargs = dict(spec.get("kwargs") or {})
+    def run_call(self, node: str, step: str, function: str, kwargs: dict[str, Any],
+                 log: str) -> None:
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         with self.open_log(node, step, log, f"$ call {function}({args})\n", text=True) as out:
             try:
@@ -733,15 +724,15 @@ class _Task:
         engine's receipt file in the run's state folder, so that a result that landed is
         recognised even if the driver never hears of it. Best effort: a receipt that cannot be
         written only means that the task runs again next time."""
-        spec = self.req.get("receipt")
-        if not isinstance(spec, dict) or not spec.get("folder"):
+        spec = self.req.receipt
+        if spec is None or not spec.folder:
             return
-        record = dict(spec.get("record") or {})
-        record.update(staged=self.result["staged"], shared=self.result["shared"],
-                      outputs=self.result["outputs"], landed=time.time())
+        record = dict(spec.record)
+        record.update(staged=self.staged, shared=self.shared, outputs=self.outputs,
+                      landed=time.time())
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        folder = str(spec["folder"])
-        name = f"{spec.get('run') or 'run'}-{self.result['host']}-{os.getpid()}.jsonl"
+        folder = spec.folder
+        name = f"{spec.run}-{self.host}-{os.getpid()}.jsonl"
         with contextlib.suppress(OSError):
             os.makedirs(folder, exist_ok=True)
             fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
@@ -754,26 +745,25 @@ class _Task:
     # -- 4. copy-back (Task Postphase) -------------------------------------------------------
 
     def copyback(self) -> None:
-        spec = self.req.get("copyback") or {}
-        node = spec.get("node") or f"copyback:{self.job}/{self.task}"
+        spec = self.req.copyback
+        node = spec.node
         row = self.open_row(node, "copyback")
         nbytes = 0
-        outputs = self.result["outputs"]
-        for local, dest in spec.get("files") or ():
+        for local, dest in spec.files:
             dst = os.path.join(self.root, dest)
             try:
                 nbytes += atomic_copy(os.path.join(self.task_dir, local), dst)
                 st = os.stat(dst)
             except OSError as exc:
-                self.result["bytes_copied"] += nbytes
+                self.bytes_copied += nbytes
                 blocker = _file_in_the_way(os.path.dirname(dst))
                 reason = _os_reason(exc, "destination")
                 if blocker is not None:
                     reason += f" ({blocker} is a file, not a folder)"
                 raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
                                                   f"{reason}") from exc
-            outputs.append([st.st_size, st.st_mtime_ns])
-        self.result["bytes_copied"] += nbytes
+            self.outputs[dest] = [st.st_size, st.st_mtime_ns]
+        self.bytes_copied += nbytes
         with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
             _remove_tree(self.task_dir)
         self.close_row(row, "done", nbytes)
@@ -932,20 +922,6 @@ def _remove_tree(path: str) -> None:
             os.chmod(folder, 0o700)
     shutil.rmtree(path)
 
-
-
-def _tail(log: str) -> list[str]:
-    try:
-        with open(log, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > _TAIL_BYTES and lines:
-        lines = lines[1:]  # the first one is probably cut
-    return lines[-TAIL_LINES:]
 
 
 def _write(out: Any, text: str) -> None:

@@ -93,17 +93,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
 import json
 import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .runtime import RunListener, RunSummary, TaskFailure, TaskRef, plan_tasks
+from ..plan import model
+from ..plan.model import Task
+from ..plan.wire import Receipt, Stat, TaskResult
+from .events import RunListener, RunSummary, TaskFailure
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -122,15 +123,6 @@ _ENCODE_SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                   sort_keys=True).encode
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a run does with a task: ``run`` it or skip it, and ``reason`` in words."""
-
-    task: TaskRef
-    run: bool
-    reason: str
-
-
 def journal_path(state_dir: str | Path, pipeline: str) -> Path:
     """Where the journal of ``pipeline`` lives in a state folder."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in pipeline) or "pipeline"
@@ -145,15 +137,17 @@ class Journal(RunListener):
     """
 
     def __init__(self, plan: nx.DiGraph, path: Path, *, checksum: bool = False,
-                 tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> None:
+                 tasks: model.Tasks | None = None) -> None:
         self.plan = plan
         self.path = path
-        self.root = str(plan.graph["root"])
+        self.info = model.info(plan)
+        self.root = self.info.root
         self.checksum = checksum
-        self.tasks, self.deps = tasks if tasks is not None else plan_tasks(plan)
+        found = tasks if tasks is not None else model.tasks(plan)
+        self.tasks: list[Task] = list(found.tasks)
+        self.deps = found.upstream
         #: task name → the text line of its last record
         self.records: dict[str, str] = {}
-        self.decisions: list[Decision] | None = None
         self.lines_read = 0
         self.bad_lines = 0
         #: what :meth:`warnings` reports: tasks whose record is a line of JSON but not a
@@ -170,8 +164,7 @@ class Journal(RunListener):
         self._unsynced = False
         self._shared_stats: dict[str, list[Any] | None] = {}
         self._hashes: dict[tuple[str, int, int], str] = {}
-        self._job_parts: dict[str, tuple[list[list[str]], str]] = {}
-        self._refresh: dict[int, dict[str, list[Any]]] = {}
+        self._job_parts: dict[str, tuple[list[str], str]] = {}
         self._module_files: dict[str, str] = {}
         self._salt = secrets.token_hex(8)  # sigs differ between runs even at one clock reading
         self._serial = 0
@@ -187,16 +180,16 @@ class Journal(RunListener):
 
     @classmethod
     def read(cls, state_dir: str | Path, plan: nx.DiGraph, *, checksum: bool = False,
-             tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> Journal:
+                 tasks: model.Tasks | None = None) -> Journal:
         """The journal as it is, for decisions only: nothing is written."""
-        journal = cls(plan, journal_path(state_dir, str(plan.graph["pipeline"])),
+        journal = cls(plan, journal_path(state_dir, model.info(plan).pipeline),
                       checksum=checksum, tasks=tasks)
         journal._load()
         return journal
 
     @classmethod
     def open(cls, state_dir: str | Path, plan: nx.DiGraph, *, checksum: bool = False,
-             tasks: tuple[list[TaskRef], list[list[int]]] | None = None) -> Journal:
+             tasks: model.Tasks | None = None) -> Journal:
         """The journal for a run: loaded, compacted if worthwhile, open for appending."""
         journal = cls.read(state_dir, plan, checksum=checksum, tasks=tasks)
         journal._open_for_append()
@@ -334,6 +327,11 @@ class Journal(RunListener):
             self._write(text)
         self._sync(force=True)
 
+    @property
+    def writable(self) -> bool:
+        """True while the journal is open for a run (records are written)."""
+        return self._fd is not None
+
     def close(self) -> None:
         """Flush and close; the journal can still be read afterwards. This run's receipts are
         taken in first (a task whose result this run never received — an engine that finished
@@ -359,13 +357,14 @@ class Journal(RunListener):
 
     # -- RunListener -----------------------------------------------------------------------
 
-    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
-        line = self._record(task.order, result, self._stubs.pop(task.order, None))
+    def task_done(self, task: Task, result: TaskResult, engine: int) -> None:
+        line = self._record(task.order, result.staged, result.shared, result.outputs,
+                            self._stubs.pop(task.order, None))
         self.records[task.name] = line
         if self._fd is not None:
             self._pending.append(line)
 
-    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+    def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._stubs.pop(task.order, None)
         body = _ENCODE({"failed": True, "time": round(time.time(), 3)})
         line = _line(task.name, FAILED_SIG, body)
@@ -384,105 +383,7 @@ class Journal(RunListener):
     def run_finished(self, summary: RunSummary) -> None:
         self.flush()
 
-    # -- deciding ----------------------------------------------------------------------------
-
-    def skip(self, task: TaskRef) -> bool:
-        """The scheduler's ``skip`` hook: True if the decision for ``task`` is not to run it."""
-        if self.decisions is None:
-            self.decide()
-        assert self.decisions is not None
-        return not self.decisions[task.order].run
-
-    def decide(self, force: bool = False) -> list[Decision]:
-        """Decide for every task whether it runs, and why; in plan order."""
-        n = len(self.tasks)
-        runs = [False] * n
-        decisions: list[Decision | None] = [None] * n
-        for i in self._dependency_order():
-            ref = self.tasks[i]
-            reason: str | None = "forced" if force else None
-            if reason is None:
-                for u in self.deps[i]:
-                    if runs[u]:
-                        reason = f"upstream {self.tasks[u].name} re-runs"
-                        break
-            if reason is None:
-                reason = self._compare(i)
-            runs[i] = reason is not None
-            decisions[i] = Decision(ref, runs[i], reason or "unchanged")
-        self.decisions = [d for d in decisions if d is not None]
-        if self._refresh and self._fd is not None:
-            for i, ins in self._refresh.items():
-                if not runs[i]:
-                    self._refresh_record(i, ins)
-            self.flush()
-        self._refresh.clear()
-        return self.decisions
-
-    def _dependency_order(self) -> Iterable[int]:
-        n = len(self.tasks)
-        waiting = [len(ups) for ups in self.deps]
-        downs: list[list[int]] = [[] for _ in range(n)]
-        for i, ups in enumerate(self.deps):
-            for u in ups:
-                downs[u].append(i)
-        ready = [i for i in range(n) if not waiting[i]]
-        heapq.heapify(ready)
-        while ready:
-            i = heapq.heappop(ready)
-            yield i
-            for d in downs[i]:
-                waiting[d] -= 1
-                if not waiting[d]:
-                    heapq.heappush(ready, d)
-
-    def _compare(self, i: int) -> str | None:
-        ref = self.tasks[i]
-        line = self.records.get(ref.name)
-        if line is None:
-            return "new"
-        try:
-            rec = json.loads(_body(line))
-        except (ValueError, RecursionError):
-            rec = None
-        if not _well_formed(rec):  # a damaged record: as if there were none
-            self._damaged(ref.name)
-            return "new"
-        if rec.get("failed"):
-            return "failed in the last run"
-        cmd, steps = self._command(i)
-        if rec.get("cmd") != cmd:
-            return _what_changed(rec.get("steps") or [], steps)
-        up = rec.get("up") or {}
-        for u in self.deps[i]:
-            name = self.tasks[u].name
-            if up.get(name) != self.sig_of(name):
-                return f"upstream {name} ran again since"
-        ins = rec.get("in") or {}
-        fresh: dict[str, list[Any]] = {}
-        own, common = self._inputs(i)
-        for path, shared in [(p, False) for p in own] + [(p, True) for p in common]:
-            old = ins.get(path)
-            if not isinstance(old, list) or len(old) < 2:
-                return f"new input: {path}"
-            st = self._shared_stat(path) if shared else self._stat(path)
-            why, entry = self._input_changed(path, st, old)
-            if why is not None:
-                return why
-            if entry is not None:
-                fresh[path] = entry
-        for dest, old in (rec.get("out") or {}).items():
-            try:
-                st = os.stat(os.path.join(self.root, dest))
-            except OSError:
-                return f"output missing: {dest}"
-            if not isinstance(old, list) or [st.st_size, st.st_mtime_ns] != old[:2]:
-                return f"output changed: {dest}"
-        if fresh:
-            self._refresh[i] = fresh
-        return None
-
-    def _damaged(self, name: str) -> None:
+    def forget_damaged(self, name: str) -> None:
         """Forget the record of task ``name``: it cannot be read as one (the journal was edited,
         or damaged on its disk); the task runs again and gets a new record."""
         del self.records[name]
@@ -510,31 +411,6 @@ class Journal(RunListener):
                        f"{'those tasks run' if count != 1 else 'that task runs'} again")
         return out
 
-    def _input_changed(self, path: str, st: list[int] | None,
-                       old: list[Any]) -> tuple[str | None, list[Any] | None]:
-        """(reason, None) if ``path`` (now ``st``) changed; (None, refreshed entry or None) if
-        not."""
-        if st is None:
-            return f"input missing: {path}", None
-        if st[0] == old[0] and st[1] == old[1]:
-            return None, None
-        if self.checksum and len(old) > 2 and st[0] == old[0]:
-            digest = self._hash(path, st)
-            if digest == old[2]:
-                return None, [st[0], st[1], digest]
-        return f"input changed: {path}", None
-
-    def node_status(self) -> dict[str, str]:
-        """``{node id: "run" | "skip"}`` for every node of every task (for the DOT drawing)."""
-        if self.decisions is None:
-            self.decide()
-        assert self.decisions is not None
-        status: dict[str, str] = {}
-        for d in self.decisions:
-            for node in d.task.nodes[1:]:
-                status[node] = "run" if d.run else "skip"
-        return status
-
     # -- the parts of a record ---------------------------------------------------------------
 
     def sig_of(self, name: str) -> str | None:
@@ -545,30 +421,27 @@ class Journal(RunListener):
         at = line.find(_SIG_MARK)
         return line[at + len(_SIG_MARK):at + len(_SIG_MARK) + 16] if at >= 0 else None
 
-    def _job(self, job: str, machine_stage: str) -> tuple[list[list[str]], str]:
-        """The job's shared files (``[[source, name], ...]``) and their part of ``cmd``."""
-        parts = self._job_parts.get(job)
+    def _job(self, machine: model.MachineStage | None) -> tuple[list[str], str]:
+        """The job's shared files (their sources) and their part of ``cmd``."""
+        if machine is None:
+            return [], _ENCODE([])
+        parts = self._job_parts.get(machine.job)
         if parts is None:
-            nodes = self.plan.nodes
-            files = [list(p) for p in (nodes[machine_stage].get("files") or ())] \
-                if machine_stage in nodes else []
-            parts = self._job_parts[job] = (files, _ENCODE(files))
+            parts = self._job_parts[machine.job] = (
+                [src for src, _ in machine.files], _ENCODE(machine.files))
         return parts
 
-    def _command(self, i: int) -> tuple[str, list[list[Any]]]:
+    def command(self, i: int) -> tuple[str, list[list[Any]]]:
         """The task's ``cmd`` hash and ``steps``."""
-        ref = self.tasks[i]
-        nodes = self.plan.nodes
+        machine, stage, execs, copyback = model.chain(self.plan, self.tasks[i])
         steps: list[list[Any]] = []
         declared = []
-        for node in ref.execs:
-            data = nodes[node]
-            argv = data.get("argv")
-            steps.append([data["step"], list(argv) if argv is not None else data.get("call")])
-            declared.append([data.get("outputs") or [], data.get("temp") or []])
-        _, shared = self._job(ref.job, ref.machine_stage)
-        what = _ENCODE_SORTED([steps, declared, nodes[ref.task_stage].get("files") or [],
-                               nodes[ref.copyback].get("files") or []])
+        for e in execs:
+            steps.append([e.step, list(e.argv) if e.argv is not None else
+                          (e.call.to_attrs() if e.call is not None else None)])
+            declared.append([e.outputs, e.temp])
+        _, shared = self._job(machine)
+        what = _ENCODE_SORTED([steps, declared, stage.files, copyback.files])
         digest = hashlib.blake2b((what + "\0" + shared).encode("utf-8", "surrogateescape"),
                                  digest_size=12).hexdigest()
         self._cmds[i] = digest
@@ -576,20 +449,22 @@ class Journal(RunListener):
 
     def _upstream_files(self, i: int) -> set[str]:
         dests: set[str] = set()
-        nodes = self.plan.nodes
         for u in self.deps[i]:
-            dests.update(dest for _, dest in nodes[self.tasks[u].copyback].get("files") or ())
+            upstream = model.node(self.plan, self.tasks[u].copyback)
+            dests.update(dest for _, dest in upstream.files)
         return dests
 
-    def _inputs(self, i: int) -> tuple[list[str], list[str]]:
+    def inputs(self, i: int) -> tuple[list[str], list[str]]:
         """The files task ``i`` stages that no upstream task publishes; and the files it shares
         with other tasks (the job's shared files, the Python files of its calls)."""
         ref = self.tasks[i]
-        staged = self.plan.nodes[ref.task_stage].get("files") or ()
+        stage = model.node(self.plan, ref.task_stage)
         ups = self._upstream_files(i) if self.deps[i] else ()
-        own = [src for src, _ in staged if src not in ups]
-        shared, _ = self._job(ref.job, ref.machine_stage)
-        common = [src for src, _ in shared]
+        own = [src for src, _ in stage.files if src not in ups]
+        machine = (model.node(self.plan, ref.machine_stage)
+                   if ref.machine_stage in self.plan.nodes else None)
+        shared, _ = self._job(machine)
+        common = list(shared)
         common.extend(self._code(i))
         return own, common
 
@@ -597,10 +472,10 @@ class Journal(RunListener):
         """The pipeline-folder Python files of task ``i``'s ``call`` steps."""
         files = []
         for node in self.tasks[i].execs:
-            call = self.plan.nodes[node].get("call")
-            if not call:
+            call = model.node(self.plan, node).call
+            if call is None:
                 continue
-            module = str(call.get("function", "")).partition(":")[0]
+            module = call.function.partition(":")[0]
             path = self._module_files.get(module)
             if path is None:
                 base = module.replace(".", "/")
@@ -614,19 +489,19 @@ class Journal(RunListener):
                 files.append(path)
         return files
 
-    def _stat(self, path: str) -> list[int] | None:
+    def stat(self, path: str) -> list[int] | None:
         try:
             st = os.stat(os.path.join(self.root, path))
         except OSError:
             return None
         return [st.st_size, st.st_mtime_ns]
 
-    def _shared_stat(self, path: str) -> list[int] | None:  # also for call modules
+    def shared_stat(self, path: str) -> list[int] | None:  # also for call modules
         if path not in self._shared_stats:
-            self._shared_stats[path] = self._stat(path)
+            self._shared_stats[path] = self.stat(path)
         return self._shared_stats[path]
 
-    def _hash(self, path: str, st: list[int]) -> str | None:
+    def hash_of(self, path: str, st: list[int]) -> str | None:
         key = (path, st[0], st[1])
         digest = self._hashes.get(key)
         if digest is None:
@@ -642,42 +517,40 @@ class Journal(RunListener):
         """The driver's view of task ``i``'s call modules (``in`` entries)."""
         code = {}
         for src in self._code(i):
-            entry = self._shared_stat(src)
+            entry = self.shared_stat(src)
             if entry is not None and self.checksum:
-                digest = self._hash(src, entry)
+                digest = self.hash_of(src, entry)
                 if digest is not None:
                     entry = [*entry[:2], digest]
             if entry is not None:
                 code[src] = entry
         return code
 
-    def _record(self, i: int, result: Mapping[str, Any],
-                stub: Mapping[str, Any] | None = None) -> str:
-        """The record line of task ``i`` from the engine's ``result``; ``stub`` (what
-        :meth:`stamp` gave the request) supplies its sig, upstream sigs and call modules as
-        they were when the task was sent, and for a receipt its time."""
+    def _record(self, i: int, staged: Mapping[str, Stat], seen: Mapping[str, Stat],
+                outputs: Mapping[str, Stat], stub: Mapping[str, Any] | None = None) -> str:
+        """The record line of task ``i`` from what the engine saw of the files it staged, the
+        shared files and the outputs (keyed by the plan's paths); ``stub`` (what :meth:`stamp`
+        gave the request) supplies its sig, upstream sigs and call modules as they were when
+        the task was sent, and for a receipt its time."""
         ref = self.tasks[i]
-        nodes = self.plan.nodes
+        machine, stage, _, copyback = model.chain(self.plan, ref)
         adopting = stub is not None and "landed" in stub
-        cmd, steps = self._command(i)
+        cmd, steps = self.command(i)
         ins: dict[str, list[Any]] = {}
-        staged_files = nodes[ref.task_stage].get("files") or ()
-        staged = result.get("staged") or []
         ups = self._upstream_files(i) if self.deps[i] else ()
-        for k, (src, _) in enumerate(staged_files):
+        for src, _ in stage.files:
             if src in ups:
                 continue
-            entry = staged[k] if k < len(staged) else self._stat(src)
+            entry = staged[src] if src in staged else self.stat(src)
             if entry is not None:
                 ins[src] = list(entry)
-        shared, _ = self._job(ref.job, ref.machine_stage)
-        seen = result.get("shared") or []
-        for k, (src, _) in enumerate(shared):
-            entry = list(seen[k]) if k < len(seen) else self._shared_stat(src)
+        shared, _ = self._job(machine)
+        for src in shared:
+            entry = list(seen[src]) if src in seen else self.shared_stat(src)
             if entry is None:
                 continue
             if self.checksum and len(entry) < 3 and not adopting:  # hash the file as it is now
-                digest = self._hash(src, entry)
+                digest = self.hash_of(src, entry)
                 if digest is not None:
                     entry = [*entry[:2], digest]
             ins[src] = entry
@@ -687,9 +560,8 @@ class Journal(RunListener):
         if not isinstance(up, dict):
             up = {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]}
         out: dict[str, list[Any]] = {}
-        outputs = result.get("outputs") or []
-        for k, (_, dest) in enumerate(nodes[ref.copyback].get("files") or ()):
-            entry = outputs[k] if k < len(outputs) else self._stat(dest)
+        for _, dest in copyback.files:
+            entry = outputs[dest] if dest in outputs else self.stat(dest)
             if entry is not None:
                 out[dest] = list(entry)
         sig = stub.get("sig") if stub is not None else None
@@ -709,13 +581,13 @@ class Journal(RunListener):
 
     # -- receipts -----------------------------------------------------------------------------
 
-    def stamp(self, task: TaskRef) -> dict[str, Any]:
+    def stamp(self, task: Task) -> Receipt:
         """What a request carries so that its engine leaves a receipt once the task's results
         landed (:meth:`opals_dsl.engine._Task.write_receipt`): the record's sig (also used when
         the result reaches this run), the sigs of its upstream tasks and the state of its call
         modules now, the time it was sent, and where receipts go."""
         i = task.order
-        cmd = self._cmds.get(i) or self._command(i)[0]
+        cmd = self._cmds.get(i) or self.command(i)[0]
         stub = {
             "task": task.name, "sig": self._new_sig(task.name, cmd),
             "sent": round(time.time(), 3), "cmd": cmd,
@@ -723,7 +595,7 @@ class Journal(RunListener):
             "code": self._code_stats(i),
         }
         self._stubs[i] = stub
-        return {"folder": str(self.receipts), "run": self._run_tag, "record": stub}
+        return Receipt(str(self.receipts), self._run_tag, stub)
 
     def _adopt_receipts(self, prefix: str = "") -> None:
         """Take the receipts engines left for results that landed without this journal
@@ -761,26 +633,29 @@ class Journal(RunListener):
                     best[i] = rec
         for i, rec in sorted(best.items()):
             name = self.tasks[i].name
-            if rec.get("cmd") != (self._cmds.get(i) or self._command(i)[0]):
+            if rec.get("cmd") != (self._cmds.get(i) or self.command(i)[0]):
                 continue
             line = self.records.get(name)
             if line is not None:
                 if self.sig_of(name) == rec.get("sig"):
                     continue
                 try:
-                    recorded = float(json.loads(_body(line)).get("time") or 0)
+                    recorded = float(json.loads(record_body(line)).get("time") or 0)
                 except (ValueError, TypeError, AttributeError):
                     recorded = 0.0
                 if recorded >= float(rec["sent"]):
                     continue
-            line = self._record(i, rec, rec)
+            line = self._record(i, _stats(rec.get("staged")), _stats(rec.get("shared")),
+                                _stats(rec.get("outputs")), rec)
             self.records[name] = line
             self._adopted.append(line)
 
-    def _refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
+    def refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
+        """Write task ``i``'s record again with the inputs in ``fresh`` (unchanged in content,
+        with a new time: see ``--checksum``)."""
         name = self.tasks[i].name
         line = self.records[name]
-        rec = json.loads(_body(line))
+        rec = json.loads(record_body(line))
         rec["in"].update(fresh)
         sig = self.sig_of(name) or FAILED_SIG
         line = _line(name, sig, _ENCODE(rec))
@@ -816,7 +691,7 @@ def _name_of(text: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _well_formed(rec: Any) -> bool:
+def well_formed(rec: Any) -> bool:
     """Has a parsed record the fields, of the types, that :meth:`Journal._compare` reads?"""
     if not isinstance(rec, dict):
         return False
@@ -834,42 +709,16 @@ def _well_formed(rec: Any) -> bool:
     return all(isinstance(v, list) for key in ("in", "out") for v in rec.get(key, {}).values())
 
 
-def _body(line: str) -> str:
+def record_body(line: str) -> str:
     """The record as a JSON object without its task and sig (for ``json.loads``)."""
     at = line.find(_SIG_MARK)
     rest = line[at + len(_SIG_MARK) + 17:].rstrip("\r\n")
     return "{" + rest[1:] if rest.startswith(",") else "{" + rest
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if len(text) > limit:
-        text = text[:limit - 1] + "…"
-    return repr(text) if isinstance(value, str) else text
-
-
-def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
-    """Why two ``steps`` lists (the recorded and the current one) make a task run again."""
-    before = {s[0]: s[1] for s in old if isinstance(s, list) and len(s) == 2}
-    if [s[0] for s in old if isinstance(s, list) and s] != [s[0] for s in new]:
-        return (f"steps changed ({', '.join(before) or 'none'} → "
-                f"{', '.join(s[0] for s in new)})")
-    for step, now in new:
-        was = before.get(step)
-        if was == now:
-            continue
-        if isinstance(was, dict) and isinstance(now, dict):
-            if was.get("function") != now.get("function"):
-                return f"step {step} calls {now.get('function')} (was {was.get('function')})"
-            a, b = was.get("kwargs") or {}, now.get("kwargs") or {}
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    return (f"parameters of step {step} changed: {key} "
-                            f"{_short(a.get(key, '(none)'))} → {_short(b.get(key, '(none)'))}")
-        if isinstance(was, list) and isinstance(now, list):
-            for x, y in zip(was, now, strict=False):
-                if x != y:
-                    return f"command of step {step} changed: {_short(x)} → {_short(y)}"
-            return f"command of step {step} changed: {len(was)} → {len(now)} words"
-        return f"command of step {step} changed"
-    return "files or destinations of the task changed"
+def _stats(found: Any) -> dict[str, Stat]:
+    """What a receipt says the engine saw of some files: ``{path: [size, mtime_ns, ...]}``
+    (an entry of another shape is left out: that file is looked at anew)."""
+    if not isinstance(found, dict):
+        return {}
+    return {k: tuple(v) for k, v in found.items() if isinstance(v, list) and len(v) >= 2}

@@ -92,19 +92,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterError, OpfError
+from ..errors import ClusterError, UsageError
 from .cluster import (
     ENGINE_HEARTBEAT_MISSES,
     HEARTBEAT_MISSES,
     HEARTBEAT_MS,
     ClusterOptions,
     IPyParallelExecutor,
-    _describe,
     _ipython_dir,
     _kill,
     _live,
     _proc_record,
 )
+from .executor import describe_error
 from .fsatomic import write_atomic
 from .reaper import end_run
 
@@ -143,7 +143,7 @@ print('__opf_cores=%d' % cores)
 log = logging.getLogger(__name__)
 
 
-class LaunchUsageError(OpfError):
+class LaunchUsageError(UsageError):
     """A bad ``--engines`` or launcher option (exit 2)."""
 
 
@@ -215,7 +215,7 @@ def parse_engines(text: str | int) -> int | LaunchOptions:
     if value.isdigit():
         n = int(value)
         if n < 1:
-            raise LaunchUsageError("opf: error: --engines takes a number of engines, 1 or more")
+            raise LaunchUsageError("--engines takes a number of engines, 1 or more")
         return n
     kind, sep, rest = value.partition(":")
     kind = kind.lower()
@@ -226,7 +226,7 @@ def parse_engines(text: str | int) -> int | LaunchOptions:
     if kind == "ssh":
         return LaunchOptions(kind="ssh", hosts=_parse_hosts(rest))
     raise LaunchUsageError(
-        f"opf: error: --engines takes a number of local engines, ssh:HOST[:N][,HOST[:N]...], "
+        f"--engines takes a number of local engines, ssh:HOST[:N][,HOST[:N]...], "
         f"slurm, pbs or mpi; not '{text}'"
     )
 
@@ -239,15 +239,15 @@ def _parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
         host, sep, count = item.partition(":")
         if not item or not _HOST_RE.match(host) or (sep and not count.isdigit()):
             raise LaunchUsageError(
-                f"opf: error: --engines ssh: takes HOST or HOST:N, separated by commas "
+                f"--engines ssh: takes HOST or HOST:N, separated by commas "
                 f"(e.g. ssh:node1:8,node2); '{item}' is not one"
             )
         n = int(count) if sep else None
         if n is not None and n < 1:
-            raise LaunchUsageError(f"opf: error: --engines ssh: {item} asks for no engine; "
+            raise LaunchUsageError(f"--engines ssh: {item} asks for no engine; "
                                    f"give 1 or more, or leave the host out")
         if host in seen:
-            raise LaunchUsageError(f"opf: error: --engines ssh: names {host} twice; give it "
+            raise LaunchUsageError(f"--engines ssh: names {host} twice; give it "
                                    f"once, with its number of engines (HOST:N)")
         seen.add(host)
         hosts.append((host, n))
@@ -271,7 +271,7 @@ def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions 
     n = getattr(args, "n", None)
     spec = getattr(args, "engines", None)
     if n is not None and n < 1:
-        raise LaunchUsageError("opf: error: -n takes a number of engines, 1 or more")
+        raise LaunchUsageError("-n takes a number of engines, 1 or more")
     parsed = parse_engines(spec) if spec is not None else None
     given = {name: getattr(args, name, None) for name in _LAUNCH_FLAGS}
     if not isinstance(parsed, LaunchOptions):
@@ -279,30 +279,30 @@ def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions 
             if value is not None:
                 flag, kinds = _LAUNCH_FLAGS[name]
                 raise LaunchUsageError(
-                    f"opf: error: {flag} is for engines that opf starts elsewhere: use it with "
+                    f"{flag} is for engines that opf starts elsewhere: use it with "
                     f"--engines {' or '.join('ssh:HOST' if k == 'ssh' else k for k in kinds)}")
         if isinstance(parsed, int) and parsed > 0:
             if n is not None and n != parsed:
-                raise LaunchUsageError(f"opf: error: -n {n} and --engines {parsed} ask for "
+                raise LaunchUsageError(f"-n {n} and --engines {parsed} ask for "
                                        f"different numbers of engines; give one of them")
             n = parsed
         return n, None
     for name, value in given.items():
         flag, kinds = _LAUNCH_FLAGS[name]
         if value is not None and parsed.kind not in kinds:
-            raise LaunchUsageError(f"opf: error: {flag} does not apply to --engines "
+            raise LaunchUsageError(f"{flag} does not apply to --engines "
                                    f"{parsed.kind}")
     if getattr(args, "profile", None) is not None or getattr(args, "cluster_file", None):
-        raise LaunchUsageError("opf: error: --engines starts a cluster of its own; it cannot be "
+        raise LaunchUsageError("--engines starts a cluster of its own; it cannot be "
                                "combined with --profile or --cluster-file")
     if parsed.kind == "ssh":
         if n is not None:
             raise LaunchUsageError(
-                "opf: error: -n does not apply to --engines ssh:; give each host its number "
+                "-n does not apply to --engines ssh:; give each host its number "
                 "of engines, e.g. --engines ssh:node1:4,node2:4 (a host without one gets one "
                 "engine per core)")
     elif n is None and parsed.kind in ("slurm", "pbs"):
-        raise LaunchUsageError(f"opf: error: --engines {parsed.kind} needs the number of "
+        raise LaunchUsageError(f"--engines {parsed.kind} needs the number of "
                                f"engines to submit: add -n N")
     files = {}
     for name in ("ssh_config", "launcher_config"):
@@ -310,10 +310,10 @@ def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions 
             path = Path(given[name]).expanduser()
             if not path.is_file():
                 flag = _LAUNCH_FLAGS[name][0]
-                raise LaunchUsageError(f"opf: error: {flag} {given[name]}: no such file")
+                raise LaunchUsageError(f"{flag} {given[name]}: no such file")
             files[name] = str(path.resolve())
     if "launcher_config" in files and not files["launcher_config"].endswith((".py", ".json")):
-        raise LaunchUsageError("opf: error: --launcher-config takes an ipyparallel "
+        raise LaunchUsageError("--launcher-config takes an ipyparallel "
                                "configuration file ending in .py or .json")
     return None, replace(
         parsed, n=n, controller_ip=given["controller_ip"], python=given["remote_python"],
@@ -688,7 +688,7 @@ class LaunchedCluster:
                 if said.strip():
                     what += f": {_last_lines(said)}"
             else:
-                what = _describe(exc)
+                what = describe_error(exc)
             host = start.what.rpartition(" on ")[2]
             raise ClusterError(self._failed(
                 f"the SSH launcher could not start {start.what}: {what}",
@@ -851,7 +851,7 @@ def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # stopping goes on whatever one part says
-        log.debug("while stopping: %s", _describe(exc))
+        log.debug("while stopping: %s", describe_error(exc))
         return None
 
 
@@ -905,7 +905,7 @@ def _load_config(path: str) -> Any:
         return loader.load_config()
     except Exception as exc:
         raise ClusterError(f"cannot read the launcher configuration {path}: "
-                           f"{_describe(exc)}") from exc
+                           f"{describe_error(exc)}") from exc
 
 
 # -- batch jobs --------------------------------------------------------------------------------
@@ -994,7 +994,7 @@ def _quiet_ssh_waits() -> Iterator[None]:
     def hook(args: Any) -> None:
         name = getattr(args.thread, "name", "") or ""
         if name.startswith("wait(host="):
-            log.debug("%s ended: %s", name, _describe(args.exc_value))
+            log.debug("%s ended: %s", name, describe_error(args.exc_value))
             return
         previous(args)
 
@@ -1023,7 +1023,7 @@ def launched(options: ClusterOptions, state: Path,
             except Exception as exc:
                 said = cluster.output_tail()
                 raise ClusterError(
-                    f"could not start engines with {launch.describe()}: {_describe(exc)}\n"
+                    f"could not start engines with {launch.describe()}: {describe_error(exc)}\n"
                     f"Check: {_hint(launch.kind)}." + (f"\n{said}" if said else "")
                 ) from exc
             machines = len({info.machine for info in executor.engines().values()})

@@ -28,7 +28,11 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .runtime import Counts, EngineInfo, RunListener, RunSummary, TaskFailure, TaskRef
+from ..plan.model import Task
+from ..plan.wire import TaskResult
+from ..units import format_bytes, format_duration
+from .events import Counts, RunListener, RunSummary, TaskFailure
+from .executor import EngineInfo
 
 if TYPE_CHECKING:
     from .journal import Decision
@@ -53,30 +57,7 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def format_bytes(n: int) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def format_duration(seconds: float) -> str:
-    """``75.2`` → ``"1 min 15 s"``."""
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-def failure_report(task: TaskRef, failure: TaskFailure) -> str:
+def failure_report(task: Task, failure: TaskFailure) -> str:
     """A task's failure, for a person: what failed, how, the log's tail, where to look."""
     where = f"step {failure.step}" if failure.step else (failure.node or "the task")
     attempts = failure.attempt + 1
@@ -258,34 +239,32 @@ class Progress(RunListener):
                           f"{counts.running} running, {counts.failed} failed, engines busy "
                           f"{counts.engines_busy}/{counts.engines}")
 
-    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
+    def task_done(self, task: Task, result: TaskResult, engine: int) -> None:
         if self.quiet or self.interactive or not self._per_task:
             return
-        rows = result.get("trace") or []
-        starts = [r["start"] for r in rows if r.get("start")]
-        ends = [r["end"] for r in rows if r.get("end")]
-        took = f" in {format_duration(max(ends) - min(starts))}" if starts and ends else ""
+        span = result.span
+        took = f" in {format_duration(span)}" if span is not None else ""
         self._say(f"done {task.name} on engine {engine}{took}")
 
-    def task_skipped(self, task: TaskRef) -> None:
+    def task_skipped(self, task: Task) -> None:
         if self.quiet or self.interactive or not self._per_task or self._nothing_to_run:
             return
         self._say(f"skipped {task.name} (unchanged)")
 
-    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
+    def task_retrying(self, task: Task, failure: TaskFailure) -> None:
         if self.quiet:
             return
         self._say(f"retrying {task.name} (attempt {failure.attempt + 2} of "
                   f"{task.retries + 1}): {printable(failure.message)}")
 
-    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
+    def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._say(failure_report(task, failure))
 
     def engine_added(self, engine: EngineInfo) -> None:
         if not self.quiet:
             self._say(f"engine {engine.id} joined ({engine.machine})")
 
-    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
+    def engine_lost(self, engine: int, tasks: list[Task]) -> None:
         if self.quiet:
             return
         moved = (f"; {count(len(tasks), 'task')} {'goes' if len(tasks) == 1 else 'go'} to "

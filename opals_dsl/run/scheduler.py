@@ -76,21 +76,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
-import json
 import math
-import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # engines import this module (through cluster.py): keep it light
+from ..plan import model
+from ..plan.model import Task
+from ..plan.trace import TAIL_LINES, log_path
+from ..plan.trace import tail as read_tail
+from ..plan.wire import Failure, Receipt, Stage, Step, TaskRequest, TaskResult, WireError
+from .events import Counts, RunListener, RunSummary, TaskFailure, new_run_id
+from .executor import EngineInfo, Executor, describe_error
+from .trace import TraceWriter
+
+if TYPE_CHECKING:
     import networkx as nx
-
-    from .journal import Journal
 
 # task states
 WAITING = "waiting"
@@ -102,504 +107,45 @@ FAILED = "failed"
 BLOCKED = "blocked"  # an upstream task failed for good
 NOT_RUN = "not-run"  # the run stopped before the task was submitted
 
-TRACE_FIELDS = ("node", "kind", "job", "task", "step", "engine", "machine", "start", "end",
-                "status", "bytes", "attempt")
 #: a task on which this many engines were lost fails for good: it keeps killing its engine
 LOST_LIMIT = 2
 
-
-def new_run_id() -> str:
-    """A fresh id for a run (``OPF_RUN_ID`` of every process the run starts)."""
-    import secrets
-
-    return f"{os.getpid()}-{secrets.token_hex(6)}"
 
 
 # -- the executor interface ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """One engine: its id in the cluster and where it runs (``machine`` = host + scratch root)."""
-
-    id: int
-    host: str
-    pid: int
-    scratch: str
-    machine: str
-
-
-class Executor(Protocol):
-    """What the scheduler needs from a cluster."""
-
-    def engines(self) -> Mapping[int, EngineInfo]:
-        """The engines usable now."""
-        ...
-
-    def submit(self, engine: int, batch: list[dict[str, Any]]) -> Future:
-        """Start ``run_tasks(batch)`` on ``engine``; the future's result is the list of results."""
-        ...
-
-    def is_engine_loss(self, error: BaseException) -> bool:
-        """True if a failed future means its engine is gone (not a failure of the tasks)."""
-        ...
-
-    def release(self, future: Future) -> None:
-        """Forget a consumed future (results, metadata, history), so memory stays flat."""
-        ...
-
-    def refresh(self) -> tuple[list[EngineInfo], list[int]]:
-        """Engines that joined and engine ids that left since the last call."""
-        ...
-
-    def withdraw(self, futures: list[Future]) -> None:
-        """Best effort: drop batches that have not started yet (their futures then fail)."""
-        ...
-
-    def interrupt(self, engines: Iterable[int]) -> None:
-        """Best effort: interrupt what these engines are running (Ctrl-C)."""
-        ...
-
-    def discard(self, engine: int) -> str | None:
-        """Best effort: make sure a lost engine does no more work (an engine process of this
-        machine that is still there is killed); say what was done, or None."""
-        ...
-
-
-class LocalExecutor:
-    """Runs batches synchronously in this process; ``scratches`` gives one engine per entry.
-
-    Each entry is a scratch root (or None for the default), so several local engines can play
-    separate machines. Submitting runs the batch at once and returns a finished future.
-    """
-
-    def __init__(self, scratches: Iterable[str | None] = (None,)) -> None:
-        from . import engine
-
-        self._engine = engine
-        self._scratch = list(scratches)
-        self._engines = {}
-        for i, scratch in enumerate(self._scratch):
-            ident = engine.identify(scratch)
-            self._engines[i] = EngineInfo(i, ident["host"], ident["pid"], ident["scratch"],
-                                          ident["machine"])
-
-    def engines(self) -> Mapping[int, EngineInfo]:
-        return self._engines
-
-    def submit(self, engine: int, batch: list[dict[str, Any]]) -> Future:
-        scratch = self._scratch[engine]
-        if scratch is not None:
-            batch = [dict(req, scratch=req.get("scratch") or scratch) for req in batch]
-        future: Future = Future()
-        try:
-            future.set_result(self._engine.run_tasks(batch))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def is_engine_loss(self, error: BaseException) -> bool:
-        return False
-
-    def release(self, future: Future) -> None:
-        pass
-
-    def refresh(self) -> tuple[list[EngineInfo], list[int]]:
-        return [], []
-
-    def withdraw(self, futures: list[Future]) -> None:
-        pass
-
-    def interrupt(self, engines: Iterable[int]) -> None:
-        pass
-
-    def discard(self, engine: int) -> str | None:
-        return None
-
 
 # -- what the scheduler tells the world -------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class TaskRef:
-    """A task of the plan: its job, id, position in plan order and node ids."""
-
-    order: int
-    job: str
-    task: str
-    machine_stage: str
-    task_stage: str
-    execs: tuple[str, ...]
-    copyback: str
-    retries: int
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        return (self.machine_stage, self.task_stage, *self.execs, self.copyback)
-
-    @property
-    def name(self) -> str:
-        return f"{self.job}/{self.task}"
-
-
-@dataclass(slots=True)
-class TaskFailure:
-    """A task that failed for good (or whose last attempt failed): everything a person needs."""
-
-    job: str
-    task: str
-    attempt: int
-    engine: int | None
-    machine: str | None
-    node: str | None
-    step: str | None
-    kind: str
-    returncode: int | None
-    message: str
-    log: str | None
-    tail: list[str]
-    task_dir: str | None
-
-
-@dataclass(slots=True)
-class RunSummary:
-    """What a run did. ``exit_code``: 0 all done or skipped, 1 a task failed or the run was
-    stopped, 3 no engine left."""
-
-    total: int = 0
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    blocked: int = 0
-    not_run: int = 0
-    retried: int = 0
-    resubmitted: int = 0  # tasks moved off a lost engine
-    #: failed task name -> names of the tasks left out because of it (``keep_going``)
-    blocked_by: dict[str, list[str]] = field(default_factory=dict)
-    engines_lost: int = 0
-    bytes_staged: int = 0
-    bytes_copied: int = 0
-    started: float = 0.0
-    finished: float = 0.0
-    interrupted: bool = False
-    no_engines: bool = False
-    failures: list[TaskFailure] = field(default_factory=list)
-    trace: str | None = None
-    trace_error: str | None = None  # the trace could not be written
-
-    @property
-    def wall(self) -> float:
-        return max(0.0, self.finished - self.started)
-
-    @property
-    def exit_code(self) -> int:
-        if self.no_engines:
-            return 3
-        if self.failed or self.interrupted or self.blocked or self.not_run:
-            return 1
-        return 0
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """A snapshot of the run for a progress display."""
-
-    total: int
-    done: int
-    skipped: int
-    failed: int
-    running: int
-    engines: int
-    engines_busy: int
-
-
-class RunListener:
-    """Receives the scheduler's events; every method does nothing by default."""
-
-    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
-        pass
-
-    def counts_changed(self, counts: Counts) -> None:
-        pass
-
-    def tasks_submitted(self, tasks: list[TaskRef], engine: int) -> None:
-        pass
-
-    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
-        pass
-
-    def task_skipped(self, task: TaskRef) -> None:
-        pass
-
-    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
-        pass
-
-    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
-        pass
-
-    def engine_added(self, engine: EngineInfo) -> None:
-        pass
-
-    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
-        pass
-
-    def engine_discarded(self, engine: int, note: str) -> None:
-        """A lost engine was made to stop (``note`` says how)."""
-
-    def stopping(self, reason: str) -> None:
-        pass
-
-    def checkpoint(self) -> None:
-        pass
-
-    def run_finished(self, summary: RunSummary) -> None:
-        pass
-
-
-class Listeners(RunListener):
-    """Passes every event on to several listeners, in order."""
-
-    def __init__(self, listeners: Iterable[RunListener | None]) -> None:
-        self.all = [x for x in listeners if x is not None]
-
-    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
-        for x in self.all:
-            x.run_started(total, engines)
-
-    def counts_changed(self, counts: Counts) -> None:
-        for x in self.all:
-            x.counts_changed(counts)
-
-    def tasks_submitted(self, tasks: list[TaskRef], engine: int) -> None:
-        for x in self.all:
-            x.tasks_submitted(tasks, engine)
-
-    def task_done(self, task: TaskRef, result: dict[str, Any], engine: int) -> None:
-        for x in self.all:
-            x.task_done(task, result, engine)
-
-    def task_skipped(self, task: TaskRef) -> None:
-        for x in self.all:
-            x.task_skipped(task)
-
-    def task_retrying(self, task: TaskRef, failure: TaskFailure) -> None:
-        for x in self.all:
-            x.task_retrying(task, failure)
-
-    def task_failed(self, task: TaskRef, failure: TaskFailure) -> None:
-        for x in self.all:
-            x.task_failed(task, failure)
-
-    def engine_added(self, engine: EngineInfo) -> None:
-        for x in self.all:
-            x.engine_added(engine)
-
-    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
-        for x in self.all:
-            x.engine_lost(engine, tasks)
-
-    def engine_discarded(self, engine: int, note: str) -> None:
-        for x in self.all:
-            x.engine_discarded(engine, note)
-
-    def stopping(self, reason: str) -> None:
-        for x in self.all:
-            x.stopping(reason)
-
-    def checkpoint(self) -> None:
-        for x in self.all:
-            x.checkpoint()
-
-    def run_finished(self, summary: RunSummary) -> None:
-        for x in self.all:
-            x.run_finished(summary)
 
 
 # -- the plan as tasks -----------------------------------------------------------------------
 
 
-def plan_tasks(plan: nx.DiGraph) -> tuple[list[TaskRef], list[list[int]]]:
-    """The plan's tasks in plan order, and for each the orders of the tasks it waits for."""
-    jobs = list(plan.graph.get("jobs") or [])
-    job_rank = {job: i for i, job in enumerate(jobs)}
-    chains: dict[tuple[str, str], dict[str, Any]] = {}
-    for node, data in plan.nodes(data=True):
-        kind = data.get("kind")
-        if data.get("task") is None:
-            if kind != "stage":
-                raise ValueError(f"plan node {node} has no task")
-            continue
-        chain = chains.setdefault((data["job"], data["task"]), {"execs": []})
-        if kind == "stage":
-            chain["stage"] = node
-            chain["index"] = int(data.get("index", 0))
-        elif kind == "exec":
-            chain["execs"].append((int(data.get("index", 0)), node))
-        elif kind == "copyback":
-            chain["copyback"] = node
-        else:
-            raise ValueError(f"plan node {node} has an unknown kind {kind!r}")
-    keyed = []
-    for (job, task), chain in chains.items():
-        if "stage" not in chain or "copyback" not in chain:
-            raise ValueError(f"task {job}/{task} of the plan lacks its task stage or copy-back")
-        keyed.append(((job_rank.get(job, len(jobs)), job, chain["index"], task), chain))
-    keyed.sort(key=lambda item: item[0])
-    tasks: list[TaskRef] = []
-    order_of: dict[str, int] = {}
-    for order, ((_, job, _, task), chain) in enumerate(keyed):
-        stage = chain["stage"]
-        retries = plan.nodes[stage].get("retries", 0) or 0
-        ref = TaskRef(
-            order=order, job=job, task=task, machine_stage=f"stage:{job}", task_stage=stage,
-            execs=tuple(node for _, node in sorted(chain["execs"])),
-            copyback=chain["copyback"], retries=int(retries),
-        )
-        tasks.append(ref)
-        order_of[chain["copyback"]] = order
-    deps: list[list[int]] = []
-    for ref in tasks:
-        ups = set()
-        for pred in plan.predecessors(ref.task_stage):
-            if pred in order_of:
-                ups.add(order_of[pred])
-            elif plan.nodes[pred].get("kind") != "stage" or plan.nodes[pred].get("task"):
-                raise ValueError(f"task stage {ref.task_stage} waits for {pred}, which is "
-                                 f"neither a machine stage nor a copy-back")
-        deps.append(sorted(ups))
-    return tasks, deps
 
-
-def build_request(plan: nx.DiGraph, ref: TaskRef, attempt: int, *, scratch: str | None,
+def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
                   logs: Path, checksum: bool = False, run_id: str | None = None,
-                  receipt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine request for one task (docs/plan-format.md → the engine's request dict);
-    ``checksum`` asks the engine for the SHA-256 of each input it stages, ``run_id`` marks the
-    steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once the task's results
-    landed (:meth:`opals_dsl.journal.Journal.stamp`)."""
-    nodes = plan.nodes
-    machine = nodes[ref.machine_stage] if ref.machine_stage in nodes else {}
-    stage = nodes[ref.task_stage]
-    execs = []
-    for node in ref.execs:
-        data = nodes[node]
-        execs.append({
-            "node": node, "step": data["step"], "argv": data.get("argv"),
-            "call": data.get("call"), "inputs": list(data.get("inputs") or ()),
-            "outputs": list(data.get("outputs") or ()), "temp": list(data.get("temp") or ()),
-        })
-    return {
-        "pipeline": plan.graph["pipeline"],
-        "root": plan.graph["root"],
-        "scratch": scratch,
-        "job": ref.job,
-        "task": ref.task,
-        "attempt": attempt,
-        "machine_stage": {"node": ref.machine_stage,
-                          "files": [list(p) for p in machine.get("files") or ()]},
-        "task_stage": {"node": ref.task_stage,
-                       "files": [list(p) for p in stage.get("files") or ()]},
-        "execs": execs,
-        "copyback": {"node": ref.copyback,
-                     "files": [list(p) for p in nodes[ref.copyback].get("files") or ()]},
-        "logs": str(logs / ref.job / ref.task),
-        "checksum": checksum,
-        "run_id": run_id,
-        "receipt": receipt,
-    }
-
-
-def destination_folders(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None) -> list[str]:
-    """The folders the copy-backs of ``tasks`` (default: every task) write into, sorted."""
-    root = plan.graph["root"]
-    if tasks is None:
-        nodes = (data for _, data in plan.nodes(data=True) if data.get("kind") == "copyback")
-    else:
-        nodes = (plan.nodes[t.copyback] for t in tasks if t.copyback in plan.nodes)
-    folders = set()
-    for data in nodes:
-        for _, dest in data.get("files") or ():
-            folders.add(os.path.dirname(os.path.join(root, dest)))
-    return sorted(folders)
-
-
-def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[TaskRef] | None = None
-                             ) -> list[str]:
-    """Remove the temporaries that killed copy-backs left in the destination folders of
-    ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
-    is provably gone are removed (:func:`opals_dsl.engine.remove_abandoned_temporaries`): those
-    another run is still writing stay."""
-    from .fsatomic import remove_abandoned_temporaries
-
-    removed = []
-    for folder in destination_folders(plan, tasks):
-        removed += remove_abandoned_temporaries(folder)
-    return removed
-
-
-class TemporarySweeper(RunListener):
-    """Removes what a copy-back left behind as soon as its engine is lost: the abandoned
-    temporaries in the destination folders of the tasks that engine held."""
-
-    def __init__(self, plan: nx.DiGraph) -> None:
-        self.plan = plan
-
-    def engine_lost(self, engine: int, tasks: list[TaskRef]) -> None:
-        with contextlib.suppress(OSError):
-            remove_stale_temporaries(self.plan, tasks)
-
-
-# -- the trace -------------------------------------------------------------------------------
-
-
-class TraceWriter:
-    """Appends one JSON object per plan node to ``path`` (fields: :data:`TRACE_FIELDS`).
-
-    A trace that cannot be written (the state folder's disk is full) does not stop the run:
-    writing stops, and ``error`` says why.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._last_flush = time.monotonic()
-        self.error: str | None = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.error is None:
-            try:
-                self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
-            except OSError as exc:
-                self._failed(exc)
-
-    def flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.error is None and (force or now - self._last_flush > 1.0):
-            try:
-                self._file.flush()
-            except OSError as exc:
-                self._failed(exc)
-            self._last_flush = now
-
-    def _failed(self, exc: OSError) -> None:
-        self.error = f"cannot write the trace {self.path}: {exc.strerror or exc}"
-
-    def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError as exc:
-            if self.error is None:
-                self._failed(exc)
-
-
-def read_trace(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a trace file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# -- the scheduler ---------------------------------------------------------------------------
+                  receipt: Receipt | None = None) -> dict[str, Any]:
+    """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
+    as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
+    ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
+    the task's results landed (:meth:`opals_dsl.run.journal.Journal.stamp`)."""
+    info = model.info(plan)
+    machine, stage, execs, copyback = model.chain(plan, task)
+    return TaskRequest(
+        pipeline=info.pipeline, root=info.root, job=task.job, task=task.task,
+        machine_stage=Stage(task.machine_stage, machine.files if machine is not None else ()),
+        task_stage=Stage(task.task_stage, stage.files),
+        steps=tuple(
+            Step(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
+                 e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp)
+            for e in execs
+        ),
+        copyback=Stage(task.copyback, copyback.files),
+        attempt=attempt, scratch=scratch, logs=str(logs / task.job / task.task),
+        checksum=checksum, run_id=run_id, receipt=receipt,
+    ).to_wire()
 
 
 @dataclass(slots=True)
@@ -623,13 +169,13 @@ class Scheduler:
         state_dir: str | Path,
         scratch: str | None = None,
         keep_going: bool = False,
-        skip: Callable[[TaskRef], bool] | None = None,
+        skip: Callable[[Task], bool] | None = None,
         listener: RunListener | None = None,
         retries: int | None = None,
         checksum: bool = False,
-        tasks: tuple[list[TaskRef], list[list[int]]] | None = None,
+        tasks: model.Tasks | None = None,
         run_id: str | None = None,
-        stamp: Callable[[TaskRef], dict[str, Any] | None] | None = None,
+        stamp: Callable[[Task], Receipt | None] | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
@@ -653,7 +199,9 @@ class Scheduler:
         self.run_id = run_id or getattr(executor, "run_id", None) or new_run_id()
         self.stamp = stamp
 
-        self.tasks, self.deps = tasks if tasks is not None else plan_tasks(plan)
+        found = tasks if tasks is not None else model.tasks(plan)
+        self.tasks: list[Task] = list(found.tasks)
+        self.deps = found.upstream
         if retries is not None:
             self.tasks = [dataclasses.replace(t, retries=retries) for t in self.tasks]
         self.checksum = checksum
@@ -831,51 +379,46 @@ class Scheduler:
                 for i in batch.tasks:  # withdrawn, or stopped by our own interrupt
                     self.state[i] = NOT_RUN
                 return
-            message = _error_text(error)
+            message = describe_error(error)
             for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
-                self._task_failed(i, attempt, engine, None, {
-                    "node": None, "step": None, "kind": "engine", "returncode": None,
-                    "message": f"the engine could not run the task: {message}",
-                    "log": None, "tail": [], "task_dir": None,
-                })
+                self._task_failed(i, attempt, engine, None, Failure(
+                    "engine", f"the engine could not run the task: {message}"))
             return
         assert results is not None
-        info = self.engines.get(engine)
         durations: dict[str, list[float]] = {}
-        for i, attempt, result in zip(batch.tasks, batch.attempts, results, strict=True):
+        for i, attempt, data in zip(batch.tasks, batch.attempts, results, strict=True):
+            try:
+                result = TaskResult.from_wire(data)
+            except WireError as exc:
+                self._task_failed(i, attempt, engine, None, Failure("engine", str(exc)))
+                continue
             self._record_trace(i, attempt, engine, result)
             s = self.summary
-            s.bytes_staged += int(result.get("bytes_staged") or 0)
-            s.bytes_copied += int(result.get("bytes_copied") or 0)
-            rows = result.get("trace") or []
-            if rows:
-                starts = [r["start"] for r in rows if r.get("start") is not None]
-                ends = [r["end"] for r in rows if r.get("end") is not None]
-                if starts and ends:
-                    durations.setdefault(self.tasks[i].job, []).append(max(ends) - min(starts))
-            if result.get("ok"):
+            s.bytes_staged += result.bytes_staged
+            s.bytes_copied += result.bytes_copied
+            span = result.span
+            if span is not None:
+                durations.setdefault(self.tasks[i].job, []).append(span)
+            if result.ok:
                 self.state[i] = DONE
                 s.done += 1
                 self.listener.task_done(self.tasks[i], result, engine)
                 self._release(i)
             else:
-                machine = result.get("machine") or (info.machine if info else None)
-                self._task_failed(i, attempt, engine, machine, result.get("failure") or {})
+                self._task_failed(i, attempt, engine, result.machine,
+                                  result.failure or Failure("unknown", "the task failed"))
         for job, values in durations.items():
             mean = sum(values) / len(values)
             old = self.estimate.get(job)
             self.estimate[job] = mean if old is None else 0.5 * old + 0.5 * mean
 
     def _task_failed(self, i: int, attempt: int, engine: int, machine: str | None,
-                     failure: dict[str, Any]) -> None:
+                     failure: Failure) -> None:
         ref = self.tasks[i]
-        record = TaskFailure(
-            job=ref.job, task=ref.task, attempt=attempt, engine=engine, machine=machine,
-            node=failure.get("node"), step=failure.get("step"),
-            kind=str(failure.get("kind") or "unknown"), returncode=failure.get("returncode"),
-            message=str(failure.get("message") or "the task failed"), log=failure.get("log"),
-            tail=list(failure.get("tail") or []), task_dir=failure.get("task_dir"),
-        )
+        if machine is None:
+            info = self.engines.get(engine)
+            machine = info.machine if info else None
+        record = TaskFailure.of(ref, attempt, engine, machine, failure)
         if attempt < ref.retries and not self.stopping:
             self.attempt[i] = attempt + 1
             self.summary.retried += 1
@@ -997,16 +540,14 @@ class Scheduler:
         node = step = log = None
         tail: list[str] = []
         for exec_node in reversed(ref.execs):
-            name = self.plan.nodes[exec_node].get("step")
-            path = self.logs / ref.job / ref.task / f"{name}.log"
+            name = model.step_of(exec_node)
+            path = log_path(self.logs, ref.job, ref.task, name)
             try:
                 written = path.stat().st_mtime
             except OSError:
                 continue
             if written >= since - 2.0:  # the file server's clock may differ a little
-                from .engine import _tail
-
-                node, step, log, tail = exec_node, name, str(path), _tail(str(path))
+                node, step, log, tail = exec_node, name, str(path), read_tail(path, TAIL_LINES)
                 break
         during = f" while it ran step {step}" if step else ""
         ids = ", ".join(str(e) for e in engines)
@@ -1088,20 +629,21 @@ class Scheduler:
 
     # -- trace rows ------------------------------------------------------------------------
 
-    def _record_trace(self, i: int, attempt: int, engine: int, result: dict[str, Any]) -> None:
+    def _record_trace(self, i: int, attempt: int, engine: int, result: TaskResult) -> None:
         if self.trace is None:
             return
         ref = self.tasks[i]
-        machine = result.get("machine")
-        for row in result.get("trace") or ():
-            node = row.get("node")
+        machine = result.machine
+        for row in result.trace:
+            node = row.node
+            extra = {} if row.message is None else {"returncode": row.returncode,
+                                                    "message": row.message}
             self.trace.write({
-                "node": node, "kind": row.get("kind"), "job": ref.job,
+                "node": node, "kind": row.kind, "job": ref.job,
                 "task": None if node == ref.machine_stage else ref.task,
-                "step": _step_of(node), "engine": engine, "machine": machine,
-                "start": row.get("start"), "end": row.get("end"), "status": row.get("status"),
-                "bytes": row.get("bytes", 0), "attempt": attempt,
-                **{k: row[k] for k in ("returncode", "message") if k in row},
+                "step": model.step_of(node), "engine": engine, "machine": machine,
+                "start": row.start, "end": row.end, "status": row.status,
+                "bytes": row.bytes, "attempt": attempt, **extra,
             })
 
     def _trace_lost(self, i: int, attempt: int, engine: int, info: EngineInfo | None,
@@ -1119,66 +661,14 @@ class Scheduler:
         if self.trace is None:
             return
         ref = self.tasks[i]
-        for node in ref.nodes[1:]:
+        for node, kind in ref.kinds()[1:]:
             self.trace.write({
-                "node": node, "kind": self.plan.nodes[node].get("kind"), "job": ref.job,
-                "task": ref.task, "step": _step_of(node), "engine": None, "machine": None,
+                "node": node, "kind": kind, "job": ref.job,
+                "task": ref.task, "step": model.step_of(node), "engine": None, "machine": None,
                 "start": None, "end": None, "status": status, "bytes": 0,
                 "attempt": self.attempt[i],
             })
 
 
-def _step_of(node: str | None) -> str | None:
-    if node and node.startswith("exec:"):
-        return node.rsplit("/", 1)[-1]
-    return None
-
-
 def _is_withdrawn(error: BaseException) -> bool:
     return type(error).__name__ == "TaskAborted"
-
-
-def _error_text(error: BaseException) -> str:
-    ename = getattr(error, "ename", None)
-    if ename:
-        return f"{ename}: {getattr(error, 'evalue', '')}"
-    return f"{type(error).__name__}: {error}"
-
-
-def run_plan(
-    plan: nx.DiGraph,
-    executor: Executor,
-    *,
-    state_dir: str | Path,
-    scratch: str | None = None,
-    keep_going: bool = False,
-    skip: Callable[[TaskRef], bool] | None = None,
-    listener: RunListener | None = None,
-    journal: Journal | None = None,
-    force: bool = False,
-    **policy: Any,
-) -> RunSummary:
-    """Run ``plan`` on ``executor``: clear abandoned temporaries (before, when an engine is
-    lost, and after), schedule, write the trace.
-
-    ``state_dir`` receives ``trace.jsonl`` and ``logs/<job>/<task>/<step>.log``; ``scratch``
-    overrides the engines' scratch root (default: the executor's ``scratch``, if it has one).
-    With an open ``journal`` (:meth:`opals_dsl.journal.Journal.open`) tasks it finds unchanged
-    are skipped (all run with ``force``) and every task that finishes is recorded in it.
-    ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
-    ``engine_wait``, ``interrupt_wait``, ``retries``, ``run_id``).
-    """
-    remove_stale_temporaries(plan)
-    listener = Listeners([TemporarySweeper(plan), listener])
-    if journal is not None:
-        journal.decide(force=force)
-        skip = journal.skip
-        listener = Listeners([journal, listener])
-        policy.setdefault("checksum", journal.checksum)
-        policy.setdefault("tasks", (journal.tasks, journal.deps))
-        policy.setdefault("stamp", journal.stamp)
-    scheduler = Scheduler(plan, executor, state_dir=state_dir, scratch=scratch,
-                          keep_going=keep_going, skip=skip, listener=listener, **policy)
-    summary = scheduler.run()
-    remove_stale_temporaries(plan)  # of engines lost on the way, once they are gone
-    return summary
