@@ -164,7 +164,7 @@ def test_two_runs_at_once_each_get_their_own_shared_files(tmp_path, sharing):
 WRITER = textwrap.dedent(
     """
     import os, sys, time
-    from opals_dsl.run import engine
+    from opals_dsl.run import fsatomic
     dst, ready, go = sys.argv[1:4]
     with fsatomic.replacing(dst) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
