@@ -17,8 +17,9 @@ import networkx as nx
 from .errors import OpfCheckError, OpfSyntaxError, PipelineError, PlanError
 from .lang import nodes as n
 from .lang.check import check
-from .lang.lower import Protected, build_plan
+from .lang.lower import build_plan
 from .lang.parse import parse
+from .lang.protect import Protected
 from .plan import model
 from .source import SourceFile
 

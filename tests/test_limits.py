@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.errors import PipelineError
-from opals_dsl.lang import check as check_module
-from opals_dsl.lang import lower as plan_module
+from opals_dsl.lang import expand, scope
 from opals_dsl.source import SourceFile, Span, render_diagnostic
 
 #: the address space a child ``opf`` may use: far more than checking these small files needs,
@@ -190,7 +189,7 @@ def test_a_huge_param_is_refused_without_building_its_tasks(tmp_path: Path):
 
 def test_the_task_limit_counts_the_whole_pipeline(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(plan_module, "MAX_TASKS", 10)
+    monkeypatch.setattr(expand, "MAX_TASKS", 10)
     path = pipeline(tmp_path, RANGE + RANGE.replace("param n = 3", "").replace("tiles", "more"))
     assert len(compile_file(path, {"n": "5"})) > 0
     with pytest.raises(PipelineError) as info:
@@ -204,7 +203,7 @@ def test_the_task_limit_counts_the_whole_pipeline(tmp_path: Path,
 
 def test_a_list_file_with_too_many_lines_is_refused_as_it_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(plan_module, "MAX_TASKS", 10)
+    monkeypatch.setattr(expand, "MAX_TASKS", 10)
     path = pipeline(tmp_path, LINES)
     (tmp_path / "list.txt").write_text("".join(f"c{i}\n" for i in range(11)))
     with pytest.raises(PipelineError) as info:
@@ -255,13 +254,13 @@ def test_checking_many_jobs_builds_the_job_table_once_per_pass(
     """Name resolution shares one table of the pipeline's jobs: a table per job would make
     checking quadratic in the number of jobs."""
     built = []
-    original = check_module.JobTable.__init__
+    original = scope.JobTable.__init__
 
     def counting(self, pipeline):
         built.append(pipeline)
         original(self, pipeline)
 
-    monkeypatch.setattr(check_module.JobTable, "__init__", counting)
+    monkeypatch.setattr(scope.JobTable, "__init__", counting)
     jobs = "".join(
         f'job j{i} {{\n    output "r" flat\n    step s {{\n        out o = "o{i}.txt"\n'
         f"        run echo {{o}}\n    }}\n}}\n" for i in range(300)
@@ -273,7 +272,7 @@ def test_checking_many_jobs_builds_the_job_table_once_per_pass(
 def test_many_unknown_names_get_a_bounded_number_of_suggestions(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A suggestion looks through every name in sight; past a budget the message has none."""
-    monkeypatch.setattr(check_module, "HINT_BUDGET", 2)
+    monkeypatch.setattr(scope, "HINT_BUDGET", 2)
     jobs = "".join(
         f"job j{i} {{\n    step s{i} {{\n        out o{i} = \"o{i}.txt\"\n"
         f"        run echo {{o{i}x}}\n    }}\n}}\n" for i in range(4)

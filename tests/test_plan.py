@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.errors import PipelineError, PlanError
-from opals_dsl.lang.lower import _attr, _glob_files, safe_id, task_ids
+from opals_dsl.lang.expand import glob_files as _glob_files
+from opals_dsl.lang.expand import path_attr as _attr
+from opals_dsl.lang.expand import safe_id, task_ids
 from opals_dsl.plan.graph import to_json, write_json
 
 

@@ -27,7 +27,7 @@ once. All of these exit with 130. The embedded cluster is stopped however the ru
 seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
 scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
 against the scratch roots the engines report before anything is submitted (exit 2, see
-:class:`opals_dsl.plan.Protected`).
+:class:`opals_dsl.lang.protect.Protected`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
         scratch = os.path.abspath(os.path.expanduser(scratch))
     params = parse_params(getattr(args, "param", None))
     # no output may be copied back over the pipeline, into this run's state folder, or into
-    # the folders the engines work in (see opals_dsl.lang.lower.Protected)
+    # the folders the engines work in (see opals_dsl.lang.protect.Protected)
     protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
     plan = compile_file(args.file, params, protected=protected)
     quiet = getattr(args, "quiet", False)
