@@ -29,7 +29,7 @@ import networkx as nx
 from ..errors import Diagnostic
 from ..source import SourceFile
 from . import nodes as n
-from .parse import RESERVED
+from .nodes import RESERVED
 from .scope import (
     CTX_JOB,
     CTX_OUT,

@@ -15,6 +15,13 @@ from ..source import Span
 _SPAN = field(default=None, compare=False, repr=False)
 
 
+#: soft keywords: names wherever a name is expected
+SOFT_KEYWORDS = frozenset(
+    "step out in call shared output retries param for flat by temp".split()
+)
+RESERVED = frozenset({"task", "job", "pipeline"})
+
+
 @dataclass(frozen=True, slots=True)
 class Name:
     """A declared name (job, step, output, param, ...) and where it was written."""

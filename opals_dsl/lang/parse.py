@@ -12,9 +12,7 @@ reported together after the parse.
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Iterator
-from copy import copy
 from functools import cache
 from importlib import resources
 
@@ -24,34 +22,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 from ..errors import Diagnostic, OpfSyntaxError
 from ..source import SourceFile, Span
 from . import nodes as n
+from .syntax_errors import point, syntax_diagnostic
 from .words import parse_template, split_run_line, string_chars
-
-#: soft keywords: names wherever a name is expected
-SOFT_KEYWORDS = frozenset(
-    "step out in call shared output retries param for flat by temp".split()
-)
-RESERVED = frozenset({"task", "job", "pipeline"})
-
-_WORDS = {
-    "NAME": "a name",
-    "STRING": 'a string in double quotes ("...")',
-    "INT": "a whole number",
-    "FLOAT": "a number",
-    "_NL": "the end of the line",
-    "$END": "the end of the file",
-    "RUN_LINE": "'run' and a command",
-    "LBRACE": "'{'",
-    "RBRACE": "'}'",
-    "LPAR": "'('",
-    "RPAR": "')'",
-    "LSQB": "'['",
-    "RSQB": "']'",
-    "COMMA": "','",
-    "EQUAL": "'='",
-    "DOT": "'.'",
-    "COLON": "':'",
-}
-
 
 #: how deeply lists may nest (the tree is built recursively)
 MAX_NESTING = 32
@@ -171,10 +143,10 @@ def parse(source: SourceFile) -> n.Pipeline:
     try:
         tree = parser.parse(text)
     except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
-        raise OpfSyntaxError([_syntax_diagnostic(source, exc, postlex, parser)]) from None
+        raise OpfSyntaxError([syntax_diagnostic(source, exc, postlex, parser)]) from None
     except _TooDeep as exc:
         message = f"brackets are nested more than {MAX_NESTING} deep here"
-        raise OpfSyntaxError([Diagnostic(_point(source, exc.token), message, source)]) from None
+        raise OpfSyntaxError([Diagnostic(point(source, exc.token), message, source)]) from None
     builder = _Builder(source, postlex.ends)
     try:
         pipeline = builder.transform(tree)
@@ -201,332 +173,6 @@ def tokens(source: SourceFile) -> list[Token]:
 
 
 # -- syntax errors in words ------------------------------------------------------------------
-
-_VALUES = frozenset({"INT", "FLOAT", "STRING", "TRUE", "FALSE", "LSQB"})
-_KIND = {"JOB": "job", "STEP": "step"}
-_STEP_WORDS = frozenset({"out", "in", "run", "call"})
-_JOB_WORDS = frozenset({"shared", "output", "retries", "step"})
-_TOP_WORDS = frozenset({"pipeline", "param", "job"})
-
-
-def _accepts(state) -> set[str]:
-    """The terminals the parser could take next in ``state`` (a Lark parser state)."""
-    conf = copy(state.parse_conf)
-    conf.callbacks = {}
-    out = set()
-    for term in state.parse_conf.states[state.position]:
-        if not term.isupper():
-            continue
-        trial = state.copy(deepcopy_values=False)
-        trial.parse_conf = conf
-        try:
-            trial.feed_token(Token(term, ""), is_end=term == "$END")
-        except UnexpectedToken:
-            continue
-        out.add(term)
-    return out
-
-
-def _describe(term: str, parser: Lark) -> str:
-    if term in _WORDS:
-        return _WORDS[term]
-    for t in parser.terminals:
-        if t.name == term and t.pattern.type == "str":
-            return f"'{t.pattern.value}'"
-    return term.lower()
-
-
-def _expected_words(expected: set[str], parser: Lark) -> list[str]:
-    expected = set(expected)
-    out: list[str] = []
-    if "NAME" in expected:
-        out.append("a name")
-        keyword_terms = {
-            t.name
-            for t in parser.terminals
-            if t.pattern.type == "str" and t.pattern.value in SOFT_KEYWORDS
-        } | {"TEMP"}
-        expected -= keyword_terms | {"NAME"}
-    if _VALUES <= expected:
-        out.append('a value (a number, a "string", true, false or a [list])')
-        expected -= _VALUES
-    if {"INT", "FLOAT"} <= expected:
-        expected.discard("INT")
-    tail = [_WORDS["_NL"]] if "_NL" in expected else []
-    expected.discard("_NL")
-    out += sorted(_describe(t, parser) for t in expected)
-    return sorted(set(out), key=lambda w: (w[0] != "'", w)) + tail
-
-
-def _join(words: list[str]) -> str:
-    if len(words) <= 1:
-        return "".join(words)
-    return ", ".join(words[:-1]) + " or " + words[-1]
-
-
-def _token_text(tok: Token) -> str:
-    if tok.type == "_NL":
-        return "the end of the line"
-    if tok.type == "$END":
-        return "the end of the file"
-    text = str(tok)
-    if tok.type == "RUN_LINE":
-        text = text[:64].split(None, 1)[0] if text.strip() else "run"
-    if len(text) > 30:
-        text = text[:27] + "..."
-    return f"'{text}'"
-
-
-_AFTER = {
-    "JOB": "a job name, e.g. 'job dem for strip in \"data/*.xyz\" {'",
-    "STEP": "a step name, e.g. 'step grid {'",
-    "PIPELINE": "a pipeline name, e.g. 'pipeline strip_dems'",
-    "PARAM": "a parameter name, e.g. 'param cell = 1.0'",
-    "SHARED": "a name for the shared file, e.g. 'shared cfg = \"cfg/grid.cfg\"'",
-    "OUT": "a name for the output, e.g. 'out dem = \"{strip.stem}.asc\"'",
-    "FOR": "a loop variable name, e.g. 'for strip in \"data/*.xyz\"'",
-}
-
-
-_EQUALS = {
-    "PARAM": "'param cell = 1.0'",
-    "SHARED": "'shared cfg = \"cfg/grid.cfg\"'",
-    "OUT": "'out dem = \"{strip.stem}.asc\"'",
-}
-
-
-def _point(source: SourceFile, tok: Token, width: int = 1) -> Span:
-    return Span(source.name, tok.line, tok.column, tok.line, tok.column + width)
-
-
-def _syntax_diagnostic(
-    source: SourceFile, exc: Exception, postlex: _PostLex, parser: Lark
-) -> Diagnostic:
-    if isinstance(exc, UnexpectedCharacters):
-        return _bad_character(source, exc, parser)
-    state = getattr(exc, "state", None)
-    if isinstance(exc, UnexpectedEOF):
-        tok = Token("$END", "", len(source.text), *source.position(len(source.text)))
-    else:
-        assert isinstance(exc, UnexpectedToken)
-        tok = exc.token
-    expected = set(getattr(exc, "expected", None) or ())
-    if state is not None:
-        expected = _accepts(state) or expected
-    if tok.type != "$END" and "_NL" in expected:
-        expected.discard("$END")
-    words = _expected_words(expected, parser)
-
-    if tok.type == "$END" or not getattr(tok, "line", None):
-        return _end_of_file(source, postlex, words)
-
-    # the tokens before this one, and the blocks open around it
-    pos = tok.start_pos if tok.start_pos is not None else len(source.text)
-    before = [t for t in postlex.history if t.start_pos is not None and t.start_pos < pos]
-    prev = before[-1] if before else None
-    prev2 = before[-2] if len(before) >= 2 else None
-    if postlex.context_pos == pos:
-        context = postlex.context
-    else:  # the lexer refused this token before it reached the post-lexer
-        context = tuple(kind for kind, _ in postlex.blocks)
-    where = _KIND.get(context[-1], "") if context else "top"
-    opener = postlex.blocks[-1][1] if postlex.blocks else None
-
-    end_col = tok.end_column if tok.end_line == tok.line and tok.end_column else tok.column + 1
-    if tok.type in ("RUN_LINE", "_NL"):
-        end_col = tok.column + (3 if tok.type == "RUN_LINE" else 1)
-    span = Span(source.name, tok.line, tok.column, tok.line, end_col)
-    got = _token_text(tok)
-    value = str(tok) if tok.type != "RUN_LINE" else "run"
-    line_start = prev is None or prev.type == "_NL"
-
-    if (
-        prev is not None and prev.type == "RUN_LINE" and str(prev) == "run"
-        and prev.end_pos == tok.start_pos
-    ):  # "runx": the lexer took "run" for the start of a run line
-        span = Span(source.name, prev.line, prev.column, tok.line, end_col)
-        value, got, line_start = "run" + str(tok), f"'run{tok}'", True
-        where = "step"
-
-    if "a name" in words and value in RESERVED and tok.type == "NAME":
-        msg = f"'{value}' is reserved and cannot be used as a name; choose another name"
-    elif line_start and where == "top":
-        msg = _top_statement(value, got, tok)
-    elif line_start and where == "job" and tok.type != "RBRACE":
-        msg = _job_statement(value, got, opener)
-    elif line_start and where == "step" and tok.type != "RBRACE":
-        msg = _step_statement(value, got, opener)
-    elif prev is not None and prev.type in _AFTER and "a name" in words:
-        msg = f"expected {_AFTER[prev.type]}, but found {got}"
-    elif (
-        prev is not None and prev2 is not None and prev2.type in _AFTER
-        and str(prev) in SOFT_KEYWORDS
-    ):
-        msg = (
-            f"unexpected {got}: '{prev}' was read as the name here; "
-            f"expected {_AFTER[prev2.type]}"
-        )
-    elif (
-        prev is not None and prev.type == "IN" and postlex.line_head is not None
-        and postlex.line_head.type == "JOB"
-    ):
-        msg = (
-            f"unexpected {got}: after 'in' comes the job's source: a glob \"data/*.xyz\", a "
-            'list ["a", "b"], range(N), lines("list.txt") or JOB.STEP.OUT'
-        )
-    elif (
-        tok.type == "LBRACE" and "a name" in words and "LBRACE" not in expected
-        and postlex.line_head is not None and postlex.line_head.type in ("CALL", "IN")
-    ):
-        msg = "unexpected '{': here a name is written without braces, e.g. cell, not {cell}"
-    elif (
-        postlex.line_head is not None and postlex.line_head.type == "CALL"
-        and postlex.brackets
-        and (
-            ("RPAR" in expected and "a name" in words and tok.type in _VALUES)
-            or (expected == {"EQUAL"} and tok.type in ("COMMA", "RPAR"))
-        )
-    ):
-        msg = (
-            f"unexpected {got}: the arguments of a call are written NAME = VALUE, "
-            "e.g. 'call tools.grid:run(cell = 1.0)'"
-        )
-    elif (
-        expected == {"EQUAL"} and postlex.line_head is not None
-        and postlex.line_head.type in _EQUALS
-    ):
-        example = _EQUALS[postlex.line_head.type]
-        msg = f"unexpected {got}; expected '=' after the name, as in {example}"
-    elif prev is not None and prev.type == "LBRACE" and "_NL" in expected:
-        msg = f"'{{' must end its line; put {got} on the next line"
-    elif (
-        postlex.line_head is not None and postlex.line_head.type == "CALL"
-        and "COLON" in expected and tok.type != "NAME"
-    ):
-        msg = (
-            f"unexpected {got}: a call names its function as MODULE:FUNCTION, "
-            "e.g. 'call tools.grid:run(cell = 1.0)'"
-        )
-    elif "_NL" in expected and tok.type == "RBRACE":
-        msg = "'}' must stand on a line of its own"
-    elif "LBRACE" in expected and tok.type == "_NL":
-        msg = "expected '{' at the end of this line, to open the block"
-    elif tok.type == "_NL" and words:
-        msg = f"this line ends too early; expected {_join(words)}"
-    else:
-        msg = f"unexpected {got}; expected {_join(words)}"
-    if postlex.brackets and postlex.brackets[-1].line < tok.line:
-        b = postlex.brackets[-1]
-        msg += f" (the '{b}' on line {b.line} is never closed)"
-    return Diagnostic(span, msg, source)
-
-
-def _top_statement(value: str, got: str, tok: Token) -> str:
-    if value == "pipeline":
-        return "'pipeline NAME' must be the first statement of the file"
-    if tok.type == "RBRACE":
-        return "this '}' has no block to close; remove it"
-    if value in _JOB_WORDS:
-        return f"'{value}' lines belong inside a job: job NAME {{ ... }}"
-    if value in _STEP_WORDS:
-        return f"'{value}' lines belong inside a step of a job: step NAME {{ ... }}"
-    return (
-        f"unexpected {got}: a pipeline file holds 'pipeline', 'param' and 'job' statements, "
-        "one per line"
-    )
-
-
-def _job_statement(value: str, got: str, opener: Token | None) -> str:
-    if value in _STEP_WORDS:
-        return f"'{value}' lines belong inside a step, not directly in a job: step NAME {{ ... }}"
-    if value in _TOP_WORDS and opener is not None:
-        return (
-            f"unexpected '{value}' inside a job: the job opened on line {opener.line} is not "
-            "closed; add '}' on a line of its own before this line"
-        )
-    return (
-        f"unexpected {got} in a job: a job holds 'shared', 'output', 'retries' and 'step' "
-        "lines, and ends with '}' on a line of its own"
-    )
-
-
-def _step_statement(value: str, got: str, opener: Token | None) -> str:
-    if value in _JOB_WORDS - {"step"}:
-        return (
-            f"'{value}' lines belong to the job, not to a step; move this line above the "
-            "job's steps"
-        )
-    if (value in _TOP_WORDS or value == "step") and opener is not None:
-        return (
-            f"unexpected '{value}' inside a step: the step opened on line {opener.line} is not "
-            "closed; add '}' on a line of its own before this line"
-        )
-    return (
-        f"unexpected {got} in a step: a step holds 'out' and 'in' lines and one 'run' or "
-        "'call' line, and ends with '}' on a line of its own"
-    )
-
-
-def _end_of_file(source: SourceFile, postlex: _PostLex, words: list[str]) -> Diagnostic:
-    if postlex.blocks:
-        kind, opener = postlex.blocks[-1]
-        what = _KIND.get(kind, "block")
-        swallowed = [t for t in postlex.run_braces if t.start_pos > opener.start_pos]
-        if swallowed:
-            run = swallowed[-1]
-            at = run.start_pos + len(str(run).rstrip()) - 1
-            return Diagnostic(
-                source.span(at, at + 1),
-                "this '}' is part of the run command (a run line takes the rest of its line), "
-                f"so the {what} opened on line {opener.line} is never closed; put '}}' on a "
-                "line of its own",
-                source,
-            )
-        return Diagnostic(
-            _point(source, opener),
-            f"the file ends before this {what} is closed; add '}}' on a line of its own "
-            f"at the end of the {what}",
-            source,
-        )
-    line = source.text.count("\n") + 1
-    last = source.line(line - 1) if line > 1 else ""
-    span = Span(source.name, max(1, line - 1), len(last) + 1, max(1, line - 1), len(last) + 2)
-    msg = f"unexpected end of file; expected {_join(words)}"
-    if postlex.brackets:
-        b = postlex.brackets[-1]
-        msg += f" (the '{b}' on line {b.line} is never closed)"
-    return Diagnostic(span, msg, source)
-
-
-def _bad_character(source: SourceFile, exc: UnexpectedCharacters, parser: Lark) -> Diagnostic:
-    line, col = exc.line, exc.column
-    char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
-    span = Span(source.name, line, col, line, col + 1)
-    if char == "'":
-        msg = "unexpected single quote: strings are written in double quotes (\"...\")"
-    elif char == "\\":
-        msg = "unexpected backslash: only a run line may be continued with '\\'"
-    elif char == '"':
-        msg = 'this string is never closed: add the closing " on the same line'
-    elif char in "\u201c\u201d\u201e\u2018\u2019\u00ab\u00bb":
-        msg = (
-            f"unexpected typographic quote '{char}': strings are written in plain double "
-            'quotes (")'
-        )
-    elif unicodedata.category(char).startswith(("Z", "C")) and char not in "\t\n\r":
-        msg = (
-            f"unexpected invisible character U+{ord(char):04X}; delete it, or type a plain "
-            "space instead"
-        )
-    else:
-        shown = repr(char) if char.isprintable() and char != " " else f"U+{ord(char):04X}"
-        msg = f"unexpected character {shown}"
-        state = getattr(exc, "state", None)
-        allowed = _accepts(state) if state is not None else set(exc.allowed or ())
-        words = _expected_words(allowed, parser)
-        if words:
-            msg += f"; expected {_join(words)}"
-    return Diagnostic(span, msg, source)
 
 
 # -- tree → nodes ----------------------------------------------------------------------------
@@ -584,7 +230,7 @@ class _Builder(Transformer):
         if len(tok) <= MAX_TEXT:
             return False
         self.problems.append(Diagnostic(
-            _point(self.source, tok),
+            point(self.source, tok),
             f"this {what} is {len(tok):,} characters long, more than the {MAX_TEXT:,} opf "
             f"takes; {hint}",
             self.source,
@@ -774,7 +420,7 @@ class _Builder(Transformer):
         if self._too_long(tok, "run line", "no system runs a command that long (Linux takes at "
                           "most 2 MiB of arguments): let the command read long lists from a "
                           "file"):
-            return n.Run((), span=_point(self.source, tok, 3))
+            return n.Run((), span=point(self.source, tok, 3))
         return split_run_line(self.source, str(tok), tok.start_pos, self._report)
 
     def call(self, meta, items):
