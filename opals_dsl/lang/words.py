@@ -124,6 +124,32 @@ def string_chars(token_text: str, start: int, report: Report) -> tuple[str, list
 
 def split_run_line(source: SourceFile, line: str, start: int, report: Report) -> Run:
     """Split a ``run`` token (``line``, at offset ``start`` in the source) into a :class:`Run`."""
+    words = _shell_words(line, start, report)
+    if words is None:
+        return Run((), span=source.span(start, start + len(line)))
+    out: list[Word] = []
+    parsed: list[tuple[Template, list[int]]] = []
+    for chars, offsets, _quoted in words:
+        text = "".join(chars)
+        tpl, starts = parse_template(source, text, offsets, report)
+        parsed.append((tpl, starts))
+        out.append(Word(tpl, tpl.span))
+    span = source.span(start, start + len(line.rstrip()))
+    shell = len(words) == 2 and "".join(words[0][0]) == "sh" and bool(words[1][2]) and all(
+        words[1][2]
+    )
+    problems: list[tuple[Span | None, str]] = []
+    if shell:
+        chars, offsets, _quoted = words[1]
+        problems = _script_problems(source, "".join(chars), offsets, *parsed[1])
+    return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
+
+
+def _shell_words(line: str, start: int, report: Report
+                 ) -> list[tuple[list[str], list[int], list[bool]]] | None:
+    """The words of a ``run`` line as a POSIX shell splits them: each word's characters, their
+    offsets in the source and whether each stood in quotes; None (reported) if a quote is
+    never closed."""
     words: list[tuple[list[str], list[int], list[bool]]] = []
     i, n = 3, len(line)  # past "run"
     cur: tuple[list[str], list[int], list[bool]] | None = None
@@ -159,7 +185,7 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
             if close < 0:
                 report(start + i, start + i + 1,
                        "this single quote is never closed on the run line; add the closing '")
-                return Run((), span=source.span(start, start + n))
+                return None
             for k in range(i + 1, close):
                 w[0].append(line[k])
                 w[1].append(start + k)
@@ -182,7 +208,7 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
             if k >= n:
                 report(start + i, start + i + 1,
                        'this double quote is never closed on the run line; add the closing "')
-                return Run((), span=source.span(start, start + n))
+                return None
             i = k + 1
         elif c == "\\":
             if i + 1 < n:
@@ -196,22 +222,7 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
             w[2].append(False)
             i += 1
 
-    out: list[Word] = []
-    parsed: list[tuple[Template, list[int]]] = []
-    for chars, offsets, _quoted in words:
-        text = "".join(chars)
-        tpl, starts = parse_template(source, text, offsets, report)
-        parsed.append((tpl, starts))
-        out.append(Word(tpl, tpl.span))
-    span = source.span(start, start + len(line.rstrip()))
-    shell = len(words) == 2 and "".join(words[0][0]) == "sh" and bool(words[1][2]) and all(
-        words[1][2]
-    )
-    problems: list[tuple[Span | None, str]] = []
-    if shell:
-        chars, offsets, _quoted = words[1]
-        problems = _script_problems(source, "".join(chars), offsets, *parsed[1])
-    return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
+    return words
 
 
 def _script_problems(
@@ -347,23 +358,112 @@ def scan_shell(
 def _scan(
     cs: list[str | None], *, ansi: bool
 ) -> tuple[dict[int, tuple[str | None, bool]], list[tuple[int, int]]]:
-    n = len(cs)
-    places: dict[int, tuple[str | None, bool]] = {}
-    positional: list[tuple[int, int]] = []
-    # a frame: [kind, paren depth, inside double quotes]
-    stack: list[list] = [["cmd", 0, False]]
-    word_start = True
-    confused = False
-    i = 0
+    """Where in a ``run sh`` script each placeholder (``None`` in ``cs``) stands — in which
+    kind of shell context, and whether at a word's start — and where ``$1``, ``${2}``... are;
+    ``ansi``: the shell knows ``$'...'`` (bash)."""
+    scanner = _ShellScanner(cs, ansi)
+    scanner.run()
+    return scanner.places, scanner.positional
 
-    def at(k: int) -> str | None:
-        return cs[k] if k < n else ""
 
-    def dollar(k: int, in_dq: bool) -> int:
+class _ShellScanner:
+    """Reads a script as a POSIX shell would, one character at a time, keeping a stack of the
+    contexts it is in; each method reads in one kind of context and moves :attr:`i` on.
+
+    A frame is ``[kind, paren depth, inside double quotes]``; kinds: ``cmd`` (command text),
+    ``comment``, ``sq``/``dq`` (single/double quotes), ``ansi`` (``$'...'``), ``bt``
+    (backticks), ``brace`` (``${...}``), ``arith``/``arithb`` (``$((...))``/``$[...]``),
+    ``bracket`` (a glob's ``[...]``), ``dbr`` (``[[ ... ]]``)."""
+
+    def __init__(self, cs: list[str | None], ansi: bool) -> None:
+        self.cs = cs
+        self.n = len(cs)
+        self.ansi = ansi
+        self.places: dict[int, tuple[str | None, bool]] = {}
+        self.positional: list[tuple[int, int]] = []
+        self.stack: list[list] = [["cmd", 0, False]]
+        self.word_start = True
+        self.confused = False
+        self.i = 0
+
+    def at(self, k: int) -> str | None:
+        return self.cs[k] if k < self.n else ""
+
+    def run(self) -> None:
+        while self.i < self.n:
+            frame = self.stack[-1]
+            kind = frame[0]
+            c = self.cs[self.i]
+            if c is None:
+                self.placeholder(kind)
+            elif kind == "comment":
+                if c == "\n":
+                    self.stack.pop()
+                    self.word_start = True
+                self.i += 1
+            elif kind == "sq":
+                if c == "'":
+                    self.stack.pop()
+                self.i += 1
+            elif c == "\\":
+                self.backslash(kind)
+            elif kind in ("ansi", "bt", "dq"):
+                self.quoted(kind, c)
+            else:
+                self.unquoted(frame, kind, c)
+
+    def placeholder(self, kind: str) -> None:
+        i = self.i
+        if i not in self.places:
+            why = None if kind in ("cmd", "comment") else kind
+            if self.confused and why is None:
+                why = "case"
+            self.places[i] = ("arith" if why == "arithb" else why, self.word_start)
+        self.word_start = False
+        self.i += 1
+
+    def backslash(self, kind: str) -> None:
+        if self.at(self.i + 1) is None:
+            why = "backslash" if kind == "cmd" else kind
+            self.places[self.i + 1] = ("arith" if why == "arithb" else why, False)
+        self.word_start = False
+        self.i += 2
+
+    def quoted(self, kind: str, c: str) -> None:
+        """Inside ``$'...'``, backticks or double quotes."""
+        at, i = self.at, self.i
+        if kind == "ansi":
+            if c == "'":
+                self.stack.pop()
+            self.i += 1
+        elif kind == "bt":
+            if c == "`":
+                self.stack.pop()
+                self.i += 1
+            elif c == "$" and at(i + 1) and at(i + 1) in _POSITIONAL:  # type: ignore[operator]
+                self.positional.append((i, i + 2))
+                self.i += 2
+            else:
+                self.i += 1
+        elif c == '"':
+            self.stack.pop()
+            self.i += 1
+        elif c == "`":
+            self.stack.append(["bt", 0, True])
+            self.i += 1
+        elif c == "$":
+            depth = len(self.stack)
+            self.i = self.dollar(i, True)
+            self.word_start = len(self.stack) > depth and self.stack[-1][0] == "cmd"
+        else:
+            self.i += 1
+
+    def dollar(self, k: int, in_dq: bool) -> int:
         """Handle the '$' at ``k``; returns the index to go on from."""
+        at, stack = self.at, self.stack
         nxt = at(k + 1)
         if nxt is None:
-            places[k + 1] = ("dollar", False)
+            self.places[k + 1] = ("dollar", False)
             return k + 1
         if nxt == "(":
             if at(k + 2) == "(":
@@ -380,195 +480,127 @@ def _scan(
                 while at(end) and at(end).isdigit():  # type: ignore[union-attr]
                     end += 1
                 end += at(end) == "}"
-                positional.append((k, end))
+                self.positional.append((k, end))
             stack.append(["brace", 0, in_dq])
             return k + 2
         if nxt == "[":
             stack.append(["arithb", 0, in_dq])
             return k + 2
-        if nxt == "'" and ansi and not in_dq:
+        if nxt == "'" and self.ansi and not in_dq:
             stack.append(["ansi", 0, False])
             return k + 2
         if nxt and nxt in _POSITIONAL:
-            positional.append((k, k + 2))
+            self.positional.append((k, k + 2))
             return k + 2
         return k + 1
 
-    while i < n:
-        frame = stack[-1]
-        kind = frame[0]
-        c = cs[i]
-        if c is None:  # a placeholder
-            if i not in places:
-                why = None if kind in ("cmd", "comment") else kind
-                if confused and why is None:
-                    why = "case"
-                places[i] = ("arith" if why == "arithb" else why, word_start)
-            word_start = False
-            i += 1
-            continue
-        if kind == "comment":
-            if c == "\n":
-                stack.pop()
-                word_start = True
-            i += 1
-            continue
-        if kind == "sq":
-            if c == "'":
-                stack.pop()
-            i += 1
-            continue
-        if c == "\\":
-            if at(i + 1) is None:
-                why = "backslash" if kind == "cmd" else kind
-                places[i + 1] = ("arith" if why == "arithb" else why, False)
-            word_start = False
-            i += 2
-            continue
-        if kind == "ansi":
-            if c == "'":
-                stack.pop()
-            i += 1
-            continue
-        if kind == "bt":
-            if c == "`":
-                stack.pop()
-                i += 1
-            elif c == "$" and at(i + 1) and at(i + 1) in _POSITIONAL:  # type: ignore[operator]
-                positional.append((i, i + 2))
-                i += 2
-            else:
-                i += 1
-            continue
-        if kind == "dq":
-            if c == '"':
-                stack.pop()
-                i += 1
-            elif c == "`":
-                stack.append(["bt", 0, True])
-                i += 1
-            elif c == "$":
-                depth = len(stack)
-                i = dollar(i, True)
-                word_start = len(stack) > depth and stack[-1][0] == "cmd"
-            else:
-                i += 1
-            continue
-        # cmd, brace, arith, arithb, dbr, bracket: unquoted text
+    def unquoted(self, frame: list, kind: str, c: str) -> None:
+        """Unquoted text: command text, ``${...}``, arithmetic, brackets."""
         if c == "$":
-            depth = len(stack)
-            i = dollar(i, frame[2] if kind != "cmd" else False)
-            word_start = len(stack) > depth and stack[-1][0] == "cmd"
-            continue
-        if c == "'" and not (kind == "brace" and frame[2]):
-            stack.append(["sq", 0, False])
-            word_start = False
-            i += 1
-            continue
-        if c == '"':
-            stack.append(["dq", 0, True])
-            word_start = False
-            i += 1
-            continue
-        if c == "`":
-            stack.append(["bt", 0, False])
-            word_start = False
-            i += 1
-            continue
-        if kind == "brace":
-            if c == "}":
-                stack.pop()
-            i += 1
-            continue
-        if kind == "arith":
+            depth = len(self.stack)
+            self.i = self.dollar(self.i, frame[2] if kind != "cmd" else False)
+            self.word_start = len(self.stack) > depth and self.stack[-1][0] == "cmd"
+        elif (c == "'" and not (kind == "brace" and frame[2])) or c in ('"', "`"):
+            self.stack.append([{"'": "sq", '"': "dq", "`": "bt"}[c], 0, c == '"'])
+            self.word_start = False
+            self.i += 1
+        elif kind == "cmd":
+            self.command(frame, c)
+        elif kind == "dbr":
+            self.double_bracket(c)
+        else:
+            self.enclosed(frame, kind, c)
+
+    def enclosed(self, frame: list, kind: str, c: str) -> None:
+        """Inside ``${...}``, ``$((...))``, ``$[...]`` or a glob's ``[...]``."""
+        if kind in ("brace", "arithb"):
+            if c == ("}" if kind == "brace" else "]"):
+                self.stack.pop()
+            self.i += 1
+        elif kind == "arith":
             if c == "(":
                 frame[1] += 1
             elif c == ")":
                 if frame[1]:
                     frame[1] -= 1
                 else:
-                    stack.pop()
-                    i += 1 if at(i + 1) == ")" else 0
-                    word_start = False
-            i += 1
-            continue
-        if kind == "arithb":
-            if c == "]":
-                stack.pop()
-            i += 1
-            continue
-        if kind == "bracket":
-            if c == "]":
-                stack.pop()
-                i += 1
-            elif c in _WORD_END:
-                stack.pop()  # not a bracket after all: the word ends here
-            else:
-                i += 1
-            continue
-        if kind == "dbr":
-            if word_start and c == "]" and at(i + 1) == "]" and (
-                at(i + 2) is not None and at(i + 2) in ("", *_WORD_END)  # type: ignore[operator]
-            ):
-                stack.pop()
-                word_start = False
-                i += 2
-                continue
-            word_start = c in _BLANKS
-            i += 1
-            continue
-        # kind == "cmd": command text
+                    self.stack.pop()
+                    self.i += 1 if self.at(self.i + 1) == ")" else 0
+                    self.word_start = False
+            self.i += 1
+        elif c == "]":  # a bracket
+            self.stack.pop()
+            self.i += 1
+        elif c in _WORD_END:
+            self.stack.pop()  # not a bracket after all: the word ends here
+        else:
+            self.i += 1
+
+    def double_bracket(self, c: str) -> None:
+        at, i = self.at, self.i
+        if self.word_start and c == "]" and at(i + 1) == "]" and (
+            at(i + 2) is not None and at(i + 2) in ("", *_WORD_END)  # type: ignore[operator]
+        ):
+            self.stack.pop()
+            self.word_start = False
+            self.i += 2
+            return
+        self.word_start = c in _BLANKS
+        self.i += 1
+
+    def command(self, frame: list, c: str) -> None:
+        """Command text: blanks and operators end words; comments, subshells, tests."""
+        at, i = self.at, self.i
         if c in _BLANKS or c in ";&|<>":
-            word_start = True
-            i += 1
-            continue
-        if word_start and c == "#":
-            stack.append(["comment", 0, False])
-            i += 1
-            continue
-        if c == "(":
-            if word_start and at(i + 1) == "(":
-                stack.append(["arith", 0, False])
-                i += 2
-                continue
+            self.word_start = True
+            self.i += 1
+        elif self.word_start and c == "#":
+            self.stack.append(["comment", 0, False])
+            self.i += 1
+        elif c == "(":
+            if self.word_start and at(i + 1) == "(":
+                self.stack.append(["arith", 0, False])
+                self.i += 2
+                return
             frame[1] += 1
-            word_start = True
-            i += 1
-            continue
-        if c == ")":
+            self.word_start = True
+            self.i += 1
+        elif c == ")":
             if frame[1]:
                 frame[1] -= 1
-            elif len(stack) > 1:
-                stack.pop()
-                word_start = False
-                i += 1
-                continue
-            word_start = True
-            i += 1
-            continue
-        if c == "[":
-            nxt = at(i + 1)
-            if word_start and nxt == "[" and at(i + 2) is not None and (
-                at(i + 2) in ("", *_BLANKS)  # type: ignore[operator]
+            elif len(self.stack) > 1:
+                self.stack.pop()
+                self.word_start = False
+                self.i += 1
+                return
+            self.word_start = True
+            self.i += 1
+        elif c == "[":
+            self.bracket(i)
+        else:
+            if self.word_start and not self.confused and _word_at(self.cs, i) == "case" and any(
+                f[0] != "cmd" for f in self.stack
             ):
-                stack.append(["dbr", 0, False])
-                word_start = True
-                i += 2
-                continue
-            if not (word_start and nxt is not None and nxt in ("", *_WORD_END)):
-                stack.append(["bracket", 0, False])  # not the word '[' (test)
-            word_start = False
-            i += 1
-            continue
-        if word_start and not confused and _word_at(cs, i) == "case" and any(
-            f[0] != "cmd" for f in stack
+                # a pattern's ')' would seem to close the '$(' around; where that '$(' stands
+                # in quotes, opf cannot tell what the rest of the script is in
+                self.confused = True
+            self.word_start = False
+            self.i += 1
+
+    def bracket(self, i: int) -> None:
+        at = self.at
+        nxt = at(i + 1)
+        if self.word_start and nxt == "[" and at(i + 2) is not None and (
+            at(i + 2) in ("", *_BLANKS)  # type: ignore[operator]
         ):
-            # a pattern's ')' would seem to close the '$(' around; where that '$(' stands in
-            # quotes, opf cannot tell what the rest of the script is in
-            confused = True
-        word_start = False
-        i += 1
-    return places, positional
+            self.stack.append(["dbr", 0, False])
+            self.word_start = True
+            self.i += 2
+            return
+        if not (self.word_start and nxt is not None and nxt in ("", *_WORD_END)):
+            self.stack.append(["bracket", 0, False])  # not the word '[' (test)
+        self.word_start = False
+        self.i += 1
 
 
 def _word_at(cs: list[str | None], i: int) -> str:
