@@ -179,36 +179,10 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
         for what, items in (("output", job.outputs), ("retries", job.retries)):
             for extra in items[1:]:
                 c.error(extra.span, f"a job has at most one '{what}' line; remove this one")
-        steps: dict[str, n.Step] = {}
         if not job.steps:
             c.error(job.name.span, f"job '{job.name.value}' has no step; add 'step NAME {{ ... }}'")
-        singles = {**{p: "a parameter" for p in params}, **{s: "a shared file" for s in shared}}
-        if job.var is not None:
-            var = job.var.value
-            if var in RESERVED:
-                _reserved(c, job.var, "a loop variable")
-            elif var in params:
-                c.error(
-                    job.var.span,
-                    f"the loop variable '{var}' has the name of a parameter, so '{{{var}}}' "
-                    "would mean two things; rename one of them",
-                )
-            elif var in shared:
-                c.error(
-                    shared[var].name.span,
-                    f"shared file '{var}' has the name of the loop variable, so '{{{var}}}' "
-                    "would mean two things; rename one of them",
-                )
-            singles[var] = "the loop variable"
-        for s in job.shared:
-            if s.name.value in params:
-                c.error(
-                    s.name.span,
-                    f"shared file '{s.name.value}' has the name of a parameter, so "
-                    f"'{{{s.name.value}}}' would mean two things; rename one of them",
-                )
-            if s.name.value in RESERVED:
-                _reserved(c, s.name, "a shared file")
+        singles = _single_names(job, params, shared, c)
+        steps: dict[str, n.Step] = {}
         for step in job.steps:
             _declare(c, steps, step.name, step, "step", f" in job '{job.name.value}'")
             if step.name.value in RESERVED:
@@ -219,40 +193,73 @@ def check_declarations(pipeline: n.Pipeline, params: Mapping[str, object], c: Ch
                     f"step '{step.name.value}' has the name of {singles[step.name.value]}, so "
                     f"'{{{step.name.value}.…}}' would mean two things; rename one of them",
                 )
-            outs: dict[str, n.Out] = {}
-            for o in step.outs:
-                _declare(c, outs, o.name, o, "output", f" in step '{step.name.value}'")
-                if o.name.value in RESERVED:
-                    _reserved(c, o.name, "an output")
-                elif o.name.value in singles:
-                    c.error(
-                        o.name.span,
-                        f"output '{o.name.value}' has the name of {singles[o.name.value]}, so "
-                        f"'{{{o.name.value}}}' would mean two things; rename one of them",
-                    )
-            if len(step.actions) == 0:
-                c.error(
-                    step.name.span,
-                    f"step '{step.name.value}' has no command; "
-                    "add one 'run ...' or 'call ...' line",
-                )
-            for extra in step.actions[1:]:
-                c.error(
-                    extra.span,
-                    "a step runs exactly one command; split this into another step",
-                )
-            for action in step.actions:
-                if isinstance(action, n.Call):
-                    given: set[str] = set()
-                    for kw in action.kwargs:
-                        if kw.name.value in given:
-                            c.error(
-                                kw.name.span,
-                                f"argument '{kw.name.value}' is given twice in this call; "
-                                "remove one",
-                            )
-                        given.add(kw.name.value)
+            _check_step_declarations(step, singles, c)
 
+
+def _single_names(job: n.Job, params: Mapping[str, object], shared: Mapping[str, n.Shared],
+                  c: Checker) -> dict[str, str]:
+    """The names a job's steps and outputs may not take (params, shared files, the loop
+    variable), each with what it names; reports the clashes among those."""
+    singles = {**{p: "a parameter" for p in params}, **{s: "a shared file" for s in shared}}
+    if job.var is not None:
+        var = job.var.value
+        if var in RESERVED:
+            _reserved(c, job.var, "a loop variable")
+        elif var in params:
+            c.error(
+                job.var.span,
+                f"the loop variable '{var}' has the name of a parameter, so '{{{var}}}' "
+                "would mean two things; rename one of them",
+            )
+        elif var in shared:
+            c.error(
+                shared[var].name.span,
+                f"shared file '{var}' has the name of the loop variable, so '{{{var}}}' "
+                "would mean two things; rename one of them",
+            )
+        singles[var] = "the loop variable"
+    for s in job.shared:
+        if s.name.value in params:
+            c.error(
+                s.name.span,
+                f"shared file '{s.name.value}' has the name of a parameter, so "
+                f"'{{{s.name.value}}}' would mean two things; rename one of them",
+            )
+        if s.name.value in RESERVED:
+            _reserved(c, s.name, "a shared file")
+    return singles
+
+
+def _check_step_declarations(step: n.Step, singles: Mapping[str, str], c: Checker) -> None:
+    """A step's outputs, its one command and its call's arguments."""
+    outs: dict[str, n.Out] = {}
+    for o in step.outs:
+        _declare(c, outs, o.name, o, "output", f" in step '{step.name.value}'")
+        if o.name.value in RESERVED:
+            _reserved(c, o.name, "an output")
+        elif o.name.value in singles:
+            c.error(
+                o.name.span,
+                f"output '{o.name.value}' has the name of {singles[o.name.value]}, so "
+                f"'{{{o.name.value}}}' would mean two things; rename one of them",
+            )
+    if len(step.actions) == 0:
+        c.error(
+            step.name.span,
+            f"step '{step.name.value}' has no command; add one 'run ...' or 'call ...' line",
+        )
+    for extra in step.actions[1:]:
+        c.error(extra.span, "a step runs exactly one command; split this into another step")
+    for action in step.actions:
+        if isinstance(action, n.Call):
+            given: set[str] = set()
+            for kw in action.kwargs:
+                if kw.name.value in given:
+                    c.error(
+                        kw.name.span,
+                        f"argument '{kw.name.value}' is given twice in this call; remove one",
+                    )
+                given.add(kw.name.value)
 
 
 def is_list_binding(b: Binding, params: Mapping[str, object]) -> bool:

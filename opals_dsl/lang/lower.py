@@ -286,7 +286,7 @@ class Planner(StepCompiler, Expander):
             steps.append(CompiledStep(step, sname, outs, action, inputs, in_files))
         for step in job.steps:  # a call's module in the pipeline's folder is read too
             if isinstance(step.action, n.Call):
-                module = _module_file(self.root, step.action.module)
+                module = model.module_file(self.root, step.action.module)
                 if module is not None:
                     self.read(module, jname, None, step.action.span, step.action,
                               what="the Python module of its call")
@@ -667,17 +667,6 @@ def _reads_output(src: str, job: str, task: str | None,
         f"'{cjob}') is copied back, but nothing makes this task wait for it; name the output "
         f"as {{{cjob}.{cstep}.{cout.name.value}}} (in the command or an 'in' line) instead"
     )
-
-
-
-def _module_file(root: str, module: str) -> str | None:
-    """The file of a ``call``'s module in the pipeline's folder (``pkg/mod.py`` or
-    ``pkg/mod/__init__.py``), relative to it; None if it lies elsewhere."""
-    base = module.replace(".", "/")
-    for candidate in (f"{base}.py", f"{base}/__init__.py"):
-        if module and os.path.isfile(os.path.join(root, candidate)):
-            return candidate
-    return None
 
 
 

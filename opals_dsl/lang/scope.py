@@ -217,18 +217,7 @@ class Scope:
         allow_var = ctx != CTX_JOB
         in_step = ctx == CTX_STEP
         if head in SPECIALS:
-            if len(parts) == 2 and parts[1] in SPECIALS[head]:
-                if head == "task" and not allow_var:
-                    raise ResolveError(f"'{ref.dotted}' cannot be used here: {_BEFORE_TASKS}")
-                return Binding("special", name=ref.dotted)
-            if len(parts) == 1:
-                raise ResolveError(
-                    f"'{head}' alone is not a value; write '{{{head}.{SPECIALS[head][0]}}}'"
-                )
-            raise ResolveError(
-                f"'{ref.dotted}' is not known; '{head}' offers only "
-                + " and ".join(f"'{head}.{a}'" for a in SPECIALS[head])
-            )
+            return _special(ref, allow_var)
 
         # JOB.STEP.OUT: three parts never name anything else, so a param, loop variable or
         # shared file called like a job does not hide that job's outputs
@@ -266,21 +255,7 @@ class Scope:
             raise self._bad_attr(ref)
 
         if in_step and head in self.steps and len(parts) == 2:
-            index = self.steps[head]
-            outs = self.step_outs[index]
-            if parts[1] not in outs:
-                raise self.unknown(ref, ctx, step, f": step '{head}' has no output '{parts[1]}'")
-            if step is not None and index == step:
-                raise ResolveError(
-                    f"step '{head}' cannot name its own output as '{ref.dotted}'; "
-                    f"write '{{{parts[1]}}}'"
-                )
-            if step is not None and index > step:
-                raise ResolveError(
-                    f"'{ref.dotted}' is an output of a later step; a step can only use "
-                    f"outputs of the steps written before it"
-                )
-            return Binding("out", name=parts[1], step=head)
+            return self._earlier_output(ref, ctx, step)
 
         others = head in self.shared or head in self.steps or head in self.jobs
         if not allow_var and (head == self.var or others):
@@ -291,6 +266,23 @@ class Scope:
                 "params, the loop variable, task.id, job.name and pipeline.name"
             )
         raise self.unknown(ref, ctx, step, "")
+
+    def _earlier_output(self, ref: n.Ref, ctx: str, step: int | None) -> Binding:
+        """``STEP.OUT``: an output of an earlier step of this job."""
+        head, out = ref.parts
+        index = self.steps[head]
+        if out not in self.step_outs[index]:
+            raise self.unknown(ref, ctx, step, f": step '{head}' has no output '{out}'")
+        if step is not None and index == step:
+            raise ResolveError(
+                f"step '{head}' cannot name its own output as '{ref.dotted}'; write '{{{out}}}'"
+            )
+        if step is not None and index > step:
+            raise ResolveError(
+                f"'{ref.dotted}' is an output of a later step; a step can only use "
+                f"outputs of the steps written before it"
+            )
+        return Binding("out", name=out, step=head)
 
     def resolve_upstream(
         self, ref: n.Ref, ctx: str = CTX_STEP, step: int | None = None
@@ -404,3 +396,20 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
             if b.kind == "gather" and not graph.has_edge(b.job, job.name.value):
                 graph.add_edge(b.job, job.name.value, ref=ref)
     return graph
+
+
+def _special(ref: n.Ref, allow_task: bool) -> Binding:
+    """``task.id``, ``job.name`` or ``pipeline.name``."""
+    head, parts = ref.parts[0], ref.parts
+    if len(parts) == 2 and parts[1] in SPECIALS[head]:
+        if head == "task" and not allow_task:
+            raise ResolveError(f"'{ref.dotted}' cannot be used here: {_BEFORE_TASKS}")
+        return Binding("special", name=ref.dotted)
+    if len(parts) == 1:
+        raise ResolveError(
+            f"'{head}' alone is not a value; write '{{{head}.{SPECIALS[head][0]}}}'"
+        )
+    raise ResolveError(
+        f"'{ref.dotted}' is not known; '{head}' offers only "
+        + " and ".join(f"'{head}.{a}'" for a in SPECIALS[head])
+    )

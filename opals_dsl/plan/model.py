@@ -35,6 +35,7 @@ This module imports only the standard library: the graph is only read through ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -475,6 +476,17 @@ def destinations(graph: nx.DiGraph) -> Iterator[str]:
         if a.get("kind") == COPYBACK:
             for _, dest in a.get("files") or ():
                 yield dest
+
+
+def module_file(root: str, module: str) -> str | None:
+    """The file of a ``call``'s module (``pkg.mod``) in the pipeline's folder ``root``:
+    ``pkg/mod.py`` or ``pkg/mod/__init__.py``, relative to it; None if it lies elsewhere (the
+    planner reads it as an input of the job, the journal as an input of its tasks)."""
+    base = module.replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py"):
+        if module and os.path.isfile(os.path.join(root, candidate)):
+            return candidate
+    return None
 
 
 def call_steps(graph: nx.DiGraph) -> set[str]:

@@ -68,12 +68,7 @@ Durability
     :data:`SYNC_INTERVAL` seconds and when the run ends. Records lost to a power cut are tasks
     the next run does again; a record never exists for outputs that are not in place.
 
-Decisions, made in dependency order (upstream tasks first), first reason that applies:
-    ``forced`` (``--force``); ``upstream T re-runs``; ``new`` (no record); ``failed in the last
-    run``; ``steps changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S
-    changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran again
-    since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
-    ``output missing: D`` / ``output changed: D``. Otherwise the task is ``unchanged`` and skipped.
+Decisions (run a task again or not, and why) are made from the records by :mod:`.resume`.
 
 Checksums
     Without ``--checksum`` an input is unchanged when its size and modification time are those
@@ -105,6 +100,14 @@ from ..plan import model
 from ..plan.model import Task
 from ..plan.wire import Receipt, Stat, TaskResult
 from .events import RunListener, RunSummary, TaskFailure
+from .records import (
+    ENCODE,
+    SIG_MARK,
+    name_of,
+    receipt_stats,
+    record_body,
+    record_line,
+)
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -116,9 +119,7 @@ SYNC_INTERVAL = 0.5
 #: the ``sig`` of a failure record
 FAILED_SIG = "0" * 16
 
-_SIG_MARK = ',"sig":"'
-# one encoder each, made once: json.dumps with options builds a new encoder every call
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# made once: json.dumps with options builds a new encoder every call
 _ENCODE_SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                   sort_keys=True).encode
 
@@ -239,7 +240,7 @@ class Journal(RunListener):
             self.lines_read += 1
             # file names that are not UTF-8 were written through surrogateescape: read them so
             text = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
-            name = _name_of(text)
+            name = name_of(text)
             if name is None:
                 self.bad_lines += 1
                 if raw.endswith(b"\n"):  # not the cut-off end of a write a kill interrupted
@@ -366,8 +367,8 @@ class Journal(RunListener):
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._stubs.pop(task.order, None)
-        body = _ENCODE({"failed": True, "time": round(time.time(), 3)})
-        line = _line(task.name, FAILED_SIG, body)
+        body = ENCODE({"failed": True, "time": round(time.time(), 3)})
+        line = record_line(task.name, FAILED_SIG, body)
         self.records[task.name] = line
         if self._fd is not None:
             self._pending.append(line)
@@ -418,17 +419,17 @@ class Journal(RunListener):
         line = self.records.get(name)
         if line is None:
             return None
-        at = line.find(_SIG_MARK)
-        return line[at + len(_SIG_MARK):at + len(_SIG_MARK) + 16] if at >= 0 else None
+        at = line.find(SIG_MARK)
+        return line[at + len(SIG_MARK):at + len(SIG_MARK) + 16] if at >= 0 else None
 
     def _job(self, machine: model.MachineStage | None) -> tuple[list[str], str]:
         """The job's shared files (their sources) and their part of ``cmd``."""
         if machine is None:
-            return [], _ENCODE([])
+            return [], ENCODE([])
         parts = self._job_parts.get(machine.job)
         if parts is None:
             parts = self._job_parts[machine.job] = (
-                [src for src, _ in machine.files], _ENCODE(machine.files))
+                [src for src, _ in machine.files], ENCODE(machine.files))
         return parts
 
     def command(self, i: int) -> tuple[str, list[list[Any]]]:
@@ -478,13 +479,7 @@ class Journal(RunListener):
             module = call.function.partition(":")[0]
             path = self._module_files.get(module)
             if path is None:
-                base = module.replace(".", "/")
-                path = ""
-                for candidate in (f"{base}.py", f"{base}/__init__.py"):
-                    if module and os.path.isfile(os.path.join(self.root, candidate)):
-                        path = candidate
-                        break
-                self._module_files[module] = path
+                path = self._module_files[module] = model.module_file(self.root, module) or ""
             if path and path not in files:
                 files.append(path)
         return files
@@ -569,9 +564,9 @@ class Journal(RunListener):
             sig = self._new_sig(ref.name, cmd)
         when = stub.get("sent") if adopting and stub is not None else None
         now = float(when) if isinstance(when, (int, float)) else time.time()
-        body = _ENCODE({"cmd": cmd, "steps": steps, "in": ins, "up": up, "out": out,
+        body = ENCODE({"cmd": cmd, "steps": steps, "in": ins, "up": up, "out": out,
                         "time": round(now, 3)})
-        return _line(ref.name, sig, body)
+        return record_line(ref.name, sig, body)
 
     def _new_sig(self, name: str, cmd: str) -> str:
         self._serial += 1
@@ -645,8 +640,9 @@ class Journal(RunListener):
                     recorded = 0.0
                 if recorded >= float(rec["sent"]):
                     continue
-            line = self._record(i, _stats(rec.get("staged")), _stats(rec.get("shared")),
-                                _stats(rec.get("outputs")), rec)
+            line = self._record(i, receipt_stats(rec.get("staged")),
+                                receipt_stats(rec.get("shared")),
+                                receipt_stats(rec.get("outputs")), rec)
             self.records[name] = line
             self._adopted.append(line)
 
@@ -658,7 +654,7 @@ class Journal(RunListener):
         rec = json.loads(record_body(line))
         rec["in"].update(fresh)
         sig = self.sig_of(name) or FAILED_SIG
-        line = _line(name, sig, _ENCODE(rec))
+        line = record_line(name, sig, ENCODE(rec))
         self.records[name] = line
         self._pending.append(line)
 
@@ -666,59 +662,4 @@ class Journal(RunListener):
 # -- the line format -------------------------------------------------------------------------
 
 
-def _line(name: str, sig: str, body: str) -> str:
-    """``{"task":NAME,"sig":SIG,`` + the rest of ``body`` (a JSON object) + newline."""
-    head = '{"task":' + _ENCODE(name) + _SIG_MARK + sig + '"'
-    return head + ("," + body[1:] if body != "{}" else "}") + "\n"
 
-
-def _name_of(text: str) -> str | None:
-    """The task name of a complete record line, or None for a line that is not one."""
-    text = text.rstrip("\r\n")
-    if not (text.startswith('{"task":') and text.endswith("}")):
-        return None
-    at = text.find(_SIG_MARK)
-    if at < 0 or len(text) < at + len(_SIG_MARK) + 17:
-        return None
-    quoted = text[8:at]
-    if "\\" in quoted:
-        try:
-            name = json.loads(quoted)
-        except (ValueError, RecursionError):
-            return None
-    else:
-        name = quoted[1:-1] if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' else None
-    return name if isinstance(name, str) else None
-
-
-def well_formed(rec: Any) -> bool:
-    """Has a parsed record the fields, of the types, that :meth:`Journal._compare` reads?"""
-    if not isinstance(rec, dict):
-        return False
-    if rec.get("failed"):
-        return True
-    steps = rec.get("steps")
-    if not isinstance(rec.get("cmd"), str) or not isinstance(steps, list):
-        return False
-    if not all(isinstance(s, list) and s and isinstance(s[0], str) for s in steps):
-        return False
-    for key in ("in", "up", "out"):
-        part = rec.get(key, {})
-        if not isinstance(part, dict):
-            return False
-    return all(isinstance(v, list) for key in ("in", "out") for v in rec.get(key, {}).values())
-
-
-def record_body(line: str) -> str:
-    """The record as a JSON object without its task and sig (for ``json.loads``)."""
-    at = line.find(_SIG_MARK)
-    rest = line[at + len(_SIG_MARK) + 17:].rstrip("\r\n")
-    return "{" + rest[1:] if rest.startswith(",") else "{" + rest
-
-
-def _stats(found: Any) -> dict[str, Stat]:
-    """What a receipt says the engine saw of some files: ``{path: [size, mtime_ns, ...]}``
-    (an entry of another shape is left out: that file is looked at anew)."""
-    if not isinstance(found, dict):
-        return {}
-    return {k: tuple(v) for k, v in found.items() if isinstance(v, list) and len(v) >= 2}

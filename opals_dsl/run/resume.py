@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..plan.model import Task
-from .journal import Journal, record_body, well_formed
+from .journal import Journal
+from .records import record_body, well_formed
 
 
 @dataclass(frozen=True, slots=True)
