@@ -1,9 +1,11 @@
 """The engine side of ``opf run``: what one ipyparallel engine does with the tasks it is given.
 
-The runtime (driver side) turns each task of the plan into a plain-dict *request* and ships
-batches of them to :func:`run_tasks`, which runs inside the engine and answers with one plain-dict
-*result* per request. This module imports only the standard library, so it is cheap to import on
-an engine and carries no driver-side state.
+The scheduler (driver side) turns each task of the plan into a request
+(:class:`~opals_dsl.plan.wire.TaskRequest`, travelling as plain data) and ships batches of them
+to :func:`run_tasks`, which runs inside the engine and answers with one
+:class:`~opals_dsl.plan.wire.TaskResult` per request. This module and the ones it imports
+(``plan/wire.py``, ``plan/trace.py`` and the engine's helpers in ``run/``) use only the standard
+library, so it is cheap to import on an engine and carries no driver-side state.
 
 Folders
     Every engine works below a scratch root: the request's ``scratch`` if given, else
@@ -17,20 +19,8 @@ Folders
     is "host name + scratch root": engines with the same pair share job folders.
 
 The four phases of a task, each a node of the plan with one row in the result's ``trace``
-    1. *Machine stage* (``stage:JOB``, the Job Prephase). The key of the shared file set picks
-       the job folder. The engine takes a shared ``flock`` on
-       ``<scratch>/opf/<pipeline>/<job>/.<key>.lock`` and keeps it until it needs another job
-       folder of this job or ends, so a folder is never removed while an engine uses it. If the
-       marker file ``<job folder>/.opf-staged`` holds the (full) key, there is nothing to do:
-       status ``cached``. Otherwise, under an exclusive lock on
-       ``<scratch>/opf/<pipeline>/.<job>.lock`` (and if the marker still does not hold the key),
-       the marker is removed, temporaries of a killed stage are cleared, each shared file is
-       copied in through a temporary name and renamed into place (a source that changes while
-       it is copied fails the stage), and the marker is written last, so an interrupted stage
-       never looks finished; status ``done``. Concurrent engines of a machine therefore copy
-       once: the first does the work, the others wait on the lock and find the marker. After
-       staging, the job's other job folders that no engine holds (their lock can be taken
-       exclusively at once) are removed, their marker first.
+    1. *Machine stage* (``stage:JOB``, the Job Prephase): the job folder for this content of
+       the shared files, staged once per machine (:mod:`.jobfolders`).
     2. *Task stage* (``stage:JOB/TASK``, the Task Prephase). Every path is checked first: the
        task folder must be one folder inside the job folder, and every ``local``, every declared
        output and every copy-back source must lie inside the task folder (shared names inside
@@ -58,7 +48,7 @@ The four phases of a task, each a node of the plan with one row in the result's 
        (and so a process group) of its own: when it ends, what it left running in its group is
        killed; when the engine is interrupted while it waits (SIGINT, an engine shutting down)
        the whole group gets SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds; and the
-       engine's *lifeline* (:mod:`opals_dsl.reaper`, a small process started with the first
+       engine's *lifeline* (:mod:`opals_dsl.run.reaper`, a small process started with the first
        step) ends every group still running should the engine die, ``kill -9`` included. A
        log that cannot be written fails the step with kind ``log``, naming the state folder's
        disk when it is full. A ``call`` step imports ``package.module`` with the pipeline's
@@ -107,13 +97,10 @@ Atomic copies
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import importlib
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -136,8 +123,10 @@ from ..plan.wire import (
     TraceRow,
     WireError,
 )
-from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
+from .fsatomic import atomic_copy, is_temp_name
+from .jobfolders import MARKER, JobPrephase
 from .locks import HeldByStopped, lock, unlock
+from .paths import disk_full, first_part, inside, is_component, os_reason, remove_tree
 from .steps import (
     call_redirected,
     forget_stale_module,
@@ -146,16 +135,6 @@ from .steps import (
     wait_step,
 )
 
-#: the file in a job folder that says its shared files are complete, and for which file set
-MARKER = ".opf-staged"
-
-_KEY_LEN = 16  # hex digits of the shared files' key in a job folder's name
-_KEY_LOCK_RE = re.compile(rf"\.([0-9a-f]{{{_KEY_LEN}}})\.lock\Z")
-
-# a job's folder of folders -> (short key, descriptor) of the job folder this process holds a
-# shared lock on (see _Task.use_job_folder), the most recently used last; at most _HOLD_MAX
-_HELD: dict[str, tuple[str, int]] = {}
-_HOLD_MAX = 64
 # absolute scratch base as given -> resolved real path
 _SCRATCH: dict[str, str] = {}
 
@@ -223,7 +202,7 @@ class _Failed(Exception):
         self.failure = failure
 
 
-class _Task:
+class _Task(JobPrephase):
     def __init__(self, req: TaskRequest, host: str) -> None:
         self.req = req
         self.host = host
@@ -327,143 +306,6 @@ class _Task:
 
     # -- 1. machine stage (Job Prephase) -----------------------------------------------------
 
-    def machine_stage(self) -> None:
-        spec = self.req.machine_stage
-        node = spec.node
-        row = self.open_row(node, "stage")
-        pairs, key = self.pick_job_folder(node, spec)
-        try:
-            status, nbytes = self.use_job_folder(node, pairs, key)
-        except OSError as exc:
-            raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
-                                           f"{_os_reason(exc, 'scratch')}") from exc
-        self.bytes_staged += nbytes
-        self.close_row(row, status, nbytes)
-
-    def pick_job_folder(self, node: str, spec: Stage) -> tuple[list[tuple[str, str]], str]:
-        """Set ``job_dir`` and ``task_dir`` to the folders for this content of the shared files;
-        the ``(source, destination)`` pairs to stage and the content's key."""
-        for what, name in (("pipeline", self.pipeline), ("job", self.job)):
-            if not _is_component(name):
-                raise self.fail(node, "stage", f"the {what} name {name!r} cannot be a folder name")
-        names: list[tuple[str, str, str]] = []  # (plan source, absolute source, name)
-        for src, name in spec.files:
-            dst = _inside(self.jobs_dir, name)
-            if dst is None or dst == os.path.join(self.jobs_dir, MARKER) or is_temp_name(name):
-                raise self.fail(
-                    node, "stage",
-                    f"shared file name {name!r} does not lie inside the job folder {self.jobs_dir}",
-                )
-            names.append((src, os.path.join(self.root, src), dst[len(self.jobs_dir) + 1:]))
-        key = self.shared_key(node, names)
-        short = key[:_KEY_LEN]
-        self.job_dir = os.path.join(self.jobs_dir, short)
-        self.task_dir = os.path.join(self.job_dir, self.task)
-        return [(src, os.path.join(self.job_dir, name)) for _, src, name in names], key
-
-    def use_job_folder(self, node: str, pairs: list[tuple[str, str]],
-                       key: str) -> tuple[str, int]:
-        """Make sure this engine holds a shared lock on this content's job folder, staging the
-        shared files first if they are not complete there; the status and bytes copied.
-
-        ``<jobs>/.<short key>.lock`` is held shared by every engine that uses the folder, from
-        its first task there until it needs another content of the job's shared files or ends;
-        it is taken exclusively, and only without waiting, to remove the folder
-        (:func:`_remove_unused_job_folders`). Staging itself is serialised by
-        ``<pipeline>/.<job>.lock``. A folder's content does not change once its marker is
-        written, so a task that saw the marker under the shared lock can use the files.
-        """
-        short = os.path.basename(self.job_dir)
-        marker = os.path.join(self.job_dir, MARKER)
-        lock_path = os.path.join(self.jobs_dir, f".{short}.lock")
-        held = _HELD.pop(self.jobs_dir, None)
-        if held is not None and (held[0] != short or not same_file(lock_path, held[1])):
-            os.close(held[1])  # other content now, or the scratch folder was cleared
-            held = None
-        if held is not None:
-            _HELD[self.jobs_dir] = held  # the most recently used, last
-        else:
-            os.makedirs(self.jobs_dir, exist_ok=True)
-            while True:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                if same_file(lock_path, fd):
-                    break
-                os.close(fd)  # the folder was removed meanwhile: lock the new one
-            _HELD[self.jobs_dir] = (short, fd)
-            while len(_HELD) > _HOLD_MAX:  # an engine that served many jobs lets the oldest go
-                os.close(_HELD.pop(next(iter(_HELD)))[1])
-        if _marker_holds(marker, key):
-            return "cached", 0
-        nbytes = self.stage_shared(node, pairs, marker, key)
-        if nbytes is None:
-            return "cached", 0
-        _remove_unused_job_folders(self.jobs_dir, short)
-        return "done", nbytes
-
-    def stage_shared(self, node: str, pairs: list[tuple[str, str]], marker: str,
-                     key: str) -> int | None:
-        """Copy the shared files in under the job's staging lock; None if another engine did it
-        meanwhile."""
-        lock = os.open(os.path.join(self.pipeline_dir, f".{self.job}.lock"),
-                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if _marker_holds(marker, key):
-                return None
-            return self.copy_shared(node, pairs, marker, key)
-        finally:
-            os.close(lock)  # releases the lock
-
-    def shared_key(self, node: str, names: list[tuple[str, str, str]]) -> str:
-        """What a job folder holds: the pipeline folder, and each shared file's source, its
-        size and modification time, and its name in the job folder."""
-        parts = ["opf-stage-2", self.root]
-        self.shared = {}
-        for plan_src, src, name in names:
-            try:
-                st = os.stat(src)
-            except OSError as exc:
-                raise self.fail(node, "stage",
-                                f"shared file {src} cannot be read: {_os_reason(exc)}") from exc
-            parts.append(f"{src}\0{name}\0{st.st_size}\0{st.st_mtime_ns}")
-            self.shared[plan_src] = [st.st_size, st.st_mtime_ns]
-        return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
-
-    def copy_shared(self, node: str, pairs: list[tuple[str, str]], marker: str, key: str) -> int:
-        try:
-            os.makedirs(self.job_dir, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(marker)
-            with os.scandir(self.job_dir) as entries:
-                for entry in entries:  # temporaries of a stage that was killed
-                    if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-                        os.unlink(entry.path)
-        except OSError as exc:
-            raise self.fail(node, "stage", f"cannot prepare the job folder {self.job_dir}: "
-                                           f"{_os_reason(exc)}") from exc
-        nbytes = 0
-        for (src, dst), (size, mtime_ns) in zip(pairs, self.shared.values(), strict=True):
-            try:
-                nbytes += atomic_copy(src, dst)
-                after = os.stat(src)
-            except OSError as exc:
-                raise self.fail(node, "stage", f"cannot copy shared file {src} to {dst}: "
-                                               f"{_os_reason(exc, 'scratch')}") from exc
-            if (after.st_size, after.st_mtime_ns) != (size, mtime_ns):
-                raise self.fail(node, "stage", f"shared file {src} changed while it was being "
-                                               f"copied; it is probably still being written. "
-                                               f"Run again when it is complete")
-        try:
-            write_atomic(marker, key.encode())
-        except OSError as exc:
-            raise self.fail(node, "stage", f"cannot write {marker}: {_os_reason(exc)}") from exc
-        return nbytes
-
     # -- 2. task stage (Task Prephase) -------------------------------------------------------
 
     def task_stage(self) -> None:
@@ -485,18 +327,18 @@ class _Task:
                 f"it (kill {held.pid}), then run again") from None
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot lock the task folder {self.task_dir}: "
-                                           f"{_os_reason(exc, 'scratch')}") from exc
+                                           f"{os_reason(exc, 'scratch')}") from exc
         made = {self.task_dir}
         nbytes = 0
         try:
             try:
                 os.mkdir(self.task_dir)
             except FileExistsError:  # left over from an earlier attempt
-                _remove_tree(self.task_dir)
+                remove_tree(self.task_dir)
                 os.mkdir(self.task_dir)
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot create the task folder {self.task_dir}: "
-                                           f"{_os_reason(exc)}") from exc
+                                           f"{os_reason(exc)}") from exc
         for plan_src, src, local, dst in pairs:
             try:
                 folder = os.path.dirname(dst)
@@ -507,7 +349,7 @@ class _Task:
             except FileNotFoundError as exc:
                 if os.path.exists(src):  # the file is there: its copy's folder is not
                     raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
-                                                   f"{_os_reason(exc, 'scratch')}") from exc
+                                                   f"{os_reason(exc, 'scratch')}") from exc
                 raise self.fail(node, "stage", f"input {src} does not exist (any more): it was "
                                                f"deleted or renamed after the plan was "
                                                f"made") from exc
@@ -517,7 +359,7 @@ class _Task:
                                                f"Run again when it is complete") from exc
             except OSError as exc:
                 raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
-                                               f"{_os_reason(exc, 'scratch')}") from exc
+                                               f"{os_reason(exc, 'scratch')}") from exc
             nbytes += stats[0]
             self.staged[plan_src] = stats
         self.bytes_staged += nbytes
@@ -526,8 +368,8 @@ class _Task:
     def check_paths(self, node: str, spec: Stage) -> list[tuple[str, str, str, str]]:
         """Refuse a request whose folders or files would lie outside where they belong; the
         inputs as (plan source, absolute source, local name, local path)."""
-        taken = {MARKER} | {_first_part(name) for _, name in self.req.machine_stage.files}
-        if not _is_component(self.task) or self.task in taken or is_temp_name(self.task):
+        taken = {MARKER} | {first_part(name) for _, name in self.req.machine_stage.files}
+        if not is_component(self.task) or self.task in taken or is_temp_name(self.task):
             raise self.fail(node, "stage", f"the task id {self.task!r} cannot name a folder of "
                                            f"its own inside the job folder {self.job_dir}")
         pairs = []
@@ -535,7 +377,7 @@ class _Task:
             dst = self.local_path(node, local, "input")
             pairs.append((src, os.path.join(self.root, src), local, dst))
         for ex in self.req.steps:
-            if not _is_component(ex.step):
+            if not is_component(ex.step):
                 raise self.fail(node, "stage", f"the step name {ex.step!r} cannot name a log "
                                                "file")
             for out in ex.outputs:
@@ -545,7 +387,7 @@ class _Task:
         return pairs
 
     def local_path(self, node: str, local: str, what: str) -> str:
-        path = _inside(self.task_dir, local)
+        path = inside(self.task_dir, local)
         if path is None:
             raise self.fail(node, "stage", f"{what} {local!r} does not lie inside the task "
                                            f"folder {self.task_dir}")
@@ -563,7 +405,7 @@ class _Task:
                 os.makedirs(self.logs, exist_ok=True)
             except OSError as exc:
                 raise self.fail(node, "log", f"cannot create the log folder {self.logs} for step "
-                                             f"{step}: {_os_reason(exc, 'state')}",
+                                             f"{step}: {os_reason(exc, 'state')}",
                                 step=step) from exc
             self.logs_ready = True
         for out in ex.outputs:
@@ -574,7 +416,7 @@ class _Task:
                 except OSError as exc:
                     raise self.fail(node, "exception", f"cannot create the folder of output "
                                                        f"{out} of step {step}: "
-                                                       f"{_os_reason(exc, 'scratch')}",
+                                                       f"{os_reason(exc, 'scratch')}",
                                     step=step) from exc
         if ex.argv is not None:
             returncode: int | None = self.run_argv(node, step, list(ex.argv), log)
@@ -620,7 +462,7 @@ class _Task:
                 with contextlib.suppress(OSError):
                     out.close()
             raise self.fail(node, "log", f"cannot write the log of step {step} ({log}): "
-                                         f"{_os_reason(exc, 'state')}", step=step) from exc
+                                         f"{os_reason(exc, 'state')}", step=step) from exc
         return out
 
     def run_argv(self, node: str, step: str, argv: list[str], log: str) -> int:
@@ -653,7 +495,7 @@ class _Task:
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             except OSError as exc:
-                message = f"program {exe} of step {step} could not be started: {_os_reason(exc)}"
+                message = f"program {exe} of step {step} could not be started: {os_reason(exc)}"
                 with contextlib.suppress(OSError):
                     _write(out, f"opf: {message}\n")
                 out.close()
@@ -671,7 +513,7 @@ class _Task:
                                 "or a quota full?)")
             else:
                 message = f"step {step} exited with status {code}"
-            if _disk_full(self.logs):
+            if disk_full(self.logs):
                 message += (" (the disk of the run's state folder, which holds the step's log, "
                             "is full)")
             raise self.fail(node, "exit", message, step=step, returncode=code, log=log)
@@ -757,7 +599,7 @@ class _Task:
             except OSError as exc:
                 self.bytes_copied += nbytes
                 blocker = _file_in_the_way(os.path.dirname(dst))
-                reason = _os_reason(exc, "destination")
+                reason = os_reason(exc, "destination")
                 if blocker is not None:
                     reason += f" ({blocker} is a file, not a folder)"
                 raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
@@ -765,7 +607,7 @@ class _Task:
             self.outputs[dest] = [st.st_size, st.st_mtime_ns]
         self.bytes_copied += nbytes
         with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
-            _remove_tree(self.task_dir)
+            remove_tree(self.task_dir)
         self.close_row(row, "done", nbytes)
 
 
@@ -782,74 +624,6 @@ def _scratch_root(scratch: str | None) -> str:
     if root is None:
         root = _SCRATCH[base] = os.path.realpath(base)
     return root
-
-
-def _is_component(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
-
-
-def _first_part(name: str) -> str:
-    return os.path.normpath(name).split("/", 1)[0]
-
-
-def _inside(base: str, rel: str) -> str | None:
-    """``base/rel`` normalised, or None when it would not lie strictly inside ``base``."""
-    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
-        return None
-    path = os.path.normpath(os.path.join(base, rel))
-    if not path.startswith(base + os.sep):
-        return None
-    return path
-
-
-
-def _marker_holds(marker: str, key: str) -> bool:
-    """Does the job folder's marker say it is complete for ``key``?"""
-    try:
-        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return os.read(fd, 256) == key.encode()
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
-    """Remove the job folders in ``jobs_dir`` (other than ``keep``) that no engine uses: each
-    one whose lock can be taken exclusively at once; return the removed folders."""
-    try:
-        names = sorted(os.listdir(jobs_dir))
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        match = _KEY_LOCK_RE.match(name)
-        if match is None or match.group(1) == keep:
-            continue
-        path = os.path.join(jobs_dir, name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not same_file(path, fd):
-                continue
-            folder = os.path.join(jobs_dir, match.group(1))
-            with contextlib.suppress(FileNotFoundError):  # first: it no longer looks complete
-                os.unlink(os.path.join(folder, MARKER))
-            _remove_tree(folder)
-            _remove_tree(os.path.join(jobs_dir, f".{match.group(1)}.tasks"))
-            os.unlink(path)
-            removed.append(folder)
-        except OSError:  # in use (or it cannot be locked, or removed): leave it
-            continue
-        finally:
-            os.close(fd)
-    return removed
 
 
 
@@ -905,24 +679,6 @@ def _file_in_the_way(folder: str) -> str | None:
 
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a folder (or a file in its place), also when a step left read-only folders."""
-    try:
-        shutil.rmtree(path)
-        return
-    except FileNotFoundError:
-        return
-    except OSError:
-        if os.path.islink(path) or not os.path.isdir(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-    for folder, _, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            os.chmod(folder, 0o700)
-    shutil.rmtree(path)
-
-
 
 def _write(out: Any, text: str) -> None:
     out.write(text.encode("utf-8", "backslashreplace"))
@@ -933,25 +689,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-#: errors that mean "no room": the disk, a quota, or the process's file size limit
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
-
-def _os_reason(exc: OSError, disk: str | None = None) -> str:
-    """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch``,
-    ``destination`` or ``state``) so that a full disk is called one."""
-    reason = exc.strerror or str(exc)
-    if disk is not None and exc.errno in _FULL:
-        what = {"scratch": "the scratch disk", "destination": "the destination's disk",
-                "state": "the disk of the run's state folder"}.get(disk, "the disk")
-        reason += f" ({what} is full, or a quota or file size limit was reached)"
-    return reason
-
-
-def _disk_full(folder: str) -> bool:
-    """True if the file system of ``folder`` has no free block left for this user."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_blocks > 0 and st.f_bavail == 0

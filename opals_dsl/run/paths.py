@@ -1,0 +1,72 @@
+"""Paths and operating-system errors on an engine: whether a name is one folder name, whether a
+path lies inside a folder, and an OS error said in words (a full disk named as such).
+
+Standard library only: engines import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+
+
+def is_component(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def first_part(name: str) -> str:
+    return os.path.normpath(name).split("/", 1)[0]
+
+
+def inside(base: str, rel: str) -> str | None:
+    """``base/rel`` normalised, or None when it would not lie strictly inside ``base``."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
+        return None
+    path = os.path.normpath(os.path.join(base, rel))
+    if not path.startswith(base + os.sep):
+        return None
+    return path
+
+
+#: errors that mean "no room": the disk, a quota, or the process's file size limit
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def os_reason(exc: OSError, disk: str | None = None) -> str:
+    """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch``,
+    ``destination`` or ``state``) so that a full disk is called one."""
+    reason = exc.strerror or str(exc)
+    if disk is not None and exc.errno in _FULL:
+        what = {"scratch": "the scratch disk", "destination": "the destination's disk",
+                "state": "the disk of the run's state folder"}.get(disk, "the disk")
+        reason += f" ({what} is full, or a quota or file size limit was reached)"
+    return reason
+
+
+def disk_full(folder: str) -> bool:
+    """True if the file system of ``folder`` has no free block left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_blocks > 0 and st.f_bavail == 0
+
+
+def remove_tree(path: str) -> None:
+    """Remove a folder (or a file in its place), also when a step left read-only folders."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        if os.path.islink(path) or not os.path.isdir(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    for folder, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+    shutil.rmtree(path)
