@@ -20,7 +20,8 @@ import psutil
 import pytest
 from conftest import EngineCluster, files_under, write_pipeline
 
-from opals_dsl.run.cluster import RUN_TASKS, EngineCall, IPyParallelExecutor, stop_leftover_cluster
+from opals_dsl.run.cluster import stop_leftover_cluster
+from opals_dsl.run.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
 from opals_dsl.run.fsatomic import is_temp_name
 
 QUICK = """

@@ -28,7 +28,7 @@ from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
 from opals_dsl.run import session
-from opals_dsl.run.cluster import IPyParallelExecutor
+from opals_dsl.run.executor import IPyParallelExecutor
 from opals_dsl.run.fsatomic import is_temp_name
 from opals_dsl.run.journal import Journal
 from opals_dsl.run.resume import Resume

@@ -26,9 +26,8 @@ from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
 from opals_dsl.run import session
-from opals_dsl.run.cluster import IPyParallelExecutor
 from opals_dsl.run.events import RunListener
-from opals_dsl.run.executor import LocalExecutor
+from opals_dsl.run.executor import IPyParallelExecutor, LocalExecutor
 from opals_dsl.run.fsatomic import is_temp_name
 from opals_dsl.run.progress import Progress
 from opals_dsl.run.scheduler import Scheduler

@@ -41,7 +41,8 @@ from typing import Any
 
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..plan import model
-from ..run import launchers, session
+from ..run import launch_options as launchers
+from ..run import session
 from ..run.cluster import ClusterOptions
 from ..run.events import Listeners, RunListener
 from ..run.journal import Journal

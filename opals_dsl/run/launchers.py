@@ -68,7 +68,6 @@ Stopping
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -76,7 +75,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -88,11 +86,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterError, UsageError
+from ..errors import ClusterError
+from .batch import BATCH_GONE_WAIT, RECORD, batch_state, stop_leftover_launch, wait_batch_gone
 from .cluster import (
     ENGINE_HEARTBEAT_MISSES,
     HEARTBEAT_MISSES,
@@ -106,306 +105,24 @@ from .cluster import (
 )
 from .executor import describe_error
 from .fsatomic import write_atomic
-from .reaper import end_run
+from .launch_options import PER_HOST, LaunchOptions
+from .ssh import last_lines, probe_host, source_address, ssh_address, ssh_base, ssh_hint
 
-#: what ``--engines`` takes besides a number
-KINDS = ("ssh", "slurm", "pbs", "mpi")
-#: ``--timeout`` when opf starts engines elsewhere (seconds)
-DEFAULT_TIMEOUT = 120.0
-#: engines started at once on one host over SSH
-PER_HOST = 4
-#: longest wait for one SSH connection to be set up (seconds)
-SSH_CONNECT_TIMEOUT = 10
-#: how long a cancelled batch job may take to leave the queue (seconds)
-BATCH_GONE_WAIT = 30.0
-#: the record of a launched cluster in the state folder
-RECORD = "launched.json"
 #: the commands a launcher needs on this machine
 _TOOLS = {"ssh": ("ssh",), "slurm": ("sbatch", "squeue", "scancel"),
           "pbs": ("qsub", "qstat", "qdel"), "mpi": ("mpiexec",)}
 
-#: Python run on each host before engines start there: its cores, whether the engines'
-#: imports work, and ipyparallel's profile folder made quietly (the launcher would announce it)
-_PROBE = """\
-import os, subprocess, sys
-try:
-    import ipyparallel, opals_dsl
-except Exception as e:
-    print('__opf_import=' + type(e).__name__ + ': ' + str(e).replace('\\n', ' '))
-    sys.exit(0)
-if {profile!r}:
-    subprocess.run([sys.executable, '-m', 'IPython', 'profile', 'create', '--profile-dir',
-                    {profile!r}], capture_output=True)
-cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-print('__opf_cores=%d' % cores)
-"""
 
 log = logging.getLogger(__name__)
 
-
-class LaunchUsageError(UsageError):
-    """A bad ``--engines`` or launcher option (exit 2)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchOptions:
-    """How to start engines elsewhere: ``kind`` (one of :data:`KINDS`), ``hosts`` for SSH
-    (name, engines or None for one per core), ``n`` engines for a batch system or MPI, and the
-    launcher's settings."""
-
-    kind: str
-    hosts: tuple[tuple[str, int | None], ...] = ()
-    n: int | None = None
-    controller_ip: str | None = None
-    python: str | None = None
-    ssh_config: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    time_limit: str | None = None
-    config_file: str | None = None
-    quiet: bool = False
-
-    def describe(self) -> str:
-        if self.kind == "ssh":
-            return "ssh:" + ",".join(h if n is None else f"{h}:{n}" for h, n in self.hosts)
-        return self.kind
 
 
 # -- the command line ----------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The launcher options of ``opf run``."""
-    g = p.add_argument_group(
-        "engines started by opf elsewhere (--engines ssh:HOST[:N],... | slurm | pbs | mpi)")
-    g.add_argument(
-        "--controller-ip", metavar="ADDR",
-        help="address the controller listens on and the engines connect to (default: over "
-        "SSH this machine's address towards the hosts; else every interface, with this "
-        "machine's name)",
-    )
-    g.add_argument(
-        "--remote-python", metavar="PATH",
-        help="the engines' Python, with ipyparallel and opf installed (default: the path "
-        "of the Python running opf, right for a virtual environment on the shared drive)",
-    )
-    g.add_argument(
-        "--ssh-config", metavar="FILE",
-        help="ssh configuration file for host names, users, keys and ports (ssh -F FILE)",
-    )
-    g.add_argument("--partition", metavar="NAME", help="Slurm partition or PBS queue")
-    g.add_argument("--account", metavar="NAME", help="Slurm account to charge")
-    g.add_argument("--time-limit", metavar="TIME",
-                   help="Slurm time limit of the engines' job, e.g. 2:00:00")
-    g.add_argument(
-        "--launcher-config", metavar="FILE",
-        help="ipyparallel configuration file (ipcluster_config.py or .json) with any other "
-        "launcher setting; the flags above win over it",
-    )
-
-
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._-]+$")
-
-
-def parse_engines(text: str | int) -> int | LaunchOptions:
-    """``--engines`` → a number of local engines (0: ``local``, as many as there are cores),
-    or what to start elsewhere (without the launcher's settings). Raises
-    :class:`LaunchUsageError`."""
-    value = str(text).strip()
-    if value.isdigit():
-        n = int(value)
-        if n < 1:
-            raise LaunchUsageError("--engines takes a number of engines, 1 or more")
-        return n
-    kind, sep, rest = value.partition(":")
-    kind = kind.lower()
-    if kind == "local" and not sep:
-        return 0
-    if kind in ("slurm", "pbs", "mpi") and not sep:
-        return LaunchOptions(kind=kind)
-    if kind == "ssh":
-        return LaunchOptions(kind="ssh", hosts=_parse_hosts(rest))
-    raise LaunchUsageError(
-        f"--engines takes a number of local engines, ssh:HOST[:N][,HOST[:N]...], "
-        f"slurm, pbs or mpi; not '{text}'"
-    )
-
-
-def _parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
-    hosts: list[tuple[str, int | None]] = []
-    seen: set[str] = set()
-    for item in text.split(","):
-        item = item.strip()
-        host, sep, count = item.partition(":")
-        if not item or not _HOST_RE.match(host) or (sep and not count.isdigit()):
-            raise LaunchUsageError(
-                f"--engines ssh: takes HOST or HOST:N, separated by commas "
-                f"(e.g. ssh:node1:8,node2); '{item}' is not one"
-            )
-        n = int(count) if sep else None
-        if n is not None and n < 1:
-            raise LaunchUsageError(f"--engines ssh: {item} asks for no engine; "
-                                   f"give 1 or more, or leave the host out")
-        if host in seen:
-            raise LaunchUsageError(f"--engines ssh: names {host} twice; give it "
-                                   f"once, with its number of engines (HOST:N)")
-        seen.add(host)
-        hosts.append((host, n))
-    return tuple(hosts)
-
-
-_LAUNCH_FLAGS = {
-    "controller_ip": ("--controller-ip", KINDS),
-    "remote_python": ("--remote-python", KINDS),
-    "ssh_config": ("--ssh-config", ("ssh",)),
-    "partition": ("--partition", ("slurm", "pbs")),
-    "account": ("--account", ("slurm",)),
-    "time_limit": ("--time-limit", ("slurm",)),
-    "launcher_config": ("--launcher-config", KINDS),
-}
-
-
-def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions | None]:
-    """From ``opf run``'s arguments: (local engines or None, what to start elsewhere or None).
-    Raises :class:`LaunchUsageError` for a combination that cannot work."""
-    n = getattr(args, "n", None)
-    spec = getattr(args, "engines", None)
-    if n is not None and n < 1:
-        raise LaunchUsageError("-n takes a number of engines, 1 or more")
-    parsed = parse_engines(spec) if spec is not None else None
-    given = {name: getattr(args, name, None) for name in _LAUNCH_FLAGS}
-    if not isinstance(parsed, LaunchOptions):
-        for name, value in given.items():
-            if value is not None:
-                flag, kinds = _LAUNCH_FLAGS[name]
-                raise LaunchUsageError(
-                    f"{flag} is for engines that opf starts elsewhere: use it with "
-                    f"--engines {' or '.join('ssh:HOST' if k == 'ssh' else k for k in kinds)}")
-        if isinstance(parsed, int) and parsed > 0:
-            if n is not None and n != parsed:
-                raise LaunchUsageError(f"-n {n} and --engines {parsed} ask for "
-                                       f"different numbers of engines; give one of them")
-            n = parsed
-        return n, None
-    for name, value in given.items():
-        flag, kinds = _LAUNCH_FLAGS[name]
-        if value is not None and parsed.kind not in kinds:
-            raise LaunchUsageError(f"{flag} does not apply to --engines "
-                                   f"{parsed.kind}")
-    if getattr(args, "profile", None) is not None or getattr(args, "cluster_file", None):
-        raise LaunchUsageError("--engines starts a cluster of its own; it cannot be "
-                               "combined with --profile or --cluster-file")
-    if parsed.kind == "ssh":
-        if n is not None:
-            raise LaunchUsageError(
-                "-n does not apply to --engines ssh:; give each host its number "
-                "of engines, e.g. --engines ssh:node1:4,node2:4 (a host without one gets one "
-                "engine per core)")
-    elif n is None and parsed.kind in ("slurm", "pbs"):
-        raise LaunchUsageError(f"--engines {parsed.kind} needs the number of "
-                               f"engines to submit: add -n N")
-    files = {}
-    for name in ("ssh_config", "launcher_config"):
-        if given[name] is not None:
-            path = Path(given[name]).expanduser()
-            if not path.is_file():
-                flag = _LAUNCH_FLAGS[name][0]
-                raise LaunchUsageError(f"{flag} {given[name]}: no such file")
-            files[name] = str(path.resolve())
-    if "launcher_config" in files and not files["launcher_config"].endswith((".py", ".json")):
-        raise LaunchUsageError("--launcher-config takes an ipyparallel "
-                               "configuration file ending in .py or .json")
-    return None, replace(
-        parsed, n=n, controller_ip=given["controller_ip"], python=given["remote_python"],
-        ssh_config=files.get("ssh_config"), partition=given["partition"],
-        account=given["account"], time_limit=given["time_limit"],
-        config_file=files.get("launcher_config"), quiet=bool(getattr(args, "quiet", False)),
-    )
-
 
 # -- SSH: asking the hosts before starting -------------------------------------------------
 
-
-def ssh_base(options: LaunchOptions, timeout: float) -> list[str]:
-    """The options opf gives ssh and scp: the user's config file, no password prompts, bounded
-    connection set-up, and a dead connection noticed within about 15 s."""
-    args = ["-F", options.ssh_config] if options.ssh_config else []
-    return args + [
-        "-o", "BatchMode=yes",
-        "-o", f"ConnectTimeout={max(1, min(SSH_CONNECT_TIMEOUT, int(timeout)))}",
-        "-o", "ServerAliveInterval=5",
-        "-o", "ServerAliveCountMax=3",
-    ]
-
-
-@dataclass
-class HostProbe:
-    host: str
-    cores: int | None = None
-    problem: str | None = None
-
-
-def _ssh_hint(options: LaunchOptions, host: str) -> str:
-    cfg = f"-F {options.ssh_config} " if options.ssh_config else ""
-    return (f"check that 'ssh {cfg}{host} true' logs in without a password or a question (opf "
-            f"runs ssh in batch mode), or leave {host} out of --engines")
-
-
-def probe_host(host: str, options: LaunchOptions, python: str, timeout: float,
-               profile_dir: str = "") -> HostProbe:
-    """Ask ``host`` over SSH for its cores, importing ipyparallel and opf with ``python`` (and
-    make ipyparallel's ``profile_dir`` there)."""
-    cmd = ["ssh", *ssh_base(options, timeout), host, shlex.quote(python), "-"]
-    try:
-        proc = subprocess.run(cmd, input=_PROBE.format(profile=profile_dir),
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return HostProbe(host, problem=f"{host} did not answer over SSH within {timeout:g} s; "
-                                       f"{_ssh_hint(options, host)}")
-    out = dict(re.findall(r"__opf_(\w+)=(.*)", proc.stdout))
-    said = _last_lines(proc.stderr)
-    if proc.returncode == 255:
-        return HostProbe(host, problem=f"cannot reach {host} over SSH: {said or 'ssh failed'}; "
-                                       f"{_ssh_hint(options, host)}")
-    if "import" in out:
-        return HostProbe(host, problem=f"the Python on {host} ({python}) cannot import "
-                                       f"ipyparallel and opf: {out['import']}; install opf "
-                                       f"there, or name another Python with --remote-python")
-    if proc.returncode != 0 or "cores" not in out:
-        return HostProbe(host, problem=f"{host} cannot run {python}: "
-                                       f"{said or f'exit status {proc.returncode}'}; "
-                                       f"name the engines' Python there with --remote-python")
-    return HostProbe(host, cores=max(1, int(out["cores"])))
-
-
-def _last_lines(text: str, lines: int = 3) -> str:
-    return " / ".join(ln.strip() for ln in text.strip().splitlines()[-lines:] if ln.strip())
-
-
-def ssh_address(host: str, options: LaunchOptions) -> str | None:
-    """The address ssh connects to for ``host`` (its config's HostName, resolved)."""
-    name = host.rpartition("@")[2]
-    cmd = ["ssh", *(["-F", options.ssh_config] if options.ssh_config else []), "-G", host]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        for line in proc.stdout.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "hostname" and value.strip():
-                name = value.strip()
-                break
-    with contextlib.suppress(OSError):
-        return socket.getaddrinfo(name, 22, type=socket.SOCK_DGRAM)[0][4][0]
-    return None
-
-
-def source_address(address: str) -> str | None:
-    """This machine's address that packets to ``address`` would leave from (nothing is sent:
-    connecting a UDP socket only asks the kernel for a route)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((address, 9))
-        return s.getsockname()[0]
-    return None
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -617,7 +334,7 @@ class LaunchedCluster:
         except subprocess.CalledProcessError as exc:
             out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) \
                 else (exc.output or "")
-            said = _last_lines("".join(caught) + "\n" + out, 8)
+            said = last_lines("".join(caught) + "\n" + out, 8)
             raise ClusterError(
                 f"could not start engines with {kind}: {shlex.join(map(str, exc.cmd))} "
                 f"failed with exit status {exc.returncode}"
@@ -651,7 +368,7 @@ class LaunchedCluster:
                 return
             if self._job is not None and now >= next_poll:
                 next_poll = now + 2.0
-                state = _batch_state(self._job)
+                state = batch_state(self._job)
                 if state != job_state and state is not None:
                     job_state = state
                     if state:
@@ -686,13 +403,13 @@ class LaunchedCluster:
                 said = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) \
                     else (exc.output or "")
                 if said.strip():
-                    what += f": {_last_lines(said)}"
+                    what += f": {last_lines(said)}"
             else:
                 what = describe_error(exc)
             host = start.what.rpartition(" on ")[2]
             raise ClusterError(self._failed(
                 f"the SSH launcher could not start {start.what}: {what}",
-                hint=_ssh_hint(self.options, host)
+                hint=ssh_hint(self.options, host)
                 + f"; and that {self.python} runs there with ipyparallel and opf"))
 
     def _failed(self, what: str, hint: str | None = None) -> str:
@@ -767,7 +484,7 @@ class LaunchedCluster:
                     pool.submit(_quietly, part)
         if self._job is not None:
             _quietly(subprocess.run, self._job["delete"], capture_output=True, timeout=30)
-            _wait_batch_gone(self._job, BATCH_GONE_WAIT)
+            wait_batch_gone(self._job, BATCH_GONE_WAIT)
         _kill(_live(self._procs))
         _kill(_our_ssh_children(self._t0))
         with contextlib.suppress(OSError):
@@ -911,66 +628,6 @@ def _load_config(path: str) -> Any:
 # -- batch jobs --------------------------------------------------------------------------------
 
 
-def _batch_state(job: dict[str, Any]) -> str | None:
-    """The job's state as its queue shows it ("" when the queue no longer has it; None if the
-    queue cannot be asked)."""
-    if job["kind"] == "slurm":
-        cmd = ["squeue", "-h", "-j", str(job["id"]), "-o", "%T %R"]
-    elif job["kind"] == "pbs":
-        cmd = ["qstat", str(job["id"])]
-    else:
-        return None
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if job["kind"] == "slurm":
-        if proc.returncode != 0:
-            return "" if "Invalid job id" in proc.stderr else None
-        state, _, reason = proc.stdout.strip().partition(" ")
-        if not state:
-            return ""
-        return state if reason in ("", "None", "(None)") or state == "RUNNING" \
-            else f"{state} {reason}"
-    if proc.returncode != 0:
-        return ""
-    lines = proc.stdout.strip().splitlines()
-    return lines[-1].split()[4] if lines and len(lines[-1].split()) > 4 else None
-
-
-def _wait_batch_gone(job: dict[str, Any], wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if _batch_state(job) in ("", None):
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def stop_leftover_launch(state_dir: str | Path) -> bool:
-    """Stop what a killed run recorded in ``<state>/launched.json``: its controller and its
-    batch job. True if anything was still there."""
-    record = Path(state_dir) / RECORD
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    procs = end_run(data.get("processes") or [], None, grace=3.0)
-    job = data.get("batch_job")
-    found = bool(procs)
-    if isinstance(job, dict) and job.get("delete"):
-        if _batch_state(job):
-            found = True
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([str(w) for w in job["delete"]], capture_output=True, timeout=30)
-        _wait_batch_gone(job, BATCH_GONE_WAIT)
-    with contextlib.suppress(OSError):
-        record.unlink()
-    return found
 
 
 # -- opening -----------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Batch jobs (Slurm, PBS) that hold opf's engines — whether one is still queued or running,
+waiting for it to be gone — and stopping what a killed run started elsewhere, as its record
+(``<state>/launched.json``) says."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .reaper import end_run
+
+#: how long a cancelled batch job may take to leave the queue (seconds)
+BATCH_GONE_WAIT = 30.0
+
+
+def batch_state(job: dict[str, Any]) -> str | None:
+    """The job's state as its queue shows it ("" when the queue no longer has it; None if the
+    queue cannot be asked)."""
+    if job["kind"] == "slurm":
+        cmd = ["squeue", "-h", "-j", str(job["id"]), "-o", "%T %R"]
+    elif job["kind"] == "pbs":
+        cmd = ["qstat", str(job["id"])]
+    else:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if job["kind"] == "slurm":
+        if proc.returncode != 0:
+            return "" if "Invalid job id" in proc.stderr else None
+        state, _, reason = proc.stdout.strip().partition(" ")
+        if not state:
+            return ""
+        return state if reason in ("", "None", "(None)") or state == "RUNNING" \
+            else f"{state} {reason}"
+    if proc.returncode != 0:
+        return ""
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1].split()[4] if lines and len(lines[-1].split()) > 4 else None
+
+
+def wait_batch_gone(job: dict[str, Any], wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if batch_state(job) in ("", None):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+#: the record of a launched cluster in the state folder
+RECORD = "launched.json"
+
+
+def stop_leftover_launch(state_dir: str | Path) -> bool:
+    """Stop what a killed run recorded in ``<state>/launched.json``: its controller and its
+    batch job. True if anything was still there."""
+    record = Path(state_dir) / RECORD
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    procs = end_run(data.get("processes") or [], None, grace=3.0)
+    job = data.get("batch_job")
+    found = bool(procs)
+    if isinstance(job, dict) and job.get("delete"):
+        if batch_state(job):
+            found = True
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([str(w) for w in job["delete"]], capture_output=True, timeout=30)
+        wait_batch_gone(job, BATCH_GONE_WAIT)
+    with contextlib.suppress(OSError):
+        record.unlink()
+    return found

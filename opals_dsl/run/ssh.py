@@ -1,0 +1,115 @@
+"""SSH for engines started on other hosts: the ssh command opf uses, and asking each host
+before anything starts whether it can run an engine (:func:`probe_host`)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from .launch_options import LaunchOptions
+
+#: longest wait for one SSH connection to be set up (seconds)
+SSH_CONNECT_TIMEOUT = 10
+
+
+#: Python run on each host before engines start there: its cores, whether the engines'
+#: imports work, and ipyparallel's profile folder made quietly (the launcher would announce it)
+_PROBE = """\
+import os, subprocess, sys
+try:
+    import ipyparallel, opals_dsl
+except Exception as e:
+    print('__opf_import=' + type(e).__name__ + ': ' + str(e).replace('\\n', ' '))
+    sys.exit(0)
+if {profile!r}:
+    subprocess.run([sys.executable, '-m', 'IPython', 'profile', 'create', '--profile-dir',
+                    {profile!r}], capture_output=True)
+cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+print('__opf_cores=%d' % cores)
+"""
+
+
+def ssh_base(options: LaunchOptions, timeout: float) -> list[str]:
+    """The options opf gives ssh and scp: the user's config file, no password prompts, bounded
+    connection set-up, and a dead connection noticed within about 15 s."""
+    args = ["-F", options.ssh_config] if options.ssh_config else []
+    return args + [
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={max(1, min(SSH_CONNECT_TIMEOUT, int(timeout)))}",
+        "-o", "ServerAliveInterval=5",
+        "-o", "ServerAliveCountMax=3",
+    ]
+
+
+@dataclass
+class HostProbe:
+    host: str
+    cores: int | None = None
+    problem: str | None = None
+
+
+def ssh_hint(options: LaunchOptions, host: str) -> str:
+    cfg = f"-F {options.ssh_config} " if options.ssh_config else ""
+    return (f"check that 'ssh {cfg}{host} true' logs in without a password or a question (opf "
+            f"runs ssh in batch mode), or leave {host} out of --engines")
+
+
+def probe_host(host: str, options: LaunchOptions, python: str, timeout: float,
+               profile_dir: str = "") -> HostProbe:
+    """Ask ``host`` over SSH for its cores, importing ipyparallel and opf with ``python`` (and
+    make ipyparallel's ``profile_dir`` there)."""
+    cmd = ["ssh", *ssh_base(options, timeout), host, shlex.quote(python), "-"]
+    try:
+        proc = subprocess.run(cmd, input=_PROBE.format(profile=profile_dir),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return HostProbe(host, problem=f"{host} did not answer over SSH within {timeout:g} s; "
+                                       f"{ssh_hint(options, host)}")
+    out = dict(re.findall(r"__opf_(\w+)=(.*)", proc.stdout))
+    said = last_lines(proc.stderr)
+    if proc.returncode == 255:
+        return HostProbe(host, problem=f"cannot reach {host} over SSH: {said or 'ssh failed'}; "
+                                       f"{ssh_hint(options, host)}")
+    if "import" in out:
+        return HostProbe(host, problem=f"the Python on {host} ({python}) cannot import "
+                                       f"ipyparallel and opf: {out['import']}; install opf "
+                                       f"there, or name another Python with --remote-python")
+    if proc.returncode != 0 or "cores" not in out:
+        return HostProbe(host, problem=f"{host} cannot run {python}: "
+                                       f"{said or f'exit status {proc.returncode}'}; "
+                                       f"name the engines' Python there with --remote-python")
+    return HostProbe(host, cores=max(1, int(out["cores"])))
+
+
+def last_lines(text: str, lines: int = 3) -> str:
+    return " / ".join(ln.strip() for ln in text.strip().splitlines()[-lines:] if ln.strip())
+
+
+def ssh_address(host: str, options: LaunchOptions) -> str | None:
+    """The address ssh connects to for ``host`` (its config's HostName, resolved)."""
+    name = host.rpartition("@")[2]
+    cmd = ["ssh", *(["-F", options.ssh_config] if options.ssh_config else []), "-G", host]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        for line in proc.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hostname" and value.strip():
+                name = value.strip()
+                break
+    with contextlib.suppress(OSError):
+        return socket.getaddrinfo(name, 22, type=socket.SOCK_DGRAM)[0][4][0]
+    return None
+
+
+def source_address(address: str) -> str | None:
+    """This machine's address that packets to ``address`` would leave from (nothing is sent:
+    connecting a UDP socket only asks the kernel for a route)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))
+        return s.getsockname()[0]
+    return None
