@@ -27,7 +27,8 @@ from pathlib import Path
 
 from opals_dsl.api import compile_file
 from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions, open_cluster
+from opals_dsl.run.cluster import ClusterOptions
+from opals_dsl.run.connect import open_cluster
 
 PIPELINE = """
 pipeline overhead

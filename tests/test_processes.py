@@ -426,7 +426,8 @@ def test_an_interrupted_cluster_start_stops_between_steps_and_leaves_nothing(
     what it started is stopped."""
     import gc
 
-    from opals_dsl.run.cluster import ClusterOptions, open_cluster
+    from opals_dsl.run.cluster import ClusterOptions
+    from opals_dsl.run.connect import open_cluster
 
     state = tmp_path / "state"
     asked = []

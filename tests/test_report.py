@@ -30,7 +30,8 @@ from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
 from opals_dsl.cli.report import write_report
 from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions, open_cluster
+from opals_dsl.run.cluster import ClusterOptions
+from opals_dsl.run.connect import open_cluster
 from opals_dsl.run.events import RunSummary
 
 PIPELINE = """\

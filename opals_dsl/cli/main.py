@@ -150,7 +150,7 @@ def _write(text: str, output: str | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..api import compile_file
+    from ..lang.compile import compile_file
 
     graph = compile_file(args.file, parse_params(args.param))
     print(f"{args.file}: ok — {summary(graph)}")
@@ -170,8 +170,8 @@ def _file_problem(exc: Exception, file: str) -> str:
 
 def cmd_check_report(args: argparse.Namespace) -> int:
     """``opf check --format json|github``: every finding, with its place, on stdout."""
-    from ..api import compile_file
     from ..errors import PipelineError, finding, render_findings
+    from ..lang.compile import compile_file
 
     status = 0
     try:
@@ -191,7 +191,7 @@ def cmd_check_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from ..api import compile_file
+    from ..lang.compile import compile_file
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 

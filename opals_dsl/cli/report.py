@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``opf report``: write the page, print where it is."""
-    from ..api import compile_file
+    from ..lang.compile import compile_file
 
     target = Path(args.file).expanduser()
     plan = None

@@ -147,7 +147,7 @@ class _Warnings(RunListener):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from ..api import Protected, compile_file
+    from ..lang.compile import Protected, compile_file
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
@@ -203,7 +203,7 @@ def _guard_scratch(file: str, params: dict[str, str], protected: Any, plan: Any,
 
     The plan's destinations are looked at first (cheap); only when one is refused is the
     pipeline planned again with those roots, for messages that name its declarations."""
-    from ..api import Protected, compile_file
+    from ..lang.compile import Protected, compile_file
 
     roots = [r for r in dict.fromkeys(roots) if r not in protected.scratch]
     if not roots:

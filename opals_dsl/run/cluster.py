@@ -69,9 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterError
-from .events import new_run_id
-from .executor import IPyParallelExecutor, describe_error
+from .batch import stop_leftover_launch
 from .fsatomic import write_atomic
 from .reaper import MARKER, end_run
 
@@ -112,14 +110,14 @@ class ClusterOptions:
 # -- the embedded cluster --------------------------------------------------------------------
 
 
-def _proc_record(proc: Any) -> dict[str, Any] | None:
+def process_record(proc: Any) -> dict[str, Any] | None:
     try:
         return {"pid": proc.pid, "created": proc.create_time()}
     except Exception:
         return None
 
 
-def _live(records: Iterable[dict[str, Any]]) -> list[Any]:
+def live_processes(records: Iterable[dict[str, Any]]) -> list[Any]:
     """The recorded processes that still run (same pid *and* creation time), with children."""
     import psutil
 
@@ -137,7 +135,7 @@ def _live(records: Iterable[dict[str, Any]]) -> list[Any]:
     return list(found.values())
 
 
-def _kill(procs: list[Any]) -> None:
+def kill_processes(procs: list[Any]) -> None:
     import psutil
 
     for proc in procs:  # SIGKILL is not refused; no need to wait for the zombies' reaping
@@ -148,8 +146,6 @@ def _kill(procs: list[Any]) -> None:
 def stop_leftover_cluster(state_dir: str | Path) -> bool:
     """Stop the embedded cluster an earlier, killed run recorded in ``state_dir``; True if any
     of its processes were still running (and the same for engines it started elsewhere)."""
-    from .batch import stop_leftover_launch
-
     launched = stop_leftover_launch(state_dir)
     record = Path(state_dir) / "cluster.json"
     try:
@@ -175,18 +171,18 @@ def stop_leftover_cluster(state_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def _ipython_dir(path: Path | None) -> Iterator[None]:
+def ipython_dir(path: Path | None) -> Iterator[None]:
     """Point IPYTHONDIR at ``path`` for the duration (ipyparallel and its children read it)."""
     if path is None:
         yield
         return
     path.mkdir(parents=True, exist_ok=True)
-    with _environ(IPYTHONDIR=str(path)):
+    with environ(IPYTHONDIR=str(path)):
         yield
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
+def environ(**values: str) -> Iterator[None]:
     """Set environment variables of this process (its children inherit them) for the
     duration."""
     old = {name: os.environ.get(name) for name in values}
@@ -324,7 +320,7 @@ class EmbeddedCluster:
 
     def _remember(self, cluster_id: str, procs: Iterable[Any]) -> None:
         for proc in procs:
-            rec = _proc_record(proc)
+            rec = process_record(proc)
             if rec is not None:
                 self._procs.append(rec)
                 self._tell(rec)
@@ -337,12 +333,12 @@ class EmbeddedCluster:
         # the engines, each leading a process group: end them first, so that the engines are
         # free to exit when told
         ours = {rec["pid"] for rec in self._procs}
-        leftovers = [p for p in _live(self._procs) if p.pid not in ours]
+        leftovers = [p for p in live_processes(self._procs) if p.pid not in ours]
         for proc in leftovers:
             with contextlib.suppress(OSError):
                 if os.getpgid(proc.pid) == proc.pid:
                     os.killpg(proc.pid, 9)
-        _kill(leftovers)
+        kill_processes(leftovers)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close(linger=0)
@@ -384,93 +380,4 @@ class EmbeddedCluster:
 # -- opening a cluster -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
-                 scratch: str | None = None, run_id: str | None = None,
-                 interrupted: Callable[[], bool] | None = None,
-                 ) -> Iterator[IPyParallelExecutor]:
-    """Start or reach the cluster ``options`` name and yield an executor for its engines.
 
-    An embedded cluster is stopped on the way out, however the block ends (and by its lifeline
-    if this process is killed); every process of it carries ``OPF_RUN_ID=run_id``; a start
-    that ``interrupted`` reports interrupted raises KeyboardInterrupt. An existing cluster is
-    only disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
-    """
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    if options.launch is not None:
-        from .launchers import launched
-
-        yield from launched(options, state, scratch)
-    elif options.embedded:
-        yield from _embedded(options, state, scratch, run_id, interrupted)
-    else:
-        yield from _existing(options, state, scratch)
-
-
-def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
-              run_id: str | None, interrupted: Callable[[], bool] | None,
-              ) -> Iterator[IPyParallelExecutor]:
-    n = options.engines or os.cpu_count() or 1
-    run_id = run_id or new_run_id()
-    cluster = EmbeddedCluster(state, n, options.timeout, run_id, interrupted)
-    executor = None
-    marked = _environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
-    with _ipython_dir(cluster.ipython_dir), marked:
-        try:
-            try:
-                client = cluster.start()
-                executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
-                executor.run_id = run_id
-            except ClusterError:
-                raise
-            except Exception as exc:
-                said = cluster.output_tail()
-                raise ClusterError(
-                    f"could not start a local ipyparallel cluster of {n} engine"
-                    f"{'s' if n != 1 else ''}: {describe_error(exc)}"
-                    + (f"\n{said}" if said else "")
-                ) from exc
-            yield executor
-        finally:
-            cluster.stop()
-
-
-def _existing(options: ClusterOptions, state: Path,
-              scratch: str | None) -> Iterator[IPyParallelExecutor]:
-    import ipyparallel as ipp
-
-    if options.cluster_file is not None:
-        path = Path(options.cluster_file).expanduser()
-        what = f"the ipyparallel controller of connection file {path}"
-        if not path.is_file():
-            raise ClusterError(f"the connection file {path} does not exist")
-        ipython_dir: Path | None = None if os.environ.get("IPYTHONDIR") else state / "ipython"
-
-        def connect() -> Any:
-            return ipp.Client(str(path), timeout=options.timeout)
-    else:
-        what = f"the ipyparallel cluster of profile {options.profile!r}"
-        ipython_dir = None
-
-        def connect() -> Any:
-            return ipp.Client(profile=options.profile, timeout=options.timeout)
-
-    with _ipython_dir(ipython_dir):
-        try:
-            client = connect()
-        except Exception as exc:
-            raise ClusterError(f"cannot reach {what}: {describe_error(exc)}") from exc
-        executor = None
-        try:
-            try:
-                client.wait_for_engines(1, timeout=options.timeout)
-            except Exception as exc:
-                raise ClusterError(
-                    f"{what} has no engines (waited {options.timeout:g} s)"
-                ) from exc
-            executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
-            yield executor
-        finally:
-            with contextlib.suppress(Exception):
-                client.close(linger=0)

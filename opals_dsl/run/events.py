@@ -12,14 +12,11 @@ import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_OK
-
-if TYPE_CHECKING:
-    from ..plan.model import Task
-    from ..plan.wire import Failure, TaskResult
-    from .executor import EngineInfo
+from ..plan.model import Task
+from ..plan.wire import Failure, TaskResult
+from .executor import EngineInfo
 
 
 def new_run_id() -> str:

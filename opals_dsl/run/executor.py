@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import ClusterError
+from . import engine as engine_side
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +80,11 @@ class LocalExecutor:
     """
 
     def __init__(self, scratches: Iterable[str | None] = (None,)) -> None:
-        from . import engine
-
-        self._engine = engine
+        self._engine = engine_side
         self._scratch = list(scratches)
         self._engines = {}
         for i, scratch in enumerate(self._scratch):
-            ident = engine.identify(scratch)
+            ident = engine_side.identify(scratch)
             self._engines[i] = EngineInfo(i, ident["host"], ident["pid"], ident["scratch"],
                                           ident["machine"])
 
@@ -183,9 +182,7 @@ def prepare_engine(scratch: str | None) -> dict[str, Any]:
         shell = get_ipython()
         if shell is not None:
             shell.run_line_magic("colors", "nocolor")
-    from opals_dsl.run import engine
-
-    return engine.identify(scratch)
+    return engine_side.identify(scratch)
 
 
 class IPyParallelExecutor:
@@ -332,9 +329,9 @@ class IPyParallelExecutor:
         except Exception:
             return [], []
         gone = sorted(set(self._engines) - current)
-        for engine in gone:
-            self._engines.pop(engine, None)
-            self._views.pop(engine, None)
+        for eid in gone:
+            self._engines.pop(eid, None)
+            self._views.pop(eid, None)
         new = sorted(current - set(self._engines))
         added: list[EngineInfo] = []
         if new:

@@ -100,6 +100,7 @@ from ..plan import model
 from ..plan.model import Task
 from ..plan.wire import Receipt, Stat, TaskResult
 from .events import RunListener, RunSummary, TaskFailure
+from .fsatomic import remove_abandoned_temporaries, write_atomic
 from .records import (
     ENCODE,
     SIG_MARK,
@@ -251,8 +252,6 @@ class Journal(RunListener):
     def _open_for_append(self) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        from .fsatomic import remove_abandoned_temporaries
-
         remove_abandoned_temporaries(str(folder))  # of a compaction that was killed
         stale = self.lines_read - len(self.records)
         if (not self._header_ok or self.bad_lines or stale > len(self.records)) and (
@@ -271,8 +270,6 @@ class Journal(RunListener):
 
     def _rewrite(self) -> None:
         """Write the records afresh: to a temporary, flushed, renamed over the journal."""
-        from .fsatomic import write_atomic
-
         data = (self._header() + "".join(self.records.values())).encode(
             "utf-8", "surrogateescape")
         write_atomic(str(self.path), data)

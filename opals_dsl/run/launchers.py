@@ -3,7 +3,7 @@
 In: ``--engines ssh:HOST[:N],...`` / ``slurm`` / ``pbs`` / ``mpi`` with ``-n N`` and the options
 a launcher needs (:func:`add_arguments`, :func:`launch_options`). Out: the ipyparallel client of
 a cluster this run owns — a controller here and engines there — which
-:func:`opals_dsl.cluster.open_cluster` hands to its executor like any other (:func:`launched`).
+:func:`opals_dsl.run.connect.open_cluster` hands to its executor like any other (:func:`launched`).
 
 The engines are started by ipyparallel's own launchers (``ipyparallel.Cluster(engines=KIND)``
 with ``SSHEngineSetLauncher``, ``SlurmEngineSetLauncher``, ``PBSEngineSetLauncher``,
@@ -97,13 +97,12 @@ from .cluster import (
     HEARTBEAT_MISSES,
     HEARTBEAT_MS,
     ClusterOptions,
-    IPyParallelExecutor,
-    _ipython_dir,
-    _kill,
-    _live,
-    _proc_record,
+    ipython_dir,
+    kill_processes,
+    live_processes,
+    process_record,
 )
-from .executor import describe_error
+from .executor import IPyParallelExecutor, describe_error
 from .fsatomic import write_atomic
 from .launch_options import PER_HOST, LaunchOptions
 from .ssh import last_lines, probe_host, source_address, ssh_address, ssh_base, ssh_hint
@@ -441,7 +440,7 @@ class LaunchedCluster:
 
     def _remember(self, procs: list[Any]) -> None:
         for proc in procs:
-            rec = _proc_record(proc)
+            rec = process_record(proc)
             if rec is not None:
                 self._procs.append(rec)
         data = {"cluster_id": self.cluster_id, "kind": self.options.kind,
@@ -485,8 +484,8 @@ class LaunchedCluster:
         if self._job is not None:
             _quietly(subprocess.run, self._job["delete"], capture_output=True, timeout=30)
             wait_batch_gone(self._job, BATCH_GONE_WAIT)
-        _kill(_live(self._procs))
-        _kill(_our_ssh_children(self._t0))
+        kill_processes(live_processes(self._procs))
+        kill_processes(_our_ssh_children(self._t0))
         with contextlib.suppress(OSError):
             self.record.unlink()
         self._remove_logs()
@@ -666,10 +665,10 @@ def _quiet_ssh_waits() -> Iterator[None]:
 def launched(options: ClusterOptions, state: Path,
              scratch: str | None) -> Iterator[IPyParallelExecutor]:
     """Start the engines ``options.launch`` names, yield an executor for them, and stop
-    everything at the end (a generator for :func:`opals_dsl.cluster.open_cluster`)."""
+    everything at the end (a generator for :func:`opals_dsl.run.connect.open_cluster`)."""
     launch: LaunchOptions = options.launch
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
-    with _ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():
+    with ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():
         try:
             stop_leftover_launch(state)
             try:

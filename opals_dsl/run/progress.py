@@ -26,16 +26,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from ..plan.model import Task
 from ..plan.wire import TaskResult
 from ..units import format_bytes, format_duration
 from .events import Counts, RunListener, RunSummary, TaskFailure
 from .executor import EngineInfo
-
-if TYPE_CHECKING:
-    from .journal import Decision
+from .resume import Decision
 
 #: lines of a failed step's log shown in a failure report
 TAIL_SHOWN = 10

@@ -12,7 +12,7 @@ What a run does, in order
     3. Opens the journal (:mod:`.journal`) and decides which tasks are unchanged
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
        no embedded cluster is started.
-    4. Starts or reaches the cluster (:func:`~opals_dsl.run.cluster.open_cluster`), lets
+    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
        ``guard`` look at the engines' scratch roots, and schedules the plan
        (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
        finishes, the listener shows progress.
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..plan import model
 from ..plan.model import Task
-from .cluster import ClusterOptions, open_cluster, stop_leftover_cluster
+from .cluster import ClusterOptions, stop_leftover_cluster
+from .connect import open_cluster
 from .events import Listeners, RunListener, RunSummary, new_run_id
 from .executor import Executor, LocalExecutor
 from .fsatomic import remove_abandoned_temporaries

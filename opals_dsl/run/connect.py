@@ -1,0 +1,107 @@
+"""Opening a cluster, whichever kind ``ClusterOptions`` names: an embedded one started here
+(:class:`~opals_dsl.run.cluster.EmbeddedCluster`), engines started elsewhere
+(:mod:`.launchers`), or an existing cluster reached through its profile or connection file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClusterError
+from .cluster import MARKER, ClusterOptions, EmbeddedCluster, environ, ipython_dir
+from .events import new_run_id
+from .executor import IPyParallelExecutor, describe_error
+from .launchers import launched
+
+
+@contextlib.contextmanager
+def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
+                 scratch: str | None = None, run_id: str | None = None,
+                 interrupted: Callable[[], bool] | None = None,
+                 ) -> Iterator[IPyParallelExecutor]:
+    """Start or reach the cluster ``options`` name and yield an executor for its engines.
+
+    An embedded cluster is stopped on the way out, however the block ends (and by its lifeline
+    if this process is killed); every process of it carries ``OPF_RUN_ID=run_id``; a start
+    that ``interrupted`` reports interrupted raises KeyboardInterrupt. An existing cluster is
+    only disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
+    """
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    if options.launch is not None:
+        yield from launched(options, state, scratch)
+    elif options.embedded:
+        yield from _embedded(options, state, scratch, run_id, interrupted)
+    else:
+        yield from _existing(options, state, scratch)
+
+
+def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
+              run_id: str | None, interrupted: Callable[[], bool] | None,
+              ) -> Iterator[IPyParallelExecutor]:
+    n = options.engines or os.cpu_count() or 1
+    run_id = run_id or new_run_id()
+    cluster = EmbeddedCluster(state, n, options.timeout, run_id, interrupted)
+    executor = None
+    marked = environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
+    with ipython_dir(cluster.ipython_dir), marked:
+        try:
+            try:
+                client = cluster.start()
+                executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
+                executor.run_id = run_id
+            except ClusterError:
+                raise
+            except Exception as exc:
+                said = cluster.output_tail()
+                raise ClusterError(
+                    f"could not start a local ipyparallel cluster of {n} engine"
+                    f"{'s' if n != 1 else ''}: {describe_error(exc)}"
+                    + (f"\n{said}" if said else "")
+                ) from exc
+            yield executor
+        finally:
+            cluster.stop()
+
+
+def _existing(options: ClusterOptions, state: Path,
+              scratch: str | None) -> Iterator[IPyParallelExecutor]:
+    import ipyparallel as ipp
+
+    if options.cluster_file is not None:
+        path = Path(options.cluster_file).expanduser()
+        what = f"the ipyparallel controller of connection file {path}"
+        if not path.is_file():
+            raise ClusterError(f"the connection file {path} does not exist")
+        ipython_dir: Path | None = None if os.environ.get("IPYTHONDIR") else state / "ipython"
+
+        def connect() -> Any:
+            return ipp.Client(str(path), timeout=options.timeout)
+    else:
+        what = f"the ipyparallel cluster of profile {options.profile!r}"
+        ipython_dir = None
+
+        def connect() -> Any:
+            return ipp.Client(profile=options.profile, timeout=options.timeout)
+
+    with ipython_dir(ipython_dir):
+        try:
+            client = connect()
+        except Exception as exc:
+            raise ClusterError(f"cannot reach {what}: {describe_error(exc)}") from exc
+        executor = None
+        try:
+            try:
+                client.wait_for_engines(1, timeout=options.timeout)
+            except Exception as exc:
+                raise ClusterError(
+                    f"{what} has no engines (waited {options.timeout:g} s)"
+                ) from exc
+            executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
+            yield executor
+        finally:
+            with contextlib.suppress(Exception):
+                client.close(linger=0)
