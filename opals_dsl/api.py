@@ -22,14 +22,11 @@ import networkx as nx
 
 from .errors import PipelineError, PlanError
 from .lang.compile import Loaded, compile_file, load, plan
-from .lang.protect import Protected
+from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
 from .run import session
 from .run.cluster import ClusterOptions
 from .run.events import RunSummary
-
-#: where a run keeps its state, beside the pipeline file
-STATE_FOLDER = ".opf"
 
 
 def run(pipeline: nx.DiGraph | str | Path, *, params: Mapping[str, str] | None = None,
@@ -45,7 +42,7 @@ def run(pipeline: nx.DiGraph | str | Path, *, params: Mapping[str, str] | None =
     else:
         graph = compile_file(pipeline, params)
         if state_dir is None:
-            state_dir = Path(pipeline).resolve().parent / STATE_FOLDER
+            state_dir = default_state_dir(Path(pipeline).resolve())
     return session.run(graph, state_dir=state_dir, cluster=cluster, **options)
 
 

@@ -7,12 +7,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError, error_line
+from ..lang.protect import default_state_dir
 
 __all__ = ["error_line", "parse_params", "state_dir", "state_of", "warning_line"]
-
-#: where a run keeps its state, beside the pipeline file, unless ``--state`` says otherwise
-STATE_FOLDER = ".opf"
-
 
 def warning_line(message: str) -> str:
     """A message as the command line shows a warning."""
@@ -31,10 +28,11 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
 
 
 def state_dir(file: str | Path, state: str | Path | None = None) -> Path:
-    """The run's state folder: ``state`` if given, else :data:`STATE_FOLDER` beside ``file``."""
+    """The run's state folder: ``state`` if given, else the default beside ``file``
+    (:func:`~opals_dsl.lang.protect.default_state_dir`)."""
     if state:
         return Path(state).expanduser().resolve()
-    return Path(file).resolve().parent / STATE_FOLDER
+    return Path(default_state_dir(Path(file).resolve()))
 
 
 def state_of(args: argparse.Namespace) -> Path:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from .. import report
 from ..errors import UsageError
+from ..lang.protect import STATE_FOLDER
 from ..run.fsatomic import write_atomic
 from .common import parse_params, state_dir
 
@@ -31,7 +32,7 @@ def write_report(state_dir: str | Path, out_path: str | Path,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of ``opf report [FILE | STATE_DIR] [-o PATH]`` to its subparser."""
     p.add_argument(
-        "file", nargs="?", default=".opf", metavar="FILE | STATE_DIR",
+        "file", nargs="?", default=STATE_FOLDER, metavar="FILE | STATE_DIR",
         help="a pipeline file (its run's state is .opf beside it, or --state) or a run's "
         "state folder (default: .opf)",
     )

@@ -8,6 +8,15 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+#: where a run keeps its state (journal, trace, logs), beside the pipeline file, unless told
+STATE_FOLDER = ".opf"
+
+
+def default_state_dir(pipeline: str | os.PathLike[str]) -> str:
+    """The state folder of a pipeline file's runs when none is named: :data:`STATE_FOLDER`
+    beside it (absolute)."""
+    return os.path.join(os.path.dirname(os.path.abspath(os.fspath(pipeline))), STATE_FOLDER)
+
 
 def default_scratch() -> str:
     """The scratch root an engine of this machine uses without ``--scratch``:
@@ -44,7 +53,7 @@ class Protected:
         path = os.path.abspath(os.fspath(path))
         roots = [default_scratch() if r is None else os.path.abspath(os.path.expanduser(r))
                  for r in scratch]
-        return cls(path, os.path.abspath(state or os.path.join(os.path.dirname(path), ".opf")),
+        return cls(path, os.path.abspath(state or default_state_dir(path)),
                    tuple(dict.fromkeys(roots)))
 
     def with_scratch(self, roots: Iterable[str]) -> Protected:

@@ -1,0 +1,60 @@
+"""One exit for every error: what ``opf`` prints and the status it exits with.
+
+Every error a person reads is an :class:`~opals_dsl.errors.OpfError`, rendered once by the
+command line; anything else that escapes is a bug in opf, shown as an internal error with its
+traceback and exit status 70 — never hidden, never a bare Python crash."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from opals_dsl import errors
+from opals_dsl.cli import main
+from opals_dsl.lang import compile as front_end
+from opals_dsl.run.launch_options import LaunchUsageError
+
+REPO = Path(__file__).resolve().parents[1]
+STRIPS = REPO / "examples" / "strips.opf"
+
+
+def test_a_crash_inside_opf_is_an_internal_error_with_its_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(front_end, "check", broken)
+    assert main(["check", str(STRIPS)]) == errors.EXIT_INTERNAL == 70
+    err = capsys.readouterr().err
+    assert err.startswith("opf: internal error: KeyError: 'a bug'\n")
+    assert "This is a bug in opf" in err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+
+
+def test_a_bad_option_is_a_usage_error_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(STRIPS), "--param", "cell"]) == errors.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err == "opf: error: --param takes NAME=VALUE, not 'cell'\n"
+
+
+def test_a_missing_file_is_said_in_words(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tmp_path / "none.opf")]) == errors.EXIT_INVALID
+    assert capsys.readouterr().err == f"opf: error: no such file: {tmp_path / 'none.opf'}\n"
+
+
+def test_every_error_for_people_is_an_opf_error_with_its_status() -> None:
+    found = {obj for _, obj in inspect.getmembers(errors, inspect.isclass)
+             if issubclass(obj, Exception) and obj.__module__ == errors.__name__}
+    assert found >= {errors.UsageError, errors.ClusterError, errors.ReportError,
+                     errors.FormatError, errors.PipelineError, errors.PlanError}
+    assert all(issubclass(cls, errors.OpfError) for cls in found)
+    assert issubclass(LaunchUsageError, errors.UsageError)
+    assert errors.ClusterError("x").exit_code == errors.EXIT_CLUSTER == 3
+    for cls in (errors.UsageError, errors.ReportError, errors.ClusterError):
+        assert cls("what is wrong").render() == "opf: error: what is wrong"
+    statuses = [errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_INVALID, errors.EXIT_CLUSTER,
+                errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED]
+    assert statuses == [0, 1, 2, 3, 70, 130]
