@@ -2,8 +2,8 @@
 
 ``opf check FILE`` checks a pipeline (``--format json`` or ``github`` for tools), ``opf compile
 FILE`` prints its plan (summary, ``--dot``, ``--json``, ``--svg``; ``-o PATH`` is written whole or
-not at all), ``opf run FILE`` runs it (see :mod:`opals_dsl.runcmd`), ``opf fmt FILE...`` lays
-files out (see :mod:`opals_dsl.fmt`). Exit statuses: 0 done, 1 a task failed (or, for ``opf fmt
+not at all), ``opf run FILE`` runs it (see :mod:`opals_dsl.cli.run`), ``opf fmt FILE...`` lays
+files out (see :mod:`opals_dsl.lang.fmt`). Exit statuses: 0 done, 1 a task failed (or, for ``opf fmt
 --check``, a file would change), 2 the pipeline or the command line is invalid, 3 no cluster, 141
 stdout was closed early (``opf compile --json | head``: no message, the status a shell shows for
 a program that SIGPIPE ended).

@@ -6,10 +6,10 @@ task failed or the run was stopped, 2 the pipeline or the command line is invali
 could not be started or reached (or every engine was lost), 130 interrupted.
 
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
-journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.journal`), the trace (``trace.jsonl``),
+journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.run.journal`), the trace (``trace.jsonl``),
 the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
 its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
-``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.launchers`), and ``run.lock``, which keeps two runs
+``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.run.launchers`), and ``run.lock``, which keeps two runs
 from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
@@ -23,7 +23,7 @@ cluster is started.
 session that goes away) stops submitting and interrupts the running steps, each of which is
 ended with its whole process group; what finished is in the journal; a second one stops at
 once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
-``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.reaper`) within
+``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.run.reaper`) within
 seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
 scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
 against the scratch roots the engines report before anything is submitted (exit 2, see

@@ -4,7 +4,8 @@ What comes in is the text of a file that parses; what goes out parses to an equa
 keeps every comment between the same two tokens, and formats to itself.
 
 How, and why it is right
-    The formatter lays out the parser's own tokens (:func:`opals_dsl.parse.tokens`) again, not a
+    The formatter lays out the parser's own tokens (:func:`~opals_dsl.lang.parse.tokens`) again,
+    not a
     tree rebuilt into text: a statement is the tokens of one line, and those tokens hold all that
     has meaning. What lies between two tokens is only what the lexer skips: blanks, comments
     (``#`` to the end of the line) and the newlines it drops inside brackets. Blanks hold no
@@ -14,7 +15,7 @@ How, and why it is right
     own comment; it is written as it stands, except that its continuation lines move with the
     block's indentation and blanks at its end go (not after a backslash, which would continue
     it), and only when the line still splits into exactly the same words
-    (:func:`opals_dsl.words.split_run_line` decides). Each result is checked before it is
+    (:func:`opals_dsl.lang.words.split_run_line` decides). Each result is checked before it is
     returned: it must parse to a tree equal to the original's and hold the same comments in
     the same order, or :class:`FormatError` leaves the file alone. (Working on tokens, not on
     the tree, also keeps every statement where it was written: the tree groups a job's lines

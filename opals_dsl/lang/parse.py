@@ -1,4 +1,4 @@
-"""Parsing: pipeline text → syntax tree (:mod:`opals_dsl.nodes`), or an :class:`OpfSyntaxError`.
+"""Parsing: pipeline text → syntax tree (:mod:`.nodes`), or an :class:`OpfSyntaxError`.
 
 The grammar is ``grammar/opf.lark`` (shipped inside the package). The Lark LALR parser is built
 on first use, with ``strict=True`` so a grammar conflict is a build error, and never cached to
@@ -164,7 +164,7 @@ def parse(source: SourceFile) -> n.Pipeline:
 def tokens(source: SourceFile) -> list[Token]:
     """The tokens the parser reads in a file that parses: everything but blanks and comments,
     newlines inside brackets dropped, with offsets into ``source.text``. The formatter
-    (:mod:`opals_dsl.fmt`) lays them out again; what lies between them is blanks and comments."""
+    (:mod:`.fmt`) lays them out again; what lies between them is blanks and comments."""
     parser, _postlex = _parser()
     text = source.text if source.text.endswith("\n") else source.text + "\n"
     if text.startswith("\ufeff"):  # as parse() reads it: offsets stay the same

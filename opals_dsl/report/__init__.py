@@ -16,7 +16,7 @@ The page holds
       busy time per engine, the slowest tasks, every step's run times, and how often each
       machine really ran a job's machine stage (``done``) rather than finding it ready
       (``cached``);
-    * the plan at job level (:func:`opals_dsl.dot.to_job_dot`, drawn by Graphviz's ``dot`` and
+    * the plan at job level (:func:`opals_dsl.plan.dot.to_job_dot`, drawn by Graphviz's ``dot`` and
       inlined as SVG) when a plan is given and Graphviz is installed;
     * every failed node, with the last lines of the step's log for a task's last attempt.
 

@@ -2,8 +2,8 @@
 
 In: how the user wants to run (:class:`ClusterOptions`: an embedded cluster of ``engines``
 engines, or an existing one by ``profile`` or connection file) and the run's state folder. Out:
-an :class:`IPyParallelExecutor`, the :class:`opals_dsl.runtime.Executor` the scheduler submits
-batches of task requests to, one engine at a time.
+an :class:`~opals_dsl.run.executor.IPyParallelExecutor`, the executor the scheduler submits
+batches of task requests to, one engine at a time (:mod:`.connect` opens one of each kind).
 
 Embedded cluster
     ``ipp.Cluster`` with one controller and N local engines. ipyparallel's files (IPYTHONDIR,
@@ -14,7 +14,7 @@ Embedded cluster
     of the cluster carries the run's id in its environment (``OPF_RUN_ID``, as the steps do).
     The processes of the cluster (with their creation times, which rules out a reused process
     id) are written to ``<state>/cluster.json`` while it runs, and told to the run's lifeline
-    (:mod:`opals_dsl.reaper`), which ends the cluster within seconds if this process dies
+    (:mod:`opals_dsl.run.reaper`), which ends the cluster within seconds if this process dies
     without stopping it (``kill -9``); a run that finds the file — its run and its lifeline
     were killed — stops those processes, and every process carrying that run's id, first. A
     start that is interrupted (Ctrl-C) stops between two of ipyparallel's steps, never inside
@@ -23,7 +23,7 @@ Embedded cluster
     every process of the run still alive is ended.
 
 Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
-    A controller here and engines started by ipyparallel's launchers: :mod:`opals_dsl.launchers`.
+    A controller here and engines started by ipyparallel's launchers: :mod:`.launchers`.
 
 Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
     Only a client is opened (the connection file is passed positionally: ipyparallel ignores
@@ -31,7 +31,7 @@ Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
 
 Engines
     Before work starts every engine runs :func:`prepare_engine` once: ANSI colours are turned
-    off in its tracebacks, :mod:`opals_dsl.engine` is imported and the engine says who and where
+    off in its tracebacks, :mod:`opals_dsl.run.engine` is imported and the engine says who and where
     it is (host, scratch root, machine). Work is sent to one engine through its own DirectView,
     so the scheduler chooses the engine. The function shipped is :data:`RUN_TASKS`, an
     :class:`EngineCall` that pickles *by name* (≈300 bytes per message, 6 µs to pack); a
@@ -202,7 +202,7 @@ class EmbeddedCluster:
 
     Every process of the cluster carries the run's ``run_id`` in its environment
     (``OPF_RUN_ID``, which the run's steps carry too), and is told to the run's lifeline
-    (:mod:`opals_dsl.reaper`): a small process that ends them all should this process die
+    (:mod:`opals_dsl.run.reaper`): a small process that ends them all should this process die
     without stopping them. ``interrupted`` is asked while the cluster starts; when it says
     True, the start stops with KeyboardInterrupt (raised here, never inside ipyparallel's event
     loop).

@@ -65,7 +65,7 @@ The four phases of a task, each a node of the plan with one row in the result's 
        destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
        the request carries a ``receipt``, a line of JSON — the receipt's record plus
        ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
-       ``<receipt folder>/<run>-<host>-<pid>.jsonl`` (:meth:`opals_dsl.journal.Journal.stamp`).
+       ``<receipt folder>/<run>-<host>-<pid>.jsonl`` (:meth:`opals_dsl.run.journal.Journal.stamp`).
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which

@@ -1,10 +1,10 @@
 """The run's journal: which tasks finished, and from what, so that ``opf run`` can resume.
 
 In: the plan, the run's state folder and the scheduler's events (a :class:`Journal` is a
-:class:`~opals_dsl.runtime.RunListener`, and its :meth:`Journal.skip` is the scheduler's ``skip``
-hook). Out: the file ``<state>/journal/<pipeline>.jsonl`` and, before anything runs, one
-:class:`Decision` per task — run it or not, and why (``opf run --dry-run`` prints them,
-``opf compile --dot --status`` colours the plan with them).
+:class:`~opals_dsl.run.events.RunListener`). Out: the file ``<state>/journal/<pipeline>.jsonl``,
+whose records :mod:`.resume` reads to decide, before anything runs, which tasks run again and
+why (``opf run --dry-run`` prints the decisions, ``opf compile --dot --status`` colours the plan
+with them).
 
 The file
     JSON lines, appended to. The first line is ``{"opf-journal": 1, "pipeline": NAME}``; then one
@@ -575,7 +575,7 @@ class Journal(RunListener):
 
     def stamp(self, task: Task) -> Receipt:
         """What a request carries so that its engine leaves a receipt once the task's results
-        landed (:meth:`opals_dsl.engine._Task.write_receipt`): the record's sig (also used when
+        landed (:meth:`opals_dsl.run.engine._Task.write_receipt`): the record's sig (also used when
         the result reaches this run), the sigs of its upstream tasks and the state of its call
         modules now, the time it was sent, and where receipts go."""
         i = task.order

@@ -1,6 +1,6 @@
 """What a person sees while ``opf run`` works: progress, failures, and a summary at the end.
 
-In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.runtime.RunListener`).
+In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.run.events.RunListener`).
 Out: text on a stream (standard error by default).
 
 * On a terminal: a live bar with tasks done / running / failed / total and the engines busy,

@@ -1,9 +1,11 @@
 """The scheduler: runs a plan (``networkx.DiGraph``, docs/plan-format.md) on a set of engines.
 
-In: the plan and an :class:`Executor` (a few engines that each run
-:func:`opals_dsl.engine.run_tasks` on batches of task requests). Out: a :class:`RunSummary`, a
-trace file (one row per plan node, JSON lines) and events for a :class:`RunListener` (the
-progress display, the journal of :mod:`opals_dsl.journal`).
+In: the plan (its tasks read through :mod:`opals_dsl.plan.model`) and an
+:class:`~opals_dsl.run.executor.Executor` (a few engines that each run
+:func:`~opals_dsl.run.engine.run_tasks` on batches of task requests). Out: a
+:class:`~opals_dsl.run.events.RunSummary`, a trace file (one row per plan node, JSON lines) and
+events for a :class:`~opals_dsl.run.events.RunListener` (the progress display, the journal of
+:mod:`.journal`). :mod:`.session` wires a run around it.
 
 Unit of work
     A plan's task is the chain machine stage → task stage → exec nodes → copy-back, all pinned to
@@ -60,15 +62,15 @@ Outcomes
 
 Every request carries the run's id (``run_id``: given, the executor's, or a fresh one), which
 the engines put in the environment of the steps as ``OPF_RUN_ID``, and, when a ``stamp`` hook is
-given (a journal's :meth:`~opals_dsl.journal.Journal.stamp`), what the engine needs to leave a
+given (a journal's :meth:`~opals_dsl.run.journal.Journal.stamp`), what the engine needs to leave a
 receipt once the task's results landed.
 
 The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
 failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
 with status ``skipped``, ``blocked`` or ``not-run``.
 
-:class:`LocalExecutor` runs requests in this process, one after the other: a deterministic,
-debuggable executor for tests of the policy and for stepping through a run.
+A synchronous executor (:class:`~opals_dsl.run.executor.LocalExecutor`) runs requests in this
+process, one after the other, for tests of the policy and for stepping through a run.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def _unwatch(pgid: int) -> None:
 
 
 def _tell(line: str) -> None:
-    """Tell this process's lifeline (:mod:`opals_dsl.reaper`, started when first needed and
+    """Tell this process's lifeline (:mod:`opals_dsl.run.reaper`, started when first needed and
     again if it died) about a step group."""
     global _LIFELINE
     proc = _LIFELINE
