@@ -157,10 +157,15 @@ def _output(output: str | None) -> Iterator[TextIO]:
     target = os.path.abspath(output)
     if os.path.isdir(target):
         raise _usage(f"-o {output} is a folder; name a file to write")
-    with replacing(target, 0o644) as tmp, open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
-        yield fh
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with replacing(target, 0o644) as tmp, \
+                open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # a missing folder, no permission, a full disk, ...
+        before = "is left as it was" if os.path.exists(target) else "was not written"
+        raise _usage(f"cannot write {output}: {exc.strerror or exc}; it {before}") from None
 
 
 def _write(text: str, output: str | None) -> None:

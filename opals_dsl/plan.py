@@ -775,9 +775,10 @@ class Planner:
 
     def check_destinations(self) -> None:
         """No copy-back may write the pipeline file, into the run's state folder or into opf's
-        part of a scratch root (see :class:`Protected`). Checked once per destination folder;
-        a folder is compared as written and with its links resolved."""
-        if self.protected is None or not self.destinations:
+        part of a scratch root (see :class:`Protected`), nor over an input reached through a
+        link. Checked once per destination folder; a folder is compared as written and with
+        its links resolved."""
+        if not self.destinations:
             return
         by_folder: dict[str, list[str]] = {}
         for dest in self.destinations:
@@ -786,8 +787,13 @@ class Planner:
             if group is None:
                 group = by_folder[folder] = []
             group.append(dest)
+        forms_of = {folder: Protected.forms(os.path.join(self.root, folder))
+                    for folder in by_folder}
+        self.check_linked_inputs(by_folder, forms_of)
+        if self.protected is None:
+            return
         for folder, dests in by_folder.items():
-            forms = self.protected.forms(os.path.join(self.root, folder))
+            forms = forms_of[folder]
             why = self.protected.folder_refusal(forms, self.root)
             for dest in dests:
                 reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
@@ -799,6 +805,43 @@ class Planner:
                     f"output '{o.name.value}' of step '{step}' (job '{job}') would be copied back "
                     f"to '{dest}', {reason}; choose another output folder or file name",
                     ("protected", o), 1,
+                )
+
+    def check_linked_inputs(self, by_folder: dict[str, list[str]],
+                            forms_of: dict[str, tuple[str, ...]]) -> None:
+        """A destination that is an input under another name, through a link in a folder
+        (``output "link"`` where ``link`` points at ``data``): the names were compared as
+        written when they were claimed (:meth:`claim`, :meth:`read`); here, resolved."""
+        reader_forms: dict[str, tuple[str, ...]] = {}
+        for src in self.readers:
+            folder = src.rpartition("/")[0]
+            if folder not in reader_forms:
+                reader_forms[folder] = Protected.forms(os.path.join(self.root, folder))
+        if all(len(f) == 1 for f in (*forms_of.values(), *reader_forms.values())):
+            return  # no links: the names as written said it all
+        real_inputs = {
+            reader_forms[src.rpartition("/")[0]][-1] + "/" + posixpath.basename(src): src
+            for src in self.readers
+        }
+        for folder, dests in by_folder.items():
+            real = forms_of[folder][-1]
+            for dest in dests:
+                src = real_inputs.get(real + "/" + posixpath.basename(dest))
+                if src is None or src == dest:
+                    continue
+                job, task, o, _ = self.destinations[dest]
+                rjob, rtask, _ = self.readers[src]
+                what = self.reader_what.get(src)
+                who = (f"job '{rjob}' as {what}" if what is not None
+                       else f"task '{rtask}' of job '{rjob}'" if rtask is not None
+                       else f"job '{rjob}' as a shared file")
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
+                    f"to '{dest}', which is '{src}' through a link, a file read by {who}; a "
+                    "copy-back must not overwrite an input: give the output another name or "
+                    "output folder",
+                    o,
                 )
 
     def read(

@@ -89,7 +89,8 @@ def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               preexec_fn=small_files)
         assert proc.returncode == 2, proc.stderr
-        assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr == "opf: error: cannot write plan.json: File too large; it is left " \
+            "as it was\n"
         assert target.read_text() == "the plan of yesterday\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.opf", "plan.json"]
 
@@ -97,6 +98,11 @@ def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(target.read_text())["nodes"]) == 1 + 3 * 20000
+    proc = subprocess.run([*OPF, "compile", "--dot", "-o", "no/such/folder/p.dot", path.name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == ("opf: error: cannot write no/such/folder/p.dot: No such file or "
+                           "directory; it was not written\n")
 
 
 def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):

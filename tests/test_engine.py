@@ -1025,7 +1025,8 @@ def test_a_task_folder_held_by_a_stopped_process_fails_in_bounded_time(
         project: Project, monkeypatch: pytest.MonkeyPatch):
     """An engine frozen with its task's lock (kill -STOP) is not waited for for ever."""
     monkeypatch.setattr(engine, "STOPPED_HOLDER_WAIT", 1.0)
-    locks = project.job_dir().parent / ".dem.tasks"
+    job_dir = project.job_dir()
+    locks = job_dir.parent / f".{job_dir.name}.tasks"
     locks.mkdir(parents=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from opals_dsl.engine import _lock; "
