@@ -339,7 +339,8 @@ def test_a_param_value_holding_a_nul_is_a_bad_param(tmp_path: Path):
     """A NUL can stand in no path, command word or environment value: refused as a bad
     --param (shown escaped), never a ValueError from the file system further on."""
     path = pipeline(tmp_path, 'param results = "r"\njob a {\n    output "{results}"\n'
-                              '    step s {\n        out o = "x"\n        run touch {o}\n    }\n}\n')
+                              '    step s {\n        out o = "x"\n        run touch {o}\n'
+                              '    }\n}\n')
     with pytest.raises(PipelineError) as info:
         compile_file(path, {"results": "a\0b"})
     assert [d.message for d in info.value.diagnostics] == [
