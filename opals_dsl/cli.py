@@ -148,16 +148,22 @@ ERRORS = "backslashreplace"
 @contextlib.contextmanager
 def _output(output: str | None) -> Iterator[TextIO]:
     """The text stream to write a result to: ``output``, written so that it appears only
-    complete (a temporary beside it, renamed into place when done), or stdout."""
+    complete (a temporary beside it, renamed into place when done), or stdout. A device or pipe
+    named as ``output`` is written into as it is (see :func:`~opals_dsl.engine.output_target`)."""
     if not output:
         yield sys.stdout
         return
     from .engine import _replacing as replacing
+    from .engine import output_target
 
-    target = os.path.abspath(output)
-    if os.path.isdir(target):
+    if os.path.isdir(output):
         raise _usage(f"-o {output} is a folder; name a file to write")
+    target, atomic = output_target(output)
     try:
+        if not atomic:  # a device or pipe (-o /dev/null): written into, never replaced
+            with open(target, "w", encoding="utf-8", errors=ERRORS) as fh:
+                yield fh
+            return
         with replacing(target, 0o644) as tmp, \
                 open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
             yield fh

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import write_atomic
+from .engine import output_target, write_atomic
 from .progress import format_bytes
 from .progress import format_duration as _long_duration
 
@@ -620,7 +620,12 @@ def write_report(state_dir: str | Path, out_path: str | Path,
     page = render(data, svg=svg, source=str(trace), plan_note=note)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(out), page.encode("utf-8"))
+    target, atomic = output_target(str(out))
+    if atomic:
+        write_atomic(target, page.encode("utf-8"))
+    else:  # a device or pipe: written into, never replaced
+        with open(target, "wb") as fh:
+            fh.write(page.encode("utf-8"))
     return out
 
 
