@@ -25,6 +25,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: the example pipelines: files only — running the demo leaves a state folder ``examples/.opf``
+#: that a bare ``*.opf`` glob would also match
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.opf") if p.is_file())
+
 #: the program the test pipelines' steps run (a shared file ``tool`` of each job)
 TOOL = textwrap.dedent(
     """

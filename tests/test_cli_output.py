@@ -89,7 +89,8 @@ def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               preexec_fn=small_files)
         assert proc.returncode == 2, proc.stderr
-        assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr == "opf: error: cannot write plan.json: File too large; it is left " \
+            "as it was\n"
         assert target.read_text() == "the plan of yesterday\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.opf", "plan.json"]
 
@@ -97,6 +98,11 @@ def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(target.read_text())["nodes"]) == 1 + 3 * 20000
+    proc = subprocess.run([*OPF, "compile", "--dot", "-o", "no/such/folder/p.dot", path.name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == ("opf: error: cannot write no/such/folder/p.dot: No such file or "
+                           "directory; it was not written\n")
 
 
 def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):
@@ -114,3 +120,32 @@ def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_output_that_is_a_pipe_or_a_link_is_written_into_not_replaced(tmp_path: Path):
+    """``-o`` naming a device or pipe (``/dev/null``, a FIFO) writes into it: renaming a
+    temporary over it would turn the device into a plain file for every program on the
+    machine. A link stays a link; the file it names gets the plan."""
+    import threading
+
+    path = pipeline(tmp_path, GLOB.replace('"data/*.txt"', '["a", "b"]').replace("{f}", "{f}.in"))
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    proc = subprocess.run([*OPF, "compile", "--json", "-o", str(fifo), path.name],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    reader.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert fifo.is_fifo(), "the named pipe was replaced by a file"
+    assert json.loads(got[0])["graph"]["pipeline"] == "p"
+    assert not [p for p in tmp_path.iterdir() if ".opf-tmp-" in p.name]
+
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("real.json")
+    proc = subprocess.run([*OPF, "compile", "--json", "-o", "link.json", path.name],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "real.json").read_text())["graph"]["pipeline"] == "p"

@@ -117,3 +117,18 @@ def test_run_refuses_an_output_in_a_scratch_root_an_engine_reports(cluster, tmp_
     proc = opf("run", "p.opf", "--cluster-file", str(cluster.client_file), cwd=path.parent)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(path.parent / "results")) == ["s1.a", "s2.a", "s3.a"]
+
+
+
+def test_a_link_does_not_hide_an_input(tmp_path: Path):
+    path = write_pipeline(tmp_path / "p", PIPELINE.replace('"{s.stem}.a"', '"{s.name}"'))
+    (path.parent / "results").symlink_to("data")
+    with pytest.raises(PipelineError) as info:
+        compile_file(path)
+    # (each task also names its output like its input: that is reported on its own)
+    assert [d.message for d in info.value.diagnostics if "link" in d.message] == [
+        f"output 'a' of task 's{i}' (job 'copy') would be copied back to 'results/s{i}.txt', "
+        f"which is 'data/s{i}.txt' through a link, a file read by task 's{i}' of job 'copy'; a "
+        "copy-back must not overwrite an input: give the output another name or output folder"
+        for i in (1, 2, 3)
+    ]

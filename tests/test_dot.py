@@ -22,6 +22,7 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+from conftest import EXAMPLES
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main
@@ -31,7 +32,7 @@ from opals_dsl.plan.dot import to_dot, to_job_dot
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "plans"
 # files only: running an example leaves its state folder, examples/.opf/, beside them
-PIPELINES = sorted(p for p in (REPO / "examples").glob("*.opf") if p.is_file()) + [
+PIPELINES = list(EXAMPLES) + [
     GOLDEN / "features" / "features.opf"]
 FORMATS = {"dot": ["--dot"], "job.dot": ["--dot", "--level", "job"], "json": ["--json"]}
 REGEN = os.environ.get("OPF_REGEN_GOLDEN") == "1"

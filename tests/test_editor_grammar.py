@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 
 from opals_dsl.lang import nodes as n
 from opals_dsl.lang.fmt import comments
@@ -59,7 +60,7 @@ def pipelines(tmp: Path) -> list[Path]:
     """The examples, the features file, and the docs' whole pipelines written to files."""
     from test_docs import ALL
 
-    files = sorted((ROOT / "examples").glob("*.opf")) + [EDITORS / "test" / "features.opf"]
+    files = list(EXAMPLES) + [EDITORS / "test" / "features.opf"]
     for k, block in enumerate(b for b in ALL if b.lang in ("opf", "opf-parse")):
         path = tmp / f"doc{k:02}.opf"
         path.write_text(block.text, encoding="utf-8")

@@ -24,6 +24,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz_frontend import SEEDS as FUZZ_SEEDS
@@ -36,7 +37,6 @@ from opals_dsl.lang.parse import parse, tokens
 from opals_dsl.source import SourceFile
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").glob("*.opf"))
 
 
 def fmt(text: str) -> str:

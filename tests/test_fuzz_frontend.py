@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +70,6 @@ job d for v in ["x", "y"] {
 '''
 
 # files only: running an example leaves its state folder, examples/.opf/, beside them
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.opf") if p.is_file())
 SEEDS = [FEATURES] + [p.read_text(encoding="utf-8") for p in EXAMPLES]
 assert len(SEEDS) >= 2
 SEED_LINES = sorted({line for seed in SEEDS for line in seed.splitlines() if line.strip()})

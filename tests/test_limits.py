@@ -282,6 +282,30 @@ def test_many_unknown_names_get_a_bounded_number_of_suggestions(
     messages = [d.message for d in info.value.diagnostics]
     assert messages[:2] == [f"unknown name 'o{i}x'; did you mean 'o{i}'?" for i in range(2)]
     assert messages[2:] == [f"unknown name 'o{i}x'" for i in range(2, 4)]
+    # and the names compared in all are bounded too: here the first search uses them up
+    monkeypatch.setattr(check_module, "HINT_BUDGET", 200)
+    monkeypatch.setattr(check_module, "HINT_WORK", 1)
+    with pytest.raises(PipelineError) as info:
+        compile_file(pipeline(tmp_path, jobs))
+    messages = [d.message for d in info.value.diagnostics]
+    assert messages == ["unknown name 'o0x'; did you mean 'o0'?",
+                        *(f"unknown name 'o{i}x'" for i in range(1, 4))]
+
+
+def test_a_misspelt_output_of_a_job_is_compared_with_that_jobs_outputs_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each search compares one name here (job j1 has one output), not the 49 outputs of all
+    other jobs, so a budget of 60 names gives every one of the 50 messages its suggestion."""
+    monkeypatch.setattr(check_module, "HINT_WORK", 60)
+    jobs = "".join(
+        f"job j{i} {{\n    step s {{\n        out dem = \"o{i}.txt\"\n"
+        f"        run echo {{j{(i + 1) % 50}.s.dme}} {{dem}}\n    }}\n}}\n" for i in range(50)
+    )
+    with pytest.raises(PipelineError) as info:
+        compile_file(pipeline(tmp_path, jobs))
+    assert [d.message for d in info.value.diagnostics] == [
+        f"unknown name 'j{k}.s.dme': step 's' of job 'j{k}' has no output 'dme'; did you mean "
+        f"'j{k}.s.dem'?" for k in [*range(1, 50), 0]]
 
 
 @given(st.text(alphabet="ab\n\r\u2028", max_size=40), st.data())
@@ -308,3 +332,16 @@ def test_a_long_line_is_shown_as_a_window_around_the_place():
     assert len(line) < 200
     at = caret.index("^")
     assert line[at:at + 3] == "BAD" and caret.strip() == "^^^"
+
+
+def test_a_param_value_holding_a_nul_is_a_bad_param(tmp_path: Path):
+    """A NUL can stand in no path, command word or environment value: refused as a bad
+    --param (shown escaped), never a ValueError from the file system further on."""
+    path = pipeline(tmp_path, 'param results = "r"\njob a {\n    output "{results}"\n'
+                              '    step s {\n        out o = "x"\n        run touch {o}\n'
+                              '    }\n}\n')
+    with pytest.raises(PipelineError) as info:
+        compile_file(path, {"results": "a\0b"})
+    assert [d.message for d in info.value.diagnostics] == [
+        "--param results=a\\0b: a value cannot hold a NUL character (the default of 'results' "
+        'is "r")']

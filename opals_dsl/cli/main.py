@@ -129,19 +129,30 @@ ERRORS = "backslashreplace"
 @contextlib.contextmanager
 def _output(output: str | None) -> Iterator[TextIO]:
     """The text stream to write a result to: ``output``, written so that it appears only
-    complete (a temporary beside it, renamed into place when done), or stdout."""
+    complete (a temporary beside it, renamed into place when done), or stdout. A device or pipe
+    named as ``output`` is written into as it is (see
+    :func:`~opals_dsl.run.fsatomic.output_target`)."""
     if not output:
         yield sys.stdout
         return
-    from ..run.fsatomic import replacing
+    from ..run.fsatomic import output_target, replacing
 
-    target = os.path.abspath(output)
-    if os.path.isdir(target):
+    if os.path.isdir(output):
         raise UsageError(f"-o {output} is a folder; name a file to write")
-    with replacing(target, 0o644) as tmp, open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
-        yield fh
-        fh.flush()
-        os.fsync(fh.fileno())
+    target, atomic = output_target(output)
+    try:
+        if not atomic:  # a device or pipe (-o /dev/null): written into, never replaced
+            with open(target, "w", encoding="utf-8", errors=ERRORS) as fh:
+                yield fh
+            return
+        with replacing(target, 0o644) as tmp, \
+                open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # a missing folder, no permission, a full disk, ...
+        before = "is left as it was" if os.path.exists(target) else "was not written"
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}; it {before}") from None
 
 
 def _write(text: str, output: str | None) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .. import report
 from ..errors import UsageError
 from ..lang.protect import STATE_FOLDER
-from ..run.fsatomic import write_atomic
+from ..run.fsatomic import output_target, write_atomic
 from .common import parse_params, state_dir
 
 if TYPE_CHECKING:
@@ -25,7 +25,12 @@ def write_report(state_dir: str | Path, out_path: str | Path,
     text = report.page(state_dir, plan)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(out), text.encode("utf-8"))
+    target, atomic = output_target(str(out))
+    if atomic:
+        write_atomic(target, text.encode("utf-8"))
+    else:  # a device or pipe: written into, never replaced
+        with open(target, "wb") as fh:
+            fh.write(text.encode("utf-8"))
     return out
 
 

@@ -69,6 +69,7 @@ def param_values(
         values.setdefault(p.name.value, p.value.value)
     for name, text in overrides.items():
         shown = text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
+        shown = shown.replace("\0", "\\0")
         if name not in values:
             close = closest(name, values)
             hint = f"; did you mean '{close}'?" if close else ""
@@ -95,6 +96,8 @@ def convert_param(text: str, default: object) -> object:
 
     Raises ValueError saying what was expected.
     """
+    if "\0" in text:  # no file name, command word or environment value can hold one
+        raise ValueError("a value cannot hold a NUL character")
     if isinstance(default, bool):
         if text in ("true", "false"):
             return text == "true"

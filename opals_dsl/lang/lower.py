@@ -53,7 +53,7 @@ from .expand import (
     task_ids,
     why_not_a_file,
 )
-from .protect import Protected
+from .protect import DestinationChecks, Protected
 from .scope import CTX_OUT, CTX_OUTPUT, Binding, JobTable, ResolveError, Scope, job_dependencies
 from .templates import BROKEN, CompiledStep, StepCompiler, TaskCtx, Text, no_action, text_of
 
@@ -106,7 +106,7 @@ class _JobCtx:
 
 
 
-class Planner(StepCompiler, Expander):
+class Planner(StepCompiler, Expander, DestinationChecks):
     """Lowers one checked pipeline; :func:`build_plan` is the way in."""
 
     def __init__(
@@ -505,46 +505,6 @@ class Planner(StepCompiler, Expander):
             )
             return f"_invalid_/{o.name.value}"
         return norm
-
-    def check_folder(self, text: str, decl: n.Output) -> None:
-        """An output folder must not start with ``~``: opf does not expand it (no shell is
-        involved), so the results would go to a folder named ``~``."""
-        if text[:1] == "~":
-            self.error(
-                decl.folder.span,
-                f"the output folder '{text}' starts with '~', which opf does not expand: the "
-                "results would go to a folder named '~' in the pipeline's folder; write the "
-                "folder in full (e.g. \"/home/me/results\"), or relative to the pipeline file",
-                decl, 1,
-            )
-
-    def check_destinations(self) -> None:
-        """No copy-back may write the pipeline file, into the run's state folder or into opf's
-        part of a scratch root (see :class:`Protected`). Checked once per destination folder;
-        a folder is compared as written and with its links resolved."""
-        if self.protected is None or not self.destinations:
-            return
-        by_folder: dict[str, list[str]] = {}
-        for dest in self.destinations:
-            folder, _, _ = dest.rpartition("/")
-            group = by_folder.get(folder)
-            if group is None:
-                group = by_folder[folder] = []
-            group.append(dest)
-        for folder, dests in by_folder.items():
-            forms = self.protected.forms(os.path.join(self.root, folder))
-            why = self.protected.folder_refusal(forms, self.root)
-            for dest in dests:
-                reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
-                if reason is None:
-                    continue
-                job, task, o, step = self.destinations[dest]
-                self.error(
-                    o.path.span,
-                    f"output '{o.name.value}' of step '{step}' (job '{job}') would be copied back "
-                    f"to '{dest}', {reason}; choose another output folder or file name",
-                    ("protected", o), 1,
-                )
 
     def read(
         self, src: str, job: str, task: str | None, span: Span | None, decl: object,

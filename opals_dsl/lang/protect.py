@@ -1,12 +1,17 @@
 """Where no output may be copied back: over the pipeline file, into the run's state folder, or
-into the ``opf`` folder of a scratch root the engines work in (:class:`Protected`)."""
+into the ``opf`` folder of a scratch root the engines work in (:class:`Protected`); nor into a
+folder named ``~``, nor over an input reached through a link (:class:`DestinationChecks`, the
+planner's checks of every destination once all are known)."""
 
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from . import nodes as n
 
 #: where a run keeps its state (journal, trace, logs), beside the pipeline file, unless told
 STATE_FOLDER = ".opf"
@@ -105,3 +110,93 @@ class Protected:
                 if any(f in mine for f in folder):
                     return "which is the pipeline file itself"
         return None
+
+
+class DestinationChecks:
+    """The planner's checks of the output folders and destinations (a base class of
+    :class:`~opals_dsl.lang.lower.Planner`, whose collected destinations and readers it
+    reads)."""
+
+    def check_folder(self, text: str, decl: n.Output) -> None:
+        """An output folder must not start with ``~``: opf does not expand it (no shell is
+        involved), so the results would go to a folder named ``~``."""
+        if text[:1] == "~":
+            self.error(
+                decl.folder.span,
+                f"the output folder '{text}' starts with '~', which opf does not expand: the "
+                "results would go to a folder named '~' in the pipeline's folder; write the "
+                "folder in full (e.g. \"/home/me/results\"), or relative to the pipeline file",
+                decl, 1,
+            )
+
+    def check_destinations(self) -> None:
+        """No copy-back may write the pipeline file, into the run's state folder or into opf's
+        part of a scratch root (see :class:`Protected`), nor over an input reached through a
+        link. Checked once per destination folder; a folder is compared as written and with
+        its links resolved."""
+        if not self.destinations:
+            return
+        by_folder: dict[str, list[str]] = {}
+        for dest in self.destinations:
+            folder, _, _ = dest.rpartition("/")
+            group = by_folder.get(folder)
+            if group is None:
+                group = by_folder[folder] = []
+            group.append(dest)
+        forms_of = {folder: Protected.forms(os.path.join(self.root, folder))
+                    for folder in by_folder}
+        self.check_linked_inputs(by_folder, forms_of)
+        if self.protected is None:
+            return
+        for folder, dests in by_folder.items():
+            forms = forms_of[folder]
+            why = self.protected.folder_refusal(forms, self.root)
+            for dest in dests:
+                reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
+                if reason is None:
+                    continue
+                job, task, o, step = self.destinations[dest]
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of step '{step}' (job '{job}') would be copied back "
+                    f"to '{dest}', {reason}; choose another output folder or file name",
+                    ("protected", o), 1,
+                )
+
+
+    def check_linked_inputs(self, by_folder: dict[str, list[str]],
+                            forms_of: dict[str, tuple[str, ...]]) -> None:
+        """A destination that is an input under another name, through a link in a folder
+        (``output "link"`` where ``link`` points at ``data``): the names were compared as
+        written when they were claimed (``claim``, ``read``); here, resolved."""
+        reader_forms: dict[str, tuple[str, ...]] = {}
+        for src in self.readers:
+            folder = src.rpartition("/")[0]
+            if folder not in reader_forms:
+                reader_forms[folder] = Protected.forms(os.path.join(self.root, folder))
+        if all(len(f) == 1 for f in (*forms_of.values(), *reader_forms.values())):
+            return  # no links: the names as written said it all
+        real_inputs = {
+            reader_forms[src.rpartition("/")[0]][-1] + "/" + posixpath.basename(src): src
+            for src in self.readers
+        }
+        for folder, dests in by_folder.items():
+            real = forms_of[folder][-1]
+            for dest in dests:
+                src = real_inputs.get(real + "/" + posixpath.basename(dest))
+                if src is None or src == dest:
+                    continue
+                job, task, o, _ = self.destinations[dest]
+                rjob, rtask, _ = self.readers[src]
+                what = self.reader_what.get(src)
+                who = (f"job '{rjob}' as {what}" if what is not None
+                       else f"task '{rtask}' of job '{rjob}'" if rtask is not None
+                       else f"job '{rjob}' as a shared file")
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
+                    f"to '{dest}', which is '{src}' through a link, a file read by {who}; a "
+                    "copy-back must not overwrite an input: give the output another name or "
+                    "output folder",
+                    o,
+                )

@@ -125,9 +125,12 @@ class _UnknownName(ResolveError):
         if self._message is None:
             scope, ref, ctx, step, what = self._find
             close = None
-            if scope.table.hints_left > 0:
-                scope.table.hints_left -= 1
-                close = closest(ref.dotted, scope._candidates(ctx, step))
+            table = scope.table
+            if table.hints_left > 0 and table.hint_work > 0:
+                table.hints_left -= 1
+                candidates = scope._candidates_of(ref, ctx, step)
+                table.hint_work -= len(candidates)
+                close = closest(ref.dotted, candidates)
             hint = f"; did you mean '{close}'?" if close else ""
             self._message = f"unknown name '{ref.dotted}'{what}{hint}"
         return self._message
@@ -147,8 +150,10 @@ class JobTable:
         self.jobs = {j.name.value: j for j in pipeline.jobs}
         self._pipeline = pipeline
         self._outputs: list[tuple[n.Job, str]] | None = None
-        #: how many more "did you mean" searches may be made (see :data:`HINT_BUDGET`)
+        #: how many more "did you mean" searches may be made, and how many names they may
+        #: still compare in all (see :data:`HINT_BUDGET`)
         self.hints_left = HINT_BUDGET
+        self.hint_work = HINT_WORK
 
     def outputs(self) -> list[tuple[n.Job, str]]:
         """(job, ``JOB.STEP.OUT``) for every output of every job."""
@@ -165,6 +170,8 @@ class JobTable:
 #: many the message names the unknown name without a suggestion (only the first 50 messages
 #: are shown anyway)
 HINT_BUDGET = 200
+#: names compared in all by the "did you mean" searches of a pipeline, for the same reason
+HINT_WORK = 1_000_000
 
 
 class Scope:
@@ -184,6 +191,17 @@ class Scope:
         self.table = table if table is not None else JobTable(pipeline)
         self.jobs = self.table.jobs
         self._known: dict[tuple[str, int | None], list[str]] = {}
+
+    def _candidates_of(self, ref: n.Ref, ctx: str, step: int | None) -> list[str]:
+        """The names a misspelt ``ref`` is compared with: of a job named right, only its own
+        outputs (``dem.grd.dem`` is compared with the outputs of job ``dem``)."""
+        parts = ref.parts
+        if ctx == CTX_STEP and len(parts) == 3 and parts[0] in self.jobs:
+            job = self.jobs[parts[0]]
+            if job is not self.job:
+                return [f"{parts[0]}.{s.name.value}.{o.name.value}"
+                        for s in job.steps for o in s.outs]
+        return self._candidates(ctx, step)
 
     def _candidates(self, ctx: str, step: int | None) -> list[str]:
         key = (ctx, step)

@@ -254,6 +254,19 @@ def _name_max(folder: str) -> int:
         return _NAME_MAX
 
 
+def output_target(path: str) -> tuple[str, bool]:
+    """Where a file the user named for writing (``-o PATH``) really is, and whether it is to be
+    replaced atomically: a link is followed (the file it names is written, the link stays), and
+    an existing device, pipe or socket (``/dev/null``, ``/dev/stdout``, a FIFO) is written into
+    as it is — renaming a temporary over it would replace the device with a plain file."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real, True
+    return real, stat.S_ISREG(st.st_mode)
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it only ever appears complete (as :func:`atomic_copy`
     does): a temporary beside it, flushed to disk, renamed into place."""
