@@ -283,8 +283,8 @@ def test_many_unknown_names_get_a_bounded_number_of_suggestions(
     assert messages[:2] == [f"unknown name 'o{i}x'; did you mean 'o{i}'?" for i in range(2)]
     assert messages[2:] == [f"unknown name 'o{i}x'" for i in range(2, 4)]
     # and the names compared in all are bounded too: here the first search uses them up
-    monkeypatch.setattr(check_module, "HINT_BUDGET", 200)
-    monkeypatch.setattr(check_module, "HINT_WORK", 1)
+    monkeypatch.setattr(scope, "HINT_BUDGET", 200)
+    monkeypatch.setattr(scope, "HINT_WORK", 1)
     with pytest.raises(PipelineError) as info:
         compile_file(pipeline(tmp_path, jobs))
     messages = [d.message for d in info.value.diagnostics]
@@ -296,7 +296,7 @@ def test_a_misspelt_output_of_a_job_is_compared_with_that_jobs_outputs_only(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each search compares one name here (job j1 has one output), not the 49 outputs of all
     other jobs, so a budget of 60 names gives every one of the 50 messages its suggestion."""
-    monkeypatch.setattr(check_module, "HINT_WORK", 60)
+    monkeypatch.setattr(scope, "HINT_WORK", 60)
     jobs = "".join(
         f"job j{i} {{\n    step s {{\n        out dem = \"o{i}.txt\"\n"
         f"        run echo {{j{(i + 1) % 50}.s.dme}} {{dem}}\n    }}\n}}\n" for i in range(50)
