@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from opals_dsl.api import compile_file
-from opals_dsl.cli import main, parse_params
+from opals_dsl.cli import main
+from opals_dsl.cli.common import parse_params
 from opals_dsl.errors import Diagnostic, PipelineError, finding, github_annotation, split_hint
 from opals_dsl.source import Span
 

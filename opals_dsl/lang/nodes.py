@@ -57,13 +57,6 @@ class Template:
     def is_constant(self) -> bool:
         return not self.refs
 
-    def text(self) -> str:
-        """The template as written between the quotes (placeholders in braces)."""
-        out = []
-        for p in self.parts:
-            out.append("{" + p.dotted + "}" if isinstance(p, Ref) else p.replace("{", "{{"))
-        return "".join(out)
-
 
 @dataclass(frozen=True, slots=True)
 class Literal:

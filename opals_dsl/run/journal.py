@@ -265,7 +265,7 @@ class Journal(RunListener):
             self._sync(force=True)
 
     def _header(self) -> str:
-        return json.dumps({"opf-journal": VERSION, "pipeline": self.plan.graph["pipeline"]},
+        return json.dumps({"opf-journal": VERSION, "pipeline": self.info.pipeline},
                           ensure_ascii=False) + "\n"
 
     def _rewrite(self) -> None:
