@@ -171,18 +171,18 @@ def stop_leftover_cluster(state_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def ipython_dir(path: Path | None) -> Iterator[None]:
+def using_ipython_dir(path: Path | None) -> Iterator[None]:
     """Point IPYTHONDIR at ``path`` for the duration (ipyparallel and its children read it)."""
     if path is None:
         yield
         return
     path.mkdir(parents=True, exist_ok=True)
-    with environ(IPYTHONDIR=str(path)):
+    with with_environ(IPYTHONDIR=str(path)):
         yield
 
 
 @contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
+def with_environ(**values: str) -> Iterator[None]:
     """Set environment variables of this process (its children inherit them) for the
     duration."""
     old = {name: os.environ.get(name) for name in values}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
-from .cluster import MARKER, ClusterOptions, EmbeddedCluster, environ, ipython_dir
+from .cluster import MARKER, ClusterOptions, EmbeddedCluster, using_ipython_dir, with_environ
 from .events import new_run_id
 from .executor import IPyParallelExecutor, describe_error
 from .launchers import launched
@@ -46,8 +46,8 @@ def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
     run_id = run_id or new_run_id()
     cluster = EmbeddedCluster(state, n, options.timeout, run_id, interrupted)
     executor = None
-    marked = environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
-    with ipython_dir(cluster.ipython_dir), marked:
+    marked = with_environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
+    with using_ipython_dir(cluster.ipython_dir), marked:
         try:
             try:
                 client = cluster.start()
@@ -87,7 +87,7 @@ def _existing(options: ClusterOptions, state: Path,
         def connect() -> Any:
             return ipp.Client(profile=options.profile, timeout=options.timeout)
 
-    with ipython_dir(ipython_dir):
+    with using_ipython_dir(ipython_dir):
         try:
             client = connect()
         except Exception as exc:

@@ -97,10 +97,10 @@ from .cluster import (
     HEARTBEAT_MISSES,
     HEARTBEAT_MS,
     ClusterOptions,
-    ipython_dir,
     kill_processes,
     live_processes,
     process_record,
+    using_ipython_dir,
 )
 from .executor import IPyParallelExecutor, describe_error
 from .fsatomic import write_atomic
@@ -668,7 +668,7 @@ def launched(options: ClusterOptions, state: Path,
     everything at the end (a generator for :func:`opals_dsl.run.connect.open_cluster`)."""
     launch: LaunchOptions = options.launch
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
-    with ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():
+    with using_ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():
         try:
             stop_leftover_launch(state)
             try:
