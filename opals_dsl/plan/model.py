@@ -122,7 +122,8 @@ def call_attrs(function: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pairs(files: Sequence[Sequence[str]] | None) -> tuple[FilePair, ...]:
-    return tuple((str(a), str(b)) for a, b in files or ())
+    # the pairs as tuples (a tuple of a tuple is the same object: nothing is copied then)
+    return tuple(map(tuple, files)) if files else ()  # type: ignore[arg-type]
 
 
 def _lists(pairs: Sequence[FilePair]) -> list[list[str]]:

@@ -91,7 +91,15 @@ from ..plan import model
 from ..plan.model import Task
 from ..plan.trace import TAIL_LINES, log_path
 from ..plan.trace import tail as read_tail
-from ..plan.wire import Failure, Receipt, Stage, Step, TaskRequest, TaskResult, WireError
+from ..plan.wire import (
+    Failure,
+    Receipt,
+    TaskResult,
+    WireError,
+    request_data,
+    stage_data,
+    step_data,
+)
 from .events import Counts, RunListener, RunSummary, TaskFailure, new_run_id
 from .executor import EngineInfo, Executor, describe_error
 from .trace import TraceWriter
@@ -128,26 +136,25 @@ LOST_LIMIT = 2
 
 def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
                   logs: Path, checksum: bool = False, run_id: str | None = None,
-                  receipt: Receipt | None = None) -> dict[str, Any]:
+                  receipt: Receipt | None = None,
+                  info: model.PlanInfo | None = None) -> dict[str, Any]:
     """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
     as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
     ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
-    the task's results landed (:meth:`opals_dsl.run.journal.Journal.stamp`)."""
-    info = model.info(plan)
+    the task's results landed (:meth:`opals_dsl.run.journal.Journal.stamp`); ``info`` is the
+    plan's :func:`~opals_dsl.plan.model.info`, if it is at hand."""
+    info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
-    return TaskRequest(
-        pipeline=info.pipeline, root=info.root, job=task.job, task=task.task,
-        machine_stage=Stage(task.machine_stage, machine.files if machine is not None else ()),
-        task_stage=Stage(task.task_stage, stage.files),
-        steps=tuple(
-            Step(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
-                 e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp)
-            for e in execs
-        ),
-        copyback=Stage(task.copyback, copyback.files),
-        attempt=attempt, scratch=scratch, logs=str(logs / task.job / task.task),
-        checksum=checksum, run_id=run_id, receipt=receipt,
-    ).to_wire()
+    steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
+                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp)
+             for e in execs]
+    return request_data(
+        info.pipeline, info.root, task.job, task.task,
+        stage_data(task.machine_stage, machine.files if machine is not None else ()),
+        stage_data(task.task_stage, stage.files), steps,
+        stage_data(task.copyback, copyback.files),
+        attempt, scratch, str(logs / task.job / task.task), checksum, run_id, receipt,
+    )
 
 
 @dataclass(slots=True)
@@ -185,6 +192,7 @@ class Scheduler:
         interrupt_wait: float = 5.0,
     ) -> None:
         self.plan = plan
+        self.info = model.info(plan)
         self.executor = executor
         self.state_dir = Path(state_dir)
         self.logs = self.state_dir / "logs"
@@ -337,6 +345,7 @@ class Scheduler:
         stamp = self.stamp
         requests = [
             build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
+                          info=self.info,
                           logs=self.logs, checksum=self.checksum, run_id=self.run_id,
                           receipt=stamp(self.tasks[i]) if stamp is not None else None)
             for i in picked
