@@ -224,6 +224,7 @@ class Planner:
         self.reported: dict[object, int] = {}
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
+        self._compiled_outs: set[tuple[str, str]] = set()
         self.job_name = ""
         # job -> the placeholder that tells its tasks apart, for the hint of a clash
         self._clash_hint: dict[str, str] = {}
@@ -304,10 +305,14 @@ class Planner:
                 return lambda t: _attr(t.path, attr)
             return _var_text
         if b.kind == "shared":
-            base = self._shared_local[b.name]
+            base = self._shared_local.get(b.name)
+            if base is None:  # lenient: its path names something unknown
+                raise ResolveError(f"shared file '{b.name}' could not be planned")
             return _attr(base, b.attr) if b.attr else "../" + base
         if b.kind == "out":
             key, attr = (b.step, b.name), b.attr
+            if key not in self._compiled_outs:  # lenient: its template names something unknown
+                raise ResolveError(f"output '{b.step}.{b.name}' could not be planned")
             if attr:
                 return lambda t: _attr(t.outs[key], attr)
             return lambda t: t.outs[key]
@@ -329,11 +334,19 @@ class Planner:
 
     def gathered(self, b: Binding) -> list[str]:
         """The local paths of a gather's files: ``JOB/TASK-ID/name`` in the task folder."""
-        up = self.jobs[b.job]
+        tasks, dests = self.published(b.job, b.step, b.name)
         return [
             f"{b.job}/{tid}/{posixpath.basename(dest)}"
-            for tid, dest in zip(up.tasks, up.published[(b.step, b.name)], strict=True)
+            for tid, dest in zip(tasks, dests, strict=True)
         ]
+
+    def published(self, job: str, step: str, out: str) -> tuple[list[str], list[str]]:
+        """The task ids of an expanded job and where each copies one output back to."""
+        up = self.jobs.get(job)
+        dests = up.published.get((step, out)) if up is not None else None
+        if up is None or dests is None:  # lenient: that job or output could not be planned
+            raise ResolveError(f"output '{job}.{step}.{out}' could not be planned")
+        return up.tasks, dests
 
     # -- expansion -----------------------------------------------------------------------
 
@@ -358,8 +371,11 @@ class Planner:
             return [TaskValue(i.value) for i in src.items]
         if isinstance(src, n.RangeSource):
             args = [
-                a.value if isinstance(a, n.Literal) else self.params[a.parts[0]] for a in src.args
+                a.value if isinstance(a, n.Literal) else self.params.get(a.parts[0])
+                for a in src.args
             ]
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+                raise ResolveError("range takes whole numbers")  # lenient: checked already
             values = range(*args)  # type: ignore[arg-type]
             shown = f"range({', '.join(map(str, args))})"
             if not values:
@@ -384,13 +400,12 @@ class Planner:
                 return None
             return [TaskValue(v) for v in lines]
         assert isinstance(src, n.UpstreamSource)
-        up_job, up_step, up_out = src.ref.parts
-        up = self.jobs[up_job]
-        dests = up.published[(up_step, up_out)]
-        if not self.room_for(len(dests), src.span, f"job '{up_job}'"):
+        b = scope.resolve_upstream(src.ref)
+        tasks, dests = self.published(b.job, b.step, b.name)
+        if not self.room_for(len(dests), src.span, f"job '{b.job}'"):
             return None
         return [
-            TaskValue(d, file=d, upstream=tid) for tid, d in zip(up.tasks, dests, strict=True)
+            TaskValue(d, file=d, upstream=tid) for tid, d in zip(tasks, dests, strict=True)
         ]
 
     def glob(self, pattern: str, src: n.GlobSource) -> list[TaskValue] | None:
@@ -486,7 +501,7 @@ class Planner:
         jname = job.name.value
         self.job_name = jname
         scope = Scope(self.pipeline, job, self.params, self.table)
-        values = self.task_values(job, scope)
+        values = self._guarded(lambda: self.task_values(job, scope), None)
         machine = f"stage:{jname}"
 
         # Job Prephase: shared files by base name in the job folder
@@ -494,7 +509,10 @@ class Planner:
         self._shared_local = {}
         names_seen: dict[str, n.Shared] = {}
         for s in job.shared:
-            rel = self.plan_path(self.job_template(s.path, scope, jname))
+            path = self._guarded(lambda s=s: self.job_template(s.path, scope, jname), None)
+            if path is None:
+                continue
+            rel = self.plan_path(path)
             base = posixpath.basename(rel)
             self._shared_local[s.name.value] = base
             if base in names_seen:
@@ -537,7 +555,10 @@ class Planner:
 
         # compile once per job
         if job.outputs:
-            folder_t = self.compile_template(job.outputs[0].folder, scope, CTX_OUTPUT)
+            folder_t = self._guarded(
+                lambda: self.compile_template(job.outputs[0].folder, scope, CTX_OUTPUT), None)
+            if folder_t is None:
+                return
             flat = job.outputs[0].flat
             if isinstance(folder_t, str):
                 self.check_folder(folder_t, job.outputs[0])
@@ -545,6 +566,7 @@ class Planner:
             folder_t = f"results/{jname}"
             flat = False
         steps: list[_Step] = []
+        self._compiled_outs = set()
         for i, step in enumerate(job.steps):
             sname = step.name.value
             outs = []
@@ -554,6 +576,7 @@ class Planner:
                 )
                 if text is not _BROKEN:
                     outs.append((o, o.name.value, text, (sname, o.name.value), o.temp))
+                    self._compiled_outs.add((sname, o.name.value))
             inputs, in_files = self._guarded(
                 lambda step=step, i=i: self.compile_ins(step, scope, i), ([], [])
             )
@@ -579,7 +602,7 @@ class Planner:
         _add_node(g, machine, {"kind": "stage", "scope": "machine", "job": jname, "task": None,
                                "affinity": None, "files": shared_files})
         published: dict[tuple[str, str], list[str]] = {
-            (s.name.value, o.name.value): [] for s in job.steps for o in s.outs if not o.temp
+            o[3]: [] for cs in steps for o in cs.outs if not o[4]
         }
         for cs in steps:  # each out with the list its destinations go to (None if temp)
             cs.outs = [(*o, published.get(o[3])) for o in cs.outs]  # type: ignore[misc]
@@ -598,8 +621,8 @@ class Planner:
         gather_locals: dict[str, str] = {}
         gather_edges: list[str] = []
         for gj, gs, go in gathers:
-            up = self.jobs[gj]
-            for utid, dest in zip(up.tasks, up.published[(gs, go)], strict=True):
+            up_tasks, up_dests = self.published(gj, gs, go)
+            for utid, dest in zip(up_tasks, up_dests, strict=True):
                 local = f"{gj}/{utid}/{posixpath.basename(dest)}"
                 if local in gather_locals:
                     if gather_locals[local] != dest:
@@ -612,7 +635,7 @@ class Planner:
                     continue
                 gather_locals[local] = dest
                 gather_files.append([dest, local])
-            gather_edges.extend(f"copyback:{gj}/{utid}" for utid in up.tasks)
+            gather_edges.extend(f"copyback:{gj}/{utid}" for utid in up_tasks)
         gather_edges = list(dict.fromkeys(gather_edges))
         waits = set(gather_edges)  # the copy-backs every task of the job waits for
         upstream_cb: str | None = None
@@ -907,6 +930,8 @@ class Planner:
         self, action: n.Run | n.Call | None, scope: Scope, i: int
     ) -> Callable[[_TaskCtx], tuple[list[str] | None, dict | None]]:
         """The step's command as a function of the task: ``(argv, None)`` or ``(None, call)``."""
+        if action is None:  # lenient: a step without a command (the checker says so)
+            return _no_action
         if isinstance(action, n.Call):
             fixed: dict[str, object] = {}
             varying: list[tuple[str, Callable[[_TaskCtx], object]]] = []
@@ -1030,7 +1055,7 @@ class Planner:
     ) -> tuple[list[object], list[tuple[Text, n.In]]]:
         """What a step reads: the file-valued names its ``in`` line and command mention (each
         a constant, a list or a function of the task), and its ``in`` files."""
-        seen: set[Binding] = set()
+        seen: dict[Binding, None] = {}  # in the order met
         refs: list[n.Ref] = []
         for item in step.ins:
             if isinstance(item.item, n.Ref):
@@ -1053,8 +1078,7 @@ class Planner:
                 continue
             if b.kind == "out" and b.step == step.name.value:
                 continue
-            seen.add(b)
-            self._file_bindings.append(b)
+            seen[b] = None
             if b.kind == "var":
                 inputs.append(_var_text)
             elif b.kind == "gather":
@@ -1066,6 +1090,7 @@ class Planner:
             for item in step.ins
             if isinstance(item.item, n.Template)
         ]
+        self._file_bindings.extend(seen)  # only once the step's reads all compiled
         return inputs, files
 
     def step_inputs(self, cs: _Step, t: _TaskCtx, in_locals: list[str]) -> list[str]:
@@ -1084,6 +1109,12 @@ class Planner:
 
     def run(self) -> nx.DiGraph:
         deps = job_dependencies(self.pipeline, self.params)
+        if self.lenient and not nx.is_directed_acyclic_graph(deps):
+            # jobs waiting for each other cannot be planned (the checker reports the cycle)
+            deps = deps.subgraph(
+                j for part in nx.strongly_connected_components(deps) if len(part) == 1
+                for j in part
+            ).copy()
         order = {j.name.value: k for k, j in enumerate(self.pipeline.jobs)}
         by_name = {j.name.value: j for j in self.pipeline.jobs}
         for jname in nx.lexicographical_topological_sort(deps, key=lambda j: order[j]):

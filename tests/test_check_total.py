@@ -6,8 +6,8 @@ The pipelines are the examples and the golden-plan pipeline, with their names an
 mutated the way people get them wrong — a misspelt reference, a renamed declaration, a string
 emptied or pointed elsewhere —, plus a job ``probe_zz`` that always has a missing shared file
 and a destination clash. Nothing but :class:`~opals_dsl.errors.OpfError` may come out of
-:func:`opals_dsl.api.load`; a crash inside opf would be a bug, and before this test the checker
-hid such crashes by dropping every file finding of the file.
+:func:`opals_dsl.api.compile_file` (what ``opf check`` runs); a crash inside opf would be a
+bug, and before this test the checker hid such crashes by dropping every file finding.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opals_dsl.api import load
+from opals_dsl.api import compile_file
 from opals_dsl.errors import OpfError, OpfSyntaxError, PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_check_reports_file_findings_beside_name_errors(workspace: Path,
     path = workspace / "mutant.opf"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(OpfError) as caught:  # the probe job alone guarantees findings
-        load(path)
+        compile_file(path)
     error = caught.value
     assert isinstance(error, PipelineError), (seed, error)
     if isinstance(error, OpfSyntaxError):
@@ -123,7 +123,7 @@ def test_a_file_finding_is_reported_beside_an_unknown_name_that_stops_the_planne
     path = workspace / "folder.opf"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(PipelineError) as caught:
-        load(path)
+        compile_file(path)
     messages = [d.message for d in caught.value.diagnostics]
     assert any("unknown name 'resultz'" in m for m in messages), messages
     assert any(MISSING in m for m in messages), messages

@@ -111,6 +111,8 @@ def front_end(text: str, folder: Path, overrides: dict[str, str] | None = None) 
         pipeline = parse(source)
         params, diagnostics = check(pipeline, source, overrides or {})
         if diagnostics:
+            # as opf check does: plan around the mistakes to find what else is wrong
+            build_plan(pipeline, source, str(folder), params, "fuzz", lenient=True)
             raise OpfCheckError(diagnostics)
         build_plan(pipeline, source, str(folder), params, "fuzz")
     except OpfError as exc:
