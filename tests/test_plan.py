@@ -584,7 +584,8 @@ def test_param_overrides_of_every_type(tmp_path: Path) -> None:
                                  "n": [5]}
     for bad in ({"i": "1.5"}, {"f": "x"}, {"b": "yes"}, {"n": "a"}, {"nope": "1"}):
         err = error_of(tmp_path, text, params=bad)
-        assert err.first.span is None, bad and f"--param {next(iter(bad))}=" in err.first.message
+        assert err.first.span is None, bad
+        assert f"--param {next(iter(bad))}=" in err.first.message, (bad, err.first.message)
 
 
 def test_param_override_on_the_command_line(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import shlex
 import tempfile
@@ -526,6 +527,80 @@ def test_invariant_3_exec_inputs_are_staged_or_written_earlier(model: PipelineM)
             written.update(a["outputs"])
 
 
+def _loop_files(g: nx.DiGraph, model: PipelineM, jm: JobM) -> list[str]:
+    """The file of each task's loop value, in task order, as the model says: the glob's
+    matches in sorted order, or task i of the upstream job's copy of the output mapped over."""
+    if jm.source[0] == "glob":
+        return list(jm.source[2])
+    if jm.source[0] != "map":
+        return []
+    _, up, step, out = jm.source
+    upm = model.job(up)
+    k = [o.name for o in next(s for s in upm.steps if s.name == step).outs].index(out)
+    files = []
+    ups = sorted((t for key, t in tasks_of(g).items() if key[0] == up),
+                 key=lambda t: g.nodes[t["stage"]]["index"])
+    for t in ups:
+        local = g.nodes[t["execs"][[s.name for s in upm.steps].index(step)]]["outputs"][k]
+        files.append(dict(g.nodes[t["copyback"]]["files"])[local])
+    return files
+
+
+def _published(g: nx.DiGraph, model: PipelineM, up: str, step: str, out: str) -> set[tuple]:
+    """(local name in a gathering task, destination) of every task's copy of an output."""
+    upm = model.job(up)
+    k = [o.name for o in next(s for s in upm.steps if s.name == step).outs].index(out)
+    found = set()
+    for (job, task), t in tasks_of(g).items():
+        if job == up:
+            local = g.nodes[t["execs"][[s.name for s in upm.steps].index(step)]]["outputs"][k]
+            dest = dict(g.nodes[t["copyback"]]["files"])[local]
+            found.add((f"{up}/{task}/{posixpath.basename(dest)}", dest))
+    return found
+
+
+@SETTINGS
+@given(pipelines())
+def test_exec_commands_name_only_files_of_their_own_task(model: PipelineM) -> None:
+    """Invariant 3 over values, not only structure: every file a step's command names is its
+    own task's — its loop value's file (the one the model gives this task's index), its `in`
+    sidecar, its job's shared files, the outputs of its own earlier steps, or the published
+    copies of a job it gathers — and is staged from the source the model says."""
+    g = compile_model(model)
+    check_shape_against_model(g, model)
+    for (job, _task), t in tasks_of(g).items():
+        jm = model.job(job)
+        index = g.nodes[t["stage"]]["index"]
+        loop = _loop_files(g, model, jm)
+        mine: set[tuple] = set()  # (local, source) this task may stage
+        if loop:
+            mine.add((posixpath.basename(loop[index]), loop[index]))
+            if jm.source[0] == "glob":
+                stem = posixpath.splitext(posixpath.basename(loop[index]))[0]
+                mine.add((f"{stem}.prj", f"aux/{stem}.prj"))
+        for s in jm.steps:
+            for use in s.uses + s.ins:
+                if use[0] == "gather":
+                    mine |= _published(g, model, *use[1:])
+        shared = {posixpath.basename(SHARED_POOL[name]): SHARED_POOL[name] for name in jm.shared}
+        staged = {local: src for src, local in g.nodes[t["stage"]]["files"]}
+        machine = {name: src for src, name in g.nodes[f"stage:{job}"]["files"]}
+        written: set[str] = set()
+        for e in t["execs"]:
+            a = g.nodes[e]
+            for w in _file_words(a):
+                if w in a["outputs"] or w in written:
+                    continue
+                if w.startswith("../"):
+                    name = w[3:]
+                    assert machine.get(name) == shared.get(name) is not None, (e, w, machine)
+                    continue
+                src = staged.get(w)
+                assert src is not None, (e, w, staged)
+                assert (w, src) in mine, (e, w, src, mine)
+            written.update(a["outputs"])
+
+
 @SETTINGS
 @given(pipelines())
 def test_invariant_4_copyback_copies_every_published_output_once(model: PipelineM) -> None:
@@ -615,15 +690,26 @@ def test_invariant_6_affinity_is_one_task_and_compile_is_deterministic(model: Pi
             assert text == outputs[2][flag]
     g = graphs[0]
     check_shape_against_model(g, model)
-    owner: dict[object, set] = {}
+    groups: dict[tuple, set[str]] = {}
     for nid, a in g.nodes(data=True):
         if a["task"] is None:
             assert a["affinity"] is None, nid
         else:
             assert tuple(a["affinity"]) == (a["job"], a["task"]), nid
-            owner.setdefault(tuple(a["affinity"]), set()).add((a["job"], a["task"]))
-    assert all(len(v) == 1 for v in owner.values())
-    assert set(owner) == set(tasks_of(g))
+            groups.setdefault(tuple(a["affinity"]), set()).add(nid)
+    # the nodes of one affinity are exactly one chain, walked along the edges from its task
+    # stage (not read from their attributes): an affinity pins one task, and nothing else
+    for key, members in groups.items():
+        stages = [nid for nid in members if g.nodes[nid]["kind"] == "stage"]
+        assert len(stages) == 1, (key, stages)
+        walked = [stages[0]]
+        while g.nodes[walked[-1]]["kind"] != "copyback":
+            after = [v for v in g.successors(walked[-1])
+                     if g.nodes[v]["kind"] in ("exec", "copyback")]
+            assert len(after) == 1, (key, walked, after)
+            walked.append(after[0])
+        assert set(walked) == members, (key, walked, members)
+    assert set(groups) == set(tasks_of(g))
 
     datas = [json.dumps(nx.node_link_data(h, edges="edges")) for h in graphs]
     assert _normalised(datas[0], roots[0]) == _normalised(datas[1], roots[0])
