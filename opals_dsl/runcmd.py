@@ -379,7 +379,9 @@ def _run(plan: Any, options: ClusterOptions, journal: Journal, progress: Progres
 
     if not to_run and options.embedded:  # a cluster named by the user is still reached
         return schedule(LocalExecutor(()))
-    interrupts.starting = options.embedded
+    # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
+    # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
+    interrupts.starting = options.embedded and options.launch is None
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
                       interrupted=lambda: interrupts.requested) as executor:
         interrupts.starting = False
