@@ -40,6 +40,7 @@ import atexit
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,8 @@ LOCK_FILE = "/run/lock/opf-test-hosts.lock"
 #: test-side link names: opfv1, opfv2, ...
 LINK_PREFIX = "opfv"
 NAMES = ("opfhost1", "opfhost2", "opfhost3")
+#: the project folder, every host's shared drive
+_REPO = str(Path(__file__).resolve().parents[1])
 
 
 def missing(sshd: bool = True) -> str | None:
@@ -327,10 +330,21 @@ class Hosts:
     def _make(self, i: int, name: str) -> Host:
         address = f"198.18.0.{1 + i}"
         link = f"{LINK_PREFIX}{i}"
+        # the project folder is the shared drive; where it lies under /tmp (a clone in /tmp),
+        # the host's own tmpfs would hide it: it is bound aside in the host's new /run first,
+        # then moved back onto its path in the new /tmp (a bind must come from this namespace)
+        keep = park = ""
+        if _REPO.startswith("/tmp/"):
+            here = shlex.quote(_REPO)
+            park = f" && mkdir -p /run/opf-keep && mount --bind {here} /run/opf-keep"
+            keep = (f" && mkdir -p {here} && mount --move /run/opf-keep {here}"
+                    " && rmdir /run/opf-keep")
         setup = (
             f"hostname {name}"
-            " && mount -t tmpfs -o mode=1777,size=1g opf-tmp /tmp"
             " && mount -t tmpfs -o mode=755,size=16m opf-run /run"
+            f"{park}"
+            " && mount -t tmpfs -o mode=1777,size=1g opf-tmp /tmp"
+            f"{keep}"
             " && mkdir -p /run/sshd /run/lock"
             " && ip link set lo up"
             " && echo ready && exec sleep infinity"

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,7 @@ from opals_dsl.errors import OpfError, OpfSyntaxError, PipelineError
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = REPO / "tests" / "golden" / "plans" / "features"
 SEEDS = {p.name: p.read_text(encoding="utf-8")
-         for p in [*sorted((REPO / "examples").glob("*.opf")), FEATURES / "features.opf"]}
+         for p in [*EXAMPLES, FEATURES / "features.opf"]}
 
 PROBE = '''
 job probe_zz for p in "probe/*.xyz" {

@@ -214,8 +214,8 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
     assert {r["status"] for r in prephase} <= {"done", "cached"}
     ran_on = {host_of(r["machine"]) for r in rows if r["node"].startswith("exec:work/")}
     assert ran_on == set(HOSTS)
-    for host in hosts.hosts:  # each host's job folder is on its own /tmp
-        assert host.run("cat", "/tmp/opf/spread/work/cfg.txt").stdout == "cell 1.0\n"
+    for host in hosts.hosts:  # each host's job folder (one per shared content) is on its /tmp
+        assert host.run("sh", "-c", "cat /tmp/opf/spread/work/*/cfg.txt").stdout == "cell 1.0\n"
 
     # the same pipeline on this machine alone gives the same bytes
     ref = subprocess.run(opf(str(local / "p.opf"), "-n", "2", "--scratch",

@@ -281,7 +281,9 @@ def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | No
         return schedule(executor)
     if nothing and options.embedded:  # a cluster named by the user is still reached
         return schedule(LocalExecutor(()))
-    interrupts.starting = options.embedded
+    # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
+    # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
+    interrupts.starting = options.embedded and options.launch is None
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
                       interrupted=lambda: interrupts.requested) as started:
         interrupts.starting = False
