@@ -71,7 +71,7 @@ from typing import Any
 
 from .batch import stop_leftover_launch
 from .fsatomic import write_atomic
-from .reaper import MARKER, end_run
+from .reaper import MARKER, end_run, live_processes
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
 HEARTBEAT_MS = 100
@@ -103,10 +103,6 @@ class ClusterOptions:
         return self.profile is None and self.cluster_file is None
 
 
-# -- talking to engines ----------------------------------------------------------------------
-
-
-
 # -- the embedded cluster --------------------------------------------------------------------
 
 
@@ -115,24 +111,6 @@ def process_record(proc: Any) -> dict[str, Any] | None:
         return {"pid": proc.pid, "created": proc.create_time()}
     except Exception:
         return None
-
-
-def live_processes(records: Iterable[dict[str, Any]]) -> list[Any]:
-    """The recorded processes that still run (same pid *and* creation time), with children."""
-    import psutil
-
-    found: dict[int, Any] = {}
-    for rec in records:
-        try:
-            proc = psutil.Process(int(rec["pid"]))
-            if abs(proc.create_time() - float(rec["created"])) > 0.01:
-                continue
-            found[proc.pid] = proc
-            for child in proc.children(recursive=True):
-                found[child.pid] = child
-        except (psutil.Error, KeyError, ValueError, TypeError):
-            continue
-    return list(found.values())
 
 
 def kill_processes(procs: list[Any]) -> None:

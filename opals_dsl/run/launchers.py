@@ -98,13 +98,13 @@ from .cluster import (
     HEARTBEAT_MS,
     ClusterOptions,
     kill_processes,
-    live_processes,
     process_record,
     using_ipython_dir,
 )
 from .executor import IPyParallelExecutor, describe_error
 from .fsatomic import write_atomic
 from .launch_options import PER_HOST, LaunchOptions
+from .reaper import live_processes
 from .ssh import last_lines, probe_host, source_address, ssh_address, ssh_base, ssh_hint
 
 #: the commands a launcher needs on this machine

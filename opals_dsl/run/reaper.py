@@ -108,11 +108,9 @@ def marked(marker: str) -> list[Any]:
     return found
 
 
-def end_run(records: Iterable[dict[str, Any]], marker: str | None,
-            grace: float = GRACE) -> list[Any]:
-    """End a run's processes: the recorded ones (``{"pid", "created"}``, checked against the
-    creation time), their descendants, the process groups any of them leads, and every process
-    marked with ``marker``. SIGTERM first, SIGKILL after ``grace``. Returns what was found."""
+def live_processes(records: Iterable[dict[str, Any]]) -> list[Any]:
+    """The recorded processes (``{"pid", "created"}``) that still run — same pid *and*
+    creation time, so a reused pid is not taken for one — with their descendants."""
     import psutil
 
     found: dict[int, Any] = {}
@@ -128,6 +126,17 @@ def end_run(records: Iterable[dict[str, Any]], marker: str | None,
                 found[child.pid] = child
         except (psutil.Error, KeyError, ValueError, TypeError):
             continue
+    return list(found.values())
+
+
+def end_run(records: Iterable[dict[str, Any]], marker: str | None,
+            grace: float = GRACE) -> list[Any]:
+    """End a run's processes: the recorded ones (``{"pid", "created"}``, checked against the
+    creation time), their descendants, the process groups any of them leads, and every process
+    marked with ``marker``. SIGTERM first, SIGKILL after ``grace``. Returns what was found."""
+    import psutil
+
+    found = {proc.pid: proc for proc in live_processes(records)}
     if marker:
         for proc in marked(marker):
             found.setdefault(proc.pid, proc)
