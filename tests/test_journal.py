@@ -26,10 +26,11 @@ from opals_dsl.run.scheduler import build_request
 CHAIN = """
 pipeline chain
 param greeting = "hello"
+param results = "results"
 
 job up for s in "data/*.txt" {
     shared tool = "tool.py"
-    output "results/up" flat
+    output "{results}/up" flat
     step copy {
         out a = "{s.stem}.a"
         run python {tool} copy {s} {a}
@@ -38,7 +39,7 @@ job up for s in "data/*.txt" {
 
 job down for x in up.copy.a {
     shared tool = "tool.py"
-    output "results/down" flat
+    output "{results}/down" flat
     step copy {
         out b = "{x.stem}.b"
         run python {tool} copy {x} {b}
@@ -47,7 +48,7 @@ job down for x in up.copy.a {
 
 job all {
     shared tool = "tool.py"
-    output "results/all" flat
+    output "{results}/all" flat
     step merge {
         out m = "all.txt"
         run python {tool} merge {m} {down.copy.b}
@@ -55,7 +56,7 @@ job all {
 }
 
 job hello {
-    output "results/hello" flat
+    output "{results}/hello" flat
     step say {
         out h = "hello.txt"
         call greet:say(word = greeting, out = h)
@@ -181,6 +182,30 @@ def test_every_reason_to_run_again(tmp_path):
     assert set(decisions(path, state, force=True).values()) == {"forced"}
 
 
+def test_a_record_per_task_and_destination_set_so_switching_back_and_forth_skips(tmp_path):
+    """Invariant: a run into other destinations (``--param results=...``) keeps the records of
+    the first ones, so going back to them skips every task whose outputs there are as
+    recorded, and going to the others again skips as well."""
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    assert run(path, state, scratch).done == 8
+    other = {"results": "results_05", "greeting": "servus"}
+    assert run(path, state, scratch, params=other).done == 8
+    assert set(decisions(path, state).values()) == {"skip"}
+    back = run(path, state, scratch)
+    assert (back.done, back.skipped) == (0, 8)
+    assert set(decisions(path, state, params=other).values()) == {"skip"}
+    assert run(path, state, scratch, params=other).skipped == 8
+    # each set is judged by its own files: a change in results/ reruns there only
+    later(path.parent / "results" / "up" / "s1.a", "edited by hand")
+    assert decisions(path, state)["up/s1"] == "output changed: results/up/s1.a"
+    assert set(decisions(path, state, params=other).values()) == {"skip"}
+    # a compacted journal keeps every set
+    Journal.open(state, compile_file(path))._rewrite()
+    assert set(decisions(path, state, params=other).values()) == {"skip"}
+    assert decisions(path, state)["up/s1"] == "output changed: results/up/s1.a"
+
+
 def test_a_changed_command_word_is_named(tmp_path):
     path = project(tmp_path)
     state = tmp_path / "state"
@@ -272,7 +297,8 @@ def test_journal_lines_compaction_and_a_torn_last_line(tmp_path):
     records = [json.loads(line) for line in lines[1:]]
     assert sorted(r["task"] for r in records) == sorted(ALL_TASKS)
     up1 = next(r for r in records if r["task"] == "up/s1")
-    assert set(up1) == {"task", "sig", "cmd", "steps", "in", "up", "out", "time"}
+    assert set(up1) == {"task", "sig", "dests", "cmd", "base", "steps", "params", "in", "up",
+                        "out", "time"}
     assert up1["steps"] == [["copy", ["python", "../tool.py", "copy", "s1.txt", "s1.a"]]]
     dest = path.parent / "results" / "up" / "s1.a"
     assert up1["out"] == {"results/up/s1.a": [dest.stat().st_size, dest.stat().st_mtime_ns]}

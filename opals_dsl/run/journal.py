@@ -7,45 +7,15 @@ why (``opf run --dry-run`` prints the decisions, ``opf compile --dot --status`` 
 with them).
 
 The file
-    JSON lines, appended to. The first line is ``{"opf-journal": 1, "pipeline": NAME}``; then one
-    line per task that finished, written only after the engine reported every output of the task
-    in place (each one already flushed to disk and renamed into place)::
-
-        {"task": "dem/strip11", "sig": "…", "cmd": "…", "steps": [...], "in": {...},
-         "up": {...}, "out": {...}, "time": 1712000000.5}
-
-    ``task``
-        ``JOB/TASK``.
-    ``sig``
-        16 hex digits naming this run of the task: a task that runs again gets a new one.
-    ``cmd``
-        a hash of everything the task is told to do: each step's argv or call (function and
-        arguments), its declared outputs, the names its inputs get in the task and job folders,
-        and the copy-back pairs.
-    ``steps``
-        ``[[STEP, ARGV or {"function": ..., "kwargs": ...}], ...]``: the resolved commands and
-        call parameters, kept to say *what* changed.
-    ``in``
-        ``{PATH: [size, mtime_ns]}`` (plus the SHA-256 with ``--checksum``) for every file the
-        task stages that no upstream task publishes — its inputs and the job's shared files — as
-        the engine saw them when it copied them, and for the Python file of each ``call`` that
-        lies in the pipeline's folder (``pkg/mod.py`` for ``pkg.mod:fn``), so that changed code
-        counts as a changed input. Paths are the plan's (relative to the pipeline's folder, or
-        absolute).
-    ``up``
-        ``{UPSTREAM TASK: its sig}`` for every upstream task whose published outputs the task
-        stages: such an input is "unchanged" exactly when its upstream task did not run again.
-    ``out``
-        ``{DESTINATION: [size, mtime_ns]}`` of each destination once in place.
-
-    A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "failed": true,
-    "time": ...}``. The last line of a task is the one that counts. A line that is cut off or
-    garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
-    runs again; so is a record whose fields do not have the types written here (the file edited
-    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
-    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
-    for a run it is compacted if more than half of its lines are stale or any is unreadable:
-    written afresh under a temporary name and renamed.
+    JSON lines, appended to: a header, then one record per task and destination set that
+    finished (or failed for good); its fields are described in :mod:`.records`. The last line
+    of a task and destination set is the one that counts, so a run into other folders
+    (``--param results=...``) and back again finds the first folders' records. A line that
+    is cut off or garbled is ignored (that task just runs again); those, except a line cut off
+    at the end of the file (the usual trace of a kill), are reported by
+    :meth:`Journal.warnings`. When the file is opened for a run it is compacted if more than
+    half of its lines are stale or any is unreadable: written afresh under a temporary name
+    and renamed.
 
 Receipts
     Each request carries a *stamp* (:meth:`Journal.stamp`): the sig its record will have, its
@@ -104,6 +74,7 @@ from .fsatomic import remove_abandoned_temporaries, write_atomic
 from .records import (
     ENCODE,
     SIG_MARK,
+    dests_of,
     name_of,
     receipt_stats,
     record_body,
@@ -148,8 +119,13 @@ class Journal(RunListener):
         found = tasks if tasks is not None else model.tasks(plan)
         self.tasks: list[Task] = list(found.tasks)
         self.deps = found.upstream
-        #: task name → the text line of its last record
+        #: task name → the text line of its last record for the destinations the task has in
+        #: this plan (or, when there is none, its last record for other destinations)
         self.records: dict[str, str] = {}
+        #: (task name, destination set) → the last record of the task's other destination sets
+        self.others: dict[tuple[str, str], str] = {}
+        self._dest_keys: dict[int, str] = {}
+        self._index: dict[str, int] | None = None
         self.lines_read = 0
         self.bad_lines = 0
         #: what :meth:`warnings` reports: tasks whose record is a line of JSON but not a
@@ -220,6 +196,7 @@ class Journal(RunListener):
         else:
             with f:
                 self._read_lines(f)
+        self._select_current()
         self._adopt_receipts()
 
     def _read_lines(self, lines: Iterable[bytes]) -> None:
@@ -247,13 +224,58 @@ class Journal(RunListener):
                 if raw.endswith(b"\n"):  # not the cut-off end of a write a kill interrupted
                     self.unreadable += 1
                 continue
-            self.records[name] = text + "\n"
+            self._put(name, text + "\n")
+
+    def _put(self, name: str, line: str) -> None:
+        """Make ``line`` the record of task ``name`` for its destination set; the task's record
+        of another set is kept among :attr:`others`."""
+        old = self.records.get(name)
+        key = dests_of(line)
+        if old is not None:
+            was = dests_of(old)
+            if was is not None and was != key:
+                self.others[(name, was)] = old
+        if key is not None and self.others:
+            self.others.pop((name, key), None)
+        self.records[name] = line
+
+    def _select_current(self) -> None:
+        """Where a task's last record is for other destinations than the plan gives it, take
+        its record for the plan's destinations, if the journal has one."""
+        if not self.others:
+            return
+        index = self.index()
+        for name, key in list(self.others):
+            i = index.get(name)
+            line = self.records.get(name)
+            if i is None or line is None or dests_of(line) in (None, self.dest_key(i)):
+                continue
+            wanted = self.others.get((name, self.dest_key(i)))
+            if wanted is not None:
+                self._put(name, wanted)
+
+    def index(self) -> dict[str, int]:
+        """Task name → its place in plan order."""
+        if self._index is None:
+            self._index = {t.name: t.order for t in self.tasks}
+        return self._index
+
+    def dest_key(self, i: int) -> str:
+        """The key of task ``i``'s destination set: a journal keeps a record per task and
+        destination set, so that a run into other folders (``--param results=...``) does not
+        make the runs into the first ones forget what they did."""
+        key = self._dest_keys.get(i)
+        if key is None:
+            dests = sorted(d for _, d in model.node(self.plan, self.tasks[i].copyback).files)
+            key = self._dest_keys[i] = hashlib.blake2b(
+                ENCODE(dests).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        return key
 
     def _open_for_append(self) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(str(folder))  # of a compaction that was killed
-        stale = self.lines_read - len(self.records)
+        stale = self.lines_read - len(self.records) - len(self.others)
         if (not self._header_ok or self.bad_lines or stale > len(self.records)) and (
                 self.records or self.path.exists()):
             with contextlib.suppress(OSError):  # no room to compact: append to it as it is
@@ -270,10 +292,10 @@ class Journal(RunListener):
 
     def _rewrite(self) -> None:
         """Write the records afresh: to a temporary, flushed, renamed over the journal."""
-        data = (self._header() + "".join(self.records.values())).encode(
-            "utf-8", "surrogateescape")
+        data = (self._header() + "".join(self.records.values())
+                + "".join(self.others.values())).encode("utf-8", "surrogateescape")
         write_atomic(str(self.path), data)
-        self.lines_read = len(self.records)
+        self.lines_read = len(self.records) + len(self.others)
         self.bad_lines = 0
         self._header_ok = True
 
@@ -358,15 +380,15 @@ class Journal(RunListener):
     def task_done(self, task: Task, result: TaskResult, engine: int) -> None:
         line = self._record(task.order, result.staged, result.shared, result.outputs,
                             self._stubs.pop(task.order, None))
-        self.records[task.name] = line
+        self._put(task.name, line)
         if self._fd is not None:
             self._pending.append(line)
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._stubs.pop(task.order, None)
         body = ENCODE({"failed": True, "time": round(time.time(), 3)})
-        line = record_line(task.name, FAILED_SIG, body)
-        self.records[task.name] = line
+        line = record_line(task.name, FAILED_SIG, body, self.dest_key(task.order))
+        self._put(task.name, line)
         if self._fd is not None:
             self._pending.append(line)
 
@@ -444,6 +466,15 @@ class Journal(RunListener):
                                  digest_size=12).hexdigest()
         self._cmds[i] = digest
         return digest, steps
+
+    def base(self, i: int) -> str:
+        """The hash of what task ``i`` is told to do, but for its steps' commands (``base``)."""
+        machine, stage, execs, copyback = model.chain(self.plan, self.tasks[i])
+        _, shared = self._job(machine)
+        what = _ENCODE_SORTED([[e.step for e in execs], [[e.outputs, e.temp] for e in execs],
+                               stage.files, copyback.files])
+        return hashlib.blake2b((what + "\0" + shared).encode("utf-8", "surrogateescape"),
+                               digest_size=12).hexdigest()
 
     def _upstream_files(self, i: int) -> set[str]:
         dests: set[str] = set()
@@ -561,9 +592,10 @@ class Journal(RunListener):
             sig = self._new_sig(ref.name, cmd)
         when = stub.get("sent") if adopting and stub is not None else None
         now = float(when) if isinstance(when, (int, float)) else time.time()
-        body = ENCODE({"cmd": cmd, "steps": steps, "in": ins, "up": up, "out": out,
-                        "time": round(now, 3)})
-        return record_line(ref.name, sig, body)
+        body = ENCODE({"cmd": cmd, "base": self.base(i), "steps": steps,
+                       "params": dict(self.info.params), "in": ins, "up": up, "out": out,
+                       "time": round(now, 3)})
+        return record_line(ref.name, sig, body, self.dest_key(i))
 
     def _new_sig(self, name: str, cmd: str) -> str:
         self._serial += 1
@@ -604,7 +636,7 @@ class Journal(RunListener):
                              if p.suffix == ".jsonl" and p.name.startswith(prefix))
         except OSError:
             return
-        index = {t.name: t.order for t in self.tasks}
+        index = self.index()
         best: dict[int, dict[str, Any]] = {}
         for path in entries:
             try:
@@ -640,7 +672,7 @@ class Journal(RunListener):
             line = self._record(i, receipt_stats(rec.get("staged")),
                                 receipt_stats(rec.get("shared")),
                                 receipt_stats(rec.get("outputs")), rec)
-            self.records[name] = line
+            self._put(name, line)
             self._adopted.append(line)
 
     def refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
@@ -650,8 +682,9 @@ class Journal(RunListener):
         line = self.records[name]
         rec = json.loads(record_body(line))
         rec["in"].update(fresh)
+        key = rec.pop("dests", None)
         sig = self.sig_of(name) or FAILED_SIG
-        line = record_line(name, sig, ENCODE(rec))
+        line = record_line(name, sig, ENCODE(rec), key if isinstance(key, str) else None)
         self.records[name] = line
         self._pending.append(line)
 

@@ -1,6 +1,60 @@
 """The journal's line format: one JSON object per line, ``{"task":NAME,"sig":SIG,...}``, written
 so that a task's name and sig can be read without parsing the rest (a journal of 100,000 tasks
-is loaded as text and parsed only where a decision needs a record)."""
+is loaded as text and parsed only where a decision needs a record).
+
+The file
+    JSON lines, appended to. The first line is ``{"opf-journal": 1, "pipeline": NAME}``; then one
+    line per task that finished, written only after the engine reported every output of the task
+    in place (each one already flushed to disk and renamed into place)::
+
+        {"task": "dem/strip11", "sig": "…", "dests": "…", "cmd": "…", "base": "…",
+         "steps": [...], "params": {...}, "in": {...}, "up": {...}, "out": {...},
+         "time": 1712000000.5}
+
+    ``task``
+        ``JOB/TASK``.
+    ``sig``
+        16 hex digits naming this run of the task: a task that runs again gets a new one.
+    ``dests``
+        16 hex digits naming the task's destination set (a hash of its destinations, sorted):
+        the journal keeps the last record of each task *and destination set*.
+    ``cmd``
+        a hash of everything the task is told to do: each step's argv or call (function and
+        arguments), its declared outputs, the names its inputs get in the task and job folders,
+        and the copy-back pairs.
+    ``steps``
+        ``[[STEP, ARGV or {"function": ..., "kwargs": ...}], ...]``: the resolved commands and
+        call parameters, kept to say *what* changed.
+    ``base``
+        a hash of everything in ``cmd`` but the steps' commands (the steps' names and declared
+        outputs, the staged files, the copy-back pairs, the job's shared files): where only
+        commands changed, a task can run again from the first step whose command changed.
+    ``params``
+        the pipeline's parameters the task ran with, to say which one changed.
+    ``in``
+        ``{PATH: [size, mtime_ns]}`` (plus the SHA-256 with ``--checksum``) for every file the
+        task stages that no upstream task publishes — its inputs and the job's shared files — as
+        the engine saw them when it copied them, and for the Python file of each ``call`` that
+        lies in the pipeline's folder (``pkg/mod.py`` for ``pkg.mod:fn``), so that changed code
+        counts as a changed input. Paths are the plan's (relative to the pipeline's folder, or
+        absolute).
+    ``up``
+        ``{UPSTREAM TASK: its sig}`` for every upstream task whose published outputs the task
+        stages: such an input is "unchanged" exactly when its upstream task did not run again.
+    ``out``
+        ``{DESTINATION: [size, mtime_ns]}`` of each destination once in place.
+
+    A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "dests": ...,
+    "failed": true, "time": ...}``. The last line of a task and destination set is the one
+    that counts; a line without ``dests`` (written by an older opf) stands for the task's
+    destinations now. A line that is cut off or
+    garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
+    runs again; so is a record whose fields do not have the types written here (the file edited
+    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
+    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
+    for a run it is compacted if more than half of its lines are stale or any is unreadable:
+    written afresh under a temporary name and renamed.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +67,31 @@ from ..plan.wire import Stat
 ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 SIG_MARK = ',"sig":"'
+DESTS_MARK = ',"dests":"'
+#: the length of a sig and of a destination set's key, in hex digits
+KEY_LEN = 16
 
 
-def record_line(name: str, sig: str, body: str) -> str:
-    """``{"task":NAME,"sig":SIG,`` + the rest of ``body`` (a JSON object) + newline."""
+def record_line(name: str, sig: str, body: str, dests: str | None = None) -> str:
+    """``{"task":NAME,"sig":SIG,"dests":KEY,`` + the rest of ``body`` (a JSON object) +
+    newline; ``dests`` names the task's destination set (:func:`dests_of`)."""
     head = '{"task":' + ENCODE(name) + SIG_MARK + sig + '"'
+    if dests is not None:
+        head += DESTS_MARK + dests + '"'
     return head + ("," + body[1:] if body != "{}" else "}") + "\n"
+
+
+def dests_of(line: str) -> str | None:
+    """The destination set's key of a record line; None for a line written without one (by an
+    older opf), which stands for whichever set the task has now."""
+    at = line.find(SIG_MARK)
+    if at < 0:
+        return None
+    at += len(SIG_MARK) + KEY_LEN + 1
+    if not line.startswith(DESTS_MARK, at):
+        return None
+    at += len(DESTS_MARK)
+    return line[at:at + KEY_LEN]
 
 
 def name_of(text: str) -> str | None:
