@@ -245,7 +245,7 @@ class Journal(RunListener):
         if not self.others:
             return
         index = self.index()
-        for name, key in list(self.others):
+        for name, _key in list(self.others):
             i = index.get(name)
             line = self.records.get(name)
             if i is None or line is None or dests_of(line) in (None, self.dest_key(i)):
