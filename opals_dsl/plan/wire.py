@@ -30,6 +30,9 @@ Stat = Sequence[Any]
 DONE = "done"
 CACHED = "cached"
 FAILED = "failed"
+#: the trace status of a step a resumed task did not run: its outputs were staged from their
+#: destinations instead (see :attr:`TaskRequest.start`)
+REUSED = "reused"
 
 
 class WireError(ValueError):
@@ -117,7 +120,12 @@ class TaskRequest:
     """One task for an engine: where (``pipeline``, ``root`` — the pipeline's folder on the
     shared drive —, ``scratch``, ``logs``), which (``job``, ``task``, ``attempt``) and its
     chain. ``checksum`` asks for the SHA-256 of each staged input; ``run_id`` marks the steps'
-    processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed."""
+    processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed.
+
+    ``start`` > 0 resumes the task at that step: the steps before it do not run; instead the
+    task stage also stages, from its destination, each published output of theirs that a later
+    step reads (the copy-back pair ``(local, destination)`` read backwards), and the copy-back
+    copies only the outputs of the steps that run."""
 
     pipeline: str
     root: str
@@ -133,13 +141,14 @@ class TaskRequest:
     checksum: bool = False
     run_id: str | None = None
     receipt: Receipt | None = None
+    start: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return request_data(
             self.pipeline, self.root, self.job, self.task, self.machine_stage.to_wire(),
             self.task_stage.to_wire(), [s.to_wire() for s in self.steps],
             self.copyback.to_wire(), self.attempt, self.scratch, self.logs, self.checksum,
-            self.run_id, self.receipt,
+            self.run_id, self.receipt, self.start,
         )
 
     @classmethod
@@ -156,6 +165,7 @@ class TaskRequest:
                 Stage.from_wire(d["copyback"]), int(d.get("attempt") or 0),
                 d.get("scratch"), d.get("logs"), bool(d.get("checksum")),
                 d.get("run_id"), Receipt.from_wire(d["receipt"]) if d.get("receipt") else None,
+                int(d.get("start") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"the task request is incomplete: {type(exc).__name__}: "
@@ -190,14 +200,14 @@ def request_data(pipeline: str, root: str, job: str, task: str, machine_stage: d
                  task_stage: dict[str, Any], steps: list[dict[str, Any]],
                  copyback: dict[str, Any], attempt: int = 0, scratch: str | None = None,
                  logs: str | None = None, checksum: bool = False, run_id: str | None = None,
-                 receipt: Receipt | None = None) -> dict[str, Any]:
+                 receipt: Receipt | None = None, start: int = 0) -> dict[str, Any]:
     """A :class:`TaskRequest` as plain data (its stages and steps already plain data)."""
     return {
         "v": VERSION, "pipeline": pipeline, "root": root, "job": job, "task": task,
         "attempt": attempt, "scratch": scratch, "logs": logs, "checksum": checksum,
         "run_id": run_id, "receipt": receipt.to_wire() if receipt is not None else None,
         "machine_stage": machine_stage, "task_stage": task_stage, "steps": steps,
-        "copyback": copyback,
+        "copyback": copyback, "start": start,
     }
 
 
@@ -207,8 +217,9 @@ def request_data(pipeline: str, root: str, job: str, task: str, machine_stage: d
 @dataclass(slots=True)
 class TraceRow:
     """One node as it ran on the engine: ``status`` is ``done``, ``cached`` (a machine stage
-    found complete) or ``failed``; ``bytes`` what it copied (stages, copy-back) or wrote (exec);
-    the failed node's row also holds the failure's ``returncode`` and ``message``."""
+    found complete), ``reused`` (a step a resumed task did not run) or ``failed``; ``bytes``
+    what it copied (stages, copy-back) or wrote (exec); the failed node's row also holds the
+    failure's ``returncode`` and ``message``."""
 
     node: str
     kind: str

@@ -32,7 +32,7 @@ BAR_FIELDS = ("lane", "start", "dur", "phase", "status", "attempt", "bytes", "ta
 # the columns by name, for the code below
 _LANE, _START, _DUR, _PHASE, _STATUS, _ATTEMPT, _BYTES, _TASK, _JOB, _STEP = range(10)
 #: statuses of rows for nodes that never ran
-UNRUN = ("skipped", "blocked", "not-run")
+UNRUN = ("skipped", "blocked", "not-run", "reused")
 SLOWEST = 10
 MAX_FAILURES = 50
 TAIL_LINES = 12

@@ -115,6 +115,7 @@ from typing import Any
 
 from ..plan.trace import TAIL_LINES, tail
 from ..plan.wire import (
+    REUSED,
     Failure,
     Stage,
     Step,
@@ -126,7 +127,15 @@ from ..plan.wire import (
 from .fsatomic import atomic_copy, is_temp_name
 from .jobfolders import MARKER, JobPrephase
 from .locks import HeldByStopped, lock, unlock
-from .paths import disk_full, first_part, inside, is_component, os_reason, remove_tree
+from .paths import (
+    disk_full,
+    file_in_the_way,
+    first_part,
+    inside,
+    is_component,
+    os_reason,
+    remove_tree,
+)
 from .steps import (
     call_redirected,
     forget_stale_module,
@@ -245,7 +254,9 @@ class _Task(JobPrephase):
             if self.req.run_id:
                 env["OPF_RUN_ID"] = str(self.req.run_id)
             with task_environment(env):
-                for step in self.req.steps:
+                for step in self.req.steps[:self.req.start]:
+                    self.close_row(self.open_row(step.node, "exec"), REUSED)
+                for step in self.req.steps[self.req.start:]:
                     self.exec_step(step)
             self.copyback()
             ok = True
@@ -373,7 +384,7 @@ class _Task(JobPrephase):
             raise self.fail(node, "stage", f"the task id {self.task!r} cannot name a folder of "
                                            f"its own inside the job folder {self.job_dir}")
         pairs = []
-        for src, local in spec.files:
+        for src, local in [*spec.files, *self.reused_outputs()]:
             dst = self.local_path(node, local, "input")
             pairs.append((src, os.path.join(self.root, src), local, dst))
         for ex in self.req.steps:
@@ -385,6 +396,17 @@ class _Task(JobPrephase):
         for local, _ in self.req.copyback.files:
             self.local_path(node, local, "file to copy back")
         return pairs
+
+    def reused_outputs(self) -> list[tuple[str, str]]:
+        """For a task resumed at a later step: (destination, local name) of each published
+        output of the steps it does not run that a step it runs reads."""
+        start = self.req.start
+        if start <= 0:
+            return []
+        earlier = {out for ex in self.req.steps[:start] for out in ex.outputs}
+        read = {name for ex in self.req.steps[start:] for name in ex.inputs}
+        return [(dest, local) for local, dest in self.req.copyback.files
+                if local in earlier and local in read]
 
     def local_path(self, node: str, local: str, what: str) -> str:
         path = inside(self.task_dir, local)
@@ -591,14 +613,17 @@ class _Task(JobPrephase):
         node = spec.node
         row = self.open_row(node, "copyback")
         nbytes = 0
+        earlier = {out for ex in self.req.steps[:self.req.start] for out in ex.outputs}
         for local, dest in spec.files:
+            if local in earlier:  # a step not run this time: its output is in place
+                continue
             dst = os.path.join(self.root, dest)
             try:
                 nbytes += atomic_copy(os.path.join(self.task_dir, local), dst)
                 st = os.stat(dst)
             except OSError as exc:
                 self.bytes_copied += nbytes
-                blocker = _file_in_the_way(os.path.dirname(dst))
+                blocker = file_in_the_way(os.path.dirname(dst))
                 reason = os_reason(exc, "destination")
                 if blocker is not None:
                     reason += f" ({blocker} is a file, not a folder)"
@@ -624,12 +649,6 @@ def _scratch_root(scratch: str | None) -> str:
     if root is None:
         root = _SCRATCH[base] = os.path.realpath(base)
     return root
-
-
-
-# -- steps' process groups ------------------------------------------------------------------
-
-
 
 
 class _Changing(Exception):
@@ -664,22 +683,6 @@ def _copy_in(src: str, dst: str, checksum: bool = False) -> list[Any]:
     return stats
 
 
-def _file_in_the_way(folder: str) -> str | None:
-    """The first part of ``folder``'s path that exists but is not a folder, if any."""
-    path = os.path.abspath(folder)
-    while True:
-        if os.path.isdir(path):
-            return None
-        if os.path.lexists(path):
-            return path
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
-
-
-
-
 def _write(out: Any, text: str) -> None:
     out.write(text.encode("utf-8", "backslashreplace"))
 
@@ -687,6 +690,3 @@ def _write(out: Any, text: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-

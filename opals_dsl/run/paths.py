@@ -30,6 +30,20 @@ def inside(base: str, rel: str) -> str | None:
     return path
 
 
+def file_in_the_way(folder: str) -> str | None:
+    """The first part of ``folder``'s path that exists but is not a folder, if any."""
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.isdir(path):
+            return None
+        if os.path.lexists(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
 #: errors that mean "no room": the disk, a quota, or the process's file size limit
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 

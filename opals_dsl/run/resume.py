@@ -11,6 +11,15 @@ run``; ``steps changed`` / ``command of step S changed: 'a' → 'b'`` / ``parame
 changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran again
 since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
 ``output missing: D`` / ``output changed: D``. Otherwise the task is ``unchanged`` and skipped.
+
+Resuming from a step: where only the commands of some steps changed (a ``--param`` that only a
+later step uses), the task runs again from the first step whose command changed, K, when the
+outputs of steps before K that steps K... read are published (not ``temp``), and every
+published output of steps before K is in place as recorded (its inputs and upstream tasks
+unchanged, too). The engine then stages those published outputs instead of running the steps
+that made them (:attr:`Decision.start`); the reason says ``from step S: param P changed`` (or
+which command changed). Where such an output is ``temp``, the whole task runs, and the reason
+says which output made it so.
 With ``--checksum`` an input whose time changed but whose content did not is unchanged, and its
 record is refreshed in the journal so that the next run does not hash it again.
 """
@@ -24,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..plan import model
 from ..plan.model import Task
 from .journal import Journal
 from .records import record_body, well_formed
@@ -31,11 +41,13 @@ from .records import record_body, well_formed
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What a run does with a task: ``run`` it or skip it, and ``reason`` in words."""
+    """What a run does with a task: ``run`` it or skip it, and ``reason`` in words; ``start``
+    is the step it runs from (0: the whole task)."""
 
     task: Task
     run: bool
     reason: str
+    start: int = 0
 
 
 class Resume:
@@ -45,6 +57,7 @@ class Resume:
         self.journal = journal
         self.decisions: list[Decision] | None = None
         self._refresh: dict[int, dict[str, list[Any]]] = {}
+        self._starts: dict[int, int] = {}
 
     def skip(self, task: Task) -> bool:
         """The scheduler's ``skip`` hook: True if the decision for ``task`` is not to run it."""
@@ -52,6 +65,13 @@ class Resume:
             self.decide()
         assert self.decisions is not None
         return not self.decisions[task.order].run
+
+    def start_of(self, task: Task) -> int:
+        """The scheduler's ``start`` hook: the step ``task`` runs from (0: all of them)."""
+        if self.decisions is None:
+            self.decide()
+        assert self.decisions is not None
+        return self.decisions[task.order].start
 
     def decide(self, force: bool = False) -> list[Decision]:
         """Decide for every task whether it runs, and why; in plan order."""
@@ -69,7 +89,8 @@ class Resume:
             if reason is None:
                 reason = self._compare(i)
             runs[i] = reason is not None
-            decisions[i] = Decision(ref, runs[i], reason or "unchanged")
+            decisions[i] = Decision(ref, runs[i], reason or "unchanged",
+                                    self._starts.pop(i, 0) if runs[i] else 0)
         self.decisions = [d for d in decisions if d is not None]
         if self._refresh and self.journal.writable:
             for i, ins in self._refresh.items():
@@ -111,8 +132,18 @@ class Resume:
         if rec.get("failed"):
             return "failed in the last run"
         cmd, steps = self.journal.command(i)
+        start, kept = 0, None
         if rec.get("cmd") != cmd:
-            return _what_changed(rec.get("steps") or [], steps)
+            why = _what_changed(rec.get("steps") or [], steps)
+            start = self._first_changed(i, rec, steps)
+            if not start:
+                return why
+            plan = self.journal.plan
+            _, _, execs, copyback = model.chain(plan, ref)
+            blocker = _temp_needed(execs, start)
+            if blocker is not None:
+                return f"{why}; {blocker}, so the whole task runs"
+            kept = _kept_destinations(execs, copyback, start)
         up = rec.get("up") or {}
         for u in self.journal.deps[i]:
             name = self.journal.tasks[u].name
@@ -132,6 +163,8 @@ class Resume:
             if entry is not None:
                 fresh[path] = entry
         for dest, old in (rec.get("out") or {}).items():
+            if kept is not None and dest not in kept:
+                continue  # written again by the steps that run
             try:
                 st = os.stat(os.path.join(self.journal.root, dest))
             except OSError:
@@ -140,7 +173,23 @@ class Resume:
                 return f"output changed: {dest}"
         if fresh:
             self._refresh[i] = fresh
+        if start:
+            self._starts[i] = start
+            return f"from step {steps[start][0]}: {_params_changed(rec, self.journal) or why}"
         return None
+
+    def _first_changed(self, i: int, rec: dict[str, Any], steps: list[list[Any]]) -> int:
+        """The first step whose command differs from the record's, where nothing but commands
+        changed (``base``); 0 if the whole task must run."""
+        if rec.get("base") != self.journal.base(i):
+            return 0
+        old = rec.get("steps") or []
+        if len(old) != len(steps):
+            return 0
+        for k, (was, now) in enumerate(zip(old, steps, strict=True)):
+            if not isinstance(was, list) or len(was) != 2 or was[1] != now[1]:
+                return k
+        return 0
 
     def _input_changed(self, path: str, st: list[int] | None,
                        old: list[Any]) -> tuple[str | None, list[Any] | None]:
@@ -165,7 +214,41 @@ class Resume:
         for d in self.decisions:
             for node in d.task.nodes[1:]:
                 status[node] = "run" if d.run else "skip"
+            for node in d.task.execs[:d.start]:
+                status[node] = "skip"
         return status
+
+
+def _temp_needed(execs: list[model.Exec], start: int) -> str | None:
+    """Why task's steps from ``start`` on cannot run alone: an output of an earlier step that
+    they read and that is ``temp`` (never copied back, so gone); None if there is none."""
+    made = {out: e for e in execs[:start] for out in e.outputs}
+    for e in execs[start:]:
+        for name in e.inputs:
+            maker = made.get(name)
+            if maker is not None and name in maker.temp:
+                return (f"step {e.step} reads {name}, a temp output of step {maker.step} "
+                        f"(never copied back)")
+    return None
+
+
+def _kept_destinations(execs: list[model.Exec], copyback: model.Copyback,
+                       start: int) -> set[str]:
+    """The destinations of the outputs of the steps before ``start`` (kept as they are)."""
+    earlier = {out for e in execs[:start] for out in e.outputs}
+    return {dest for local, dest in copyback.files if local in earlier}
+
+
+def _params_changed(rec: dict[str, Any], journal: Journal) -> str | None:
+    """``param P changed`` / ``params P, Q changed`` between a record and the plan."""
+    old = rec.get("params")
+    if not isinstance(old, dict):
+        return None
+    now = journal.info.params
+    names = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    if not names:
+        return None
+    return f"param{'s' if len(names) > 1 else ''} {', '.join(names)} changed"
 
 
 def _short(value: Any, limit: int = 40) -> str:

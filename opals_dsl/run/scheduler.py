@@ -63,7 +63,8 @@ Outcomes
 Every request carries the run's id (``run_id``: given, the executor's, or a fresh one), which
 the engines put in the environment of the steps as ``OPF_RUN_ID``, and, when a ``stamp`` hook is
 given (a journal's :meth:`~opals_dsl.run.journal.Journal.stamp`), what the engine needs to leave a
-receipt once the task's results landed.
+receipt once the task's results landed; a ``start`` hook (:meth:`.resume.Resume.start_of`) gives
+the step a task resumes at.
 
 The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
 failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
@@ -137,12 +138,13 @@ LOST_LIMIT = 2
 def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
                   logs: Path, checksum: bool = False, run_id: str | None = None,
                   receipt: Receipt | None = None,
-                  info: model.PlanInfo | None = None) -> dict[str, Any]:
+                  info: model.PlanInfo | None = None, start: int = 0) -> dict[str, Any]:
     """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
     as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
     ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
     the task's results landed (:meth:`opals_dsl.run.journal.Journal.stamp`); ``info`` is the
-    plan's :func:`~opals_dsl.plan.model.info`, if it is at hand."""
+    plan's :func:`~opals_dsl.plan.model.info`, if it is at hand; ``start`` the step the task
+    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`)."""
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
     steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
@@ -153,7 +155,7 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
         stage_data(task.machine_stage, machine.files if machine is not None else ()),
         stage_data(task.task_stage, stage.files), steps,
         stage_data(task.copyback, copyback.files),
-        attempt, scratch, str(logs / task.job / task.task), checksum, run_id, receipt,
+        attempt, scratch, str(logs / task.job / task.task), checksum, run_id, receipt, start,
     )
 
 
@@ -185,6 +187,7 @@ class Scheduler:
         tasks: model.Tasks | None = None,
         run_id: str | None = None,
         stamp: Callable[[Task], Receipt | None] | None = None,
+        start: Callable[[Task], int] | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
@@ -208,6 +211,7 @@ class Scheduler:
         self.interrupt_wait = interrupt_wait
         self.run_id = run_id or getattr(executor, "run_id", None) or new_run_id()
         self.stamp = stamp
+        self.start = start
 
         found = tasks if tasks is not None else model.tasks(plan)
         self.tasks: list[Task] = list(found.tasks)
@@ -342,12 +346,13 @@ class Scheduler:
         return max(1, min(size, self.max_batch, fair))
 
     def _submit(self, engine: int, picked: list[int]) -> None:
-        stamp = self.stamp
+        stamp, start = self.stamp, self.start
         requests = [
             build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
                           info=self.info,
                           logs=self.logs, checksum=self.checksum, run_id=self.run_id,
-                          receipt=stamp(self.tasks[i]) if stamp is not None else None)
+                          receipt=stamp(self.tasks[i]) if stamp is not None else None,
+                          start=start(self.tasks[i]) if start is not None else 0)
             for i in picked
         ]
         try:

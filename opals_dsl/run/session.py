@@ -240,7 +240,8 @@ def run(
                     skip=decider.skip if decider is not None else skip,
                     listener=Listeners([journal, listener, TemporarySweeper(plan)]),
                     retries=retries, checksum=checksum, tasks=tasks, run_id=run_id,
-                    stamp=journal.stamp if journal is not None else None, **policy,
+                    stamp=journal.stamp if journal is not None else None,
+                    start=decider.start_of if decider is not None else None, **policy,
                 )
                 interrupts.attach(scheduler)
                 return scheduler.run()
