@@ -228,3 +228,17 @@ def files_under(folder: Path) -> list[Path]:
 
 def read_json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def last_run(state: Path) -> Path:
+    """The records folder of the run that started last in a state folder (any pipeline):
+    ``runs/<pipeline>/<N>/``."""
+    folders = [p for p in (state / "runs").glob("*/*") if p.name.isdigit()]
+    assert folders, f"no run recorded in {state}"
+    return max(folders, key=lambda p: (
+        json.loads((p / "run.json").read_text(encoding="utf-8"))["started"], int(p.name)))
+
+
+def trace_rows(state: Path) -> list[dict]:
+    """The trace of the last run recorded in a state folder."""
+    return read_json_lines(last_run(state) / "trace.jsonl")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EngineCluster, files_under, write_pipeline
+from conftest import EngineCluster, files_under, last_run, write_pipeline
 
 from opals_dsl.run.cluster import stop_leftover_cluster
 from opals_dsl.run.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
@@ -103,7 +103,7 @@ def test_embedded_cluster_runs_and_leaves_nothing_behind(tmp_path):
     got = sorted(p.name for p in (tmp_path / "p" / "results").iterdir())
     assert got == ["s1.a", "s2.a", "s3.a"]
     state = tmp_path / "p" / ".opf"
-    rows = [json.loads(line) for line in (state / "trace.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (last_run(state) / "trace.jsonl").read_text().splitlines()]
     assert len({r["engine"] for r in rows}) == 2
     # ipyparallel's files stayed in the state folder, none in the home folder
     assert list(home.iterdir()) == []

@@ -112,7 +112,7 @@ def test_run_refuses_an_output_in_a_scratch_root_an_engine_reports(cluster, tmp_
         f"inside '{machine}/opf', where the engines keep their job and task folders (a task's "
         "folder is emptied after its copy-back)")
     assert not folder.exists()
-    assert not (path.parent / ".opf" / "trace.jsonl").exists()  # no task was submitted
+    assert not list((path.parent / ".opf").rglob("trace.jsonl"))  # no task was submitted
     # the same pipeline with its results elsewhere runs on that cluster
     proc = opf("run", "p.opf", "--cluster-file", str(cluster.client_file), cwd=path.parent)
     assert proc.returncode == 0, proc.stderr

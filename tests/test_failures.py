@@ -24,7 +24,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
+from conftest import (
+    EngineCluster,
+    files_under,
+    trace_rows,
+    write_pipeline,
+)
 
 from opals_dsl.api import compile_file
 from opals_dsl.run import session
@@ -188,7 +193,7 @@ def test_the_first_failure_stops_new_work_and_running_tasks_finish(cluster, tmp_
     assert "FAILED work/s1: step go" in proc.stderr
     assert "stopping: task work/s1 failed; no new tasks are started, running ones finish" in (
         proc.stderr)
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     finished = {r["task"] for r in rows if r["job"] == "slow" and r["kind"] == "copyback"
                 and r["status"] == "done"}
     not_run = {r["task"] for r in rows if r["job"] == "slow" and r["status"] == "not-run"}
@@ -304,7 +309,7 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
     assert not temporaries(folder)
 
     # the trace row of each failed step says why
-    rows = read_json_lines(folder / ".opf" / "trace.jsonl")
+    rows = trace_rows(folder / ".opf")
     failed = {r["node"]: r for r in rows if r["status"] == "failed"}
     assert failed["exec:exits/s2/go"]["returncode"] == 3
     assert failed["exec:exits/s2/go"]["message"] == "step go exited with status 3"
@@ -486,7 +491,7 @@ def test_a_full_destination_disk_on_a_small_tmpfs(cluster, tmp_path):
             unit = f"strip {stem[1:]}\n".encode()
             assert out.read_bytes() == (unit * (300000 // len(unit) + 1))[:300000]
         assert not temporaries(results)
-        failed = {r["task"] for r in read_json_lines(path.parent / ".opf" / "trace.jsonl")
+        failed = {r["task"] for r in trace_rows(path.parent / ".opf")
                   if r["status"] == "failed"}
         assert failed == {f"s{i}" for i in range(1, 7)} - {p.stem for p in written}
     finally:
@@ -609,7 +614,7 @@ def test_cli_a_killed_engine_s_task_is_staged_again_elsewhere(cluster, tmp_path)
         assert f"engine {victim_id} was lost; 1 task goes to other engines" in proc.stderr
         assert summary_value(proc.stderr, "engines lost") == "1 (1 task moved)"
         assert summary_value(proc.stderr, "retried") == "0"
-        rows = read_json_lines(path.parent / ".opf" / "trace.jsonl")
+        rows = trace_rows(path.parent / ".opf")
         lost = [r for r in rows if r["status"] == "lost"]
         assert len(lost) == 1 and lost[0]["engine"] == victim_id
         assert lost[0]["kind"] == "stage" and lost[0]["job"] == "slow"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import hosts as hostlib
 import pytest
-from conftest import REPO, files_under, write_pipeline
+from conftest import REPO, files_under, last_run, write_pipeline
 from hosts import Host, Hosts, missing
 
 WHY = missing()
@@ -143,7 +143,7 @@ def opf(*args: str) -> list[str]:
 
 
 def trace(state: Path) -> list[dict]:
-    return [json.loads(line) for line in (state / "trace.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in (last_run(state) / "trace.jsonl").read_text().splitlines()
             if line]
 
 

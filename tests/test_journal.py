@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import files_under, read_json_lines, write_pipeline
+from conftest import files_under, trace_rows, write_pipeline
 
 from opals_dsl.api import compile_file
 from opals_dsl.run import session
@@ -124,7 +124,7 @@ def test_a_second_run_skips_all_and_a_change_reruns_only_what_depends_on_it(tmp_
     second = run(path, state, scratch)
     assert (second.done, second.skipped, second.exit_code) == (0, 8, 0)
     assert snapshot(results) == before  # nothing was rewritten
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     assert {r["status"] for r in rows if r["task"]} == {"skipped"}
 
     later(path.parent / "data" / "s2.txt", "strip 2, measured again\n")
@@ -416,7 +416,7 @@ def test_cli_nothing_to_run_starts_no_cluster(cluster, tmp_path):
     assert "chain: all tasks unchanged, none run" in proc.stderr
     assert not (folder / ".opf" / "cluster.json").exists()
     assert snapshot(folder / "results") == before
-    rows = read_json_lines(folder / ".opf" / "trace.jsonl")
+    rows = trace_rows(folder / ".opf")
     assert rows and {r["status"] for r in rows} == {"skipped"}
     assert all(r["start"] is None for r in rows)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EngineCluster, read_json_lines, write_pipeline
+from conftest import EngineCluster, last_run, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
@@ -122,8 +122,8 @@ def run(cluster: EngineCluster, tmp_path_factory: pytest.TempPathFactory) -> Run
         summary = session.run(plan, executor=executor, state_dir=state, resume=False,
                               keep_going=True,
                            skip=lambda ref: ref.job == "extra" and ref.task == "old")
-    trace = read_json_lines(state / "trace.jsonl")
-    html = write_report(state, folder / "report.html", plan)
+    trace = read_json_lines(last_run(state) / "trace.jsonl")
+    html = write_report(last_run(state), folder / "report.html", plan)
     return Run(path, plan, state, summary, trace, html)
 
 
@@ -242,7 +242,8 @@ def test_failures_are_listed_with_their_log(run: Run) -> None:
     assert (retried["final"], retried["outcome"], retried["step"]) == (False, "done", "second")
     final = fails[("broken", "0", 0)]
     assert final["final"] and final["step"] == "bad"
-    assert final["log"] == str((run.state / "logs" / "broken" / "0" / "bad.log").resolve())
+    assert final["log"] == str((last_run(run.state) / "logs" / "broken" / "0" / "bad.log")
+                               .resolve())
     assert "the input was unreadable" in final["tail"]
     assert "the input was unreadable" in run.text
     assert "failed for good" in run.text
@@ -293,8 +294,7 @@ def test_report_command_from_the_pipeline_file_and_from_the_state_folder(
     assert "opf report FILE" in page  # no plan without the pipeline file: says how to get it
 
     moved = tmp_path / "elsewhere"
-    shutil.copytree(run.state / "logs", moved / "logs")
-    shutil.copy(run.state / "trace.jsonl", moved / "trace.jsonl")
+    shutil.copytree(run.state / "runs", moved / "runs")
     out3 = tmp_path / "state-option.html"
     assert opf_report(str(run.pipeline), "--state", str(moved), "-o", str(out3)) == 0
     assert embedded_data(out3.read_text(encoding="utf-8"))["summary"] == run.data["summary"]
@@ -305,7 +305,7 @@ def test_report_command_without_a_trace(tmp_path: Path,
     out = tmp_path / "r.html"
     assert opf_report(str(tmp_path), "-o", str(out)) == 2
     err = capsys.readouterr().err
-    assert "no trace" in err and str(tmp_path) in err
+    assert f"no run recorded in {tmp_path}" in err
     assert not out.exists()
     assert opf_report(str(tmp_path / "nothing-here"), "-o", str(out)) == 2
     assert "neither a pipeline file nor" in capsys.readouterr().err

@@ -21,7 +21,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
+from conftest import (
+    EngineCluster,
+    files_under,
+    last_run,
+    trace_rows,
+    write_pipeline,
+)
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
@@ -118,9 +124,9 @@ def test_chain_map_and_gather_deliver_outputs_flat_and_by_step(cluster, tmp_path
     merged = (results / "all" / "all.txt").read_text().splitlines()
     assert merged == [f"copied:copied:copied:strip {i}" for i in range(1, 7)]
     for i in range(1, 7):
-        assert (state / "logs" / "down" / f"s{i}" / "second.log").is_file()
+        assert (last_run(state) / "logs" / "down" / f"s{i}" / "second.log").is_file()
 
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     assert {r["status"] for r in rows} <= {"done", "cached"}
     # every node of the plan has a row, with the fields of the trace
     assert {r["node"] for r in rows} == set(plan.nodes)
@@ -191,7 +197,7 @@ def test_a_map_task_starts_when_its_own_upstream_task_is_done(cluster, tmp_path)
     state = tmp_path / "state"
     summary = run_on(cluster, compile_file(path), state)
     assert summary.exit_code == 0, summary.failures
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     start = {r["node"]: r["start"] for r in rows if r["task"]}
     end = {r["node"]: r["end"] for r in rows}
     # up/s2 sleeps 1.5 s; down/s1 needs only up/s1, so it ran meanwhile
@@ -233,7 +239,7 @@ def test_a_failed_attempt_is_retried_from_its_task_stage(cluster, tmp_path):
     assert summary.exit_code == 0, summary.failures
     assert (summary.done, summary.failed, summary.retried) == (2, 0, 2)
     assert sorted(retried) == [("work/s1", "exit", 5), ("work/s2", "exit", 5)]
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     flaky = sorted((r["task"], r["attempt"], r["status"]) for r in rows if r["kind"] == "exec")
     assert flaky == [("s1", 0, "failed"), ("s1", 1, "done"), ("s2", 0, "failed"), ("s2", 1, "done")]
     stages = sorted((r["task"], r["attempt"]) for r in rows if r["node"].startswith("stage:work/"))
@@ -279,7 +285,7 @@ def test_cli_failing_step_exits_1_and_reports_it(cluster, tmp_path):
     assert "FAILED work/s2: step convert" in err
     assert "exit status: 3" in err
     assert "| the input was unreadable" in err
-    log = state / "logs" / "work" / "s2" / "convert.log"
+    log = last_run(state) / "logs" / "work" / "s2" / "convert.log"
     assert f"full log: {log}" in err
     assert "about to fail" in log.read_text()
     kept = err.split("task folder kept: ")[1].splitlines()[0]
@@ -289,7 +295,7 @@ def test_cli_failing_step_exits_1_and_reports_it(cluster, tmp_path):
     assert (results / "s2.a").read_text() == "from an earlier run\n"
     assert not any(is_temp_name(p.name) for p in files_under(tmp_path / "p"))
     assert "all tasks done" not in err
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     assert any(r["node"] == "exec:work/s2/convert" and r["status"] == "failed" for r in rows)
     assert not any(r["node"] == "stage:after/s2" and r["status"] == "done" for r in rows)
     for r in rows:  # what ran completed
@@ -310,7 +316,7 @@ def test_cli_keep_going_runs_everything_not_depending_on_the_failure(cluster, tm
     assert got == {"s1.a", "s3.a", "after/s1.b", "after/s3.b"}
     assert "FAILED work/s2" in proc.stderr
     assert "not run (upstream failed)  1" in proc.stderr
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     assert {r["status"] for r in rows if r["task"] == "s2" and r["job"] == "after"} == {"blocked"}
 
 
@@ -323,7 +329,7 @@ def test_cli_success_on_cluster_file_and_scratch_option(cluster, tmp_path):
     assert "stream: all tasks done" in proc.stderr
     assert "done down/s2 on engine" in proc.stderr
     state = tmp_path / "p" / ".opf"  # the default state folder, beside the pipeline file
-    rows = read_json_lines(state / "trace.jsonl")
+    rows = trace_rows(state)
     assert {r["machine"].split(":", 1)[1] for r in rows} == {str(scratch.resolve())}
     job, = (scratch / "opf" / "stream" / "up").glob("*/.opf-staged")  # the job folder
     assert (job.parent / "tool.py").is_file()
@@ -358,7 +364,7 @@ def test_cli_a_file_named_like_an_option_is_copied_as_a_file(cluster, tmp_path):
     assert (results / "-n.copy").read_text() == "dash\n"
     assert (results / "-n.both").read_text() == "dash\ndash\n"
     assert (results / "s1.both").read_text() == "strip 1\nstrip 1\n"
-    logs = tmp_path / "p" / ".opf" / "logs" / "j" / "-n"
+    logs = last_run(tmp_path / "p" / ".opf") / "logs" / "j" / "-n"
     assert (logs / "copy.log").read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
     # the script names the values; they follow it as the shell's arguments
     assert (logs / "sh.log").read_text().startswith(
@@ -504,7 +510,7 @@ def test_consumed_results_are_dropped_from_the_client(cluster, tmp_path):
         assert len(client.metadata) < 50
         assert len(client._futures) < 50
         # batching: far fewer messages than tasks
-        rows = read_json_lines(tmp_path / "state" / "trace.jsonl")
+        rows = trace_rows(tmp_path / "state")
         assert len({r["engine"] for r in rows}) >= 2
     finally:
         executor.close()
@@ -540,7 +546,7 @@ def test_skipped_tasks_count_as_finished_downstream(tmp_path):
     assert asked[:3] == ["up/s1", "up/s2", "up/s3"]
     assert summary.failed >= 1
     assert summary.failures[0].kind == "stage"
-    rows = read_json_lines(tmp_path / "s" / "trace.jsonl")
+    rows = trace_rows(tmp_path / "s")
     assert {r["status"] for r in rows if r["job"] == "up"} == {"skipped"}
 
 

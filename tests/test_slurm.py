@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_pipeline
+from conftest import REPO, last_run, write_pipeline
 from hosts import Hosts, missing
 
 
@@ -249,7 +249,7 @@ def test_engines_run_as_a_slurm_job_and_the_queue_is_empty_after(slurm: Slurm, s
     m = re.search(r"ready in ([\d.]+) s", proc.stderr)
     print(f"\n2 engines as a Slurm job ready in {m.group(1) if m else '?'} s")
     state = shared / "p" / ".opf"
-    rows = [json.loads(line) for line in (state / "trace.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (last_run(state) / "trace.jsonl").read_text().splitlines()]
     assert {r["machine"].partition(":")[0] for r in rows} == {NODE}
     assert len({r["engine"] for r in rows}) == 2
     assert {p.name for p in marks.iterdir()} == {f"s{i}.txt@{NODE}" for i in range(1, 5)}

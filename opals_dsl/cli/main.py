@@ -2,11 +2,13 @@
 
 ``opf check FILE`` checks a pipeline (``--format json`` or ``github`` for tools), ``opf compile
 FILE`` prints its plan (summary, ``--dot``, ``--json``, ``--svg``; ``-o PATH`` is written whole or
-not at all), ``opf run FILE`` runs it (see :mod:`opals_dsl.cli.run`), ``opf fmt FILE...`` lays
-files out (see :mod:`opals_dsl.lang.fmt`). Exit statuses: 0 done, 1 a task failed (or, for ``opf fmt
---check``, a file would change), 2 the pipeline or the command line is invalid, 3 no cluster, 141
-stdout was closed early (``opf compile --json | head``: no message, the status a shell shows for
-a program that SIGPIPE ended).
+not at all), ``opf run FILE`` runs it (see :mod:`opals_dsl.cli.run`), ``opf report``, ``opf runs``
+and ``opf clean`` show and prune its runs' records (:mod:`opals_dsl.cli.report`,
+:mod:`opals_dsl.cli.runs`), ``opf fmt FILE...`` lays files out (see :mod:`opals_dsl.lang.fmt`).
+Exit statuses: 0 done, 1 a task failed (or, for ``opf fmt --check``, a file would change), 2
+the pipeline or the command line is invalid, 3 no cluster, 141 stdout was closed early (``opf
+compile --json | head``: no message, the status a shell shows for a program that SIGPIPE
+ended).
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write an HTML report of a run: timeline, summary, plan")
     report.add_arguments(p)
+
+    from . import runs as history
+
+    p = sub.add_parser("runs", help="list the recorded runs of a pipeline")
+    history.add_arguments(p, clean=False)
+    p = sub.add_parser("clean", help="remove old runs' records and the pipeline's scratch "
+                       "folder")
+    history.add_arguments(p, clean=True)
 
     from . import run as runcmd
 
@@ -273,6 +283,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import report
 
         return report.main(args)
+    if args.command in ("runs", "clean"):
+        from . import runs as history
+
+        return history.runs_main(args) if args.command == "runs" else history.clean_main(args)
     if args.command == "fmt":
         from . import fmt as formatter
 

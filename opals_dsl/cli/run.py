@@ -6,8 +6,9 @@ task failed or the run was stopped, 2 the pipeline or the command line is invali
 could not be started or reached (or every engine was lost), 130 interrupted.
 
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
-journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.run.journal`), the trace (``trace.jsonl``),
-the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
+journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.run.journal`), each run's records
+(``runs/<pipeline>/<N>/``: its summary, trace, step logs and report, :mod:`opals_dsl.plan.trace`),
+the embedded cluster's ipyparallel files and
 its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
 ``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.run.launchers`), and ``run.lock``, which keeps two runs
 from sharing one state folder.
@@ -113,9 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="report only failures")
     p.add_argument(
-        "--report", nargs="?", const="report.html", metavar="PATH",
+        "--report", nargs="?", const="", metavar="PATH",
         help="at the end, write an HTML report of the run (timeline, summary, plan) to PATH "
-        "(default: report.html)",
+        "(default: report.html in the run's records, .opf/runs/PIPELINE/N/)",
     )
 
 
@@ -180,10 +181,10 @@ def main(args: argparse.Namespace) -> int:
         listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
         guard=lambda roots: _guard_scratch(args.file, params, protected, plan, roots),
     )
-    if getattr(args, "report", None):
+    if getattr(args, "report", None) is not None and summary.records:
         from .report import write_report
 
-        path = write_report(state, Path(args.report), plan)
+        path = write_report(summary.records, Path(args.report) if args.report else None, plan)
         if not quiet:
             print(f"report: {path}")
     if summary.interrupted:

@@ -41,6 +41,20 @@ class Loaded:
         return self.pipeline.name.value if self.pipeline.name else self.path.stem
 
 
+def pipeline_name(path: str | Path) -> str:
+    """The name of the pipeline in a file (``pipeline NAME``, else the file's stem), read
+    without checking the rest: what its runs' records are kept under."""
+    path = Path(path)
+    source = SourceFile.read(path)
+    try:
+        tree = parse(source)
+    except OpfSyntaxError as exc:
+        tree = getattr(exc, "pipeline", None)
+        if tree is None:
+            raise
+    return tree.name.value if tree.name else path.stem
+
+
 def load(path: str | Path, params: Mapping[str, str] | None = None, *,
          protected: Protected | None = None) -> Loaded:
     """Parse and check a pipeline file; raises with every mistake found. ``protected``: where

@@ -1,9 +1,24 @@
-"""What a run leaves for later: the trace (one row per plan node and attempt) and the step logs.
+"""What a run leaves for later: its records — the trace (one row per plan node and attempt),
+the step logs, a summary and the report — one folder per run.
 
-The run (:mod:`opals_dsl.run.trace`, the engines) writes them into its state folder; the report
-(:mod:`opals_dsl.report`) and failure messages read them back. This module is the format both
-sides agree on: the trace's fields, where a step's log lies, and how the last lines of a log are
-read. Standard library only: engines import it.
+The run (:mod:`opals_dsl.run.trace`, :mod:`opals_dsl.run.history`, the engines) writes them
+into the state folder; the report (:mod:`opals_dsl.report`), ``opf runs`` and failure messages
+read them back. This module is the format both sides agree on: where a run's records lie, the
+trace's fields, where a step's log lies, and how the last lines of a log are read. Standard
+library only: engines import it.
+
+Layout (in the state folder, ``.opf`` beside the pipeline file by default)::
+
+    runs/<pipeline>/<N>/           the records of run N of a pipeline (1, 2, 3, ...)
+        run.json                   when it started and ended, its tasks done/skipped/failed,
+                                   its status and parameters
+        trace.jsonl                one row per plan node and attempt (TRACE_FIELDS)
+        logs/<job>/<task>/<step>.log   each step's output, starting with its command line
+        report.html                its report, once written (opf report, opf run --report)
+
+Pipelines are told apart by their name (``pipeline NAME``, or the file's stem), so two pipelines
+sharing one folder never mix their records, and a run that had nothing to do is a run of its own
+that leaves the one before as it was.
 """
 
 from __future__ import annotations
@@ -19,10 +34,45 @@ TRACE_FIELDS = ("node", "kind", "job", "task", "step", "engine", "machine", "sta
                 "status", "bytes", "attempt")
 #: how many lines of a failed step's log a failure carries
 TAIL_LINES = 20
-#: the trace's file name in a run's state folder
+#: the trace's file name in a run's records
 TRACE_FILE = "trace.jsonl"
+#: the summary's file name in a run's records
+RUN_FILE = "run.json"
+#: the report's file name in a run's records
+REPORT_FILE = "report.html"
+#: the folder of the runs' records in a state folder
+RUNS_FOLDER = "runs"
 #: how much of the end of a log is read for its last lines
 _TAIL_BYTES = 64 * 1024
+
+
+def safe_name(pipeline: str) -> str:
+    """A pipeline's name as one folder or file name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in pipeline) or "pipeline"
+
+
+def runs_folder(state: str | Path, pipeline: str) -> Path:
+    """The folder of ``pipeline``'s runs in a state folder (``runs/<pipeline>``)."""
+    return Path(state) / RUNS_FOLDER / safe_name(pipeline)
+
+
+def run_numbers(state: str | Path, pipeline: str) -> list[int]:
+    """The numbers of the runs of ``pipeline`` recorded in a state folder, in order."""
+    try:
+        names = os.listdir(runs_folder(state, pipeline))
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and n == str(int(n)))
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The summary (``run.json``) of the run whose records are in ``folder``; {} if none."""
+    try:
+        with open(Path(folder) / RUN_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def log_path(logs: str | Path, job: str, task: str, step: str) -> Path:

@@ -76,6 +76,8 @@ class RunSummary:
     no_engines: bool = False
     failures: list[TaskFailure] = field(default_factory=list)
     trace: str | None = None
+    #: the folder of the run's records (trace, logs, summary, report)
+    records: str | None = None
     trace_error: str | None = None  # the trace could not be written
 
     @property

@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..plan import model
 from ..plan.model import Task
+from ..plan.trace import safe_name
 from ..plan.wire import Receipt, Stat, TaskResult
 from .events import RunListener, RunSummary, TaskFailure
 from .fsatomic import remove_abandoned_temporaries, write_atomic
@@ -98,8 +99,7 @@ _ENCODE_SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
 
 def journal_path(state_dir: str | Path, pipeline: str) -> Path:
     """Where the journal of ``pipeline`` lives in a state folder."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in pipeline) or "pipeline"
-    return Path(state_dir) / "journal" / f"{safe}.jsonl"
+    return Path(state_dir) / "journal" / f"{safe_name(pipeline)}.jsonl"
 
 
 class Journal(RunListener):

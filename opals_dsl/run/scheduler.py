@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..plan import model
 from ..plan.model import Task
-from ..plan.trace import TAIL_LINES, log_path
+from ..plan.trace import TAIL_LINES, TRACE_FILE, log_path
 from ..plan.trace import tail as read_tail
 from ..plan.wire import (
     Failure,
@@ -178,6 +178,7 @@ class Scheduler:
         executor: Executor,
         *,
         state_dir: str | Path,
+        records: str | Path | None = None,
         scratch: str | None = None,
         keep_going: bool = False,
         skip: Callable[[Task], bool] | None = None,
@@ -198,7 +199,9 @@ class Scheduler:
         self.info = model.info(plan)
         self.executor = executor
         self.state_dir = Path(state_dir)
-        self.logs = self.state_dir / "logs"
+        #: where the trace and the step logs go: the run's records (default: the state folder)
+        self.records = Path(records) if records is not None else self.state_dir
+        self.logs = self.records / "logs"
         # the executor may have been told the scratch root when it identified its engines
         self.scratch = scratch if scratch is not None else getattr(executor, "scratch", None)
         self.keep_going = keep_going
@@ -252,8 +255,8 @@ class Scheduler:
     def run(self) -> RunSummary:
         s = self.summary
         s.started = time.time()
-        self.trace = TraceWriter(self.state_dir / "trace.jsonl")
-        s.trace = str(self.trace.path)
+        self.trace = TraceWriter(self.records / TRACE_FILE)
+        s.trace, s.records = str(self.trace.path), str(self.records)
         self.listener.run_started(len(self.tasks), dict(self.engines))
         try:
             self._make_ready([i for i in range(len(self.tasks)) if self.pending[i] == 0])

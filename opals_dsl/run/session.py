@@ -40,6 +40,7 @@ from .connect import open_cluster
 from .events import Listeners, RunListener, RunSummary, new_run_id
 from .executor import Executor, LocalExecutor
 from .fsatomic import remove_abandoned_temporaries
+from .history import RunRecords
 from .journal import Journal
 from .resume import Resume
 from .scheduler import Scheduler
@@ -217,7 +218,7 @@ def run(
     state = Path(state_dir)
     listener = listener or RunListener()
     interrupts = Interrupts()
-    with lock_state(state), interrupts.installed(signals):
+    with lock_state(state), interrupts.installed(signals), contextlib.ExitStack() as stack:
         if executor is None:  # its engines may still be copying back: first stop them
             stop_leftover_cluster(state)
         remove_stale_temporaries(plan)
@@ -233,12 +234,14 @@ def run(
                 to_run = sum(1 for d in decisions if d.run)
                 listener.resuming(to_run, len(decisions) - to_run)
             run_id = policy.pop("run_id", None) or new_run_id()
+            records = stack.enter_context(
+                RunRecords(state, plan, total=len(tasks), to_run=to_run))
 
             def schedule(engines: Executor) -> RunSummary:
                 scheduler = Scheduler(
-                    plan, engines, state_dir=state, scratch=scratch, keep_going=keep_going,
-                    skip=decider.skip if decider is not None else skip,
-                    listener=Listeners([journal, listener, TemporarySweeper(plan)]),
+                    plan, engines, state_dir=state, records=records.folder, scratch=scratch,
+                    keep_going=keep_going, skip=decider.skip if decider is not None else skip,
+                    listener=Listeners([journal, listener, TemporarySweeper(plan), records]),
                     retries=retries, checksum=checksum, tasks=tasks, run_id=run_id,
                     stamp=journal.stamp if journal is not None else None,
                     start=decider.start_of if decider is not None else None, **policy,

@@ -1,0 +1,103 @@
+"""``opf runs FILE`` lists a pipeline's recorded runs; ``opf clean FILE`` removes old ones, and
+the pipeline's scratch folder on this machine (job folders, task folders kept after failures).
+
+Both find the runs by the pipeline's name (read from FILE without checking the rest of it) in
+the state folder beside it, or ``--state``. The records' layout: :mod:`opals_dsl.plan.trace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from ..lang.protect import default_scratch
+from ..run import history
+from ..units import format_duration
+from .common import state_dir
+
+
+def add_arguments(p: argparse.ArgumentParser, *, clean: bool) -> None:
+    """Add the arguments of ``opf runs`` or (``clean``) ``opf clean`` to its subparser."""
+    p.add_argument("file", help="the pipeline file (.opf)")
+    p.add_argument("--state", metavar="DIR",
+                   help="the runs' state folder, when FILE was run with --state")
+    if not clean:
+        return
+    p.add_argument("--keep", type=int, default=5, metavar="K",
+                   help="keep the records of the last K runs (default: 5) and always those "
+                   "of the last run that did work")
+    p.add_argument("--scratch", metavar="DIR",
+                   help="the scratch root the runs used (default: $OPF_SCRATCH, else the "
+                   "system temp folder)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="remove nothing; list what would be removed")
+
+
+def _found(args: argparse.Namespace) -> tuple[str, Path, list[history.PastRun]]:
+    from ..lang.compile import pipeline_name
+
+    name = pipeline_name(args.file)
+    state = state_dir(args.file, getattr(args, "state", None))
+    return name, state, history.runs(state, name)
+
+
+def _when(stamp: object) -> str:
+    if not isinstance(stamp, int | float):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def runs_main(args: argparse.Namespace) -> int:
+    """``opf runs``: one line per recorded run, and which one ``opf report`` shows."""
+    name, state, found = _found(args)
+    if not found:
+        print(f"no run of {name} recorded in {state}")
+        return 0
+    print(f"{'run':>4}  {'started':<19}  {'took':>10}  {'tasks':>5}  {'done':>5}  "
+          f"{'skipped':>7}  {'failed':>6}  status")
+    for r in found:
+        d = r.data
+        start, end = d.get("started"), d.get("finished")
+        took = (format_duration(end - start) if isinstance(start, int | float)
+                and isinstance(end, int | float) else "-")
+        print(f"{r.number:>4}  {_when(start):<19}  {took:>10}  {d.get('tasks', '?'):>5}  "
+              f"{d.get('done', '?'):>5}  {d.get('skipped', '?'):>7}  {d.get('failed', '?'):>6}"
+              f"  {r.status}")
+    shown = history.pick(found)
+    if shown is not None:
+        print(f"opf report shows run {shown.number} (--run N for another); its records: "
+              f"{shown.folder}")
+    return 0
+
+
+def clean_main(args: argparse.Namespace) -> int:
+    """``opf clean``: remove old runs' records and this pipeline's scratch folder."""
+    from ..errors import UsageError
+    from ..run.session import lock_state
+
+    if args.keep < 0:
+        raise UsageError("--keep takes a number of runs, 0 or more")
+    name, state, found = _found(args)
+    scratch = (os.path.abspath(os.path.expanduser(args.scratch)) if args.scratch
+               else default_scratch())
+    lines = [f"records of run {r.number} ({r.status}): {r.folder}"
+             for r in history.prunable(found, args.keep)]
+    paths = [r.folder for r in history.prunable(found, args.keep)]
+    folder = Path(scratch) / "opf" / history.safe_name(name)
+    if folder.is_dir():
+        lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
+        paths.append(folder)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.dry_run:
+        for line in lines:
+            print(f"{verb} {line}")
+    elif paths:
+        with lock_state(state):  # never under a run that is going on
+            history.remove(paths)
+        for line in lines:
+            print(f"{verb} {line}")
+    if not lines:
+        print(f"nothing to clean for {name}")
+    return 0

@@ -1,0 +1,176 @@
+"""A pipeline's runs: each run's records in a folder of its own, and the history of them.
+
+In: the state folder, the plan (its pipeline's name and parameters) and the scheduler's events.
+Out: the folder ``runs/<pipeline>/<N>/`` of each run (the layout is in
+:mod:`opals_dsl.plan.trace`), its summary ``run.json``, and what ``opf runs`` lists, ``opf
+report`` picks and ``opf clean`` removes.
+
+``run.json``
+    ``{"run": N, "pipeline": ..., "source": ..., "params": {...}, "pid": ..., "host": ...,
+    "started": ..., "finished": ..., "tasks": ..., "to_run": ..., "done": ..., "skipped":
+    ..., "failed": ..., "not_run": ..., "status": ...}``, written (whole, by a rename) when the
+    run starts, with status ``running``, and again when it ends, with its counts and one of
+    ``done``, ``failed``, ``stopped`` (tasks left undone), ``interrupted``, ``unchanged``
+    (nothing to do) or ``error`` (it could not start, e.g. no cluster). A run still
+    ``running`` whose process is gone was killed.
+
+Run numbers are given under the state folder's lock (:func:`opals_dsl.run.session.lock_state`)
+and never reused while a higher one is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..plan import model
+from ..plan.trace import RUN_FILE, read_run, run_numbers, runs_folder, safe_name
+from .events import RunListener, RunSummary
+from .fsatomic import write_atomic
+from .paths import remove_tree
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+__all__ = ["PastRun", "RunRecords", "outcome", "pick", "prunable", "remove", "runs",
+           "safe_name"]
+
+#: the status of a run still going on (or killed while it did)
+RUNNING = "running"
+
+
+def outcome(summary: RunSummary, to_run: int) -> str:
+    """A finished run's status, in one word."""
+    if summary.interrupted:
+        return "interrupted"
+    if summary.failed:
+        return "failed"
+    if summary.not_run or summary.blocked or summary.no_engines:
+        return "stopped"
+    return "done" if to_run else "unchanged"
+
+
+class RunRecords(RunListener):
+    """The records of one run: a new numbered folder, its ``run.json`` written when the run
+    starts and completed when it ends (a context manager: a run that raises is ``error``, or
+    ``interrupted`` on Ctrl-C)."""
+
+    def __init__(self, state: str | Path, plan: nx.DiGraph, *, total: int, to_run: int) -> None:
+        info = model.info(plan)
+        base = runs_folder(state, info.pipeline)
+        base.mkdir(parents=True, exist_ok=True)
+        numbers = run_numbers(state, info.pipeline)
+        number = (numbers[-1] if numbers else 0) + 1
+        while True:  # a folder that is not a run's (no summary) is skipped, never reused
+            try:
+                (base / str(number)).mkdir()
+                break
+            except FileExistsError:
+                number += 1
+        self.folder = base / str(number)
+        self.to_run = to_run
+        self.data: dict[str, Any] = {
+            "run": number, "pipeline": info.pipeline, "source": info.source,
+            "params": dict(info.params), "pid": os.getpid(), "host": socket.gethostname(),
+            "started": round(time.time(), 3), "finished": None, "tasks": total,
+            "to_run": to_run, "done": 0, "skipped": 0, "failed": 0, "not_run": 0,
+            "status": RUNNING,
+        }
+        self._write()
+
+    def _write(self) -> None:
+        text = json.dumps(self.data, ensure_ascii=False, indent=1) + "\n"
+        with contextlib.suppress(OSError):  # the trace says what ran; the run goes on
+            write_atomic(str(self.folder / RUN_FILE), text.encode("utf-8", "surrogateescape"))
+
+    def run_finished(self, summary: RunSummary) -> None:
+        self.data.update(
+            finished=round(time.time(), 3), done=summary.done, skipped=summary.skipped,
+            failed=summary.failed, not_run=summary.not_run + summary.blocked,
+            status=outcome(summary, self.to_run))
+        self._write()
+
+    def __enter__(self) -> RunRecords:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None and self.data["status"] == RUNNING:
+            self.data["finished"] = round(time.time(), 3)
+            self.data["status"] = "interrupted" if issubclass(kind, KeyboardInterrupt) \
+                else "error"
+            self._write()
+
+
+@dataclass(frozen=True, slots=True)
+class PastRun:
+    """A run as its records tell it: ``number``, ``folder`` and its ``run.json`` (``data``)."""
+
+    number: int
+    folder: Path
+    data: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        """The recorded status; ``killed`` for a run that never ended (its process is gone)."""
+        status = str(self.data.get("status") or "unknown")
+        if status == RUNNING and not _alive(self.data):
+            return "killed"
+        return status
+
+    @property
+    def did_work(self) -> bool:
+        """True unless the run had nothing to do."""
+        return self.data.get("to_run") != 0
+
+
+def runs(state: str | Path, pipeline: str) -> list[PastRun]:
+    """The runs of ``pipeline`` recorded in a state folder, oldest first."""
+    base = runs_folder(state, pipeline)
+    return [PastRun(n, base / str(n), read_run(base / str(n)))
+            for n in run_numbers(state, pipeline)]
+
+
+def pick(found: list[PastRun], number: int | None = None) -> PastRun | None:
+    """Run ``number``, or else the last run that did work (the last run if none did)."""
+    if number is not None:
+        return next((r for r in found if r.number == number), None)
+    worked = [r for r in found if r.did_work]
+    return (worked or found or [None])[-1]
+
+
+def prunable(found: list[PastRun], keep: int) -> list[PastRun]:
+    """The runs ``opf clean --keep KEEP`` removes: all but the last ``keep``, the last run that
+    did work (what ``opf report`` shows) and any run still going on."""
+    spared = {r.number for r in found[len(found) - keep:]} if keep > 0 else set()
+    last = pick(found)
+    if last is not None:
+        spared.add(last.number)
+    return [r for r in found if r.number not in spared and r.status != RUNNING]
+
+
+def remove(paths: list[Path]) -> None:
+    """Remove folders (run records, scratch folders), read-only ones too."""
+    for path in paths:
+        remove_tree(str(path))
+
+
+def _alive(data: dict[str, Any]) -> bool:
+    """Does the process of a run still run (the same process: not one that got its id)?"""
+    import psutil
+
+    pid, started = data.get("pid"), data.get("started")
+    if data.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True  # cannot tell from here
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return not isinstance(started, int | float) or created <= started + 1.0

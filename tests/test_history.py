@@ -1,0 +1,189 @@
+"""A run's records: one folder per run and pipeline (trace, step logs, summary, report), so two
+pipelines in one folder never mix and a run with nothing to do leaves the last real one as it
+was; ``opf report`` (which run, where the page goes), ``opf runs`` and ``opf clean``.
+
+Runs go through :func:`opals_dsl.run.session.run` with the in-process executor (real files,
+real step processes) and through ``opf`` on the session cluster (tests/conftest.py); the
+commands are called as the command line calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_pipeline
+
+from opals_dsl.api import compile_file
+from opals_dsl.cli import main as opf_main
+from opals_dsl.run import session
+from opals_dsl.run.executor import LocalExecutor
+
+#: two pipelines with the same job, task and step names, each writing its own word
+PIPELINE = """
+pipeline NAME
+
+job work for s in "data/*.txt" {
+    shared tool = "tool.py"
+    output "results_NAME" flat
+    step make {
+        out a = "{s.stem}.a"
+        run python {tool} COMMAND
+    }
+}
+"""
+
+
+def two_pipelines(folder: Path) -> tuple[Path, Path]:
+    tiles = write_pipeline(folder, PIPELINE.replace("NAME", "tiles").replace(
+        "COMMAND", "copy {s} {a}"), name="tiles.opf", inputs=3)
+    strips = write_pipeline(folder, PIPELINE.replace("NAME", "strips").replace(
+        "COMMAND", "merge {a} {s} {s}"), name="strips.opf", inputs=3)
+    return tiles, strips
+
+
+def run(path: Path, **kwargs):
+    return session.run(compile_file(path), executor=LocalExecutor([str(path.parent / "m")]),
+                       state_dir=path.parent / ".opf", **kwargs)
+
+
+def opf(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``opf ARGV...`` as the command line runs it: exit status, stdout, stderr."""
+    status = opf_main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def page_data(path: Path) -> dict:
+    found = re.search(r'<script type="application/json" id="opf-data">(.*?)</script>',
+                      path.read_text(encoding="utf-8"), re.DOTALL)
+    assert found
+    return json.loads(found.group(1))
+
+
+def test_two_pipelines_in_one_folder_keep_their_own_records(tmp_path, capsys, monkeypatch):
+    tiles, strips = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).done == 3
+    assert run(strips).done == 3
+    state = tmp_path / ".opf"
+    tile_log = state / "runs" / "tiles" / "1" / "logs" / "work" / "s1" / "make.log"
+    strip_log = state / "runs" / "strips" / "1" / "logs" / "work" / "s1" / "make.log"
+    assert "copy s1.txt s1.a" in tile_log.read_text()  # not overwritten by the other's
+    assert "merge s1.a s1.txt s1.txt" in strip_log.read_text()
+
+    status, out, _ = opf(capsys, "report", "tiles.opf")
+    page = state / "runs" / "tiles" / "1" / "report.html"
+    assert status == 0 and out == f"opf: report written to {page}\n"
+    assert not (tmp_path / "report.html").exists()  # the report goes with the run's records
+    data = page_data(page)
+    assert data["pipeline"] == "tiles" and data["summary"]["done"] == 3
+
+    # a run with nothing to do is a run of its own: the report still shows the one that worked
+    again = run(tiles)
+    assert (again.done, again.skipped) == (0, 3)
+    assert again.records == str(state / "runs" / "tiles" / "2")
+    status, _, _ = opf(capsys, "report", "tiles.opf", "-o", str(tmp_path / "last.html"))
+    assert status == 0 and page_data(tmp_path / "last.html")["summary"]["done"] == 3
+    status, _, _ = opf(capsys, "report", "tiles.opf", "--run", "2", "-o",
+                       str(tmp_path / "two.html"))
+    summary = page_data(tmp_path / "two.html")["summary"]
+    assert status == 0 and (summary["done"], summary["skipped"]) == (0, 3)
+    status, _, err = opf(capsys, "report", "tiles.opf", "--run", "7")
+    assert status == 2 and f"no run 7 of tiles is recorded in {state} (runs 1 to 2" in err
+
+    status, out, _ = opf(capsys, "runs", "tiles.opf")
+    lines = out.splitlines()
+    assert status == 0 and lines[0].split() == [
+        "run", "started", "took", "tasks", "done", "skipped", "failed", "status"]
+    assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
+    assert lines[1].split()[-5:] == ["3", "3", "0", "0", "done"]
+    assert lines[2].split()[-5:] == ["3", "0", "3", "0", "unchanged"]
+    assert lines[3].startswith("opf report shows run 1 ")
+    # a state folder of two pipelines: the report asks which
+    status, _, err = opf(capsys, "report", str(state))
+    assert status == 2 and "holds the runs of 2 pipelines (strips, tiles)" in err
+
+
+def test_report_where_nothing_ran_names_the_pipeline_and_the_folder(tmp_path, capsys,
+                                                                     monkeypatch):
+    tiles, _ = two_pipelines(tmp_path)
+    (tmp_path / "strips.opf").unlink()
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / ".opf"
+    status, out, err = opf(capsys, "report")
+    assert status == 2 and out == ""
+    assert err == f"opf: error: no run of tiles recorded in {state}; run it with 'opf run' " \
+                  "first\n"
+    status, _, err = opf(capsys, "report", "tiles.opf")
+    assert status == 2 and f"no run of tiles recorded in {state}" in err
+    status, _, err = opf(capsys, "runs", "tiles.opf")
+    assert status == 0
+
+
+def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypatch):
+    tiles, strips = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "m"
+    assert run(tiles).done == 3
+    assert run(tiles, force=True).done == 3
+    assert run(tiles).skipped == 3
+    assert run(strips).done == 3
+    runs = tmp_path / ".opf" / "runs"
+    # a task that fails keeps its folder in the scratch space
+    tiles.write_text(tiles.read_text().replace("copy {s} {a}", "fail 3"))
+    assert run(tiles).failed >= 1
+    kept = [p for p in (scratch / "opf" / "tiles").rglob("s1") if p.is_dir()]
+    assert kept, "the failed task's folder is kept"
+
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--dry-run",
+                         "--scratch", str(scratch))
+    assert status == 0
+    assert out.splitlines() == [
+        f"would remove records of run 1 (done): {runs / 'tiles' / '1'}",
+        f"would remove records of run 2 (done): {runs / 'tiles' / '2'}",
+        f"would remove records of run 3 (unchanged): {runs / 'tiles' / '3'}",
+        f"would remove scratch folder of tiles (job folders, kept task folders): "
+        f"{scratch / 'opf' / 'tiles'}"]
+    assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["1", "2", "3", "4"]
+
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch",
+                         str(scratch))
+    assert status == 0 and out.splitlines()[0].startswith("removed records of run 1 ")
+    # the last run stays; the other pipeline is untouched
+    assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["4"]
+    assert not (scratch / "opf" / "tiles").exists()
+    assert (scratch / "opf" / "strips").is_dir()
+    assert sorted(p.name for p in (runs / "strips").iterdir()) == ["1"]
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch",
+                         str(scratch))
+    assert out == "nothing to clean for tiles\n"
+    # a run with nothing to do never pushes out the last run that did work
+    tiles.write_text(tiles.read_text().replace("fail 3", "copy {s} {a}"))
+    assert run(tiles).done >= 1
+    assert run(tiles).skipped == 3
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch",
+                         str(scratch))
+    assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["5", "6"]
+    # the next run gets a number of its own
+    assert run(tiles).records == str(runs / "tiles" / "7")
+
+
+def test_cli_run_report_goes_into_the_runs_records(cluster, tmp_path):
+    tiles, _ = two_pipelines(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "opals_dsl", "run", "tiles.opf", "--cluster-file",
+         str(cluster.client_file), "--report"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    page = tmp_path / ".opf" / "runs" / "tiles" / "1" / "report.html"
+    assert f"report: {page}\n" in proc.stdout
+    assert page_data(page)["summary"]["done"] == 3
+    assert not (tmp_path / "report.html").exists()
+    record = json.loads((page.parent / "run.json").read_text())
+    assert (record["run"], record["status"], record["done"], record["tasks"]) == (
+        1, "done", 3, 3)
