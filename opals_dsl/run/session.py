@@ -12,10 +12,12 @@ What a run does, in order
     3. Opens the journal (:mod:`.journal`) and decides which tasks are unchanged
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
        no embedded cluster is started.
-    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
+    4. Opens the run's records (:class:`~opals_dsl.run.history.RunRecords`: the folder
+       ``runs/<pipeline>/<N>/`` for its trace, step logs and summary).
+    5. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
        ``guard`` look at the engines' scratch roots, and schedules the plan
-       (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
-       finishes, the listener shows progress.
+       (:class:`~opals_dsl.run.scheduler.Scheduler`; tasks resumed at a later step start
+       there); the journal records every task that finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
 ``warning``; errors that stop the run before anything runs are raised as
