@@ -634,7 +634,8 @@ def test_progress_lines_off_a_terminal(tmp_path):
     assert "done work/s1 on engine 0" in text and "done after/s3 on engine 0" in text
     assert "FAILED work/s2: step convert\n  step convert exited with status 3\n" in text
     assert "    | about to fail\n    | the input was unreadable\n" in text
-    assert f"  full log: {tmp_path / 's' / 'logs' / 'work' / 's2' / 'convert.log'}\n" in text
+    log = last_run(tmp_path / "s") / "logs" / "work" / "s2" / "convert.log"
+    assert f"  full log: {log}\n" in text
     assert "  task folder kept: " in text
     assert "failing: 1 task failed\n" in text
     assert "  not run (upstream failed)  1\n" in text
