@@ -10,12 +10,10 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+from conftest import EXAMPLES, REPO
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "examples").glob("*.opf"))
 
 
 def test_each_kind_reads_back_what_it_writes() -> None:
