@@ -11,12 +11,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import REPO, write_pipeline
 
 import opals_dsl as opf
-from conftest import REPO, write_pipeline
 from opals_dsl.runtime.events import RunListener
 
 PIPELINE = """

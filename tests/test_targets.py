@@ -10,10 +10,10 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+from conftest import write_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_pipeline
 from opals_dsl.errors import UsageError
 from opals_dsl.lang.compile import compile_file
 from opals_dsl.plan import model
