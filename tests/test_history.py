@@ -2,7 +2,7 @@
 pipelines in one folder never mix and a run with nothing to do leaves the last real one as it
 was; ``opf report`` (which run, where the page goes), ``opf runs`` and ``opf clean``.
 
-Runs go through :func:`opals_dsl.run.session.run` with the in-process executor (real files,
+Runs go through :func:`opals_dsl.runtime.session.run` with the in-process executor (real files,
 real step processes) and through ``opf`` on the session cluster (tests/conftest.py); the
 commands are called as the command line calls them.
 """
@@ -20,8 +20,8 @@ from conftest import write_pipeline
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.run import session
-from opals_dsl.run.executor import LocalExecutor
+from opals_dsl.runtime import session
+from opals_dsl.runtime.executor import LocalExecutor
 
 #: two pipelines with the same job, task and step names, each writing its own word
 PIPELINE = """

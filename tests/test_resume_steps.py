@@ -4,7 +4,7 @@ staged from their destinations instead of made again; where such an output is ``
 whole task runs, and the reason says why.
 
 Steps append a line to a ledger file, so the tests see which steps really ran. Runs go through
-:func:`opals_dsl.run.session.run` with the in-process executor (real files, real step
+:func:`opals_dsl.runtime.session.run` with the in-process executor (real files, real step
 processes) and through ``opf`` on the session cluster (tests/conftest.py).
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 from conftest import read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.executor import LocalExecutor
-from opals_dsl.run.journal import Journal
-from opals_dsl.run.resume import Resume
+from opals_dsl.runtime import session
+from opals_dsl.runtime.executor import LocalExecutor
+from opals_dsl.runtime.journal import Journal
+from opals_dsl.runtime.resume import Resume
 
 STEPTOOL = """
 import sys

@@ -18,8 +18,8 @@ from .. import report
 from ..errors import ReportError, UsageError
 from ..lang.protect import STATE_FOLDER
 from ..plan.trace import REPORT_FILE, RUNS_FOLDER, TRACE_FILE
-from ..run import history
-from ..run.fsatomic import output_target, write_atomic
+from ..runtime import history
+from ..runtime.fsatomic import output_target, write_atomic
 from .common import parse_params, state_dir
 
 if TYPE_CHECKING:

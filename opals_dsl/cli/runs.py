@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..lang.protect import default_scratch
-from ..run import history
+from ..runtime import history
 from ..units import format_duration
 from .common import state_dir
 
@@ -75,7 +75,7 @@ def runs_main(args: argparse.Namespace) -> int:
 def clean_main(args: argparse.Namespace) -> int:
     """``opf clean``: remove old runs' records and this pipeline's scratch folder."""
     from ..errors import UsageError
-    from ..run.session import lock_state
+    from ..runtime.session import lock_state
 
     if args.keep < 0:
         raise UsageError("--keep takes a number of runs, 0 or more")

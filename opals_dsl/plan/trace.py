@@ -1,11 +1,11 @@
 """What a run leaves for later: its records — the trace (one row per plan node and attempt),
 the step logs, a summary and the report — one folder per run.
 
-The run (:mod:`opals_dsl.run.trace`, :mod:`opals_dsl.run.history`, the engines) writes them
-into the state folder; the report (:mod:`opals_dsl.report`), ``opf runs`` and failure messages
-read them back. This module is the format both sides agree on: where a run's records lie, the
-trace's fields, where a step's log lies, and how the last lines of a log are read. Standard
-library only: engines import it.
+The run (:mod:`opals_dsl.runtime.trace`, :mod:`opals_dsl.runtime.history`, the engines) writes
+them into the state folder; the report (:mod:`opals_dsl.report`), ``opf runs`` and failure
+messages read them back. This module is the format both sides agree on: where a run's records
+lie, the trace's fields, where a step's log lies, and how the last lines of a log are read.
+Standard library only: engines import it.
 
 Layout (in the state folder, ``.opf`` beside the pipeline file by default)::
 

@@ -14,7 +14,7 @@ report`` picks and ``opf clean`` removes.
     (nothing to do) or ``error`` (it could not start, e.g. no cluster). A run still
     ``running`` whose process is gone was killed.
 
-Run numbers are given under the state folder's lock (:func:`opals_dsl.run.session.lock_state`)
+Run numbers are given under the state folder's lock (:func:`opals_dsl.runtime.session.lock_state`)
 and never reused while a higher one is kept.
 """
 
