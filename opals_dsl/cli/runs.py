@@ -82,10 +82,10 @@ def clean_main(args: argparse.Namespace) -> int:
     name, state, found = _found(args)
     scratch = (os.path.abspath(os.path.expanduser(args.scratch)) if args.scratch
                else default_scratch())
-    lines = [f"records of run {r.number} ({r.status}): {r.folder}"
-             for r in history.prunable(found, args.keep)]
-    paths = [r.folder for r in history.prunable(found, args.keep)]
-    folder = Path(scratch) / "opf" / history.safe_name(name)
+    old = history.prunable(found, args.keep)
+    lines = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
+    paths = [r.folder for r in old]
+    folder = Path(scratch) / "opf" / name  # as the engines name it
     if folder.is_dir():
         lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
         paths.append(folder)

@@ -30,16 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..plan import model
-from ..plan.trace import RUN_FILE, read_run, run_numbers, runs_folder, safe_name
+from ..plan.trace import RUN_FILE, read_run, run_numbers, runs_folder
 from .events import RunListener, RunSummary
 from .fsatomic import write_atomic
 from .paths import remove_tree
 
 if TYPE_CHECKING:
     import networkx as nx
-
-__all__ = ["PastRun", "RunRecords", "outcome", "pick", "prunable", "remove", "runs",
-           "safe_name"]
 
 #: the status of a run still going on (or killed while it did)
 RUNNING = "running"
