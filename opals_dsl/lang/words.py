@@ -145,6 +145,16 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
     return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
 
 
+def _comment_continued(line: str, i: int, start: int, report: Report) -> None:
+    """Report the backslash that ends the comment at ``i`` of a run line: the line went on past
+    the comment only through it, yet it is the comment's text and continues nothing."""
+    nl = line.find("\n", i)
+    report(start + nl - (2 if line[nl - 1] == "\r" else 1), start + nl,
+           "a comment ends the run line: this backslash belongs to the comment and continues "
+           "nothing; end the comment's line without it, and put the comment on the command's "
+           "last line or on a line of its own")
+
+
 def _shell_words(line: str, start: int, report: Report
                  ) -> list[tuple[list[str], list[int], list[bool]]] | None:
     """The words of a ``run`` line as a POSIX shell splits them: each word's characters, their
@@ -174,11 +184,10 @@ def _shell_words(line: str, start: int, report: Report
             i += 1
             continue
         if c == "#" and cur is None:
-            nl = line.find("\n", i)
-            if nl < 0:
-                break
-            i = nl
-            continue
+            if "\n" in line[i:]:
+                _comment_continued(line, i, start, report)
+                return None
+            break
         w = begin()
         if c == "'":
             close = line.find("'", i + 1)
