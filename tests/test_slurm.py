@@ -229,11 +229,25 @@ def pipeline(shared: Path, seconds: float, inputs: int) -> tuple[Path, Path]:
     return path, marks
 
 
+def controllers() -> list[str]:
+    """The controller processes (and their schedulers) of runs whose engines were Slurm's."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        words = proc.info["cmdline"] or []
+        if "ipyparallel.controller" in words and f"--ip={CONTROLLER_IP}" in words:
+            found.append(f"{proc.info['pid']}: {' '.join(words)}")
+    return found
+
+
 def nothing_left(slurm: Slurm, state: Path) -> None:
     assert slurm.queue() == ""
     wait_for(lambda: slurm.node_processes() == [], 30,
              f"the job's processes on the node to end: {slurm.node_processes()}")
     assert not (state / "launched.json").exists()
+    # the run waited for its stop; a scheduler of the controller may take a moment to exit
+    wait_for(lambda: controllers() == [], 10, f"the run's controller to end: {controllers()}")
 
 
 def test_engines_run_as_a_slurm_job_and_the_queue_is_empty_after(slurm: Slurm, shared: Path):
@@ -356,3 +370,4 @@ def test_a_killed_run_s_job_and_controller_are_stopped_by_the_next_run(slurm: Sl
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                              for p in controller), 30, "the old controller to stop")
     assert not (state / "launched.json").exists()
+    wait_for(lambda: controllers() == [], 10, f"every controller to end: {controllers()}")

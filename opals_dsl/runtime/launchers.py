@@ -456,6 +456,10 @@ class LaunchedCluster:
 
     def _stop(self) -> None:
         self._cancelled.set()
+        # the controller's schedulers are processes of their own: taken now, while they are
+        # still its children, they are ended below even when the controller exits first and
+        # leaves them to init
+        started = live_processes(self._procs)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.client is not None:
@@ -485,7 +489,7 @@ class LaunchedCluster:
         if self._job is not None:
             _quietly(subprocess.run, self._job["delete"], capture_output=True, timeout=30)
             wait_batch_gone(self._job, BATCH_GONE_WAIT)
-        kill_processes(live_processes(self._procs))
+        kill_processes([*started, *live_processes(self._procs)])
         kill_processes(_our_ssh_children(self._t0))
         with contextlib.suppress(OSError):
             self.record.unlink()
