@@ -146,7 +146,8 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
     steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
-                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp)
+                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp,
+                       e.threads, e.timeout)
              for e in execs]
     return request_data(
         info.pipeline, info.root, task.job, task.task,
