@@ -13,13 +13,16 @@ What a run does, in order
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
        no embedded cluster is started.
     4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
-       ``guard`` look at the engines' scratch roots, and schedules the plan
+       ``guard`` look at the engines' scratch roots, refuses a plan with a step that needs more
+       threads than the largest machine has engines (:func:`refuse_wide_steps`), and
+       schedules the plan
        (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
        finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
 ``warning``; errors that stop the run before anything runs are raised as
-:class:`~opals_dsl.errors.OpfError` (a state folder in use, a cluster that cannot be started).
+:class:`~opals_dsl.errors.OpfError` (a state folder in use, a cluster that cannot be started,
+a step too wide for every machine).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_INTERRUPTED, UsageError
+from ..errors import EXIT_INTERRUPTED, ThreadsError, UsageError
 from ..plan import model
 from ..plan.model import Task
 from .cluster import ClusterOptions, stop_leftover_cluster
@@ -43,6 +46,7 @@ from .fsatomic import remove_abandoned_temporaries
 from .journal import Journal
 from .resume import Resume
 from .scheduler import Scheduler
+from .slots import Slots, too_wide
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -235,6 +239,7 @@ def run(
             run_id = policy.pop("run_id", None) or new_run_id()
 
             def schedule(engines: Executor) -> RunSummary:
+                refuse_wide_steps(plan, tasks, engines)
                 scheduler = Scheduler(
                     plan, engines, state_dir=state, scratch=scratch, keep_going=keep_going,
                     skip=decider.skip if decider is not None else skip,
@@ -252,6 +257,23 @@ def run(
             if problem:
                 listener.warning(problem)
     return summary
+
+
+def refuse_wide_steps(plan: nx.DiGraph, tasks: model.Tasks, engines: Executor) -> None:
+    """Raise :class:`ThreadsError` when a step needs more threads than the largest machine of
+    ``engines`` has engines (:mod:`.slots`); with no engines at all nothing runs anyway."""
+    sizes = Slots({e: info.machine for e, info in engines.engines().items()}).sizes()
+    largest = max(sizes.values(), default=0)
+    needs = []
+    for task in tasks.tasks:
+        if task.threads > largest:
+            for nid in task.execs:
+                ex = model.node(plan, nid)
+                assert isinstance(ex, model.Exec)
+                needs.append((f"{ex.job}/{ex.step}", ex.threads))
+    reason = too_wide(needs, sizes)
+    if reason is not None:
+        raise ThreadsError(reason)
 
 
 @contextlib.contextmanager
