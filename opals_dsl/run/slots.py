@@ -14,11 +14,15 @@ The policy, used by :class:`~opals_dsl.run.scheduler.Scheduler`:
   enough idle engines (an engine is idle when it holds no batch and is not borrowed); of those,
   the machine with the fewest idle engines, so that larger holes stay open for larger tasks
   (ties: the machine's name), and there its lowest engine ids.
-* When the first of them fits nowhere now, one machine is *reserved* for it: the machine large
-  enough for it with the most idle engines. The reserved machine takes no new work until it
-  has enough idle engines; the other machines go on with one-thread tasks. Without the
-  reservation a steady stream of short one-thread tasks could keep a wide task waiting for
-  ever.
+* When the first of them fits nowhere now, engines are *reserved* for it: as many as it needs,
+  on one machine large enough, those that cost least to keep free — the engines of another
+  wide task first (they come free together, and take no one-thread work meanwhile), then
+  idle ones, then those with the fewest batches queued; of the machines, the one whose chosen
+  engines cost least (ties: its name). Reserved engines take no new work, so they come free;
+  every other engine goes on with one-thread tasks. Without the reservation a steady stream
+  of short one-thread tasks could keep a wide task waiting for ever. The reservation holds
+  until the task is placed (on whichever machine first has room), or until one of its
+  engines leaves.
 * A task that needs more slots than the largest machine now has fails (engines were lost
   since the run began; before it begins, :func:`too_wide` is how the session refuses such a
   plan).
@@ -39,8 +43,8 @@ class Slots:
         self.machine: dict[int, str] = dict(machines)
         #: borrowed engine -> the engine running the task that borrowed it
         self.lent: dict[int, int] = {}
-        #: (task, machine) while a machine is kept free for that task
-        self.reserved: tuple[int, str] | None = None
+        #: (task, engines) while engines are kept free for that task
+        self.reserved: tuple[int, frozenset[int]] | None = None
 
     def add(self, engine: int, machine: str) -> None:
         self.machine[engine] = machine
@@ -48,6 +52,8 @@ class Slots:
     def remove(self, engine: int) -> None:
         self.machine.pop(engine, None)
         self.lent.pop(engine, None)
+        if self.reserved is not None and engine in self.reserved[1]:
+            self.reserved = None
 
     def sizes(self) -> dict[str, int]:
         """Engines per machine."""
@@ -64,7 +70,7 @@ class Slots:
         if engine in self.lent:
             return False
         reserved = self.reserved
-        return reserved is None or self.machine.get(engine) != reserved[1]
+        return reserved is None or engine not in reserved[1]
 
     def place(self, task: int, need: int, held: Mapping[int, Sized]
               ) -> tuple[int, tuple[int, ...]] | None:
@@ -86,13 +92,32 @@ class Slots:
             if self.reserved is not None and self.reserved[0] == task:
                 self.reserved = None
             return engines[0], tuple(engines[1:])
-        sizes = self.sizes()
-        if self.reserved is None or self.reserved[0] != task or (
-                sizes.get(self.reserved[1], 0) < need):
-            large = [m for m, size in sizes.items() if size >= need]
-            if large:
-                self.reserved = (task, max(large, key=lambda m: (len(idle[m]), m)))
+        if self.reserved is None or self.reserved[0] != task:
+            self._reserve(task, need, held)
         return None
+
+    def _reserve(self, task: int, need: int, held: Mapping[int, Sized]) -> None:
+        owners = set(self.lent.values())
+
+        def distance(e: int) -> int:  # what it costs to keep an engine free
+            batches = held.get(e)
+            queued = len(batches) if batches is not None else 0
+            if e in self.lent or (e in owners and queued == 1):
+                return 0  # a wide task's engines come free together, and idle meanwhile
+            return 1 if not queued else 2 + queued
+
+        best: tuple[int, str, list[int]] | None = None
+        on: dict[str, list[int]] = {}
+        for e, m in self.machine.items():
+            on.setdefault(m, []).append(e)
+        for m, engines in on.items():
+            if len(engines) < need:
+                continue
+            chosen = sorted(engines, key=lambda e: (distance(e), e))[:need]
+            score = sum(distance(e) for e in chosen)
+            if best is None or (score, m) < best[:2]:
+                best = (score, m, chosen)
+        self.reserved = (task, frozenset(best[2])) if best is not None else None
 
     def give_back(self, borrowed: Iterable[int]) -> None:
         for b in borrowed:
