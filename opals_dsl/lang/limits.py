@@ -64,6 +64,8 @@ def threads_of(v: n.Value, params: Mapping[str, object]) -> int:
 def timeout_of(v: n.Value, params: Mapping[str, object]) -> float:
     value, shown = _value(v, params)
     if isinstance(value, str):
+        if isinstance(v, n.Ref) and not _DURATION.fullmatch(value.strip()):
+            raise LimitError(f"timeout takes a duration, {shown}; {DURATION_HINT}")
         return parse_duration(value)
     if isinstance(v, n.Ref) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if value > 0:
