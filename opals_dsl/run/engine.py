@@ -135,7 +135,7 @@ from .steps import (
     format_limit,
     remember_module,
     task_environment,
-    thread_environment,
+    use_threads,
     wait_step,
     wait_step_until,
 )
@@ -423,16 +423,15 @@ class _Task(JobPrephase):
                                                        f"{out} of step {step}: "
                                                        f"{os_reason(exc, 'scratch')}",
                                     step=step) from exc
-        with task_environment(thread_environment(ex.threads)):
-            if ex.argv is not None:
-                returncode: int | None = self.run_argv(node, step, list(ex.argv), log,
-                                                       ex.timeout)
-            elif ex.function:
-                returncode = self.run_call(node, step, ex.function, dict(ex.kwargs), log,
-                                           ex.timeout)
-            else:
-                raise self.fail(node, "exception", f"step {step} has neither a command nor a "
-                                "call", step=step)
+        use_threads(ex.threads)
+        if ex.argv is not None:
+            returncode: int | None = self.run_argv(node, step, list(ex.argv), log, ex.timeout)
+        elif ex.function:
+            returncode = self.run_call(node, step, ex.function, dict(ex.kwargs), log,
+                                       ex.timeout)
+        else:
+            raise self.fail(node, "exception", f"step {step} has neither a command nor a call",
+                            step=step)
         missing = []
         nbytes = 0
         for out in ex.outputs:

@@ -10,7 +10,7 @@ should the engine die. A ``call`` imports its module afresh when the module's fi
 or when the pipeline's folder has a module of that name elsewhere.
 
 Limits: each step's environment tells the libraries it uses how many threads it may take
-(:data:`THREAD_VARS`, :func:`thread_environment`). A step with a ``timeout`` is waited for with
+(:data:`THREAD_VARS`, :func:`use_threads`). A step with a ``timeout`` is waited for with
 a deadline; past it, its whole process group is ended (SIGTERM, :data:`STOP_GRACE` seconds,
 SIGKILL), grandchildren included. A ``call`` step's deadline is a ``SIGALRM`` timer in the
 engine's main thread that raises :class:`StepTimedOut` in the function: Python code stops at the
@@ -46,10 +46,19 @@ class StepTimedOut(BaseException):
     function's own ``except Exception`` does not swallow it)."""
 
 
-def thread_environment(threads: int) -> dict[str, str]:
-    """The environment variables that tell a step's libraries to use ``threads`` threads."""
+def use_threads(threads: int) -> None:
+    """Set :data:`THREAD_VARS` to ``threads`` for the next step, in this process's environment.
+
+    They stay set until a step with another count changes them (not undone after each step
+    like the task's variables): in a run of one-thread steps they are set once, and every
+    later step costs five lookups. A ``call`` step sees them too, as does a library it loads
+    from then on."""
     value = str(threads)
-    return dict.fromkeys(THREAD_VARS, value)
+    environ = os.environ
+    for name in THREAD_VARS:
+        if environ.get(name) != value:
+            environ.update(dict.fromkeys(THREAD_VARS, value))
+            return
 
 
 def format_limit(seconds: float) -> str:
