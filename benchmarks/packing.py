@@ -1,7 +1,7 @@
 """How well the scheduler packs steps of different widths onto a machine's engine slots.
 
 Starts one embedded cluster (one machine, ``--engines`` engines, default 2), then runs a mixed
-pipeline through :func:`opals_dsl.run.session.run`: ``--narrow`` tasks whose step takes one
+pipeline through :func:`opals_dsl.runtime.session.run`: ``--narrow`` tasks whose step takes one
 slot and sleeps ``--narrow-seconds``, and ``--wide`` tasks whose step says ``threads 2`` (or
 ``--threads``) and sleeps ``--wide-seconds``. The steps are ``call`` steps (a ``time.sleep`` in
 the engine), so their length is known.
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions
-from opals_dsl.run.connect import open_cluster
+from opals_dsl.runtime import session
+from opals_dsl.runtime.cluster import ClusterOptions
+from opals_dsl.runtime.connect import open_cluster
 
 PIPELINE = """
 pipeline packing

@@ -1,4 +1,4 @@
-"""The slot policy (:mod:`opals_dsl.run.slots`) over generated sequences of events.
+"""The slot policy (:mod:`opals_dsl.runtime.slots`) over generated sequences of events.
 
 The scheduler asks :class:`Slots` where a task that needs several threads may run, which
 engines may take one-thread batches, and gives borrowed engines back when a task ends. These
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opals_dsl.run.slots import Slots, too_wide
+from opals_dsl.runtime.slots import Slots, too_wide
 
 
 @dataclass

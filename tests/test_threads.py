@@ -31,7 +31,7 @@ from conftest import EngineCluster, read_json_lines
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
-from opals_dsl.run.steps import THREAD_VARS
+from opals_dsl.runtime.steps import THREAD_VARS
 
 
 def opf(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -6,11 +6,11 @@ task failed or the run was stopped, 2 the pipeline or the command line is invali
 could not be started or reached (or every engine was lost), 130 interrupted.
 
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
-journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.run.journal`), the trace (``trace.jsonl``),
-the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
-its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
-``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.run.launchers`), and ``run.lock``, which keeps two runs
-from sharing one state folder.
+journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.runtime.journal`), the trace
+(``trace.jsonl``), the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's
+ipyparallel files and its record (``launched.json`` for engines started elsewhere with ``--engines
+ssh:...``, ``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.runtime.launchers`), and ``run.lock``, which
+keeps two runs from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
 in the destination folders that nobody writes any more — those of another run that is still
@@ -23,8 +23,8 @@ cluster is started.
 session that goes away) stops submitting and interrupts the running steps, each of which is
 ended with its whole process group; what finished is in the journal; a second one stops at
 once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
-``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.run.reaper`) within
-seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
+``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.runtime.reaper`)
+within seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
 scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
 against the scratch roots the engines report before anything is submitted (exit 2, see
 :class:`opals_dsl.lang.protect.Protected`).
@@ -41,14 +41,14 @@ from typing import Any
 
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..plan import model
-from ..run import launch_options as launchers
-from ..run import session
-from ..run.cluster import ClusterOptions
-from ..run.events import Listeners, RunListener
-from ..run.journal import Journal
-from ..run.progress import Progress, decision_lines
-from ..run.resume import Resume
-from .common import error_line, parse_params, state_of, warning_line
+from ..runtime import launch_options as launchers
+from ..runtime import session
+from ..runtime.cluster import ClusterOptions
+from ..runtime.events import Listeners, RunListener
+from ..runtime.journal import Journal
+from ..runtime.progress import Progress, decision_lines
+from ..runtime.resume import Resume
+from .common import error_line, only, parse_params, state_of, warning_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
     # no output may be copied back over the pipeline, into this run's state folder, or into
     # the folders the engines work in (see opals_dsl.lang.protect.Protected)
     protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
-    plan = compile_file(args.file, params, protected=protected)
+    plan = only(compile_file(args.file, params, protected=protected), args)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)

@@ -1,6 +1,6 @@
 """The engines of each machine as its slots: where a task that needs several threads may run.
 
-A machine (an engine's host and scratch root, :class:`~opals_dsl.run.executor.EngineInfo`) has
+A machine (an engine's host and scratch root, :class:`~opals_dsl.runtime.executor.EngineInfo`) has
 as many slots as it has engines, and an engine runs one task at a time, so a machine whose
 engines each run a one-thread task is full. A task whose steps use ``threads N`` (N > 1) takes
 one engine of a machine to run on and *borrows* N - 1 more of the same machine, which take no
@@ -8,7 +8,7 @@ work until the task is over: at no moment does a machine run more threads than i
 (A task holds its slots from its task stage to its copy-back: the slots are taken for the most
 any of its steps needs, since the whole chain of a task runs on one engine.)
 
-The policy, used by :class:`~opals_dsl.run.scheduler.Scheduler`:
+The policy, used by :class:`~opals_dsl.runtime.scheduler.Scheduler`:
 
 * Tasks that need several slots go first, in plan order. One is placed on a machine that has
   enough idle engines (an engine is idle when it holds no batch and is not borrowed); of those,

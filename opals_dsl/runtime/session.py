@@ -1,5 +1,5 @@
 """The one place a run is wired: a plan, a state folder and a cluster (or an executor) in, a
-:class:`~opals_dsl.run.events.RunSummary` out. ``opf run``, the Python API, the tests and the
+:class:`~opals_dsl.runtime.events.RunSummary` out. ``opf run``, the Python API, the tests and the
 benchmarks all run plans through :func:`run`.
 
 What a run does, in order
@@ -12,11 +12,11 @@ What a run does, in order
     3. Opens the journal (:mod:`.journal`) and decides which tasks are unchanged
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
        no embedded cluster is started.
-    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
+    4. Starts or reaches the cluster (:func:`~opals_dsl.runtime.connect.open_cluster`), lets
        ``guard`` look at the engines' scratch roots, refuses a plan with a step that needs more
        threads than the largest machine has engines (:func:`refuse_wide_steps`), and
-       schedules the plan
-       (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
+       schedules the plan (:class:`~opals_dsl.runtime.scheduler.Scheduler`); the journal
+       records every task that
        finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
@@ -67,7 +67,7 @@ def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[Task] | None = No
                              ) -> list[str]:
     """Remove the temporaries that killed copy-backs left in the destination folders of
     ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
-    is provably gone are removed (:func:`~opals_dsl.run.fsatomic.remove_abandoned_temporaries`):
+    is provably gone are removed (:func:`~opals_dsl.runtime.fsatomic.remove_abandoned_temporaries`):
     those another run is still writing stay."""
     removed = []
     for folder in destination_folders(plan, tasks):
@@ -128,7 +128,8 @@ class Interrupts:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self) -> None:
+    def __init__(self, *, end_after: bool = True) -> None:
+        self.end_after = end_after
         self.scheduler: Scheduler | None = None
         self.starting = False
         self.closing = False
@@ -167,7 +168,7 @@ class Interrupts:
             yield self
         finally:
             for sig, old in self._saved.items():
-                signal.signal(sig, _end_now if self.count else old)
+                signal.signal(sig, _end_now if self.count and self.end_after else old)
 
 
 def _end_now(signum: int, frame: Any) -> None:
@@ -204,6 +205,7 @@ def run(
     skip: Callable[[Task], bool] | None = None,
     guard: Callable[[Iterable[str]], None] | None = None,
     signals: bool = True,
+    end_after_interrupt: bool = True,
     **policy: Any,
 ) -> RunSummary:
     """Run ``plan``: see the module docstring for what happens, in order.
@@ -215,12 +217,14 @@ def run(
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
     replaces every job's ``retries``. ``guard`` is given the engines' scratch roots before
     anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
-    SIGHUP (only in the main thread). ``policy`` passes the scheduler's knobs (``depth``,
+    SIGHUP (only in the main thread); after an interrupted run a further signal ends the process
+    at once, unless ``end_after_interrupt`` is False (a notebook's kernel): then the handlers
+    the run found are put back. ``policy`` passes the scheduler's knobs (``depth``,
     ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
     """
     state = Path(state_dir)
     listener = listener or RunListener()
-    interrupts = Interrupts()
+    interrupts = Interrupts(end_after=end_after_interrupt)
     with lock_state(state), interrupts.installed(signals):
         if executor is None:  # its engines may still be copying back: first stop them
             stop_leftover_cluster(state)
