@@ -134,6 +134,11 @@ class UsageError(_SentenceError):
     names that cannot be used; the message is one sentence saying what to do instead."""
 
 
+class ThreadsError(_SentenceError):
+    """A step needs more threads than the largest machine of the cluster has engines: the
+    pipeline cannot run there (exit status 2, before anything runs)."""
+
+
 class ReportError(_SentenceError):
     """No report can be made (no trace in the state folder, or nothing readable in it)."""
 

@@ -9,8 +9,8 @@ run, so one ``opf check`` reports every mistake at once. The passes:
   a job without steps, a step without (or with two) commands;
 * :func:`check_references` — every ``{name}`` resolves where it is used, a step names no later
   step and not itself, another job's ``temp`` output is never used, list values stand alone,
-  ``in`` names files, ``range`` and ``retries`` get whole numbers, outputs stay in the task
-  folder;
+  ``in`` names files, ``range`` and ``retries`` get whole numbers, ``threads`` and
+  ``timeout`` usable values (:mod:`.limits`), outputs stay in the task folder;
 * :func:`check_job_cycles` — jobs that wait for each other.
 
 Name resolution lives in :mod:`.scope`; the planner resolves with the same code, so what the
@@ -29,6 +29,7 @@ import networkx as nx
 from ..errors import Diagnostic
 from ..source import SourceFile
 from . import nodes as n
+from .limits import check_limits
 from .nodes import RESERVED
 from .scope import (
     CTX_JOB,
@@ -368,6 +369,7 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
         for rt in job.retries[:1]:
             b = resolve(rt.value, CTX_JOB) if isinstance(rt.value, n.Ref) else None
             _whole_number(c, params, b, rt.value, "retries", minimum=0)
+        check_limits(job, scope, params, c.error)
         for i, step in enumerate(job.steps):
             for o in step.outs:
                 for r in o.path.refs:

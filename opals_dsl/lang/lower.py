@@ -53,6 +53,7 @@ from .expand import (
     task_ids,
     why_not_a_file,
 )
+from .limits import step_limits
 from .protect import DestinationChecks, Protected
 from .scope import CTX_OUT, CTX_OUTPUT, Binding, JobTable, ResolveError, Scope, job_dependencies
 from .templates import BROKEN, CompiledStep, StepCompiler, TaskCtx, Text, no_action, text_of
@@ -269,6 +270,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self._compiled_outs = set()
         for i, step in enumerate(job.steps):
             sname = step.name.value
+            threads, timeout = step_limits(job, step, self.params)
+            self.step_threads = threads  # {task.threads} in this step's command
             outs = []
             for o in step.outs:
                 text = self._guarded(
@@ -283,7 +286,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             action = self._guarded(
                 lambda step=step, i=i: self.compile_action(step.action, scope, i), no_action
             )
-            steps.append(CompiledStep(step, sname, outs, action, inputs, in_files))
+            steps.append(CompiledStep(step, sname, outs, action, inputs, in_files, threads,
+                                      timeout))
         for step in job.steps:  # a call's module in the pipeline's folder is read too
             if isinstance(step.action, n.Call):
                 module = model.module_file(self.root, step.action.module)
@@ -374,7 +378,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             execs.append((
                 model.exec_id(jc.name, tid, cs.name),
                 model.exec_attrs(jc.name, tid, cs.name, key, k, argv, call,
-                                 self.step_inputs(cs, t, in_locals), out_locals, temps),
+                                 self.step_inputs(cs, t, in_locals), out_locals, temps,
+                                 cs.threads, cs.timeout),
             ))
         for local in produced:
             if local in local_src or local in jc.gather_locals:

@@ -17,7 +17,7 @@ _SPAN = field(default=None, compare=False, repr=False)
 
 #: soft keywords: names wherever a name is expected
 SOFT_KEYWORDS = frozenset(
-    "step out in call shared output retries param for flat by temp".split()
+    "step out in call shared output retries param for flat by temp threads timeout".split()
 )
 RESERVED = frozenset({"task", "job", "pipeline"})
 
@@ -132,6 +132,23 @@ class Retries:
 
 
 @dataclass(frozen=True, slots=True)
+class Threads:
+    """``threads N``: engine slots (and threads) a step takes; a literal or a param."""
+
+    value: Value
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """``timeout DURATION``: ``value`` is the duration as written (a :class:`Literal` string
+    such as ``"1h30m"``, or a number), or a param."""
+
+    value: Value
+    span: Span | None = _SPAN
+
+
+@dataclass(frozen=True, slots=True)
 class Out:
     name: Name
     path: Template
@@ -198,6 +215,8 @@ class Step:
     ins: tuple[In, ...]
     actions: tuple[Run | Call, ...]
     span: Span | None = _SPAN
+    threads: tuple[Threads, ...] = ()
+    timeouts: tuple[Timeout, ...] = ()
 
     @property
     def action(self) -> Run | Call | None:
@@ -214,6 +233,8 @@ class Job:
     retries: tuple[Retries, ...]
     steps: tuple[Step, ...]
     span: Span | None = _SPAN
+    threads: tuple[Threads, ...] = ()
+    timeouts: tuple[Timeout, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,6 +371,8 @@ class _Builder(Transformer):
             retries=tuple(b for b in body if isinstance(b, n.Retries)),
             steps=tuple(b for b in body if isinstance(b, n.Step)),
             span=self._span(meta),
+            threads=tuple(b for b in body if isinstance(b, n.Threads)),
+            timeouts=tuple(b for b in body if isinstance(b, n.Timeout)),
         )
 
     def shared(self, meta, items):
@@ -394,6 +396,23 @@ class _Builder(Transformer):
             value = item
         return n.Retries(value, self._span(meta))
 
+    def threads(self, meta, items):
+        return n.Threads(self._number(items[0]), self._span(meta))
+
+    def timeout(self, meta, items):
+        return n.Timeout(self._number(items[0]), self._span(meta))
+
+    def _number(self, item):
+        """A ``threads`` or ``timeout`` value: a param, a number, or a duration's text."""
+        if not isinstance(item, Token):
+            return item
+        span = _span_of(self.source, item)
+        if item.type == "INT":
+            return n.Literal(int(item), span)
+        if item.type == "FLOAT":
+            return n.Literal(float(item), span)
+        return n.Literal(str(item), span)
+
     def step(self, meta, items):
         name, *body = items
         return n.Step(
@@ -402,6 +421,8 @@ class _Builder(Transformer):
             ins=tuple(i for b in body if isinstance(b, tuple) for i in b),
             actions=tuple(b for b in body if isinstance(b, (n.Run, n.Call))),
             span=self._span(meta),
+            threads=tuple(b for b in body if isinstance(b, n.Threads)),
+            timeouts=tuple(b for b in body if isinstance(b, n.Timeout)),
         )
 
     def out(self, meta, items):

@@ -21,7 +21,7 @@ from . import nodes as n
 FILE_ATTRS = ("name", "stem", "suffix", "parent")
 
 
-SPECIALS = {"task": ("id",), "job": ("name",), "pipeline": ("name",)}
+SPECIALS = {"task": ("id", "threads"), "job": ("name",), "pipeline": ("name",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,8 @@ class Binding:
 
     kind: ``var`` | ``param`` | ``shared`` | ``out`` (``step``/``name`` set; own or earlier
     step) | ``gather`` (``job``/``step``/``name``) | ``special`` (``name`` is ``task.id``,
-    ``job.name`` or ``pipeline.name``). ``attr`` is a file attribute (``stem`` ...) or None.
+    ``task.threads``, ``job.name`` or ``pipeline.name``). ``attr`` is a file attribute
+    (``stem`` ...) or None.
     """
 
     kind: str
@@ -50,7 +51,7 @@ CTX_OUTPUT = "output"  # output folders: + loop variable, task.id
 CTX_OUT = "out"  # out templates: + loop variable, task.id
 
 
-CTX_STEP = "step"  # run, call, in: everything
+CTX_STEP = "step"  # run, call, in: everything (task.threads only here)
 
 
 def _distance(a: str, b: str, limit: int) -> int:
@@ -216,6 +217,7 @@ class Scope:
             if self.var:
                 names += [self.var] + [f"{self.var}.{a}" for a in FILE_ATTRS]
         if ctx == CTX_STEP:
+            names += ["task.threads"]
             names += [dotted for j, dotted in self.table.outputs() if j is not self.job]
         if ctx == CTX_STEP and step is not None:
             names += list(self.shared)
@@ -235,7 +237,7 @@ class Scope:
         allow_var = ctx != CTX_JOB
         in_step = ctx == CTX_STEP
         if head in SPECIALS:
-            return _special(ref, allow_var)
+            return _special(ref, allow_var, in_step)
 
         # JOB.STEP.OUT: three parts never name anything else, so a param, loop variable or
         # shared file called like a job does not hide that job's outputs
@@ -416,12 +418,15 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
     return graph
 
 
-def _special(ref: n.Ref, allow_task: bool) -> Binding:
-    """``task.id``, ``job.name`` or ``pipeline.name``."""
+def _special(ref: n.Ref, allow_task: bool, in_step: bool = True) -> Binding:
+    """``task.id``, ``task.threads``, ``job.name`` or ``pipeline.name``."""
     head, parts = ref.parts[0], ref.parts
     if len(parts) == 2 and parts[1] in SPECIALS[head]:
         if head == "task" and not allow_task:
             raise ResolveError(f"'{ref.dotted}' cannot be used here: {_BEFORE_TASKS}")
+        if ref.dotted == "task.threads" and not in_step:
+            raise ResolveError("'task.threads' is a step's thread count: use it in a step's "
+                               "run, call or in line")
         return Binding("special", name=ref.dotted)
     if len(parts) == 1:
         raise ResolveError(

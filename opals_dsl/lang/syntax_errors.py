@@ -304,8 +304,8 @@ def _job_statement(value: str, got: str, opener: Token | None) -> str:
             "closed; add '}' on a line of its own before this line"
         )
     return (
-        f"unexpected {got} in a job: a job holds 'shared', 'output', 'retries' and 'step' "
-        "lines, and ends with '}' on a line of its own"
+        f"unexpected {got} in a job: a job holds 'shared', 'output', 'retries', 'threads', "
+        "'timeout' and 'step' lines, and ends with '}' on a line of its own"
     )
 
 
@@ -321,8 +321,8 @@ def _step_statement(value: str, got: str, opener: Token | None) -> str:
             "closed; add '}' on a line of its own before this line"
         )
     return (
-        f"unexpected {got} in a step: a step holds 'out' and 'in' lines and one 'run' or "
-        "'call' line, and ends with '}' on a line of its own"
+        f"unexpected {got} in a step: a step holds 'out', 'in', 'threads' and 'timeout' lines "
+        "and one 'run' or 'call' line, and ends with '}' on a line of its own"
     )
 
 

@@ -73,6 +73,8 @@ class CompiledStep:
     action: Callable[[TaskCtx], tuple[list[str] | None, dict | None]]
     inputs: list[object]  # str (constant) | list[str] (gather) | function of the task
     in_files: list[tuple[Text, n.In]]
+    threads: int = 1
+    timeout: float | None = None
 
 
 def _positional(k: int) -> str:
@@ -96,6 +98,9 @@ BROKEN = object()
 class StepCompiler:
     """The compiling steps of the planner; see the module docstring."""
 
+    #: the thread count of the step being compiled (``{task.threads}``)
+    step_threads: int = 1
+
     def job_template(self, tpl: n.Template, scope: Scope, job: str) -> str:
         empty = TaskCtx(job, "", None, {}, "", "", "")
         return text_of(self.compile_template(tpl, scope, CTX_JOB), empty)
@@ -114,6 +119,8 @@ class StepCompiler:
         if b.kind == "special":
             if b.name == "task.id":
                 return _task_id
+            if b.name == "task.threads":
+                return str(self.step_threads)
             return self.job_name if b.name == "job.name" else self.name
         if b.kind == "param":
             value = format_value(self.params[b.name])
@@ -146,6 +153,8 @@ class StepCompiler:
         a function of the task where it differs per task."""
         if b.kind == "gather":
             return self.gathered(b)
+        if b.kind == "special" and b.name == "task.threads":
+            return self.step_threads
         if b.kind == "param" and not b.attr:
             value = self.params[b.name]
             return list(value) if isinstance(value, tuple) else value

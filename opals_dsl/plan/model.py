@@ -103,10 +103,11 @@ def task_stage_attrs(job: str, task: str, affinity: tuple[str, str], index: int,
 
 def exec_attrs(job: str, task: str, step: str, affinity: tuple[str, str], index: int,
                argv: list[str] | None, call: dict[str, Any] | None, inputs: list[str],
-               outputs: list[str], temp: list[str]) -> dict[str, Any]:
+               outputs: list[str], temp: list[str], threads: int = 1,
+               timeout: float | None = None) -> dict[str, Any]:
     return {"kind": EXEC, "job": job, "task": task, "step": step, "affinity": affinity,
             "index": index, "argv": argv, "call": call, "inputs": inputs, "outputs": outputs,
-            "temp": temp}
+            "temp": temp, "threads": threads, "timeout": timeout}
 
 
 def copyback_attrs(job: str, task: str, affinity: tuple[str, str],
@@ -204,7 +205,9 @@ class Exec:
     """One step of a task: exactly one of ``argv`` (words; a first word ``python`` means the
     engine's interpreter) and ``call``. ``inputs`` are the files it reads, ``outputs`` every
     file it declares, ``temp`` those never copied back — all relative to the task folder
-    (shared files as ``../name``)."""
+    (shared files as ``../name``). ``threads`` is how many engine slots of its machine the
+    step holds while it runs (and the thread count its process is told); ``timeout`` the
+    seconds it may run before it is stopped (None: no limit)."""
 
     job: str
     task: str
@@ -215,6 +218,8 @@ class Exec:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     temp: tuple[str, ...] = ()
+    threads: int = 1
+    timeout: float | None = None
 
     kind = EXEC
 
@@ -227,19 +232,22 @@ class Exec:
             self.job, self.task, self.step, (self.job, self.task), self.index,
             list(self.argv) if self.argv is not None else None,
             self.call.to_attrs() if self.call is not None else None,
-            list(self.inputs), list(self.outputs), list(self.temp),
+            list(self.inputs), list(self.outputs), list(self.temp), self.threads,
+            self.timeout,
         )
 
     @classmethod
     def from_attrs(cls, a: Mapping[str, Any]) -> Exec:
         argv = a.get("argv")
         call = a.get("call")
+        timeout = a.get("timeout")
         return cls(
             a["job"], a["task"], a["step"], int(a.get("index") or 0),
             tuple(argv) if argv is not None else None,
             Call.from_attrs(call) if call else None,
             tuple(a.get("inputs") or ()), tuple(a.get("outputs") or ()),
-            tuple(a.get("temp") or ()),
+            tuple(a.get("temp") or ()), int(a.get("threads") or 1),
+            float(timeout) if timeout is not None else None,
         )
 
 
@@ -345,7 +353,8 @@ def set_source(graph: nx.DiGraph, source: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Task:
     """One task's chain, by node id, with its place in plan order (jobs as written, then the
-    task's index in its job) and how often it may be retried."""
+    task's index in its job), how often it may be retried, and the most engine slots one of its
+    steps holds (``threads``)."""
 
     order: int
     job: str
@@ -353,6 +362,7 @@ class Task:
     index: int
     retries: int
     execs: tuple[str, ...]
+    threads: int = 1
 
     @property
     def name(self) -> str:
@@ -416,13 +426,16 @@ def tasks(graph: nx.DiGraph) -> Tasks:
             if kind != STAGE:
                 raise PlanFormatError(f"plan node {nid} has no task")
             continue
-        chain = found.setdefault((a["job"], task), {"execs": []})
+        chain = found.setdefault((a["job"], task), {"execs": [], "threads": 1})
         if kind == STAGE:
             chain["stage"] = nid
             chain["index"] = int(a.get("index") or 0)
             chain["retries"] = int(a.get("retries") or 0)
         elif kind == EXEC:
             chain["execs"].append((int(a.get("index") or 0), nid))
+            threads = a.get("threads")
+            if threads is not None and threads > chain["threads"]:
+                chain["threads"] = int(threads)
         elif kind == COPYBACK:
             chain["copyback"] = nid
         else:
@@ -438,7 +451,7 @@ def tasks(graph: nx.DiGraph) -> Tasks:
     order_of: dict[str, int] = {}
     for order, ((_, job, index, task), chain) in enumerate(keyed):
         t = Task(order, job, task, index, chain["retries"],
-                 tuple(nid for _, nid in sorted(chain["execs"])))
+                 tuple(nid for _, nid in sorted(chain["execs"])), chain["threads"])
         if t.task_stage != chain["stage"] or t.copyback != chain["copyback"]:
             raise PlanFormatError(f"the nodes of task {t.name} do not have the ids the plan "
                                   f"format gives them")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: the version of the request and result format; both sides must speak the same one
-VERSION = 1
+VERSION = 2
 
 #: ``[size, mtime_ns]`` of a file as the engine saw it, plus its SHA-256 when asked for
 Stat = Sequence[Any]
@@ -33,6 +33,8 @@ FAILED = "failed"
 #: the trace status of a step a resumed task did not run: its outputs were staged from their
 #: destinations instead (see :attr:`TaskRequest.start`)
 REUSED = "reused"
+#: the status of an exec node stopped because it ran past its ``timeout``
+TIMEOUT = "timeout"
 
 
 class WireError(ValueError):
@@ -71,7 +73,8 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """An exec node: exactly one of ``argv`` and ``call`` (``function``, ``kwargs``)."""
+    """An exec node: exactly one of ``argv`` and ``call`` (``function``, ``kwargs``);
+    ``threads`` the thread count its process is told, ``timeout`` the seconds it may run."""
 
     node: str
     step: str
@@ -81,10 +84,12 @@ class Step:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     temp: tuple[str, ...] = ()
+    threads: int = 1
+    timeout: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return step_data(self.node, self.step, self.argv, self.function, self.kwargs,
-                         self.inputs, self.outputs, self.temp)
+                         self.inputs, self.outputs, self.temp, self.threads, self.timeout)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Step:
@@ -94,7 +99,8 @@ class Step:
                    tuple(argv) if argv is not None else None,
                    str(function) if function is not None else None,
                    dict(d.get("kwargs") or {}), tuple(d.get("inputs") or ()),
-                   tuple(d.get("outputs") or ()), tuple(d.get("temp") or ()))
+                   tuple(d.get("outputs") or ()), tuple(d.get("temp") or ()),
+                   int(d.get("threads") or 1), d.get("timeout"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +196,12 @@ def stage_data(node: str, files: tuple[tuple[str, str], ...]) -> dict[str, Any]:
 
 def step_data(node: str, step: str, argv: tuple[str, ...] | None, function: str | None,
               kwargs: Mapping[str, Any], inputs: tuple[str, ...], outputs: tuple[str, ...],
-              temp: tuple[str, ...]) -> dict[str, Any]:
+              temp: tuple[str, ...], threads: int = 1,
+              timeout: float | None = None) -> dict[str, Any]:
     """A :class:`Step` as plain data."""
     return {"node": node, "step": step, "argv": argv, "function": function,
-            "kwargs": dict(kwargs), "inputs": inputs, "outputs": outputs, "temp": temp}
+            "kwargs": dict(kwargs), "inputs": inputs, "outputs": outputs, "temp": temp,
+            "threads": threads, "timeout": timeout}
 
 
 def request_data(pipeline: str, root: str, job: str, task: str, machine_stage: dict[str, Any],
@@ -217,9 +225,10 @@ def request_data(pipeline: str, root: str, job: str, task: str, machine_stage: d
 @dataclass(slots=True)
 class TraceRow:
     """One node as it ran on the engine: ``status`` is ``done``, ``cached`` (a machine stage
-    found complete), ``reused`` (a step a resumed task did not run) or ``failed``; ``bytes``
-    what it copied (stages, copy-back) or wrote (exec); the failed node's row also holds the
-    failure's ``returncode`` and ``message``."""
+    found complete), ``reused`` (a step a resumed task did not run), ``failed`` or ``timeout``
+    (an exec node stopped at its time limit); ``bytes`` what it copied (stages, copy-back) or
+    wrote (exec); the failed node's row also holds the failure's ``returncode`` and
+    ``message``."""
 
     node: str
     kind: str
@@ -248,8 +257,8 @@ class TraceRow:
 @dataclass(frozen=True, slots=True)
 class Failure:
     """Why a task failed: the node and step, the ``kind`` (``stage``, ``not-found``, ``exit``,
-    ``exception``, ``missing-output``, ``copyback``, or ``engine`` when the engine itself
-    could not run it), the return code if any, one sentence, the step's log and its last
+    ``exception``, ``missing-output``, ``copyback``, ``timeout``, or ``engine`` when the engine
+    itself could not run it), the return code if any, one sentence, the step's log and its last
     lines, and the task folder kept for inspection."""
 
     kind: str

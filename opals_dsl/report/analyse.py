@@ -33,6 +33,8 @@ BAR_FIELDS = ("lane", "start", "dur", "phase", "status", "attempt", "bytes", "ta
 _LANE, _START, _DUR, _PHASE, _STATUS, _ATTEMPT, _BYTES, _TASK, _JOB, _STEP = range(10)
 #: statuses of rows for nodes that never ran
 UNRUN = ("skipped", "blocked", "not-run", "reused")
+#: statuses of rows for nodes that failed: ``timeout`` is a step stopped at its time limit
+FAILING = ("failed", "timeout")
 SLOWEST = 10
 MAX_FAILURES = 50
 TAIL_LINES = 12
@@ -158,7 +160,7 @@ def _outcome(task_rows: list[Row]) -> str:
         return str(status)
     attempt = last.get("attempt") or 0
     mine = [r for r in task_rows if (r.get("attempt") or 0) == attempt and _timed(r)]
-    if any(r.get("status") == "failed" for r in mine):
+    if any(r.get("status") in FAILING for r in mine):
         return "failed"
     if any(r.get("kind") == "copyback" and r.get("status") == "done" for r in mine):
         return "done"
@@ -196,7 +198,7 @@ def _phases(bars: list[list[Any]]) -> tuple[list[dict[str, Any]], float, list[in
     for b in bars:
         seconds[b[_PHASE]] += b[_DUR]
         count[b[_PHASE]] += 1
-        if b[_STATUS] != "failed":
+        if b[_STATUS] not in FAILING:
             nbytes[b[_PHASE]] += b[_BYTES]
     busy = sum(seconds)
     phases = [{"phase": PHASES[i], "seconds": seconds[i], "nodes": count[i],
@@ -244,7 +246,7 @@ def _steps(bars: list[list[Any]], job_rank: Mapping[str, int]) -> list[dict[str,
             continue
         key = (str(b[_JOB]), str(b[_STEP]))
         times.setdefault(key, []).append(b[_DUR])
-        if b[_STATUS] == "failed":
+        if b[_STATUS] in FAILING:
             failed[key] += 1
     return [{"job": j, "step": s, "runs": len(v), "failed": failed[(j, s)],
              "total": sum(v), "mean": sum(v) / len(v), "max": max(v)}
@@ -291,7 +293,7 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
               t0: float) -> list[dict[str, Any]]:
     found = []
     for r in rows:
-        if r.get("status") != "failed" or not _timed(r):
+        if r.get("status") not in FAILING or not _timed(r):
             continue
         job, task = str(r.get("job")), r.get("task")
         key = (job, str(task)) if task is not None else None
@@ -313,5 +315,6 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             "exit": r.get("returncode"), "message": r.get("message"),
             "outcome": outcome.get(key, "failed") if key is not None else "failed",
             "final": final, "log": log, "tail": tail,
+            "timeout": r.get("status") == "timeout",
         })
     return found

@@ -102,6 +102,7 @@
         var alt = b[F.phase] === 2 && (nth[b[F.task]] = (nth[b[F.task]] || 0) + 1) % 2 === 0;
         var cls = "b p" + b[F.phase] + (alt ? " alt" : "") +
                   (b[F.status] === "failed" ? " failed" : "") +
+                  (b[F.status] === "timeout" ? " failed timeout" : "") +
                   (b[F.status] === "cached" ? " cached" : "");
         out.push('<rect class="' + cls + '" data-i="' + i + '" x="' + bx.toFixed(2) + '" y="' +
                  by + '" width="' + bw.toFixed(2) + '" height="' + BAR + '"/>');
@@ -152,6 +153,7 @@
       row("bytes", bytes(b[F.bytes]) + (b[F.phase] === 2 ? " written" :
           b[F.phase] === 3 ? " copied back" : " staged"));
       var status = b[F.status] === "failed" ? "<b style=\"color:#ff8a80\">failed</b>" :
+                   b[F.status] === "timeout" ? "<b style=\"color:#ff8a80\">timed out</b>" :
                    esc(b[F.status]);
       if (b[F.exit] !== null && b[F.exit] !== undefined) {
         status += ", exit status " + esc(b[F.exit]);

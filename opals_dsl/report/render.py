@@ -235,6 +235,7 @@ def _legend() -> str:
         f'<span class="key"><span class="sw p{i}"></span>{_e(p)}</span>'
         for i, p in enumerate(PHASES)
     ) + ('<span class="key"><span class="sw failed"></span>failed</span>'
+         '<span class="key"><span class="sw timeout"></span>timed out</span>'
          '<span class="key"><span class="sw retry"></span>retry attempt</span>'
          '<span class="key"><span class="sw p0 cached"></span>machine stage found ready</span>')
 
@@ -251,6 +252,8 @@ def _failures_html(data: Mapping[str, Any]) -> str:
                 f'{_e(f["machine"])} · after {_e(format_duration(f["seconds"]))}')
         if f["exit"] is not None:
             head += f" · exit status {_e(f['exit'])}"
+        if f.get("timeout"):
+            head += ' · <span class="st timeout">timed out</span>'
         if f["final"]:
             head += ' · <span class="st failed">failed for good</span>'
         else:

@@ -83,7 +83,6 @@ ENGINE_HEARTBEAT_MISSES = 600
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     """Where to run: an embedded cluster of ``engines`` engines (None: one per core), or an
@@ -352,10 +351,3 @@ class EmbeddedCluster:
                 if cluster_id in entry.name or entry.name.startswith("engines"):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
-
-
-
-# -- opening a cluster -----------------------------------------------------------------------
-
-
-

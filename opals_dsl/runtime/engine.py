@@ -69,15 +69,15 @@ The four phases of a task, each a node of the plan with one row in the result's 
        (:meth:`opals_dsl.runtime.journal.Journal.stamp`).
 
 Failures
-    :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which
-    node failed, of what ``kind`` (``stage``, ``not-found``, ``exit``, ``exception``,
-    ``missing-output``, ``log``, ``copyback``), the return code when there is one, a
-    one-sentence message, the log file, its last lines (decoded as UTF-8, undecodable bytes
-    replaced) and the task folder kept for inspection (None when there is none). Each trace
-    row holds ``node``, ``kind``, ``start``/``end`` (``time.time()``),
-    ``status`` (``done``, ``cached`` or ``failed``) and ``bytes`` (bytes copied by a stage or
-    copy-back node, the size of the declared outputs for an exec node); the row of the node that
-    failed also holds the failure's ``returncode`` and ``message``. A full disk (or quota, or file
+    :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says
+    which node failed, of what ``kind`` (``stage``, ``not-found``, ``exit``, ``exception``,
+    ``missing-output``, ``log``, ``copyback``, ``timeout``), the return code when there is one,
+    a one-sentence message, the log file, its last lines (decoded as UTF-8, undecodable bytes
+    replaced) and the task folder kept for inspection (None when there is none). Each trace row
+    holds ``node``, ``kind``, ``start``/``end`` (``time.time()``), ``status`` (``done``,
+    ``cached``, ``failed`` or ``timeout``) and ``bytes`` (bytes copied by a stage or copy-back
+    node, the size of the declared outputs for an exec node); the row of the node that failed
+    also holds the failure's ``returncode`` and ``message``. A full disk (or quota, or file
     size limit) is named as such in the message, and so is a destination whose folder path runs
     into a file.
 
@@ -104,7 +104,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -117,6 +116,7 @@ from typing import Any
 from ..plan.trace import TAIL_LINES, tail
 from ..plan.wire import (
     REUSED,
+    TIMEOUT,
     Failure,
     Stage,
     Step,
@@ -138,11 +138,16 @@ from .paths import (
     remove_tree,
 )
 from .steps import (
+    StepTimedOut,
     call_redirected,
+    exit_message,
     forget_stale_module,
+    format_limit,
     remember_module,
     task_environment,
+    use_threads,
     wait_step,
+    wait_step_until,
 )
 
 # absolute scratch base as given -> resolved real path
@@ -295,8 +300,8 @@ class _Task(JobPrephase):
              returncode: int | None = None, log: str | None = None) -> _Failed:
         for row in reversed(self.trace):  # the failed node's trace row says why, too
             if row.node == node:
-                row.returncode = returncode
-                row.message = message
+                row.returncode, row.message = returncode, message
+                row.status = TIMEOUT if kind == "timeout" else row.status
                 break
         return _Failed(Failure(
             kind, message, node=node, step=step, returncode=returncode, log=log,
@@ -441,10 +446,12 @@ class _Task(JobPrephase):
                                                        f"{out} of step {step}: "
                                                        f"{os_reason(exc, 'scratch')}",
                                     step=step) from exc
+        use_threads(ex.threads)
         if ex.argv is not None:
-            returncode: int | None = self.run_argv(node, step, list(ex.argv), log)
+            returncode: int | None = self.run_argv(node, step, list(ex.argv), log, ex.timeout)
         elif ex.function:
-            returncode = self.run_call(node, step, ex.function, dict(ex.kwargs), log)
+            returncode = self.run_call(node, step, ex.function, dict(ex.kwargs), log,
+                                       ex.timeout)
         else:
             raise self.fail(node, "exception", f"step {step} has neither a command nor a call",
                             step=step)
@@ -488,7 +495,13 @@ class _Task(JobPrephase):
                                          f"{os_reason(exc, 'state')}", step=step) from exc
         return out
 
-    def run_argv(self, node: str, step: str, argv: list[str], log: str) -> int:
+    def timed_out(self, node: str, step: str, timeout: float | None, log: str) -> _Failed:
+        limit = format_limit(timeout or 0)
+        return self.fail(node, "timeout", f"step {step} timed out after {limit}", step=step,
+                         log=log)
+
+    def run_argv(self, node: str, step: str, argv: list[str], log: str,
+                 timeout: float | None = None) -> int:
         with self.open_log(node, step, log, "$ " + shlex.join(argv) + "\n") as out:
             program = argv[0] if argv else ""
             if program == "python":
@@ -523,19 +536,11 @@ class _Task(JobPrephase):
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log) from exc
-            code = wait_step(proc)
+            code = wait_step(proc) if timeout is None else wait_step_until(proc, timeout)
+        if code is None:
+            raise self.timed_out(node, step, timeout, log)
         if code != 0:
-            if code < 0:
-                try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = str(-code)
-                message = f"step {step} was killed by signal {name}"
-                if name == "SIGXFSZ":
-                    message += (" (a file grew beyond the file size limit: is the scratch disk "
-                                "or a quota full?)")
-            else:
-                message = f"step {step} exited with status {code}"
+            message = exit_message(step, code)
             if disk_full(self.logs):
                 message += (" (the disk of the run's state folder, which holds the step's log, "
                             "is full)")
@@ -543,7 +548,7 @@ class _Task(JobPrephase):
         return code
 
     def run_call(self, node: str, step: str, function: str, kwargs: dict[str, Any],
-                 log: str) -> None:
+                 log: str, timeout: float | None = None) -> None:
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         with self.open_log(node, step, log, f"$ call {function}({args})\n", text=True) as out:
             try:
@@ -556,7 +561,9 @@ class _Task(JobPrephase):
                 message = (f"step {step} could not load {function} (pipeline folder "
                            f"{self.root}): {type(exc).__name__}: {_first_line(exc)}")
                 raise self.fail(node, "exception", message, step=step, log=log) from exc
-            error = call_redirected(fn, kwargs, out, self.task_dir)
+            error = call_redirected(fn, kwargs, out, self.task_dir, timeout)
+        if isinstance(error, StepTimedOut):
+            raise self.timed_out(node, step, timeout, log)
         if isinstance(error, SystemExit):
             code = error.code if isinstance(error.code, int) else 1
             raise self.fail(node, "exit", f"step {step} called sys.exit({error.code!r})",

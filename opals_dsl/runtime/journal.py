@@ -687,9 +687,3 @@ class Journal(RunListener):
         line = record_line(name, sig, ENCODE(rec), key if isinstance(key, str) else None)
         self.records[name] = line
         self._pending.append(line)
-
-
-# -- the line format -------------------------------------------------------------------------
-
-
-

@@ -116,15 +116,6 @@ _TOOLS = {"ssh": ("ssh",), "slurm": ("sbatch", "squeue", "scancel"),
 log = logging.getLogger(__name__)
 
 
-
-# -- the command line ----------------------------------------------------------------------
-
-
-
-# -- SSH: asking the hosts before starting -------------------------------------------------
-
-
-
 # -- the cluster ---------------------------------------------------------------------------
 
 
@@ -627,11 +618,6 @@ def _load_config(path: str) -> Any:
     except Exception as exc:
         raise ClusterError(f"cannot read the launcher configuration {path}: "
                            f"{describe_error(exc)}") from exc
-
-
-# -- batch jobs --------------------------------------------------------------------------------
-
-
 
 
 # -- opening -----------------------------------------------------------------------------------

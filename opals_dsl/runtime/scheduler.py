@@ -34,6 +34,8 @@ Policy
       tasks therefore travel alone, which keeps engines evenly loaded and lets a downstream task
       start as soon as its own upstream task is done; thousands of tiny tasks travel in dozens,
       which is what makes the driver fast.
+    * A task whose steps use ``threads N`` (N > 1) travels alone and holds N engines of one
+      machine — the one it runs on and N - 1 it borrows — until it is over (:mod:`.slots`).
 
 Results come back as futures (ipyparallel's ``AsyncResult`` is a ``concurrent.futures.Future``);
 their done-callbacks only put the batch on a completion queue, and the loop consumes it.
@@ -103,6 +105,7 @@ from ..plan.wire import (
 )
 from .events import Counts, RunListener, RunSummary, TaskFailure, new_run_id
 from .executor import EngineInfo, Executor, describe_error
+from .slots import Slots
 from .trace import TraceWriter
 
 if TYPE_CHECKING:
@@ -122,17 +125,7 @@ NOT_RUN = "not-run"  # the run stopped before the task was submitted
 LOST_LIMIT = 2
 
 
-
-# -- the executor interface ------------------------------------------------------------------
-
-
-
-# -- what the scheduler tells the world -------------------------------------------------------
-
-
-
 # -- the plan as tasks -----------------------------------------------------------------------
-
 
 
 def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
@@ -148,7 +141,8 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
     steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
-                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp)
+                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp,
+                       e.threads, e.timeout)
              for e in execs]
     return request_data(
         info.pipeline, info.root, task.job, task.task,
@@ -167,6 +161,7 @@ class _Batch:
     attempts: list[int]
     future: Future
     sent: float = 0.0
+    borrowed: tuple[int, ...] = ()  # engines of its machine kept free while it runs
 
 
 class Scheduler:
@@ -233,8 +228,12 @@ class Scheduler:
         #: task -> the engines lost while it was running (tasks with none are not in it)
         self.lost_on: dict[int, list[int]] = {}
         self.ready: list[int] = []
+        #: ready tasks that need several slots of a machine (see :mod:`.slots`)
+        self.wide: list[int] = []
+        self.threads = [t.threads for t in self.tasks]
         self.engines: dict[int, EngineInfo] = dict(executor.engines())
         self.held: dict[int, list[_Batch]] = {e: [] for e in self.engines}
+        self.slots = Slots({e: info.machine for e, info in self.engines.items()})
         self.load: dict[int, int] = dict.fromkeys(self.engines, 0)
         self.batches: dict[int, _Batch] = {}
         self.completions: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
@@ -274,7 +273,8 @@ class Scheduler:
         return Counts(
             total=s.total, done=s.done, skipped=s.skipped, failed=s.failed,
             running=sum(self.load.values()), engines=len(self.engines),
-            engines_busy=sum(1 for batches in self.held.values() if batches),
+            engines_busy=sum(1 for batches in self.held.values() if batches)
+            + len(self.slots.lent),
         )
 
     def _report_counts(self) -> None:
@@ -293,7 +293,7 @@ class Scheduler:
                 self._fill()
             self._report_counts()
             if not self.batches:
-                if self.stopping or not self.ready:
+                if self.stopping or not (self.ready or self.wide):
                     return
                 if not self.engines:
                     # work left, nobody to do it: wait a little for engines to join
@@ -324,8 +324,11 @@ class Scheduler:
                 self._refresh()
 
     def _fill(self) -> None:
+        if self.wide:
+            self._fill_wide()
+        usable = self.slots.usable
         while self.ready:
-            free = [e for e in self.engines if len(self.held[e]) < self.depth]
+            free = [e for e in self.engines if len(self.held[e]) < self.depth and usable(e)]
             if not free:
                 return
             engine = min(free, key=lambda e: (self.load[e], e))
@@ -340,6 +343,34 @@ class Scheduler:
                     break
             self._submit(engine, picked)
 
+    def _fill_wide(self) -> None:
+        """Place the ready tasks that need several slots, in plan order (:mod:`.slots`)."""
+        while self.wide:
+            i = self.wide[0]
+            need = self.threads[i]
+            if need > self.slots.largest():
+                heapq.heappop(self.wide)
+                self._too_wide(i, need)
+                continue
+            placed = self.slots.place(i, need, self.held)
+            if placed is None:
+                return  # a machine is reserved for it meanwhile
+            heapq.heappop(self.wide)
+            self._submit(placed[0], [i], placed[1])
+        self.slots.release_reservation()
+
+    def _too_wide(self, i: int, need: int) -> None:
+        ref = self.tasks[i]
+        sizes = ", ".join(f"{m} has {n}" for m, n in sorted(self.slots.sizes().items()))
+        self._failed_for_good(i, TaskFailure(
+            job=ref.job, task=ref.task, attempt=self.attempt[i], engine=None, machine=None,
+            node=None, step=None, kind="engine", returncode=None, log=None, tail=[],
+            task_dir=None, message=f"the task needs {need} threads on one machine, but no "
+                                   f"machine has that many engines any more ({sizes or 'none'})"))
+
+    def _push_ready(self, i: int) -> None:
+        heapq.heappush(self.wide if self.threads[i] > 1 else self.ready, i)
+
     def _batch_size(self, job: str, slots: int) -> int:
         est = self.estimate.get(job)
         if est is None:
@@ -348,7 +379,7 @@ class Scheduler:
         fair = math.ceil(len(self.ready) / max(slots, 1))
         return max(1, min(size, self.max_batch, fair))
 
-    def _submit(self, engine: int, picked: list[int]) -> None:
+    def _submit(self, engine: int, picked: list[int], borrowed: tuple[int, ...] = ()) -> None:
         stamp, start = self.stamp, self.start
         requests = [
             build_request(self.plan, self.tasks[i], self.attempt[i], scratch=self.scratch,
@@ -361,13 +392,14 @@ class Scheduler:
         try:
             future = self.executor.submit(engine, requests)
         except Exception as exc:
+            self.slots.give_back(borrowed)
             if not self.executor.is_engine_loss(exc):
                 raise
             self._lose_engine(engine, picked, resubmit=False)
             return
         self._batch_ids += 1
         batch = _Batch(self._batch_ids, engine, picked, [self.attempt[i] for i in picked],
-                       future, time.time())
+                       future, time.time(), borrowed)
         for i in picked:
             self.state[i] = RUNNING
         self.batches[batch.id] = batch
@@ -381,6 +413,7 @@ class Scheduler:
             self.executor.release(batch.future)
             return
         del self.batches[batch.id]
+        self.slots.give_back(batch.borrowed)
         engine = batch.engine
         if engine in self.held:
             with contextlib.suppress(ValueError):
@@ -411,7 +444,8 @@ class Scheduler:
             except WireError as exc:
                 self._task_failed(i, attempt, engine, None, Failure("engine", str(exc)))
                 continue
-            self._record_trace(i, attempt, engine, result)
+            if self.trace is not None:
+                self.trace.task_rows(self.tasks[i], attempt, engine, result)
             s = self.summary
             s.bytes_staged += result.bytes_staged
             s.bytes_copied += result.bytes_copied
@@ -443,7 +477,7 @@ class Scheduler:
             self.summary.retried += 1
             self.listener.task_retrying(ref, record)
             self.state[i] = READY
-            heapq.heappush(self.ready, i)
+            self._push_ready(i)
             return
         self._failed_for_good(i, record)
 
@@ -486,7 +520,7 @@ class Scheduler:
                         heapq.heappush(todo, d)
             else:
                 self.state[j] = READY
-                heapq.heappush(self.ready, j)
+                self._push_ready(j)
 
     def _block_dependents(self, i: int) -> list[int]:
         """Block every task that waits (transitively) for task ``i``; the ones blocked now, in
@@ -523,9 +557,13 @@ class Scheduler:
             if self.batches.pop(batch.id, None) is not None:
                 moved.extend(batch.tasks)
                 lost.append(batch)
+        self.slots.remove(engine)
         for batch in lost:
+            self.slots.give_back(batch.borrowed)
             for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
-                self._trace_lost(i, attempt, engine, info, batch.sent, lost_at)
+                if self.trace is not None:
+                    self.trace.lost_row(self.tasks[i], attempt, engine,
+                                        info.machine if info else None, batch.sent, lost_at)
         running = min(lost, key=lambda b: b.id) if lost and resubmit else None
         if running is not None:
             for i in running.tasks:
@@ -540,7 +578,7 @@ class Scheduler:
         again = [i for i in moved if i not in given_up]
         for i in again:
             self.state[i] = READY
-            heapq.heappush(self.ready, i)
+            self._push_ready(i)
         self.summary.resubmitted += len(again) - (0 if resubmit else len(sent))
         if known:
             self.summary.engines_lost += 1
@@ -596,6 +634,7 @@ class Scheduler:
         for info in added:
             if info.id not in self.engines:
                 self.engines[info.id] = info
+                self.slots.add(info.id, info.machine)
                 self.held[info.id] = []
                 self.load[info.id] = 0
                 self.listener.engine_added(info)
@@ -622,6 +661,10 @@ class Scheduler:
                 continue
             self._complete(batch)
 
+    def _trace_unrun(self, i: int, status: str) -> None:
+        if self.trace is not None:
+            self.trace.unrun_rows(self.tasks[i], status, self.attempt[i])
+
     def _finish(self) -> None:
         s = self.summary
         for batch in list(self.batches.values()):
@@ -645,48 +688,6 @@ class Scheduler:
             s.trace_error = self.trace.error
         self._report_counts()
         self.listener.run_finished(s)
-
-    # -- trace rows ------------------------------------------------------------------------
-
-    def _record_trace(self, i: int, attempt: int, engine: int, result: TaskResult) -> None:
-        if self.trace is None:
-            return
-        ref = self.tasks[i]
-        machine = result.machine
-        for row in result.trace:
-            node = row.node
-            extra = {} if row.message is None else {"returncode": row.returncode,
-                                                    "message": row.message}
-            self.trace.write({
-                "node": node, "kind": row.kind, "job": ref.job,
-                "task": None if node == ref.machine_stage else ref.task,
-                "step": model.step_of(node), "engine": engine, "machine": machine,
-                "start": row.start, "end": row.end, "status": row.status,
-                "bytes": row.bytes, "attempt": attempt, **extra,
-            })
-
-    def _trace_lost(self, i: int, attempt: int, engine: int, info: EngineInfo | None,
-                    sent: float, lost_at: float) -> None:
-        if self.trace is None:
-            return
-        ref = self.tasks[i]
-        self.trace.write({
-            "node": ref.task_stage, "kind": "stage", "job": ref.job, "task": ref.task,
-            "step": None, "engine": engine, "machine": info.machine if info else None,
-            "start": sent, "end": lost_at, "status": "lost", "bytes": 0, "attempt": attempt,
-        })
-
-    def _trace_unrun(self, i: int, status: str) -> None:
-        if self.trace is None:
-            return
-        ref = self.tasks[i]
-        for node, kind in ref.kinds()[1:]:
-            self.trace.write({
-                "node": node, "kind": kind, "job": ref.job,
-                "task": ref.task, "step": model.step_of(node), "engine": None, "machine": None,
-                "start": None, "end": None, "status": status, "bytes": 0,
-                "attempt": self.attempt[i],
-            })
 
 
 def _is_withdrawn(error: BaseException) -> bool:

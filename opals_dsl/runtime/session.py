@@ -15,13 +15,15 @@ What a run does, in order
     4. Opens the run's records (:class:`~opals_dsl.runtime.history.RunRecords`: the folder
        ``runs/<pipeline>/<N>/`` for its trace, step logs and summary).
     5. Starts or reaches the cluster (:func:`~opals_dsl.runtime.connect.open_cluster`), lets
-       ``guard`` look at the engines' scratch roots, and schedules the plan
-       (:class:`~opals_dsl.runtime.scheduler.Scheduler`; tasks resumed at a later step start
-       there); the journal records every task that finishes, the listener shows progress.
+       ``guard`` look at the engines' scratch roots, refuses a plan with a step that needs more
+       threads than the largest machine has engines (:func:`refuse_wide_steps`), and schedules
+       the plan (:class:`~opals_dsl.runtime.scheduler.Scheduler`; tasks resumed at a later step
+       start there); the journal records every task that finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
 ``warning``; errors that stop the run before anything runs are raised as
-:class:`~opals_dsl.errors.OpfError` (a state folder in use, a cluster that cannot be started).
+:class:`~opals_dsl.errors.OpfError` (a state folder in use, a cluster that cannot be started,
+a step too wide for every machine).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_INTERRUPTED, UsageError
+from ..errors import EXIT_INTERRUPTED, ThreadsError, UsageError
 from ..plan import model
 from ..plan.model import Task
 from .cluster import ClusterOptions, stop_leftover_cluster
@@ -46,6 +48,7 @@ from .history import RunRecords
 from .journal import Journal
 from .resume import Resume
 from .scheduler import Scheduler
+from .slots import Slots, too_wide
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -244,6 +247,7 @@ def run(
                 RunRecords(state, plan, total=len(tasks), to_run=to_run))
 
             def schedule(engines: Executor) -> RunSummary:
+                refuse_wide_steps(plan, tasks, engines)
                 scheduler = Scheduler(
                     plan, engines, state_dir=state, records=records.folder, scratch=scratch,
                     keep_going=keep_going, skip=decider.skip if decider is not None else skip,
@@ -262,6 +266,23 @@ def run(
             if problem:
                 listener.warning(problem)
     return summary
+
+
+def refuse_wide_steps(plan: nx.DiGraph, tasks: model.Tasks, engines: Executor) -> None:
+    """Raise :class:`ThreadsError` when a step needs more threads than the largest machine of
+    ``engines`` has engines (:mod:`.slots`); with no engines at all nothing runs anyway."""
+    sizes = Slots({e: info.machine for e, info in engines.engines().items()}).sizes()
+    largest = max(sizes.values(), default=0)
+    needs = []
+    for task in tasks.tasks:
+        if task.threads > largest:
+            for nid in task.execs:
+                ex = model.node(plan, nid)
+                assert isinstance(ex, model.Exec)
+                needs.append((f"{ex.job}/{ex.step}", ex.threads))
+    reason = too_wide(needs, sizes)
+    if reason is not None:
+        raise ThreadsError(reason)
 
 
 @contextlib.contextmanager

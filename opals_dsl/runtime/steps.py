@@ -9,6 +9,15 @@ engine's *lifeline* (:mod:`opals_dsl.runtime.reaper`, started with the first ste
 should the engine die. A ``call`` imports its module afresh when the module's file changed since,
 or when the pipeline's folder has a module of that name elsewhere.
 
+Limits: each step's environment tells the libraries it uses how many threads it may take
+(:data:`THREAD_VARS`, :func:`use_threads`). A step with a ``timeout`` is waited for with
+a deadline; past it, its whole process group is ended (SIGTERM, :data:`STOP_GRACE` seconds,
+SIGKILL), grandchildren included. A ``call`` step's deadline is a ``SIGALRM`` timer in the
+engine's main thread that raises :class:`StepTimedOut` in the function: Python code stops at the
+next bytecode and a ``time.sleep`` or a read is interrupted, but native code that does not
+return to Python (a long C loop, a blocking call that retries after signals) runs on until it
+does.
+
 Standard library only: engines import it.
 """
 
@@ -26,6 +35,41 @@ from typing import Any
 
 #: seconds a step's process group gets between SIGTERM and SIGKILL when it is stopped
 STOP_GRACE = 2.0
+
+#: the variables through which OpenMP, BLAS, numexpr and GDAL learn how many threads to use
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "NUMEXPR_NUM_THREADS", "GDAL_NUM_THREADS")
+
+
+class StepTimedOut(BaseException):
+    """Raised inside a ``call`` step that ran past its timeout (a BaseException, so that the
+    function's own ``except Exception`` does not swallow it)."""
+
+
+def use_threads(threads: int) -> None:
+    """Set :data:`THREAD_VARS` to ``threads`` for the next step, in this process's environment.
+
+    They stay set until a step with another count changes them (not undone after each step
+    like the task's variables): in a run of one-thread steps they are set once, and every
+    later step costs five lookups. A ``call`` step sees them too, as does a library it loads
+    from then on."""
+    value = str(threads)
+    environ = os.environ
+    for name in THREAD_VARS:
+        if environ.get(name) != value:
+            environ.update(dict.fromkeys(THREAD_VARS, value))
+            return
+
+
+def format_limit(seconds: float) -> str:
+    """A timeout as the language writes it: ``90`` → ``"1m30s"``, ``7200`` → ``"2h"``."""
+    whole = int(seconds)
+    if whole != seconds or whole <= 0:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v]
+    return "".join(parts)
 
 # module imported for a call -> (its file, size, mtime_ns) when it was imported
 _MODULES: dict[str, tuple[str, int, int]] = {}
@@ -66,6 +110,54 @@ def wait_step(proc: subprocess.Popen) -> int:
         _unwatch(pgid)
         proc.wait()
     return proc.returncode
+
+
+def wait_step_until(proc: subprocess.Popen, timeout: float) -> int | None:
+    """:func:`wait_step` with a limit: None if the step ran ``timeout`` seconds and its whole
+    group was ended (SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL)."""
+    pgid = proc.pid
+    _watch(pgid)
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    timed_out = False
+    try:
+        try:
+            while True:
+                try:
+                    if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                        break
+                except ChildProcessError:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    _end_group(pgid)
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+        except BaseException:
+            _end_group(pgid)
+            raise
+        _killpg(pgid, signal.SIGKILL)
+    finally:
+        _unwatch(pgid)
+        proc.wait()
+    return None if timed_out else proc.returncode
+
+
+def exit_message(step: str, code: int) -> str:
+    """What a step's non-zero exit status ``code`` (negative: the signal) means."""
+    if code >= 0:
+        return f"step {step} exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    message = f"step {step} was killed by signal {name}"
+    if name == "SIGXFSZ":
+        message += (" (a file grew beyond the file size limit: is the scratch disk or a quota "
+                    "full?)")
+    return message
 
 
 def _end_group(pgid: int) -> None:
@@ -154,13 +246,36 @@ def task_environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def call_deadline(timeout: float | None) -> Iterator[bool]:
+    """Raise :class:`StepTimedOut` in this thread after ``timeout`` seconds (a ``SIGALRM``
+    timer); yields whether the limit is enforced (only the main thread receives signals)."""
+    import threading
+
+    if timeout is None or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise StepTimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
-                     cwd: str) -> BaseException | None:
+                     cwd: str, timeout: float | None = None) -> BaseException | None:
     """Call ``fn(**kwargs)`` in ``cwd`` with its output (Python and fd level) going to ``out``.
 
-    Returns the exception it raised (its traceback written to ``out``), or None. The working
-    directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 are restored in every
-    case; KeyboardInterrupt passes through after the restore.
+    Returns the exception it raised (its traceback written to ``out``), or None;
+    :class:`StepTimedOut` when it ran past ``timeout`` seconds (:func:`call_deadline`). The
+    working directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 are restored
+    in every case; KeyboardInterrupt passes through after the restore.
     """
     try:
         old_cwd: str | None = os.getcwd()
@@ -181,7 +296,10 @@ def call_redirected(fn: Any, kwargs: dict[str, Any], out: Any,
             os.dup2(out.fileno(), fd)
         sys.stdout = sys.stderr = out
         os.chdir(cwd)
-        fn(**kwargs)
+        with call_deadline(timeout):
+            fn(**kwargs)
+    except StepTimedOut as exc:
+        error = exc
     except SystemExit as exc:
         if exc.code not in (None, 0):
             error = exc

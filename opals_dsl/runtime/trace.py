@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..plan import model
+from ..plan.model import Task
+from ..plan.wire import TaskResult
+
 
 class TraceWriter:
     """Appends one JSON object per plan node to ``path`` (fields: :data:`TRACE_FIELDS`).
@@ -48,3 +52,39 @@ class TraceWriter:
         except OSError as exc:
             if self.error is None:
                 self._failed(exc)
+
+    # the rows of a task
+
+    def task_rows(self, ref: Task, attempt: int, engine: int, result: TaskResult) -> None:
+        """The rows of a task's nodes as its engine reported them."""
+        machine = result.machine
+        for row in result.trace:
+            node = row.node
+            extra = {} if row.message is None else {"returncode": row.returncode,
+                                                    "message": row.message}
+            self.write({
+                "node": node, "kind": row.kind, "job": ref.job,
+                "task": None if node == ref.machine_stage else ref.task,
+                "step": model.step_of(node), "engine": engine, "machine": machine,
+                "start": row.start, "end": row.end, "status": row.status,
+                "bytes": row.bytes, "attempt": attempt, **extra,
+            })
+
+    def lost_row(self, ref: Task, attempt: int, engine: int, machine: str | None,
+                 sent: float, lost_at: float) -> None:
+        """A task whose engine was lost while it held the task."""
+        self.write({
+            "node": ref.task_stage, "kind": "stage", "job": ref.job, "task": ref.task,
+            "step": None, "engine": engine, "machine": machine,
+            "start": sent, "end": lost_at, "status": "lost", "bytes": 0, "attempt": attempt,
+        })
+
+    def unrun_rows(self, ref: Task, status: str, attempt: int) -> None:
+        """A task that did not run (skipped, blocked, not-run): a row per node."""
+        for node, kind in ref.kinds()[1:]:
+            self.write({
+                "node": node, "kind": kind, "job": ref.job,
+                "task": ref.task, "step": model.step_of(node), "engine": None, "machine": None,
+                "start": None, "end": None, "status": status, "bytes": 0,
+                "attempt": attempt,
+            })
