@@ -109,7 +109,13 @@ def read_box(path: str, shown: str | None = None) -> Box:
     name = path if shown is None else shown
     try:
         with open(path, "rb") as fh:
+            if fh.read(4) != b"LASF":
+                raise HeaderError(name, "is not a LAS/LAZ file (it does not begin with the "
+                                  "signature LASF)")
+            fh.seek(0)
             header = _header_class().read_from(fh)
+    except HeaderError:
+        raise
     except OSError as exc:
         raise HeaderError(name, f"cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # laspy's errors on a file of another kind are of many kinds
