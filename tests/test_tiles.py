@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
+from opals_dsl.errors import PipelineError
 from opals_dsl.lang.tiles import MAX_TILES, Box, TooManyTiles, plan_tiles, read_box
 from opals_dsl.plan import model
 
@@ -255,3 +256,57 @@ def test_the_header_reader_reads_no_point(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:header_end])
     box = read_box(str(path))
     assert (box.xmin, box.ymin, box.xmax, box.ymax, box.points) == (0, 0, 10, 20, 2000)
+
+
+# -- a tile's values in commands -----------------------------------------------------------
+
+def test_a_tiles_files_are_staged_and_given_to_run_sh_and_call_one_item_each(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    write_las(tmp_path / "data" / "a.las", [(0.0, 0.0), (8.0, 8.0)])  # 1 short of 10_0's buffer
+    write_las(tmp_path / "data" / "b.las", [(10.5, 0.0), (19.0, 9.0)])
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "qc.py").write_text("def f(**kw):\n    pass\n", encoding="utf-8")
+    (tmp_path / "p.opf").write_text(textwrap.dedent("""\
+        job dem for tile in tiles("data/*.las", size = 10, buffer = 1) {
+            output "out/{tile.id}"
+            step count {
+                out n = "n.txt"
+                run sh "cat {tile.files} | wc -c > {n}"
+            }
+            step check {
+                out r = "r.json"
+                in tile.files
+                call tools.qc:f(files = tile.files, xmin = tile.xmin, id = tile.id, out = r)
+            }
+        }
+    """), encoding="utf-8")
+    g = compile_file(tmp_path / "p.opf")
+    chains = model.tasks(g).tasks
+    assert [c.task for c in chains] == ["0_0", "10_0"]
+    for chain, files in zip(chains, [["a.las", "b.las"], ["b.las"]], strict=True):
+        staged = model.node(g, chain.task_stage).files
+        assert [list(f) for f in staged] == [[f"data/{f}", f] for f in files]
+        count, check = (model.node(g, e) for e in chain.execs)
+        params = " ".join(f'"${k + 1}"' for k in range(len(files)))
+        assert list(count.argv) == ["/bin/sh", "-c", f'cat {params} | wc -c > "${len(files) + 1}"',
+                                    "sh", *files, "n.txt"]
+        assert check.call.kwargs == {"files": files, "xmin": int(chain.task.split("_")[0]),
+                                     "id": chain.task, "out": "r.json"}
+
+
+def test_two_files_of_one_name_for_one_tile_are_an_error(tmp_path: Path):
+    for folder in ("north", "south"):
+        (tmp_path / folder).mkdir()
+        write_las(tmp_path / folder / "strip.las", [(0.0, 0.0), (5.0, 5.0)])
+    (tmp_path / "p.opf").write_text(textwrap.dedent("""\
+        job dem for tile in tiles("*/strip.las", size = 100) {
+            step grid {
+                out dem = "{tile.id}.tif"
+                run grid {tile.files} {dem}
+            }
+        }
+    """), encoding="utf-8")
+    with pytest.raises(PipelineError) as caught:
+        compile_file(tmp_path / "p.opf")
+    assert ("tile '0_0' reads two files named 'strip.las' ('north/strip.las' and "
+            "'south/strip.las')") in str(caught.value)
