@@ -324,8 +324,9 @@ def test_the_link_checker_finds_a_broken_link(tmp_path: Path):
 PICTURES = [
     ("strips-plan.svg", "strips.opf", "task"),
     ("strips-jobs.svg", "strips.opf", "job"),
+    ("per_strip-plan.svg", "per_strip.opf", "task"),
+    ("per_strip-jobs.svg", "per_strip.opf", "job"),
     ("tiles-plan.svg", "tiles.opf", "task"),
-    ("tiles-jobs.svg", "tiles.opf", "job"),
 ]
 
 

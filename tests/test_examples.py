@@ -5,7 +5,8 @@ DEM and the mosaic it writes are compared cell by cell with DEMs computed here f
 points (laspy + numpy, nothing of the example tool); their CRS, transform and nodata are read
 back with rasterio, and with ``gdalinfo`` where GDAL's command-line tools are installed.
 ``autzen.opf``'s DEM (a LAZ file with its own CRS) is checked the same way; ``strips_flat.opf``
-and ``tiles.opf`` run on the session cluster and are checked for their folder layouts.
+and ``per_strip.opf`` run on the session cluster and are checked for their folder layouts;
+``tiles.opf``'s mosaic of buffered tiles is compared with one DEM of the whole area.
 """
 
 from __future__ import annotations
@@ -66,19 +67,25 @@ class Expected:
                                0.0, -self.cell, (self.top + 1) * self.cell)
 
 
-def expected_dem(las_path: Path, cell: float, fill: int) -> Expected:
+def expected_dem(las_path: Path, cell: float, fill: int,
+                 window: tuple[int, int, int, int] | None = None) -> Expected:
     """The ground DEM of a LAS/LAZ file as the examples document it, computed directly.
 
     Mean height of the ground points (class 2) per cell, cells on multiples of `cell`; an empty
     cell takes the value of the nearest cell with points (centre to centre, in cells; on a tie
-    the northern, then the western one) when that is at most `fill` cells away.
+    the northern, then the western one) when that is at most `fill` cells away. The DEM covers
+    the points' cells, or the cells of `window` (left, bottom, right, top, in cells).
     """
     las = laspy.read(las_path)
     ground = np.asarray(las.classification) == 2
     x, y, z = (np.asarray(v, dtype=np.float64)[ground] for v in (las.x, las.y, las.z))
     cx, cy = np.floor(x / cell).astype(np.int64), np.floor(y / cell).astype(np.int64)
-    left, top = int(cx.min()), int(cy.max())
-    nrows, ncols = top - int(cy.min()) + 1, int(cx.max()) - left + 1
+    if window is None:
+        window = (int(cx.min()), int(cy.min()), int(cx.max()) + 1, int(cy.max()) + 1)
+    inside = (cx >= window[0]) & (cx < window[2]) & (cy >= window[1]) & (cy < window[3])
+    cx, cy, z = cx[inside], cy[inside], z[inside]
+    left, top = window[0], window[3] - 1
+    nrows, ncols = window[3] - window[1], window[2] - window[0]
     # per-cell mean: sort the points by cell and average each run of equal cells
     key = (top - cy) * ncols + (cx - left)
     order = np.argsort(key, kind="stable")
@@ -219,10 +226,11 @@ def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster) ->
     )
 
 
-def test_tiles_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> None:
-    proc = opf("run", "tiles.opf", "--cluster-file", str(cluster.client_file), cwd=examples)
+def test_per_strip_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> None:
+    proc = opf("run", "per_strip.opf", "--cluster-file", str(cluster.client_file),
+               cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = relative_files(examples / "results_tiles")
+    got = relative_files(examples / "results_per_strip")
     assert got == sorted(
         [f"grid/{s}_dem.tif" for s in STRIPS]
         + [f"shade/{s}_dem_shade.tif" for s in STRIPS]
@@ -230,7 +238,74 @@ def test_tiles_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> 
     )
     # each hillshade is on its own strip's DEM grid
     for s in STRIPS:
-        with rasterio.open(examples / "results_tiles" / "grid" / f"{s}_dem.tif") as dem, \
-                rasterio.open(examples / "results_tiles" / "shade" / f"{s}_dem_shade.tif") as sh:
+        with rasterio.open(examples / "results_per_strip" / "grid" / f"{s}_dem.tif") as dem, \
+                rasterio.open(examples / "results_per_strip" / "shade" / f"{s}_dem_shade.tif") \
+                as sh:
             assert sh.transform == dem.transform and sh.shape == dem.shape
             assert sh.crs == dem.crs
+
+
+# tiles.opf: 500 ft tiles of autzen_trim.laz, 5 ft cells filled from at most 3 cells away
+TILE, CELL, FILL = 500, 5.0, 3
+AUTZEN_TILES = [f"{x}_{y}" for y in (848500, 849000) for x in (636000, 636500, 637000)]
+
+
+def tiles_area() -> tuple[int, int, int, int]:
+    """The cells of the tiles' area, the union of their cores (left, bottom, right, top)."""
+    per_tile = int(TILE / CELL)
+    xs = [int(t.split("_")[0]) for t in AUTZEN_TILES]
+    ys = [int(t.split("_")[1]) for t in AUTZEN_TILES]
+    return (int(min(xs) / CELL), int(min(ys) / CELL), int(max(xs) / CELL) + per_tile,
+            int(max(ys) / CELL) + per_tile)
+
+
+def read_dem(path: Path) -> tuple[np.ndarray, rasterio.Affine]:
+    with rasterio.open(path) as src:
+        values = src.read(1).astype(np.float64)
+        values[values == src.nodata] = np.nan
+        return values, src.transform
+
+
+def differing_cells(mosaic: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """The cells where the two DEMs differ: in data or nodata, or by more than float32 does."""
+    nodata = np.isnan(mosaic) != np.isnan(expected)
+    with np.errstate(invalid="ignore"):
+        values = np.abs(mosaic - expected) > FLOAT32
+    return nodata | values
+
+
+def test_tiles_with_a_buffer_mosaic_to_the_dem_of_the_whole_area_cell_for_cell(
+    examples: Path, cluster
+) -> None:
+    """Tiles planned from the LAZ file's header, each gridded from its buffered points and cut
+    to its core: their mosaic equals the DEM of all points over the tiles' area, every cell;
+    without the buffer it differs, along the tiles' edges only."""
+    client = ["--cluster-file", str(cluster.client_file)]
+    proc = opf("run", "tiles.opf", *client, cwd=examples)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = examples / "results_tiles"
+    assert relative_files(results) == sorted(
+        [f"grid/{t}.tif" for t in AUTZEN_TILES] + ["mosaic.tif"])
+    area = tiles_area()
+    expected = expected_dem(examples / "data" / "autzen_trim.laz", CELL, FILL, area)
+    mosaic, transform = read_dem(results / "mosaic.tif")
+    assert transform == expected.transform and mosaic.shape == expected.values.shape
+    assert not differing_cells(mosaic, expected.values).any()
+    assert np.count_nonzero(~np.isnan(mosaic)) > 0.5 * 113 * 236  # the data's box, in cells
+    for t in AUTZEN_TILES:  # each tile's DEM is exactly its core
+        values, tt = read_dem(results / "grid" / f"{t}.tif")
+        x, y = (int(v) for v in t.split("_"))
+        assert values.shape == (TILE / CELL, TILE / CELL)
+        assert (tt.c, tt.f) == (x, y + TILE)
+
+    # without a buffer the tiles' DEMs lack their neighbours' cells: seams along the edges
+    proc = opf("run", "tiles.opf", *client, "--param", "buffer=0", "--force", cwd=examples)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seams, _ = read_dem(results / "mosaic.tif")
+    bad = np.argwhere(differing_cells(seams, expected.values))
+    assert len(bad) > 0, "without a buffer the mosaic should differ near the tiles' edges"
+    per_tile = TILE / CELL
+    # distance of each differing cell to the nearest inner tile edge, in cells
+    rows, cols = bad[:, 0] % per_tile, bad[:, 1] % per_tile
+    to_edge = np.minimum.reduce([rows, per_tile - 1 - rows, cols, per_tile - 1 - cols])
+    assert to_edge.max() < FILL, "a cell far from every tile edge differs"

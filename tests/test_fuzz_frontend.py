@@ -11,6 +11,7 @@ few files the pipelines name, so mutations reach the planner's checks as well.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ PIECES = [
     "pipeline", "shared", "output", "flat", "by", "retries", "range", "lines", "sh", "1", "-1",
     "0", "1.5", "1e400", "true", "false", "x", "strip", "dem.grid.dem", "{strip.stem}", "..",
     "/", "*", "**", "{task.id}", '"data/*.xyz"', "é", "\r\n", "\x00",
+    "tiles", "size", "buffer", "origin", "{tile.files}", "{tile.xmin}", "[x, 1]",
 ]
 _TOKEN = re.compile(r"\w+|\s+|.", re.S)
 
@@ -88,7 +90,8 @@ _TOKEN = re.compile(r"\w+|\s+|.", re.S)
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pipeline folder with the files the seed pipelines name: a tiny stand-in for every
-    file of ``examples/`` and the few that :data:`FEATURES` names."""
+    file of ``examples/`` and the few that :data:`FEATURES` names; the LAS/LAZ files are
+    copied as they are (``tiles(...)`` reads their headers while planning)."""
     root = tmp_path_factory.mktemp("fuzz")
     examples = REPO / "examples"
     names = [
@@ -99,7 +102,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for rel in [*names, "data/strip11.xyz", "data/strip12.xyz", "data/strip11.prj"]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("0 0 0\n", encoding="utf-8")
+        if path.suffix in (".las", ".laz"):
+            shutil.copyfile(examples / rel, path)
+        else:
+            path.write_text("0 0 0\n", encoding="utf-8")
     (root / "list.txt").write_text("t1\n# skipped\n\nt2\n", encoding="utf-8")
     return root
 

@@ -5,6 +5,7 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
 
     python lidar.py import [--ground] [--crs CRS] IN.las OUT.laz     a strip's points, as LAZ
     python lidar.py grid [--config CFG] [--cell C] [--fill N] [--ground] [--crs CRS]
+                         [--core XMIN YMIN XMAX YMAX [--buffer B]]
                          IN.laz [IN2.laz ...] OUT.tif                 points -> DEM
     python lidar.py mosaic -o OUT.tif IN1.tif IN2.tif ...            DEMs -> one DEM
     python lidar.py hillshade [--azimuth A] [--altitude H] IN.tif OUT.tif   shaded relief
@@ -22,7 +23,13 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   GeoTIFF (tiled, DEFLATE-compressed, float32) with the points' CRS (`header.parse_crs()`), the
   transform of the grid and the nodata value; a CRS that equals an EPSG CRS is written as
   that EPSG CRS, so GIS shows its name and code. Inputs with different CRSs are an error, and
-  so are inputs without a CRS when `--crs` gives none.
+  so are inputs without a CRS when `--crs` gives none. With `--core`, the DEM of one tile:
+  the cells within `--buffer` of the core (whole cells) are gridded from the points in them,
+  so that cells near the core's edges are filled from their neighbours as in one DEM of
+  everything, and the DEM keeps exactly the core, `[XMIN, XMAX) x [YMIN, YMAX)`, whose edges
+  must lie on multiples of the cell size. Tiles' DEMs then join without seams: their mosaic
+  is the DEM of all points gridded over the tiles' area, cell for cell, when the buffer is
+  at least `fill` cells.
 - **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
@@ -34,10 +41,10 @@ projected CRS have them, unless a compound CRS gives the heights a unit of their
 east and north, US survey feet up): then they compare like with like.
 
 The computations are plain functions (`read_points`, `import_points`, `grid_points`,
-`fill_nearest`, `read_raster`, `write_raster`, `mosaic`, `hillshade`, `slope`) so they can be
-imported. Errors in the input are reported on one line (`FILE: what is wrong`) with exit
-status 2. Needs laspy (with lazrs for LAZ), numpy, pyproj and rasterio (GDAL in its wheel);
-`pip install 'opals_dsl[examples]'` brings them.
+`grid_core`, `fill_nearest`, `read_raster`, `write_raster`, `mosaic`, `hillshade`, `slope`)
+so they can be imported. Errors in the input are reported on one line (`FILE: what is
+wrong`) with exit status 2. Needs laspy (with lazrs for LAZ), numpy, pyproj and rasterio
+(GDAL in its wheel); `pip install 'opals_dsl[examples]'` brings them.
 """
 
 from __future__ import annotations
@@ -302,28 +309,60 @@ def _check_setting(key: str, value: float, where: str) -> None:
         raise LidarError(f"{where}: fill must be 0 or more cells, found {value:g}")
 
 
-def grid_points(points: Points, cell: float, fill: int = 0, nodata: float = -9999.0) -> Grid:
+def grid_points(points: Points, cell: float, fill: int = 0, nodata: float = -9999.0,
+                window: tuple[int, int, int, int] | None = None) -> Grid:
     """Grid points to a DEM: per cell the mean height of its points.
 
     Cell edges lie on multiples of `cell`, so grids of overlapping strips share cell
     boundaries; a cell holds the points with `left <= x < right` and `bottom <= y < top`.
     Empty cells take the value of the nearest cell with points at most `fill` cells away.
+    The DEM covers the cells of the points, or the cells `window` names (left, bottom,
+    right, top, in cells: columns left..right-1, rows bottom..top-1; points outside it are
+    left out).
     """
     ix = np.floor(points.x / cell).astype(np.int64)
     iy = np.floor(points.y / cell).astype(np.int64)
-    ncols = int(ix.max() - ix.min()) + 1
-    nrows = int(iy.max() - iy.min()) + 1
-    flat = (iy.max() - iy) * ncols + (ix - ix.min())  # row 0 is the top (north) row
-    total = np.bincount(flat, weights=points.z, minlength=nrows * ncols)
+    if window is None:
+        window = (int(ix.min()), int(iy.min()), int(ix.max()) + 1, int(iy.max()) + 1)
+    left, bottom, right, top = window
+    inside = (ix >= left) & (ix < right) & (iy >= bottom) & (iy < top)
+    ix, iy, z = ix[inside], iy[inside], points.z[inside]
+    ncols, nrows = right - left, top - bottom
+    flat = (top - 1 - iy) * ncols + (ix - left)  # row 0 is the top (north) row
+    total = np.bincount(flat, weights=z, minlength=nrows * ncols)
     count = np.bincount(flat, minlength=nrows * ncols)
     with np.errstate(invalid="ignore", divide="ignore"):
         values = (total / count).reshape(nrows, ncols)  # NaN where a cell holds no point
     filled = fill_nearest(values, fill)
     counts = {"cells": values.size, "with points": int((count > 0).sum()),
               "filled": int(np.isnan(values).sum() - np.isnan(filled).sum()),
-              "nodata": int(np.isnan(filled).sum()), "points": len(points.z)}
-    return Grid(filled, float(ix.min() * cell), float(iy.min() * cell), float(cell),
+              "nodata": int(np.isnan(filled).sum()), "points": len(z)}
+    return Grid(filled, float(left * cell), float(bottom * cell), float(cell),
                 points.crs, nodata, counts)
+
+
+def grid_core(points: Points, core: tuple[float, float, float, float], buffer: float,
+              cell: float, fill: int = 0, nodata: float = -9999.0) -> Grid:
+    """The DEM of one tile: the points of the cells within `buffer` of the core gridded as by
+    `grid_points` on those cells, then cut to exactly the core's cells.
+
+    A cell near the core's edge is filled from the cells around it as in one DEM of all
+    points, when those cells lie within the buffer (`buffer >= fill * cell`)."""
+    edges = [v / cell for v in core]
+    if any(abs(e - round(e)) > 1e-9 for e in edges) or not (core[0] < core[2]
+                                                            and core[1] < core[3]):
+        raise LidarError(f"--core {' '.join(f'{v:g}' for v in core)}: the core's edges must "
+                         f"lie on multiples of the cell size {cell:g}")
+    if buffer < 0:
+        raise LidarError(f"--buffer must be 0 or more, found {buffer:g}")
+    left, bottom, right, top = (round(e) for e in edges)
+    grow = math.floor(buffer / cell + 1e-9)  # whole cells only: all their points are here
+    grid = grid_points(points, cell, fill, nodata,
+                       (left - grow, bottom - grow, right + grow, top + grow))
+    values = grid.values[grow:grow + top - bottom, grow:grow + right - left]
+    counts = {"cells": values.size, "with points": int((~np.isnan(values)).sum()),
+              "nodata": int(np.isnan(values).sum()), "points": grid.counts["points"]}
+    return Grid(values, left * cell, bottom * cell, cell, points.crs, nodata, counts)
 
 
 def fill_nearest(values: np.ndarray, max_cells: int) -> np.ndarray:
@@ -487,6 +526,10 @@ def _parser() -> argparse.ArgumentParser:
                    "away; overrides 'fill'")
     p.add_argument("--ground", action="store_true", help="grid only ground points (class 2)")
     p.add_argument("--crs", type=parse_crs, help=crs_help)
+    p.add_argument("--core", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="grid one tile: the DEM covers exactly this core")
+    p.add_argument("--buffer", type=float, default=0.0, help="with --core: also grid the "
+                   "points this far around the core (default 0)")
     p.add_argument("inputs", nargs="+", metavar="input")
     p.add_argument("output")
     p = sub.add_parser("mosaic", help="merge DEMs on one grid, the mean where they overlap")
@@ -513,11 +556,19 @@ def _grid(args: argparse.Namespace) -> str:
     if points.crs is None:
         raise LidarError(f"{args.inputs[0]} carries no coordinate reference system; give it "
                          "with --crs, e.g. --crs EPSG:2994")
-    grid = grid_points(points, config["cell"], int(config["fill"]), config["nodata"])
+    if args.core is not None:
+        grid = grid_core(points, tuple(args.core), args.buffer, config["cell"],
+                         int(config["fill"]), config["nodata"])
+    else:
+        grid = grid_points(points, config["cell"], int(config["fill"]), config["nodata"])
     write_raster(grid, args.output)
     nrows, ncols = grid.values.shape
     unit = grid.crs.axis_info[0].unit_name if grid.crs is not None and grid.crs.axis_info else ""
     c = grid.counts
+    if args.core is not None:
+        return (f"{args.output}: the core's {ncols} x {nrows} cells of {grid.cell:g} {unit} "
+                f"from {c['points']} points within {args.buffer:g} of it: "
+                f"{c['with points']} with data, {c['nodata']} nodata")
     return (f"{args.output}: {ncols} x {nrows} cells of {grid.cell:g} {unit}".rstrip()
             + f" from {c['points']} points in {crs_name(grid.crs)}: {c['with points']} with "
             f"points, {c['filled']} filled, {c['nodata']} nodata")

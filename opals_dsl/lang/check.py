@@ -267,7 +267,7 @@ def _check_step_declarations(step: n.Step, singles: Mapping[str, str], c: Checke
 
 
 def is_list_binding(b: Binding, params: Mapping[str, object]) -> bool:
-    if b.kind == "gather":
+    if b.kind == "gather" or (b.kind == "var" and b.attr == "files"):
         return True
     return b.kind == "param" and b.attr is None and isinstance(params.get(b.name), tuple)
 
@@ -309,6 +309,8 @@ def _whole_number(
 def _not_a_file(b: Binding, ref: n.Ref, scope: Scope, step: int) -> str | None:
     """Why an ``in NAME`` does not name a file, or None when it does."""
     quoted = f'write: in "{{{ref.dotted}}}"'
+    if b.kind == "var" and b.attr == "files":
+        return None
     if b.attr is not None:
         return f"'in {ref.dotted}' names a text, not a file; to stage the file it names, {quoted}"
     if b.kind == "special":
@@ -355,6 +357,10 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
             for a in src.args:
                 b = resolve(a, CTX_JOB) if isinstance(a, n.Ref) else None
                 _whole_number(c, params, b, a, "range")
+        elif isinstance(src, n.TilesSource):
+            for r in src.pattern.refs:
+                resolve(r, CTX_JOB)
+            _check_tiles_numbers(src, params, c, lambda r: resolve(r, CTX_JOB))
         elif isinstance(src, n.UpstreamSource):
             try:
                 scope.resolve_upstream(src.ref)
@@ -380,7 +386,7 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                 b = bound[id(ref)] = resolve(ref, CTX_STEP, i)
                 if b is not None and not alone and is_list_binding(b, params):
                     what = (
-                        "a list of files" if b.kind == "gather"
+                        "a list of files" if b.kind in ("gather", "var")
                         else f"a list (the value of parameter '{b.name}')"
                     )
                     c.error(
@@ -400,6 +406,52 @@ def check_references(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
                     why = _not_a_file(b, item.item, scope, i) if b is not None else None
                     if why:
                         c.error(item.span, why)
+
+
+def _check_tiles_numbers(src: n.TilesSource, params: Mapping[str, object], c: Checker,
+                         resolve) -> None:
+    """``size > 0``, ``buffer >= 0`` and ``origin = [X, Y]``: numbers, or params holding them."""
+
+    def number(v: n.Value, what: str, positive: bool = False, zero: bool = False) -> None:
+        need = "a number greater than 0" if positive else (
+            "a number, 0 or more" if zero else "a number")
+        if isinstance(v, n.Ref):
+            b = resolve(v)
+            if b is None:
+                return
+            if b.kind != "param" or b.attr is not None:
+                c.error(v.span, f"{what} takes {need}, or a parameter holding one")
+                return
+            value, shown = params.get(b.name), f"but parameter '{b.name}' is"
+        else:
+            value, shown = v.value, "not"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            c.error(v.span, f"{what} takes {need}, {shown} {_show(value)}")
+        elif (positive and value <= 0) or (zero and value < 0):
+            c.error(v.span, f"{what} takes {need}, {shown} {_show(value)}")
+
+    if src.size is not None:
+        number(src.size, "the size of tiles(...)", positive=True)
+    if src.buffer is not None:
+        number(src.buffer, "the buffer of tiles(...)", zero=True)
+    origin = src.origin
+    if isinstance(origin, n.Ref):
+        b = resolve(origin)
+        value = params.get(b.name) if b is not None and b.kind == "param" else None
+        if b is not None and not (isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in value
+        )):
+            c.error(origin.span, "the origin of tiles(...) takes two numbers, [X, Y], or a "
+                    "parameter holding them")
+    elif origin is not None:
+        items = origin.items if isinstance(origin, n.ValueList) else (
+            tuple(n.Literal(v, origin.span) for v in origin.value)
+            if isinstance(origin.value, tuple) else None)
+        if items is None or len(items) != 2:
+            c.error(origin.span, "the origin of tiles(...) takes two numbers, [X, Y]")
+            return
+        for item in items:
+            number(item, "the origin of tiles(...)")
 
 
 def _check_out_path(o: n.Out, c: Checker) -> None:

@@ -18,12 +18,14 @@ import os
 import posixpath
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from ..source import Span
 from . import nodes as n
 from .scope import ResolveError, Scope
+from .tiles import HeaderError, TooManyTiles, plan_tiles, read_box
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -140,6 +142,34 @@ def why_not_a_file(path: str) -> str:
     return "does not exist"
 
 
+def tiles_numbers(
+    src: n.TilesSource, params: Mapping[str, object]
+) -> tuple[float, float, tuple[float, float]] | None:
+    """``size``, ``buffer`` and ``origin`` of a tiles source, params read; None when one is
+    not a number (the checker reports it)."""
+
+    def number(v: object) -> object:
+        if isinstance(v, n.Ref):
+            return params.get(v.parts[0]) if len(v.parts) == 1 else None
+        return v.value if isinstance(v, n.Literal) else None
+
+    size = number(src.size)
+    buffer = 0 if src.buffer is None else number(src.buffer)
+    origin: object = (0, 0)
+    if isinstance(src.origin, n.ValueList):
+        origin = tuple(number(i) for i in src.origin.items)
+    elif src.origin is not None:
+        origin = number(src.origin)
+    if not isinstance(origin, tuple) or len(origin) != 2:
+        return None
+    values = [size, buffer, *origin]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return None
+    if not size > 0 or not buffer >= 0:  # type: ignore[operator]
+        return None
+    return size, buffer, origin  # type: ignore[return-value]
+
+
 class Expander:
     """The job-expanding steps of the planner; see the module docstring."""
 
@@ -200,6 +230,8 @@ class Expander:
             if not self.room_for(count, src.span, shown):
                 return None
             return [TaskValue(v) for v in values]
+        if isinstance(src, n.TilesSource):
+            return self.tiles(src, scope, jname)
         if isinstance(src, n.LinesSource):
             rel = self.plan_path(self.job_template(src.path, scope, jname))
             self.read(rel, jname, None, src.path.span, src, what="its list file")
@@ -220,7 +252,7 @@ class Expander:
             TaskValue(d, file=d, upstream=tid) for tid, d in zip(tasks, dests, strict=True)
         ]
 
-    def glob(self, pattern: str, src: n.GlobSource) -> list[TaskValue] | None:
+    def glob(self, pattern: str, src: n.GlobSource | n.TilesSource) -> list[TaskValue] | None:
         if not _WILDCARDS.search(pattern):
             rel = self.plan_path(pattern)
             if not os.path.isfile(self.abspath(rel)):
@@ -239,6 +271,52 @@ class Expander:
         if not self.room_for(len(files), src.pattern.span, f"the pattern '{pattern}'"):
             return None
         return [TaskValue(f, file=f) for f in files]
+
+    def tiles(self, src: n.TilesSource, scope: Scope, jname: str) -> list[TaskValue] | None:
+        """One task per tile of ``tiles(...)``, laid over the matched files' headers; each
+        file's header is read once (never its points)."""
+        numbers = tiles_numbers(src, self.params)
+        pattern = self.job_template(src.pattern, scope, jname)
+        matched = self.glob(pattern, src)
+        if matched is None or numbers is None:
+            return None
+        self.task_count -= len(matched)  # glob counted the files as tasks; the tiles are
+        size, buffer, origin = numbers
+        boxes, crs_first, failed = [], None, 0
+        for value in matched:
+            try:
+                box = read_box(self.abspath(value.file), value.file)
+            except HeaderError as exc:
+                failed += 1
+                if failed <= 3:
+                    self.c.error(src.pattern.span, f"the file '{exc.path}' {exc.reason}; "
+                                 "tiles(...) reads LAS and LAZ files only: make the pattern "
+                                 "match only those")
+                continue
+            if crs_first is None:
+                crs_first = box
+            elif box.crs != crs_first.crs and failed == 0:
+                failed += 1
+                self.c.error(src.pattern.span, f"the files '{crs_first.path}' and '{box.path}' "
+                             "are in different coordinate reference systems "
+                             f"({crs_first.crs_name} and {box.crs_name}); one grid of tiles "
+                             "needs one CRS: reproject the files, or tile them in separate jobs")
+            boxes.append(box)
+        if failed:
+            return None
+        try:
+            tiles = plan_tiles(boxes, size, buffer, origin)
+        except TooManyTiles as exc:
+            self.c.error(src.span, f"this grid would have {exc.count:,} tiles, more than the "
+                         f"{exc.limit:,} one tiles(...) may make; choose a larger size")
+            return None
+        if not tiles:
+            self.c.error(src.pattern.span, f"the files '{pattern}' matches hold no points, so "
+                         "there is no tile")
+            return None
+        if not self.room_for(len(tiles), src.span, "these tiles"):
+            return None
+        return [TaskValue(t) for t in tiles]
 
     def room_for(self, count: int, span: Span | None, what: str) -> bool:
         """Count ``count`` more tasks, or report (at ``span``) that they are more than

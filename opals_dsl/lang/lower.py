@@ -99,6 +99,8 @@ class _JobCtx:
     var_span: Span | None
     stage_var: bool  # a step reads the loop value's file
     read_var: bool  # the loop values are files of the job's glob
+    tiles: bool  # the loop values are tiles, whose files are the job's inputs
+    stage_tiles: bool  # a step reads a tile's files
     up_job: str | None
     gather_files: list[list[str]]
     gather_locals: dict[str, str]
@@ -238,6 +240,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             var = job.var.value
             if isinstance(job.source, (n.GlobSource, n.UpstreamSource)):
                 self._clash_hint[job.name.value] = f"{{{var}.stem}}"
+            elif isinstance(job.source, n.TilesSource):
+                self._clash_hint[job.name.value] = f"{{{var}.id}}"
             elif not any("/" in label for label in labels):
                 self._clash_hint[job.name.value] = f"{{{var}}}"
         return labels, ids
@@ -318,6 +322,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             stage_var=any(b.kind == "var" and b.attr is None for b in self._file_bindings),
             # a glob's matches are the job's inputs, staged or not: no copy-back may overwrite
             read_var=isinstance(job.source, n.GlobSource),
+            tiles=isinstance(job.source, n.TilesSource),
+            stage_tiles=any(b.kind == "var" and b.attr == "files" for b in self._file_bindings),
             up_job=job.source.ref.parts[0] if isinstance(job.source, n.UpstreamSource) else None,
             gather_files=gather_files, gather_locals=gather_locals, gather_edges=gather_edges,
             waits=set(gather_edges),
@@ -420,9 +426,35 @@ class Planner(StepCompiler, Expander, DestinationChecks):
                           upstream_cb)
             else:
                 self.readers.setdefault(value.file, (jc.name, t.task, jc.var_span))
+        if jc.tiles:
+            self.stage_tile(jc, t, stage_files, local_src, upstream_cb)
         if jc.gather_files:
             stage_files += jc.gather_files
         return stage_files, local_src
+
+    def stage_tile(self, jc: _JobCtx, t: TaskCtx, stage_files: list[list[str]],
+                   local_src: dict[str, str], upstream_cb: str | None) -> None:
+        """A tile's files: inputs of the job (no copy-back may overwrite them), staged by base
+        name when a step reads them."""
+        for f in t.var.value.files:  # type: ignore[union-attr]
+            if f in self.destinations:
+                self.read(f, jc.name, t.task, jc.var_span, jc.job.source, jc.waits, upstream_cb)
+            else:
+                self.readers.setdefault(f, (jc.name, t.task, jc.var_span))
+            if not jc.stage_tiles:
+                continue
+            local = posixpath.basename(f)
+            seen = local_src.get(local)
+            if seen is None:
+                local_src[local] = f
+                stage_files.append([f, local])
+            elif seen != f:
+                self.error(
+                    jc.job.source.span,  # type: ignore[union-attr]
+                    f"tile '{t.task}' reads two files named '{local}' ('{seen}' and '{f}'), "
+                    "and both would be copied into its task folder; rename one of them",
+                    jc.job,
+                )
 
     def task_prefixes(self, jc: _JobCtx, t: TaskCtx) -> list[str]:
         """Where each step's outputs go, for an output folder that differs per task."""

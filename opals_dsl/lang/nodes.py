@@ -66,6 +66,17 @@ class Literal:
     span: Span | None = _SPAN
 
 
+@dataclass(frozen=True, slots=True)
+class ValueList:
+    """A bracketed list that names params (``[x0, y0]``): its items are values or names.
+
+    Only ``tiles(..., origin = [X, Y])`` takes one; a list that holds plain values only is a
+    :class:`Literal` of a tuple."""
+
+    items: tuple[Literal | Ref, ...]
+    span: Span | None = _SPAN
+
+
 Value = Literal | Ref
 
 
@@ -101,7 +112,20 @@ class UpstreamSource:
     span: Span | None = _SPAN
 
 
-Source = GlobSource | ListSource | RangeSource | LinesSource | UpstreamSource
+@dataclass(frozen=True, slots=True)
+class TilesSource:
+    """``tiles(GLOB, size = S, buffer = B, origin = [X, Y])``: one task per tile of a square
+    grid that meets the LAS/LAZ files GLOB matches. ``buffer`` and ``origin`` are None when
+    not given (0 and ``[0, 0]``)."""
+
+    pattern: Template
+    size: Value | None
+    buffer: Value | None = None
+    origin: Literal | Ref | ValueList | None = None
+    span: Span | None = _SPAN
+
+
+Source = GlobSource | ListSource | RangeSource | LinesSource | UpstreamSource | TilesSource
 
 
 @dataclass(frozen=True, slots=True)

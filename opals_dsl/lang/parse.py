@@ -273,10 +273,24 @@ class _Builder(Transformer):
         return n.Literal(str(items[0]) == "true", self._span(meta))
 
     def list(self, meta, items):
-        values = tuple(self._literal(i) for i in items if i is not None)
+        items = [i for i in items if i is not None]
+        if any(isinstance(i, (n.Ref, n.ValueList)) for i in items):
+            kept = tuple(i if isinstance(i, n.Ref) else self._literal(i) for i in items)
+            return n.ValueList(kept, self._span(meta))
+        values = tuple(self._literal(i) for i in items)
         return n.Literal(tuple(v.value for v in values), self._span(meta))
 
     def _literal(self, item, where: str = "") -> n.Literal:
+        if isinstance(item, n.ValueList):
+            ref = next(i for i in item.items if isinstance(i, n.Ref))
+            self.problems.append(Diagnostic(
+                ref.span,
+                f"'{ref.dotted}': {'a call' if where == 'call' else where or 'this list'} takes "
+                "plain values, not names, in a list; write "
+                "the value itself (only the origin of tiles(...) may name params)",
+                self.source,
+            ))
+            return n.Literal((), item.span)
         if isinstance(item, n.Template):
             if not item.is_constant:
                 ref = item.refs[0]
@@ -324,13 +338,25 @@ class _Builder(Transformer):
         return n.GlobSource(items[0], self._span(meta))
 
     def list_source(self, meta, items):
+        values = self._literal(items[0], "a list of values")
         return n.ListSource(
-            tuple(n.Literal(v, items[0].span) for v in items[0].value), self._span(meta)
+            tuple(n.Literal(v, values.span) for v in values.value), self._span(meta)
         )
 
     def func_source(self, meta, items):
         fname, args = items[0], [a for a in items[1:] if a is not None]
         span = self._span(meta)
+        if fname.value == "tiles":
+            return self._tiles(args, span)
+        named = [a for a in args if isinstance(a, n.Kwarg)]
+        if named and fname.value in ("range", "lines"):
+            self.problems.append(Diagnostic(
+                named[0].name.span,
+                f"{fname.value}(...) takes no named arguments; only tiles(...) does "
+                "(size = ..., buffer = ..., origin = [...])",
+                self.source,
+            ))
+            args = [a for a in args if not isinstance(a, n.Kwarg)]
         if fname.value == "range":
             return n.RangeSource(tuple(self._value(a) for a in args), span)
         if fname.value == "lines":
@@ -350,6 +376,46 @@ class _Builder(Transformer):
             )
         )
         return n.ListSource((), span)
+
+    def _tiles(self, args: list, span: Span | None) -> n.TilesSource:
+        """``tiles(GLOB, size = S, buffer = B, origin = [X, Y])``: the glob first, then the
+        named arguments, each once; ``size`` is required."""
+        usage = 'write tiles("data/*.laz", size = 500, buffer = 25, origin = [0, 0])'
+        positional = [a for a in args if not isinstance(a, n.Kwarg)]
+        named: dict[str, n.Kwarg] = {}
+        pattern = n.Template((), span)
+        if not positional or not isinstance(positional[0], n.Template):
+            where = positional[0].span if positional else span
+            self._problem(where, f"tiles(...) takes the LAS/LAZ files' glob first; {usage}")
+        else:
+            pattern = positional[0]
+            if args[0] is not positional[0]:
+                self._problem(pattern.span, f"the glob comes before the named arguments; {usage}")
+        for extra in positional[1:]:
+            self._problem(extra.span, "tiles(...) takes one glob, then named arguments "
+                          f"(size, buffer, origin); {usage}")
+        for kw in (a for a in args if isinstance(a, n.Kwarg)):
+            key = kw.name.value
+            if key not in ("size", "buffer", "origin"):
+                self._problem(kw.name.span, f"tiles(...) has no argument '{key}'; it takes "
+                              "size, buffer and origin")
+            elif key in named:
+                self._problem(kw.name.span, f"argument '{key}' is given twice; remove one")
+            else:
+                named[key] = kw
+        if "size" not in named:
+            self._problem(span, f"tiles(...) needs the tiles' side length, size = S; {usage}")
+        values = {k: self._source_value(kw.value, k) for k, kw in named.items()}
+        return n.TilesSource(pattern, values.get("size"), values.get("buffer"),
+                             values.get("origin"), span)
+
+    def _source_value(self, item, key: str):
+        if isinstance(item, (n.Ref, n.ValueList)):
+            return item
+        return self._literal(item, f"the {key} of tiles(...)")
+
+    def _problem(self, span: Span | None, message: str) -> None:
+        self.problems.append(Diagnostic(span, message, self.source))
 
     def ref_source(self, meta, items):
         return n.UpstreamSource(items[0], self._span(meta))
@@ -446,9 +512,11 @@ class _Builder(Transformer):
 
     def call(self, meta, items):
         module, function, *kwargs = items
-        return n.Call(
-            module, function.value, tuple(k for k in kwargs if k is not None), self._span(meta)
-        )
+        kwargs = [
+            n.Kwarg(k.name, self._value(k.value, "call"), k.span) for k in kwargs if k is not None
+        ]
+        return n.Call(module, function.value, tuple(kwargs), self._span(meta))
 
     def kwarg(self, meta, items):
-        return n.Kwarg(items[0], self._value(items[1], "call"), self._span(meta))
+        # the value as written: a call and a source each say what they take
+        return n.Kwarg(items[0], items[1], self._span(meta))

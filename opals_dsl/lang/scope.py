@@ -19,6 +19,8 @@ import networkx as nx
 from . import nodes as n
 
 FILE_ATTRS = ("name", "stem", "suffix", "parent")
+#: what the loop variable of ``tiles(...)`` offers; ``files`` is a list of files
+TILE_ATTRS = ("id", "xmin", "ymin", "xmax", "ymax", "buffer", "files")
 
 
 SPECIALS = {"task": ("id", "threads"), "job": ("name",), "pipeline": ("name",)}
@@ -186,6 +188,7 @@ class Scope:
         self.job = job
         self.params = params
         self.var = job.var.value if job.var else None
+        self.tiles = isinstance(job.source, n.TilesSource)
         self.shared = {s.name.value: s for s in job.shared}
         self.steps = {s.name.value: i for i, s in enumerate(job.steps)}
         self.step_outs = [{o.name.value: o for o in s.outs} for s in job.steps]
@@ -214,7 +217,9 @@ class Scope:
         names = list(self.params) + ["pipeline.name", "job.name"]
         if ctx != CTX_JOB:
             names += ["task.id"]
-            if self.var:
+            if self.var and self.tiles:
+                names += [f"{self.var}.{a}" for a in TILE_ATTRS]
+            elif self.var:
                 names += [self.var] + [f"{self.var}.{a}" for a in FILE_ATTRS]
         if ctx == CTX_STEP:
             names += ["task.threads"]
@@ -253,6 +258,8 @@ class Scope:
                     "out", name=head, step=self.job.steps[step].name.value, attr=parts[1]
                 )
 
+        if self.var is not None and head == self.var and allow_var and self.tiles:
+            return self._tile_attr(ref, ctx)
         if self.var is not None and head == self.var and allow_var:
             if len(parts) == 1:
                 return Binding("var")
@@ -342,6 +349,25 @@ class Scope:
                 "back, so no other job can use it; drop 'temp' from its declaration"
             )
         return Binding("gather", job=head, step=parts[1], name=parts[2])
+
+    def _tile_attr(self, ref: n.Ref, ctx: str) -> Binding:
+        """``{tile.id}``, ``{tile.xmin}`` ... ``{tile.files}`` of a tiles job."""
+        parts = ref.parts
+        offers = ", ".join(f"'{parts[0]}.{a}'" for a in TILE_ATTRS)
+        if len(parts) == 1:
+            raise ResolveError(
+                f"'{parts[0]}' alone is not a value: a tile offers {offers}"
+            )
+        if len(parts) != 2 or parts[1] not in TILE_ATTRS:
+            close = closest(parts[1], TILE_ATTRS) if len(parts) == 2 else None
+            hint = f"did you mean '{parts[0]}.{close}'? " if close else ""
+            raise ResolveError(f"'{ref.dotted}' is not known; {hint}a tile offers {offers}")
+        if parts[1] == "files" and ctx != CTX_STEP:
+            raise ResolveError(
+                f"'{ref.dotted}' is a list of files, which only a step's command or 'in' line "
+                "can use; name an output after '{" + parts[0] + ".id}'"
+            )
+        return Binding("var", attr=parts[1])
 
     def _bad_attr(self, ref: n.Ref) -> ResolveError:
         offers = ", ".join(f".{a}" for a in FILE_ATTRS[:-1]) + f" and .{FILE_ATTRS[-1]}"

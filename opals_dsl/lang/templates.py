@@ -18,7 +18,7 @@ from operator import attrgetter
 from ..plan import model
 from . import nodes as n
 from .expand import TaskValue, format_value, path_attr
-from .scope import CTX_JOB, CTX_STEP, Binding, ResolveError, Scope
+from .scope import CTX_JOB, CTX_STEP, TILE_ATTRS, Binding, ResolveError, Scope
 from .words import shell_places
 
 
@@ -44,6 +44,27 @@ _var_text = attrgetter("text")
 
 
 _var_stem = attrgetter("stem")
+
+
+class TaskList:
+    """A list of words that differs per task (a tile's files): one word per item."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: Callable[[TaskCtx], list[str]]) -> None:
+        self.words = words
+
+    def __call__(self, t: TaskCtx) -> list[str]:
+        return self.words(t)
+
+
+def tile_locals(t: TaskCtx) -> list[str]:
+    """The local copies of a tile's files: their base names in the task folder."""
+    return [posixpath.basename(f) for f in t.var.value.files]  # type: ignore[union-attr]
+
+
+def _tile_value(attr: str) -> Callable[[TaskCtx], object]:
+    return lambda t: getattr(t.var.value, attr)  # type: ignore[union-attr]
 
 
 def render_pieces(pieces: list[Text]) -> Text:
@@ -87,6 +108,29 @@ def _not_an_option(path: str) -> str:
     return "./" + path if path[:1] == "-" else path
 
 
+def _numbered(pieces: list) -> tuple[str, list[Text]]:
+    """A ``run sh`` script with each placeholder a quoted positional parameter, and the values
+    of the parameters in order: ``pieces`` are the script's text and ``((name, starts a
+    word), value)`` pairs, a list value one parameter per item. A name used twice refers to
+    one parameter."""
+    script: list[str] = []
+    args: list[Text] = []
+    numbered: dict[tuple[str, bool], str] = {}
+    for p in pieces:
+        if isinstance(p, str):
+            script.append(p)
+            continue
+        key, v = p
+        refs = numbered.get(key)
+        if refs is None:
+            items: list[Text] = v if isinstance(v, list) else [v]
+            refs = " ".join(_positional(len(args) + k + 1) for k in range(len(items)))
+            args.extend(items)
+            numbered[key] = refs
+        script.append(refs)
+    return "".join(script), args
+
+
 def no_action(t: TaskCtx) -> tuple[list[str], None]:
     return [], None
 
@@ -127,6 +171,11 @@ class StepCompiler:
             return path_attr(value, b.attr) if b.attr else value
         if b.kind == "var":
             attr = b.attr
+            if attr == "files":
+                return lambda t: ",".join(tile_locals(t))
+            if attr in TILE_ATTRS:
+                value = _tile_value(attr)
+                return lambda t: format_value(value(t))
             if attr == "stem":
                 return _var_stem
             if attr:
@@ -160,6 +209,10 @@ class StepCompiler:
             return list(value) if isinstance(value, tuple) else value
         if b.kind == "var" and not b.attr:
             return lambda t: t.text if t.var.file is not None else t.var.value
+        if b.kind == "var" and b.attr == "files":
+            return tile_locals
+        if b.kind == "var" and b.attr in TILE_ATTRS and b.attr != "id":
+            return _tile_value(b.attr)
         return self.text(b)
 
     def gathered(self, b: Binding) -> list[str]:
@@ -222,9 +275,11 @@ class StepCompiler:
                     pieces.append(p)
                     continue
                 v = self.run_value(p, scope, i, starts_word=k == 0)
+                if isinstance(v, TaskList):  # not alone in its word: the checker says so
+                    v = self.text(scope.resolve(p, CTX_STEP, i))
                 pieces.append(",".join(v) if isinstance(v, list) else v)
             words.append(render_pieces(pieces))
-        if not any(isinstance(w, list) for w in words):
+        if not any(isinstance(w, list | TaskList) for w in words):
             # a copy of the constant words with the varying ones filled in: twice as fast as
             # building the list word by word, and this runs for every step of every task
             fixed = [w if w.__class__ is str else "" for w in words]
@@ -245,6 +300,8 @@ class StepCompiler:
                     argv.append(w)  # type: ignore[arg-type]
                 elif w.__class__ is list:
                     argv.extend(w)  # type: ignore[arg-type]
+                elif w.__class__ is TaskList:
+                    argv.extend(w(t))  # type: ignore[operator]
                 else:
                     argv.append(w(t))  # type: ignore[operator]
             return argv, None
@@ -253,7 +310,7 @@ class StepCompiler:
 
     def run_value(
         self, ref: n.Ref, scope: Scope, i: int, *, starts_word: bool
-    ) -> str | list[str] | Callable[[TaskCtx], str]:
+    ) -> str | list[str] | TaskList | Callable[[TaskCtx], str]:
         """A placeholder of a run line as words: one (constant or a function of the task), or a
         list (a gather or a list param: one word per item).
 
@@ -261,6 +318,8 @@ class StepCompiler:
         name begins with '-' is written ``./-n.txt``, so that no program takes it for an
         option."""
         b = scope.resolve(ref, CTX_STEP, i)
+        if b.kind == "var" and b.attr == "files":
+            return TaskList(lambda t: [_not_an_option(w) for w in tile_locals(t)])
         if b.kind == "gather" or (b.kind == "param" and b.attr is None):
             v = self.value(b)
             if isinstance(v, list):
@@ -286,26 +345,27 @@ class StepCompiler:
         the values follow the script as the shell's arguments. A name used twice refers to one
         parameter. ``words.shell_places`` says where a placeholder may stand (and the checker
         refuses the rest), so that ``"$1"`` stays one word holding exactly the value."""
-        script: list[str] = []
-        args: list[Text] = []
-        numbered: dict[tuple[str, bool], str] = {}  # one parameter for a name used twice
+        pieces: list[str | tuple[tuple[str, bool], object]] = []
         places = iter(shell_places(tpl.parts))
         for p in tpl.parts:
             if isinstance(p, str):
-                script.append(p)
+                pieces.append(p)
                 continue
             _why, starts_word = next(places)
             kind = scope.resolve(p, CTX_STEP, i).kind
             key = (p.dotted, starts_word and kind in ("var", "out"))  # see run_value
-            refs = numbered.get(key)
-            if refs is None:
-                v = self.run_value(p, scope, i, starts_word=starts_word)
-                items: list[Text] = v if isinstance(v, list) else [v]  # type: ignore[assignment]
-                refs = " ".join(_positional(len(args) + k + 1) for k in range(len(items)))
-                args.extend(items)
-                numbered[key] = refs
-            script.append(refs)
-        head = ["/bin/sh", "-c", "".join(script), "sh"]
+            pieces.append((key, self.run_value(p, scope, i, starts_word=starts_word)))
+        if any(not isinstance(p, str) and isinstance(p[1], TaskList) for p in pieces):
+            # a tile's files: as many parameters as the task has files
+            def per_task(t: TaskCtx) -> tuple[list[str], None]:
+                concrete = [p if isinstance(p, str) else (p[0], p[1](t) if isinstance(
+                    p[1], TaskList) else p[1]) for p in pieces]
+                script, args = _numbered(concrete)
+                return ["/bin/sh", "-c", script, "sh"] + [text_of(a, t) for a in args], None
+
+            return per_task
+        script_text, args = _numbered(pieces)
+        head = ["/bin/sh", "-c", script_text, "sh"]
         if all(a.__class__ is str for a in args):
             argv = head + args  # type: ignore[operator]
             return lambda t: (list(argv), None)
@@ -335,14 +395,18 @@ class StepCompiler:
         )
         for r in refs:
             b = scope.resolve(r, CTX_STEP, i)
-            if b.attr is not None or b.kind in ("special", "param") or b in seen:
+            if b.kind == "var" and b.attr == "files" and b not in seen:
+                pass  # a tile's files: staged like the loop's file
+            elif b.attr is not None or b.kind in ("special", "param") or b in seen:
                 continue
-            if b.kind == "var" and not file_source:
+            if b.kind == "var" and not file_source and b.attr != "files":
                 continue
             if b.kind == "out" and b.step == step.name.value:
                 continue
             seen[b] = None
-            if b.kind == "var":
+            if b.kind == "var" and b.attr == "files":
+                inputs.append(TaskList(tile_locals))
+            elif b.kind == "var":
                 inputs.append(_var_text)
             elif b.kind == "gather":
                 inputs.append(self.gathered(b))
@@ -363,6 +427,8 @@ class StepCompiler:
                 out.append(x)  # type: ignore[arg-type]
             elif x.__class__ is list:
                 out.extend(x)  # type: ignore[arg-type]
+            elif x.__class__ is TaskList:
+                out.extend(x(t))  # type: ignore[operator]
             else:
                 out.append(x(t))  # type: ignore[operator]
         if not in_locals:
