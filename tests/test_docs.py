@@ -363,6 +363,70 @@ def test_docs_do_not_show_paths_of_this_machine():
             assert str(ROOT) not in doc.read_text(encoding="utf-8"), doc.name
 
 
+# -- what following the docs leaves behind --------------------------------------------------
+
+#: the first-day pages, and the folder their commands run in
+FIRST_DAY = {ROOT / "README.md": ROOT, ROOT / "docs" / "tutorial.md": EXAMPLES}
+
+
+def _commands_of(doc: Path) -> list[list[str]]:
+    """Every ``opf`` command of a page: in its ``sh`` blocks and its inline code."""
+    commands = [argv for b in blocks(doc) if b.lang == "sh" for argv in _opf_commands(b)]
+    for code in re.findall(r"`(opf [^`]*)`", _prose_with_code(doc)):
+        commands += _opf_commands(Block(doc, 0, "sh", code + "\n"))
+    return commands
+
+
+def _prose_with_code(doc: Path) -> str:
+    text = doc.read_text(encoding="utf-8")
+    return "\n".join(line for line in text.splitlines() if not _FENCE.match(line))
+
+
+def made_by(argv: list[str], cwd: Path) -> list[Path]:
+    """The files and folders an ``opf`` command makes (relative ones only)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # a command named in passing ('opf run' in a sentence)
+        return []
+    made = []
+    if getattr(args, "output", None):
+        made.append(cwd / args.output)
+    elif args.command == "report":
+        made.append(cwd / "report.html")
+    if args.command == "run" and (cwd / args.file).is_file():  # not 'opf run FILE'
+        folder = (cwd / args.file).parent
+        made += [folder / ".opf", folder / "results"]
+        for item in args.param or []:
+            name, _, value = item.partition("=")
+            if name == "results":
+                made.append(folder / value)
+        if args.report:
+            made.append(cwd / args.report)
+        if args.state:
+            made.append(cwd / args.state)
+    return [p for p in made if not str(p).startswith(("/mnt", "/local", "~")) and
+            ROOT in p.parents]
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="not a git clone")
+def test_what_the_first_day_docs_make_is_ignored_by_git():
+    """Following README.md and the tutorial leaves git status clean: every file or folder
+    their commands make (plans drawn with -o, reports, results, the state folder) is in
+    .gitignore."""
+    made = sorted({p for doc, cwd in FIRST_DAY.items() for argv in _commands_of(doc)
+                   for p in made_by(argv, cwd)})
+    assert ROOT / "examples" / "plan.svg" in made and ROOT / "examples" / ".opf" in made
+    # a file inside each: a folder is ignored when a pattern matches it or a parent
+    paths = [str((p / "x" if not p.suffix else p).relative_to(ROOT)) for p in made]
+    done = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"],
+                          input="\n".join(paths) + "\n", capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+    not_ignored = [line.split("\t", 1)[1] for line in done.stdout.splitlines()
+                   if line.startswith("::\t")]
+    assert not not_ignored, f"not in .gitignore: {not_ignored}"
+
+
 # -- the plan format -------------------------------------------------------------------------
 
 
