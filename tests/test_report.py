@@ -373,6 +373,10 @@ def test_counts_of_one_are_said_in_the_singular(tmp_path: Path) -> None:
     assert '<div class="v">1</div><div class="l">engine on 1 machine</div>' in page
     assert "4 nodes ran on 1 engine<" in page
     assert not re.search(r"\b1 (engines|tasks|machines|nodes)\b", page)
+    # a trace of one node: '1 node ran'
+    (tmp_path / "trace.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    page = write_report(tmp_path, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "1 node ran on 1 engine<" in page
 
 
 # -- in a real browser -----------------------------------------------------------------------

@@ -224,8 +224,7 @@ def _subtitle(data: Mapping[str, Any], source: str | None) -> str:
     s = data["summary"]
     sub = [f"trace: {_e(source)}"] if source else []
     sub.append(f"started {_e(_when(s['start']))}")
-    sub.append(f"{s['nodes_run']} nodes ran on {s['engines']} engine"
-               f"{'s' if s['engines'] != 1 else ''}")
+    sub.append(f"{plural(s['nodes_run'], 'node')} ran on {plural(s['engines'], 'engine')}")
     if data.get("unreadable"):
         sub.append(f"{data['unreadable']} unreadable trace line"
                    f"{'s' if data['unreadable'] != 1 else ''} skipped")
