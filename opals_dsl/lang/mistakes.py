@@ -58,6 +58,7 @@ def check_likely_mistakes(pipeline: n.Pipeline, params: Mapping[str, object],
         c.warn(place, "this pipeline has no job, so running it does nothing; add one: "
                "job NAME { step NAME { run ... } }")
     modules: dict[str, _Module] = {}
+    files: dict[str, bool] = {}  # a word → whether it names a file (asked once per word)
     for job in pipeline.jobs:
         _unstaged_loop_files(job, c)
         for step in job.steps:
@@ -67,7 +68,7 @@ def check_likely_mistakes(pipeline: n.Pipeline, params: Mapping[str, object],
                 if isinstance(action, n.Run) and not action.shell:
                     _shell_word(action, c)
                     if c.root is not None:
-                        _unstaged_words(job, action, c)
+                        _unstaged_words(job, action, c, files)
                 elif isinstance(action, n.Call) and c.root is not None:
                     _call_target(action, c, modules)
 
@@ -122,7 +123,7 @@ def _shell_word(run: n.Run, c: Checker) -> None:
         return
 
 
-def _unstaged_words(job: n.Job, run: n.Run, c: Checker) -> None:
+def _unstaged_words(job: n.Job, run: n.Run, c: Checker, files: dict[str, bool]) -> None:
     """Words naming a file of the pipeline's folder: not staged, so not there when run."""
     assert c.root is not None
     first = _constant(run.words[0].template) if run.words else None
@@ -133,7 +134,9 @@ def _unstaged_words(job: n.Job, run: n.Run, c: Checker) -> None:
         norm = posixpath.normpath(text.replace("\\", "/"))
         if norm == ".." or norm.startswith("../") or norm == ".":
             continue
-        if not os.path.isfile(os.path.join(c.root, norm)):
+        if norm not in files:
+            files[norm] = os.path.isfile(os.path.join(c.root, norm))
+        if not files[norm]:
             continue
         script = k == 0 or (k == 1 and first in _INTERPRETERS)
         c.warn(word.span, f"'{text}' is a file in the pipeline's folder, but the step runs in "
