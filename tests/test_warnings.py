@@ -218,16 +218,25 @@ def test_warnings_are_shown_beside_errors_and_leave_their_status(
 
 def test_a_call_module_is_read_never_imported(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module's source would write a file if it were imported (or run); checking it must
-    find its function without that."""
+    """The module's source would write a file if it were imported (or run): checking it
+    finds that the function is missing — and that one defined under 'if' is there — without
+    that."""
     make_folder(tmp_path, CASES["call_function_missing"][0])
     (tmp_path / "tools" / "qcc.py").write_text(
         "import pathlib\npathlib.Path('imported').write_text('yes')\n\n"
-        "if True:\n    def densty(src, dst):\n        pass\n", encoding="utf-8")
+        "if True:\n    def density(src, dst):\n        pass\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    assert opf("check", "p.opf") == (0, "p.opf: ok — p: 1 job, 1 task, 1 step run\n", "")
+    status, _, err = opf("check", "p.opf")
+    assert status == 0
+    assert err.splitlines()[0].endswith("has no function 'densty', so the call would fail; "
+                                        "did you mean 'density'?")
     assert not (tmp_path / "imported").exists()
     assert "tools.qcc" not in sys.modules
+    path = tmp_path / "p.opf"
+    path.write_text(path.read_text(encoding="utf-8").replace("densty", "density"),
+                    encoding="utf-8")
+    assert opf("check", "p.opf") == (0, "p.opf: ok — p: 1 job, 1 task, 1 step run\n", "")
+    assert not (tmp_path / "imported").exists()
 
 
 def test_a_module_that_does_not_parse_is_a_warning(tmp_path: Path,
@@ -240,19 +249,24 @@ def test_a_module_that_does_not_parse_is_a_warning(tmp_path: Path,
     assert "warning: module 'tools.qcc' (tools/qcc.py) does not parse (line 1: " in err
 
 
-def test_a_quoted_operator_and_a_declared_tool_are_no_mistake(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_the_bare_operator_is_a_mistake(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quoted '>' is a word the program gets on purpose, and a declared tool written as
+    {tool} is staged: neither is warned about, the bare '>' is."""
     make_folder(tmp_path, """\
         job dem for s in "data/*.txt" {
             shared tool = "tools/lidar.py"
             step grep {
                 out o = "{s.stem}.out"
-                run python {tool} grep ">" {s} {o}
+                run python {tool} grep ">" '|' {s} > {o}
             }
         }
     """)
     monkeypatch.chdir(tmp_path)
-    assert opf("check", "p.opf") == (0, "p.opf: ok — p: 1 job, 1 task, 1 step run\n", "")
+    status, _, err = opf("check", "p.opf")
+    assert status == 0
+    places = [line.split(": ")[0] for line in err.splitlines() if line.startswith("p.opf:")]
+    assert places == ["p.opf:5:44"]  # the bare '>'
 
 
 def test_a_declared_tool_written_as_its_path_is_pointed_to_its_name(
