@@ -4,6 +4,7 @@ draw it, run it — through the same stages as ``opf check``, ``opf compile`` an
     import opals_dsl as opf
 
     pipeline = opf.load("strips.opf", params={"cell": "50"})  # PipelineError: every finding
+    pipeline.warnings                                         # likely mistakes; strict=True
     plan = pipeline.plan()                                    # the networkx plan
     opf.draw(plan, level="job")                               # shown as a picture in a notebook
     summary = opf.run(pipeline, client=rc)                    # on engines you already have

@@ -42,9 +42,15 @@ class Diagnostic:
     span: Span | None
     message: str
     source: SourceFile | None = field(default=None, compare=False, repr=False)
+    #: ``error`` (nothing runs) or ``warning`` (a likely mistake; ``--strict`` makes it an error)
+    severity: str = "error"
 
     def render(self) -> str:
-        return render_diagnostic(self.source, self.span, self.message)
+        return render_diagnostic(self.source, self.span, self.message, self.severity)
+
+    def as_error(self) -> Diagnostic:
+        """This finding with severity ``error`` (``--strict``)."""
+        return Diagnostic(self.span, self.message, self.source)
 
 
 #: every task done (or skipped as unchanged)
@@ -59,6 +65,24 @@ EXIT_CLUSTER = 3
 EXIT_INTERNAL = 70
 #: stopped by Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_INTERRUPTED = 130
+
+
+def plural(n: int, word: str) -> str:
+    """``plural(1, "error")`` → ``"1 error"``, ``plural(2, "error")`` → ``"2 errors"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def by_place(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """Diagnostics in the order of the file (those without a place first)."""
+    return sorted(
+        diagnostics,
+        key=lambda d: (
+            d.span is not None,
+            d.span.file if d.span else "",
+            d.span.line if d.span else 0,
+            d.span.column if d.span else 0,
+        ),
+    )
 
 
 def error_line(message: str) -> str:
@@ -78,25 +102,28 @@ class OpfError(Exception):
 class PipelineError(OpfError):
     """An error in a pipeline file or its parameters: one or more diagnostics."""
 
-    def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
-        self.diagnostics = sorted(
-            diagnostics,
-            key=lambda d: (
-                d.span is not None,
-                d.span.file if d.span else "",
-                d.span.line if d.span else 0,
-                d.span.column if d.span else 0,
-            ),
-        )
+    def __init__(self, diagnostics: Iterable[Diagnostic],
+                 warnings: Iterable[Diagnostic] = ()) -> None:
+        self.diagnostics = by_place(diagnostics)
+        #: the warnings found beside the errors (shown with them, in the order of the file)
+        self.warnings = by_place(warnings)
         super().__init__("\n".join(d.render() for d in self.diagnostics))
 
+    def with_warnings(self, warnings: Iterable[Diagnostic]) -> PipelineError:
+        """This error, also carrying ``warnings`` (found by an earlier stage)."""
+        self.warnings = by_place([*warnings, *self.warnings])
+        return self
+
     def render(self) -> str:
-        shown = [d.render() for d in self.diagnostics[:MAX_SHOWN]]
-        more = len(self.diagnostics) - MAX_SHOWN
+        # a warning first where an error has the same place: it often says why
+        found = by_place([*self.warnings, *self.diagnostics])
+        shown = [d.render() for d in found[:MAX_SHOWN]]
+        more = len(found) - MAX_SHOWN
         if more > 0:
             shown.append(f"... and {more} more")
         count = len(self.diagnostics)
-        shown.append(f"{count} error{'s' if count != 1 else ''} found; nothing was run.")
+        also = f" and {plural(len(self.warnings), 'warning')}" if self.warnings else ""
+        shown.append(f"{plural(count, 'error')}{also} found; nothing was run.")
         return "\n".join(shown)
 
     @property
@@ -161,7 +188,7 @@ def split_hint(message: str) -> tuple[str, str | None]:
     return (what, hint) if sep and what and hint else (message, None)
 
 
-def finding(what: Diagnostic | str, file: str | None = None, severity: str = "error"
+def finding(what: Diagnostic | str, file: str | None = None, severity: str | None = None
             ) -> dict[str, Any]:
     """One finding as tools read it: ``file``, ``line``, ``column``, ``end_line``,
     ``end_column`` (1-based, the end exclusive, as :class:`Span`; None where a problem has no
@@ -173,6 +200,8 @@ def finding(what: Diagnostic | str, file: str | None = None, severity: str = "er
     span = what.span if isinstance(what, Diagnostic) else None
     message = what.message if isinstance(what, Diagnostic) else what
     text, hint = split_hint(message)
+    if severity is None:
+        severity = what.severity if isinstance(what, Diagnostic) else "error"
     return {
         "file": span.file if span is not None else file,
         "line": span.line if span is not None else None,

@@ -92,6 +92,16 @@ class SourceFile:
         end = starts[number] - 1 if number < len(starts) else len(self.text)
         return self.text[begin:end].removesuffix("\r")
 
+    def offset(self, line: int, column: int) -> int:
+        """The character offset of a 1-based (line, column)."""
+        starts = self._line_starts()
+        return starts[max(0, min(line, len(starts)) - 1)] + column - 1
+
+    def text_at(self, span: Span) -> str:
+        """The text a span covers, as written."""
+        return self.text[self.offset(span.line, span.column):
+                         self.offset(span.end_line, span.end_column)]
+
     def position(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""
         offset = max(0, min(offset, len(self.text)))

@@ -26,7 +26,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "errors"
 CASES = sorted(GOLDEN.glob("*.opf"))
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strips.opf"
 KEYS = ["file", "line", "column", "end_line", "end_column", "severity", "message", "hint"]
-_TEXT_LINE = re.compile(r"^(?:(?P<place>\S+?):(?P<line>\d+):(?P<col>\d+): )?error: (?P<msg>.*)$")
+_TEXT_LINE = re.compile(
+    r"^(?:(?P<place>\S+?):(?P<line>\d+):(?P<col>\d+): )?(?P<severity>error|warning): (?P<msg>.*)$")
 
 
 def opf(*argv: str) -> tuple[int, str, str]:
@@ -46,7 +47,7 @@ def check_records(records: object, file: str) -> list[dict]:
     assert isinstance(records, list) and records
     for r in records:
         assert list(r) == KEYS
-        assert r["severity"] == "error"
+        assert r["severity"] in ("error", "warning")
         assert isinstance(r["message"], str) and r["message"].strip()
         assert r["hint"] is None or (isinstance(r["hint"], str) and r["hint"].strip())
         assert r["file"] == file
@@ -73,7 +74,7 @@ def test_every_golden_error_gives_json_with_the_places_and_words_of_the_text(
     assert len(shown) == len(records) or len(records) > 50  # text shows at most 50
     for m, r in zip(shown, records, strict=False):
         said = r["message"] if r["hint"] is None else f"{r['message']}; {r['hint']}"
-        assert said == m["msg"]
+        assert said == m["msg"] and r["severity"] == m["severity"]
         if m["place"]:
             assert (r["line"], r["column"]) == (int(m["line"]), int(m["col"]))
         else:
@@ -129,7 +130,8 @@ def test_github_annotations_carry_the_places(monkeypatch: pytest.MonkeyPatch):
     status, out, _ = opf("check", "--format", "github", "duplicates.opf")
     assert status == 2
     lines = out.splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 7  # 6 errors, and the warning that tools.stats is not there
+    assert sum(line.startswith("::warning ") for line in lines) == 1
     assert lines[0] == (
         "::error file=duplicates.opf,line=3,col=7,endColumn=10,title=opf check::duplicate "
         "parameter 'cell': it is already declared on line 2; give it another name"

@@ -15,7 +15,8 @@ Every fenced code block in ``docs/*.md`` and ``README.md`` is tested by its info
     NAME.opf (default ``pipeline.opf``) into a copy of ``examples/``. If the next block is a
     ``text`` block, it must be exactly what ``opf check NAME.opf`` prints, with the copy's folder
     shown as ``/data/als``. When a message changes on purpose, rewrite those blocks with
-    ``python tests/test_docs.py --update`` and read the diff.
+    ``python tests/test_docs.py --update`` and read the diff. (In ``docs/errors.md`` every
+    example output is compared by ``tests/test_errors_doc.py``, which this test leaves it to.)
 ``python``
     must compile.
 ``sh``
@@ -164,7 +165,7 @@ def test_a_broken_fragment_fails_the_fragment_test():
 def _error_cases() -> list:
     cases = []
     for doc in DOCS:
-        if not doc.exists():
+        if not doc.exists() or doc.name == "errors.md":  # see tests/test_errors_doc.py
             continue
         found = blocks(doc)
         for k, b in enumerate(found):
@@ -361,6 +362,96 @@ def test_docs_do_not_show_paths_of_this_machine():
     for doc in DOCS:
         if doc.exists():
             assert str(ROOT) not in doc.read_text(encoding="utf-8"), doc.name
+
+
+# -- what following the docs leaves behind --------------------------------------------------
+
+#: the first-day pages, and the folder their commands run in
+FIRST_DAY = {ROOT / "README.md": ROOT, ROOT / "docs" / "tutorial.md": EXAMPLES}
+
+
+def _commands_of(doc: Path) -> list[list[str]]:
+    """Every ``opf`` command of a page: in its ``sh`` blocks and its inline code."""
+    commands = [argv for b in blocks(doc) if b.lang == "sh" for argv in _opf_commands(b)]
+    for code in re.findall(r"`(opf [^`]*)`", _prose_with_code(doc)):
+        commands += _opf_commands(Block(doc, 0, "sh", code + "\n"))
+    return commands
+
+
+def _prose_with_code(doc: Path) -> str:
+    text = doc.read_text(encoding="utf-8")
+    return "\n".join(line for line in text.splitlines() if not _FENCE.match(line))
+
+
+def made_by(argv: list[str], cwd: Path) -> list[Path]:
+    """The files and folders an ``opf`` command makes (relative ones only)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # a command named in passing ('opf run' in a sentence)
+        return []
+    made = []
+    if getattr(args, "output", None):
+        made.append(cwd / args.output)
+    elif args.command == "report":
+        made.append(cwd / "report.html")
+    if args.command == "run" and (cwd / args.file).is_file():  # not 'opf run FILE'
+        folder = (cwd / args.file).parent
+        made += [folder / ".opf", folder / "results"]
+        for item in args.param or []:
+            name, _, value = item.partition("=")
+            if name == "results":
+                made.append(folder / value)
+        if args.report:
+            made.append(cwd / args.report)
+        if args.state:
+            made.append(cwd / args.state)
+    return [p for p in made if not str(p).startswith(("/mnt", "/local", "~")) and
+            ROOT in p.parents]
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="not a git clone")
+def test_what_the_first_day_docs_make_is_ignored_by_git():
+    """Following README.md and the tutorial leaves git status clean: every file or folder
+    their commands make (plans drawn with -o, reports, results, the state folder) is in
+    .gitignore."""
+    made = sorted({p for doc, cwd in FIRST_DAY.items() for argv in _commands_of(doc)
+                   for p in made_by(argv, cwd)})
+    assert ROOT / "examples" / "plan.svg" in made and ROOT / "examples" / ".opf" in made
+    # a file inside each: a folder is ignored when a pattern matches it or a parent
+    paths = [str((p / "x" if not p.suffix else p).relative_to(ROOT)) for p in made]
+    done = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"],
+                          input="\n".join(paths) + "\n", capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+    not_ignored = [line.split("\t", 1)[1] for line in done.stdout.splitlines()
+                   if line.startswith("::\t")]
+    assert not not_ignored, f"not in .gitignore: {not_ignored}"
+
+
+# -- the plan format -------------------------------------------------------------------------
+
+
+def _table_keys(doc: Path, heading: str) -> set[str]:
+    """The names in the first column of the table under a heading (``| `name` | ... |``)."""
+    text = doc.read_text(encoding="utf-8")
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)`", section, re.M))
+
+
+def test_the_plan_format_names_every_key_of_the_json(tmp_path: Path):
+    """docs/plan-format.md describes the JSON's top level (and the graph attributes in it):
+    every key that ``opf compile --json`` writes, and no other."""
+    import json
+
+    from opals_dsl.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["compile", str(EXAMPLES / "strips.opf"), "--json", "-o", str(out)]) == 0
+    plan = json.loads(out.read_text(encoding="utf-8"))
+    doc = ROOT / "docs" / "plan-format.md"
+    assert _table_keys(doc, "The JSON") == set(plan)
+    assert _table_keys(doc, "Graph attributes") == set(plan["graph"])
+    assert {k for e in plan["edges"] for k in e} == {"source", "target"}
 
 
 # -- keeping the error examples up to date ---------------------------------------------------

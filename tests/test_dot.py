@@ -179,3 +179,60 @@ def test_compile_command_writes_the_drawing(tmp_path: Path) -> None:
         cwd=pipeline.parent, capture_output=True, text=True, check=True,
     )
     assert proc.stdout == (GOLDEN / "tiles.job.dot").read_text(encoding="utf-8")
+
+
+def _inside(point: tuple[float, float], polygon: list[list[float]]) -> bool:
+    """Whether a point lies inside a polygon (ray casting)."""
+    x, y = point
+    found = False
+    for (x1, y1), (x2, y2) in zip(polygon, polygon[1:] + polygon[:1], strict=True):
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            found = not found
+    return found
+
+
+def labels_outside_their_shapes(dot_text: str) -> list[tuple[str, str]]:
+    """(node, text line) for every line of a label that Graphviz draws past its node's shape:
+    the corners of each line's box (the width Graphviz measured, from below the baseline to
+    the top of the letters) must lie inside the outline it draws (``dot -Tjson``)."""
+    laid = json.loads(subprocess.run([DOT, "-Tjson"], input=dot_text, text=True,
+                                     capture_output=True, check=True).stdout)
+    spilled = []
+    for obj in laid.get("objects", []):
+        outlines = [d["points"] for d in obj.get("_draw_", []) if d["op"] in "PpBb"]
+        if not outlines:
+            continue
+        size = 14.0
+        for d in obj.get("_ldraw_", []):
+            size = d["size"] if d["op"] == "F" else size
+            if d["op"] != "T":
+                continue
+            x, y = d["pt"]
+            left = {"c": x - d["width"] / 2, "l": x, "r": x - d["width"]}[d["align"]]
+            corners = [(cx, cy) for cx in (left, left + d["width"])
+                       for cy in (y - 0.2 * size, y + 0.75 * size)]
+            if not all(_inside(c, outlines[0]) for c in corners):
+                spilled.append((obj["name"], d["text"]))
+    return spilled
+
+
+@pytest.mark.skipif(DOT is None, reason="Graphviz 'dot' is not installed")
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
+def test_every_label_stays_inside_its_shape(pipeline: Path) -> None:
+    """Invariant: every line of every node's label is drawn inside the node's outline (the
+    copy-backs' many-line labels spilled over their arrow shapes)."""
+    text = (GOLDEN / f"{pipeline.stem}.dot").read_text(encoding="utf-8")
+    assert labels_outside_their_shapes(text) == []
+
+
+@pytest.mark.skipif(DOT is None, reason="Graphviz 'dot' is not installed")
+def test_a_long_copy_back_label_stays_inside() -> None:
+    # the check sees a label that spills: a box drawn too small for its two lines
+    small = 'digraph g { a [label="a long line\\nanother long line", shape=box, height=0.1, ' \
+            'width=0.1, fixedsize=true]; }'
+    assert labels_outside_their_shapes(small) == [("a", "a long line"),
+                                                  ("a", "another long line")]
+    g = nx.DiGraph(**model.graph_attrs("p", "/data", {}, ["j"]))
+    files = tuple((f"t/a_rather_long_file_name_{k}.tif", f"r/{k}.tif") for k in range(9))
+    g.add_node("copyback:j/t", **model.Copyback("j", "t", files=files).to_attrs())
+    assert labels_outside_their_shapes(to_dot(g)) == []

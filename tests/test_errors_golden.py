@@ -93,7 +93,8 @@ def test_every_message_has_place_source_line_and_caret(case: Path):
     for k, line in enumerate(lines):
         if not line.startswith(f"{case.name}:"):
             continue
-        place, _, message = line.partition(": error: ")
+        severity = "warning" if line.split(": ", 2)[1:2] == ["warning"] else "error"
+        place, _, message = line.partition(f": {severity}: ")
         assert message and "__ANON" not in message and "_NL" not in message
         _, lineno, col = place.split(":")
         shown, caret = lines[k + 1], lines[k + 2]

@@ -88,12 +88,12 @@ def records(path: Path, state: Path | None = None) -> dict[str, dict]:
     return {name: json.loads(line) for name, line in journal.records.items()}
 
 
-def summary_value(err: str, label: str) -> str:
+def summary_value(out: str, label: str) -> str:
     """The value of a row of the summary at the end of ``opf run``'s output."""
-    for line in err.splitlines():
+    for line in out.splitlines():
         if line.startswith("  ") and line[2:].startswith(label + "  "):
             return line[2 + len(label):].strip()
-    raise AssertionError(f"no summary row {label!r} in:\n{err}")
+    raise AssertionError(f"no summary row {label!r} in:\n{out}")
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
@@ -133,7 +133,7 @@ def test_retries_from_the_job_or_the_command_line(cluster, tmp_path, written, op
         assert proc.returncode == 0, proc.stderr
         assert "retrying work/s1 (attempt 2 of 2): step flaky exited with status 5" in (
             proc.stderr)
-        assert summary_value(proc.stderr, "retried") == "2"
+        assert summary_value(proc.stdout, "retried") == "2"
         got = sorted(p.name for p in (path.parent / "results").iterdir())
         assert got == ["s1.a", "s2.a"]
         assert sorted(p.name for p in marks.iterdir()) == ["s1", "s2"]
@@ -142,7 +142,7 @@ def test_retries_from_the_job_or_the_command_line(cluster, tmp_path, written, op
         assert "FAILED work/s" in proc.stderr and "exit status: 5" in proc.stderr
         assert "| first attempt fails" in proc.stderr
         assert "retrying" not in proc.stderr
-        assert summary_value(proc.stderr, "retried") == "0"
+        assert summary_value(proc.stdout, "retried") == "0"
 
 
 def test_retries_option_must_not_be_negative(tmp_path):
@@ -198,7 +198,7 @@ def test_the_first_failure_stops_new_work_and_running_tasks_finish(cluster, tmp_
                 and r["status"] == "done"}
     not_run = {r["task"] for r in rows if r["job"] == "slow" and r["status"] == "not-run"}
     assert finished and not_run and not finished & not_run
-    assert summary_value(proc.stderr, "not run (run stopped)") == str(len(not_run))
+    assert summary_value(proc.stdout, "not run (run stopped)") == str(len(not_run))
     results = path.parent / "results" / "slow"
     for task in finished:  # what was running finished, completely, and is in the journal
         assert (results / f"{task}.a").read_text() == f"copied:strip {task[1:]}\n"
@@ -209,7 +209,7 @@ def test_the_first_failure_stops_new_work_and_running_tasks_finish(cluster, tmp_
     path.write_text(FIRST_FAILURE.replace("BAD", "none"))
     proc = run_on(cluster, path, "--state", str(state))
     assert proc.returncode == 0, proc.stderr
-    assert summary_value(proc.stderr, "skipped") == str(len(finished))
+    assert summary_value(proc.stdout, "skipped") == str(len(finished))
     assert sorted(p.name for p in results.iterdir()) == [f"s{i}.a" for i in range(1, 7)]
 
 
@@ -294,9 +294,10 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
     assert (f"cannot copy s1.a back to {folder / 'blocked' / 'blocked' / 's1.a'}: "
             in err)
     assert f"({folder / 'blocked'} is a file, not a folder)" in err
-    assert "not run because exits/s2 failed: after/s2" in err
-    assert summary_value(err, "failed") == "4"
-    assert summary_value(err, "not run (upstream failed)") == "1"
+    # the summary, the run's result, is on standard output; the failures on standard error
+    assert "not run because exits/s2 failed: after/s2" in proc.stdout
+    assert summary_value(proc.stdout, "failed") == "4"
+    assert summary_value(proc.stdout, "not run (upstream failed)") == "1"
     # the earlier results of the failed tasks are untouched; the others are all there
     for name, text in earlier.items():
         assert (results / name).read_text() == text
@@ -612,8 +613,8 @@ def test_cli_a_killed_engine_s_task_is_staged_again_elsewhere(cluster, tmp_path)
         assert victim.wait(timeout=10) == -signal.SIGKILL
         assert proc.returncode == 0, proc.stderr
         assert f"engine {victim_id} was lost; 1 task goes to other engines" in proc.stderr
-        assert summary_value(proc.stderr, "engines lost") == "1 (1 task moved)"
-        assert summary_value(proc.stderr, "retried") == "0"
+        assert summary_value(proc.stdout, "engines lost") == "1 (1 task moved)"
+        assert summary_value(proc.stdout, "retried") == "0"
         rows = trace_rows(path.parent / ".opf")
         lost = [r for r in rows if r["status"] == "lost"]
         assert len(lost) == 1 and lost[0]["engine"] == victim_id
@@ -671,7 +672,7 @@ def test_ctrl_c_stops_keeps_results_consistent_and_writes_the_journal(cluster, t
     assert "Traceback" not in err
     if presses == 1:
         assert "interrupted: stopping the running tasks" in err
-        assert "ctrlc: interrupted" in err
+        assert "ctrlc: interrupted" in out
         for step in steps:  # the running steps were stopped
             wait_for(lambda step=step: not step.is_running()
                      or step.status() == psutil.STATUS_ZOMBIE, timeout=15)
@@ -719,8 +720,8 @@ def test_a_full_state_folder_does_not_stop_the_run(cluster, tmp_path):
     # with room again, the next run does exactly what was not recorded
     proc = run_on(cluster, path)
     assert proc.returncode == 0, proc.stderr
-    assert summary_value(proc.stderr, "skipped") == str(len(recorded))
-    assert summary_value(proc.stderr, "run") == str(12 - len(recorded))
+    assert summary_value(proc.stdout, "skipped") == str(len(recorded))
+    assert summary_value(proc.stdout, "run") == str(12 - len(recorded))
     assert "warning" not in proc.stderr
 
 

@@ -398,7 +398,7 @@ def test_cli_dry_run_force_and_dot_status(cluster, tmp_path):
     assert "chain: 5 of 8 tasks unchanged since the last run; 3 to run" in proc.stderr
     assert "skipped up/s1 (unchanged)" in proc.stderr
     assert "done up/s3 on engine" in proc.stderr
-    assert "\n  skipped      5\n" in proc.stderr
+    assert "\n  skipped      5\n" in proc.stdout
     assert (folder / "results" / "all" / "all.txt").read_text().splitlines()[-1] == (
         "copied:copied:strip 3 v2")
 
@@ -413,7 +413,7 @@ def test_cli_nothing_to_run_starts_no_cluster(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "chain: all 8 tasks unchanged since the last run; nothing to run" in proc.stderr
     assert "engines" not in proc.stderr  # no cluster was started
-    assert "chain: all tasks unchanged, none run" in proc.stderr
+    assert "chain: all tasks unchanged, none run" in proc.stdout
     assert not (folder / ".opf" / "cluster.json").exists()
     assert snapshot(folder / "results") == before
     rows = trace_rows(folder / ".opf")
@@ -423,7 +423,7 @@ def test_cli_nothing_to_run_starts_no_cluster(cluster, tmp_path):
     proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), "--force",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "  run          8" in proc.stderr
+    assert "  run          8" in proc.stdout
     after = snapshot(folder / "results")
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
     assert all(after[k][1] != before[k][1] for k in before)  # rewritten, the same bytes

@@ -104,14 +104,15 @@ def make(folder: Path) -> Path:
 
 
 class Run:
-    """``opf run`` as a process whose standard error is read line by line as it comes."""
+    """``opf run`` as a process whose output (progress on standard error, the summary on
+    standard output, merged) is read line by line as it comes."""
 
     def __init__(self, path: Path, *args: str) -> None:
         env = dict(os.environ)
         env.pop("OPF_SCRATCH", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opals_dsl", "run", str(path), *args],
-            cwd=path.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )
         self.lines: list[str] = []
@@ -120,8 +121,8 @@ class Run:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             self.lines.append(line)
             if " tasks on " in line or "nothing to run" in line:
                 self.started.set()

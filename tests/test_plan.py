@@ -189,6 +189,32 @@ def test_task_ids_in_a_plan(tmp_path: Path) -> None:
     assert cb == [["1-b_2.out", "results/files/s/1-b_2.out"]]
 
 
+def test_a_task_over_upstream_outputs_keeps_the_upstream_task_id(tmp_path: Path) -> None:
+    """Every campaign writes density.txt: the downstream tasks are named after the campaigns,
+    not numbered in front of the file's stem ('0-density')."""
+    g = plan_of(tmp_path, """\
+        job camp for c in ["2019", "2023 spring"] {
+            output "results/{task.id}"
+            step density {
+                out report = "density.txt"
+                run prog {c} {report}
+            }
+        }
+        job summary for r in camp.density.report {
+            output "summaries" flat
+            step sum {
+                out s = "{task.id}.csv"
+                run prog {r} {s}
+            }
+        }
+    """)
+    assert tasks(g, "camp") == ["2019", "2023_spring"]
+    assert tasks(g, "summary") == ["2019", "2023_spring"]
+    assert set(g.predecessors("stage:summary/2023_spring")) == {
+        "stage:summary", "copyback:camp/2023_spring"}
+    assert g.nodes["copyback:summary/2019"]["files"] == [["2019.csv", "summaries/2019.csv"]]
+
+
 # -- local paths and destinations ------------------------------------------------------------
 
 
@@ -334,15 +360,15 @@ def test_map_waits_for_one_upstream_task_and_gather_for_all(tmp_path: Path) -> N
         }
     """)
     for k in range(3):
-        stage = f"stage:shade/t{k}"
+        stage = f"stage:shade/{k}"
         assert set(g.predecessors(stage)) == {"stage:shade", f"copyback:dem/{k}"}
         assert g.nodes[stage]["files"] == [[f"results/dem/grid/t{k}.asc", f"t{k}.asc"]]
-        assert g.nodes[f"exec:shade/t{k}/hill"]["argv"] == ["prog", f"t{k}.asc",
-                                                            f"t{k}_shade.asc"]
+        assert g.nodes[f"exec:shade/{k}/hill"]["argv"] == ["prog", f"t{k}.asc",
+                                                           f"t{k}_shade.asc"]
     assert set(g.predecessors("stage:all/0")) == {
-        "stage:all", "copyback:shade/t0", "copyback:shade/t1", "copyback:shade/t2"
+        "stage:all", "copyback:shade/0", "copyback:shade/1", "copyback:shade/2"
     }
-    assert tasks(g, "shade") == ["t0", "t1", "t2"]
+    assert tasks(g, "shade") == ["0", "1", "2"]  # the ids of the dem tasks
     # a job written before its upstream is planned after it
     assert list(g.nodes).index("stage:dem") < list(g.nodes).index("stage:shade")
 
@@ -362,10 +388,10 @@ def test_a_map_that_also_gathers_gets_each_edge_once(tmp_path: Path) -> None:
             }
         }
     """)
-    assert sorted(g.predecessors("stage:down/u1")) == [
+    assert sorted(g.predecessors("stage:down/1")) == [
         "copyback:up/0", "copyback:up/1", "stage:down"
     ]
-    assert g.nodes["stage:down/u1"]["files"] == [
+    assert g.nodes["stage:down/1"]["files"] == [
         ["results/up/s/u1.txt", "u1.txt"],
         ["results/up/s/u0.txt", "up/0/u0.txt"],
         ["results/up/s/u1.txt", "up/1/u1.txt"],

@@ -357,6 +357,28 @@ def test_a_trace_cut_short_and_tasks_that_never_ran(tmp_path: Path) -> None:
         ("a", False, "done")]
 
 
+def test_counts_of_one_are_said_in_the_singular(tmp_path: Path) -> None:
+    """A run of one task on one engine: '1 task run', '1 engine on 1 machine' (it said
+    '1 tasks run' and '1 engines')."""
+    rows = [{"node": node, "kind": kind, "job": "j", "task": task, "step": step, "engine": 0,
+             "machine": "h:/s", "start": 100.0 + k, "end": 101.0 + k, "status": "done",
+             "bytes": 1, "attempt": 0}
+            for k, (node, kind, task, step) in enumerate([
+                ("stage:j", "stage", None, None), ("stage:j/a", "stage", "a", None),
+                ("exec:j/a/s", "exec", "a", "s"), ("copyback:j/a", "copyback", "a", None)])]
+    (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                          encoding="utf-8")
+    page = write_report(tmp_path, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert '<div class="v">1</div><div class="l">task run</div>' in page
+    assert '<div class="v">1</div><div class="l">engine on 1 machine</div>' in page
+    assert "4 nodes ran on 1 engine<" in page
+    assert not re.search(r"\b1 (engines|tasks|machines|nodes)\b", page)
+    # a trace of one node: '1 node ran'
+    (tmp_path / "trace.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    page = write_report(tmp_path, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "1 node ran on 1 engine<" in page
+
+
 # -- in a real browser -----------------------------------------------------------------------
 
 

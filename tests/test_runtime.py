@@ -294,7 +294,7 @@ def test_cli_failing_step_exits_1_and_reports_it(cluster, tmp_path):
     # killed run left behind is gone
     assert (results / "s2.a").read_text() == "from an earlier run\n"
     assert not any(is_temp_name(p.name) for p in files_under(tmp_path / "p"))
-    assert "all tasks done" not in err
+    assert "all tasks done" not in proc.stdout
     rows = trace_rows(state)
     assert any(r["node"] == "exec:work/s2/convert" and r["status"] == "failed" for r in rows)
     assert not any(r["node"] == "stage:after/s2" and r["status"] == "done" for r in rows)
@@ -315,7 +315,7 @@ def test_cli_keep_going_runs_everything_not_depending_on_the_failure(cluster, tm
     got = {p.relative_to(results).as_posix() for p in files_under(results)}
     assert got == {"s1.a", "s3.a", "after/s1.b", "after/s3.b"}
     assert "FAILED work/s2" in proc.stderr
-    assert "not run (upstream failed)  1" in proc.stderr
+    assert "not run (upstream failed)  1" in proc.stdout
     rows = trace_rows(state)
     assert {r["status"] for r in rows if r["task"] == "s2" and r["job"] == "after"} == {"blocked"}
 
@@ -326,7 +326,7 @@ def test_cli_success_on_cluster_file_and_scratch_option(cluster, tmp_path):
     proc = opf("run", str(path), "--cluster-file", str(cluster.client_file), "--scratch",
                str(scratch), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "stream: all tasks done" in proc.stderr
+    assert "stream: all tasks done" in proc.stdout
     assert "done down/s2 on engine" in proc.stderr
     state = tmp_path / "p" / ".opf"  # the default state folder, beside the pipeline file
     rows = trace_rows(state)

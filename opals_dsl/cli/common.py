@@ -4,15 +4,39 @@ the words of an error or warning line."""
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import networkx as nx
 
-from ..errors import UsageError, error_line
+from ..errors import MAX_SHOWN, Diagnostic, UsageError, error_line, plural
 from ..lang.protect import default_state_dir
 
-__all__ = ["add_only", "error_line", "only", "parse_params", "state_dir", "state_of",
-           "warning_line"]
+__all__ = ["add_only", "add_strict", "error_line", "only", "parse_params", "show_warnings",
+           "state_dir", "state_of", "warning_line"]
+
+
+def add_strict(p: argparse.ArgumentParser) -> None:
+    """The ``--strict`` option of the commands that check a pipeline."""
+    p.add_argument(
+        "--strict", action="store_true",
+        help="treat warnings (likely mistakes, such as a file the steps name but nothing "
+        "stages) as errors: exit 2 and run nothing",
+    )
+
+
+def show_warnings(warnings: Sequence[Diagnostic]) -> None:
+    """A checked pipeline's warnings, on standard error, each with its place and a caret,
+    then their count (they change no exit status; ``--strict`` makes them errors)."""
+    if not warnings:
+        return
+    for w in warnings[:MAX_SHOWN]:
+        print(w.render(), file=sys.stderr)
+    if len(warnings) > MAX_SHOWN:
+        print(f"... and {len(warnings) - MAX_SHOWN} more", file=sys.stderr)
+    print(f"{plural(len(warnings), 'warning')} found (--strict makes them errors).",
+          file=sys.stderr)
 
 def warning_line(message: str) -> str:
     """A message as the command line shows a warning."""

@@ -31,7 +31,16 @@ from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
 from ..plan import model
 from ..source import NotARegularFile, SourceTooLarge
-from .common import add_only, error_line, only, parse_params, state_of, warning_line
+from .common import (
+    add_only,
+    add_strict,
+    error_line,
+    only,
+    parse_params,
+    show_warnings,
+    state_of,
+    warning_line,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check a pipeline file and report every mistake")
     _add_common(p)
+    add_strict(p)
     p.add_argument(
         "--format", choices=("text", "json", "github"), default="text",
         help="how to report: text for people (default), json (a list of findings on stdout) "
@@ -173,9 +183,11 @@ def _write(text: str, output: str | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..lang.compile import compile_file
+    from ..lang.compile import load, plan
 
-    graph = compile_file(args.file, parse_params(args.param))
+    loaded = load(args.file, parse_params(args.param), strict=args.strict)
+    graph = plan(loaded)
+    show_warnings(loaded.warnings)
     print(f"{args.file}: ok — {summary(graph)}")
     return 0
 
@@ -193,15 +205,16 @@ def _file_problem(exc: Exception, file: str) -> str:
 
 def cmd_check_report(args: argparse.Namespace) -> int:
     """``opf check --format json|github``: every finding, with its place, on stdout."""
-    from ..errors import PipelineError, finding, render_findings
-    from ..lang.compile import compile_file
+    from ..errors import PipelineError, by_place, finding, render_findings
+    from ..lang.compile import load, plan
 
     status = 0
     try:
-        compile_file(args.file, parse_params(args.param))
-        found = []
+        loaded = load(args.file, parse_params(args.param), strict=args.strict)
+        found = [finding(d, args.file) for d in loaded.warnings]
+        plan(loaded)
     except PipelineError as exc:
-        found = [finding(d, args.file) for d in exc.diagnostics]
+        found = [finding(d, args.file) for d in by_place([*exc.warnings, *exc.diagnostics])]
         status = exc.exit_code
     except OpfError as exc:
         found = [finding(str(exc), args.file)]

@@ -49,7 +49,15 @@ from ..runtime.events import Listeners, RunListener
 from ..runtime.journal import Journal
 from ..runtime.progress import Progress, decision_lines
 from ..runtime.resume import Resume
-from .common import error_line, only, parse_params, state_of, warning_line
+from .common import (
+    add_strict,
+    error_line,
+    only,
+    parse_params,
+    show_warnings,
+    state_of,
+    warning_line,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,6 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tell changed inputs by their content (SHA-256), not by size and time alone",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="report only failures")
+    add_strict(p)
     p.add_argument(
         "--report", nargs="?", const="", metavar="PATH",
         help="at the end, write an HTML report of the run (timeline, summary, plan) to PATH "
@@ -148,7 +157,8 @@ class _Warnings(RunListener):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from ..lang.compile import Protected, compile_file
+    from ..lang.compile import Protected, load
+    from ..lang.compile import plan as make_plan
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
@@ -162,7 +172,10 @@ def main(args: argparse.Namespace) -> int:
     # no output may be copied back over the pipeline, into this run's state folder, or into
     # the folders the engines work in (see opals_dsl.lang.protect.Protected)
     protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
-    plan = only(compile_file(args.file, params, protected=protected), args)
+    loaded = load(args.file, params, protected=protected,
+                  strict=getattr(args, "strict", False))
+    plan = only(make_plan(loaded), args)
+    show_warnings(loaded.warnings)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)

@@ -11,7 +11,10 @@ run, so one ``opf check`` reports every mistake at once. The passes:
   step and not itself, another job's ``temp`` output is never used, list values stand alone,
   ``in`` names files, ``range`` and ``retries`` get whole numbers, ``threads`` and
   ``timeout`` usable values (:mod:`.limits`), outputs stay in the task folder;
-* :func:`check_job_cycles` — jobs that wait for each other.
+* :func:`check_job_cycles` — jobs that wait for each other;
+* :func:`~.mistakes.check_likely_mistakes` — warnings: what is valid but would fail or do
+  nothing when run (a file of the pipeline's folder that a ``run`` line names but nothing
+  stages, a ``call`` of a function its module lacks, a pattern in ``in``, ...).
 
 Name resolution lives in :mod:`.scope`; the planner resolves with the same code, so what the
 checker accepts is exactly what the planner understands.
@@ -30,6 +33,7 @@ from ..errors import Diagnostic
 from ..source import SourceFile
 from . import nodes as n
 from .limits import check_limits
+from .mistakes import check_likely_mistakes
 from .nodes import RESERVED
 from .scope import (
     CTX_JOB,
@@ -51,14 +55,19 @@ _INT = re.compile(r"[-+]?[0-9]+")
 
 
 class Checker:
-    """Collects diagnostics for one pipeline file."""
+    """Collects diagnostics for one pipeline file; ``root`` is the pipeline's folder, for the
+    warnings that look at files (None: those are not looked for)."""
 
-    def __init__(self, source: SourceFile | None) -> None:
+    def __init__(self, source: SourceFile | None, root: str | None = None) -> None:
         self.source = source
+        self.root = root
         self.diagnostics: list[Diagnostic] = []
 
     def error(self, span, message: str) -> None:
         self.diagnostics.append(Diagnostic(span, message, self.source))
+
+    def warn(self, span, message: str) -> None:
+        self.diagnostics.append(Diagnostic(span, message, self.source, "warning"))
 
 
 def param_values(
@@ -500,14 +509,17 @@ def check_job_cycles(pipeline: n.Pipeline, params: Mapping[str, object], c: Chec
         )
 
 
-PASSES = (check_declarations, check_references, check_job_cycles)
+PASSES = (check_declarations, check_references, check_job_cycles, check_likely_mistakes)
 
 
 def check(
-    pipeline: n.Pipeline, source: SourceFile | None, overrides: Mapping[str, str] | None = None
+    pipeline: n.Pipeline, source: SourceFile | None, overrides: Mapping[str, str] | None = None,
+    root: str | None = None,
 ) -> tuple[dict[str, object], list[Diagnostic]]:
-    """Run every check; returns the parameter values and the diagnostics found."""
-    c = Checker(source)
+    """Run every check; returns the parameter values and the diagnostics found (errors and
+    warnings, told apart by their ``severity``). ``root``: the pipeline's folder, where the
+    warnings about files not staged and modules not there look."""
+    c = Checker(source, root)
     check_params(pipeline, c)
     params = param_values(pipeline, overrides or {}, c)
     for check_pass in PASSES:

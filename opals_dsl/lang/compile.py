@@ -15,7 +15,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from ..errors import OpfCheckError, OpfSyntaxError, PipelineError, PlanError
+from ..errors import Diagnostic, OpfCheckError, OpfSyntaxError, PipelineError, PlanError
 from ..plan import model
 from ..source import SourceFile
 from . import nodes as n
@@ -35,6 +35,8 @@ class Loaded:
     params: dict[str, object]
     #: where no output may be copied back
     protected: Protected | None = None
+    #: the likely mistakes found (diagnostics of severity ``warning``), in the order of the file
+    warnings: tuple[Diagnostic, ...] = ()
 
     @property
     def name(self) -> str:
@@ -60,9 +62,10 @@ def pipeline_name(path: str | Path) -> str:
 
 
 def load(path: str | Path, params: Mapping[str, str] | None = None, *,
-         protected: Protected | None = None) -> Loaded:
-    """Parse and check a pipeline file; raises with every mistake found. ``protected``: where
-    no output may be copied back (default: :meth:`Protected.for_pipeline`)."""
+         protected: Protected | None = None, strict: bool = False) -> Loaded:
+    """Parse and check a pipeline file; raises with every mistake found (and carries the
+    warnings). ``protected``: where no output may be copied back (default:
+    :meth:`Protected.for_pipeline`); ``strict``: warnings are errors."""
     path = Path(path)
     source = SourceFile.read(path)
     if protected is None:
@@ -72,14 +75,15 @@ def load(path: str | Path, params: Mapping[str, str] | None = None, *,
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load(path, source, params, protected)
+        return _load(path, source, params, protected, strict)
     finally:
         if collecting:
             gc.enable()
 
 
 def _load(path: Path, source: SourceFile, params: Mapping[str, str] | None,
-          protected: Protected) -> Loaded:
+          protected: Protected, strict: bool) -> Loaded:
+    root = str(path.parent.resolve())
     try:
         pipeline = parse(source)
     except OpfSyntaxError as exc:
@@ -87,12 +91,15 @@ def _load(path: Path, source: SourceFile, params: Mapping[str, str] | None,
         if tree is None:  # the parse stopped: nothing more can be said
             raise
         # a mistake inside a string or run line: the tree is whole, so check it too
-        _values, more = check(tree, source, params or {})
+        _values, more = check(tree, source, params or {}, root)
         # a check error on the line of a syntax problem only repeats it
         lines = {d.span.line for d in exc.diagnostics if d.span is not None}
         more = [d for d in more if d.span is None or d.span.line not in lines]
-        raise OpfSyntaxError([*exc.diagnostics, *more]) from None
-    values, diagnostics = check(pipeline, source, params or {})
+        # no warnings: what a syntax error leaves of a line (its words) would mislead them
+        errors, _warnings = _split(more, strict=False)
+        raise OpfSyntaxError([*exc.diagnostics, *errors]) from None
+    values, found = check(pipeline, source, params or {}, root)
+    diagnostics, warnings = _split(found, strict)
     if diagnostics:
         # the planner's findings, except at places a check error already explains
         seen = {(d.span.line, d.span.column) for d in diagnostics if d.span is not None}
@@ -100,8 +107,17 @@ def _load(path: Path, source: SourceFile, params: Mapping[str, str] | None,
             d for d in _plan_diagnostics(path, source, pipeline, values, protected)
             if d.span is None or (d.span.line, d.span.column) not in seen
         ]
-        raise OpfCheckError(diagnostics + more)
-    return Loaded(path, source, pipeline, values, protected)
+        raise OpfCheckError(diagnostics + more, warnings)
+    return Loaded(path, source, pipeline, values, protected, tuple(warnings))
+
+
+def _split(found: list[Diagnostic], strict: bool) -> tuple[list[Diagnostic], list[Diagnostic]]:
+    """(errors, warnings); with ``strict`` every warning is an error."""
+    errors = [d for d in found if d.severity == "error"]
+    warnings = [d for d in found if d.severity != "error"]
+    if strict:
+        return errors + [w.as_error() for w in warnings], []
+    return errors, warnings
 
 
 def _plan_diagnostics(
@@ -121,21 +137,26 @@ def _plan_diagnostics(
 
 
 def plan(loaded: Loaded) -> nx.DiGraph:
-    """Lower a checked pipeline to its plan graph."""
-    graph = build_plan(
-        loaded.pipeline, loaded.source, str(loaded.path.parent.resolve()), loaded.params,
-        loaded.name, protected=loaded.protected,
-    )
+    """Lower a checked pipeline to its plan graph; a :class:`PlanError` carries the pipeline's
+    warnings too."""
+    try:
+        graph = build_plan(
+            loaded.pipeline, loaded.source, str(loaded.path.parent.resolve()), loaded.params,
+            loaded.name, protected=loaded.protected,
+        )
+    except PipelineError as exc:
+        raise exc.with_warnings(loaded.warnings) from None
     model.set_source(graph, loaded.path.name)
     return graph
 
 
 def compile_file(path: str | Path, params: Mapping[str, str] | None = None, *,
-                 protected: Protected | None = None) -> nx.DiGraph:
+                 protected: Protected | None = None, strict: bool = False) -> nx.DiGraph:
     """Parse, check and plan a pipeline file: the plan, or a :class:`PipelineError`.
     ``protected``: where no output may be copied back (default: the pipeline file, ``.opf``
-    beside it, and opf's folder in the default scratch root)."""
-    return plan(load(path, params, protected=protected))
+    beside it, and opf's folder in the default scratch root); ``strict``: warnings are errors.
+    The warnings of a pipeline that plans are in :func:`load`'s result."""
+    return plan(load(path, params, protected=protected, strict=strict))
 
 
 __all__ = ["Loaded", "load", "plan", "compile_file", "PipelineError", "PlanError", "Protected"]

@@ -231,9 +231,16 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         tasks apart, for the hint of a destination clash."""
         labels = [path_attr(v.file, "stem") if v.file is not None else format_value(v.value)
                   for v in values]
-        ids = ["0"] if job.source is None else task_ids(labels)
+        if job.source is None:
+            ids = ["0"]
+        elif isinstance(job.source, n.UpstreamSource):
+            # a task of a downstream job is named after the task whose output it takes: the
+            # upstream ids are unique and stable already, and its outputs' stems often are not
+            ids = [str(v.upstream) for v in values]
+        else:
+            ids = task_ids(labels)
         if job.var is not None and job.var.value not in ("task", "job", "pipeline") and (
-            ids[0] == safe_id(labels[0])
+            task_ids(labels)[0] == safe_id(labels[0])
         ):
             # the loop values differ (ignoring case; else the ids have their index in front):
             # the file's stem or the value tells the tasks apart

@@ -20,7 +20,9 @@ STYLE = {
     ("stage", "machine"): 'shape=folder, style=filled, fillcolor="#cfe2f3"',
     ("stage", "task"): 'shape=box, style="rounded,filled", fillcolor="#d9ead3"',
     ("exec", None): 'shape=box, style=filled, fillcolor="#fff2cc"',
-    ("copyback", None): 'shape=cds, style=filled, fillcolor="#f4cccc"',
+    # Graphviz sizes a cds by its label's box but draws the arrow inside that box, so a label
+    # of two or more lines spills over its edges without a margin of its own
+    ("copyback", None): 'shape=cds, margin="0.2,0.2", style=filled, fillcolor="#f4cccc"',
 }
 STATUS_COLOUR = {"skip": "#dddddd", "run": "#fff2cc", "failed": "#ea9999"}
 

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import plural
 from ..plan.dot import to_job_dot
 from ..units import format_bytes, format_duration
 from .analyse import COPYBACK, EXEC, MACHINE_STAGE, PHASES, TASK_STAGE
@@ -128,7 +129,8 @@ def render(data: Mapping[str, Any], *, svg: str | None = None, title: str | None
 def _tiles(s: Mapping[str, Any]) -> list[str]:
     tiles = [
         _tile("wall", "wall time", round(s["wall"], 3), format_duration(s["wall"])),
-        _tile("done", "tasks run", s["done"], str(s["done"]), "ok"),
+        _tile("done", "task run" if s["done"] == 1 else "tasks run", s["done"], str(s["done"]),
+              "ok"),
         _tile("skipped", "skipped", s["skipped"], str(s["skipped"])),
         _tile("failed", "failed", s["failed"], str(s["failed"]), "bad" if s["failed"] else ""),
         _tile("retried", "retried", s["retried"], str(s["retried"]),
@@ -141,8 +143,8 @@ def _tiles(s: Mapping[str, Any]) -> list[str]:
         _tile("bytes_staged", "staged", s["bytes_staged"], format_bytes(s["bytes_staged"])),
         _tile("bytes_copied", "copied back", s["bytes_copied"],
               format_bytes(s["bytes_copied"])),
-        _tile("engines", f"engines on {s['machines']} machine{'s' if s['machines'] != 1 else ''}",
-              s["engines"], str(s["engines"])),
+        _tile("engines", f"{'engine' if s['engines'] == 1 else 'engines'} on "
+              f"{plural(s['machines'], 'machine')}", s["engines"], str(s["engines"])),
     ]
     return tiles
 
@@ -222,8 +224,7 @@ def _subtitle(data: Mapping[str, Any], source: str | None) -> str:
     s = data["summary"]
     sub = [f"trace: {_e(source)}"] if source else []
     sub.append(f"started {_e(_when(s['start']))}")
-    sub.append(f"{s['nodes_run']} nodes ran on {s['engines']} engine"
-               f"{'s' if s['engines'] != 1 else ''}")
+    sub.append(f"{plural(s['nodes_run'], 'node')} ran on {plural(s['engines'], 'engine')}")
     if data.get("unreadable"):
         sub.append(f"{data['unreadable']} unreadable trace line"
                    f"{'s' if data['unreadable'] != 1 else ''} skipped")

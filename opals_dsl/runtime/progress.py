@@ -1,7 +1,10 @@
 """What a person sees while ``opf run`` works: progress, failures, and a summary at the end.
 
 In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.runtime.events.RunListener`).
-Out: text on a stream (standard error by default).
+Out: text — what happens while the run works (progress, retries, engines, failures) on one
+stream, standard error by default, and the summary at the end, the run's result, on another,
+standard output by default (``opf``'s rule: results on stdout, progress and diagnostics on
+stderr). Given only ``stream``, both go there.
 
 * On a terminal: a live bar with tasks done / running / failed / total and the engines busy,
   and a summary table at the end (rich).
@@ -39,6 +42,14 @@ from .resume import Decision
 TAIL_SHOWN = 10
 #: tasks named per failure in the summary's "not run because ... failed" lines
 BLOCKED_SHOWN = 5
+
+
+def _isatty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):  # a closed stream
+        return False
 
 
 def count(n: int, word: str, plural: str | None = None) -> str:
@@ -120,13 +131,20 @@ class Progress(RunListener):
 
     def __init__(self, *, stream: TextIO | None = None, quiet: bool = False,
                  interactive: bool | None = None, title: str = "opf run",
-                 line_limit: int = 100, interval: float = 5.0) -> None:
+                 line_limit: int = 100, interval: float = 5.0,
+                 result_stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        if result_stream is None:
+            result_stream = stream if stream is not None else sys.stdout
+        self.result_stream = result_stream
         self.quiet = quiet
+        results_interactive = interactive
         if interactive is None:
-            isatty = getattr(self.stream, "isatty", None)
-            interactive = bool(isatty and isatty())
+            interactive = _isatty(self.stream)
+        if result_stream is not self.stream or results_interactive is None:
+            results_interactive = _isatty(result_stream)
         self.interactive = interactive and not quiet
+        self._table = results_interactive and not quiet
         self.title = title
         self.line_limit = line_limit
         self.interval = interval
@@ -139,22 +157,30 @@ class Progress(RunListener):
         self._console: Any = None
         self._nothing_to_run = False
         self._gone = False
-        if self.interactive:
+        self._result_console: Any = None
+        if self.interactive or self._table:
             from rich.console import Console
 
-            self._console = Console(file=self.stream, highlight=False)
+            if self.interactive:
+                self._console = Console(file=self.stream, highlight=False)
+            if self._table:
+                self._result_console = (self._console if result_stream is self.stream
+                                        and self._console is not None
+                                        else Console(file=result_stream, highlight=False))
 
     # -- output ----------------------------------------------------------------------------
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, result: bool = False) -> None:
         if self._gone:
             return
+        console = self._result_console if result else self._console
+        stream = self.result_stream if result else self.stream
         try:
-            if self._console is not None:
-                self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+            if console is not None:
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
             else:
-                self.stream.write(text + "\n")
-                self.stream.flush()
+                stream.write(text + "\n")
+                stream.flush()
         except OSError:  # the terminal went away (a dropped ssh session): the run goes on
             self._gone = True
 
@@ -263,7 +289,7 @@ class Progress(RunListener):
             return
         outcome = outcome_line(summary)
         rows = summary.rows()
-        if self.interactive:
+        if self._result_console is not None:
             from rich.table import Table
 
             table = Table(title=f"{self.title}: {outcome}", show_header=False,
@@ -272,11 +298,14 @@ class Progress(RunListener):
             table.add_column()
             for label, value in rows:
                 table.add_row(label, value)
-            self._console.print(table)
+            try:
+                self._result_console.print(table)
+            except OSError:
+                self._gone = True
         else:
-            self._say(f"{self.title}: {outcome}")
+            self._say(f"{self.title}: {outcome}", result=True)
             width = max(len(label) for label, _ in rows)
             for label, value in rows:
-                self._say(f"  {label:<{width}}  {value}")
+                self._say(f"  {label:<{width}}  {value}", result=True)
         for line in blocked_lines(summary):
-            self._say(line)
+            self._say(line, result=True)
