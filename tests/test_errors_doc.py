@@ -41,6 +41,8 @@ NOT_REPRODUCED = {
         "needs a Slurm cluster refusing the partition",
     "opf: error: could not start engines with slurm: no engine registered":
         "needs a Slurm cluster whose partition is down",
+    "opf: error: step dem/grid needs 4 threads":
+        "names the machines of a cluster (host and scratch folder), which differ on every host",
     "opf: error: another opf run (process 81234)":
         "needs a second run holding the state folder; its process id differs every time",
 }
