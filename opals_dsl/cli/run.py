@@ -33,6 +33,7 @@ against the scratch roots the engines report before anything is submitted (exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from ..run.events import Listeners, RunListener
 from ..run.journal import Journal
 from ..run.progress import Progress, decision_lines
 from ..run.resume import Resume
+from ..run.timeline import NoTimeline, Timeline
 from .common import error_line, parse_params, state_of, warning_line
 
 
@@ -113,6 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="report only failures")
     p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="at the end, say on standard error where the run's fixed time went (imports, "
+        "compile, cluster start, engines ready, run, stop)",
+    )
+    p.add_argument(
         "--report", nargs="?", const="report.html", metavar="PATH",
         help="at the end, write an HTML report of the run (timeline, summary, plan) to PATH "
         "(default: report.html)",
@@ -147,7 +154,29 @@ class _Warnings(RunListener):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from ..lang.compile import Protected, compile_file
+    timeline = Timeline() if getattr(args, "verbose", False) else NoTimeline()
+    timeline.mark("imports", 0.0)
+    try:
+        return _main(args, timeline)
+    finally:
+        if getattr(args, "verbose", False):
+            print("\n".join(timeline.lines()), file=sys.stderr)
+
+
+def _early(args: argparse.Namespace, options: ClusterOptions, state: Path) -> bool:
+    """Start the embedded cluster while the pipeline compiles? Only when the run surely has
+    work: ``--force``, or a state folder that does not exist yet (no task ever ran here). A
+    run that may find nothing to do waits for the journal's decision, so that it starts no
+    cluster at all when nothing is to run."""
+    if getattr(args, "dry_run", False) or not options.embedded or options.launch is not None:
+        return False
+    if not os.path.isfile(args.file):
+        return False
+    return bool(getattr(args, "force", False)) or not state.exists()
+
+
+def _main(args: argparse.Namespace, timeline: Timeline) -> int:
+    from ..lang.compile import Protected
 
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
@@ -161,7 +190,21 @@ def main(args: argparse.Namespace) -> int:
     # no output may be copied back over the pipeline, into this run's state folder, or into
     # the folders the engines work in (see opals_dsl.lang.protect.Protected)
     protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
-    plan = compile_file(args.file, params, protected=protected)
+    early = (session.EarlyCluster(options, state, scratch=scratch, timeline=timeline)
+             if _early(args, options, state) else None)
+    with early or contextlib.nullcontext():
+        return _compile_and_run(args, timeline, early, options, state, scratch, params,
+                                protected, retries)
+
+
+def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
+                     early: session.EarlyCluster | None, options: ClusterOptions, state: Path,
+                     scratch: str | None, params: dict[str, str], protected: Any,
+                     retries: int | None) -> int:
+    from ..lang.compile import compile_file
+
+    with timeline.phase("compile"):
+        plan = compile_file(args.file, params, protected=protected)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)
@@ -179,6 +222,7 @@ def main(args: argparse.Namespace) -> int:
         checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
         listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
         guard=lambda roots: _guard_scratch(args.file, params, protected, plan, roots),
+        early=early, timeline=timeline,
     )
     if getattr(args, "report", None):
         from .report import write_report

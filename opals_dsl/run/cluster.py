@@ -72,6 +72,7 @@ from typing import Any
 from .batch import stop_leftover_launch
 from .fsatomic import write_atomic
 from .reaper import MARKER, end_run, live_processes
+from .timeline import NoTimeline, Timeline
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
 HEARTBEAT_MS = 100
@@ -187,8 +188,12 @@ class EmbeddedCluster:
     """
 
     def __init__(self, state_dir: Path, n: int, timeout: float, run_id: str | None = None,
-                 interrupted: Callable[[], bool] | None = None) -> None:
+                 interrupted: Callable[[], bool] | None = None,
+                 timeline: Timeline | None = None) -> None:
         self.state_dir = state_dir
+        self.timeline = timeline or NoTimeline()
+        #: when the controller and the engines were launched (the timeline's clock)
+        self.launched_at = 0.0
         self.n = n
         self.timeout = timeout
         self.run_id = run_id
@@ -206,6 +211,7 @@ class EmbeddedCluster:
             raise KeyboardInterrupt
 
     def start(self) -> Any:
+        began = self.timeline.now()
         import ipyparallel as ipp
         import psutil
 
@@ -225,8 +231,10 @@ class EmbeddedCluster:
                 f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
             ],
             engine_args=["--log-level=WARN",
-                         f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}"],
+                         f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}",
+                         f"--IPEngine.wait_for_url_file={max(1.0, self.timeout)}"],
             engine_timeout=int(max(1, self.timeout)), log=logger, load_profile=False,
+            send_engines_connection_env=False, shutdown_atexit=False,
         )
         self.cluster.start_controller_sync()
         self._remember(cluster_id, [self.cluster.controller.process])
@@ -235,6 +243,10 @@ class EmbeddedCluster:
         engines = [launcher.process for es in self.cluster.engines.values()
                    for launcher in es.launchers.values()]
         self._remember(cluster_id, engines)
+        self.launched_at = self.timeline.now()
+        self.timeline.mark("cluster start", began, self.launched_at,
+                           f"lifeline, controller and {self.n} engine"
+                           f"{'s' if self.n != 1 else ''} launched")
         self._check()
         self.client = self.cluster.connect_client_sync()
         waiting = self.client.wait_for_engines(self.n, timeout=self.timeout, block=False)
@@ -321,17 +333,15 @@ class EmbeddedCluster:
             with contextlib.suppress(Exception):
                 self.client.close(linger=0)
             self.client = None
-        if self.cluster is not None:
-            with contextlib.suppress(Exception):
-                self.cluster.stop_cluster_sync()
-        # what is left (the engines' nannies linger ~3 s trying to reach the stopped hub,
-        # steps a busy engine was running, the engines' lifelines finishing their work)
-        # belongs to a cluster already told to stop: every process of the run goes now
-        end_run(self._procs, self.run_id, grace=0.5)
+        # the cluster keeps no state worth a goodbye (its hub's records live in memory), and
+        # ipyparallel's own stop waits for each process to exit in turn (half a second and
+        # more): every process of the run — controller, engines, their nannies and
+        # lifelines, steps a busy engine was running — is ended at once instead
+        end_run(self._procs, self.run_id, grace=0.0)
         with contextlib.suppress(OSError):
             self.record.unlink()
         if self.cluster is not None:
-            self._remove_logs(self.cluster.cluster_id)
+            self._remove_files(self.cluster.cluster_id)
         self.cluster = None
         if self._lifeline is not None:
             self._tell(None)  # done: nothing for it to end
@@ -345,7 +355,13 @@ class EmbeddedCluster:
                 self._lifeline.wait()
             self._lifeline = None
 
-    def _remove_logs(self, cluster_id: str) -> None:
+    def _remove_files(self, cluster_id: str) -> None:
+        """ipyparallel's files of the cluster: its connection files and logs."""
+        security = self.profile_dir / "security"
+        for name in (f"cluster-{cluster_id}.json", f"ipcontroller-{cluster_id}-client.json",
+                     f"ipcontroller-{cluster_id}-engine.json"):
+            with contextlib.suppress(OSError):
+                (security / name).unlink()
         folder = self.profile_dir / "log"
         with contextlib.suppress(OSError):
             for entry in os.scandir(folder):

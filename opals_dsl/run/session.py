@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,7 @@ from .fsatomic import remove_abandoned_temporaries
 from .journal import Journal
 from .resume import Resume
 from .scheduler import Scheduler
+from .timeline import NoTimeline, Timeline
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -83,9 +86,23 @@ class TemporarySweeper(RunListener):
             remove_stale_temporaries(self.plan, tasks)
 
 
+#: the state folders whose lock this process holds, and how many times over
+_held: dict[Path, int] = {}
+
+
 @contextlib.contextmanager
 def lock_state(state: Path) -> Iterator[None]:
-    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused."""
+    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused. The
+    lock may be taken again by this process while it holds it (a cluster started early holds
+    it from before the run)."""
+    key = state.absolute()
+    if _held.get(key):
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     path = state / "run.lock"
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -104,7 +121,11 @@ def lock_state(state: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
     finally:
         os.close(fd)  # releases the lock
 
@@ -200,6 +221,8 @@ def run(
     skip: Callable[[Task], bool] | None = None,
     guard: Callable[[Iterable[str]], None] | None = None,
     signals: bool = True,
+    early: EarlyCluster | None = None,
+    timeline: Timeline | None = None,
     **policy: Any,
 ) -> RunSummary:
     """Run ``plan``: see the module docstring for what happens, in order.
@@ -211,15 +234,22 @@ def run(
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
     replaces every job's ``retries``. ``guard`` is given the engines' scratch roots before
     anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
-    SIGHUP (only in the main thread). ``policy`` passes the scheduler's knobs (``depth``,
-    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
+    SIGHUP (only in the main thread). ``early`` is an embedded cluster already starting
+    (:class:`EarlyCluster`; ``cluster`` is then ignored): the run takes it, or cancels it if
+    nothing is to run. ``timeline`` gets the phases (cluster start, engines ready, run, stop).
+    ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
+    ``engine_wait``, ``interrupt_wait``, ``run_id``).
     """
     state = Path(state_dir)
     listener = listener or RunListener()
+    timeline = timeline or NoTimeline()
     interrupts = Interrupts()
     with lock_state(state), interrupts.installed(signals):
-        if executor is None:  # its engines may still be copying back: first stop them
+        if early is not None:
+            early.interrupts = interrupts
+        elif executor is None:  # its engines may still be copying back: first stop them
             stop_leftover_cluster(state)
+        decided = timeline.now()
         remove_stale_temporaries(plan)
         tasks = model.tasks(plan)
         with _journal(state, plan, resume, checksum, tasks) as journal:
@@ -228,11 +258,13 @@ def run(
             if journal is not None:
                 decider = Resume(journal)
                 decisions = decider.decide(force)
+                timeline.mark("decide", decided, note="the journal: what is to run")
                 for warning in journal.warnings():
                     listener.warning(warning)
                 to_run = sum(1 for d in decisions if d.run)
                 listener.resuming(to_run, len(decisions) - to_run)
-            run_id = policy.pop("run_id", None) or new_run_id()
+            run_id = (early.run_id if early is not None else None) \
+                or policy.pop("run_id", None) or new_run_id()
 
             def schedule(engines: Executor) -> RunSummary:
                 scheduler = Scheduler(
@@ -243,10 +275,16 @@ def run(
                     stamp=journal.stamp if journal is not None else None, **policy,
                 )
                 interrupts.attach(scheduler)
-                return scheduler.run()
+                with timeline.phase("run"):
+                    return scheduler.run()
 
-            summary = _engines(schedule, executor, cluster or ClusterOptions(), state,
-                               scratch, run_id, interrupts, guard, nothing=not to_run)
+            if early is not None:
+                summary = _early_engines(schedule, early, interrupts, guard,
+                                         nothing=not to_run)
+            else:
+                summary = _engines(schedule, executor, cluster or ClusterOptions(), state,
+                                   scratch, run_id, interrupts, guard, nothing=not to_run,
+                                   timeline=timeline)
         remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
             if problem:
@@ -272,20 +310,20 @@ def _journal(state: Path, plan: nx.DiGraph, resume: bool, checksum: bool,
 def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | None,
              options: ClusterOptions, state: Path, scratch: str | None, run_id: str,
              interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
-             nothing: bool) -> RunSummary:
+             nothing: bool, timeline: Timeline) -> RunSummary:
     """Schedule on ``executor``, or on the cluster ``options`` describe, or without engines
-    when ``nothing`` is to run and the cluster would be started only for this run."""
+    when ``nothing`` is to run: then no cluster is started, reached or connected to."""
     if executor is not None:
         if guard is not None:
             guard(info.scratch for info in executor.engines().values())
         return schedule(executor)
-    if nothing and options.embedded:  # a cluster named by the user is still reached
+    if nothing:
         return schedule(LocalExecutor(()))
     # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
     # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
     interrupts.starting = options.embedded and options.launch is None
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
-                      interrupted=lambda: interrupts.requested) as started:
+                      interrupted=lambda: interrupts.requested, timeline=timeline) as started:
         interrupts.starting = False
         try:
             if guard is not None:
@@ -293,3 +331,107 @@ def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | No
             return schedule(started)
         finally:
             interrupts.closing = True
+
+
+def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyCluster,
+                   interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
+                   nothing: bool) -> RunSummary:
+    """Schedule on the cluster ``early`` is starting, or cancel it when ``nothing`` is to run."""
+    if nothing:
+        interrupts.closing = True
+        early.cancel()
+        return schedule(LocalExecutor(()))
+    interrupts.starting = True
+    started = early.wait()
+    interrupts.starting = False
+    try:
+        if guard is not None:
+            guard(info.scratch for info in started.engines().values())
+        return schedule(started)
+    finally:
+        interrupts.closing = True
+        early.cancel()
+
+
+class EarlyCluster:
+    """An embedded cluster that starts in a thread of its own while the pipeline compiles and
+    the journal decides, then is handed to :func:`run` (``early=``).
+
+    Used as a context manager around compiling and running: entering holds the state folder's
+    lock, stops what a killed run left there, and starts the cluster's thread; leaving cancels
+    a start still under way (it stops between two of its steps, see
+    :class:`~opals_dsl.run.cluster.EmbeddedCluster`) and stops what was started. A state
+    folder that entering created is removed again if no run used it (a pipeline that did not
+    compile leaves nothing behind). Start it only for a run that has work to do: a run with
+    nothing to do cancels it, and the time spent starting was lost.
+    """
+
+    def __init__(self, options: ClusterOptions, state_dir: str | Path, *,
+                 scratch: str | None = None, timeline: Timeline | None = None) -> None:
+        self.options = options
+        self.state = Path(state_dir)
+        self.scratch = scratch
+        self.timeline = timeline or NoTimeline()
+        self.run_id = new_run_id()
+        #: the run's signal handling, once :func:`run` has taken over
+        self.interrupts: Interrupts | None = None
+        self.cancelled = False
+        self.executor: Executor | None = None
+        self.error: BaseException | None = None
+        self._opened: Any = None
+        self._thread: threading.Thread | None = None
+        self._stack = contextlib.ExitStack()
+        self._created = False
+
+    def __enter__(self) -> EarlyCluster:
+        self._created = not self.state.exists()
+        self._stack.enter_context(lock_state(self.state))
+        try:
+            stop_leftover_cluster(self.state)  # before anything else looks at the folders
+            self._thread = threading.Thread(target=self._start, name="opf-cluster-start",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _interrupted(self) -> bool:
+        return self.cancelled or (self.interrupts is not None and self.interrupts.requested)
+
+    def _start(self) -> None:
+        try:
+            opened = open_cluster(self.options, self.state, scratch=self.scratch,
+                                  run_id=self.run_id, interrupted=self._interrupted,
+                                  timeline=self.timeline)
+            self.executor = opened.__enter__()
+            self._opened = opened
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self.error = exc
+
+    def wait(self) -> Executor:
+        """The started cluster's executor, once it is up; raises what the start raised."""
+        assert self._thread is not None
+        while self._thread.is_alive():
+            self._thread.join(0.05)  # in short steps: signals reach the main thread between
+        if self.error is not None:
+            raise self.error
+        assert self.executor is not None
+        return self.executor
+
+    def cancel(self) -> None:
+        """Stop the start if it is under way, and the cluster if it is up."""
+        self.cancelled = True
+        if self._thread is not None:
+            self._thread.join()
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.__exit__(None, None, None)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cancel()
+        finally:
+            self._stack.close()
+            if self._created and self.interrupts is None:  # no run used the folder
+                shutil.rmtree(self.state, ignore_errors=True)
