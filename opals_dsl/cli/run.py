@@ -16,8 +16,11 @@ A run first stops what an earlier, killed run left behind (its embedded cluster,
 in the destination folders that nobody writes any more — those of another run that is still
 copying stay; the same clearing is done as soon as an engine is lost, for the folders of the
 tasks it held, and once more when the run ends), then asks the journal which tasks are
-unchanged: those are skipped (``--force`` runs everything); if none is left to run, no embedded
-cluster is started.
+unchanged: those are skipped (``--force`` runs everything); if none is left to run, the run
+exits 0 without touching a cluster (none is started, none is connected to). A run that surely
+has work (a first run in its state folder, or ``--force``) starts the embedded cluster while
+the pipeline compiles (:class:`opals_dsl.run.session.EarlyCluster`). ``-v`` prints on standard
+error where the run's fixed time went (:mod:`opals_dsl.run.timeline`).
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
 ``--retries N`` replaces every job's ``retries``. Ctrl-C, SIGTERM or SIGHUP (a terminal or ssh
 session that goes away) stops submitting and interrupts the running steps, each of which is

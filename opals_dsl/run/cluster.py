@@ -8,9 +8,12 @@ batches of task requests to, one engine at a time (:mod:`.connect` opens one of 
 Embedded cluster
     ``ipp.Cluster`` with one controller and N local engines. ipyparallel's files (IPYTHONDIR,
     the profile, connection files and logs) live in ``<state>/ipython``, never in the user's
-    home. The hub's heartbeat runs every 100 ms (start-up waits for the first beats, so this is
-    what makes a cold start take about a second rather than six); it declares an engine lost
-    after 5 s without an answer. The engines tolerate a silent hub for a minute. Every process
+    home. The engines are launched together with the controller and wait for its connection
+    files themselves (ipyparallel would launch them only once the files exist, half a second
+    and more later). The hub's heartbeat runs every 100 ms (start-up waits for the first
+    beats, so this is what makes a cold start take about a second rather than six); it
+    declares an engine lost after 5 s without an answer. The engines tolerate a silent hub for
+    a minute. Every process
     of the cluster carries the run's id in its environment (``OPF_RUN_ID``, as the steps do).
     The processes of the cluster (with their creation times, which rules out a reused process
     id) are written to ``<state>/cluster.json`` while it runs, and told to the run's lifeline
@@ -19,8 +22,11 @@ Embedded cluster
     were killed — stops those processes, and every process carrying that run's id, first. A
     start that is interrupted (Ctrl-C) stops between two of ipyparallel's steps, never inside
     its event loop. On the way out, steps still running (an interrupted run gives them a few
-    seconds after SIGINT) are killed with their process groups, the cluster is stopped, and
-    every process of the run still alive is ended.
+    seconds after SIGINT) are killed with their process groups, and then every process of the
+    run at once — ipyparallel's own stop, which waits for one process after the other, took
+    half a second and more, and the cluster keeps nothing worth a goodbye; its connection
+    files and logs are removed. The start and the stop are marked on a
+    :class:`~opals_dsl.run.timeline.Timeline` (``opf run -v``).
 
 Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
     A controller here and engines started by ipyparallel's launchers: :mod:`.launchers`.

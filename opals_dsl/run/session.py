@@ -11,8 +11,10 @@ What a run does, in order
        folders of the tasks it held, and once more when the run ends.
     3. Opens the journal (:mod:`.journal`) and decides which tasks are unchanged
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
-       no embedded cluster is started.
-    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`), lets
+       no cluster is started or reached (an :class:`EarlyCluster` already starting is
+       cancelled).
+    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`; or takes
+       the one an :class:`EarlyCluster` started while the pipeline compiled), lets
        ``guard`` look at the engines' scratch roots, and schedules the plan
        (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
        finishes, the listener shows progress.
@@ -234,11 +236,10 @@ def run(
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
     replaces every job's ``retries``. ``guard`` is given the engines' scratch roots before
     anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
-    SIGHUP (only in the main thread). ``early`` is an embedded cluster already starting
-    (:class:`EarlyCluster`; ``cluster`` is then ignored): the run takes it, or cancels it if
-    nothing is to run. ``timeline`` gets the phases (cluster start, engines ready, run, stop).
-    ``policy`` passes the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
-    ``engine_wait``, ``interrupt_wait``, ``run_id``).
+    SIGHUP (only in the main thread). ``early``: an :class:`EarlyCluster` starting, used
+    instead of ``cluster``. ``timeline`` gets the phases. ``policy`` passes the scheduler's
+    knobs (``depth``, ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``,
+    ``run_id``).
     """
     state = Path(state_dir)
     listener = listener or RunListener()
@@ -249,9 +250,9 @@ def run(
             early.interrupts = interrupts
         elif executor is None:  # its engines may still be copying back: first stop them
             stop_leftover_cluster(state)
-        decided = timeline.now()
         remove_stale_temporaries(plan)
         tasks = model.tasks(plan)
+        decided = timeline.now()
         with _journal(state, plan, resume, checksum, tasks) as journal:
             decider = None
             to_run = len(tasks)
@@ -263,8 +264,8 @@ def run(
                     listener.warning(warning)
                 to_run = sum(1 for d in decisions if d.run)
                 listener.resuming(to_run, len(decisions) - to_run)
-            run_id = (early.run_id if early is not None else None) \
-                or policy.pop("run_id", None) or new_run_id()
+            run_id = policy.pop("run_id", None) or new_run_id()
+            run_id = early.run_id if early is not None else run_id
 
             def schedule(engines: Executor) -> RunSummary:
                 scheduler = Scheduler(
@@ -278,13 +279,9 @@ def run(
                 with timeline.phase("run"):
                     return scheduler.run()
 
-            if early is not None:
-                summary = _early_engines(schedule, early, interrupts, guard,
-                                         nothing=not to_run)
-            else:
-                summary = _engines(schedule, executor, cluster or ClusterOptions(), state,
-                                   scratch, run_id, interrupts, guard, nothing=not to_run,
-                                   timeline=timeline)
+            summary = _engines(schedule, executor or early, cluster or ClusterOptions(),
+                               state, scratch, run_id, interrupts, guard, nothing=not to_run,
+                               timeline=timeline)
         remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
             if problem:
@@ -307,12 +304,16 @@ def _journal(state: Path, plan: nx.DiGraph, resume: bool, checksum: bool,
         yield journal
 
 
-def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | None,
-             options: ClusterOptions, state: Path, scratch: str | None, run_id: str,
-             interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
-             nothing: bool, timeline: Timeline) -> RunSummary:
-    """Schedule on ``executor``, or on the cluster ``options`` describe, or without engines
-    when ``nothing`` is to run: then no cluster is started, reached or connected to."""
+def _engines(schedule: Callable[[Executor], RunSummary],
+             executor: Executor | EarlyCluster | None, options: ClusterOptions, state: Path,
+             scratch: str | None, run_id: str, interrupts: Interrupts,
+             guard: Callable[[Iterable[str]], None] | None, *, nothing: bool,
+             timeline: Timeline) -> RunSummary:
+    """Schedule on ``executor`` (or the cluster an :class:`EarlyCluster` starts), or on the
+    cluster ``options`` describe, or without engines when ``nothing`` is to run: then no
+    cluster is started, reached or connected to."""
+    if isinstance(executor, EarlyCluster):
+        return _early_engines(schedule, executor, interrupts, guard, nothing=nothing)
     if executor is not None:
         if guard is not None:
             guard(info.scratch for info in executor.engines().values())
