@@ -236,16 +236,16 @@ class EmbeddedCluster:
                 f"--HeartMonitor.period={HEARTBEAT_MS}",
                 f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
             ],
-            engine_args=["--log-level=WARN",
-                         f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}",
-                         f"--IPEngine.wait_for_url_file={max(1.0, self.timeout)}"],
             engine_timeout=int(max(1, self.timeout)), log=logger, load_profile=False,
             send_engines_connection_env=False, shutdown_atexit=False,
         )
         self.cluster.start_controller_sync()
         self._remember(cluster_id, [self.cluster.controller.process])
         self._check()
-        self.cluster.start_engines_sync(self.n)
+        # the engines' arguments go to their launcher (ipp.Cluster ignores engine_args=)
+        self.cluster.start_engines_sync(self.n, engine_args=[
+            "--log-level=WARN", f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}",
+            f"--IPEngine.wait_for_url_file={max(1.0, self.timeout)}"])
         engines = [launcher.process for es in self.cluster.engines.values()
                    for launcher in es.launchers.values()]
         self._remember(cluster_id, engines)
