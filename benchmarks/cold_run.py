@@ -10,11 +10,17 @@ the machine hits all of them alike), and the medians are printed side by side as
   run (no journal: the task runs), with the embedded cluster (one engine per core, at most one
   per task to run).
 
+``--baseline DIR`` adds ``opf run`` of another copy of opf (a checkout's folder that holds
+``opals_dsl``, put first on ``PYTHONPATH``), e.g. the code before a change, measured in turn with
+the others.
+
 The load average (``uptime``) is printed before and after: the machine is shared, so compare
 ratios measured in one run of this script, never figures of two runs.
 
     python benchmarks/cold_run.py               # 5 repeats of each
     python benchmarks/cold_run.py --repeats 9 --opf-args=-v
+    git archive main opals_dsl grammar | tar -x -C /tmp/before
+    python benchmarks/cold_run.py --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opf-args", default="", help="more arguments for opf run, e.g. -v")
     parser.add_argument("--no-bare", action="store_true", help="skip bare ipyparallel")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time opf run of the opals_dsl in DIR (e.g. before a change)")
     args = parser.parse_args()
 
     print(f"before: {load()}")
@@ -80,6 +88,10 @@ def main() -> int:
                                       "opf run (cold)": []}
     if args.no_bare:
         del times["bare ipyparallel"]
+    runs = {"opf run (cold)": None}
+    if args.baseline:
+        runs["opf run (baseline)"] = os.path.abspath(args.baseline)
+        times["opf run (baseline)"] = []
     with tempfile.TemporaryDirectory(prefix="opf-cold-") as tmp:
         root = Path(tmp)
         env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
@@ -88,15 +100,17 @@ def main() -> int:
             times["python -c pass"].append(timed([sys.executable, "-c", "pass"], root, env))
             if not args.no_bare:
                 times["bare ipyparallel"].append(timed([sys.executable, "-c", BARE], root, env))
-            folder = root / f"run{i}"
-            folder.mkdir()
-            (folder / "one.opf").write_text(PIPELINE)
-            argv = [sys.executable, "-m", "opals_dsl", "run", "one.opf", "-q",
-                    *args.opf_args.split()]
-            times["opf run (cold)"].append(timed(argv, folder, env))
-            if not (folder / "results" / "hello.txt").is_file():
-                raise SystemExit("opf run did not write its result")
-            shutil.rmtree(folder, ignore_errors=True)
+            for name, path in runs.items():
+                folder = root / f"run{i}"
+                folder.mkdir()
+                (folder / "one.opf").write_text(PIPELINE)
+                argv = [sys.executable, "-m", "opals_dsl", "run", "one.opf", "-q",
+                        *args.opf_args.split()]
+                run_env = dict(env, PYTHONPATH=path) if path else env
+                times[name].append(timed(argv, folder, run_env))
+                if not (folder / "results" / "hello.txt").is_file():
+                    raise SystemExit("opf run did not write its result")
+                shutil.rmtree(folder, ignore_errors=True)
     print(f"after:  {load()}")
     base = statistics.median(times["python -c pass"])
     bare = statistics.median(times["bare ipyparallel"]) if not args.no_bare else None

@@ -223,17 +223,19 @@ def test_nothing_to_run_exits_0_and_touches_no_cluster(cluster, tmp_path):
 
 
 def test_verbose_says_where_the_time_went_and_the_cluster_is_gone(tmp_path):
-    """``opf run -v`` prints the run's phases on standard error; after the run no process of
-    its embedded cluster is left, also when the cluster was started while the pipeline
-    compiled (a first run) and the pipeline then did not compile: that start is cancelled,
-    and the state folder the run made is removed."""
+    """``opf run -v`` prints the run's phases on standard error; the embedded cluster has no
+    more engines than tasks to run; after the run no process of it is left, also when the
+    cluster was started while the pipeline compiled (a first run) and the pipeline then did
+    not compile: that start is cancelled, and the state folder the run made is removed."""
     home = tmp_path / "home"
     home.mkdir()
     path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
     state = tmp_path / "p" / ".opf"
-    proc = subprocess.run(opf_args(str(path), "-n", "1", "-v"), cwd=tmp_path,
+    proc = subprocess.run(opf_args(str(path), "-v"), cwd=tmp_path,
                           env=clean_env(home), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # one engine per core, but no more than there are tasks to run
+    assert "quick: 1 task on 1 engine (1 machine)" in proc.stderr
     phases = proc.stderr[proc.stderr.index("time since opf started"):]
     for phase in ("imports", "compile", "decide", "cluster start", "engines ready", "run",
                   "stop", "total"):
@@ -244,7 +246,7 @@ def test_verbose_says_where_the_time_went_and_the_cluster_is_gone(tmp_path):
 
     broken = write_pipeline(tmp_path / "b", QUICK.replace("step copy", "step copy copy"),
                             inputs=1)
-    proc = subprocess.run(opf_args(str(broken), "-n", "1", "-v"), cwd=tmp_path,
+    proc = subprocess.run(opf_args(str(broken), "-v"), cwd=tmp_path,
                           env=clean_env(home), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -190,13 +190,17 @@ class EmbeddedCluster:
     (:mod:`opals_dsl.run.reaper`): a small process that ends them all should this process die
     without stopping them. ``interrupted`` is asked while the cluster starts; when it says
     True, the start stops with KeyboardInterrupt (raised here, never inside ipyparallel's event
-    loop).
+    loop). ``count``, if given, is asked for the number of engines once the controller is
+    launched (it may wait for the run's decision of what is to run).
     """
 
     def __init__(self, state_dir: Path, n: int, timeout: float, run_id: str | None = None,
                  interrupted: Callable[[], bool] | None = None,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None,
+                 count: Callable[[], int] | None = None) -> None:
         self.state_dir = state_dir
+        #: asked, once the controller is launched, how many engines to start (instead of n)
+        self.count = count
         self.timeline = timeline or NoTimeline()
         #: when the controller and the engines were launched (the timeline's clock)
         self.launched_at = 0.0
@@ -242,6 +246,9 @@ class EmbeddedCluster:
         self.cluster.start_controller_sync()
         self._remember(cluster_id, [self.cluster.controller.process])
         self._check()
+        if self.count is not None:
+            self.n = self.count()
+            self.cluster.n = self.n
         # the engines' arguments go to their launcher (ipp.Cluster ignores engine_args=)
         self.cluster.start_engines_sync(self.n, engine_args=[
             "--log-level=WARN", f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}",

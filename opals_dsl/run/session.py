@@ -27,6 +27,7 @@ Warnings (a damaged journal, a trace that could not be written) go to the listen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -51,6 +52,12 @@ from .timeline import NoTimeline, Timeline
 
 if TYPE_CHECKING:
     import networkx as nx
+
+
+def engine_count(to_run: int) -> int:
+    """The engines of an embedded cluster of no given size: one per core, but never more than
+    there are tasks to run (an engine more only costs its start)."""
+    return max(1, min(os.cpu_count() or 1, to_run))
 
 
 def destination_folders(plan: nx.DiGraph, tasks: Iterable[Task] | None = None) -> list[str]:
@@ -280,7 +287,7 @@ def run(
                     return scheduler.run()
 
             summary = _engines(schedule, executor or early, cluster or ClusterOptions(),
-                               state, scratch, run_id, interrupts, guard, nothing=not to_run,
+                               state, scratch, run_id, interrupts, guard, to_run=to_run,
                                timeline=timeline)
         remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
@@ -307,12 +314,15 @@ def _journal(state: Path, plan: nx.DiGraph, resume: bool, checksum: bool,
 def _engines(schedule: Callable[[Executor], RunSummary],
              executor: Executor | EarlyCluster | None, options: ClusterOptions, state: Path,
              scratch: str | None, run_id: str, interrupts: Interrupts,
-             guard: Callable[[Iterable[str]], None] | None, *, nothing: bool,
+             guard: Callable[[Iterable[str]], None] | None, *, to_run: int,
              timeline: Timeline) -> RunSummary:
     """Schedule on ``executor`` (or the cluster an :class:`EarlyCluster` starts), or on the
-    cluster ``options`` describe, or without engines when ``nothing`` is to run: then no
-    cluster is started, reached or connected to."""
+    cluster ``options`` describe, or without engines when no task is to run: then no cluster
+    is started, reached or connected to. An embedded cluster of no given size has one engine
+    per core, but never more engines than ``to_run`` tasks."""
+    nothing = not to_run
     if isinstance(executor, EarlyCluster):
+        executor.decided(to_run)
         return _early_engines(schedule, executor, interrupts, guard, nothing=nothing)
     if executor is not None:
         if guard is not None:
@@ -320,6 +330,8 @@ def _engines(schedule: Callable[[Executor], RunSummary],
         return schedule(executor)
     if nothing:
         return schedule(LocalExecutor(()))
+    if options.embedded and options.launch is None and options.engines is None:
+        options = dataclasses.replace(options, engines=engine_count(to_run))
     # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
     # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
     interrupts.starting = options.embedded and options.launch is None
@@ -356,7 +368,9 @@ def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyClust
 
 class EarlyCluster:
     """An embedded cluster that starts in a thread of its own while the pipeline compiles and
-    the journal decides, then is handed to :func:`run` (``early=``).
+    the journal decides, then is handed to :func:`run` (``early=``). The lifeline and the
+    controller are launched at once; the engines too if their number was given, else once
+    :func:`run` knows how many tasks are to run (:func:`engine_count`).
 
     Used as a context manager around compiling and running: entering holds the state folder's
     lock, stops what a killed run left there, and starts the cluster's thread; leaving cancels
@@ -383,6 +397,8 @@ class EarlyCluster:
         self._thread: threading.Thread | None = None
         self._stack = contextlib.ExitStack()
         self._created = False
+        self._decided = threading.Event()
+        self._to_run = 0
 
     def __enter__(self) -> EarlyCluster:
         self._created = not self.state.exists()
@@ -402,13 +418,28 @@ class EarlyCluster:
 
     def _start(self) -> None:
         try:
+            count = self._count if self.options.engines is None else None
             opened = open_cluster(self.options, self.state, scratch=self.scratch,
                                   run_id=self.run_id, interrupted=self._interrupted,
-                                  timeline=self.timeline)
+                                  timeline=self.timeline, count=count)
             self.executor = opened.__enter__()
             self._opened = opened
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
             self.error = exc
+
+    def decided(self, to_run: int) -> None:
+        """The journal's decision: ``to_run`` tasks are to run (engines are started for them)."""
+        self._to_run = to_run
+        self._decided.set()
+
+    def _count(self) -> int:
+        """How many engines to start: asked by the start once the controller is launched."""
+        while not self._decided.wait(0.05):
+            if self._interrupted():
+                raise KeyboardInterrupt
+        if self._interrupted():
+            raise KeyboardInterrupt
+        return engine_count(self._to_run)
 
     def wait(self) -> Executor:
         """The started cluster's executor, once it is up; raises what the start raised."""
