@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_argument_group("cluster (default: start one on this machine for the run)")
     where.add_argument(
         "-n", type=int, metavar="N", dest="n",
-        help="number of engines: of the embedded cluster (default: one per core), or to "
+        help="number of engines: of the embedded cluster (default: one per core, but no more "
+        "than tasks to run), or to "
         "submit with --engines slurm, pbs or mpi",
     )
     where.add_argument(

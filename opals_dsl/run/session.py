@@ -237,7 +237,7 @@ def run(
     """Run ``plan``: see the module docstring for what happens, in order.
 
     The engines are ``executor`` if given (it is left as it is), else the cluster ``cluster``
-    describes (default: an embedded one with one engine per core), started and stopped here.
+    describes (default: an embedded one, :func:`engine_count`), started and stopped here.
     ``resume`` keeps the run's journal in ``state_dir`` (tasks unchanged since they last ran
     are skipped, all run with ``force``; ``checksum`` compares inputs by content); without it
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
