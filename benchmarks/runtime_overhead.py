@@ -4,7 +4,7 @@ Starts one embedded 2-engine cluster (as ``opf run -n 2`` does), then in the sam
 
 * the runtime: a pipeline of N one-step tasks whose step does nothing (``call`` of a no-op
   function by default, ``--step run`` for ``run true``, a process per task), compiled from a
-  real ``.opf`` file and scheduled with :func:`opals_dsl.run.session.run` — each task still
+  real ``.opf`` file and scheduled with :func:`opals_dsl.runtime.session.run` — each task still
   creates and removes its task folder and writes its step log;
 * raw ipyparallel: N ``apply_async`` calls of a no-op function, one message each, round-robin
   over two DirectViews (the fastest one-at-a-time form measured here), then waiting for all.
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions
-from opals_dsl.run.connect import open_cluster
+from opals_dsl.runtime import session
+from opals_dsl.runtime.cluster import ClusterOptions
+from opals_dsl.runtime.connect import open_cluster
 
 PIPELINE = """
 pipeline overhead

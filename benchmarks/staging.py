@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions
-from opals_dsl.run.connect import open_cluster
+from opals_dsl.runtime import session
+from opals_dsl.runtime.cluster import ClusterOptions
+from opals_dsl.runtime.connect import open_cluster
 
 PIPELINE = """
 pipeline staging

@@ -1,50 +1,131 @@
-"""opf as a Python library: load and check a pipeline file, plan it, run it — the same stages
-``opf check``, ``opf compile`` and ``opf run`` go through::
+"""opf as a Python library, for scripts and notebooks: load and check a pipeline file, plan it,
+draw it, run it — through the same stages as ``opf check``, ``opf compile`` and ``opf run``::
 
-    from opals_dsl import api as opf
+    import opals_dsl as opf
 
-    pipeline = opf.load("strips.opf", {"cell": "50"})  # PipelineError with every finding
-    plan = opf.plan(pipeline)                          # the networkx plan
-    summary = opf.run(plan)                            # as `opf run strips.opf` does
+    pipeline = opf.load("strips.opf", params={"cell": "50"})  # PipelineError: every finding
+    plan = pipeline.plan()                                    # the networkx plan
+    opf.draw(plan, level="job")                               # shown as a picture in a notebook
+    summary = opf.run(pipeline, client=rc)                    # on engines you already have
 
-:func:`run` is :func:`opals_dsl.run.session.run`, the one place a run is wired; with a
-pipeline file instead of a plan it compiles the file first, and its state folder defaults to
-``.opf`` beside the file, as ``opf run``'s.
+:func:`run` goes through :func:`opals_dsl.runtime.session.run`, the one place a run is wired. Given
+``client`` (an ``ipyparallel.Client``) it runs on that cluster's engines and leaves the cluster
+as it found it; otherwise it starts an embedded cluster of ``n`` engines for the run and stops
+it after. The state folder defaults to ``.opf`` beside the pipeline file, as ``opf run``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from .errors import PipelineError, PlanError
+from .errors import PipelineError, PlanError, UsageError
 from .lang.compile import Loaded, compile_file, load, plan
 from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
-from .run import session
-from .run.cluster import ClusterOptions
-from .run.events import RunSummary
+from .plan.dot import to_dot, to_job_dot
+from .plan.select import select
+from .runtime import session
+from .runtime.cluster import ClusterOptions
+from .runtime.events import RunListener, RunSummary
+from .runtime.executor import IPyParallelExecutor
+from .runtime.notebook import in_kernel, widget_progress
+from .runtime.progress import Progress
 
 
-def run(pipeline: nx.DiGraph | str | Path, *, params: Mapping[str, str] | None = None,
-        state_dir: str | Path | None = None, cluster: ClusterOptions | None = None,
-        **options: Any) -> RunSummary:
-    """Run a plan, or the pipeline file ``pipeline`` (compiled with ``params``); see
-    :func:`opals_dsl.run.session.run` for ``cluster``, ``executor`` and the other options.
-    The state folder defaults to ``.opf`` beside the pipeline file."""
+def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
+        params: Mapping[str, str] | None = None, client: Any = None, n: int | None = None,
+        only: Sequence[str] | None = None, state_dir: str | Path | None = None,
+        cluster: ClusterOptions | None = None, progress: bool | RunListener = True,
+        scratch: str | None = None, **options: Any) -> RunSummary:
+    """Run a pipeline — a :func:`load`-ed one, a plan, or a pipeline file (compiled with
+    ``params``) — and return its summary.
+
+    ``client``: an ``ipyparallel.Client`` whose engines run the tasks; the cluster is neither
+    started nor stopped here. Without it an embedded cluster of ``n`` engines (default: one per
+    core), or the one ``cluster`` describes, is started and stopped. ``only``: the targets of
+    ``opf run --only`` (``JOB`` or ``JOB/TASK``). ``progress``: True shows the run (a widget in a
+    notebook when ipywidgets is installed, else lines), False shows nothing, or a listener of
+    your own. Further options are :func:`opals_dsl.runtime.session.run`'s (``force``,
+    ``keep_going``, ``retries``, ``checksum``, ...)."""
+    graph, default_state = _plan_of(pipeline, params)
+    if only:
+        graph = select(graph, only)
+    if client is not None and (n is not None or cluster is not None):
+        raise UsageError("run takes a client or the engines to start (n, cluster), not both")
+    if n is not None:
+        cluster = ClusterOptions(engines=n)
+    executor = None
+    if client is not None:
+        executor = IPyParallelExecutor(client, scratch=scratch)
+    listener = _listener(progress, model.info(graph).pipeline)
+    return session.run(graph, state_dir=state_dir or default_state, cluster=cluster,
+                       executor=executor, scratch=scratch, listener=listener,
+                       end_after_interrupt=False, **options)
+
+
+def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path,
+             params: Mapping[str, str] | None) -> tuple[nx.DiGraph, Path]:
     if isinstance(pipeline, nx.DiGraph):
-        graph = pipeline
-        if state_dir is None:
-            state_dir = Path(model.info(graph).root) / STATE_FOLDER
-    else:
-        graph = compile_file(pipeline, params)
-        if state_dir is None:
-            state_dir = default_state_dir(Path(pipeline).resolve())
-    return session.run(graph, state_dir=state_dir, cluster=cluster, **options)
+        return pipeline, Path(model.info(pipeline).root) / STATE_FOLDER
+    if isinstance(pipeline, Loaded):
+        if params:
+            raise UsageError("a loaded pipeline has its parameters: give params to load()")
+        return pipeline.plan(), default_state_dir(pipeline.path.resolve())
+    return compile_file(pipeline, params), default_state_dir(Path(pipeline).resolve())
 
 
-__all__ = ["Loaded", "load", "plan", "compile_file", "run", "PipelineError", "PlanError",
-           "Protected", "RunSummary", "ClusterOptions"]
+def _listener(progress: bool | RunListener, title: str) -> RunListener:
+    if isinstance(progress, RunListener):
+        return progress
+    if not progress:
+        return Progress(quiet=True, title=title)
+    widget = widget_progress(title)
+    if widget is not None:
+        return widget
+    # in a notebook without widgets the lines go to the cell's output, else to standard error
+    stream = sys.stdout if in_kernel() else sys.stderr
+    return Progress(stream=stream, title=title, interactive=False)
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """A plan drawn with Graphviz: ``source`` is its DOT text; a notebook shows it as a picture
+    when Graphviz's ``dot`` program is installed, and as the DOT text otherwise."""
+
+    source: str
+
+    def svg(self) -> str | None:
+        """The drawing as SVG, or None without Graphviz."""
+        exe = shutil.which("dot")
+        if exe is None:
+            return None
+        done = subprocess.run([exe, "-Tsvg"], input=self.source, capture_output=True,
+                              text=True, check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    def _repr_svg_(self) -> str | None:
+        return self.svg()
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def draw(pipeline: Loaded | nx.DiGraph, level: str = "task") -> Drawing:
+    """The plan drawn as ``opf compile --dot`` draws it: every task (``level="task"``) or one
+    node per job step (``level="job"``, for large plans)."""
+    graph = pipeline.plan() if isinstance(pipeline, Loaded) else pipeline
+    if level not in ("task", "job"):
+        raise UsageError(f"level is 'task' or 'job', not {level!r}")
+    return Drawing(to_job_dot(graph) if level == "job" else to_dot(graph))
+
+
+__all__ = ["Loaded", "load", "plan", "draw", "Drawing", "compile_file", "run", "select",
+           "PipelineError", "PlanError", "Protected", "RunSummary", "ClusterOptions"]

@@ -4,7 +4,8 @@ pipeline folders with a small tool for the steps to run.
 The cluster (session scope) is one ``ipcontroller`` and three ``ipengine`` processes started
 here, with a 100 ms heartbeat. Each engine gets its own ``OPF_SCRATCH``: engine processes 0 and
 1 share scratch root ``m1`` (two engines on one machine), process 2 has ``m2``. Every process is
-stopped at the end of the session.
+stopped at the end of the session — or, should pytest itself be killed, by the cluster's
+lifeline (:mod:`opals_dsl.runtime.reaper`) a moment later.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class EngineCluster:
     controller: subprocess.Popen | None = None
     engines: list[subprocess.Popen] = field(default_factory=list)
     scratches: list[Path] = field(default_factory=list)
+    #: the lifeline that stops the cluster should pytest be killed
+    reaper: subprocess.Popen | None = None
 
     def _file(self, kind: str) -> Path:
         middle = f"-{self.cluster_id}" if self.cluster_id else ""
@@ -127,6 +130,20 @@ class EngineCluster:
         args = [f"--profile-dir={self.profile_dir}"]
         return args + ([f"--cluster-id={self.cluster_id}"] if self.cluster_id else [])
 
+    def _lifeline(self, proc: subprocess.Popen) -> None:
+        """Hand ``proc`` to the cluster's lifeline (:mod:`opals_dsl.runtime.reaper`), which
+        ends it and its descendants should pytest die before :meth:`stop` (``kill -9``)."""
+        import psutil
+
+        if self.reaper is None:
+            self.reaper = subprocess.Popen(
+                [sys.executable, "-m", "opals_dsl.runtime.reaper", "run"],
+                stdin=subprocess.PIPE, start_new_session=True)
+        created = psutil.Process(proc.pid).create_time()
+        self.reaper.stdin.write(json.dumps({"pid": proc.pid, "created": created}).encode()
+                                + b"\n")
+        self.reaper.stdin.flush()
+
     def start_controller(self) -> None:
         self.controller = subprocess.Popen(
             [sys.executable, "-m", "ipyparallel.controller", *self._id_args(), "--ip=127.0.0.1",
@@ -135,6 +152,7 @@ class EngineCluster:
             stderr=open(self.root / "controller.log", "ab"),  # noqa: SIM115
             start_new_session=True,
         )
+        self._lifeline(self.controller)
         deadline = time.monotonic() + 30
         while not (self.client_file.exists() and self.engine_file.exists()):
             if self.controller.poll() is not None or time.monotonic() > deadline:
@@ -152,6 +170,7 @@ class EngineCluster:
             stderr=open(self.root / f"engine-{len(self.engines)}.log", "ab"),  # noqa: SIM115
             start_new_session=True,
         )
+        self._lifeline(proc)
         self.engines.append(proc)
         self.scratches.append(scratch)
         return proc
@@ -198,6 +217,12 @@ class EngineCluster:
         for child in children:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+        if self.reaper is not None:  # everything is stopped: the lifeline ends quietly
+            with contextlib.suppress(OSError):
+                self.reaper.stdin.write(b"done\n")
+                self.reaper.stdin.close()
+            self.reaper.wait()
+            self.reaper = None
 
 
 @pytest.fixture(scope="session")

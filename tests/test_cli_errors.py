@@ -14,7 +14,7 @@ import pytest
 from opals_dsl import errors
 from opals_dsl.cli import main
 from opals_dsl.lang import compile as front_end
-from opals_dsl.run.launch_options import LaunchUsageError
+from opals_dsl.runtime.launch_options import LaunchUsageError
 
 REPO = Path(__file__).resolve().parents[1]
 STRIPS = REPO / "examples" / "strips.opf"

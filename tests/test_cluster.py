@@ -1,6 +1,6 @@
-"""Tests of opals_dsl.run.cluster: the embedded cluster's life (start, stop, no process left behind,
-nothing in the user's home, a killed run's cluster stopped by the next run, SIGTERM), existing
-clusters by profile, and what engines are sent.
+"""Tests of opals_dsl.runtime.cluster: the embedded cluster's life (start, stop, no process left
+behind, nothing in the user's home, a killed run's cluster stopped by the next run, SIGTERM),
+existing clusters by profile, and what engines are sent.
 
 The embedded-cluster tests run ``opf run`` as a real subprocess with ``-n 1`` or ``-n 2``.
 """
@@ -20,9 +20,9 @@ import psutil
 import pytest
 from conftest import EngineCluster, files_under, write_pipeline
 
-from opals_dsl.run.cluster import stop_leftover_cluster
-from opals_dsl.run.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
-from opals_dsl.run.fsatomic import is_temp_name
+from opals_dsl.runtime.cluster import stop_leftover_cluster
+from opals_dsl.runtime.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
+from opals_dsl.runtime.fsatomic import is_temp_name
 
 QUICK = """
 pipeline quick

@@ -1,4 +1,4 @@
-"""Tests of opals_dsl.run.engine: staging, steps, copy-back and failures, with real files
+"""Tests of opals_dsl.runtime.engine: staging, steps, copy-back and failures, with real files
 and processes.
 
 ``run_tasks`` is called in this process and in separate Python processes (several of them racing
@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from opals_dsl.plan import wire
-from opals_dsl.run import engine, locks
-from opals_dsl.run.engine import identify, run_tasks
-from opals_dsl.run.fsatomic import atomic_copy, is_temp_name
+from opals_dsl.runtime import engine, locks
+from opals_dsl.runtime.engine import identify, run_tasks
+from opals_dsl.runtime.fsatomic import atomic_copy, is_temp_name
 
 REPO = Path(engine.__file__).resolve().parents[1]
 
@@ -404,7 +404,7 @@ def test_machine_stage_cached_restaged_on_change_and_after_removal(project: Proj
 
 def run_elsewhere(req: dict[str, Any]) -> dict[str, Any]:
     """Run one request in another process: another engine of the same machine."""
-    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
+    code = (f"import json; from opals_dsl.runtime.engine import run_tasks; "
             f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
@@ -452,7 +452,7 @@ def test_job_folder_per_content_removed_only_when_no_engine_holds_it(project: Pr
 def test_machine_stage_marker_is_seen_by_another_process(project: Project):
     req = grid_request(project)
     assert only(run_tasks([req]))["ok"]
-    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
+    code = (f"import json; from opals_dsl.runtime.engine import run_tasks; "
             f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
@@ -477,7 +477,7 @@ def test_interrupted_machine_stage_is_redone(project: Project):
 RACER = textwrap.dedent(
     """
     import json, os, sys, time
-    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.runtime.engine import run_tasks
     request, go = json.loads(sys.argv[1]), sys.argv[2]
     while not os.path.exists(go):
         time.sleep(0.001)
@@ -527,7 +527,7 @@ def test_scratch_from_environment_in_an_engine_process(project: Project, tmp_pat
                           execs=[argv_step("dem", "strip11", "c", ["cp", "in.xyz", "o.xyz"],
                                            outputs=("o.xyz",))],
                           copyback=[["o.xyz", "o.xyz"]])
-    code = (f"import json; from opals_dsl.run.engine import run_tasks; "
+    code = (f"import json; from opals_dsl.runtime.engine import run_tasks; "
             f"print(json.dumps(run_tasks([json.loads({json.dumps(json.dumps(req))})])))")
     proc = run_python(code, env={"OPF_SCRATCH": str(scratch)})
     assert proc.returncode == 0, proc.stderr
@@ -838,8 +838,8 @@ def test_atomic_copy_into_a_file_parent_fails_cleanly(tmp_path: Path):
 LIMITED = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from opals_dsl.run.engine import run_tasks
-    from opals_dsl.run.fsatomic import atomic_copy
+    from opals_dsl.runtime.engine import run_tasks
+    from opals_dsl.runtime.fsatomic import atomic_copy
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
     what, arg = sys.argv[1], sys.argv[2]
@@ -970,7 +970,7 @@ def test_an_interrupted_step_ends_with_its_whole_group(project: Project, tmp_pat
     marks.mkdir()
     req = project.request(execs=[argv_step("dem", "strip11", "wait", [
         "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait"])])
-    code = ("import json, sys; from opals_dsl.run.engine import run_tasks\n"
+    code = ("import json, sys; from opals_dsl.runtime.engine import run_tasks\n"
             "try:\n    run_tasks([json.loads(sys.argv[1])])\n"
             "except KeyboardInterrupt:\n    sys.exit(42)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
@@ -999,7 +999,7 @@ def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Pa
     marks.mkdir()
     req = project.request(execs=[argv_step("dem", "strip11", "wait", [
         "sh", "-c", f"sleep 1001 & echo $! > {marks}/sleep; wait; echo late > {marks}/late"])])
-    code = ("import json, sys; from opals_dsl.run.engine import run_tasks; "
+    code = ("import json, sys; from opals_dsl.runtime.engine import run_tasks; "
             "run_tasks([json.loads(sys.argv[1])])")
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -1031,7 +1031,7 @@ def test_a_task_folder_held_by_a_stopped_process_fails_in_bounded_time(
     folder = job_dir.parent / f".{job_dir.name}.tasks"
     folder.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from opals_dsl.run.locks import lock; "
+        [sys.executable, "-c", "import sys, time; from opals_dsl.runtime.locks import lock; "
          "lock(sys.argv[1]); print('held', flush=True); time.sleep(600)",
          str(folder / "strip11")],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)

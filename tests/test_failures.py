@@ -27,11 +27,11 @@ import pytest
 from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.executor import IPyParallelExecutor
-from opals_dsl.run.fsatomic import is_temp_name
-from opals_dsl.run.journal import Journal
-from opals_dsl.run.resume import Resume
+from opals_dsl.runtime import session
+from opals_dsl.runtime.executor import IPyParallelExecutor
+from opals_dsl.runtime.fsatomic import is_temp_name
+from opals_dsl.runtime.journal import Journal
+from opals_dsl.runtime.resume import Resume
 
 #: a second tool for the steps here (the first, tool.py, comes from conftest)
 EXTRA = """

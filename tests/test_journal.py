@@ -1,7 +1,7 @@
-"""Tests of opals_dsl.run.journal: what a second run skips and why, the journal file, ``--dry-run``,
-``--force``, ``--checksum`` and ``opf compile --dot --status``.
+"""Tests of opals_dsl.runtime.journal: what a second run skips and why, the journal file,
+``--dry-run``, ``--force``, ``--checksum`` and ``opf compile --dot --status``.
 
-Runs go through :func:`opals_dsl.run.runtime.run_plan` with the in-process executor (real files,
+Runs go through :func:`opals_dsl.runtime.runtime.run_plan` with the in-process executor (real files,
 real step processes) where the policy is tested, and through ``opf`` as a subprocess on the
 session cluster (tests/conftest.py) where the command line is.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 from conftest import files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.run import session
-from opals_dsl.run.executor import LocalExecutor
-from opals_dsl.run.journal import Journal, journal_path
-from opals_dsl.run.resume import Resume
-from opals_dsl.run.scheduler import build_request
+from opals_dsl.runtime import session
+from opals_dsl.runtime.executor import LocalExecutor
+from opals_dsl.runtime.journal import Journal, journal_path
+from opals_dsl.runtime.resume import Resume
+from opals_dsl.runtime.scheduler import build_request
 
 CHAIN = """
 pipeline chain
@@ -411,7 +411,7 @@ def test_a_result_that_landed_unrecorded_is_recognised_by_its_receipt(tmp_path):
     of it (killed), the next run takes the receipt for the record: the task is unchanged, its
     downstream tasks run because their upstream ran again, and a result changed since the
     landing is still seen as changed. A receipt older than the task's record is ignored."""
-    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.runtime.engine import run_tasks
     path = project(tmp_path)
     state, scratch = tmp_path / "state", tmp_path / "m"
     run(path, state, scratch)
@@ -455,7 +455,7 @@ def test_a_result_that_landed_unrecorded_is_recognised_by_its_receipt(tmp_path):
 def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
     """An engine that finished after the run stopped listening (an interrupt, an engine taken
     for lost) left a receipt in the run's own file: closing the journal records it."""
-    from opals_dsl.run.engine import run_tasks
+    from opals_dsl.runtime.engine import run_tasks
     path = project(tmp_path)
     state, scratch = tmp_path / "state", tmp_path / "m"
     run(path, state, scratch)

@@ -36,9 +36,9 @@ import psutil
 from conftest import EngineCluster, files_under, write_pipeline
 
 from opals_dsl.api import compile_file
-from opals_dsl.run.fsatomic import is_temp_name
-from opals_dsl.run.journal import Journal, journal_path
-from opals_dsl.run.resume import Resume
+from opals_dsl.runtime.fsatomic import is_temp_name
+from opals_dsl.runtime.journal import Journal, journal_path
+from opals_dsl.runtime.resume import Resume
 
 KILL_TOOL = """
 import hashlib, sys, time

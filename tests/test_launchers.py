@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import write_pipeline
 
-from opals_dsl.run.launch_options import LaunchOptions, LaunchUsageError, parse_engines
+from opals_dsl.runtime.launch_options import LaunchOptions, LaunchUsageError, parse_engines
 
 QUICK = """
 pipeline quick

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+from conftest import EXAMPLES, REPO
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "examples").glob("*.opf"))
 
 
 def test_each_kind_reads_back_what_it_writes() -> None:
@@ -92,7 +90,8 @@ def test_a_graph_that_is_not_a_plan_is_refused() -> None:
 
 
 def test_the_contract_and_the_engine_import_only_the_standard_library() -> None:
-    code = ("import sys; import opals_dsl.plan.model, opals_dsl.plan.wire, opals_dsl.run.engine; "
+    code = ("import sys; import opals_dsl.plan.model, opals_dsl.plan.wire, "
+            "opals_dsl.runtime.engine; "
             "print(sorted(m for m in ('networkx', 'lark', 'ipyparallel', 'rich') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from conftest import EngineCluster, write_pipeline
 
-from opals_dsl.run.cluster import stop_leftover_cluster
+from opals_dsl.runtime.cluster import stop_leftover_cluster
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -426,8 +426,8 @@ def test_an_interrupted_cluster_start_stops_between_steps_and_leaves_nothing(
     what it started is stopped."""
     import gc
 
-    from opals_dsl.run.cluster import ClusterOptions
-    from opals_dsl.run.connect import open_cluster
+    from opals_dsl.runtime.cluster import ClusterOptions
+    from opals_dsl.runtime.connect import open_cluster
 
     state = tmp_path / "state"
     asked = []

@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 
 from opals_dsl.plan.model import Task
-from opals_dsl.run.events import RunSummary, TaskFailure
-from opals_dsl.run.executor import EngineInfo
-from opals_dsl.run.progress import Progress, count, failure_report, printable, summary_rows
+from opals_dsl.runtime.events import RunSummary, TaskFailure
+from opals_dsl.runtime.executor import EngineInfo
+from opals_dsl.runtime.progress import Progress, count, failure_report, printable
 
 TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, execs=("exec:dem/s1/grid",))
 
@@ -49,9 +49,9 @@ def test_the_task_folder_is_named_only_when_it_was_kept():
 def test_counts_are_singular_and_plural():
     assert (count(0, "task"), count(1, "task"), count(2, "task")) == ("0 tasks", "1 task",
                                                                       "2 tasks")
-    one = dict(summary_rows(RunSummary(total=1, engines_lost=1, resubmitted=1)))
+    one = dict(RunSummary(total=1, engines_lost=1, resubmitted=1).rows())
     assert one["engines lost"] == "1 (1 task moved)"
-    two = dict(summary_rows(RunSummary(total=3, engines_lost=2, resubmitted=3)))
+    two = dict(RunSummary(total=3, engines_lost=2, resubmitted=3).rows())
     assert two["engines lost"] == "2 (3 tasks moved)"
 
 

@@ -29,10 +29,10 @@ from conftest import EngineCluster, read_json_lines, write_pipeline
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
 from opals_dsl.cli.report import write_report
-from opals_dsl.run import session
-from opals_dsl.run.cluster import ClusterOptions
-from opals_dsl.run.connect import open_cluster
-from opals_dsl.run.events import RunSummary
+from opals_dsl.runtime import session
+from opals_dsl.runtime.cluster import ClusterOptions
+from opals_dsl.runtime.connect import open_cluster
+from opals_dsl.runtime.events import RunSummary
 
 PIPELINE = """\
     pipeline report_check

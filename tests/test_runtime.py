@@ -1,4 +1,4 @@
-"""Tests of the scheduler (opals_dsl.run.runtime) on real engines and real pipeline files.
+"""Tests of the scheduler (opals_dsl.runtime.runtime) on real engines and real pipeline files.
 
 Most tests run on the session's cluster (tests/conftest.py): three ``ipengine`` processes, two
 sharing one scratch root, so they are two "machines". Plans come from real ``.opf`` files through
@@ -25,13 +25,13 @@ from conftest import EngineCluster, files_under, read_json_lines, write_pipeline
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
-from opals_dsl.run import session
-from opals_dsl.run.events import RunListener
-from opals_dsl.run.executor import IPyParallelExecutor, LocalExecutor
-from opals_dsl.run.fsatomic import is_temp_name
-from opals_dsl.run.progress import Progress
-from opals_dsl.run.scheduler import Scheduler
-from opals_dsl.run.session import remove_stale_temporaries
+from opals_dsl.runtime import session
+from opals_dsl.runtime.events import RunListener
+from opals_dsl.runtime.executor import IPyParallelExecutor, LocalExecutor
+from opals_dsl.runtime.fsatomic import is_temp_name
+from opals_dsl.runtime.progress import Progress
+from opals_dsl.runtime.scheduler import Scheduler
+from opals_dsl.runtime.session import remove_stale_temporaries
 from opals_dsl.units import format_bytes, format_duration
 
 CHAIN = """

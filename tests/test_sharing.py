@@ -30,9 +30,9 @@ import psutil
 import pytest
 from conftest import files_under
 
-from opals_dsl.run import engine, fsatomic
-from opals_dsl.run.fsatomic import atomic_copy, is_temp_name
-from opals_dsl.run.journal import journal_path
+from opals_dsl.runtime import engine, fsatomic
+from opals_dsl.runtime.fsatomic import atomic_copy, is_temp_name
+from opals_dsl.runtime.journal import journal_path
 
 REPO = Path(engine.__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_two_runs_at_once_each_get_their_own_shared_files(tmp_path, sharing):
 WRITER = textwrap.dedent(
     """
     import os, sys, time
-    from opals_dsl.run import fsatomic
+    from opals_dsl.runtime import fsatomic
     dst, ready, go = sys.argv[1:4]
     with fsatomic.replacing(dst) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -1,15 +1,18 @@
-"""What the commands share: ``--param`` values, the run's state folder, and the words of an
-error or warning line."""
+"""What the commands share: ``--param`` values, ``--only`` targets, the run's state folder, and
+the words of an error or warning line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import networkx as nx
+
 from ..errors import UsageError, error_line
 from ..lang.protect import default_state_dir
 
-__all__ = ["error_line", "parse_params", "state_dir", "state_of", "warning_line"]
+__all__ = ["add_only", "error_line", "only", "parse_params", "state_dir", "state_of",
+           "warning_line"]
 
 def warning_line(message: str) -> str:
     """A message as the command line shows a warning."""
@@ -38,3 +41,20 @@ def state_dir(file: str | Path, state: str | Path | None = None) -> Path:
 def state_of(args: argparse.Namespace) -> Path:
     """The state folder that the parsed arguments of a command name."""
     return state_dir(args.file, getattr(args, "state", None))
+
+
+def add_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--only", action="append", metavar="JOB[/TASK]",
+        help="only these tasks (a job: all its tasks) and the tasks they need (repeatable)",
+    )
+
+
+def only(graph: nx.DiGraph, args: argparse.Namespace) -> nx.DiGraph:
+    """The part of ``graph`` that ``--only`` names: the whole plan without it."""
+    targets = getattr(args, "only", None)
+    if not targets:
+        return graph
+    from ..plan.select import select
+
+    return select(graph, targets)

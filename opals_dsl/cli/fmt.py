@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import EXIT_INVALID, MAX_SHOWN, FormatError, PipelineError
 from ..lang.fmt import format_text
-from ..run.fsatomic import write_atomic
+from ..runtime.fsatomic import write_atomic
 from .common import error_line
 
 

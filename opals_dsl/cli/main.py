@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
 from ..plan import model
 from ..source import NotARegularFile, SourceTooLarge
-from .common import error_line, parse_params, state_of, warning_line
+from .common import add_only, error_line, only, parse_params, state_of, warning_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a pipeline to its plan (summary, DOT, JSON, SVG)")
     _add_common(p)
+    add_only(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--dot", action="store_true", help="write the plan as Graphviz DOT")
     fmt.add_argument("--json", action="store_true", help="write the plan as node-link JSON")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline on ipyparallel engines")
     _add_common(p)
+    add_only(p)
     runcmd.add_arguments(p)
 
     from . import fmt as formatter
@@ -131,11 +133,11 @@ def _output(output: str | None) -> Iterator[TextIO]:
     """The text stream to write a result to: ``output``, written so that it appears only
     complete (a temporary beside it, renamed into place when done), or stdout. A device or pipe
     named as ``output`` is written into as it is (see
-    :func:`~opals_dsl.run.fsatomic.output_target`)."""
+    :func:`~opals_dsl.runtime.fsatomic.output_target`)."""
     if not output:
         yield sys.stdout
         return
-    from ..run.fsatomic import output_target, replacing
+    from ..runtime.fsatomic import output_target, replacing
 
     if os.path.isdir(output):
         raise UsageError(f"-o {output} is a folder; name a file to write")
@@ -206,14 +208,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 
-    graph = compile_file(args.file, parse_params(args.param))
+    graph = only(compile_file(args.file, parse_params(args.param)), args)
     status = None
     if args.status:
         if not (args.dot or args.svg) or args.level == "job":
             raise UsageError("--status colours the drawing of every task: use it with --dot or "
                          "--svg, without --level job")
-        from ..run.journal import Journal
-        from ..run.resume import Resume
+        from ..runtime.journal import Journal
+        from ..runtime.resume import Resume
 
         journal = Journal.read(state_of(args), graph, checksum=args.checksum)
         status = Resume(journal).node_status()

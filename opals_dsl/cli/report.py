@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .. import report
 from ..errors import UsageError
 from ..lang.protect import STATE_FOLDER
-from ..run.fsatomic import output_target, write_atomic
+from ..runtime.fsatomic import output_target, write_atomic
 from .common import parse_params, state_dir
 
 if TYPE_CHECKING:

@@ -6,11 +6,11 @@ task failed or the run was stopped, 2 the pipeline or the command line is invali
 could not be started or reached (or every engine was lost), 130 interrupted.
 
 The run's state folder (``--state``, default ``.opf`` beside the pipeline file) holds the
-journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.run.journal`), the trace (``trace.jsonl``),
-the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's ipyparallel files and
-its record (``launched.json`` for engines started elsewhere with ``--engines ssh:...``,
-``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.run.launchers`), and ``run.lock``, which keeps two runs
-from sharing one state folder.
+journal (``journal/<pipeline>.jsonl``, :mod:`opals_dsl.runtime.journal`), the trace
+(``trace.jsonl``), the step logs (``logs/<job>/<task>/<step>.log``), the embedded cluster's
+ipyparallel files and its record (``launched.json`` for engines started elsewhere with ``--engines
+ssh:...``, ``slurm``, ``pbs``, ``mpi``: :mod:`opals_dsl.runtime.launchers`), and ``run.lock``, which
+keeps two runs from sharing one state folder.
 
 A run first stops what an earlier, killed run left behind (its embedded cluster, the temporaries
 in the destination folders that nobody writes any more — those of another run that is still
@@ -19,15 +19,15 @@ tasks it held, and once more when the run ends), then asks the journal which tas
 unchanged: those are skipped (``--force`` runs everything); if none is left to run, the run
 exits 0 without touching a cluster (none is started, none is connected to). A run that surely
 has work (a first run in its state folder, or ``--force``) starts the embedded cluster while
-the pipeline compiles (:class:`opals_dsl.run.session.EarlyCluster`). ``-v`` prints on standard
-error where the run's fixed time went (:mod:`opals_dsl.run.timeline`).
+the pipeline compiles (:class:`opals_dsl.runtime.session.EarlyCluster`). ``-v`` prints on standard
+error where the run's fixed time went (:mod:`opals_dsl.runtime.timeline`).
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
 ``--retries N`` replaces every job's ``retries``. Ctrl-C, SIGTERM or SIGHUP (a terminal or ssh
 session that goes away) stops submitting and interrupts the running steps, each of which is
 ended with its whole process group; what finished is in the journal; a second one stops at
 once. All of these exit with 130. The embedded cluster is stopped however the run ends — if
-``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.run.reaper`) within
-seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
+``opf`` itself is killed (``kill -9``), by the run's lifeline (:mod:`opals_dsl.runtime.reaper`)
+within seconds. No output may be copied back into the state folder or into the ``opf`` folder of the
 scratch root: the plan is checked against ``--state`` and ``--scratch`` when it is made, and
 against the scratch roots the engines report before anything is submitted (exit 2, see
 :class:`opals_dsl.lang.protect.Protected`).
@@ -45,15 +45,15 @@ from typing import Any
 
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..plan import model
-from ..run import launch_options as launchers
-from ..run import session
-from ..run.cluster import ClusterOptions
-from ..run.events import Listeners, RunListener
-from ..run.journal import Journal
-from ..run.progress import Progress, decision_lines
-from ..run.resume import Resume
-from ..run.timeline import NoTimeline, Timeline
-from .common import error_line, parse_params, state_of, warning_line
+from ..runtime import launch_options as launchers
+from ..runtime import session
+from ..runtime.cluster import ClusterOptions
+from ..runtime.events import Listeners, RunListener
+from ..runtime.journal import Journal
+from ..runtime.progress import Progress, decision_lines
+from ..runtime.resume import Resume
+from ..runtime.timeline import NoTimeline, Timeline
+from .common import error_line, only, parse_params, state_of, warning_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,7 +208,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
     from ..lang.compile import compile_file
 
     with timeline.phase("compile"):
-        plan = compile_file(args.file, params, protected=protected)
+        plan = only(compile_file(args.file, params, protected=protected), args)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
     checksum = getattr(args, "checksum", False)

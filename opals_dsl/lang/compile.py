@@ -40,6 +40,10 @@ class Loaded:
     def name(self) -> str:
         return self.pipeline.name.value if self.pipeline.name else self.path.stem
 
+    def plan(self) -> nx.DiGraph:
+        """The pipeline lowered to its plan graph."""
+        return plan(self)
+
 
 def load(path: str | Path, params: Mapping[str, str] | None = None, *,
          protected: Protected | None = None) -> Loaded:

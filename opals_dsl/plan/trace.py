@@ -1,6 +1,6 @@
 """What a run leaves for later: the trace (one row per plan node and attempt) and the step logs.
 
-The run (:mod:`opals_dsl.run.trace`, the engines) writes them into its state folder; the report
+The run (:mod:`opals_dsl.runtime.trace`, the engines) writes them into its state folder; the report
 (:mod:`opals_dsl.report`) and failure messages read them back. This module is the format both
 sides agree on: the trace's fields, where a step's log lies, and how the last lines of a log are
 read. Standard library only: engines import it.

@@ -2,7 +2,7 @@
 
 In: how the user wants to run (:class:`ClusterOptions`: an embedded cluster of ``engines``
 engines, or an existing one by ``profile`` or connection file) and the run's state folder. Out:
-an :class:`~opals_dsl.run.executor.IPyParallelExecutor`, the executor the scheduler submits
+an :class:`~opals_dsl.runtime.executor.IPyParallelExecutor`, the executor the scheduler submits
 batches of task requests to, one engine at a time (:mod:`.connect` opens one of each kind).
 
 Embedded cluster
@@ -17,7 +17,7 @@ Embedded cluster
     of the cluster carries the run's id in its environment (``OPF_RUN_ID``, as the steps do).
     The processes of the cluster (with their creation times, which rules out a reused process
     id) are written to ``<state>/cluster.json`` while it runs, and told to the run's lifeline
-    (:mod:`opals_dsl.run.reaper`), which ends the cluster within seconds if this process dies
+    (:mod:`opals_dsl.runtime.reaper`), which ends the cluster within seconds if this process dies
     without stopping it (``kill -9``); a run that finds the file — its run and its lifeline
     were killed — stops those processes, and every process carrying that run's id, first. A
     start that is interrupted (Ctrl-C) stops between two of ipyparallel's steps, never inside
@@ -26,7 +26,7 @@ Embedded cluster
     run at once — ipyparallel's own stop, which waits for one process after the other, took
     half a second and more, and the cluster keeps nothing worth a goodbye; its connection
     files and logs are removed. The start and the stop are marked on a
-    :class:`~opals_dsl.run.timeline.Timeline` (``opf run -v``).
+    :class:`~opals_dsl.runtime.timeline.Timeline` (``opf run -v``).
 
 Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
     A controller here and engines started by ipyparallel's launchers: :mod:`.launchers`.
@@ -37,9 +37,9 @@ Existing cluster (``--profile NAME`` or ``--cluster-file PATH``)
 
 Engines
     Before work starts every engine runs :func:`prepare_engine` once: ANSI colours are turned
-    off in its tracebacks, :mod:`opals_dsl.run.engine` is imported and the engine says who and where
-    it is (host, scratch root, machine). Work is sent to one engine through its own DirectView,
-    so the scheduler chooses the engine. The function shipped is :data:`RUN_TASKS`, an
+    off in its tracebacks, :mod:`opals_dsl.runtime.engine` is imported and the engine says who and
+    where it is (host, scratch root, machine). Work is sent to one engine through its own
+    DirectView, so the scheduler chooses the engine. The function shipped is :data:`RUN_TASKS`, an
     :class:`EngineCall` that pickles *by name* (≈300 bytes per message, 6 µs to pack); a
     module-level function would travel as its code object (≈1.6 kB, 60 µs), and would run the
     driver's copy of the code rather than the engine's installed one.
@@ -96,7 +96,7 @@ class ClusterOptions:
     """Where to run: an embedded cluster of ``engines`` engines (None: one per core), or an
     existing cluster named by ``profile`` or by its client connection file ``cluster_file``,
     or engines that opf starts elsewhere (``launch``,
-    :class:`~opals_dsl.run.launch_options.LaunchOptions`).
+    :class:`~opals_dsl.runtime.launch_options.LaunchOptions`).
     ``timeout`` bounds connecting and waiting for engines (seconds)."""
 
     engines: int | None = None
@@ -187,7 +187,7 @@ class EmbeddedCluster:
 
     Every process of the cluster carries the run's ``run_id`` in its environment
     (``OPF_RUN_ID``, which the run's steps carry too), and is told to the run's lifeline
-    (:mod:`opals_dsl.run.reaper`): a small process that ends them all should this process die
+    (:mod:`opals_dsl.runtime.reaper`): a small process that ends them all should this process die
     without stopping them. ``interrupted`` is asked while the cluster starts; when it says
     True, the start stops with KeyboardInterrupt (raised here, never inside ipyparallel's event
     loop). ``count``, if given, is asked for the number of engines once the controller is

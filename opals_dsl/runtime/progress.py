@@ -1,6 +1,6 @@
 """What a person sees while ``opf run`` works: progress, failures, and a summary at the end.
 
-In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.run.events.RunListener`).
+In: the scheduler's events (:class:`Progress` is an :class:`opals_dsl.runtime.events.RunListener`).
 Out: text on a stream (standard error by default).
 
 * On a terminal: a live bar with tasks done / running / failed / total and the engines busy,
@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from ..plan.model import Task
 from ..plan.wire import TaskResult
-from ..units import format_bytes, format_duration
+from ..units import format_duration
 from .events import Counts, RunListener, RunSummary, TaskFailure
 from .executor import EngineInfo
 from .resume import Decision
@@ -76,32 +76,6 @@ def failure_report(task: Task, failure: TaskFailure) -> str:
     if failure.task_dir:
         lines.append(f"  task folder kept: {failure.task_dir}")
     return "\n".join(lines)
-
-
-def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
-    """The summary as (label, value) pairs, in the order shown."""
-    rows = [
-        ("tasks", str(summary.total)),
-        ("run", str(summary.done)),
-        ("skipped", str(summary.skipped)),
-        ("failed", str(summary.failed)),
-    ]
-    if summary.blocked:
-        rows.append(("not run (upstream failed)", str(summary.blocked)))
-    if summary.not_run:
-        rows.append(("not run (run stopped)", str(summary.not_run)))
-    rows.append(("retried", str(summary.retried)))
-    if summary.engines_lost:
-        rows.append(("engines lost", f"{summary.engines_lost} "
-                                     f"({count(summary.resubmitted, 'task')} moved)"))
-    rows += [
-        ("wall time", format_duration(summary.wall)),
-        ("staged", format_bytes(summary.bytes_staged)),
-        ("copied back", format_bytes(summary.bytes_copied)),
-    ]
-    if summary.trace:
-        rows.append(("trace", summary.trace))
-    return rows
 
 
 def blocked_lines(summary: RunSummary) -> list[str]:
@@ -288,7 +262,7 @@ class Progress(RunListener):
         if self.quiet:
             return
         outcome = outcome_line(summary)
-        rows = summary_rows(summary)
+        rows = summary.rows()
         if self.interactive:
             from rich.table import Table
 

@@ -3,7 +3,8 @@
 In: ``--engines ssh:HOST[:N],...`` / ``slurm`` / ``pbs`` / ``mpi`` with ``-n N`` and the options
 a launcher needs (:func:`add_arguments`, :func:`launch_options`). Out: the ipyparallel client of
 a cluster this run owns — a controller here and engines there — which
-:func:`opals_dsl.run.connect.open_cluster` hands to its executor like any other (:func:`launched`).
+:func:`opals_dsl.runtime.connect.open_cluster` hands to its executor like any other
+(:func:`launched`).
 
 The engines are started by ipyparallel's own launchers (``ipyparallel.Cluster(engines=KIND)``
 with ``SSHEngineSetLauncher``, ``SlurmEngineSetLauncher``, ``PBSEngineSetLauncher``,
@@ -665,7 +666,7 @@ def _quiet_ssh_waits() -> Iterator[None]:
 def launched(options: ClusterOptions, state: Path,
              scratch: str | None) -> Iterator[IPyParallelExecutor]:
     """Start the engines ``options.launch`` names, yield an executor for them, and stop
-    everything at the end (a generator for :func:`opals_dsl.run.connect.open_cluster`)."""
+    everything at the end (a generator for :func:`opals_dsl.runtime.connect.open_cluster`)."""
     launch: LaunchOptions = options.launch
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
     with using_ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():

@@ -8,13 +8,13 @@ owner. The owner tells it what to end should it die; when the pipe reaches end o
 the owner having said ``done`` — the owner died, however — the lifeline ends those processes and
 exits. It does the same on SIGTERM; SIGINT and SIGHUP are ignored.
 
-``python -m opals_dsl.run.reaper groups`` (an engine's lifeline; standard library only)
+``python -m opals_dsl.runtime.reaper groups`` (an engine's lifeline; standard library only)
     Lines ``+PGID`` and ``-PGID``: the process group of a step that starts and ends (every step
-    runs in a session of its own, see :mod:`opals_dsl.run.engine`). At the end, every group still
-    listed gets SIGTERM (and SIGCONT, so that a stopped one sees it), and SIGKILL after
+    runs in a session of its own, see :mod:`opals_dsl.runtime.engine`). At the end, every group
+    still listed gets SIGTERM (and SIGCONT, so that a stopped one sees it), and SIGKILL after
     :data:`GRACE` seconds if any of it is left.
 
-``python -m opals_dsl.run.reaper run`` (the lifeline of ``opf run`` with an embedded cluster)
+``python -m opals_dsl.runtime.reaper run`` (the lifeline of ``opf run`` with an embedded cluster)
     Lines of JSON: ``{"marker": RUN_ID}`` once, then ``{"pid": P, "created": T}`` for each
     process of the cluster. At the end, :func:`end_run` ends those processes (a recorded pid
     counts only with its creation time, so a reused pid is never hit), their descendants, the
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
         return _groups_main()
     if argv == ["run"]:
         return _run_main()
-    print("usage: python -m opals_dsl.run.reaper groups|run", file=sys.stderr)
+    print("usage: python -m opals_dsl.runtime.reaper groups|run", file=sys.stderr)
     return 2
 
 

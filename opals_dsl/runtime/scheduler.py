@@ -1,10 +1,10 @@
 """The scheduler: runs a plan (``networkx.DiGraph``, docs/plan-format.md) on a set of engines.
 
 In: the plan (its tasks read through :mod:`opals_dsl.plan.model`) and an
-:class:`~opals_dsl.run.executor.Executor` (a few engines that each run
-:func:`~opals_dsl.run.engine.run_tasks` on batches of task requests). Out: a
-:class:`~opals_dsl.run.events.RunSummary`, a trace file (one row per plan node, JSON lines) and
-events for a :class:`~opals_dsl.run.events.RunListener` (the progress display, the journal of
+:class:`~opals_dsl.runtime.executor.Executor` (a few engines that each run
+:func:`~opals_dsl.runtime.engine.run_tasks` on batches of task requests). Out: a
+:class:`~opals_dsl.runtime.events.RunSummary`, a trace file (one row per plan node, JSON lines) and
+events for a :class:`~opals_dsl.runtime.events.RunListener` (the progress display, the journal of
 :mod:`.journal`). :mod:`.session` wires a run around it.
 
 Unit of work
@@ -62,14 +62,14 @@ Outcomes
 
 Every request carries the run's id (``run_id``: given, the executor's, or a fresh one), which
 the engines put in the environment of the steps as ``OPF_RUN_ID``, and, when a ``stamp`` hook is
-given (a journal's :meth:`~opals_dsl.run.journal.Journal.stamp`), what the engine needs to leave a
-receipt once the task's results landed.
+given (a journal's :meth:`~opals_dsl.runtime.journal.Journal.stamp`), what the engine needs to leave
+a receipt once the task's results landed.
 
 The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
 failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
 with status ``skipped``, ``blocked`` or ``not-run``.
 
-A synchronous executor (:class:`~opals_dsl.run.executor.LocalExecutor`) runs requests in this
+A synchronous executor (:class:`~opals_dsl.runtime.executor.LocalExecutor`) runs requests in this
 process, one after the other, for tests of the policy and for stepping through a run.
 """
 
@@ -141,7 +141,7 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
     """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
     as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
     ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
-    the task's results landed (:meth:`opals_dsl.run.journal.Journal.stamp`); ``info`` is the
+    the task's results landed (:meth:`opals_dsl.runtime.journal.Journal.stamp`); ``info`` is the
     plan's :func:`~opals_dsl.plan.model.info`, if it is at hand."""
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)

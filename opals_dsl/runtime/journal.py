@@ -1,7 +1,7 @@
 """The run's journal: which tasks finished, and from what, so that ``opf run`` can resume.
 
 In: the plan, the run's state folder and the scheduler's events (a :class:`Journal` is a
-:class:`~opals_dsl.run.events.RunListener`). Out: the file ``<state>/journal/<pipeline>.jsonl``,
+:class:`~opals_dsl.runtime.events.RunListener`). Out: the file ``<state>/journal/<pipeline>.jsonl``,
 whose records :mod:`.resume` reads to decide, before anything runs, which tasks run again and
 why (``opf run --dry-run`` prints the decisions, ``opf compile --dot --status`` colours the plan
 with them).
@@ -575,8 +575,8 @@ class Journal(RunListener):
 
     def stamp(self, task: Task) -> Receipt:
         """What a request carries so that its engine leaves a receipt once the task's results
-        landed (:meth:`opals_dsl.run.engine._Task.write_receipt`): the record's sig (also used when
-        the result reaches this run), the sigs of its upstream tasks and the state of its call
+        landed (:meth:`opals_dsl.runtime.engine._Task.write_receipt`): the record's sig (also used
+        when the result reaches this run), the sigs of its upstream tasks and the state of its call
         modules now, the time it was sent, and where receipts go."""
         i = task.order
         cmd = self._cmds.get(i) or self.command(i)[0]

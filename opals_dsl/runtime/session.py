@@ -1,5 +1,5 @@
 """The one place a run is wired: a plan, a state folder and a cluster (or an executor) in, a
-:class:`~opals_dsl.run.events.RunSummary` out. ``opf run``, the Python API, the tests and the
+:class:`~opals_dsl.runtime.events.RunSummary` out. ``opf run``, the Python API, the tests and the
 benchmarks all run plans through :func:`run`.
 
 What a run does, in order
@@ -13,10 +13,10 @@ What a run does, in order
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
        no cluster is started or reached (an :class:`EarlyCluster` already starting is
        cancelled).
-    4. Starts or reaches the cluster (:func:`~opals_dsl.run.connect.open_cluster`; or takes
+    4. Starts or reaches the cluster (:func:`~opals_dsl.runtime.connect.open_cluster`; or takes
        the one an :class:`EarlyCluster` started while the pipeline compiled), lets
        ``guard`` look at the engines' scratch roots, and schedules the plan
-       (:class:`~opals_dsl.run.scheduler.Scheduler`); the journal records every task that
+       (:class:`~opals_dsl.runtime.scheduler.Scheduler`); the journal records every task that
        finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
@@ -75,7 +75,7 @@ def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[Task] | None = No
                              ) -> list[str]:
     """Remove the temporaries that killed copy-backs left in the destination folders of
     ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
-    is provably gone are removed (:func:`~opals_dsl.run.fsatomic.remove_abandoned_temporaries`):
+    is provably gone are removed (:func:`~opals_dsl.runtime.fsatomic.remove_abandoned_temporaries`):
     those another run is still writing stay."""
     removed = []
     for folder in destination_folders(plan, tasks):
@@ -154,7 +154,8 @@ class Interrupts:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self) -> None:
+    def __init__(self, *, end_after: bool = True) -> None:
+        self.end_after = end_after
         self.scheduler: Scheduler | None = None
         self.starting = False
         self.closing = False
@@ -193,7 +194,7 @@ class Interrupts:
             yield self
         finally:
             for sig, old in self._saved.items():
-                signal.signal(sig, _end_now if self.count else old)
+                signal.signal(sig, _end_now if self.count and self.end_after else old)
 
 
 def _end_now(signum: int, frame: Any) -> None:
@@ -232,6 +233,7 @@ def run(
     signals: bool = True,
     early: EarlyCluster | None = None,
     timeline: Timeline | None = None,
+    end_after_interrupt: bool = True,
     **policy: Any,
 ) -> RunSummary:
     """Run ``plan``: see the module docstring for what happens, in order.
@@ -243,15 +245,15 @@ def run(
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
     replaces every job's ``retries``. ``guard`` is given the engines' scratch roots before
     anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
-    SIGHUP (only in the main thread). ``early``: an :class:`EarlyCluster` starting, used
-    instead of ``cluster``. ``timeline`` gets the phases. ``policy`` passes the scheduler's
-    knobs (``depth``, ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``,
-    ``run_id``).
+    SIGHUP (only in the main thread); after an interrupted run a further signal ends the process
+    at once, unless ``end_after_interrupt`` is False (a notebook's kernel): then the handlers
+    the run found are put back. ``early``: an :class:`EarlyCluster` starting, used instead of
+    ``cluster``; ``timeline`` gets the phases. ``policy``: the scheduler's knobs (``depth``,
+    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
     """
     state = Path(state_dir)
-    listener = listener or RunListener()
-    timeline = timeline or NoTimeline()
-    interrupts = Interrupts()
+    listener, timeline = listener or RunListener(), timeline or NoTimeline()
+    interrupts = Interrupts(end_after=end_after_interrupt)
     with lock_state(state), interrupts.installed(signals):
         if early is not None:
             early.interrupts = interrupts
@@ -375,7 +377,7 @@ class EarlyCluster:
     Used as a context manager around compiling and running: entering holds the state folder's
     lock, stops what a killed run left there, and starts the cluster's thread; leaving cancels
     a start still under way (it stops between two of its steps, see
-    :class:`~opals_dsl.run.cluster.EmbeddedCluster`) and stops what was started. A state
+    :class:`~opals_dsl.runtime.cluster.EmbeddedCluster`) and stops what was started. A state
     folder that entering created is removed again if no run used it (a pipeline that did not
     compile leaves nothing behind). Start it only for a run that has work to do: a run with
     nothing to do cancels it, and the time spent starting was lost.

@@ -5,7 +5,7 @@ redirected to the step's log.
 Every step process starts a session of its own, so the step and everything it starts form one
 process group; :func:`wait_step` waits for it and, when the step is stopped, ends the group
 (SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds). The groups running now are told to the
-engine's *lifeline* (:mod:`opals_dsl.run.reaper`, started with the first step), which ends them
+engine's *lifeline* (:mod:`opals_dsl.runtime.reaper`, started with the first step), which ends them
 should the engine die. A ``call`` imports its module afresh when the module's file changed since,
 or when the pipeline's folder has a module of that name elsewhere.
 
@@ -101,7 +101,7 @@ def _unwatch(pgid: int) -> None:
 
 
 def _tell(line: str) -> None:
-    """Tell this process's lifeline (:mod:`opals_dsl.run.reaper`, started when first needed and
+    """Tell this process's lifeline (:mod:`opals_dsl.runtime.reaper`, started when first needed and
     again if it died) about a step group."""
     global _LIFELINE
     proc = _LIFELINE

@@ -1,5 +1,5 @@
 """Opening a cluster, whichever kind ``ClusterOptions`` names: an embedded one started here
-(:class:`~opals_dsl.run.cluster.EmbeddedCluster`), engines started elsewhere
+(:class:`~opals_dsl.runtime.cluster.EmbeddedCluster`), engines started elsewhere
 (:mod:`.launchers`), or an existing cluster reached through its profile or connection file."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The scheduler (driver side) turns each task of the plan into a request
 (:class:`~opals_dsl.plan.wire.TaskRequest`, travelling as plain data) and ships batches of them
 to :func:`run_tasks`, which runs inside the engine and answers with one
 :class:`~opals_dsl.plan.wire.TaskResult` per request. This module and the ones it imports
-(``plan/wire.py``, ``plan/trace.py`` and the engine's helpers in ``run/``) use only the standard
+(``plan/wire.py``, ``plan/trace.py`` and the engine's helpers in ``runtime/``) use only the standard
 library, so it is cheap to import on an engine and carries no driver-side state.
 
 Folders
@@ -48,7 +48,7 @@ The four phases of a task, each a node of the plan with one row in the result's 
        (and so a process group) of its own: when it ends, what it left running in its group is
        killed; when the engine is interrupted while it waits (SIGINT, an engine shutting down)
        the whole group gets SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds; and the
-       engine's *lifeline* (:mod:`opals_dsl.run.reaper`, a small process started with the first
+       engine's *lifeline* (:mod:`opals_dsl.runtime.reaper`, a small process started with the first
        step) ends every group still running should the engine die, ``kill -9`` included. A
        log that cannot be written fails the step with kind ``log``, naming the state folder's
        disk when it is full. A ``call`` step imports ``package.module`` with the pipeline's
@@ -65,7 +65,8 @@ The four phases of a task, each a node of the plan with one row in the result's 
        destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
        the request carries a ``receipt``, a line of JSON — the receipt's record plus
        ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
-       ``<receipt folder>/<run>-<host>-<pid>.jsonl`` (:meth:`opals_dsl.run.journal.Journal.stamp`).
+       ``<receipt folder>/<run>-<host>-<pid>.jsonl``
+       (:meth:`opals_dsl.runtime.journal.Journal.stamp`).
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says which

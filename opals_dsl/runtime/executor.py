@@ -168,10 +168,10 @@ class EngineCall:
         return self.target.rpartition(":")[2]
 
 
-RUN_TASKS = EngineCall("opals_dsl.run.engine:run_tasks")
+RUN_TASKS = EngineCall("opals_dsl.runtime.engine:run_tasks")
 
 
-PREPARE = EngineCall("opals_dsl.run.executor:prepare_engine")
+PREPARE = EngineCall("opals_dsl.runtime.executor:prepare_engine")
 
 
 def prepare_engine(scratch: str | None) -> dict[str, Any]:

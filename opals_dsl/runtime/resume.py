@@ -1,7 +1,7 @@
 """Resuming: which tasks of a plan a run does, and why (``opf run``, ``--dry-run``, ``--force``,
 ``opf compile --status``).
 
-In: a :class:`~opals_dsl.run.journal.Journal` (the records of the tasks that finished before)
+In: a :class:`~opals_dsl.runtime.journal.Journal` (the records of the tasks that finished before)
 and the plan it was read for. Out: one :class:`Decision` per task, in plan order, and the
 scheduler's ``skip`` hook.
 

@@ -8,6 +8,7 @@ results the engines' (:class:`opals_dsl.plan.wire.TaskResult`).
 
 from __future__ import annotations
 
+import html
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_OK
 from ..plan.model import Task
 from ..plan.wire import Failure, TaskResult
+from ..units import format_bytes, format_duration
 from .executor import EngineInfo
 
 
@@ -89,6 +91,36 @@ class RunSummary:
         if self.failed or self.interrupted or self.blocked or self.not_run:
             return EXIT_FAILED
         return EXIT_OK
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The summary as (label, value) pairs, in the order a person reads them."""
+        rows = [("tasks", str(self.total)), ("run", str(self.done)),
+                ("skipped", str(self.skipped)), ("failed", str(self.failed))]
+        if self.blocked:
+            rows.append(("not run (upstream failed)", str(self.blocked)))
+        if self.not_run:
+            rows.append(("not run (run stopped)", str(self.not_run)))
+        rows.append(("retried", str(self.retried)))
+        if self.engines_lost:
+            moved = f"{self.resubmitted} task{'' if self.resubmitted == 1 else 's'} moved"
+            rows.append(("engines lost", f"{self.engines_lost} ({moved})"))
+        rows += [("wall time", format_duration(self.wall)),
+                 ("staged", format_bytes(self.bytes_staged)),
+                 ("copied back", format_bytes(self.bytes_copied))]
+        if self.trace:
+            rows.append(("trace", self.trace))
+        return rows
+
+    def __str__(self) -> str:
+        width = max(len(label) for label, _ in self.rows())
+        return "\n".join(f"{label:<{width}}  {value}" for label, value in self.rows())
+
+    def _repr_html_(self) -> str:
+        """The summary as a table, as a notebook shows it."""
+        cells = "".join(f"<tr><th style='text-align:left'>{html.escape(label)}</th>"
+                        f"<td style='text-align:left'>{html.escape(value)}</td></tr>"
+                        for label, value in self.rows())
+        return f"<table>{cells}</table>"
 
 
 @dataclass(frozen=True, slots=True)
