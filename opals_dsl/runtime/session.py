@@ -238,8 +238,8 @@ def run(
 ) -> RunSummary:
     """Run ``plan``: see the module docstring for what happens, in order.
 
-    The engines are ``executor`` if given (it is left as it is), else the cluster ``cluster``
-    describes (default: an embedded one, :func:`engine_count`), started and stopped here.
+    The engines: ``executor`` (left as it is), else the cluster ``cluster`` describes, started
+    and stopped here (default: an embedded one of :func:`engine_count` engines), or ``early``.
     ``resume`` keeps the run's journal in ``state_dir`` (tasks unchanged since they last ran
     are skipped, all run with ``force``; ``checksum`` compares inputs by content); without it
     every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
@@ -247,17 +247,15 @@ def run(
     anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
     SIGHUP (only in the main thread); after an interrupted run a further signal ends the process
     at once, unless ``end_after_interrupt`` is False (a notebook's kernel): then the handlers
-    the run found are put back. ``early``: an :class:`EarlyCluster` starting, used instead of
-    ``cluster``; ``timeline`` gets the phases. ``policy``: the scheduler's knobs (``depth``,
-    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
+    the run found are put back. ``early``: an :class:`EarlyCluster` starting; ``timeline``
+    gets the phases. ``policy``: the scheduler's knobs (``depth``, ``batch_seconds``,
+    ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
     """
     state = Path(state_dir)
     listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
     with lock_state(state), interrupts.installed(signals):
-        if early is not None:
-            early.interrupts = interrupts
-        elif executor is None:  # its engines may still be copying back: first stop them
+        if executor is None and early is None:  # its engines may still be copying back
             stop_leftover_cluster(state)
         remove_stale_temporaries(plan)
         tasks = model.tasks(plan)
@@ -273,8 +271,8 @@ def run(
                     listener.warning(warning)
                 to_run = sum(1 for d in decisions if d.run)
                 listener.resuming(to_run, len(decisions) - to_run)
-            run_id = policy.pop("run_id", None) or new_run_id()
-            run_id = early.run_id if early is not None else run_id
+            given = policy.pop("run_id", None)
+            run_id = early.run_id if early else given or new_run_id()
 
             def schedule(engines: Executor) -> RunSummary:
                 scheduler = Scheduler(
@@ -352,6 +350,7 @@ def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyClust
                    interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
                    nothing: bool) -> RunSummary:
     """Schedule on the cluster ``early`` is starting, or cancel it when ``nothing`` is to run."""
+    early.interrupts = interrupts
     if nothing:
         interrupts.closing = True
         early.cancel()
@@ -467,5 +466,5 @@ class EarlyCluster:
             self.cancel()
         finally:
             self._stack.close()
-            if self._created and self.interrupts is None:  # no run used the folder
+            if self._created and not self._decided.is_set():  # no run used the folder
                 shutil.rmtree(self.state, ignore_errors=True)
