@@ -159,7 +159,7 @@ class _Warnings(RunListener):
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
     timeline = Timeline() if getattr(args, "verbose", False) else NoTimeline()
-    timeline.mark("imports", 0.0)
+    timeline.mark("imports", 0.0, note="Python starting, opf's modules")
     try:
         return _main(args, timeline)
     finally:
