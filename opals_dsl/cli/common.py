@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError, error_line
 from ..lang.protect import default_state_dir
+
+if TYPE_CHECKING:  # imported when a pipeline is compiled (`opf run` starts its cluster meanwhile)
+    import networkx as nx
 
 __all__ = ["add_only", "error_line", "only", "parse_params", "state_dir", "state_of",
            "warning_line"]
