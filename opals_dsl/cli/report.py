@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import report
 from ..errors import UsageError
 from ..lang.protect import STATE_FOLDER
 from ..runtime.fsatomic import output_target, write_atomic
@@ -22,6 +21,8 @@ def write_report(state_dir: str | Path, out_path: str | Path,
                  plan: nx.DiGraph | None = None) -> Path:
     """Write the report of the run whose state is in ``state_dir`` to ``out_path`` (only ever
     complete: a temporary renamed into place); its path."""
+    from .. import report  # here, not at the top: every `opf` command builds this parser
+
     text = report.page(state_dir, plan)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
