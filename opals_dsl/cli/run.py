@@ -180,8 +180,6 @@ def _early(args: argparse.Namespace, options: ClusterOptions, state: Path) -> bo
 
 
 def _main(args: argparse.Namespace, timeline: Timeline) -> int:
-    from ..lang.compile import Protected
-
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
     if retries is not None and retries < 0:
@@ -191,23 +189,23 @@ def _main(args: argparse.Namespace, timeline: Timeline) -> int:
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
     params = parse_params(getattr(args, "param", None))
-    # no output may be copied back over the pipeline, into this run's state folder, or into
-    # the folders the engines work in (see opals_dsl.lang.protect.Protected)
-    protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
+    # the cluster starts before the compiler is even imported (lark, networkx)
     early = (session.EarlyCluster(options, state, scratch=scratch, timeline=timeline)
              if _early(args, options, state) else None)
     with early or contextlib.nullcontext():
         return _compile_and_run(args, timeline, early, options, state, scratch, params,
-                                protected, retries)
+                                retries)
 
 
 def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
                      early: session.EarlyCluster | None, options: ClusterOptions, state: Path,
-                     scratch: str | None, params: dict[str, str], protected: Any,
-                     retries: int | None) -> int:
-    from ..lang.compile import compile_file
-
+                     scratch: str | None, params: dict[str, str], retries: int | None) -> int:
     with timeline.phase("compile"):
+        from ..lang.compile import Protected, compile_file
+
+        # no output may be copied back over the pipeline, into this run's state folder, or
+        # into the folders the engines work in (see opals_dsl.lang.protect.Protected)
+        protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
         plan = only(compile_file(args.file, params, protected=protected), args)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
