@@ -190,10 +190,69 @@ def test_cli_by_profile_name(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "quick: 2 tasks on" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "p" / "results").iterdir()) == ["s1.a", "s2.a"]
-    proc = subprocess.run(opf_args(str(path), "--profile", "nosuchprofile", "--timeout", "1"),
+    # with work to do (--force), a profile that leads nowhere is exit 3
+    proc = subprocess.run(opf_args(str(path), "--profile", "nosuchprofile", "--timeout", "1",
+                                   "--force"),
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert "nosuchprofile" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_nothing_to_run_exits_0_and_touches_no_cluster(cluster, tmp_path):
+    """With every task unchanged, ``opf run`` neither reaches the cluster it is told of (a
+    profile or connection file that leads nowhere is never looked at) nor starts one."""
+    path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
+    state = tmp_path / "p" / ".opf"
+    env = dict(os.environ, IPYTHONDIR=str(cluster.root / "ipython"))
+    proc = subprocess.run(opf_args(str(path), "--cluster-file", str(cluster.client_file)),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    home = tmp_path / "home"
+    home.mkdir()
+    for args in (["--profile", "nosuch", "--timeout", "1"],
+                 ["--cluster-file", str(tmp_path / "nowhere.json")],
+                 ["-n", "1"]):
+        proc = subprocess.run(opf_args(str(path), *args), cwd=tmp_path, env=clean_env(home),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "nothing to run" in proc.stderr, (args, proc.stderr)
+        assert "error" not in proc.stderr, (args, proc.stderr)
+    # the embedded cluster was never started: it would have made its ipyparallel folder
+    assert not (state / "ipython").exists()
+    assert list(home.iterdir()) == []
+
+
+def test_verbose_says_where_the_time_went_and_the_cluster_is_gone(tmp_path):
+    """``opf run -v`` prints the run's phases on standard error; the embedded cluster has no
+    more engines than tasks to run; after the run no process of it is left, also when the
+    cluster was started while the pipeline compiled (a first run) and the pipeline then did
+    not compile: that start is cancelled, and the state folder the run made is removed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
+    state = tmp_path / "p" / ".opf"
+    proc = subprocess.run(opf_args(str(path), "-v"), cwd=tmp_path,
+                          env=clean_env(home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # one engine per core, but no more than there are tasks to run
+    assert "quick: 1 task on 1 engine (1 machine)" in proc.stderr
+    phases = proc.stderr[proc.stderr.index("time since opf started"):]
+    for phase in ("imports", "compile", "decide", "cluster start", "engines ready", "run",
+                  "stop", "total"):
+        assert f"\n  {phase} " in phases, phases
+    assert (tmp_path / "p" / "results" / "s1.a").is_file()
+    assert not (state / "cluster.json").exists()
+    assert processes_using(state / "ipython") == []
+
+    broken = write_pipeline(tmp_path / "b", QUICK.replace("step copy", "step copy copy"),
+                            inputs=1)
+    proc = subprocess.run(opf_args(str(broken), "-v"), cwd=tmp_path,
+                          env=clean_env(home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "\n  compile " in proc.stderr, proc.stderr
+    assert not (tmp_path / "b" / ".opf").exists()
+    assert processes_using(tmp_path / "b" / ".opf" / "ipython") == []
 
 
 def test_engines_send_plain_tracebacks_and_receive_functions_by_name(cluster):

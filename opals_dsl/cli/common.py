@@ -7,11 +7,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from ..errors import MAX_SHOWN, Diagnostic, UsageError, error_line, plural
 from ..lang.protect import default_state_dir
+
+if TYPE_CHECKING:  # imported when a pipeline is compiled (`opf run` starts its cluster meanwhile)
+    import networkx as nx
 
 __all__ = ["add_only", "add_strict", "error_line", "only", "parse_params", "show_warnings",
            "state_dir", "state_of", "warning_line"]

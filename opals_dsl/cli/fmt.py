@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import EXIT_INVALID, MAX_SHOWN, FormatError, PipelineError
-from ..lang.fmt import format_text
 from ..runtime.fsatomic import write_atomic
 from .common import error_line
 
@@ -69,6 +68,8 @@ def _read(name: str, shown: str) -> tuple[str, str] | None:
         else:
             with open(name, encoding="utf-8", newline="") as fh:
                 text = fh.read()
+        from ..lang.fmt import format_text  # here: every `opf` command builds this parser
+
         return text, format_text(text, shown)
     except PipelineError as exc:
         for d in exc.diagnostics[:MAX_SHOWN]:

@@ -23,9 +23,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import TextIO
-
-import networkx as nx
+from typing import TYPE_CHECKING, TextIO
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
@@ -41,6 +39,9 @@ from .common import (
     state_of,
     warning_line,
 )
+
+if TYPE_CHECKING:  # networkx is imported when a pipeline is compiled: `opf run` starts its
+    import networkx as nx  # cluster meanwhile
 
 
 class _Parser(argparse.ArgumentParser):

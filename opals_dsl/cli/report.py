@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import report
 from ..errors import ReportError, UsageError
 from ..lang.protect import STATE_FOLDER
 from ..plan.trace import REPORT_FILE, RUNS_FOLDER, TRACE_FILE
@@ -31,6 +30,8 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
     """Write the report of the run whose records are in ``state_dir`` to ``out_path`` (default:
     ``report.html`` among them; only ever complete: a temporary renamed into place); its
     path."""
+    from .. import report  # here, not at the top: every `opf` command builds this parser
+
     text = report.page(state_dir, plan)
     out = Path(out_path) if out_path is not None else Path(state_dir) / REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,11 @@ A run first stops what an earlier, killed run left behind (its embedded cluster,
 in the destination folders that nobody writes any more — those of another run that is still
 copying stay; the same clearing is done as soon as an engine is lost, for the folders of the
 tasks it held, and once more when the run ends), then asks the journal which tasks are
-unchanged: those are skipped (``--force`` runs everything); if none is left to run, no embedded
-cluster is started.
+unchanged: those are skipped (``--force`` runs everything); if none is left to run, the run
+exits 0 without touching a cluster (none is started, none is connected to). A run that surely
+has work (a first run in its state folder, or ``--force``) starts the embedded cluster while
+the pipeline compiles (:class:`opals_dsl.runtime.session.EarlyCluster`). ``-v`` prints on standard
+error where the run's fixed time went (:mod:`opals_dsl.runtime.timeline`).
 ``--dry-run`` only prints each task's decision and its reason, and starts nothing.
 ``--retries N`` replaces every job's ``retries``. Ctrl-C, SIGTERM or SIGHUP (a terminal or ssh
 session that goes away) stops submitting and interrupts the running steps, each of which is
@@ -34,6 +37,7 @@ against the scratch roots the engines report before anything is submitted (exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Iterable
@@ -49,6 +53,7 @@ from ..runtime.events import Listeners, RunListener
 from ..runtime.journal import Journal
 from ..runtime.progress import Progress, decision_lines
 from ..runtime.resume import Resume
+from ..runtime.timeline import NoTimeline, Timeline
 from .common import (
     add_strict,
     error_line,
@@ -65,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_argument_group("cluster (default: start one on this machine for the run)")
     where.add_argument(
         "-n", type=int, metavar="N", dest="n",
-        help="number of engines: of the embedded cluster (default: one per core), or to "
+        help="number of engines: of the embedded cluster (default: one per core, but no more "
+        "than tasks to run), or to "
         "submit with --engines slurm, pbs or mpi",
     )
     where.add_argument(
@@ -123,6 +129,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="report only failures")
     add_strict(p)
     p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="at the end, say on standard error where the run's fixed time went (imports, "
+        "compile, cluster start, engines ready, run, stop)",
+    )
+    p.add_argument(
         "--report", nargs="?", const="", metavar="PATH",
         help="at the end, write an HTML report of the run (timeline, summary, plan) to PATH "
         "(default: report.html in the run's records, .opf/runs/PIPELINE/N/)",
@@ -157,9 +168,28 @@ class _Warnings(RunListener):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
-    from ..lang.compile import Protected, load
-    from ..lang.compile import plan as make_plan
+    timeline = Timeline() if getattr(args, "verbose", False) else NoTimeline()
+    timeline.mark("imports", 0.0, note="Python starting, opf's modules")
+    try:
+        return _main(args, timeline)
+    finally:
+        if getattr(args, "verbose", False):
+            print("\n".join(timeline.lines()), file=sys.stderr)
 
+
+def _early(args: argparse.Namespace, options: ClusterOptions, state: Path) -> bool:
+    """Start the embedded cluster while the pipeline compiles? Only when the run surely has
+    work: ``--force``, or a state folder that does not exist yet (no task ever ran here). A
+    run that may find nothing to do waits for the journal's decision, so that it starts no
+    cluster at all when nothing is to run."""
+    if getattr(args, "dry_run", False) or not options.embedded or options.launch is not None:
+        return False
+    if not os.path.isfile(args.file):
+        return False
+    return bool(getattr(args, "force", False)) or not state.exists()
+
+
+def _main(args: argparse.Namespace, timeline: Timeline) -> int:
     options = cluster_options(args)
     retries = getattr(args, "retries", None)
     if retries is not None and retries < 0:
@@ -169,12 +199,27 @@ def main(args: argparse.Namespace) -> int:
     if scratch:
         scratch = os.path.abspath(os.path.expanduser(scratch))
     params = parse_params(getattr(args, "param", None))
-    # no output may be copied back over the pipeline, into this run's state folder, or into
-    # the folders the engines work in (see opals_dsl.lang.protect.Protected)
-    protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
-    loaded = load(args.file, params, protected=protected,
-                  strict=getattr(args, "strict", False))
-    plan = only(make_plan(loaded), args)
+    # the cluster starts before the compiler is even imported (lark, networkx)
+    early = (session.EarlyCluster(options, state, scratch=scratch, timeline=timeline)
+             if _early(args, options, state) else None)
+    with early or contextlib.nullcontext():
+        return _compile_and_run(args, timeline, early, options, state, scratch, params,
+                                retries)
+
+
+def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
+                     early: session.EarlyCluster | None, options: ClusterOptions, state: Path,
+                     scratch: str | None, params: dict[str, str], retries: int | None) -> int:
+    with timeline.phase("compile"):
+        from ..lang.compile import Protected, load
+        from ..lang.compile import plan as make_plan
+
+        # no output may be copied back over the pipeline, into this run's state folder, or
+        # into the folders the engines work in (see opals_dsl.lang.protect.Protected)
+        protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
+        loaded = load(args.file, params, protected=protected,
+                      strict=getattr(args, "strict", False))
+        plan = only(make_plan(loaded), args)
     show_warnings(loaded.warnings)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
@@ -193,6 +238,7 @@ def main(args: argparse.Namespace) -> int:
         checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
         listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
         guard=lambda roots: _guard_scratch(args.file, params, protected, plan, roots),
+        early=early, timeline=timeline,
     )
     if getattr(args, "report", None) is not None and summary.records:
         from .report import write_report

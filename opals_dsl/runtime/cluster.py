@@ -8,9 +8,12 @@ batches of task requests to, one engine at a time (:mod:`.connect` opens one of 
 Embedded cluster
     ``ipp.Cluster`` with one controller and N local engines. ipyparallel's files (IPYTHONDIR,
     the profile, connection files and logs) live in ``<state>/ipython``, never in the user's
-    home. The hub's heartbeat runs every 100 ms (start-up waits for the first beats, so this is
-    what makes a cold start take about a second rather than six); it declares an engine lost
-    after 5 s without an answer. The engines tolerate a silent hub for a minute. Every process
+    home. The engines are launched together with the controller and wait for its connection
+    files themselves (ipyparallel would launch them only once the files exist, half a second
+    and more later). The hub's heartbeat runs every 100 ms (start-up waits for the first
+    beats, so this is what makes a cold start take about a second rather than six); it
+    declares an engine lost after 5 s without an answer. The engines tolerate a silent hub for
+    a minute. Every process
     of the cluster carries the run's id in its environment (``OPF_RUN_ID``, as the steps do).
     The processes of the cluster (with their creation times, which rules out a reused process
     id) are written to ``<state>/cluster.json`` while it runs, and told to the run's lifeline
@@ -19,8 +22,11 @@ Embedded cluster
     were killed — stops those processes, and every process carrying that run's id, first. A
     start that is interrupted (Ctrl-C) stops between two of ipyparallel's steps, never inside
     its event loop. On the way out, steps still running (an interrupted run gives them a few
-    seconds after SIGINT) are killed with their process groups, the cluster is stopped, and
-    every process of the run still alive is ended.
+    seconds after SIGINT) are killed with their process groups, and then every process of the
+    run at once — ipyparallel's own stop, which waits for one process after the other, took
+    half a second and more, and the cluster keeps nothing worth a goodbye; its connection
+    files and logs are removed. The start and the stop are marked on a
+    :class:`~opals_dsl.runtime.timeline.Timeline` (``opf run -v``).
 
 Engines started elsewhere (``--engines ssh:HOST[:N],...``, ``slurm``, ``pbs``, ``mpi``)
     A controller here and engines started by ipyparallel's launchers: :mod:`.launchers`.
@@ -72,6 +78,7 @@ from typing import Any
 from .batch import stop_leftover_launch
 from .fsatomic import write_atomic
 from .reaper import MARKER, end_run, live_processes
+from .timeline import NoTimeline, Timeline
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
 HEARTBEAT_MS = 100
@@ -182,12 +189,20 @@ class EmbeddedCluster:
     (:mod:`opals_dsl.runtime.reaper`): a small process that ends them all should this process die
     without stopping them. ``interrupted`` is asked while the cluster starts; when it says
     True, the start stops with KeyboardInterrupt (raised here, never inside ipyparallel's event
-    loop).
+    loop). ``count``, if given, is asked for the number of engines once the controller is
+    launched (it may wait for the run's decision of what is to run).
     """
 
     def __init__(self, state_dir: Path, n: int, timeout: float, run_id: str | None = None,
-                 interrupted: Callable[[], bool] | None = None) -> None:
+                 interrupted: Callable[[], bool] | None = None,
+                 timeline: Timeline | None = None,
+                 count: Callable[[], int] | None = None) -> None:
         self.state_dir = state_dir
+        #: asked, once the controller is launched, how many engines to start (instead of n)
+        self.count = count
+        self.timeline = timeline or NoTimeline()
+        #: when the controller and the engines were launched (the timeline's clock)
+        self.launched_at = 0.0
         self.n = n
         self.timeout = timeout
         self.run_id = run_id
@@ -205,6 +220,7 @@ class EmbeddedCluster:
             raise KeyboardInterrupt
 
     def start(self) -> Any:
+        began = self.timeline.now()
         import ipyparallel as ipp
         import psutil
 
@@ -223,17 +239,26 @@ class EmbeddedCluster:
                 f"--HeartMonitor.period={HEARTBEAT_MS}",
                 f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
             ],
-            engine_args=["--log-level=WARN",
-                         f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}"],
             engine_timeout=int(max(1, self.timeout)), log=logger, load_profile=False,
+            send_engines_connection_env=False, shutdown_atexit=False,
         )
         self.cluster.start_controller_sync()
         self._remember(cluster_id, [self.cluster.controller.process])
         self._check()
-        self.cluster.start_engines_sync(self.n)
+        if self.count is not None:
+            self.n = self.count()
+            self.cluster.n = self.n
+        # the engines' arguments go to their launcher (ipp.Cluster ignores engine_args=)
+        self.cluster.start_engines_sync(self.n, engine_args=[
+            "--log-level=WARN", f"--IPEngine.max_heartbeat_misses={ENGINE_HEARTBEAT_MISSES}",
+            f"--IPEngine.wait_for_url_file={max(1.0, self.timeout)}"])
         engines = [launcher.process for es in self.cluster.engines.values()
                    for launcher in es.launchers.values()]
         self._remember(cluster_id, engines)
+        self.launched_at = self.timeline.now()
+        self.timeline.mark("cluster start", began, self.launched_at,
+                           f"lifeline, controller and {self.n} engine"
+                           f"{'s' if self.n != 1 else ''} launched")
         self._check()
         self.client = self.cluster.connect_client_sync()
         waiting = self.client.wait_for_engines(self.n, timeout=self.timeout, block=False)
@@ -320,17 +345,15 @@ class EmbeddedCluster:
             with contextlib.suppress(Exception):
                 self.client.close(linger=0)
             self.client = None
-        if self.cluster is not None:
-            with contextlib.suppress(Exception):
-                self.cluster.stop_cluster_sync()
-        # what is left (the engines' nannies linger ~3 s trying to reach the stopped hub,
-        # steps a busy engine was running, the engines' lifelines finishing their work)
-        # belongs to a cluster already told to stop: every process of the run goes now
-        end_run(self._procs, self.run_id, grace=0.5)
+        # the cluster keeps no state worth a goodbye (its hub's records live in memory), and
+        # ipyparallel's own stop waits for each process to exit in turn (half a second and
+        # more): every process of the run — controller, engines, their nannies and
+        # lifelines, steps a busy engine was running — is ended at once instead
+        end_run(self._procs, self.run_id, grace=0.0)
         with contextlib.suppress(OSError):
             self.record.unlink()
         if self.cluster is not None:
-            self._remove_logs(self.cluster.cluster_id)
+            self._remove_files(self.cluster.cluster_id)
         self.cluster = None
         if self._lifeline is not None:
             self._tell(None)  # done: nothing for it to end
@@ -344,7 +367,13 @@ class EmbeddedCluster:
                 self._lifeline.wait()
             self._lifeline = None
 
-    def _remove_logs(self, cluster_id: str) -> None:
+    def _remove_files(self, cluster_id: str) -> None:
+        """ipyparallel's files of the cluster: its connection files and logs."""
+        security = self.profile_dir / "security"
+        for name in (f"cluster-{cluster_id}.json", f"ipcontroller-{cluster_id}-client.json",
+                     f"ipcontroller-{cluster_id}-engine.json"):
+            with contextlib.suppress(OSError):
+                (security / name).unlink()
         folder = self.profile_dir / "log"
         with contextlib.suppress(OSError):
             for entry in os.scandir(folder):

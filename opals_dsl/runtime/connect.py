@@ -15,36 +15,43 @@ from .cluster import MARKER, ClusterOptions, EmbeddedCluster, using_ipython_dir,
 from .events import new_run_id
 from .executor import IPyParallelExecutor, describe_error
 from .launchers import launched
+from .timeline import NoTimeline, Timeline
 
 
 @contextlib.contextmanager
 def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
                  scratch: str | None = None, run_id: str | None = None,
                  interrupted: Callable[[], bool] | None = None,
+                 timeline: Timeline | None = None,
+                 count: Callable[[], int] | None = None,
                  ) -> Iterator[IPyParallelExecutor]:
     """Start or reach the cluster ``options`` name and yield an executor for its engines.
 
     An embedded cluster is stopped on the way out, however the block ends (and by its lifeline
     if this process is killed); every process of it carries ``OPF_RUN_ID=run_id``; a start
-    that ``interrupted`` reports interrupted raises KeyboardInterrupt. An existing cluster is
-    only disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
+    that ``interrupted`` reports interrupted raises KeyboardInterrupt; its phases (cluster
+    start, engines ready, stop) are marked on ``timeline``; ``count``, if given, says how many
+    engines an embedded cluster starts once its controller is launched. An existing cluster is only
+    disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if options.launch is not None:
         yield from launched(options, state, scratch)
     elif options.embedded:
-        yield from _embedded(options, state, scratch, run_id, interrupted)
+        yield from _embedded(options, state, scratch, run_id, interrupted,
+                             timeline or NoTimeline(), count)
     else:
         yield from _existing(options, state, scratch)
 
 
 def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
               run_id: str | None, interrupted: Callable[[], bool] | None,
+              timeline: Timeline, count: Callable[[], int] | None,
               ) -> Iterator[IPyParallelExecutor]:
-    n = options.engines or os.cpu_count() or 1
     run_id = run_id or new_run_id()
-    cluster = EmbeddedCluster(state, n, options.timeout, run_id, interrupted)
+    cluster = EmbeddedCluster(state, options.engines or os.cpu_count() or 1, options.timeout,
+                              run_id, interrupted, timeline, count)
     executor = None
     marked = with_environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
     with using_ipython_dir(cluster.ipython_dir), marked:
@@ -53,10 +60,14 @@ def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
                 client = cluster.start()
                 executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
                 executor.run_id = run_id
+                timeline.mark("engines ready", cluster.launched_at,
+                              note=f"{cluster.n} engine{'s' if cluster.n != 1 else ''} "
+                                   f"registered and prepared")
             except ClusterError:
                 raise
             except Exception as exc:
                 said = cluster.output_tail()
+                n = cluster.n
                 raise ClusterError(
                     f"could not start a local ipyparallel cluster of {n} engine"
                     f"{'s' if n != 1 else ''}: {describe_error(exc)}"
@@ -64,7 +75,8 @@ def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
                 ) from exc
             yield executor
         finally:
-            cluster.stop()
+            with timeline.phase("stop"):
+                cluster.stop()
 
 
 def _existing(options: ClusterOptions, state: Path,

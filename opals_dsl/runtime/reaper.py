@@ -122,10 +122,23 @@ def live_processes(records: Iterable[dict[str, Any]]) -> list[Any]:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             found[proc.pid] = proc
-            for child in proc.children(recursive=True):
-                found[child.pid] = child
         except (psutil.Error, KeyError, ValueError, TypeError):
             continue
+    if not found:
+        return []
+    # the descendants, from one look at every process's parent (psutil's children() would
+    # read them all again for each recorded process)
+    kids: dict[int, list[Any]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid:
+            kids.setdefault(ppid, []).append(proc)
+    todo = list(found)
+    while todo:
+        for child in kids.get(todo.pop(), ()):
+            if child.pid not in found:
+                found[child.pid] = child
+                todo.append(child.pid)
     return list(found.values())
 
 

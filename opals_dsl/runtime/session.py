@@ -11,14 +11,16 @@ What a run does, in order
        folders of the tasks it held, and once more when the run ends.
     3. Opens the journal (:mod:`.journal`) and decides which tasks are unchanged
        (:mod:`.resume`): those are skipped (``force`` runs everything); if none is left to run,
-       no embedded cluster is started.
+       no cluster is started or reached (an :class:`EarlyCluster` already starting is
+       cancelled).
     4. Opens the run's records (:class:`~opals_dsl.runtime.history.RunRecords`: the folder
        ``runs/<pipeline>/<N>/`` for its trace, step logs and summary).
-    5. Starts or reaches the cluster (:func:`~opals_dsl.runtime.connect.open_cluster`), lets
-       ``guard`` look at the engines' scratch roots, refuses a plan with a step that needs more
-       threads than the largest machine has engines (:func:`refuse_wide_steps`), and schedules
-       the plan (:class:`~opals_dsl.runtime.scheduler.Scheduler`; tasks resumed at a later step
-       start there); the journal records every task that finishes, the listener shows progress.
+    5. Starts or reaches the cluster (:func:`~opals_dsl.runtime.connect.open_cluster`; or takes
+       the one an :class:`EarlyCluster` started while the pipeline compiled), lets ``guard``
+       look at the engines' scratch roots, refuses a plan with a step that needs more threads
+       than the largest machine has engines (:func:`refuse_wide_steps`), and schedules the plan
+       (:class:`~opals_dsl.runtime.scheduler.Scheduler`; tasks resumed at a later step start
+       there); the journal records every task that finishes, the listener shows progress.
 
 Warnings (a damaged journal, a trace that could not be written) go to the listener's
 ``warning``; errors that stop the run before anything runs are raised as
@@ -29,9 +31,12 @@ a step too wide for every machine).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
+import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,9 +54,16 @@ from .journal import Journal
 from .resume import Resume
 from .scheduler import Scheduler
 from .slots import Slots, too_wide
+from .timeline import NoTimeline, Timeline
 
 if TYPE_CHECKING:
     import networkx as nx
+
+
+def engine_count(to_run: int) -> int:
+    """The engines of an embedded cluster of no given size: one per core, but never more than
+    there are tasks to run (an engine more only costs its start)."""
+    return max(1, min(os.cpu_count() or 1, to_run))
 
 
 def destination_folders(plan: nx.DiGraph, tasks: Iterable[Task] | None = None) -> list[str]:
@@ -89,9 +101,23 @@ class TemporarySweeper(RunListener):
             remove_stale_temporaries(self.plan, tasks)
 
 
+#: the state folders whose lock this process holds, and how many times over
+_held: dict[Path, int] = {}
+
+
 @contextlib.contextmanager
 def lock_state(state: Path) -> Iterator[None]:
-    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused."""
+    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused. The
+    lock may be taken again by this process while it holds it (a cluster started early holds
+    it from before the run)."""
+    key = state.absolute()
+    if _held.get(key):
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     path = state / "run.lock"
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -110,7 +136,11 @@ def lock_state(state: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
     finally:
         os.close(fd)  # releases the lock
 
@@ -207,42 +237,44 @@ def run(
     skip: Callable[[Task], bool] | None = None,
     guard: Callable[[Iterable[str]], None] | None = None,
     signals: bool = True,
+    early: EarlyCluster | None = None,
+    timeline: Timeline | None = None,
     end_after_interrupt: bool = True,
     **policy: Any,
 ) -> RunSummary:
-    """Run ``plan``: see the module docstring for what happens, in order.
-
-    The engines are ``executor`` if given (it is left as it is), else the cluster ``cluster``
-    describes (default: an embedded one with one engine per core), started and stopped here.
-    ``resume`` keeps the run's journal in ``state_dir`` (tasks unchanged since they last ran
-    are skipped, all run with ``force``; ``checksum`` compares inputs by content); without it
-    every task runs (or those ``skip`` does not skip) and nothing is recorded. ``retries``
-    replaces every job's ``retries``. ``guard`` is given the engines' scratch roots before
-    anything is submitted; it raises to stop the run. ``signals`` handles SIGINT, SIGTERM and
-    SIGHUP (only in the main thread); after an interrupted run a further signal ends the process
-    at once, unless ``end_after_interrupt`` is False (a notebook's kernel): then the handlers
-    the run found are put back. ``policy`` passes the scheduler's knobs (``depth``,
-    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``).
-    """
+    """Run ``plan`` (the module docstring says what happens, in order). Engines: ``executor``
+    (left as it is), else an :class:`EarlyCluster` ``early`` or the cluster ``cluster``
+    describes (default: embedded, :func:`engine_count` engines), started and stopped here.
+    ``resume`` keeps the journal in ``state_dir``: unchanged tasks are skipped (``force`` runs
+    all; ``checksum`` compares inputs by content); without it every task runs (or those
+    ``skip`` lets run) and nothing is recorded. ``retries`` replaces every job's. ``guard``
+    gets the engines' scratch roots first and raises to stop the run. ``signals``: SIGINT,
+    SIGTERM, SIGHUP handled (main thread only); after an interrupt a further signal ends the
+    process, unless ``end_after_interrupt`` is False (a kernel: its handlers come back).
+    ``timeline`` gets the phases; ``policy`` the scheduler's knobs (``depth``,
+    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``)."""
     state = Path(state_dir)
-    listener = listener or RunListener()
+    listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
     with lock_state(state), interrupts.installed(signals), contextlib.ExitStack() as stack:
-        if executor is None:  # its engines may still be copying back: first stop them
+        if executor is None and early is None:  # its engines may still be copying back
             stop_leftover_cluster(state)
         remove_stale_temporaries(plan)
         tasks = model.tasks(plan)
+        decided = timeline.now()
         with _journal(state, plan, resume, checksum, tasks) as journal:
             decider = None
             to_run = len(tasks)
             if journal is not None:
                 decider = Resume(journal)
                 decisions = decider.decide(force)
+                timeline.mark("decide", decided, note="the journal: what is to run")
                 for warning in journal.warnings():
                     listener.warning(warning)
                 to_run = sum(1 for d in decisions if d.run)
                 listener.resuming(to_run, len(decisions) - to_run)
-            run_id = policy.pop("run_id", None) or new_run_id()
+            given = policy.pop("run_id", None)
+            run_id = early.run_id if early else given or new_run_id()
             records = stack.enter_context(
                 RunRecords(state, plan, total=len(tasks), to_run=to_run))
 
@@ -257,10 +289,12 @@ def run(
                     start=decider.start_of if decider is not None else None, **policy,
                 )
                 interrupts.attach(scheduler)
-                return scheduler.run()
+                with timeline.phase("run"):
+                    return scheduler.run()
 
-            summary = _engines(schedule, executor, cluster or ClusterOptions(), state,
-                               scratch, run_id, interrupts, guard, nothing=not to_run)
+            summary = _engines(schedule, executor or early, cluster or ClusterOptions(),
+                               state, scratch, run_id, interrupts, guard, to_run=to_run,
+                               timeline=timeline)
         remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
             if problem:
@@ -300,23 +334,32 @@ def _journal(state: Path, plan: nx.DiGraph, resume: bool, checksum: bool,
         yield journal
 
 
-def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | None,
-             options: ClusterOptions, state: Path, scratch: str | None, run_id: str,
-             interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
-             nothing: bool) -> RunSummary:
-    """Schedule on ``executor``, or on the cluster ``options`` describe, or without engines
-    when ``nothing`` is to run and the cluster would be started only for this run."""
+def _engines(schedule: Callable[[Executor], RunSummary],
+             executor: Executor | EarlyCluster | None, options: ClusterOptions, state: Path,
+             scratch: str | None, run_id: str, interrupts: Interrupts,
+             guard: Callable[[Iterable[str]], None] | None, *, to_run: int,
+             timeline: Timeline) -> RunSummary:
+    """Schedule on ``executor`` (or the cluster an :class:`EarlyCluster` starts), or on the
+    cluster ``options`` describe, or without engines when no task is to run: then no cluster
+    is started, reached or connected to. An embedded cluster of no given size has one engine
+    per core, but never more engines than ``to_run`` tasks."""
+    nothing = not to_run
+    if isinstance(executor, EarlyCluster):
+        executor.decided(to_run)
+        return _early_engines(schedule, executor, interrupts, guard, nothing=nothing)
     if executor is not None:
         if guard is not None:
             guard(info.scratch for info in executor.engines().values())
         return schedule(executor)
-    if nothing and options.embedded:  # a cluster named by the user is still reached
+    if nothing:
         return schedule(LocalExecutor(()))
+    if options.embedded and options.launch is None and options.engines is None:
+        options = dataclasses.replace(options, engines=engine_count(to_run))
     # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
     # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
     interrupts.starting = options.embedded and options.launch is None
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
-                      interrupted=lambda: interrupts.requested) as started:
+                      interrupted=lambda: interrupts.requested, timeline=timeline) as started:
         interrupts.starting = False
         try:
             if guard is not None:
@@ -324,3 +367,127 @@ def _engines(schedule: Callable[[Executor], RunSummary], executor: Executor | No
             return schedule(started)
         finally:
             interrupts.closing = True
+
+
+def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyCluster,
+                   interrupts: Interrupts, guard: Callable[[Iterable[str]], None] | None, *,
+                   nothing: bool) -> RunSummary:
+    """Schedule on the cluster ``early`` is starting, or cancel it when ``nothing`` is to run."""
+    early.interrupts = interrupts
+    if nothing:
+        interrupts.closing = True
+        early.cancel()
+        return schedule(LocalExecutor(()))
+    interrupts.starting = True
+    started = early.wait()
+    interrupts.starting = False
+    try:
+        if guard is not None:
+            guard(info.scratch for info in started.engines().values())
+        return schedule(started)
+    finally:
+        interrupts.closing = True
+        early.cancel()
+
+
+class EarlyCluster:
+    """An embedded cluster that starts in a thread of its own while the pipeline compiles and
+    the journal decides, then is handed to :func:`run` (``early=``). The lifeline and the
+    controller are launched at once; the engines too if their number was given, else once
+    :func:`run` knows how many tasks are to run (:func:`engine_count`).
+
+    Used as a context manager around compiling and running: entering holds the state folder's
+    lock, stops what a killed run left there, and starts the cluster's thread; leaving cancels
+    a start still under way (it stops between two of its steps, see
+    :class:`~opals_dsl.runtime.cluster.EmbeddedCluster`) and stops what was started. A state
+    folder that entering created is removed again if no run used it (a pipeline that did not
+    compile leaves nothing behind). Start it only for a run that has work to do: a run with
+    nothing to do cancels it, and the time spent starting was lost.
+    """
+
+    def __init__(self, options: ClusterOptions, state_dir: str | Path, *,
+                 scratch: str | None = None, timeline: Timeline | None = None) -> None:
+        self.options = options
+        self.state = Path(state_dir)
+        self.scratch = scratch
+        self.timeline = timeline or NoTimeline()
+        self.run_id = new_run_id()
+        #: the run's signal handling, once :func:`run` has taken over
+        self.interrupts: Interrupts | None = None
+        self.cancelled = False
+        self.executor: Executor | None = None
+        self.error: BaseException | None = None
+        self._opened: Any = None
+        self._thread: threading.Thread | None = None
+        self._stack = contextlib.ExitStack()
+        self._created = False
+        self._decided = threading.Event()
+        self._to_run = 0
+
+    def __enter__(self) -> EarlyCluster:
+        self._created = not self.state.exists()
+        self._stack.enter_context(lock_state(self.state))
+        try:
+            stop_leftover_cluster(self.state)  # before anything else looks at the folders
+            self._thread = threading.Thread(target=self._start, name="opf-cluster-start",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _interrupted(self) -> bool:
+        return self.cancelled or (self.interrupts is not None and self.interrupts.requested)
+
+    def _start(self) -> None:
+        try:
+            count = self._count if self.options.engines is None else None
+            opened = open_cluster(self.options, self.state, scratch=self.scratch,
+                                  run_id=self.run_id, interrupted=self._interrupted,
+                                  timeline=self.timeline, count=count)
+            self.executor = opened.__enter__()
+            self._opened = opened
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self.error = exc
+
+    def decided(self, to_run: int) -> None:
+        """The journal's decision: ``to_run`` tasks are to run (engines are started for them)."""
+        self._to_run = to_run
+        self._decided.set()
+
+    def _count(self) -> int:
+        """How many engines to start: asked by the start once the controller is launched."""
+        while not self._decided.wait(0.05):
+            if self._interrupted():
+                raise KeyboardInterrupt
+        if self._interrupted():
+            raise KeyboardInterrupt
+        return engine_count(self._to_run)
+
+    def wait(self) -> Executor:
+        """The started cluster's executor, once it is up; raises what the start raised."""
+        assert self._thread is not None
+        while self._thread.is_alive():
+            self._thread.join(0.05)  # in short steps: signals reach the main thread between
+        if self.error is not None:
+            raise self.error
+        assert self.executor is not None
+        return self.executor
+
+    def cancel(self) -> None:
+        """Stop the start if it is under way, and the cluster if it is up."""
+        self.cancelled = True
+        if self._thread is not None:
+            self._thread.join()
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.__exit__(None, None, None)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cancel()
+        finally:
+            self._stack.close()
+            if self._created and not self._decided.is_set():  # no run used the folder
+                shutil.rmtree(self.state, ignore_errors=True)
