@@ -78,6 +78,7 @@ from typing import Any
 from .batch import stop_leftover_launch
 from .fsatomic import write_atomic
 from .reaper import MARKER, end_run, live_processes
+from .steps import environment
 from .timeline import NoTimeline, Timeline
 
 #: heartbeat of the embedded controller (ms); start-up takes a few beats
@@ -161,24 +162,8 @@ def using_ipython_dir(path: Path | None) -> Iterator[None]:
         yield
         return
     path.mkdir(parents=True, exist_ok=True)
-    with with_environ(IPYTHONDIR=str(path)):
+    with environment({"IPYTHONDIR": str(path)}):
         yield
-
-
-@contextlib.contextmanager
-def with_environ(**values: str) -> Iterator[None]:
-    """Set environment variables of this process (its children inherit them) for the
-    duration."""
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class EmbeddedCluster:

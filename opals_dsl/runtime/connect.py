@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
-from .cluster import MARKER, ClusterOptions, EmbeddedCluster, using_ipython_dir, with_environ
+from .cluster import MARKER, ClusterOptions, EmbeddedCluster, using_ipython_dir
 from .events import new_run_id
 from .executor import IPyParallelExecutor, describe_error
 from .launchers import launched
+from .steps import environment
 from .timeline import NoTimeline, Timeline
 
 
@@ -53,7 +54,7 @@ def _embedded(options: ClusterOptions, state: Path, scratch: str | None,
     cluster = EmbeddedCluster(state, options.engines or os.cpu_count() or 1, options.timeout,
                               run_id, interrupted, timeline, count)
     executor = None
-    marked = with_environ(**{MARKER: run_id}) if run_id else contextlib.nullcontext()
+    marked = environment({MARKER: run_id}) if run_id else contextlib.nullcontext()
     with using_ipython_dir(cluster.ipython_dir), marked:
         try:
             try:

@@ -140,11 +140,11 @@ from .paths import (
 from .steps import (
     StepTimedOut,
     call_redirected,
+    environment,
     exit_message,
     forget_stale_module,
     format_limit,
     remember_module,
-    task_environment,
     use_threads,
     wait_step,
     wait_step_until,
@@ -259,7 +259,7 @@ class _Task(JobPrephase):
             env = {"OPF_TASK": self.task, "OPF_JOB": self.job}
             if self.req.run_id:
                 env["OPF_RUN_ID"] = str(self.req.run_id)
-            with task_environment(env):
+            with environment(env):
                 for step in self.req.steps[:self.req.start]:
                     self.close_row(self.open_row(step.node, "exec"), REUSED)
                 for step in self.req.steps[self.req.start:]:

@@ -228,8 +228,9 @@ def _start_lifeline() -> subprocess.Popen | None:
 
 
 @contextlib.contextmanager
-def task_environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the steps of one task (children inherit them), then undo.
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables of this process (its children inherit them), then undo: for
+    the steps of one task, and for the embedded cluster's processes as they start.
 
     Changing ``os.environ`` in place is much cheaper than building a fresh environment mapping
     for every task; an engine runs one task at a time.
