@@ -17,6 +17,7 @@ it after. The state folder defaults to ``.opf`` beside the pipeline file, as ``o
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 import networkx as nx
 
 from .errors import PipelineError, PlanError, UsageError
-from .lang.compile import Loaded, compile_file, load, plan
+from .lang.compile import Loaded, check_scratch, compile_file, load, plan
 from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
 from .plan.dot import to_dot, to_job_dot
@@ -56,7 +57,7 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     notebook when ipywidgets is installed, else lines), False shows nothing, or a listener of
     your own. Further options are :func:`opals_dsl.runtime.session.run`'s (``force``,
     ``keep_going``, ``retries``, ``checksum``, ...)."""
-    graph, default_state = _plan_of(pipeline, params)
+    graph, default_state, loaded = _plan_of(pipeline, params)
     if only:
         graph = select(graph, only)
     if client is not None and (n is not None or cluster is not None):
@@ -67,20 +68,25 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     if client is not None:
         executor = IPyParallelExecutor(client, scratch=scratch)
     listener = _listener(progress, model.info(graph).pipeline)
+    # no output may be copied back into the opf folder of a scratch root the engines report
+    guard = None if loaded is None else functools.partial(check_scratch, loaded, graph)
     return session.run(graph, state_dir=state_dir or default_state, cluster=cluster,
-                       executor=executor, scratch=scratch, listener=listener,
+                       executor=executor, scratch=scratch, listener=listener, guard=guard,
                        end_after_interrupt=False, **options)
 
 
-def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path,
-             params: Mapping[str, str] | None) -> tuple[nx.DiGraph, Path]:
+def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] | None
+             ) -> tuple[nx.DiGraph, Path, Loaded | None]:
+    """The plan, the default state folder, and the checked pipeline when there is one."""
     if isinstance(pipeline, nx.DiGraph):
-        return pipeline, Path(model.info(pipeline).root) / STATE_FOLDER
+        return pipeline, Path(model.info(pipeline).root) / STATE_FOLDER, None
     if isinstance(pipeline, Loaded):
         if params:
             raise UsageError("a loaded pipeline has its parameters: give params to load()")
-        return pipeline.plan(), default_state_dir(pipeline.path.resolve())
-    return compile_file(pipeline, params), default_state_dir(Path(pipeline).resolve())
+        loaded = pipeline
+    else:
+        loaded = load(pipeline, params)
+    return loaded.plan(), default_state_dir(loaded.path.resolve()), loaded
 
 
 def _listener(progress: bool | RunListener, title: str) -> RunListener:

@@ -147,3 +147,21 @@ def test_the_notebook_runs_the_example_on_its_own_cluster_and_stops_it(tmp_path)
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "the run's progress was not shown as a widget"
     assert (tmp_path / "examples" / "results" / "mosaic_hillshade.tif").is_file()
+
+
+def test_run_refuses_an_output_in_a_scratch_root_the_callers_engines_report(cluster, tmp_path):
+    """As ``opf run --cluster-file`` does: the engines are asked where they work before
+    anything is submitted, and an output bound for one of their opf folders stops the run."""
+    machine = cluster.scratches[2].resolve()
+    folder = machine / "opf" / "kept"
+    path = write_pipeline(tmp_path, PIPELINE.replace('output "results/up" flat',
+                                                     'output "{results}" flat')
+                          .replace("pipeline p\n", 'pipeline p\nparam results = "results/up"\n'))
+    client = cluster.client()
+    try:
+        with pytest.raises(opf.PlanError, match="where the engines keep their job and task"):
+            opf.run(path, client=client, progress=False, params={"results": str(folder)})
+        assert not folder.exists()
+        assert opf.run(path, client=client, progress=False).exit_code == 0
+    finally:
+        client.close()

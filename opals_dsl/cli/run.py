@@ -40,9 +40,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..plan import model
@@ -211,7 +209,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
                      early: session.EarlyCluster | None, options: ClusterOptions, state: Path,
                      scratch: str | None, params: dict[str, str], retries: int | None) -> int:
     with timeline.phase("compile"):
-        from ..lang.compile import Protected, load
+        from ..lang.compile import Protected, check_scratch, load
         from ..lang.compile import plan as make_plan
 
         # no output may be copied back over the pipeline, into this run's state folder, or
@@ -237,7 +235,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
         plan, state_dir=state, cluster=options, scratch=scratch, force=force,
         checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
         listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
-        guard=lambda roots: _guard_scratch(args.file, params, protected, plan, roots),
+        guard=lambda roots: check_scratch(loaded, plan, roots),
         early=early, timeline=timeline,
     )
     if getattr(args, "report", None) is not None and summary.records:
@@ -254,24 +252,3 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
             f"task{'s' if summary.not_run != 1 else ''} did not run (the journal keeps what "
             f"finished: run again to do the rest)"), file=sys.stderr)
     return summary.exit_code
-
-
-def _guard_scratch(file: str, params: dict[str, str], protected: Any, plan: Any,
-                   roots: Iterable[str]) -> None:
-    """Raise the :class:`~opals_dsl.errors.PlanError` of the pipeline if one of its outputs
-    would be copied back into the opf folder of a scratch root the engines reported.
-
-    The plan's destinations are looked at first (cheap); only when one is refused is the
-    pipeline planned again with those roots, for messages that name its declarations."""
-    from ..lang.compile import Protected, compile_file
-
-    roots = [r for r in dict.fromkeys(roots) if r not in protected.scratch]
-    if not roots:
-        return
-    engines = Protected(scratch=tuple(roots))
-    folders = {dest.rpartition("/")[0] for dest in model.destinations(plan)}
-    root = model.info(plan).root
-    if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
-        compile_file(file, params, protected=protected.with_scratch(roots))
-
-

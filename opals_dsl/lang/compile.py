@@ -8,8 +8,10 @@ checked pipeline to the plan graph; :func:`compile_file` does both. They raise a
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,4 +161,23 @@ def compile_file(path: str | Path, params: Mapping[str, str] | None = None, *,
     return plan(load(path, params, protected=protected, strict=strict))
 
 
-__all__ = ["Loaded", "load", "plan", "compile_file", "PipelineError", "PlanError", "Protected"]
+def check_scratch(loaded: Loaded, graph: nx.DiGraph, roots: Iterable[str]) -> None:
+    """Raise the :class:`PlanError` of the pipeline if one of its outputs would be copied back
+    into the opf folder of a scratch root that the engines reported (``roots``): checked once
+    the engines are known, before anything is submitted.
+
+    The plan's destinations are looked at first (cheap); only when one is refused is the
+    pipeline planned again with those roots, for messages that name its declarations."""
+    protected = loaded.protected or Protected.for_pipeline(loaded.path)
+    roots = [r for r in dict.fromkeys(roots) if r not in protected.scratch]
+    if not roots:
+        return
+    engines = Protected(scratch=tuple(roots))
+    root = model.info(graph).root
+    folders = {dest.rpartition("/")[0] for dest in model.destinations(graph)}
+    if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
+        plan(dataclasses.replace(loaded, protected=protected.with_scratch(roots)))
+
+
+__all__ = ["Loaded", "load", "plan", "compile_file", "check_scratch", "PipelineError",
+           "PlanError", "Protected"]
