@@ -361,12 +361,20 @@ def _engines(schedule: Callable[[Executor], RunSummary],
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
                       interrupted=lambda: interrupts.requested, timeline=timeline) as started:
         interrupts.starting = False
-        try:
-            if guard is not None:
-                guard(info.scratch for info in started.engines().values())
-            return schedule(started)
-        finally:
-            interrupts.closing = True
+        return _schedule_on(started, schedule, guard, interrupts)
+
+
+def _schedule_on(started: Executor, schedule: Callable[[Executor], RunSummary],
+                 guard: Callable[[Iterable[str]], None] | None,
+                 interrupts: Interrupts) -> RunSummary:
+    """Let ``guard`` see the engines' scratch roots, then schedule on them; signals are
+    ignored from then on, while the cluster stops."""
+    try:
+        if guard is not None:
+            guard(info.scratch for info in started.engines().values())
+        return schedule(started)
+    finally:
+        interrupts.closing = True
 
 
 def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyCluster,
@@ -382,11 +390,8 @@ def _early_engines(schedule: Callable[[Executor], RunSummary], early: EarlyClust
     started = early.wait()
     interrupts.starting = False
     try:
-        if guard is not None:
-            guard(info.scratch for info in started.engines().values())
-        return schedule(started)
+        return _schedule_on(started, schedule, guard, interrupts)
     finally:
-        interrupts.closing = True
         early.cancel()
 
 
