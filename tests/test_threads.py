@@ -316,3 +316,23 @@ def test_a_step_past_its_timeout_is_stopped_with_its_children_retried_and_report
                         leftover.kill()
                 except psutil.Error:
                     pass
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a machine of 2 cores or more")
+def test_one_wide_task_gets_the_engines_its_threads_need_from_an_embedded_cluster(tmp_path):
+    """Without -n the embedded cluster starts no more engines than tasks to run — but never
+    fewer than the widest step's threads, or a lone `threads 2` task would be refused."""
+    path = write(tmp_path, """\
+        job wide for i in range(1) {
+            threads 2
+            output "out" flat
+            step s {
+                out o = "w{i}.txt"
+                run sh "echo $OMP_NUM_THREADS > {o}"
+            }
+        }
+        """)
+    proc = opf("run", "p.opf", "--scratch", str(tmp_path / "scratch"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (path.parent / "out" / "w0.txt").read_text() == "2\n"
+    assert len({r["engine"] for r in trace_rows(tmp_path / ".opf")}) == 1  # ran on one of them

@@ -60,10 +60,11 @@ if TYPE_CHECKING:
     import networkx as nx
 
 
-def engine_count(to_run: int) -> int:
+def engine_count(to_run: int, widest: int = 1) -> int:
     """The engines of an embedded cluster of no given size: one per core, but never more than
-    there are tasks to run (an engine more only costs its start)."""
-    return max(1, min(os.cpu_count() or 1, to_run))
+    there are tasks to run (an engine more only costs its start) — unless a task's step needs
+    ``widest`` threads, which need as many engines."""
+    return max(1, min(os.cpu_count() or 1, max(to_run, widest)))
 
 
 def destination_folders(plan: nx.DiGraph, tasks: Iterable[Task] | None = None) -> list[str]:
@@ -294,6 +295,7 @@ def run(
 
             summary = _engines(schedule, executor or early, cluster or ClusterOptions(),
                                state, scratch, run_id, interrupts, guard, to_run=to_run,
+                               widest=max((t.threads for t in tasks.tasks), default=1),
                                timeline=timeline)
         remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
@@ -337,15 +339,15 @@ def _journal(state: Path, plan: nx.DiGraph, resume: bool, checksum: bool,
 def _engines(schedule: Callable[[Executor], RunSummary],
              executor: Executor | EarlyCluster | None, options: ClusterOptions, state: Path,
              scratch: str | None, run_id: str, interrupts: Interrupts,
-             guard: Callable[[Iterable[str]], None] | None, *, to_run: int,
+             guard: Callable[[Iterable[str]], None] | None, *, to_run: int, widest: int,
              timeline: Timeline) -> RunSummary:
     """Schedule on ``executor`` (or the cluster an :class:`EarlyCluster` starts), or on the
     cluster ``options`` describe, or without engines when no task is to run: then no cluster
     is started, reached or connected to. An embedded cluster of no given size has one engine
-    per core, but never more engines than ``to_run`` tasks."""
+    per core, but never more engines than ``to_run`` tasks (or the ``widest`` step's threads)."""
     nothing = not to_run
     if isinstance(executor, EarlyCluster):
-        executor.decided(to_run)
+        executor.decided(to_run, widest)
         return _early_engines(schedule, executor, interrupts, guard, nothing=nothing)
     if executor is not None:
         if guard is not None:
@@ -354,7 +356,7 @@ def _engines(schedule: Callable[[Executor], RunSummary],
     if nothing:
         return schedule(LocalExecutor(()))
     if options.embedded and options.launch is None and options.engines is None:
-        options = dataclasses.replace(options, engines=engine_count(to_run))
+        options = dataclasses.replace(options, engines=engine_count(to_run, widest))
     # only the embedded start asks `interrupted` between its steps; a launched one (ssh, a batch
     # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
     interrupts.starting = options.embedded and options.launch is None
@@ -427,7 +429,7 @@ class EarlyCluster:
         self._stack = contextlib.ExitStack()
         self._created = False
         self._decided = threading.Event()
-        self._to_run = 0
+        self._to_run, self._widest = 0, 1
 
     def __enter__(self) -> EarlyCluster:
         self._created = not self.state.exists()
@@ -456,9 +458,10 @@ class EarlyCluster:
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
             self.error = exc
 
-    def decided(self, to_run: int) -> None:
-        """The journal's decision: ``to_run`` tasks are to run (engines are started for them)."""
-        self._to_run = to_run
+    def decided(self, to_run: int, widest: int = 1) -> None:
+        """The journal's decision: ``to_run`` tasks are to run (engines are started for them,
+        and for the ``widest`` step's threads)."""
+        self._to_run, self._widest = to_run, widest
         self._decided.set()
 
     def _count(self) -> int:
@@ -468,7 +471,7 @@ class EarlyCluster:
                 raise KeyboardInterrupt
         if self._interrupted():
             raise KeyboardInterrupt
-        return engine_count(self._to_run)
+        return engine_count(self._to_run, self._widest)
 
     def wait(self) -> Executor:
         """The started cluster's executor, once it is up; raises what the start raised."""
