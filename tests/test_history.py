@@ -187,3 +187,21 @@ def test_cli_run_report_goes_into_the_runs_records(cluster, tmp_path):
     record = json.loads((page.parent / "run.json").read_text())
     assert (record["run"], record["status"], record["done"], record["tasks"]) == (
         1, "done", 3, 3)
+
+
+def test_a_run_that_never_started_is_not_the_one_opf_report_shows(tmp_path, capsys,
+                                                                  monkeypatch):
+    """A run whose cluster could not be reached (exit 3) is recorded, but left no trace:
+    ``opf report`` still shows the last run that did work."""
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).exit_code == 0
+    status, _, err = opf(capsys, "run", "tiles.opf", "--force", "--cluster-file",
+                         str(tmp_path / "nosuch.json"))
+    assert status == 3, err
+    status, out, _ = opf(capsys, "runs", "tiles.opf")
+    assert status == 0 and re.search(r"^\s*2\b", out, re.MULTILINE), out
+    status, out, err = opf(capsys, "report", "tiles.opf")
+    assert status == 0, err
+    assert page_data(tmp_path / ".opf" / "runs" / "tiles" / "1" / "report.html")[
+        "summary"]["done"] == 3

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..plan import model
-from ..plan.trace import RUN_FILE, read_run, run_numbers, runs_folder
+from ..plan.trace import RUN_FILE, TRACE_FILE, read_run, run_numbers, runs_folder
 from .events import RunListener, RunSummary
 from .fsatomic import write_atomic
 from .paths import remove_tree
@@ -122,8 +122,14 @@ class PastRun:
 
     @property
     def did_work(self) -> bool:
-        """True unless the run had nothing to do."""
-        return self.data.get("to_run") != 0
+        """True unless the run had nothing to do or never got to run anything (a cluster that
+        could not be started, a step too wide for every machine): it left a trace."""
+        if self.data.get("to_run") == 0:
+            return False
+        try:
+            return (self.folder / TRACE_FILE).stat().st_size > 0
+        except OSError:
+            return False
 
 
 def runs(state: str | Path, pipeline: str) -> list[PastRun]:
