@@ -60,6 +60,12 @@ def test_load_raises_every_finding_and_plan_gives_the_graph(tmp_path):
     assert len(messages) == 2, messages
     pipeline = opf.load(write_pipeline(tmp_path / "ok", PIPELINE))
     plan = pipeline.plan()
+    # values as Python has them: a number for a number, True for a boolean
+    typed = write_pipeline(tmp_path / "typed", PIPELINE.replace(
+        "pipeline p\n", "pipeline p\nparam cell = 1.0\nparam fill = false\n").replace(
+        "{s} {a}", "{s} {a} {cell} {fill}"))
+    assert opf.load(typed, params={"cell": 55, "fill": True}).params == {
+        "cell": 55.0, "fill": True}
     assert plan.graph["jobs"] == ["up", "all"] and len(plan) == 14
     assert "digraph" in str(opf.draw(pipeline, level="job"))
 

@@ -63,12 +63,15 @@ def pipeline_name(path: str | Path) -> str:
     return tree.name.value if tree.name else path.stem
 
 
-def load(path: str | Path, params: Mapping[str, str] | None = None, *,
+def load(path: str | Path, params: Mapping[str, object] | None = None, *,
          protected: Protected | None = None, strict: bool = False) -> Loaded:
     """Parse and check a pipeline file; raises with every mistake found (and carries the
-    warnings). ``protected``: where no output may be copied back (default:
-    :meth:`Protected.for_pipeline`); ``strict``: warnings are errors."""
+    warnings). ``params``: values as ``--param`` gives them, or Python numbers and booleans
+    (written as the pipeline would write them); ``protected``: where no output may be copied
+    back (default: :meth:`Protected.for_pipeline`); ``strict``: warnings are errors."""
     path = Path(path)
+    if params:
+        params = {name: _as_text(value) for name, value in params.items()}
     source = SourceFile.read(path)
     if protected is None:
         protected = Protected.for_pipeline(path)
@@ -81,6 +84,13 @@ def load(path: str | Path, params: Mapping[str, str] | None = None, *,
     finally:
         if collecting:
             gc.enable()
+
+
+def _as_text(value: object) -> str:
+    """A parameter's value as the command line gives it: ``true``/``false`` for booleans."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
 
 
 def _load(path: Path, source: SourceFile, params: Mapping[str, str] | None,
