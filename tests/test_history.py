@@ -140,8 +140,14 @@ def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypa
     kept = [p for p in (scratch / "opf" / "tiles").rglob("s1") if p.is_dir()]
     assert kept, "the failed task's folder is kept"
 
+    # the scratch folder is shared by every checkout with a pipeline of this name: kept unless
+    # asked for
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--dry-run",
+                           "--scratch", str(scratch))
+    assert status == 0 and "scratch folder of tiles" not in out
+    assert f"kept the scratch folder {scratch / 'opf' / 'tiles'}" in err
     status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--dry-run",
-                         "--scratch", str(scratch))
+                         "--scratch-folder", "--scratch", str(scratch))
     assert status == 0
     assert out.splitlines() == [
         f"would remove records of run 1 (done): {runs / 'tiles' / '1'}",
@@ -151,8 +157,8 @@ def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypa
         f"{scratch / 'opf' / 'tiles'}"]
     assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["1", "2", "3", "4"]
 
-    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch",
-                         str(scratch))
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
+                         "--scratch", str(scratch))
     assert status == 0 and out.splitlines()[0].startswith("removed records of run 1 ")
     # the last run stays; the other pipeline is untouched
     assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["4"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,9 +29,13 @@ def add_arguments(p: argparse.ArgumentParser, *, clean: bool) -> None:
     p.add_argument("--keep", type=int, default=5, metavar="K",
                    help="keep the records of the last K runs (default: 5) and always those "
                    "of the last run that did work")
+    p.add_argument("--scratch-folder", action="store_true",
+                   help="also remove the pipeline's scratch folder on this machine (job "
+                   "folders, task folders kept after failures): every checkout that runs a "
+                   "pipeline of this name on this machine shares it")
     p.add_argument("--scratch", metavar="DIR",
-                   help="the scratch root the runs used (default: $OPF_SCRATCH, else the "
-                   "system temp folder)")
+                   help="with --scratch-folder: the scratch root the runs used (default: "
+                   "$OPF_SCRATCH, else the system temp folder)")
     p.add_argument("--dry-run", action="store_true",
                    help="remove nothing; list what would be removed")
 
@@ -86,9 +91,13 @@ def clean_main(args: argparse.Namespace) -> int:
     lines = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
     paths = [r.folder for r in old]
     folder = Path(scratch) / "opf" / name  # as the engines name it
-    if folder.is_dir():
+    kept = None
+    if folder.is_dir() and args.scratch_folder:
         lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
         paths.append(folder)
+    elif folder.is_dir():
+        kept = (f"kept the scratch folder {folder}: other checkouts with a pipeline named "
+                f"{name} share it (--scratch-folder removes it)")
     verb = "would remove" if args.dry_run else "removed"
     if args.dry_run:
         for line in lines:
@@ -100,4 +109,6 @@ def clean_main(args: argparse.Namespace) -> int:
             print(f"{verb} {line}")
     if not lines:
         print(f"nothing to clean for {name}")
+    if kept:
+        print(kept, file=sys.stderr)
     return 0
