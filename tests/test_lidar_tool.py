@@ -351,3 +351,10 @@ def test_make_data_splits_simple_las_into_identical_strip_files(tmp_path: Path) 
         assert np.array_equal(strip.points.array, source.points.array[mask])
         total += len(strip.points)
     assert total == len(source.points) == 1065
+
+
+def test_a_bad_crs_is_a_usage_error_without_a_traceback(tmp_path: Path) -> None:
+    proc = run_tool("import", "--crs", "EPSG:99999", "in.las", "out.laz", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "argument --crs: 'EPSG:99999' is not a coordinate reference system" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -109,12 +109,14 @@ class Grid:
 # --- coordinate reference systems ---------------------------------------------------------
 
 def parse_crs(text: str) -> pyproj.CRS:
-    """A CRS from the command line: `EPSG:2994`, WKT, a PROJ string, ..."""
+    """A CRS from the command line: `EPSG:2994`, WKT, a PROJ string, ... (argparse reports a
+    bad one as a usage error, without a traceback)."""
     try:
         return pyproj.CRS.from_user_input(text)
     except pyproj.exceptions.CRSError:
-        raise LidarError(f"{text!r} is not a coordinate reference system "
-                         "(give e.g. EPSG:2994, a WKT string or a PROJ string)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a coordinate reference system (give e.g. EPSG:2994, a WKT "
+            "string or a PROJ string)") from None
 
 
 def epsg_code(crs: pyproj.CRS) -> int | None:
