@@ -28,7 +28,7 @@ from typing import Any
 
 import networkx as nx
 
-from .errors import PipelineError, PlanError, UsageError
+from .errors import OpfError, PipelineError, PlanError, UsageError
 from .lang.compile import Loaded, check_scratch, compile_file, load, plan
 from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
@@ -135,4 +135,4 @@ def draw(pipeline: Loaded | nx.DiGraph, level: str = "task") -> Drawing:
 
 
 __all__ = ["Loaded", "load", "plan", "draw", "Drawing", "compile_file", "run", "select",
-           "PipelineError", "PlanError", "Protected", "RunSummary", "ClusterOptions"]
+           "OpfError", "PipelineError", "PlanError", "Protected", "RunSummary", "ClusterOptions"]
