@@ -3,11 +3,13 @@
 :func:`atomic_copy` and :func:`write_atomic` write to ``<folder>/.<name>.opf-tmp-<hex>`` beside
 the destination (the hex digits name the writer's host and process), flush it to disk, rename it
 over the destination and flush the folder: a destination is either as before or complete, never
-truncated. On any error the temporary is removed and the error raised again. The writer holds a
-lock on the temporary while it writes. :func:`is_temp_name` recognises such temporaries;
-:func:`remove_abandoned_temporaries` removes those of a folder whose writer is provably gone
-(nobody holds the lock, and a writer of this host no longer runs; one of another host must also
-be unchanged for :data:`FOREIGN_GRACE` seconds), never one that is still being written.
+truncated. :func:`atomic_copies` does the same for many files with one flush phase: all
+temporaries written, then flushed together, then renamed. On any error the temporary is
+removed and the error raised again. The writer holds a lock on the temporary while it writes.
+:func:`is_temp_name` recognises such temporaries; :func:`remove_abandoned_temporaries` removes
+those of a folder whose writer is provably gone (nobody holds the lock, and a writer of this
+host no longer runs; one of another host must also be unchanged for :data:`FOREIGN_GRACE`
+seconds), never one that is still being written.
 
 Standard library only: engines import it (copy-back, shared files), as do the journal, the
 cluster record, ``opf fmt`` and ``opf report``.
