@@ -1159,3 +1159,28 @@ def test_copyback_failing_on_one_file_replaces_none_of_the_task_s_destinations(
     assert (results / "small.bin").read_bytes() == b"small, from the last run"
     assert (results / "big.bin").read_bytes() == b"big, from the last run"
     assert sorted(p.name for p in results.iterdir()) == ["big.bin", "small.bin"]
+
+
+def test_atomic_copies_in_turns_names_the_failing_pair_and_keeps_its_turn_unplaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: atomic_copies holds at most BATCH temporaries open; a failure names the pair
+    that failed, the turns before it are in place complete, and no destination of its own turn
+    is replaced."""
+    from opals_dsl.runtime import fsatomic
+    monkeypatch.setattr(fsatomic, "BATCH", 2)
+    srcs = []
+    for i in range(5):
+        src = tmp_path / f"s{i}.bin"
+        src.write_bytes(os.urandom(1000 * (i + 1)))
+        srcs.append(src)
+    out = tmp_path / "out"
+    pairs = [(str(s), str(out / f"d{i}.bin")) for i, s in enumerate(srcs)]
+    assert fsatomic.atomic_copies(pairs) == [1000, 2000, 3000, 4000, 5000]
+    assert [(out / f"d{i}.bin").read_bytes() for i in range(5)] == [s.read_bytes() for s in srcs]
+    shutil.rmtree(out)
+    pairs[3] = (str(tmp_path), str(out / "d3.bin"))  # a folder cannot be copied
+    with pytest.raises(fsatomic.CopyError) as failed:
+        fsatomic.atomic_copies(pairs)
+    assert failed.value.index == 3
+    assert isinstance(failed.value.error, IsADirectoryError)
+    assert sorted(p.name for p in out.iterdir()) == ["d0.bin", "d1.bin"]

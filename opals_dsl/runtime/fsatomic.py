@@ -83,6 +83,11 @@ _flush = os.fsync
 _rename = os.replace
 
 
+#: at most this many temporaries of :func:`atomic_copies` are open at once (each holds a
+#: descriptor, for its lock)
+BATCH = 256
+
+
 def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
     """Copy each ``(src, dst)`` pair as :func:`atomic_copy` does; return the bytes of each.
 
@@ -91,14 +96,26 @@ def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
     ``fsync`` each, issued together), then renamed into place; each folder is flushed once at the
     end. No destination is renamed before every temporary is flushed. A failure raises
     :class:`CopyError`; the temporaries not yet renamed are removed, so a failure before the
-    renames leaves every destination as it was.
+    renames leaves every destination as it was. More than :data:`BATCH` pairs go in turns of
+    that many (each turn's destinations are in place before the next turn starts).
     """
     made: set[str] = set()
+    sizes: list[int] = []
+    for first in range(0, len(pairs), BATCH):
+        sizes += _copy_turn(pairs[first:first + BATCH], first, made)
+    for folder in sorted(made):
+        fsync_folder(folder)
+    return sizes
+
+
+def _copy_turn(pairs: Sequence[tuple[str, str]], first: int, made: set[str]) -> list[int]:
+    """The three phases of :func:`atomic_copies` for ``pairs``, number ``first`` and on; adds
+    the destination folders to ``made``."""
     temps: list[tuple[str, int, str]] = []  # temporary, its locked descriptor, destination
     sizes: list[int] = []
     renamed = 0
     try:
-        for i, (src, dst) in enumerate(pairs):
+        for i, (src, dst) in enumerate(pairs, first):
             try:
                 dst = os.path.abspath(dst)
                 folder, name = os.path.split(dst)
@@ -110,12 +127,12 @@ def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
                 sizes.append(_copy_into(src, fd))
             except OSError as exc:
                 raise CopyError(i, exc) from exc
-        _flush_all([fd for _, fd, _ in temps])
+        _flush_all([fd for _, fd, _ in temps], first)
         for tmp, _, dst in temps:
             try:
                 _rename(tmp, dst)
             except OSError as exc:
-                raise CopyError(renamed, exc) from exc
+                raise CopyError(first + renamed, exc) from exc
             renamed += 1
     finally:
         for tmp, _fd, _ in temps[renamed:]:
@@ -123,20 +140,19 @@ def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
                 os.unlink(tmp)
         for _, fd, _ in temps:
             os.close(fd)  # releases the lock, once the temporary has its final name (or none)
-    for folder in sorted(made):
-        fsync_folder(folder)
     return sizes
 
 
-def _flush_all(fds: list[int]) -> None:
+def _flush_all(fds: list[int], first: int) -> None:
     """Flush every descriptor to disk, the flushes issued together (a file system can then
-    commit them as one); raise :class:`CopyError` for the first that fails."""
+    commit them as one); raise :class:`CopyError` (numbered from ``first``) for the first that
+    fails."""
     if len(fds) < 2:
         outcomes = [_flush_one(fd) for fd in fds]
     else:
         with ThreadPoolExecutor(min(len(fds), 8)) as pool:
             outcomes = list(pool.map(_flush_one, fds))
-    for i, exc in enumerate(outcomes):
+    for i, exc in enumerate(outcomes, first):
         if exc is not None:
             raise CopyError(i, exc) from exc
 
