@@ -1082,3 +1082,105 @@ def test_a_log_that_cannot_be_written_names_the_state_folder_s_disk(project: Pro
     assert failure["message"] == (
         f"cannot write the log of step s ({logs / 's.log'}): No space left on device (the disk "
         f"of the run's state folder is full, or a quota or file size limit was reached)")
+
+
+WRITE_THREE = ("import os\n"
+               "for name, size in (('a.bin', 70_000), ('b.bin', 5), ('c.bin', 300_000)):\n"
+               "    open(name, 'wb').write(os.urandom(size))\n")
+
+
+def test_copyback_renames_no_destination_before_every_temporary_is_flushed(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: a copy-back renames a temporary into place only after its data was flushed to
+    disk, and no destination appears before the flush phase of its task is over. The flushes and
+    renames run for real on real files; the seam only records them, with the file each one
+    touches (device and inode) and which destinations exist at that moment."""
+    from opals_dsl.runtime import fsatomic
+    dests = [project.root / "results" / "a.bin", project.root / "results" / "b.bin",
+             project.root / "other" / "c.bin"]
+    events: list[tuple[str, tuple[int, int], list[bool]]] = []
+    lock = threading.Lock()
+    real_flush, real_rename = fsatomic._flush, fsatomic._rename
+
+    def flush(fd: int) -> None:
+        st = os.fstat(fd)
+        real_flush(fd)
+        with lock:
+            events.append(("flushed", (st.st_dev, st.st_ino), [d.exists() for d in dests]))
+
+    def rename(src: str, dst: str) -> None:
+        st = os.stat(src)
+        with lock:
+            events.append(("rename", (st.st_dev, st.st_ino), [d.exists() for d in dests]))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fsatomic, "_flush", flush)
+    monkeypatch.setattr(fsatomic, "_rename", rename)
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "w", ["python", "-c", WRITE_THREE],
+                         outputs=("a.bin", "b.bin", "c.bin"))],
+        copyback=[["a.bin", "results/a.bin"], ["b.bin", "results/b.bin"],
+                  ["c.bin", "other/c.bin"]])
+    task = project.task_dir()
+    result = only(run_tasks([req]))
+    assert result["ok"], result["failure"]
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == ["flushed"] * 3 + ["rename"] * 3, events
+    flushed = {inode for kind, inode, _ in events if kind == "flushed"}
+    assert {inode for kind, inode, _ in events if kind == "rename"} == flushed
+    assert all(not any(seen) for kind, _, seen in events if kind == "flushed")
+    assert not task.exists()
+    assert [d.stat().st_size for d in dests] == [70_000, 5, 300_000]
+    assert not [p for d in dests for p in d.parent.iterdir() if is_temp_name(p.name)]
+
+
+def test_copyback_failing_on_one_file_replaces_none_of_the_task_s_destinations(
+        project: Project):
+    """Invariant: when one file of a copy-back cannot be written, every destination of the task
+    stays as it was (no mix of this run's and the last run's results), and no temporary stays."""
+    big = project.root / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    results = project.root / "results"
+    results.mkdir()
+    (results / "small.bin").write_bytes(b"small, from the last run")
+    (results / "big.bin").write_bytes(b"big, from the last run")
+    make = (f"import os; open('small.out', 'wb').write(b'new'); "
+            f"os.symlink({str(big)!r}, 'big.out')")
+    req = project.request(
+        execs=[argv_step("dem", "strip11", "make", ["python", "-c", make],
+                         outputs=("small.out", "big.out"))],
+        copyback=[["small.out", "results/small.bin"], ["big.out", "results/big.bin"]],
+    )
+    proc = run_python(LIMITED, "task", json.dumps(req))
+    assert proc.returncode == 0, proc.stderr
+    failure = only(json.loads(proc.stdout))["failure"]
+    assert failure["kind"] == "copyback"
+    assert str(results / "big.bin") in failure["message"]
+    assert (results / "small.bin").read_bytes() == b"small, from the last run"
+    assert (results / "big.bin").read_bytes() == b"big, from the last run"
+    assert sorted(p.name for p in results.iterdir()) == ["big.bin", "small.bin"]
+
+
+def test_atomic_copies_in_turns_names_the_failing_pair_and_keeps_its_turn_unplaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: atomic_copies holds at most BATCH temporaries open; a failure names the pair
+    that failed, the turns before it are in place complete, and no destination of its own turn
+    is replaced."""
+    from opals_dsl.runtime import fsatomic
+    monkeypatch.setattr(fsatomic, "BATCH", 2)
+    srcs = []
+    for i in range(5):
+        src = tmp_path / f"s{i}.bin"
+        src.write_bytes(os.urandom(1000 * (i + 1)))
+        srcs.append(src)
+    out = tmp_path / "out"
+    pairs = [(str(s), str(out / f"d{i}.bin")) for i, s in enumerate(srcs)]
+    assert fsatomic.atomic_copies(pairs) == [1000, 2000, 3000, 4000, 5000]
+    assert [(out / f"d{i}.bin").read_bytes() for i in range(5)] == [s.read_bytes() for s in srcs]
+    shutil.rmtree(out)
+    pairs[3] = (str(tmp_path), str(out / "d3.bin"))  # a folder cannot be copied
+    with pytest.raises(fsatomic.CopyError) as failed:
+        fsatomic.atomic_copies(pairs)
+    assert failed.value.index == 3
+    assert isinstance(failed.value.error, IsADirectoryError)
+    assert sorted(p.name for p in out.iterdir()) == ["d0.bin", "d1.bin"]

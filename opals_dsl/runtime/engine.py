@@ -59,9 +59,10 @@ The four phases of a task, each a node of the plan with one row in the result's 
        pipeline's folder has a module of that name elsewhere (an engine serves many runs). After
        a step, each declared output must exist as a file.
     4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
-       pair is copied with :func:`atomic_copy` (the destination joined with the request's
-       ``root``), then the task folder is removed. If anything before failed, nothing is copied
-       back and the task folder is kept for inspection. The result's ``outputs`` gives each
+       pair is copied with :func:`atomic_copies` (the destination joined with the request's
+       ``root``: every temporary written, then all flushed together, then renamed), then the
+       task folder is removed. If anything before failed, nothing is copied back and the task
+       folder is kept for inspection. The result's ``outputs`` gives each
        destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
        the request carries a ``receipt``, a line of JSON — the receipt's record plus
        ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
@@ -82,7 +83,7 @@ Failures
     into a file.
 
 Atomic copies
-    :func:`atomic_copy` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
+    :func:`atomic_copies` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
     destination (8 hex digits each: a hash of the host name, the process id, random; ``name`` is
     cut short, by bytes, where the whole would exceed the folder's name limit, at most 255
     bytes), flushes it to disk, renames it over the destination and flushes the folder: a
@@ -125,7 +126,7 @@ from ..plan.wire import (
     TraceRow,
     WireError,
 )
-from .fsatomic import atomic_copy, is_temp_name
+from .fsatomic import CopyError, atomic_copies, is_temp_name
 from .jobfolders import MARKER, JobPrephase
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
@@ -620,24 +621,23 @@ class _Task(JobPrephase):
         spec = self.req.copyback
         node = spec.node
         row = self.open_row(node, "copyback")
-        nbytes = 0
         earlier = {out for ex in self.req.steps[:self.req.start] for out in ex.outputs}
-        for local, dest in spec.files:
-            if local in earlier:  # a step not run this time: its output is in place
-                continue
-            dst = os.path.join(self.root, dest)
-            try:
-                nbytes += atomic_copy(os.path.join(self.task_dir, local), dst)
+        files = [(local, dest) for local, dest in spec.files if local not in earlier]
+        pairs = [(os.path.join(self.task_dir, local), os.path.join(self.root, dest))
+                 for local, dest in files]
+        try:
+            nbytes = sum(atomic_copies(pairs))
+            for (_, dest), (_, dst) in zip(files, pairs, strict=True):
                 st = os.stat(dst)
-            except OSError as exc:
-                self.bytes_copied += nbytes
-                blocker = file_in_the_way(os.path.dirname(dst))
-                reason = os_reason(exc, "destination")
-                if blocker is not None:
-                    reason += f" ({blocker} is a file, not a folder)"
-                raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
-                                                  f"{reason}") from exc
-            self.outputs[dest] = [st.st_size, st.st_mtime_ns]
+                self.outputs[dest] = [st.st_size, st.st_mtime_ns]
+        except CopyError as failed:
+            (local, _), (_, dst) = files[failed.index], pairs[failed.index]
+            blocker = file_in_the_way(os.path.dirname(dst))
+            reason = os_reason(failed.error, "destination")
+            if blocker is not None:
+                reason += f" ({blocker} is a file, not a folder)"
+            raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
+                                              f"{reason}") from failed.error
         self.bytes_copied += nbytes
         with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
             remove_tree(self.task_dir)

@@ -3,11 +3,13 @@
 :func:`atomic_copy` and :func:`write_atomic` write to ``<folder>/.<name>.opf-tmp-<hex>`` beside
 the destination (the hex digits name the writer's host and process), flush it to disk, rename it
 over the destination and flush the folder: a destination is either as before or complete, never
-truncated. On any error the temporary is removed and the error raised again. The writer holds a
-lock on the temporary while it writes. :func:`is_temp_name` recognises such temporaries;
-:func:`remove_abandoned_temporaries` removes those of a folder whose writer is provably gone
-(nobody holds the lock, and a writer of this host no longer runs; one of another host must also
-be unchanged for :data:`FOREIGN_GRACE` seconds), never one that is still being written.
+truncated. :func:`atomic_copies` does the same for many files with one flush phase: all
+temporaries written, then flushed together, then renamed. On any error the temporary is
+removed and the error raised again. The writer holds a lock on the temporary while it writes.
+:func:`is_temp_name` recognises such temporaries; :func:`remove_abandoned_temporaries` removes
+those of a folder whose writer is provably gone (nobody holds the lock, and a writer of this
+host no longer runs; one of another host must also be unchanged for :data:`FOREIGN_GRACE`
+seconds), never one that is still being written.
 
 Standard library only: engines import it (copy-back, shared files), as do the journal, the
 cluster record, ``opf fmt`` and ``opf report``.
@@ -22,11 +24,11 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 # this host's tag in temporary names, computed once
 _HOST_TAG: list[str] = []
@@ -62,20 +64,150 @@ def atomic_copy(src: str, dst: str) -> int:
     flushed to disk and renamed into place; the folder is flushed too. On any error the temporary
     is removed and the error re-raised, leaving ``dst`` as it was.
     """
-    dst = os.path.abspath(dst)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with replacing(dst) as tmp:
-        mode = stat.S_IMODE(os.stat(src).st_mode)
-        shutil.copyfile(src, tmp)
-        fd = os.open(tmp, os.O_WRONLY)
+    try:
+        return atomic_copies([(src, dst)])[0]
+    except CopyError as exc:
+        raise exc.error from None
+
+
+class CopyError(Exception):
+    """:func:`atomic_copies` failed on its pair number ``index`` with the OSError ``error``."""
+
+    def __init__(self, index: int, error: OSError) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+# the flush and the rename of atomic_copies, by name so that a test can watch their order
+_flush = os.fsync
+_rename = os.replace
+
+
+#: at most this many temporaries of :func:`atomic_copies` are open at once (each holds a
+#: descriptor, for its lock)
+BATCH = 256
+
+
+def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """Copy each ``(src, dst)`` pair as :func:`atomic_copy` does; return the bytes of each.
+
+    In three phases, so that one flush phase serves them all: every temporary is written (the
+    bytes moved by the kernel, ``copy_file_range``), then all are flushed to disk at once (one
+    ``fsync`` each, issued together), then renamed into place; each folder is flushed once at the
+    end. No destination is renamed before every temporary is flushed. A failure raises
+    :class:`CopyError`; the temporaries not yet renamed are removed, so a failure before the
+    renames leaves every destination as it was. More than :data:`BATCH` pairs go in turns of
+    that many (each turn's destinations are in place before the next turn starts).
+    """
+    made: set[str] = set()
+    sizes: list[int] = []
+    for first in range(0, len(pairs), BATCH):
+        sizes += _copy_turn(pairs[first:first + BATCH], first, made)
+    for folder in sorted(made):
+        fsync_folder(folder)
+    return sizes
+
+
+def _copy_turn(pairs: Sequence[tuple[str, str]], first: int, made: set[str]) -> list[int]:
+    """The three phases of :func:`atomic_copies` for ``pairs``, number ``first`` and on; adds
+    the destination folders to ``made``."""
+    temps: list[tuple[str, int, str]] = []  # temporary, its locked descriptor, destination
+    sizes: list[int] = []
+    renamed = 0
+    try:
+        for i, (src, dst) in enumerate(pairs, first):
+            try:
+                dst = os.path.abspath(dst)
+                folder, name = os.path.split(dst)
+                if folder not in made:
+                    os.makedirs(folder, exist_ok=True)
+                    made.add(folder)
+                tmp, fd = _create_temporary(folder, name, 0o666)
+                temps.append((tmp, fd, dst))
+                sizes.append(_copy_into(src, fd))
+            except OSError as exc:
+                raise CopyError(i, exc) from exc
+        _flush_all([fd for _, fd, _ in temps], first)
+        for tmp, _, dst in temps:
+            try:
+                _rename(tmp, dst)
+            except OSError as exc:
+                raise CopyError(first + renamed, exc) from exc
+            renamed += 1
+    finally:
+        for tmp, _fd, _ in temps[renamed:]:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for _, fd, _ in temps:
+            os.close(fd)  # releases the lock, once the temporary has its final name (or none)
+    return sizes
+
+
+def _flush_all(fds: list[int], first: int) -> None:
+    """Flush every descriptor to disk, the flushes issued together (a file system can then
+    commit them as one); raise :class:`CopyError` (numbered from ``first``) for the first that
+    fails."""
+    if len(fds) < 2:
+        outcomes = [_flush_one(fd) for fd in fds]
+    else:
+        with ThreadPoolExecutor(min(len(fds), 8)) as pool:
+            outcomes = list(pool.map(_flush_one, fds))
+    for i, exc in enumerate(outcomes, first):
+        if exc is not None:
+            raise CopyError(i, exc) from exc
+
+
+def _flush_one(fd: int) -> OSError | None:
+    try:
+        _flush(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _copy_into(src: str, fd: int) -> int:
+    """Copy the file ``src`` into the empty file open as ``fd`` (data and permission bits)
+    inside the kernel where it can; return the bytes copied."""
+    with open(src, "rb") as fin:
+        st = os.fstat(fin.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), src)
+        copied = 0
+        with contextlib.suppress(_NoFastCopy):
+            copied = _kernel_copy(fin.fileno(), fd)
+        if copied == 0:  # nothing done in the kernel: the same in user space
+            fin.seek(0)
+            while chunk := fin.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                copied += len(chunk)
+    with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    return copied
+
+
+class _NoFastCopy(Exception):
+    """The kernel cannot copy between these two files; nothing was copied."""
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
+                   errno.ETXTBSY, errno.EPERM}
+
+
+def _kernel_copy(infd: int, outfd: int) -> int:
+    """Copy all of ``infd`` to ``outfd`` with ``copy_file_range`` (else ``sendfile``)."""
+    copied = 0
+    for call in (os.copy_file_range, os.sendfile):
         try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-            with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
-                os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-    return size
+            while n := (call(infd, outfd, 1 << 30) if call is os.copy_file_range
+                        else os.sendfile(outfd, infd, None, 1 << 30)):
+                copied += n
+            return copied
+        except OSError as exc:
+            if copied or exc.errno not in _NO_KERNEL_COPY:
+                raise
+    raise _NoFastCopy
 
 
 def remove_abandoned_temporaries(folder: str) -> list[str]:
