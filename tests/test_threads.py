@@ -206,11 +206,10 @@ def test_mixed_threads_never_oversubscribe_a_machine_and_use_every_engine(
     rows = exec_rows(path)
     assert len(rows) == 16
     most = most_threads_at_once(rows)
-    assert len(most) == 2, most
-    assert all(peak <= 2 for peak in most.values()), most
-    engines = {r["engine"] for r in trace_rows(tmp_path / ".opf")
-               if r["engine"] is not None}
-    assert len(engines) == 4, engines
+    # every engine is used: each machine ran 2 threads at once, on both its engines (an
+    # engine a wide task borrows runs no row of its own, so the trace's engine ids alone
+    # cannot show it), and never more
+    assert sorted(most.values()) == [2, 2], most
     assert (tmp_path / "out" / "wide3.txt").read_text() == "2\n"
 
 
