@@ -11,7 +11,7 @@ classes.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -56,6 +56,22 @@ class TaskList:
 
     def __call__(self, t: TaskCtx) -> list[str]:
         return self.words(t)
+
+
+def flatten(parts: Sequence[object], t: TaskCtx) -> list[str]:
+    """The words of ``parts`` for task ``t``: a string is one word, a list its words, a
+    :class:`TaskList` the task's words, anything else (a compiled template) one word."""
+    out: list[str] = []
+    for x in parts:
+        if x.__class__ is str:
+            out.append(x)  # type: ignore[arg-type]
+        elif x.__class__ is list:
+            out.extend(x)  # type: ignore[arg-type]
+        elif x.__class__ is TaskList:
+            out.extend(x(t))  # type: ignore[operator]
+        else:
+            out.append(x(t))  # type: ignore[operator]
+    return out
 
 
 def tile_locals(t: TaskCtx) -> list[str]:
@@ -294,17 +310,7 @@ class StepCompiler:
             return run_words
 
         def run(t: TaskCtx) -> tuple[list[str], None]:
-            argv: list[str] = []
-            for w in words:
-                if w.__class__ is str:
-                    argv.append(w)  # type: ignore[arg-type]
-                elif w.__class__ is list:
-                    argv.extend(w)  # type: ignore[arg-type]
-                elif w.__class__ is TaskList:
-                    argv.extend(w(t))  # type: ignore[operator]
-                else:
-                    argv.append(w(t))  # type: ignore[operator]
-            return argv, None
+            return flatten(words, t), None
 
         return run
 
@@ -421,16 +427,7 @@ class StepCompiler:
         return inputs, files
 
     def step_inputs(self, cs: CompiledStep, t: TaskCtx, in_locals: list[str]) -> list[str]:
-        out: list[str] = []
-        for x in cs.inputs:
-            if x.__class__ is str:
-                out.append(x)  # type: ignore[arg-type]
-            elif x.__class__ is list:
-                out.extend(x)  # type: ignore[arg-type]
-            elif x.__class__ is TaskList:
-                out.extend(x(t))  # type: ignore[operator]
-            else:
-                out.append(x(t))  # type: ignore[operator]
+        out = flatten(cs.inputs, t)
         if not in_locals:
             return out  # distinct already: one entry per distinct file-valued name
         out += in_locals
