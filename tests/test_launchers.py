@@ -167,3 +167,33 @@ def test_a_launcher_configuration_that_does_not_load_exits_3(tmp_path):
     assert "Traceback" not in proc.stderr
     assert f"opf: error: cannot read the launcher configuration {config}: SyntaxError" \
         in proc.stderr
+
+
+WATCHERS = """
+import sys, threading
+from opals_dsl.runtime.launchers import quiet_ssh_waits
+
+def fail():
+    raise RuntimeError("failed in " + threading.current_thread().name)
+
+quiet_ssh_waits()
+quiet_ssh_waits()  # a second cluster in the same process installs nothing more
+for name in ("wait(host=opfhost2, pid=27094)", "someone else's thread"):
+    t = threading.Thread(target=fail, name=name)
+    t.start()
+    t.join()
+print("done")
+"""
+
+
+def test_an_ssh_watcher_that_fails_after_the_cluster_stopped_prints_no_traceback():
+    """ipyparallel watches each SSH engine from a thread that fails once ssh gives up on a lost
+    host, possibly after opf stopped the cluster: that failure goes to the debug log, while any
+    other thread's failure is still printed."""
+    proc = subprocess.run([sys.executable, "-c", WATCHERS], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
+    assert proc.stderr.count("Traceback") == 1, proc.stderr
+    assert "failed in someone else's thread" in proc.stderr
+    assert "opfhost2" not in proc.stderr

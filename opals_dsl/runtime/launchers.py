@@ -631,12 +631,16 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-@contextlib.contextmanager
-def _quiet_ssh_waits() -> Iterator[None]:
+def quiet_ssh_waits() -> None:
     """ipyparallel's SSH launcher watches each remote engine from a thread (``wait(host=...)``)
     that dies with a traceback when its host stops answering; the engine's loss is opf's to
-    report (the hub notices it), so those tracebacks go to the debug log instead."""
+    report (the hub notices it), so those tracebacks go to the debug log instead.
+
+    Installed once for the process and never taken back: a watcher blocked on an unreachable
+    host fails only when its ssh gives up, which may be after the cluster has been stopped."""
     previous = threading.excepthook
+    if getattr(previous, "opf_quiet_ssh_waits", False):
+        return
 
     def hook(args: Any) -> None:
         name = getattr(args.thread, "name", "") or ""
@@ -645,12 +649,8 @@ def _quiet_ssh_waits() -> Iterator[None]:
             return
         previous(args)
 
+    hook.opf_quiet_ssh_waits = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-    try:
-        yield
-    finally:
-        if threading.excepthook is hook:
-            threading.excepthook = previous
 
 
 def launched(options: ClusterOptions, state: Path,
@@ -659,7 +659,8 @@ def launched(options: ClusterOptions, state: Path,
     everything at the end (a generator for :func:`opals_dsl.runtime.connect.open_cluster`)."""
     launch: LaunchOptions = options.launch
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
-    with using_ipython_dir(cluster.ipython_dir), _quiet_ssh_waits():
+    quiet_ssh_waits()
+    with using_ipython_dir(cluster.ipython_dir):
         try:
             stop_leftover_launch(state)
             try:
