@@ -100,16 +100,13 @@ class Protected:
                         return why
         return None
 
-    def file_refusal(self, folder: tuple[str, ...], name: str) -> str | None:
-        """Why the file ``name`` in a folder (its :meth:`forms`) may not be written, or None."""
+    def pipeline_names(self, folder: tuple[str, ...]) -> frozenset[str]:
+        """The names under which the pipeline file (as named, and a link's target) lies in a
+        folder (its :meth:`forms`): a file of one of these names there may not be written."""
         if self.pipeline is None:
-            return None
-        for path in self.forms(self.pipeline):  # the file as named, and a link's target
-            if name == os.path.basename(path):
-                mine = self.forms(os.path.dirname(path))
-                if any(f in mine for f in folder):
-                    return "which is the pipeline file itself"
-        return None
+            return frozenset()
+        return frozenset(os.path.basename(path) for path in self.forms(self.pipeline)
+                         if any(f in self.forms(os.path.dirname(path)) for f in folder))
 
 
 class DestinationChecks:
@@ -151,8 +148,11 @@ class DestinationChecks:
         for folder, dests in by_folder.items():
             forms = forms_of[folder]
             why = self.protected.folder_refusal(forms, self.root)
+            names = self.protected.pipeline_names(forms)
             for dest in dests:
-                reason = why or self.protected.file_refusal(forms, posixpath.basename(dest))
+                reason = why
+                if reason is None and names and posixpath.basename(dest) in names:
+                    reason = "which is the pipeline file itself"
                 if reason is None:
                     continue
                 job, task, o, step = self.destinations[dest]

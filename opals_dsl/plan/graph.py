@@ -1,7 +1,7 @@
 """The plan graph itself: building it fast, and writing it as node-link JSON.
 
-This is the one module that touches networkx's internals, and it does so for speed only, as
-measured at 100,000 tasks:
+This is the one module that touches networkx's internals, and it does so for speed and memory
+only, as measured at 100,000 tasks:
 
 * :func:`add_chain` writes nodes and edges straight into the graph's dicts (networkx 3's
   documented data layout: ``_node`` holds each node's attribute dict, ``_succ``/``_pred`` its
@@ -9,11 +9,15 @@ measured at 100,000 tasks:
   and ``add_edges_from`` copy every attribute dict and check every argument; building the plan
   through them takes about twice as long. Like networkx's own methods, it clears the graph's
   cache of converted graphs afterwards.
+* Inside a task's chain each node has one neighbour each way; it is kept in a
+  :class:`Neighbour` (a three-slot mutable mapping) instead of a dict of one entry, and plan
+  edges share one empty attribute dict. Together that keeps 1.2 KB less per task of four
+  nodes (658 MB → 542 MB for a plan of 100,000 tasks).
 * :func:`json_chunks` reads the same dicts to stream the plan as JSON a few dozen nodes at a
   time.
 
 networkx is pinned to major version 3 in ``pyproject.toml`` for this reason;
-``tests/test_graph.py`` checks that a graph built here equals one built through networkx's
+``tests/test_plan_graph.py`` checks that a graph built here equals one built through networkx's
 public methods.
 """
 
@@ -22,11 +26,92 @@ from __future__ import annotations
 import gc
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any, TextIO
 
 import networkx as nx
+
+
+class _NoAttributes(dict):  # type: ignore[type-arg]
+    """An empty dict that stays empty: what every edge :func:`add_chain` makes carries. Plan
+    edges have no attributes, so they share one of these instead of a dict each; networkx's
+    ``add_edge`` of an existing edge with no attributes still works, while writing an
+    attribute fails instead of reaching every edge."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("plan edges carry no attributes; build a new graph to add some")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        if any(args) or kwargs:
+            self._refuse()
+
+    __setitem__ = __delitem__ = __ior__ = setdefault = pop = popitem = _refuse  # type: ignore
+
+
+#: the attributes of every edge :func:`add_chain` makes
+NO_ATTRIBUTES: Mapping[str, Any] = _NoAttributes()
+
+
+class Neighbour(MutableMapping[str, Any]):
+    """A node's neighbours in one direction, as networkx keeps them (neighbour -> edge
+    attributes), for the common case of exactly one: inside a task's chain every node has one
+    node before it and one after. Three slots instead of a dict: a dict of one entry takes
+    184 bytes, this 56; a chain of four nodes has seven such maps.
+
+    It is a full mutable mapping: adding a second neighbour, or removing the one, moves the
+    entries into a dict it keeps from then on."""
+
+    __slots__ = ("_key", "_value", "_more")
+
+    def __init__(self, key: str, value: Mapping[str, Any]) -> None:
+        self._key: str | None = key
+        self._value = value
+        self._more: dict[str, Any] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if self._more is not None:
+            return self._more[key]
+        if key == self._key:
+            return self._value
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._more if self._more is not None else key == self._key
+
+    def __iter__(self) -> Iterator[str]:
+        if self._more is not None:
+            return iter(self._more)
+        return iter((self._key,))
+
+    def __len__(self) -> int:
+        return len(self._more) if self._more is not None else 1
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self._more is None:
+            if key == self._key:
+                self._value = value
+                return
+            self._more = {self._key: self._value}  # type: ignore[dict-item]
+            self._key = self._value = None  # type: ignore[assignment]
+        self._more[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if self._more is None:
+            if key != self._key:
+                raise KeyError(key)
+            self._more = {}
+            self._key = self._value = None  # type: ignore[assignment]
+            return
+        del self._more[key]
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 def add_chain(g: nx.DiGraph, chain: Sequence[tuple[str, dict[str, Any]]],
@@ -34,23 +119,24 @@ def add_chain(g: nx.DiGraph, chain: Sequence[tuple[str, dict[str, Any]]],
     """Add the nodes of ``chain`` (``(id, attributes)``, new ids) to ``g``, each waiting for
     the one before it, and the first waiting for every node of ``after`` (already in ``g``).
 
-    The attribute dicts are taken as they are, not copied."""
+    The attribute dicts are taken as they are, not copied. Inside the chain a node's one
+    neighbour each way is a :class:`Neighbour`; the edges share :data:`NO_ATTRIBUTES`."""
     node, succ, pred = g._node, g._succ, g._pred
     prev: str | None = None
     for nid, attrs in chain:
         node[nid] = attrs
-        succ[nid] = {}
         if prev is None:
-            into: dict[str, dict] = {}
-            pred[nid] = into
+            into: dict[str, Any] = {}
             for u in after:
                 if u not in into:
-                    succ[u][nid] = into[u] = {}
+                    succ[u][nid] = into[u] = NO_ATTRIBUTES
+            pred[nid] = Neighbour(*next(iter(into.items()))) if len(into) == 1 else into
         else:
-            edge: dict = {}
-            pred[nid] = {prev: edge}
-            succ[prev][nid] = edge
+            pred[nid] = Neighbour(prev, NO_ATTRIBUTES)
+            succ[prev] = Neighbour(nid, NO_ATTRIBUTES)
         prev = nid
+    if prev is not None:
+        succ[prev] = {}  # the last node's later successors: tasks downstream of it
     cache = getattr(g, "__networkx_cache__", None)
     if cache:
         cache.clear()

@@ -1,0 +1,119 @@
+"""The plan graph's fast construction (opals_dsl.plan.graph): a plan built by ``add_chain``
+is the same graph networkx's own methods would build, and its compact neighbour maps behave
+exactly like the dicts networkx would have put there."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opals_dsl.plan.graph import Neighbour, add_chain, to_json
+
+CHAINS = st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6)
+
+
+def build(lengths: list[int]) -> tuple[nx.DiGraph, nx.DiGraph]:
+    """The same plan-shaped graph twice: a root, then chains of the given lengths, each waiting
+    for the root and for the end of the chain before it; once through add_chain, once through
+    networkx's add_node/add_edge."""
+    fast, slow = nx.DiGraph(), nx.DiGraph()
+    add_chain(fast, [("root", {"kind": "root"})])
+    slow.add_node("root", kind="root")
+    last = None
+    for c, length in enumerate(lengths):
+        chain = [(f"n{c}.{k}", {"chain": c, "k": k}) for k in range(length)]
+        after = ["root"] if last is None else ["root", last]
+        add_chain(fast, chain, after)
+        for k, (nid, attrs) in enumerate(chain):
+            slow.add_node(nid, **attrs)
+            for u in (after if k == 0 else [chain[k - 1][0]]):
+                slow.add_edge(u, nid)
+        last = chain[-1][0]
+    return fast, slow
+
+
+@given(CHAINS)
+def test_a_graph_built_by_add_chain_equals_one_built_by_networkx(lengths):
+    """Invariant: nodes, their attributes and order, edges, adjacency both ways and the
+    node-link JSON are those of the same graph built through networkx's public methods."""
+    fast, slow = build(lengths)
+    assert nx.utils.graphs_equal(fast, slow)
+    assert list(fast.nodes(data=True)) == list(slow.nodes(data=True))
+    assert list(fast.edges(data=True)) == list(slow.edges(data=True))
+    for n in slow:
+        assert list(fast.predecessors(n)) == list(slow.predecessors(n))
+        assert list(fast.successors(n)) == list(slow.successors(n))
+        assert fast.in_degree(n) == slow.in_degree(n)
+        assert fast.out_degree(n) == slow.out_degree(n)
+    assert to_json(fast) == to_json(slow)
+    assert json.loads(to_json(fast)) == nx.node_link_data(slow, edges="edges")
+    assert list(nx.topological_sort(fast)) == list(nx.topological_sort(slow))
+
+
+@given(CHAINS, st.data())
+def test_a_built_graph_stays_networkx_after_changes(lengths, data):
+    """Invariant: removing nodes, adding edges and copying a subgraph give the same result on
+    a graph built by add_chain as on one built by networkx."""
+    fast, slow = build(lengths)
+    nodes = list(slow)
+    for _ in range(data.draw(st.integers(0, 4))):
+        u, v = data.draw(st.sampled_from(nodes)), data.draw(st.sampled_from(nodes))
+        if data.draw(st.booleans()):
+            fast.add_edge(u, v)
+            slow.add_edge(u, v)
+        elif u in slow and u != "root":
+            fast.remove_node(u)
+            slow.remove_node(u)
+            nodes.remove(u)
+        assert nx.utils.graphs_equal(fast, slow)
+    keep = data.draw(st.sets(st.sampled_from(nodes)))
+    assert nx.utils.graphs_equal(fast.subgraph(keep).copy(), slow.subgraph(keep).copy())
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["set", "del"]), st.sampled_from("abc"),
+                         st.integers()), max_size=12)
+
+
+@given(st.sampled_from("abc"), OPS)
+def test_a_neighbour_map_behaves_as_a_dict(first, ops):
+    """Invariant: after any sequence of assignments and deletions, a Neighbour holds what a
+    dict given the same operations holds, in the same order, and fails where the dict fails."""
+    mine, model = Neighbour(first, 0), {first: 0}
+    for op, key, value in ops:
+        if op == "set":
+            mine[key] = value
+            model[key] = value
+        else:
+            failed = False
+            try:
+                del model[key]
+            except KeyError:
+                failed = True
+            if failed:
+                try:
+                    del mine[key]
+                except KeyError:
+                    pass
+                else:
+                    raise AssertionError(f"deleting missing {key!r} did not fail")
+            else:
+                del mine[key]
+        assert list(mine.items()) == list(model.items())
+        assert len(mine) == len(model)
+        assert mine == model and mine.copy() == model
+        for k in "abcd":
+            assert (k in mine) == (k in model)
+            assert mine.get(k) == model.get(k)
+
+
+def test_an_attribute_written_onto_a_plan_edge_fails_rather_than_reaching_every_edge():
+    g, _ = build([2, 2])
+    with pytest.raises(TypeError, match="no attributes"):
+        g.edges["n0.0", "n0.1"]["weight"] = 1
+    with pytest.raises(TypeError, match="no attributes"):
+        g.add_edge("n0.0", "n0.1", weight=1)
+    assert g.edges["n1.0", "n1.1"] == {}
