@@ -18,13 +18,13 @@ lengths and from their lengths as measured in the trace, and wall time / bound a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from opals_dsl.api import compile_file
+from opals_dsl.plan import trace
 from opals_dsl.runtime import session
 from opals_dsl.runtime.cluster import ClusterOptions
 from opals_dsl.runtime.connect import open_cluster
@@ -75,8 +75,11 @@ def main() -> int:
             wall = time.perf_counter() - t0
         assert summary.exit_code == 0, summary.failures[:1]
         measured = 0.0
-        for line in (state / "trace.jsonl").read_text().splitlines():
-            row = json.loads(line)
+        # the trace lies in this run's records: runs/<pipeline>/<N>/ of the state folder
+        records = trace.runs_folder(state, "packing")
+        rows, _ = trace.read_trace(
+            records / str(trace.run_numbers(state, "packing")[-1]) / trace.TRACE_FILE)
+        for row in rows:
             if row["kind"] == "exec" and row["start"] is not None:
                 width = args.threads if row["job"] == "wide" else 1
                 measured += (row["end"] - row["start"]) * width
