@@ -78,14 +78,14 @@ def merge(saved: dict, run: dict) -> dict:
 
 
 def describe(run: dict) -> str:
-    load = ", ".join(f"{x:g}" for x in run["load_before"])
+    load = "/".join(f"{x:g}" for x in run["load_before"][:1] + run.get("load_after", [])[:1])
     what = " and ".join(
         f"opf {run['opf_commit']}" if t == "opf_cli" else f"Snakemake {run['snakemake_version']}"
         for t in run.get("tools", []))
     best = f", best of {run['repeat']}" if run.get("repeat", 1) > 1 and "opf_cli" in run.get(
         "tools", []) else ""
     return (f"{run['started'][:16].replace('T', ' ')} UTC: {what}{best}; {run['cores']} cores, "
-            f"{run['memory_gib']:g} GiB, Python {run['python']}, load average {load} at start")
+            f"{run['memory_gib']:g} GiB, Python {run['python']}, load average {load} (start/end)")
 
 
 def count(value: float, _pos: object = None) -> str:
@@ -147,8 +147,11 @@ def draw(saved: dict, out: Path, dpi: int) -> None:
                bbox_to_anchor=(0.5, 0.96), frameon=False)
     notes = [describe(run) for run in saved["runs"]]
     for label, source, n, f in left_out:
-        why = (f"still running after {f['wall_s']:.0f} s, stopped" if f.get("status") == "timeout"
-               else "failed")
+        if f.get("status") == "timeout":
+            why = (f"unfinished after {f['wall_s']:.0f} s, stopped, having used "
+                   f"{f['cpu_s']:.0f} CPU s and {f['peak_mb']:,.0f} MB")
+        else:
+            why = "failed"
         notes.append(f"Left out: {label}, {source}, {n:,} tasks ({why}).")
     fig.suptitle("Planning a pipeline of two steps a task: time and peak memory")
     fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom", ha="left")
