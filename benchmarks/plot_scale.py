@@ -16,6 +16,7 @@ A Snakemake dry run still going after ``--snakemake-timeout`` seconds is stopped
 the picture, which says so.
 
     python benchmarks/plot_scale.py                                  # redraw from scale.json
+    python benchmarks/plot_scale.py --table                          # ... and print a table
     python benchmarks/plot_scale.py --measure                        # measure all, then draw
     python benchmarks/plot_scale.py --measure --tools opf --repeat 3 # opf again, best of 3
     python benchmarks/plot_scale.py --measure --sizes 1000,10000 \\
@@ -160,6 +161,26 @@ def draw(saved: dict, out: Path, dpi: int) -> None:
     plt.close(fig)
 
 
+def table(saved: dict) -> str:
+    """The drawn figures as a Markdown table, one row a source and size."""
+    latest = points(saved["runs"])
+    lines = ["| tasks | source | opf wall s | opf CPU s | opf peak MB | snakemake -n wall s "
+             "| snakemake CPU s | snakemake peak MB |", "|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for n, source in sorted({(n, s) for _, s, n in latest}):
+        cells = [f"{n:,}", source]
+        for tool in ("opf_cli", "snakemake"):
+            f = latest.get((tool, source, n), (0, None))[1]
+            if f is None:
+                cells += ["—"] * 3
+            elif f.get("status", "ok") == "timeout":
+                cells += [f"> {f['wall_s']:.0f} (stopped)", f"{f['cpu_s']:.0f} so far",
+                          f"{f['peak_mb']:,.0f} so far"]
+            else:
+                cells += [f"{f['wall_s']:.2f}", f"{f['cpu_s']:.2f}", f"{f['peak_mb']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", action="store_true",
@@ -177,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "scale.png",
                     help="the picture (default: %(default)s)")
     ap.add_argument("--dpi", type=int, default=100)
+    ap.add_argument("--table", action="store_true",
+                    help="also print the figures as a Markdown table")
     args = ap.parse_args(argv)
 
     saved = json.loads(args.data.read_text(encoding="utf-8")) if args.data.exists() else {}
@@ -189,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no figures in {args.data}: run with --measure first")
     draw(saved, args.out, args.dpi)
     print(f"wrote {args.out}")
+    if args.table:
+        print(table(saved))
     return 0
 
 
