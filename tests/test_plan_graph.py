@@ -117,3 +117,26 @@ def test_an_attribute_written_onto_a_plan_edge_fails_rather_than_reaching_every_
     with pytest.raises(TypeError, match="no attributes"):
         g.add_edge("n0.0", "n0.1", weight=1)
     assert g.edges["n1.0", "n1.1"] == {}
+
+
+def test_node_attributes_are_plain_dicts_that_take_new_keys(tmp_path):
+    """The planner's node attributes share their keys between nodes of a kind to save memory;
+    they stay ordinary dicts: JSON-encodable, in the documented key order, open to changes
+    of one node that leave the others alone."""
+    from opals_dsl.api import compile_file
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "b.txt").write_text("b\n")
+    (tmp_path / "p.opf").write_text(
+        'pipeline p\njob j for s in "*.txt" {\n    output "out" flat\n'
+        '    step copy {\n        out o = "{s.stem}.o"\n        run cp {s} {o}\n    }\n}\n')
+    g = compile_file(tmp_path / "p.opf")
+    a, b = g.nodes["exec:j/a/copy"], g.nodes["exec:j/b/copy"]
+    assert type(a) is dict and type(g.nodes["copyback:j/a"]) is dict
+    assert type(g.nodes["stage:j/a"]) is dict
+    assert list(a) == ["kind", "job", "task", "step", "affinity", "index", "argv", "call",
+                       "inputs", "outputs", "temp", "threads", "timeout"]
+    a["note"] = 1
+    del a["timeout"]
+    assert "note" not in b and b["timeout"] is None
+    assert json.loads(json.dumps(a))["note"] == 1
+    assert json.loads(to_json(g))["nodes"][2]["note"] == 1
