@@ -25,7 +25,9 @@ def build(lengths: list[int]) -> tuple[nx.DiGraph, nx.DiGraph]:
     slow.add_node("root", kind="root")
     last = None
     for c, length in enumerate(lengths):
-        chain = [(f"n{c}.{k}", {"chain": c, "k": k}) for k in range(length)]
+        chain = [(f"n{c}.{k}", {"chain": c, "k": k, "cell": 0.5 * k, "name": f"Straße {k}",
+                                "call": {"kwargs": [None, True]} if k else None})
+                 for k in range(length)]
         after = ["root"] if last is None else ["root", last]
         add_chain(fast, chain, after)
         for k, (nid, attrs) in enumerate(chain):
@@ -49,7 +51,8 @@ def test_a_graph_built_by_add_chain_equals_one_built_by_networkx(lengths):
         assert list(fast.successors(n)) == list(slow.successors(n))
         assert fast.in_degree(n) == slow.in_degree(n)
         assert fast.out_degree(n) == slow.out_degree(n)
-    assert to_json(fast) == to_json(slow)
+    assert to_json(fast) == to_json(slow) == json.dumps(
+        nx.node_link_data(slow, edges="edges"), separators=(",", ":"), ensure_ascii=False) + "\n"
     assert json.loads(to_json(fast)) == nx.node_link_data(slow, edges="edges")
     assert list(nx.topological_sort(fast)) == list(nx.topological_sort(slow))
 
