@@ -55,26 +55,32 @@ class Resume:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
+        #: every decision, in plan order, once :meth:`decide` kept them
         self.decisions: list[Decision] | None = None
+        # what the scheduler asks: per task whether it runs (1) or not (0), and the step it
+        # starts at where that is not the first — a byte a task, not a Decision
+        self._runs: bytearray | None = None
+        self._from: dict[int, int] = {}
         self._refresh: dict[int, dict[str, list[Any]]] = {}
         self._starts: dict[int, int] = {}
 
     def skip(self, task: Task) -> bool:
         """The scheduler's ``skip`` hook: True if the decision for ``task`` is not to run it."""
-        if self.decisions is None:
+        if self._runs is None:
             self.decide()
-        assert self.decisions is not None
-        return not self.decisions[task.order].run
+        assert self._runs is not None
+        return not self._runs[task.order]
 
     def start_of(self, task: Task) -> int:
         """The scheduler's ``start`` hook: the step ``task`` runs from (0: all of them)."""
-        if self.decisions is None:
+        if self._runs is None:
             self.decide()
-        assert self.decisions is not None
-        return self.decisions[task.order].start
+        return self._from.get(task.order, 0)
 
-    def decide(self, force: bool = False) -> list[Decision]:
-        """Decide for every task whether it runs, and why; in plan order."""
+    def decide(self, force: bool = False, *, keep: bool = True) -> list[Decision]:
+        """Decide for every task whether it runs, and why; in plan order. ``keep=False``: the
+        decisions are returned but not kept (:meth:`skip` and :meth:`start_of` still answer),
+        so that a long run does not hold one for each task."""
         n = len(self.journal.tasks)
         runs = [False] * n
         decisions: list[Decision | None] = [None] * n
@@ -91,14 +97,17 @@ class Resume:
             runs[i] = reason is not None
             decisions[i] = Decision(ref, runs[i], reason or "unchanged",
                                     self._starts.pop(i, 0) if runs[i] else 0)
-        self.decisions = [d for d in decisions if d is not None]
+        found = [d for d in decisions if d is not None]
+        self.decisions = found if keep else None
+        self._runs = bytearray(runs)
+        self._from = {d.task.order: d.start for d in found if d.start}
         if self._refresh and self.journal.writable:
             for i, ins in self._refresh.items():
                 if not runs[i]:
                     self.journal.refresh_record(i, ins)
             self.journal.flush()
         self._refresh.clear()
-        return self.decisions
+        return found
 
     def _dependency_order(self) -> Iterable[int]:
         n = len(self.journal.tasks)
