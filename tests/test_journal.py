@@ -512,7 +512,7 @@ def test_a_run_holds_only_the_sig_and_time_of_the_records_it_writes(tmp_path):
     plan = compile_file(path)
     with Journal.open(state, plan) as journal:
         resume = Resume(journal)
-        resume.decide(keep=False)
+        resume.settle()
         summary = Scheduler(plan, LocalExecutor([str(scratch)]), state_dir=state,
                             listener=journal, skip=resume.skip, start=resume.start_of,
                             stamp=journal.stamp).run()

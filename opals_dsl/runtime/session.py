@@ -268,13 +268,11 @@ def run(
             to_run = len(tasks)
             if journal is not None:
                 decider = Resume(journal)
-                decisions = decider.decide(force, keep=False)
+                to_run = decider.settle(force)  # the scheduler asks it: a byte a task
                 timeline.mark("decide", decided, note="the journal: what is to run")
                 for warning in journal.warnings():
                     listener.warning(warning)
-                to_run = sum(1 for d in decisions if d.run)
-                listener.resuming(to_run, len(decisions) - to_run)
-                del decisions  # the scheduler asks ``decider``, which keeps a byte a task
+                listener.resuming(to_run, len(tasks) - to_run)
             given = policy.pop("run_id", None)
             run_id = early.run_id if early else given or new_run_id()
             records = stack.enter_context(
