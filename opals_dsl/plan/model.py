@@ -465,7 +465,9 @@ def tasks(graph: nx.DiGraph) -> Tasks:
     machine stage or a copy-back."""
     jobs = list(graph.graph.get("jobs") or [])
     job_rank = {job: i for i, job in enumerate(jobs)}
-    found: dict[tuple[str, str], dict[str, Any]] = {}
+    # per task, a short list rather than a dict (a plan has a million of them):
+    # [task stage, index, retries, copy-back, threads, [exec node...]]
+    found: dict[tuple[str, str], list[Any]] = {}
     for nid, a in graph.nodes(data=True):
         kind = a.get("kind")
         task = a.get("task")
@@ -473,33 +475,49 @@ def tasks(graph: nx.DiGraph) -> Tasks:
             if kind != STAGE:
                 raise PlanFormatError(f"plan node {nid} has no task")
             continue
-        chain = found.setdefault((a["job"], task), {"execs": [], "threads": 1})
+        chain = found.get((a["job"], task))
+        if chain is None:
+            chain = found[(a["job"], task)] = [None, 0, 0, None, 1, []]
         if kind == STAGE:
-            chain["stage"] = nid
-            chain["index"] = int(a.get("index") or 0)
-            chain["retries"] = int(a.get("retries") or 0)
+            chain[0] = nid
+            chain[1] = int(a.get("index") or 0)
+            chain[2] = int(a.get("retries") or 0)
         elif kind == EXEC:
-            chain["execs"].append((int(a.get("index") or 0), nid))
+            chain[5].append(nid)
             threads = a.get("threads")
-            if threads is not None and threads > chain["threads"]:
-                chain["threads"] = int(threads)
+            if threads is not None and threads > chain[4]:
+                chain[4] = int(threads)
         elif kind == COPYBACK:
-            chain["copyback"] = nid
+            chain[3] = nid
         else:
             raise PlanFormatError(f"plan node {nid} has an unknown kind {kind!r}")
-    keyed = []
-    for (job, task), chain in found.items():
-        if "stage" not in chain or "copyback" not in chain:
-            raise PlanFormatError(f"task {job}/{task} of the plan lacks its task stage or "
-                                  "copy-back")
-        keyed.append(((job_rank.get(job, len(jobs)), job, chain["index"], task), chain))
-    keyed.sort(key=lambda item: item[0])
+
+    def step_index(nid: str) -> int:
+        return int(graph.nodes[nid].get("index") or 0)
+
+    def rank(item: tuple[tuple[str, str], list[Any]]) -> tuple[int, str, int, str]:
+        (job, task), chain = item
+        return job_rank.get(job, len(jobs)), job, chain[1], task
+
+    ordered: Any = found.items()
+    previous = None
+    for item in ordered:  # the planner's plans are in order already: no sort, no sort keys
+        key = rank(item)
+        if previous is not None and key < previous:
+            ordered = sorted(found.items(), key=rank)
+            break
+        previous = key
     chains: list[Task] = []
     order_of: dict[str, int] = {}
-    for order, ((_, job, index, task), chain) in enumerate(keyed):
-        t = Task(order, job, task, index, chain["retries"],
-                 tuple(nid for _, nid in sorted(chain["execs"])), chain["threads"])
-        if t.task_stage != chain["stage"] or t.copyback != chain["copyback"]:
+    for order, ((job, task), chain) in enumerate(ordered):
+        stage, index, retries, copyback, threads, execs = chain
+        if stage is None or copyback is None:
+            raise PlanFormatError(f"task {job}/{task} of the plan lacks its task stage or "
+                                  "copy-back")
+        if len(execs) > 1:
+            execs.sort(key=step_index)
+        t = Task(order, job, task, index, retries, tuple(execs), threads)
+        if t.task_stage != stage or t.copyback != copyback:
             raise PlanFormatError(f"the nodes of task {t.name} do not have the ids the plan "
                                   f"format gives them")
         chains.append(t)
