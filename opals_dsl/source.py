@@ -151,9 +151,11 @@ def _nonblocking(path: str, flags: int) -> int:
 def render_diagnostic(
     source: SourceFile | None, span: Span | None, message: str, severity: str = "error"
 ) -> str:
-    """``file:line:col: error: message``, then the source line and a caret under the place."""
+    """``file:line:col: error: message``, then the source line and a caret under the place;
+    ``opf: error: message`` for a finding that has no place in the file (a ``--param``), as
+    for the command line's other errors."""
     if span is None:
-        return f"{severity}: {message}"
+        return f"opf: {severity}: {message}"
     head = f"{span}: {severity}: {message}"
     if source is None:
         return head

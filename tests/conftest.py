@@ -23,8 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under CI (the CI variable set, as .ci/run and CI services do) each property test draws the
+# same examples on every run, derived from the test itself: a commit's result does not depend
+# on the run. Elsewhere every run draws new examples, and hypothesis's database replays the
+# ones that failed before.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 #: the example pipelines: files only — running the demo leaves a state folder ``examples/.opf``
 #: that a bare ``*.opf`` glob would also match

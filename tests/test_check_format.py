@@ -27,7 +27,8 @@ CASES = sorted(GOLDEN.glob("*.opf"))
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strips.opf"
 KEYS = ["file", "line", "column", "end_line", "end_column", "severity", "message", "hint"]
 _TEXT_LINE = re.compile(
-    r"^(?:(?P<place>\S+?):(?P<line>\d+):(?P<col>\d+): )?(?P<severity>error|warning): (?P<msg>.*)$")
+    r"^(?:(?P<place>\S+?):(?P<line>\d+):(?P<col>\d+): |opf: )?(?P<severity>error|warning): "
+    r"(?P<msg>.*)$")
 
 
 def opf(*argv: str) -> tuple[int, str, str]:

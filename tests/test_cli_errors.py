@@ -58,3 +58,16 @@ def test_every_error_for_people_is_an_opf_error_with_its_status() -> None:
     statuses = [errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_INVALID, errors.EXIT_CLUSTER,
                 errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED]
     assert statuses == [0, 1, 2, 3, 70, 130]
+
+
+@pytest.mark.parametrize("args", ["", "1, 2, 3", "1, 2, 3, 4"])
+@pytest.mark.parametrize("command", ["check", "compile"])
+def test_a_range_with_a_wrong_number_of_arguments_is_an_error_at_its_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: str, command: str) -> None:
+    path = tmp_path / "p.opf"
+    path.write_text(f"pipeline p\njob j for i in range({args}) {{\n    step s {{\n"
+                    "        run echo {i}\n    }\n}\n")
+    assert main([command, str(path)]) == errors.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "p.opf:2:16: error: range takes one or two whole numbers" in err
+    assert "^^^^" in err and "internal error" not in err

@@ -101,7 +101,7 @@ def test_every_message_has_place_source_line_and_caret(case: Path):
         assert shown == "    " + source[int(lineno) - 1].expandtabs(1)
         assert caret.startswith("    " + " " * (int(col) - 1) + "^")
     if case.with_suffix(".args").exists():
-        assert any(line.startswith("error: --param ") for line in lines)
+        assert any(line.startswith("opf: error: --param ") for line in lines)
 
 
 SUBPROCESS_CASES = ["syntax_run_swallows_brace", "unknown_names", "missing_files",

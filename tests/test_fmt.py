@@ -202,6 +202,16 @@ def test_blanks_after_a_backslash_at_the_end_of_a_run_line_stay():
         assert_invariants(text)
 
 
+def test_a_comment_right_after_a_bare_run_stays_against_it():
+    """``run#x`` is a run line with no words followed by a comment outside it; a blank between
+    the two would take the comment into the run line, so the formatter keeps them joined and
+    the comment stays a comment of its own (reduced from a mutation of examples/per_strip.opf
+    that the fuzzing property test found). A form feed between them is a blank that goes."""
+    for line, kept in [("run#python {tool} x", "run#python {tool} x"), ("run\f#x  ", "run#x")]:
+        text = f"job j {{\n  step s {{\n     {line}\n  }}\n}}\n"
+        assert assert_invariants(text) == f"job j {{\n    step s {{\n        {kept}\n    }}\n}}\n"
+
+
 def test_blank_lines_between_sections_and_none_at_block_edges():
     text = textwrap.dedent("""\
 

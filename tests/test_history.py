@@ -78,7 +78,7 @@ def test_two_pipelines_in_one_folder_keep_their_own_records(tmp_path, capsys, mo
 
     status, out, _ = opf(capsys, "report", "tiles.opf")
     page = state / "runs" / "tiles" / "1" / "report.html"
-    assert status == 0 and out == f"opf: report written to {page}\n"
+    assert status == 0 and out == f"report: {page}\n"
     assert not (tmp_path / "report.html").exists()  # the report goes with the run's records
     data = page_data(page)
     assert data["pipeline"] == "tiles" and data["summary"]["done"] == 3

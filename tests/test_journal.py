@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 
 from conftest import files_under, trace_rows, write_pipeline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.runtime import session
 from opals_dsl.runtime.executor import LocalExecutor
 from opals_dsl.runtime.journal import Journal, journal_path
+from opals_dsl.runtime.records import ENCODE, Written, record_line, time_of
 from opals_dsl.runtime.resume import Resume
-from opals_dsl.runtime.scheduler import build_request
+from opals_dsl.runtime.scheduler import Scheduler, build_request
 
 CHAIN = """
 pipeline chain
@@ -496,6 +499,62 @@ def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
     got = decisions(path, state)
     assert got["up/s2"] == "skip"
     assert got["down/s2"] == "upstream up/s2 ran again since"
+
+
+def test_a_run_holds_only_the_sig_and_time_of_the_records_it_writes(tmp_path):
+    """Invariant: once a run recorded a task, the journal holds no record line of it in memory
+    (a run of a million tasks would hold hundreds of megabytes), yet every question about the
+    task's record — its sig, for the stamps of the tasks downstream — gets the file's answer."""
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)
+    later(path.parent / "data" / "s1.txt", "strip 1 v2")  # up/s1, down/s1, all/0 run again
+    plan = compile_file(path)
+    with Journal.open(state, plan) as journal:
+        resume = Resume(journal)
+        resume.settle()
+        summary = Scheduler(plan, LocalExecutor([str(scratch)]), state_dir=state,
+                            listener=journal, skip=resume.skip, start=resume.start_of,
+                            stamp=journal.stamp).run()
+        assert (summary.done, summary.skipped) == (3, 5)
+        ran = {"up/s1", "down/s1", "all/0"}
+        assert not ran & set(journal.records)
+        last = {}
+        for line in journal_path(state, "chain").read_text().splitlines()[1:]:
+            record = json.loads(line)
+            last[record["task"]] = record
+        for name in ALL_TASKS:
+            assert journal.sig_of(name) == last[name]["sig"]
+        # the record of down/s1 names the sig up/s1 got in this run
+        assert last["down/s1"]["up"] == {"up/s1": last["up/s1"]["sig"]}
+    assert set(decisions(path, state).values()) == {"skip"}
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["time", "x", "}", ',"time":']) | st.text(), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(["cmd", "params", "out", "x"]), _JSON, max_size=4),
+       when=st.none() | st.floats(min_value=0, max_value=4e9) | st.integers(0, 4 * 10**9),
+       name=st.text(min_size=1), sig=st.integers(0, 2**64 - 1))
+def test_written_gives_back_the_sig_and_time_a_parse_of_the_record_gives(fields, when, name,
+                                                                         sig):
+    """Invariant: for any record line, what :class:`Written` keeps of it (sig, ``time``) is
+    what parsing the whole line gives — whatever its other fields hold (a parameter named
+    ``time``, braces in strings), and 0 for a record without a time."""
+    body = dict(fields)
+    if when is not None:
+        body["time"] = when
+    line = record_line(name, f"{sig:016x}", ENCODE(body), "0123456789abcdef")
+    written = Written(3)
+    assert written.note(2, line) and 2 in written and 1 not in written
+    assert written.sig(2) == json.loads(line)["sig"]
+    assert written.time(2) == float(json.loads(line).get("time") or 0)
+    assert time_of(line) == written.time(2)
 
 
 def test_a_record_with_wrong_field_types_is_skipped_with_a_warning(tmp_path, capsys):

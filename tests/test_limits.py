@@ -162,7 +162,7 @@ def test_numbers_too_large_for_a_computer_are_refused(tmp_path: Path):
             "large")
     pipeline(tmp_path / "q", RANGE)
     refused(opf("check", "p.opf", "--param", f"n={'9' * 5000}", cwd=tmp_path / "q"),
-            "error: --param n=9999999999999999999999999999...9999999999999999999999999999: "
+            "opf: error: --param n=9999999999999999999999999999...9999999999999999999999999999: "
             "this whole number is too large")
 
 

@@ -25,7 +25,9 @@ def build(lengths: list[int]) -> tuple[nx.DiGraph, nx.DiGraph]:
     slow.add_node("root", kind="root")
     last = None
     for c, length in enumerate(lengths):
-        chain = [(f"n{c}.{k}", {"chain": c, "k": k}) for k in range(length)]
+        chain = [(f"n{c}.{k}", {"chain": c, "k": k, "cell": 0.5 * k, "name": f"Straße {k}",
+                                "call": {"kwargs": [None, True]} if k else None})
+                 for k in range(length)]
         after = ["root"] if last is None else ["root", last]
         add_chain(fast, chain, after)
         for k, (nid, attrs) in enumerate(chain):
@@ -49,7 +51,8 @@ def test_a_graph_built_by_add_chain_equals_one_built_by_networkx(lengths):
         assert list(fast.successors(n)) == list(slow.successors(n))
         assert fast.in_degree(n) == slow.in_degree(n)
         assert fast.out_degree(n) == slow.out_degree(n)
-    assert to_json(fast) == to_json(slow)
+    assert to_json(fast) == to_json(slow) == json.dumps(
+        nx.node_link_data(slow, edges="edges"), separators=(",", ":"), ensure_ascii=False) + "\n"
     assert json.loads(to_json(fast)) == nx.node_link_data(slow, edges="edges")
     assert list(nx.topological_sort(fast)) == list(nx.topological_sort(slow))
 
@@ -117,3 +120,26 @@ def test_an_attribute_written_onto_a_plan_edge_fails_rather_than_reaching_every_
     with pytest.raises(TypeError, match="no attributes"):
         g.add_edge("n0.0", "n0.1", weight=1)
     assert g.edges["n1.0", "n1.1"] == {}
+
+
+def test_node_attributes_are_plain_dicts_that_take_new_keys(tmp_path):
+    """The planner's node attributes share their keys between nodes of a kind to save memory;
+    they stay ordinary dicts: JSON-encodable, in the documented key order, open to changes
+    of one node that leave the others alone."""
+    from opals_dsl.api import compile_file
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "b.txt").write_text("b\n")
+    (tmp_path / "p.opf").write_text(
+        'pipeline p\njob j for s in "*.txt" {\n    output "out" flat\n'
+        '    step copy {\n        out o = "{s.stem}.o"\n        run cp {s} {o}\n    }\n}\n')
+    g = compile_file(tmp_path / "p.opf")
+    a, b = g.nodes["exec:j/a/copy"], g.nodes["exec:j/b/copy"]
+    assert type(a) is dict and type(g.nodes["copyback:j/a"]) is dict
+    assert type(g.nodes["stage:j/a"]) is dict
+    assert list(a) == ["kind", "job", "task", "step", "affinity", "index", "argv", "call",
+                       "inputs", "outputs", "temp", "threads", "timeout"]
+    a["note"] = 1
+    del a["timeout"]
+    assert "note" not in b and b["timeout"] is None
+    assert json.loads(json.dumps(a))["note"] == 1
+    assert json.loads(to_json(g))["nodes"][2]["note"] == 1

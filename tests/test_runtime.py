@@ -530,6 +530,41 @@ def test_plan_tasks_follow_plan_order_and_dependencies(tmp_path):
     assert tasks[3].nodes[0] == "stage:down"
 
 
+def test_the_collector_skips_the_plan_while_a_run_schedules_and_is_left_as_found(tmp_path):
+    """While the tasks run, what lives through the run (the plan, its tasks) is frozen for the
+    cyclic garbage collector, so that the cycles each batch leaves are collected as they come
+    and not only once the plan's size in new objects was made; afterwards the collector is as
+    it was — also when it was off, which the run leaves alone."""
+    import gc
+
+    path = write_pipeline(tmp_path / "p", CHAIN.format(name="frozen"), inputs=2)
+    plan = compile_file(path)
+    tasks = model.tasks(plan)
+    seen = []
+
+    class Watch(RunListener):
+        def task_done(self, task, result, engine):
+            seen.append((gc.isenabled(), gc.get_freeze_count()))
+
+    assert gc.get_freeze_count() == 0
+    summary = run_plan(plan, LocalExecutor([str(tmp_path / "m")]), state_dir=tmp_path / "s",
+                       listener=Watch())
+    assert summary.exit_code == 0 and len(seen) == len(tasks)
+    assert all(enabled and frozen > len(tasks) for enabled, frozen in seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    seen.clear()
+    gc.disable()
+    try:
+        summary = run_plan(plan, LocalExecutor([str(tmp_path / "m")]),
+                           state_dir=tmp_path / "s2", listener=Watch())
+    finally:
+        off = not gc.isenabled()
+        gc.enable()
+    assert summary.exit_code == 0 and off
+    assert seen and all(not enabled and frozen == 0 for enabled, frozen in seen)
+
+
 def test_skipped_tasks_count_as_finished_downstream(tmp_path):
     path = write_pipeline(tmp_path / "p", CHAIN.format(name="skipping"), inputs=3)
     plan = compile_file(path)

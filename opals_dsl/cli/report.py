@@ -123,5 +123,5 @@ def main(args: argparse.Namespace) -> int:
         raise ReportError(f"no run recorded in {Path.cwd()} (no {STATE_FOLDER} folder, and no "
                           f"single pipeline file); name the pipeline file: opf report FILE")
     out = write_report(records, args.output, plan)
-    print(f"opf: report written to {out}")
+    print(f"report: {out}")
     return 0

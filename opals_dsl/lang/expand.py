@@ -218,6 +218,8 @@ class Expander:
             ]
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
                 raise ResolveError("range takes whole numbers")  # lenient: checked already
+            if not 1 <= len(args) <= 2:
+                raise ResolveError("range takes one or two numbers")  # checked already
             values = range(*args)  # type: ignore[arg-type]
             shown = f"range({', '.join(map(str, args))})"
             if not values:

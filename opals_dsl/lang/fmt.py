@@ -15,7 +15,9 @@ How, and why it is right
     own comment; it is written as it stands, except that its continuation lines move with the
     block's indentation and blanks at its end go (not after a backslash, which would continue
     it), and only when the line still splits into exactly the same words
-    (:func:`opals_dsl.lang.words.split_run_line` decides). Each result is checked before it is
+    (:func:`opals_dsl.lang.words.split_run_line` decides). A bare ``run`` followed at once by
+    a ``#`` is a run line with no words and a comment outside it: the two stay joined, since a
+    blank between them would move the comment into the run line. Each result is checked before it is
     returned: it must parse to a tree equal to the original's and hold the same comments in
     the same order, or :class:`FormatError` leaves the file alone. (Working on tokens, not on
     the tree, also keeps every statement where it was written: the tree groups a job's lines
@@ -331,9 +333,11 @@ class _Layout:
     def _statement(self, s: _Statement) -> list[_Line]:
         out = _Out(s.depth * INDENT)
         if s.kind == "RUN_LINE":
-            out.put(self._run_line(s.toks[0], s.depth * INDENT))
-            for c in s.notes:  # none can follow a run line on its line; kept for safety
-                out.comment(c)
+            # A comment follows a run line on its line only when nothing but a form feed lies
+            # between a bare ``run`` and its ``#`` ("run#x"). It stays against the ``run``: a
+            # blank or tab between them would make it part of the run line.
+            notes = "".join(c.text for c in s.notes)
+            out.put(self._run_line(s.toks[0], s.depth * INDENT) + notes)
             return out.lines
         stream = sorted([*s.toks, *s.notes], key=_position)
         body = _nest(stream)

@@ -49,9 +49,10 @@ Checksums
     differ from the record.
 
 Cost
-    Records are kept in memory as their text lines (about 300 bytes per task) and parsed only
-    when a decision needs one; a decision for a task with no files costs one hash of its
-    command. Writing a record costs one ``json.dumps``.
+    Records read are kept in memory as their text lines (about 300 bytes per task) and parsed
+    only when a decision needs one; a record this run writes is kept only as its sig and time
+    (17 bytes a task), and receipts are read a line at a time. Writing a record costs one
+    ``json.dumps``; a decision for a task with no files, one hash of its command.
 """
 
 from __future__ import annotations
@@ -75,11 +76,15 @@ from .fsatomic import remove_abandoned_temporaries, write_atomic
 from .records import (
     ENCODE,
     SIG_MARK,
+    Written,
     dests_of,
     name_of,
     receipt_stats,
+    receipts_in,
     record_body,
     record_line,
+    time_of,
+    warning_lines,
 )
 
 if TYPE_CHECKING:
@@ -120,8 +125,10 @@ class Journal(RunListener):
         self.tasks: list[Task] = list(found.tasks)
         self.deps = found.upstream
         #: task name → the text line of its last record for the destinations the task has in
-        #: this plan (or, when there is none, its last record for other destinations)
+        #: this plan (or, when there is none, its last record for other destinations), as read;
+        #: a record this run writes is kept only as its sig and time (:attr:`written`)
         self.records: dict[str, str] = {}
+        self.written = Written(len(self.tasks))
         #: (task name, destination set) → the last record of the task's other destination sets
         self.others: dict[tuple[str, str], str] = {}
         self._dest_keys: dict[int, str] = {}
@@ -380,15 +387,27 @@ class Journal(RunListener):
     def task_done(self, task: Task, result: TaskResult, engine: int) -> None:
         line = self._record(task.order, result.staged, result.shared, result.outputs,
                             self._stubs.pop(task.order, None))
-        self._put(task.name, line)
-        if self._fd is not None:
-            self._pending.append(line)
+        self._keep(task, line)
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._stubs.pop(task.order, None)
         body = ENCODE({"failed": True, "time": round(time.time(), 3)})
         line = record_line(task.name, FAILED_SIG, body, self.dest_key(task.order))
-        self._put(task.name, line)
+        self._keep(task, line)
+
+    def task_skipped(self, task: Task) -> None:
+        self._cmds.pop(task.order, None)
+
+    def _keep(self, task: Task, line: str) -> None:
+        """Record ``line`` for ``task``: to the file, and in memory only its sig and time, so
+        that a run holds a few bytes per finished task, not its record."""
+        i = task.order
+        if self.written.note(i, line):
+            self.records.pop(task.name, None)
+        else:
+            self._put(task.name, line)
+        self._cmds.pop(i, None)
+        self._dest_keys.pop(i, None)
         if self._fd is not None:
             self._pending.append(line)
 
@@ -415,31 +434,27 @@ class Journal(RunListener):
         not be read, and records that were skipped because they are damaged (their tasks run
         again). A line cut off at the end of the file (a run killed while writing it) is the
         expected trace of a kill, and not reported."""
-        out = []
-        if self.foreign:
-            out.append(f"{self.path} does not begin as an opf journal; it is ignored, so every "
-                       "task runs")
-        if self.unreadable:
-            count = self.unreadable
-            out.append(f"{count} line{'s' if count != 1 else ''} of the journal {self.path} "
-                       f"{'are' if count != 1 else 'is'} not a record and skipped")
-        if self.damaged:
-            shown = ", ".join(self.damaged[:3]) + (", ..." if len(self.damaged) > 3 else "")
-            count = len(self.damaged)
-            out.append(f"{count} record{'s' if count != 1 else ''} of the journal {self.path} "
-                       f"{'are' if count != 1 else 'is'} damaged and skipped ({shown}); "
-                       f"{'those tasks run' if count != 1 else 'that task runs'} again")
-        return out
+        return warning_lines(self.path, self.foreign, self.unreadable, self.damaged)
 
     # -- the parts of a record ---------------------------------------------------------------
 
     def sig_of(self, name: str) -> str | None:
         """The ``sig`` of a task's last record, or None."""
+        if self.written.count:
+            i = self.index().get(name)
+            if i is not None and i in self.written:
+                return self.written.sig(i)
         line = self.records.get(name)
         if line is None:
             return None
         at = line.find(SIG_MARK)
         return line[at + len(SIG_MARK):at + len(SIG_MARK) + 16] if at >= 0 else None
+
+    def sig_at(self, i: int) -> str | None:
+        """The ``sig`` of task ``i``'s last record, or None."""
+        if i in self.written:
+            return self.written.sig(i)
+        return self.sig_of(self.tasks[i].name)
 
     def _job(self, machine: model.MachineStage | None) -> tuple[list[str], str]:
         """The job's shared files (their sources) and their part of ``cmd``."""
@@ -581,7 +596,7 @@ class Journal(RunListener):
         ins.update(code if isinstance(code, dict) else self._code_stats(i))
         up = stub.get("up") if stub is not None else None
         if not isinstance(up, dict):
-            up = {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]}
+            up = {self.tasks[u].name: self.sig_at(u) for u in self.deps[i]}
         out: dict[str, list[Any]] = {}
         for _, dest in copyback.files:
             entry = outputs[dest] if dest in outputs else self.stat(dest)
@@ -613,9 +628,9 @@ class Journal(RunListener):
         i = task.order
         cmd = self._cmds.get(i) or self.command(i)[0]
         stub = {
-            "task": task.name, "sig": self._new_sig(task.name, cmd),
+            "task": task.name, "order": i, "sig": self._new_sig(task.name, cmd),
             "sent": round(time.time(), 3), "cmd": cmd,
-            "up": {self.tasks[u].name: self.sig_of(self.tasks[u].name) for u in self.deps[i]},
+            "up": {self.tasks[u].name: self.sig_at(u) for u in self.deps[i]},
             "code": self._code_stats(i),
         }
         self._stubs[i] = stub
@@ -636,44 +651,40 @@ class Journal(RunListener):
                              if p.suffix == ".jsonl" and p.name.startswith(prefix))
         except OSError:
             return
-        index = self.index()
+        # one at a time, passing over those of results received (the record has their sig)
         best: dict[int, dict[str, Any]] = {}
-        for path in entries:
-            try:
-                data = path.read_bytes()
-            except OSError:
+        for rec in receipts_in(entries, self._receipt_files):
+            i = self._order_of(rec)
+            if i is None or rec.get("sig") == self.sig_at(i):
                 continue
-            self._receipt_files.append(path)
-            for raw in data.splitlines():
-                try:
-                    rec = json.loads(raw)
-                    i = index[rec["task"]]
-                    sent = float(rec["sent"])
-                    landed = float(rec["landed"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-                old = best.get(i)
-                if old is None or (sent, landed) > (old["sent"], old["landed"]):
-                    best[i] = rec
+            old = best.get(i)
+            key = (float(rec["sent"]), float(rec["landed"]))
+            if old is None or key > (float(old["sent"]), float(old["landed"])):
+                best[i] = rec
         for i, rec in sorted(best.items()):
             name = self.tasks[i].name
             if rec.get("cmd") != (self._cmds.get(i) or self.command(i)[0]):
                 continue
-            line = self.records.get(name)
-            if line is not None:
-                if self.sig_of(name) == rec.get("sig"):
-                    continue
-                try:
-                    recorded = float(json.loads(record_body(line)).get("time") or 0)
-                except (ValueError, TypeError, AttributeError):
-                    recorded = 0.0
-                if recorded >= float(rec["sent"]):
-                    continue
+            if i in self.written:
+                recorded: float | None = self.written.time(i)
+            else:
+                line = self.records.get(name)
+                recorded = time_of(line) if line is not None else None
+            if recorded is not None and recorded >= float(rec["sent"]):
+                continue
             line = self._record(i, receipt_stats(rec.get("staged")),
                                 receipt_stats(rec.get("shared")),
                                 receipt_stats(rec.get("outputs")), rec)
             self._put(name, line)
             self._adopted.append(line)
+
+    def _order_of(self, rec: dict[str, Any]) -> int | None:
+        """The plan order of a receipt's task (None: not a task of this plan)."""
+        i = rec.get("order")
+        if (isinstance(i, int) and 0 <= i < len(self.tasks)
+                and self.tasks[i].name == rec["task"]):
+            return i
+        return self.index().get(rec["task"])
 
     def refresh_record(self, i: int, fresh: Mapping[str, list[Any]]) -> None:
         """Write task ``i``'s record again with the inputs in ``fresh`` (unchanged in content,

@@ -58,7 +58,11 @@ The file
 
 from __future__ import annotations
 
+import contextlib
 import json
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..plan.wire import Stat
@@ -138,9 +142,98 @@ def record_body(line: str) -> str:
     return "{" + rest[1:] if rest.startswith(",") else "{" + rest
 
 
+def time_of(line: str) -> float:
+    """A record's ``time`` (0 when it has none): the last field a record is written with, so it
+    is read from the line's end; a line written otherwise is parsed."""
+    at = line.rfind(',"time":')
+    rest = line[at + 8:].rstrip("\r\n")
+    if at >= 0 and rest.endswith("}") and rest.count("}") == 1:
+        with contextlib.suppress(ValueError):
+            return float(rest[:-1])
+    try:
+        value = json.loads(record_body(line)).get("time")
+        return float(value or 0)
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return 0.0
+
+
+class Written:
+    """The sig and time of the record each task got in this run, by plan order: 17 bytes a task
+    however long the run, where the record lines themselves (some 300 bytes each) are only in
+    the file. A sig that is not 16 hex digits is not taken (:meth:`note` says False)."""
+
+    def __init__(self, n: int) -> None:
+        self._sigs = array("Q", bytes(8 * n))
+        self._times = array("d", bytes(8 * n))
+        self._has = bytearray(n)
+        self.count = 0
+
+    def note(self, i: int, line: str) -> bool:
+        at = line.find(SIG_MARK) + len(SIG_MARK)
+        try:
+            sig = int(line[at:at + KEY_LEN], 16) if at >= len(SIG_MARK) else -1
+        except ValueError:
+            return False
+        if not 0 <= sig < 1 << 64 or line[at + KEY_LEN:at + KEY_LEN + 1] != '"':
+            return False
+        self._sigs[i], self._times[i] = sig, time_of(line)
+        if not self._has[i]:
+            self._has[i] = 1
+            self.count += 1
+        return True
+
+    def __contains__(self, i: int) -> bool:
+        return bool(self._has[i])
+
+    def sig(self, i: int) -> str:
+        return f"{self._sigs[i]:016x}"
+
+    def time(self, i: int) -> float:
+        return self._times[i]
+
+
+def receipts_in(paths: Iterable[Path], opened: list[Path]) -> Iterator[dict[str, Any]]:
+    """The receipts in ``paths`` (JSON lines; a line that is not a receipt is left out), one
+    line at a time; each file that could be opened is added to ``opened``."""
+    for path in paths:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            continue
+        opened.append(path)
+        with f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw)
+                    float(rec["sent"]), float(rec["landed"])
+                    if isinstance(rec["task"], str):
+                        yield rec
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    continue
+
+
 def receipt_stats(found: Any) -> dict[str, Stat]:
     """What a receipt says the engine saw of some files: ``{path: [size, mtime_ns, ...]}``
     (an entry of another shape is left out: that file is looked at anew)."""
     if not isinstance(found, dict):
         return {}
     return {k: tuple(v) for k, v in found.items() if isinstance(v, list) and len(v) >= 2}
+
+
+def warning_lines(path: Path, foreign: bool, unreadable: int, damaged: list[str]) -> list[str]:
+    """What :meth:`~opals_dsl.runtime.journal.Journal.warnings` says."""
+    out = []
+    if foreign:
+        out.append(f"{path} does not begin as an opf journal; it is ignored, so every "
+                   "task runs")
+    if unreadable:
+        count = unreadable
+        out.append(f"{count} line{'s' if count != 1 else ''} of the journal {path} "
+                   f"{'are' if count != 1 else 'is'} not a record and skipped")
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (", ..." if len(damaged) > 3 else "")
+        count = len(damaged)
+        out.append(f"{count} record{'s' if count != 1 else ''} of the journal {path} "
+                   f"{'are' if count != 1 else 'is'} damaged and skipped ({shown}); "
+                   f"{'those tasks run' if count != 1 else 'that task runs'} again")
+    return out

@@ -55,31 +55,45 @@ class Resume:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
+        #: every decision, in plan order, once :meth:`decide` kept them
         self.decisions: list[Decision] | None = None
+        # what the scheduler asks: per task whether it runs (1) or not (0), and the step it
+        # starts at where that is not the first — a byte a task, not a Decision
+        self._runs: bytearray | None = None
+        self._from: dict[int, int] = {}
         self._refresh: dict[int, dict[str, list[Any]]] = {}
         self._starts: dict[int, int] = {}
 
     def skip(self, task: Task) -> bool:
         """The scheduler's ``skip`` hook: True if the decision for ``task`` is not to run it."""
-        if self.decisions is None:
+        if self._runs is None:
             self.decide()
-        assert self.decisions is not None
-        return not self.decisions[task.order].run
+        assert self._runs is not None
+        return not self._runs[task.order]
 
     def start_of(self, task: Task) -> int:
         """The scheduler's ``start`` hook: the step ``task`` runs from (0: all of them)."""
-        if self.decisions is None:
+        if self._runs is None:
             self.decide()
-        assert self.decisions is not None
-        return self.decisions[task.order].start
+        return self._from.get(task.order, 0)
 
     def decide(self, force: bool = False) -> list[Decision]:
         """Decide for every task whether it runs, and why; in plan order."""
+        self._decide(force, keep=True)
+        assert self.decisions is not None
+        return self.decisions
+
+    def settle(self, force: bool = False) -> int:
+        """Decide as :meth:`decide` does, but keep only what :meth:`skip` and :meth:`start_of`
+        answer — a byte a task, no :class:`Decision` —; the number of tasks to run."""
+        return self._decide(force, keep=False)
+
+    def _decide(self, force: bool, *, keep: bool) -> int:
         n = len(self.journal.tasks)
-        runs = [False] * n
-        decisions: list[Decision | None] = [None] * n
+        runs = bytearray(n)
+        decisions: list[Decision | None] | None = [None] * n if keep else None
+        starts: dict[int, int] = {}
         for i in self._dependency_order():
-            ref = self.journal.tasks[i]
             reason: str | None = "forced" if force else None
             if reason is None:
                 for u in self.journal.deps[i]:
@@ -88,31 +102,36 @@ class Resume:
                         break
             if reason is None:
                 reason = self._compare(i)
-            runs[i] = reason is not None
-            decisions[i] = Decision(ref, runs[i], reason or "unchanged",
-                                    self._starts.pop(i, 0) if runs[i] else 0)
-        self.decisions = [d for d in decisions if d is not None]
+            run = reason is not None
+            runs[i] = run
+            start = self._starts.pop(i, 0) if run else 0
+            if start:
+                starts[i] = start
+            if decisions is not None:
+                decisions[i] = Decision(self.journal.tasks[i], run, reason or "unchanged", start)
+        self.decisions = None if decisions is None else [d for d in decisions if d is not None]
+        self._runs, self._from = runs, starts
         if self._refresh and self.journal.writable:
             for i, ins in self._refresh.items():
                 if not runs[i]:
                     self.journal.refresh_record(i, ins)
             self.journal.flush()
         self._refresh.clear()
-        return self.decisions
+        return sum(runs)
 
     def _dependency_order(self) -> Iterable[int]:
         n = len(self.journal.tasks)
         waiting = [len(ups) for ups in self.journal.deps]
-        downs: list[list[int]] = [[] for _ in range(n)]
+        downs: dict[int, list[int]] = {}  # only the tasks some task waits for
         for i, ups in enumerate(self.journal.deps):
             for u in ups:
-                downs[u].append(i)
+                downs.setdefault(u, []).append(i)
         ready = [i for i in range(n) if not waiting[i]]
         heapq.heapify(ready)
         while ready:
             i = heapq.heappop(ready)
             yield i
-            for d in downs[i]:
+            for d in downs.get(i, ()):
                 waiting[d] -= 1
                 if not waiting[d]:
                     heapq.heappush(ready, d)

@@ -218,10 +218,11 @@ class Scheduler:
             self.tasks = [dataclasses.replace(t, retries=retries) for t in self.tasks]
         self.checksum = checksum
         n = len(self.tasks)
-        self.dependents: list[list[int]] = [[] for _ in range(n)]
+        #: task -> the tasks that wait for it (tasks nobody waits for are not in it)
+        self.dependents: dict[int, list[int]] = {}
         for i, ups in enumerate(self.deps):
             for u in ups:
-                self.dependents[u].append(i)
+                self.dependents.setdefault(u, []).append(i)
         self.pending = [len(ups) for ups in self.deps]
         self.state = [WAITING] * n
         self.attempt = [0] * n
@@ -496,7 +497,7 @@ class Scheduler:
 
     def _release(self, i: int) -> None:
         ready = []
-        for d in self.dependents[i]:
+        for d in self.dependents.get(i, ()):
             self.pending[d] -= 1
             if self.pending[d] == 0 and self.state[d] == WAITING:
                 ready.append(d)
@@ -514,7 +515,7 @@ class Scheduler:
                 self.summary.skipped += 1
                 self._trace_unrun(j, SKIPPED)
                 self.listener.task_skipped(self.tasks[j])
-                for d in self.dependents[j]:
+                for d in self.dependents.get(j, ()):
                     self.pending[d] -= 1
                     if self.pending[d] == 0 and self.state[d] == WAITING:
                         heapq.heappush(todo, d)
@@ -525,14 +526,14 @@ class Scheduler:
     def _block_dependents(self, i: int) -> list[int]:
         """Block every task that waits (transitively) for task ``i``; the ones blocked now, in
         plan order."""
-        todo = list(self.dependents[i])
+        todo = list(self.dependents.get(i, ()))
         blocked = []
         while todo:
             d = todo.pop()
             if self.state[d] == WAITING:
                 self.state[d] = BLOCKED
                 blocked.append(d)
-                todo.extend(self.dependents[d])
+                todo.extend(self.dependents.get(d, ()))
         return sorted(blocked)
 
     def _lose_engine(self, engine: int, tasks: Iterable[int] = (), *,
