@@ -194,10 +194,12 @@ def output_of(argv: list[str]) -> str | None:
 
 
 def opf_commit() -> str | None:
-    """The commit of the opf checkout measured, with ``+`` when its tracked files differ."""
-    here = str(Path(__file__).resolve().parent)
-    commit = output_of(["git", "-C", here, "rev-parse", "--short", "HEAD"])
-    changed = output_of(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"])
+    """The commit of the opf checkout measured, with ``+`` when its code (the package or the
+    grammar) differs from it."""
+    top = str(Path(__file__).resolve().parent.parent)
+    commit = output_of(["git", "-C", top, "rev-parse", "--short", "HEAD"])
+    changed = output_of(["git", "-C", top, "status", "--porcelain", "--untracked-files=no",
+                         "--", "opals_dsl", "grammar"])
     return None if commit is None else commit + ("+" if changed else "")
 
 
