@@ -26,7 +26,8 @@ processor time and peak memory too, which the table leaves out) with the load av
 and after; the file is rewritten after each row, so a long run cut short keeps what it measured.
 ``benchmarks/plot_scale.py`` draws it.
 
-Targets: 100,000 tasks in at most 5 s and 1 GB; 1,000,000 tasks in at most 60 s.
+Targets for planning: 100,000 tasks in at most 4 s; 1,000,000 tasks in at most 30 s and 2 GB.
+benchmarks/README.md has the latest figures.
 """
 
 from __future__ import annotations
