@@ -745,7 +745,7 @@ def test_an_input_that_is_no_file_is_called_what_it_is(tmp_path: Path) -> None:
     assert [d.message for d in err.diagnostics] == [
         "the input file 'data/folder.xyz' is a folder, not a file",
         "the shared file 'data' is a folder, not a file",
-        "the input file 'data/gone.prj' (task 'real') is a symbolic link to 'missing.prj', "
+        "the input file 'data/gone.prj' is a symbolic link to 'missing.prj', "
         "which does not exist",
         "the list file 'data/list' is a folder, not a file",
     ]

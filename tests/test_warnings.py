@@ -198,6 +198,35 @@ def test_a_pattern_in_in_is_explained_where_the_file_is_missing(
     assert [f["severity"] for f in json.loads(out)] == ["warning", "error"]
 
 
+def test_a_missing_input_that_every_task_names_is_one_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `in` file written without the task's names is the same file for every task: one
+    error without a task, not one per task; a per-task name still says which task."""
+    make_folder(tmp_path, """\
+        job dem for s in "data/*.txt" {
+            step merge {
+                out o = "{s.stem}.out"
+                in "data/*.txt"
+                in "data/{s.stem}.prj"
+                run cat {s} {o}
+            }
+        }
+    """)
+    for name in "bcd":
+        (tmp_path / "data" / f"{name}.txt").write_text(name, encoding="utf-8")
+    (tmp_path / "data" / "b.prj").write_text("b", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = opf("check", "p.opf")
+    assert status == 2
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert errors == [
+        "p.opf:4:12: error: the input file 'data/*.txt' does not exist",
+        "p.opf:5:12: error: the input file 'data/a.prj' (task 'a') does not exist",
+        "p.opf:5:12: error: the input file 'data/c.prj' (task 'c') does not exist",
+        "p.opf:5:12: error: the input file 'data/d.prj' (task 'd') does not exist",
+    ]
+
+
 def test_warnings_are_shown_beside_errors_and_leave_their_status(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_folder(tmp_path, """\

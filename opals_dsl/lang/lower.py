@@ -138,6 +138,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self.readers: dict[str, tuple[str, str | None, Span | None]] = {}
         # readers that are not a stage's: what they are ("its list file", ...)
         self.reader_what: dict[str, str] = {}
+        # `in` file -> why it is not a file (None: it is one), looked at once per plan
+        self.in_checked: dict[str, str | None] = {}
         self.reported: dict[object, int] = {}
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
@@ -518,9 +520,13 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             rel = self.plan_path(text_of(render, t))
             local = posixpath.basename(rel)
             in_locals.append(local)
-            if not os.path.isfile(self.abspath(rel)):
-                self.c.error(item.span, f"the input file '{rel}' (task '{t.task}') "
-                             f"{why_not_a_file(self.abspath(rel))}")
+            if rel not in self.in_checked:  # each file looked at, and reported, once
+                path = self.abspath(rel)
+                why = self.in_checked[rel] = (
+                    None if os.path.isfile(path) else why_not_a_file(path))
+                if why is not None:
+                    whose = "" if render.__class__ is str else f" (task '{t.task}')"
+                    self.c.error(item.span, f"the input file '{rel}'{whose} {why}")
             seen = local_src.get(local)
             if seen is None:
                 local_src[local] = rel
