@@ -196,6 +196,17 @@ class Expander:
     def abspath(self, path: str) -> str:
         return os.path.join(self.root, path)
 
+    def check_in_file(self, rel: str, span: Span | None, task: str | None) -> None:
+        """Report an ``in`` file that is not a file; each is looked at, and reported, once per
+        plan. ``task``: the task whose names made the path (None: every task names it)."""
+        if rel in self.in_checked:
+            return
+        path = self.abspath(rel)
+        why = self.in_checked[rel] = None if os.path.isfile(path) else why_not_a_file(path)
+        if why is not None:
+            whose = "" if task is None else f" (task '{task}')"
+            self.c.error(span, f"the input file '{rel}'{whose} {why}")
+
     def task_values(self, job: n.Job, scope: Scope) -> list[TaskValue] | None:
         src = job.source
         jname = job.name.value

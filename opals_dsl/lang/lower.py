@@ -138,8 +138,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self.readers: dict[str, tuple[str, str | None, Span | None]] = {}
         # readers that are not a stage's: what they are ("its list file", ...)
         self.reader_what: dict[str, str] = {}
-        # `in` file -> why it is not a file (None: it is one), looked at once per plan
-        self.in_checked: dict[str, str | None] = {}
+        self.in_checked: dict[str, str | None] = {}  # `in` file -> why it is no file, or None
         self.reported: dict[object, int] = {}
         self._shared_local: dict[str, str] = {}
         self._file_bindings: list[Binding] = []
@@ -520,13 +519,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             rel = self.plan_path(text_of(render, t))
             local = posixpath.basename(rel)
             in_locals.append(local)
-            if rel not in self.in_checked:  # each file looked at, and reported, once
-                path = self.abspath(rel)
-                why = self.in_checked[rel] = (
-                    None if os.path.isfile(path) else why_not_a_file(path))
-                if why is not None:
-                    whose = "" if render.__class__ is str else f" (task '{t.task}')"
-                    self.c.error(item.span, f"the input file '{rel}'{whose} {why}")
+            self.check_in_file(rel, item.span, None if render.__class__ is str else t.task)
             seen = local_src.get(local)
             if seen is None:
                 local_src[local] = rel
