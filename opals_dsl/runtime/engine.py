@@ -148,7 +148,6 @@ from .steps import (
     remember_module,
     use_threads,
     wait_step,
-    wait_step_until,
 )
 
 # absolute scratch base as given -> resolved real path
@@ -537,7 +536,7 @@ class _Task(JobPrephase):
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log) from exc
-            code = wait_step(proc) if timeout is None else wait_step_until(proc, timeout)
+            code = wait_step(proc, timeout)
         if code is None:
             raise self.timed_out(node, step, timeout, log)
         if code != 0:

@@ -86,55 +86,25 @@ _GROUPS: set[int] = set()
 _LIFELINE: subprocess.Popen | None = None
 
 
-def wait_step(proc: subprocess.Popen) -> int:
-    """Wait for a step started in a session of its own; return its exit status.
+def wait_step(proc: subprocess.Popen, timeout: float | None = None) -> int | None:
+    """Wait for a step started in a session of its own; return its exit status, or None if
+    it ran ``timeout`` seconds (None: no limit) and its whole group was ended (SIGTERM,
+    :data:`STOP_GRACE` seconds, SIGKILL).
 
     When the step's process ends, whatever it left running in its process group is killed
     (before the step is reaped, so that the group's id cannot have been reused). If the wait
     is interrupted (Ctrl-C reaching the engine, an engine shutting down), the whole group is
-    ended first — SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL — and the interruption goes on.
-    While the step runs its group is known to this process's lifeline, which ends it should
-    this process die.
+    ended first and the interruption goes on. While the step runs its group is known to this
+    process's lifeline, which ends it should this process die.
     """
     pgid = proc.pid
     _watch(pgid)
-    try:
-        try:
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOWAIT)
-        except BaseException:
-            _end_group(pgid)
-            raise
-        _killpg(pgid, signal.SIGKILL)
-    finally:
-        _unwatch(pgid)
-        proc.wait()
-    return proc.returncode
-
-
-def wait_step_until(proc: subprocess.Popen, timeout: float) -> int | None:
-    """:func:`wait_step` with a limit: None if the step ran ``timeout`` seconds and its whole
-    group was ended (SIGTERM, :data:`STOP_GRACE` seconds, SIGKILL)."""
-    pgid = proc.pid
-    _watch(pgid)
-    deadline = time.monotonic() + timeout
-    pause = 0.001
     timed_out = False
     try:
         try:
-            while True:
-                try:
-                    if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                        break
-                except ChildProcessError:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    timed_out = True
-                    _end_group(pgid)
-                    break
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, 0.05)
+            if not _exited(pgid, timeout):
+                timed_out = True
+                _end_group(pgid)
         except BaseException:
             _end_group(pgid)
             raise
@@ -143,6 +113,29 @@ def wait_step_until(proc: subprocess.Popen, timeout: float) -> int | None:
         _unwatch(pgid)
         proc.wait()
     return None if timed_out else proc.returncode
+
+
+def _exited(pgid: int, timeout: float | None) -> bool:
+    """Wait, without reaping it, until the group leader ``pgid`` has ended (True) or
+    ``timeout`` seconds have passed (False): a blocking wait without a limit, else polling at
+    growing intervals of at most 50 ms."""
+    if timeout is None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOWAIT)
+        return True
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+        except ChildProcessError:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
 
 
 def exit_message(step: str, code: int) -> str:
