@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,6 +234,26 @@ class EngineCluster:
             self.reaper = None
 
 
+@contextlib.contextmanager
+def engines_on_machines(root: Path, profile: str,
+                        machines: Sequence[str]) -> Iterator[EngineCluster]:
+    """A controller and an engine per entry of ``machines``, the name of its scratch root
+    under ``<root>/scratch`` (engines of one name play one machine); the profile ``profile``
+    in ``<root>/ipython`` (``IPYTHONDIR``). Stopped at the end, also when the start fails."""
+    env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
+    env.pop("OPF_SCRATCH", None)
+    tc = EngineCluster(root=root, profile_dir=root / "ipython" / f"profile_{profile}",
+                       cluster_id="", env=env)
+    try:
+        tc.start_controller()
+        for name in machines:
+            tc.start_engine(root / "scratch" / name)
+        tc.wait_for_engines(len(machines))
+        yield tc
+    finally:
+        tc.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineCluster]:
     """Three engines: two share the scratch root ``m1`` (one machine), one has ``m2``.
@@ -241,19 +261,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineCluster]
     The profile is ``opftest`` in ``<root>/ipython`` (``IPYTHONDIR``), so ``--profile opftest``
     finds it as well as ``--cluster-file``.
     """
-    root = tmp_path_factory.mktemp("cluster")
-    env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
-    env.pop("OPF_SCRATCH", None)
-    tc = EngineCluster(root=root, profile_dir=root / "ipython" / "profile_opftest",
-                       cluster_id="", env=env)
-    try:
-        tc.start_controller()
-        for name in ("m1", "m1", "m2"):
-            tc.start_engine(root / "scratch" / name)
-        tc.wait_for_engines(3)
+    with engines_on_machines(tmp_path_factory.mktemp("cluster"), "opftest",
+                             ("m1", "m1", "m2")) as tc:
         yield tc
-    finally:
-        tc.stop()
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EngineCluster, trace_rows
+from conftest import EngineCluster, engines_on_machines, trace_rows
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
@@ -183,19 +183,9 @@ job narrow for i in range(12) {
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineCluster]:
     """Four engines: two with scratch root ``m1``, two with ``m2`` — two machines of 2."""
-    root = tmp_path_factory.mktemp("two")
-    env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
-    env.pop("OPF_SCRATCH", None)
-    tc = EngineCluster(root=root, profile_dir=root / "ipython" / "profile_two",
-                       cluster_id="", env=env)
-    try:
-        tc.start_controller()
-        for name in ("m1", "m1", "m2", "m2"):
-            tc.start_engine(root / "scratch" / name)
-        tc.wait_for_engines(4)
+    with engines_on_machines(tmp_path_factory.mktemp("two"), "two",
+                             ("m1", "m1", "m2", "m2")) as tc:
         yield tc
-    finally:
-        tc.stop()
 
 
 def test_mixed_threads_never_oversubscribe_a_machine_and_use_every_engine(
