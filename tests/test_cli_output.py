@@ -5,6 +5,8 @@ goes away early ends it quietly.
   seen cut off, also when the disk refuses the write half-way (here: a file size limit);
 * a file name that is not UTF-8 (Python holds its bytes as lone surrogates) is written as the
   JSON escape ``\\udcff``, which a JSON reader turns back into that very name;
+* ``--json`` is written while the plan is planned, yet a mistake found late (after thousands
+  of nodes were written) leaves stdout empty and ``-o FILE`` as it was;
 * ``opf compile --json | head`` ends with the status of a program that SIGPIPE ended (141, as
   ``yes | head``), and prints nothing.
 
@@ -103,6 +105,32 @@ def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr == ("opf: error: cannot write no/such/folder/p.dot: No such file or "
                            "directory; it was not written\n")
+
+
+LATE_CLASH = MANY + """\
+    job last for i in range(1) {
+        output "results" flat
+        step cut {
+            out tif = "19999.tif"
+            run cut {i} {tif}
+        }
+    }
+"""
+
+
+def test_a_plan_found_wrong_late_writes_no_json_at_all(tmp_path: Path):
+    path = pipeline(tmp_path, LATE_CLASH)
+    target = tmp_path / "plan.json"
+    target.write_text("the plan of yesterday\n")
+    for out in ([], ["-o", target.name]):
+        proc = subprocess.run([*OPF, "compile", "--json", *out, path.name], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "would be copied back to 'results/19999.tif'" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+        assert target.read_text() == "the plan of yesterday\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.opf", "plan.json"]
 
 
 def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):

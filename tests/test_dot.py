@@ -12,6 +12,7 @@ change on purpose, regenerate them and read the diff::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,8 +27,10 @@ from conftest import EXAMPLES
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main
+from opals_dsl.lang.compile import load, write_plan
 from opals_dsl.plan import model
 from opals_dsl.plan.dot import to_dot, to_job_dot
+from opals_dsl.plan.graph import to_json
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "plans"
@@ -77,6 +80,16 @@ def test_golden_json_is_the_plan(tmp_path: Path) -> None:
         assert list(back.nodes) == list(g.nodes) and list(back.edges) == list(g.edges)
         for nid, attrs in g.nodes(data=True):
             assert json.loads(json.dumps(attrs)) == back.nodes[nid], nid
+
+
+
+def test_a_plan_written_while_planned_is_the_json_of_its_graph() -> None:
+    """``opf compile --json`` writes the plan while planning it (``write_plan``), never
+    holding the graph; the text is the one the graph's writer gives for ``compile_file``."""
+    for pipeline in PIPELINES:
+        out = io.StringIO()
+        write_plan(load(pipeline), out)
+        assert out.getvalue() == to_json(compile_file(pipeline)), pipeline.name
 
 
 # -- the DOT text --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The plan graph's fast construction (opals_dsl.plan.graph): a plan built by ``add_chain``
-is the same graph networkx's own methods would build, and its compact neighbour maps behave
-exactly like the dicts networkx would have put there."""
+is the same graph networkx's own methods would build, its compact neighbour maps behave
+exactly like the dicts networkx would have put there, and a plan written while it is planned
+(``NodeLinkWriter``) is the JSON of that graph."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import networkx as nx
@@ -11,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opals_dsl.plan.graph import Neighbour, add_chain, to_json
+from opals_dsl.plan.graph import NodeLinkWriter, Neighbour, add_chain, to_json
 
 CHAINS = st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6)
 
@@ -76,6 +78,36 @@ def test_a_built_graph_stays_networkx_after_changes(lengths, data):
     keep = data.draw(st.sets(st.sampled_from(nodes)))
     assert nx.utils.graphs_equal(fast.subgraph(keep).copy(), slow.subgraph(keep).copy())
 
+
+
+@given(CHAINS, st.integers(min_value=1, max_value=5), st.data())
+def test_a_plan_written_while_planned_is_the_json_of_the_graph(lengths, batch, data):
+    """Invariant: what NodeLinkWriter writes for a series of add_chain calls — each chain
+    waiting for any nodes added before it, also ones inside a chain — is byte for byte the
+    node-link JSON of the graph the same calls build, for any batch size."""
+    graph, out = nx.DiGraph(), io.StringIO()
+    attrs = {"pipeline": "p", "jobs": ["a", "b"], "params": {"x": [1, "ü"]}}
+    graph.graph.update(attrs)
+    writer = NodeLinkWriter(out, attrs, batch=batch)
+    added: list[str] = []
+    for c, length in enumerate([1, *lengths]):
+        chain = [(f"n{c}.{k}", {"chain": c, "k": k, "files": [[f"in{k}", "ö"]]})
+                 for k in range(length)]
+        after = data.draw(st.lists(st.sampled_from(added), unique=True)) if added else []
+        add_chain(graph, chain, after)
+        writer.add_chain([(nid, dict(a)) for nid, a in chain], after)  # it takes them as given
+        added += [nid for nid, _ in chain]
+    writer.close()
+    assert out.getvalue() == to_json(graph)
+    assert json.loads(out.getvalue()) == nx.node_link_data(graph, edges="edges")
+
+
+def test_a_chain_waiting_for_a_node_never_added_is_refused():
+    writer = NodeLinkWriter(io.StringIO(), {})
+    writer.add_chain([("a", {})])
+    writer.add_chain([("b", {})], ["a", "nowhere"])
+    with pytest.raises(KeyError, match="nowhere"):
+        writer.close()
 
 OPS = st.lists(st.tuples(st.sampled_from(["set", "del"]), st.sampled_from("abc"),
                          st.integers()), max_size=12)

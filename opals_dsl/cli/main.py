@@ -150,13 +150,16 @@ ERRORS = "backslashreplace"
 
 
 @contextlib.contextmanager
-def _output(output: str | None) -> Iterator[TextIO]:
+def _output(output: str | None, whole: bool = False) -> Iterator[TextIO]:
     """The text stream to write a result to: ``output``, written so that it appears only
     complete (a temporary beside it, renamed into place when done), or stdout. A device or pipe
     named as ``output`` is written into as it is (see
-    :func:`~opals_dsl.runtime.fsatomic.output_target`)."""
+    :func:`~opals_dsl.runtime.fsatomic.output_target`). ``whole``: stdout, a device or a pipe
+    gets the text only once the block has written all of it (held in memory, beyond
+    :data:`SPOOL_MEMORY` in a temporary file), so a block that fails writes nothing there."""
     if not output:
-        yield sys.stdout
+        with _spooled(sys.stdout, whole) as fh:
+            yield fh
         return
     from ..runtime.fsatomic import output_target, replacing
 
@@ -165,8 +168,9 @@ def _output(output: str | None) -> Iterator[TextIO]:
     target, atomic = output_target(output)
     try:
         if not atomic:  # a device or pipe (-o /dev/null): written into, never replaced
-            with open(target, "w", encoding="utf-8", errors=ERRORS) as fh:
-                yield fh
+            with open(target, "w", encoding="utf-8", errors=ERRORS) as fh, \
+                    _spooled(fh, whole) as into:
+                yield into
             return
         with replacing(target, 0o644) as tmp, \
                 open(tmp, "w", encoding="utf-8", errors=ERRORS) as fh:
@@ -176,6 +180,26 @@ def _output(output: str | None) -> Iterator[TextIO]:
     except OSError as exc:  # a missing folder, no permission, a full disk, ...
         before = "is left as it was" if os.path.exists(target) else "was not written"
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}; it {before}") from None
+
+
+#: how much of a result :func:`_output` holds in memory before it goes to a temporary file
+SPOOL_MEMORY = 64 << 20
+
+
+@contextlib.contextmanager
+def _spooled(out: TextIO, whole: bool) -> Iterator[TextIO]:
+    """``out`` itself, or with ``whole`` a spool copied into ``out`` when the block ends
+    without an error."""
+    if not whole:
+        yield out
+        return
+    import tempfile
+
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, mode="w+", encoding="utf-8",
+                                       errors=ERRORS) as spool:
+        yield spool  # type: ignore[misc]
+        spool.seek(0)
+        shutil.copyfileobj(spool, out, 1 << 20)  # type: ignore[misc]
 
 
 def _write(text: str, output: str | None) -> None:
@@ -232,6 +256,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 
+    if args.json and not args.status and not getattr(args, "only", None):
+        return _compile_json(args)
     graph = only(compile_file(args.file, parse_params(args.param)), args)
     status = None
     if args.status:
@@ -267,6 +293,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _write(svg.stdout, args.output)
         return 0
     print(summary(graph))
+    return 0
+
+
+def _compile_json(args: argparse.Namespace) -> int:
+    """``opf compile --json`` of a whole plan: written while it is planned, never held (a
+    plan of a million tasks takes a fraction of the memory), and only once it is whole."""
+    from ..lang.compile import load, write_plan
+
+    loaded = load(args.file, parse_params(args.param))
+    with _output(args.output, whole=True) as fh:
+        write_plan(loaded, fh)
     return 0
 
 

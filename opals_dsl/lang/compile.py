@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import networkx as nx
 
@@ -162,6 +163,20 @@ def plan(loaded: Loaded) -> nx.DiGraph:
     return graph
 
 
+def write_plan(loaded: Loaded, out: TextIO) -> None:
+    """Plan a checked pipeline straight into ``out`` as node-link JSON: the text
+    :func:`~opals_dsl.plan.graph.write_json` writes for :func:`plan`'s graph, without ever
+    holding the graph (a plan of a million tasks needs a fraction of the memory). Raises as
+    :func:`plan` does; ``out`` then holds an incomplete text."""
+    try:
+        build_plan(
+            loaded.pipeline, loaded.source, str(loaded.path.parent.resolve()), loaded.params,
+            loaded.name, protected=loaded.protected, out=out, source_name=loaded.path.name,
+        )
+    except PipelineError as exc:
+        raise exc.with_warnings(loaded.warnings) from None
+
+
 def compile_file(path: str | Path, params: Mapping[str, str] | None = None, *,
                  protected: Protected | None = None, strict: bool = False) -> nx.DiGraph:
     """Parse, check and plan a pipeline file: the plan, or a :class:`PipelineError`.
@@ -189,5 +204,5 @@ def check_scratch(loaded: Loaded, graph: nx.DiGraph, roots: Iterable[str]) -> No
         plan(dataclasses.replace(loaded, protected=protected.with_scratch(roots)))
 
 
-__all__ = ["Loaded", "load", "plan", "compile_file", "check_scratch", "PipelineError",
+__all__ = ["Loaded", "load", "plan", "write_plan", "compile_file", "check_scratch", "PipelineError",
            "PlanError", "Protected"]

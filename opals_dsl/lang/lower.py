@@ -33,13 +33,13 @@ import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import networkx as nx
 
 from ..errors import PlanError
 from ..plan import model
-from ..plan.graph import add_chain
+from ..plan.graph import NodeLinkWriter, add_chain
 from ..source import SourceFile, Span
 from . import nodes as n
 from .check import Checker
@@ -54,7 +54,12 @@ from .expand import (
     why_not_a_file,
 )
 from .limits import step_limits
-from .protect import DestinationChecks, Protected
+from .protect import (
+    DestinationChecks,
+    Protected,
+    overwritten_message,
+    reads_output_message,
+)
 from .scope import CTX_OUT, CTX_OUTPUT, Binding, JobTable, ResolveError, Scope, job_dependencies
 from .templates import BROKEN, CompiledStep, StepCompiler, TaskCtx, Text, no_action, text_of
 
@@ -130,6 +135,9 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self.name = pipeline_name
         self.c = Checker(source)
         self.graph = nx.DiGraph()
+        # where each chain goes: the graph, or a NodeLinkWriter (build_plan)
+        self.add_chain: Callable[..., None] = lambda chain, after=(): add_chain(
+            self.graph, chain, after)
         self.jobs: dict[str, _JobPlan] = {}
         # destination -> (job, task, out, step) of the output copied back there
         self.destinations: dict[str, tuple[str, str, n.Out, str]] = {}
@@ -193,7 +201,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         if compiled is None:
             return
         jc = self.job_context(job, compiled, labels, ids)
-        add_chain(self.graph, [(jc.machine, model.machine_stage_attrs(jname, shared_files))])
+        self.add_chain([(jc.machine, model.machine_stage_attrs(jname, shared_files))])
         for index, (value, tid) in enumerate(zip(values, ids, strict=True)):
             self.emit_task(jc, index, value, tid)
         self.jobs[jname] = _JobPlan(ids, jc.published)
@@ -401,7 +409,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
                            "overwritten by an output of the same name; rename the output",
                            jc.job)
         after = [jc.machine] if upstream_cb is None else [jc.machine, upstream_cb]
-        add_chain(self.graph, [
+        self.add_chain([
             (model.task_stage_id(jc.name, tid),
              model.task_stage_attrs(jc.name, tid, key, index, jc.retries, stage_files)),
             *execs,
@@ -562,9 +570,9 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         if claim is not None:
             cb = model.copyback_id(claim[0], claim[1])
             if what is not None:
-                self.error(span, _overwritten(src, f"read by job '{job}' as {what}", claim), decl)
+                self.error(span, overwritten_message(src, f"read by job '{job}' as {what}", claim), decl)
             elif cb != upstream and cb not in waits:
-                self.error(span, _reads_output(src, job, task, claim), decl)
+                self.error(span, reads_output_message(src, job, task, claim), decl)
         if src not in self.readers:
             self.readers[src] = (job, task, span)
             if what is not None:
@@ -608,6 +616,13 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             )
         self.error(o.path.span, msg, o, limit)
 
+    def graph_attrs(self, source: str | None = None) -> dict[str, Any]:
+        return model.graph_attrs(
+            self.name, self.root,
+            {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
+            [j.name.value for j in self.pipeline.jobs], source,
+        )
+
     def run(self) -> nx.DiGraph:
         deps = job_dependencies(self.pipeline, self.params)
         if self.lenient and not nx.is_directed_acyclic_graph(deps):
@@ -627,11 +642,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             self.plan_job(job)
         self.check_destinations()
         g = self.graph
-        g.graph.update(model.graph_attrs(
-            self.name, self.root,
-            {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
-            [j.name.value for j in self.pipeline.jobs],
-        ))
+        g.graph.update(self.graph_attrs())
         if self.c.diagnostics:
             raise PlanError(self.c.diagnostics)
         return g
@@ -646,33 +657,6 @@ def _prefix(folder: str) -> str:
     return folder if folder.endswith("/") else folder + "/"
 
 
-def _overwritten(src: str, who: str, claim: tuple[str, str, n.Out, str]) -> str:
-    cjob, ctask, cout, _ = claim
-    return (
-        f"'{src}' is {who}, and output '{cout.name.value}' of task '{ctask}' (job '{cjob}') "
-        "would be copied back over it; a copy-back must not overwrite a file the pipeline "
-        "reads: give the output another name or output folder"
-    )
-
-
-def _reads_output(src: str, job: str, task: str | None,
-                  claim: tuple[str, str, n.Out, str]) -> str:
-    cjob, ctask, cout, cstep = claim
-    who = f"task '{task}'" if task is not None else f"job '{job}' (a shared file)"
-    if cjob == job:
-        return (
-            f"the input '{src}' of {who} is where output '{cout.name.value}' of task '{ctask}' "
-            "of the same job is copied back; a job cannot read its own outputs: write them to "
-            "another folder"
-        )
-    return (
-        f"the input '{src}' of {who} is where output '{cout.name.value}' of task '{ctask}' (job "
-        f"'{cjob}') is copied back, but nothing makes this task wait for it; name the output "
-        f"as {{{cjob}.{cstep}.{cout.name.value}}} (in the command or an 'in' line) instead"
-    )
-
-
-
 def build_plan(
     pipeline: n.Pipeline,
     source: SourceFile | None,
@@ -682,18 +666,30 @@ def build_plan(
     *,
     lenient: bool = False,
     protected: Protected | None = None,
-) -> nx.DiGraph:
+    out: TextIO | None = None,
+    source_name: str | None = None,
+) -> nx.DiGraph | None:
     """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem.
 
     ``lenient`` plans a pipeline that has check errors too, leaving out the parts that name
     unknown things, to find what else is wrong (its plan is never run). ``protected`` names
-    the places no output may be copied back to (none if None)."""
+    the places no output may be copied back to (none if None). With ``out``, the plan is
+    written there as node-link JSON while it is planned (:class:`NodeLinkWriter`, the plan's
+    ``source`` attribute ``source_name``) and never held: None is returned. On an error the
+    text written so far is incomplete."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return Planner(
+        planner = Planner(
             pipeline, source, os.path.abspath(root), params, pipeline_name, lenient, protected
-        ).run()
+        )
+        if out is None:
+            return planner.run()
+        writer = NodeLinkWriter(out, planner.graph_attrs(source_name))
+        planner.add_chain = writer.add_chain
+        planner.run()
+        writer.close()
+        return None
     finally:
         if collecting:
             gc.enable()

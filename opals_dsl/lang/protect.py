@@ -200,3 +200,32 @@ class DestinationChecks:
                     "output folder",
                     o,
                 )
+
+
+def overwritten_message(src: str, who: str, claim: tuple[str, str, n.Out, str]) -> str:
+    """The error for a file the planner reads (``who`` says how) that a copy-back writes."""
+    cjob, ctask, cout, _ = claim
+    return (
+        f"'{src}' is {who}, and output '{cout.name.value}' of task '{ctask}' (job '{cjob}') "
+        "would be copied back over it; a copy-back must not overwrite a file the pipeline "
+        "reads: give the output another name or output folder"
+    )
+
+
+def reads_output_message(src: str, job: str, task: str | None,
+                         claim: tuple[str, str, n.Out, str]) -> str:
+    """The error for an input of a task (or a shared file) that a copy-back writes while
+    nothing makes the reader wait for it."""
+    cjob, ctask, cout, cstep = claim
+    who = f"task '{task}'" if task is not None else f"job '{job}' (a shared file)"
+    if cjob == job:
+        return (
+            f"the input '{src}' of {who} is where output '{cout.name.value}' of task '{ctask}' "
+            "of the same job is copied back; a job cannot read its own outputs: write them to "
+            "another folder"
+        )
+    return (
+        f"the input '{src}' of {who} is where output '{cout.name.value}' of task '{ctask}' (job "
+        f"'{cjob}') is copied back, but nothing makes this task wait for it; name the output "
+        f"as {{{cjob}.{cstep}.{cout.name.value}}} (in the command or an 'in' line) instead"
+    )

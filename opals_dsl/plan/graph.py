@@ -156,28 +156,124 @@ def json_chunks(graph: nx.DiGraph, batch: int = 64) -> Iterator[str]:
     Nodes are encoded a few dozen at a time: small batches stay in the processor's cache,
     which makes the whole twice as fast as a few large ones."""
     encode = _compact_encoder()
-    directed = "true" if graph.is_directed() else "false"
-    yield f'{{"directed":{directed},"multigraph":false,"graph":{encode(graph.graph)},"nodes":['
+    yield _head(encode, graph.graph, graph.is_directed())
     nodes = list(graph.nodes)
     for k in range(0, len(nodes), batch):
         part = [{**graph._node[v], "id": v} for v in nodes[k : k + batch]]
         yield ("," if k else "") + encode(part)[1:-1]
     yield '],"edges":['
-    quote = encode_basestring  # a JSON string literal, non-ASCII kept
-    rows: list[str] = []
-    first = True
-    for u, nbrs in graph._succ.items():
-        for v, d in (nbrs.pairs() if nbrs.__class__ is Neighbour else nbrs.items()):
-            if d:
-                rows.append(encode({**d, "source": u, "target": v}))
-            else:
-                rows.append(f'{{"source":{quote(u)},"target":{quote(v)}}}')
-        if len(rows) >= 16 * batch:
-            yield ("" if first else ",") + ",".join(rows)
-            first, rows = False, []
-    if rows:
-        yield ("" if first else ",") + ",".join(rows)
+    yield from _joined(_edge_rows(encode, (
+        (u, nbrs.pairs() if nbrs.__class__ is Neighbour else nbrs.items())
+        for u, nbrs in graph._succ.items()
+    )), 16 * batch)
     yield "]}\n"
+
+
+def _head(encode: Callable[[Any], str], attrs: Mapping[str, Any], directed: bool = True) -> str:
+    """node-link JSON up to the first node"""
+    kind = "true" if directed else "false"
+    return f'{{"directed":{kind},"multigraph":false,"graph":{encode(attrs)},"nodes":['
+
+
+def _edge_rows(encode: Callable[[Any], str],
+               succ: Iterable[tuple[str, Iterable[tuple[str, Mapping[str, Any]]]]]
+               ) -> Iterator[str]:
+    """Each edge as node-link JSON, from each node's (successor, edge attributes) in order."""
+    quote = encode_basestring  # a JSON string literal, non-ASCII kept
+    for u, nbrs in succ:
+        for v, d in nbrs:
+            if d:
+                yield encode({**d, "source": u, "target": v})
+            else:
+                yield f'{{"source":{quote(u)},"target":{quote(v)}}}'
+
+
+def _joined(rows: Iterable[str], batch: int) -> Iterator[str]:
+    """``",".join(rows)`` in pieces of ``batch`` rows."""
+    part: list[str] = []
+    first = True
+    for row in rows:
+        part.append(row)
+        if len(part) >= batch:
+            yield ("" if first else ",") + ",".join(part)
+            first, part = False, []
+    if part:
+        yield ("" if first else ",") + ",".join(part)
+
+
+class NodeLinkWriter:
+    """Writes a plan as node-link JSON while it is being planned, instead of building the
+    graph: the planner hands each chain to :meth:`add_chain` (as it would to the module's
+    :func:`add_chain`) and calls :meth:`close` at the end. The text is byte for byte what
+    :func:`write_json` writes for the graph the same calls build; the graph is never held, so
+    a plan of a million tasks takes a fraction of the memory (``opf compile --json``).
+
+    Nodes are written as they come, a few dozen at a time. What the edges need is kept until
+    :meth:`close`: each chain's node ids, and the nodes each node is in the ``after`` of.
+    ``attrs`` are the graph's attributes; they open the text, so they must be known first."""
+
+    def __init__(self, out: TextIO, attrs: Mapping[str, Any], batch: int = 64) -> None:
+        self._out = out
+        self._encode = _compact_encoder()
+        self._batch = batch
+        self._pending: list[dict[str, Any]] = []
+        self._written = 0
+        self._chains: list[tuple[str, ...]] = []
+        self._later: dict[str, dict[str, None]] = {}  # node -> nodes after it, outside its chain
+        out.write(_head(self._encode, attrs))
+
+    def add_chain(self, chain: Sequence[tuple[str, dict[str, Any]]],
+                  after: Iterable[str] = ()) -> None:
+        """What :func:`add_chain` adds to a graph, written instead (new node ids; every node
+        of ``after`` added before: :meth:`close` checks that)."""
+        if not chain:
+            return
+        first = chain[0][0]
+        for u in after:
+            self._later.setdefault(u, {})[first] = None
+        self._chains.append(tuple(nid for nid, _ in chain))
+        for nid, attrs in chain:
+            attrs["id"] = nid  # taken as they are, as add_chain does: only written, never kept
+            self._pending.append(attrs)
+            if len(self._pending) >= self._batch:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            text = self._encode(self._pending)[1:-1]
+            self._out.write("," + text if self._written else text)
+            self._written += len(self._pending)
+            self._pending = []
+
+    def close(self) -> None:
+        """Write the rest of the nodes, every edge and the end of the text."""
+        self._flush()
+        write = self._out.write
+        write('],"edges":[')
+        for chunk in _joined(self._edge_rows(), 16 * self._batch):
+            write(chunk)
+        write("]}\n")
+
+    def _edge_rows(self) -> Iterator[str]:
+        """Each edge as node-link JSON, in the order of the graph's: by node, its successors
+        being the next node of its chain, then those that named it in ``after`` in the order
+        they were added. Plan edges carry no attributes."""
+        quote, later = encode_basestring, self._later
+        found = 0
+        for ids in self._chains:
+            target = quote(ids[0])
+            for k in range(len(ids)):
+                source = target
+                if k + 1 < len(ids):
+                    target = quote(ids[k + 1])
+                    yield f'{{"source":{source},"target":{target}}}'
+                if ids[k] in later:
+                    found += 1
+                    for v in later[ids[k]]:
+                        yield f'{{"source":{source},"target":{quote(v)}}}'
+        if found != len(later):
+            missing = sorted(set(later) - {u for ids in self._chains for u in ids})
+            raise KeyError(f"a chain waits for nodes that are not in the plan: {missing[:3]}")
 
 
 def _compact_encoder() -> Callable[[Any], str]:
