@@ -27,7 +27,7 @@ from conftest import EXAMPLES
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main
-from opals_dsl.lang.compile import load, write_plan
+from opals_dsl.lang.compile import count_plan, load, write_plan
 from opals_dsl.plan import model
 from opals_dsl.plan.dot import to_dot, to_job_dot
 from opals_dsl.plan.graph import to_json
@@ -90,6 +90,18 @@ def test_a_plan_written_while_planned_is_the_json_of_its_graph() -> None:
         out = io.StringIO()
         write_plan(load(pipeline), out)
         assert out.getvalue() == to_json(compile_file(pipeline)), pipeline.name
+
+
+def test_a_plan_counted_while_planned_has_the_size_of_its_graph() -> None:
+    """``opf check`` counts jobs, tasks and steps as it plans (``count_plan``), never holding
+    the graph; the counts are those of the graph ``compile_file`` returns."""
+    for pipeline in PIPELINES:
+        counted, graph = count_plan(load(pipeline)), compile_file(pipeline)
+        of_graph = model.PlanCounts.of(graph)
+        assert (counted.pipeline, counted.jobs, counted.tasks, counted.steps) == (
+            of_graph.pipeline, of_graph.jobs, of_graph.tasks, of_graph.steps), pipeline.name
+        assert counted.tasks == len(model.tasks(graph)) > 0
+        assert counted.steps == sum(1 for _, a in graph.nodes(data=True) if a["kind"] == "exec")
 
 
 # -- the DOT text --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opals_dsl.plan.graph import NodeLinkWriter, Neighbour, add_chain, to_json
+from opals_dsl.plan.graph import Neighbour, NodeLinkWriter, add_chain, to_json
 
 CHAINS = st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6)
 
@@ -88,7 +88,8 @@ def test_a_plan_written_while_planned_is_the_json_of_the_graph(lengths, batch, d
     graph, out = nx.DiGraph(), io.StringIO()
     attrs = {"pipeline": "p", "jobs": ["a", "b"], "params": {"x": [1, "ü"]}}
     graph.graph.update(attrs)
-    writer = NodeLinkWriter(out, attrs, batch=batch)
+    writer = NodeLinkWriter(out, batch=batch)
+    writer.start(attrs)
     added: list[str] = []
     for c, length in enumerate([1, *lengths]):
         chain = [(f"n{c}.{k}", {"chain": c, "k": k, "files": [[f"in{k}", "ö"]]})
@@ -103,7 +104,8 @@ def test_a_plan_written_while_planned_is_the_json_of_the_graph(lengths, batch, d
 
 
 def test_a_chain_waiting_for_a_node_never_added_is_refused():
-    writer = NodeLinkWriter(io.StringIO(), {})
+    writer = NodeLinkWriter(io.StringIO())
+    writer.start({})
     writer.add_chain([("a", {})])
     writer.add_chain([("b", {})], ["a", "nowhere"])
     with pytest.raises(KeyError, match="nowhere"):

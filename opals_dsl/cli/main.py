@@ -23,7 +23,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
@@ -39,9 +39,6 @@ from .common import (
     state_of,
     warning_line,
 )
-
-if TYPE_CHECKING:  # networkx is imported when a pipeline is compiled: `opf run` starts its
-    import networkx as nx  # cluster meanwhile
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,14 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary(graph: nx.DiGraph) -> str:
+def summary(counts: model.PlanCounts) -> str:
     """``NAME: J jobs, T tasks, S step runs``."""
-    tasks = model.tasks(graph)
-    jobs = len(model.info(graph).jobs)
-    steps = sum(len(t.execs) for t in tasks.tasks)
+    jobs, tasks, steps = counts.jobs, counts.tasks, counts.steps
     return (
-        f"{model.info(graph).pipeline}: {jobs} job{'s' if jobs != 1 else ''}, "
-        f"{len(tasks)} task{'s' if len(tasks) != 1 else ''}, {steps} step run"
+        f"{counts.pipeline}: {jobs} job{'s' if jobs != 1 else ''}, "
+        f"{tasks} task{'s' if tasks != 1 else ''}, {steps} step run"
         f"{'s' if steps != 1 else ''}"
     )
 
@@ -208,12 +203,12 @@ def _write(text: str, output: str | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..lang.compile import load, plan
+    from ..lang.compile import count_plan, load
 
     loaded = load(args.file, parse_params(args.param), strict=args.strict)
-    graph = plan(loaded)
+    counts = count_plan(loaded)  # planned in full, but never held as a graph
     show_warnings(loaded.warnings)
-    print(f"{args.file}: ok — {summary(graph)}")
+    print(f"{args.file}: ok — {summary(counts)}")
     return 0
 
 
@@ -256,8 +251,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 
-    if args.json and not args.status and not getattr(args, "only", None):
-        return _compile_json(args)
+    whole = not args.status and not getattr(args, "only", None)
+    if whole and (args.json or not (args.dot or args.svg)):
+        return _compile_json(args) if args.json else _compile_summary(args)
     graph = only(compile_file(args.file, parse_params(args.param)), args)
     status = None
     if args.status:
@@ -292,7 +288,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
             raise UsageError(f"Graphviz failed: {svg.stderr.strip()}")
         _write(svg.stdout, args.output)
         return 0
-    print(summary(graph))
+    print(summary(model.PlanCounts.of(graph)))
+    return 0
+
+
+def _compile_summary(args: argparse.Namespace) -> int:
+    """``opf compile`` of a whole plan without an output format: its size, never holding it."""
+    from ..lang.compile import count_plan, load
+
+    print(summary(count_plan(load(args.file, parse_params(args.param)))))
     return 0
 
 

@@ -20,6 +20,7 @@ import networkx as nx
 
 from ..errors import Diagnostic, OpfCheckError, OpfSyntaxError, PipelineError, PlanError
 from ..plan import model
+from ..plan.graph import NodeLinkWriter, PlanSink
 from ..source import SourceFile
 from . import nodes as n
 from .check import check
@@ -168,10 +169,22 @@ def write_plan(loaded: Loaded, out: TextIO) -> None:
     :func:`~opals_dsl.plan.graph.write_json` writes for :func:`plan`'s graph, without ever
     holding the graph (a plan of a million tasks needs a fraction of the memory). Raises as
     :func:`plan` does; ``out`` then holds an incomplete text."""
+    _plan_into(loaded, NodeLinkWriter(out))
+
+
+def count_plan(loaded: Loaded) -> model.PlanCounts:
+    """Plan a checked pipeline only to count its jobs, tasks and steps (``opf check``),
+    without building the graph; raises as :func:`plan` does."""
+    counts = model.PlanCounts()
+    _plan_into(loaded, counts)
+    return counts
+
+
+def _plan_into(loaded: Loaded, sink: PlanSink) -> None:
     try:
         build_plan(
             loaded.pipeline, loaded.source, str(loaded.path.parent.resolve()), loaded.params,
-            loaded.name, protected=loaded.protected, out=out, source_name=loaded.path.name,
+            loaded.name, protected=loaded.protected, sink=sink, source_name=loaded.path.name,
         )
     except PipelineError as exc:
         raise exc.with_warnings(loaded.warnings) from None
@@ -204,5 +217,5 @@ def check_scratch(loaded: Loaded, graph: nx.DiGraph, roots: Iterable[str]) -> No
         plan(dataclasses.replace(loaded, protected=protected.with_scratch(roots)))
 
 
-__all__ = ["Loaded", "load", "plan", "write_plan", "compile_file", "check_scratch", "PipelineError",
-           "PlanError", "Protected"]
+__all__ = ["Loaded", "load", "plan", "write_plan", "count_plan", "compile_file",
+           "check_scratch", "PipelineError", "PlanError", "Protected"]

@@ -33,13 +33,13 @@ import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, TextIO
+from typing import Any
 
 import networkx as nx
 
 from ..errors import PlanError
 from ..plan import model
-from ..plan.graph import NodeLinkWriter, add_chain
+from ..plan.graph import PlanSink, add_chain
 from ..source import SourceFile, Span
 from . import nodes as n
 from .check import Checker
@@ -570,7 +570,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         if claim is not None:
             cb = model.copyback_id(claim[0], claim[1])
             if what is not None:
-                self.error(span, overwritten_message(src, f"read by job '{job}' as {what}", claim), decl)
+                self.error(span, overwritten_message(src, f"read by job '{job}' as {what}",
+                                                     claim), decl)
             elif cb != upstream and cb not in waits:
                 self.error(span, reads_output_message(src, job, task, claim), decl)
         if src not in self.readers:
@@ -666,29 +667,30 @@ def build_plan(
     *,
     lenient: bool = False,
     protected: Protected | None = None,
-    out: TextIO | None = None,
+    sink: PlanSink | None = None,
     source_name: str | None = None,
 ) -> nx.DiGraph | None:
     """Lower a checked pipeline to its plan; raises :class:`PlanError` with every problem.
 
     ``lenient`` plans a pipeline that has check errors too, leaving out the parts that name
     unknown things, to find what else is wrong (its plan is never run). ``protected`` names
-    the places no output may be copied back to (none if None). With ``out``, the plan is
-    written there as node-link JSON while it is planned (:class:`NodeLinkWriter`, the plan's
-    ``source`` attribute ``source_name``) and never held: None is returned. On an error the
-    text written so far is incomplete."""
+    the places no output may be copied back to (none if None). With a ``sink``
+    (:class:`~opals_dsl.plan.graph.NodeLinkWriter`, :class:`~opals_dsl.plan.model.PlanCounts`)
+    the graph is never built: the sink is started with the graph's attributes (``source``
+    being ``source_name``), gets every chain as it is planned, and is closed if the plan has
+    no error; None is returned."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         planner = Planner(
             pipeline, source, os.path.abspath(root), params, pipeline_name, lenient, protected
         )
-        if out is None:
+        if sink is None:
             return planner.run()
-        writer = NodeLinkWriter(out, planner.graph_attrs(source_name))
-        planner.add_chain = writer.add_chain
+        sink.start(planner.graph_attrs(source_name))
+        planner.add_chain = sink.add_chain
         planner.run()
-        writer.close()
+        sink.close()
         return None
     finally:
         if collecting:

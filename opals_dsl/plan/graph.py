@@ -28,7 +28,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from json.encoder import encode_basestring
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import networkx as nx
 
@@ -201,6 +201,18 @@ def _joined(rows: Iterable[str], batch: int) -> Iterator[str]:
         yield ("" if first else ",") + ",".join(part)
 
 
+class PlanSink(Protocol):
+    """Where the planner puts a plan instead of a graph
+    (:func:`opals_dsl.lang.lower.build_plan`): started with the graph's attributes, given each
+    chain as :func:`add_chain` would be, closed at the end of a plan without errors.
+    :class:`NodeLinkWriter` writes it as JSON; :class:`~opals_dsl.plan.model.PlanCounts`
+    counts it."""
+
+    def start(self, attrs: dict[str, Any]) -> None: ...
+    def add_chain(self, chain: Any, after: Any = ()) -> None: ...
+    def close(self) -> None: ...
+
+
 class NodeLinkWriter:
     """Writes a plan as node-link JSON while it is being planned, instead of building the
     graph: the planner hands each chain to :meth:`add_chain` (as it would to the module's
@@ -210,9 +222,9 @@ class NodeLinkWriter:
 
     Nodes are written as they come, a few dozen at a time. What the edges need is kept until
     :meth:`close`: each chain's node ids, and the nodes each node is in the ``after`` of.
-    ``attrs`` are the graph's attributes; they open the text, so they must be known first."""
+    :meth:`start` comes first, with the graph's attributes, which open the text."""
 
-    def __init__(self, out: TextIO, attrs: Mapping[str, Any], batch: int = 64) -> None:
+    def __init__(self, out: TextIO, batch: int = 64) -> None:
         self._out = out
         self._encode = _compact_encoder()
         self._batch = batch
@@ -220,7 +232,10 @@ class NodeLinkWriter:
         self._written = 0
         self._chains: list[tuple[str, ...]] = []
         self._later: dict[str, dict[str, None]] = {}  # node -> nodes after it, outside its chain
-        out.write(_head(self._encode, attrs))
+
+    def start(self, attrs: Mapping[str, Any]) -> None:
+        """Write the opening of the text: the graph's attributes."""
+        self._out.write(_head(self._encode, attrs))
 
     def add_chain(self, chain: Sequence[tuple[str, dict[str, Any]]],
                   after: Iterable[str] = ()) -> None:

@@ -397,6 +397,42 @@ def set_source(graph: nx.DiGraph, source: str) -> None:
     graph.graph["source"] = source
 
 
+class PlanCounts:
+    """The size of a plan — its pipeline's name, jobs, tasks and steps to run — counted as the
+    planner writes it, instead of building the graph (``opf check``, the summary of ``opf
+    compile``): a plan sink, like :class:`~opals_dsl.plan.graph.NodeLinkWriter`."""
+
+    __slots__ = ("pipeline", "jobs", "tasks", "steps")
+
+    def __init__(self) -> None:
+        self.pipeline, self.jobs, self.tasks, self.steps = "", 0, 0, 0
+
+    @classmethod
+    def of(cls, graph: nx.DiGraph) -> PlanCounts:
+        """The counts of a plan that is already a graph."""
+        counts = cls()
+        counts.start(graph.graph)
+        found = tasks(graph)
+        counts.tasks = len(found)
+        counts.steps = sum(len(t.execs) for t in found.tasks)
+        return counts
+
+    def start(self, attrs: Mapping[str, Any]) -> None:
+        self.pipeline, self.jobs = str(attrs["pipeline"]), len(attrs.get("jobs") or ())
+
+    def add_chain(self, chain: Sequence[tuple[str, dict[str, Any]]],
+                  after: object = ()) -> None:
+        for _, attrs in chain:
+            kind = attrs["kind"]
+            if kind == EXEC:
+                self.steps += 1
+            elif kind == STAGE and attrs["scope"] == TASK:
+                self.tasks += 1
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """One task's chain, by node id, with its place in plan order (jobs as written, then the
