@@ -16,6 +16,10 @@ only, as measured at 100,000 tasks:
 * :func:`json_chunks` reads the same dicts to stream the plan as JSON a few dozen nodes at a
   time.
 
+Where the graph itself is not needed, the planner hands its chains to a :class:`PlanSink`
+instead of a graph: :class:`NodeLinkWriter` writes the same JSON as each chain is planned and
+never holds the plan (``opf compile --json``: a million tasks in about 1.1 GB instead of 3.8).
+
 networkx is pinned to major version 3 in ``pyproject.toml`` for this reason;
 ``tests/test_plan_graph.py`` checks that a graph built here equals one built through networkx's
 public methods.
@@ -170,7 +174,7 @@ def json_chunks(graph: nx.DiGraph, batch: int = 64) -> Iterator[str]:
 
 
 def _head(encode: Callable[[Any], str], attrs: Mapping[str, Any], directed: bool = True) -> str:
-    """node-link JSON up to the first node"""
+    """The node-link JSON text up to the first node."""
     kind = "true" if directed else "false"
     return f'{{"directed":{kind},"multigraph":false,"graph":{encode(attrs)},"nodes":['
 
