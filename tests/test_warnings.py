@@ -143,6 +143,18 @@ def test_a_warning_has_its_place_line_caret_and_hint_and_keeps_status_0(
     assert lines[3:] == ["1 warning found (--strict makes them errors)."]
 
 
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--dot"], ["--json", "--only", "dem"]])
+def test_compile_shows_the_warnings_too_and_keeps_status_0(
+        flags: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline, said, _ = CASES["undeclared_file"]
+    make_folder(tmp_path, pipeline)
+    monkeypatch.chdir(tmp_path)
+    _, _, checked = opf("check", "p.opf")
+    status, out, err = opf("compile", "p.opf", *flags)
+    assert status == 0 and out
+    assert err == checked and err.startswith(f"p.opf:{said}")
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_strict_makes_a_warning_an_error(name: str, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:

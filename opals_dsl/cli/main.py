@@ -23,7 +23,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
@@ -39,6 +39,9 @@ from .common import (
     state_of,
     warning_line,
 )
+
+if TYPE_CHECKING:  # the compiler is imported when a pipeline is compiled: `opf run` starts its
+    from ..lang.compile import Loaded  # cluster meanwhile
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,14 +250,23 @@ def cmd_check_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from ..lang.compile import compile_file
+    from ..lang.compile import load
+
+    loaded = load(args.file, parse_params(args.param))
+    status = _compile(args, loaded)
+    show_warnings(loaded.warnings)  # as opf check shows them: on stderr, after the plan
+    return status
+
+
+def _compile(args: argparse.Namespace, loaded: Loaded) -> int:
+    from ..lang.compile import plan
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 
     whole = not args.status and not getattr(args, "only", None)
     if whole and (args.json or not (args.dot or args.svg)):
-        return _compile_json(args) if args.json else _compile_summary(args)
-    graph = only(compile_file(args.file, parse_params(args.param)), args)
+        return _compile_json(args, loaded) if args.json else _compile_summary(loaded)
+    graph = only(plan(loaded), args)
     status = None
     if args.status:
         if not (args.dot or args.svg) or args.level == "job":
@@ -292,20 +304,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compile_summary(args: argparse.Namespace) -> int:
+def _compile_summary(loaded: Loaded) -> int:
     """``opf compile`` of a whole plan without an output format: its size, never holding it."""
-    from ..lang.compile import count_plan, load
+    from ..lang.compile import count_plan
 
-    print(summary(count_plan(load(args.file, parse_params(args.param)))))
+    print(summary(count_plan(loaded)))
     return 0
 
 
-def _compile_json(args: argparse.Namespace) -> int:
+def _compile_json(args: argparse.Namespace, loaded: Loaded) -> int:
     """``opf compile --json`` of a whole plan: written while it is planned, never held (a
     plan of a million tasks takes a fraction of the memory), and only once it is whole."""
-    from ..lang.compile import load, write_plan
+    from ..lang.compile import write_plan
 
-    loaded = load(args.file, parse_params(args.param))
     with _output(args.output, whole=True) as fh:
         write_plan(loaded, fh)
     return 0
