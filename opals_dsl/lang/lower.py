@@ -21,8 +21,9 @@ The steps of a job, in :meth:`Planner.plan_job`: expand its values (:mod:`.expan
 shared files, name its tasks, compile its steps once (:mod:`.templates`), then emit each task —
 its staged files, its outputs claiming their destinations, its ``in`` files, its chain written
 into the graph through the plan contract (:mod:`opals_dsl.plan.model`,
-:func:`opals_dsl.plan.graph.add_chain`). The cyclic garbage collector is paused while the graph
-is built: it would otherwise walk the growing graph again and again and take most of the time.
+:func:`opals_dsl.plan.graph.add_chain`), or handed to a sink that never holds the graph. The
+cyclic garbage collector is paused while the graph is built: it would otherwise walk the
+growing graph again and again and take most of the time.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self.name = pipeline_name
         self.c = Checker(source)
         self.graph = nx.DiGraph()
-        # where each chain goes: the graph, or a NodeLinkWriter (build_plan)
+        # where each chain goes: the graph, or a PlanSink that never holds it (build_plan)
         self.add_chain: Callable[..., None] = lambda chain, after=(): add_chain(
             self.graph, chain, after)
         self.jobs: dict[str, _JobPlan] = {}
