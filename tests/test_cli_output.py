@@ -6,7 +6,8 @@ goes away early ends it quietly.
 * a file name that is not UTF-8 (Python holds its bytes as lone surrogates) is written as the
   JSON escape ``\\udcff``, which a JSON reader turns back into that very name;
 * ``--json`` is written while the plan is planned, yet a mistake found late (after thousands
-  of nodes were written) leaves stdout empty and ``-o FILE`` as it was;
+  of nodes were written) leaves stdout empty and ``-o FILE`` as it was; only a terminal shows
+  the text as it comes;
 * ``opf compile --json | head`` ends with the status of a program that SIGPIPE ended (141, as
   ``yes | head``), and prints nothing.
 
@@ -15,8 +16,10 @@ Every case runs ``opf`` as a child process, on real files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import resource
 import signal
 import subprocess
@@ -131,6 +134,28 @@ def test_a_plan_found_wrong_late_writes_no_json_at_all(tmp_path: Path):
         assert proc.stdout == ""
         assert target.read_text() == "the plan of yesterday\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.opf", "plan.json"]
+
+
+def test_a_terminal_gets_the_json_as_it_is_planned(tmp_path: Path):
+    """A terminal keeps nothing a cut text could mislead: it is not spooled, so the plan shows
+    as it is planned (here cut by the late mistake, which follows on stderr)."""
+    path = pipeline(tmp_path, LATE_CLASH)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([*OPF, "compile", "--json", path.name], cwd=tmp_path,
+                                stdout=follower, stderr=subprocess.PIPE, text=True)
+        os.close(follower)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while chunk := os.read(leader, 1 << 16):
+                shown += chunk
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        os.close(leader)
+    assert proc.returncode == 2
+    assert shown.startswith(b'{"directed":true,"multigraph":false,"graph":{"pipeline":"p"')
+    assert b'"id":"stage:tiles/0"' in shown and not shown.rstrip().endswith(b"]}")
+    assert "would be copied back to 'results/19999.tif'" in err
 
 
 def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):

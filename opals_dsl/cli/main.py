@@ -19,6 +19,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import traceback
@@ -152,9 +153,10 @@ def _output(output: str | None, whole: bool = False) -> Iterator[TextIO]:
     """The text stream to write a result to: ``output``, written so that it appears only
     complete (a temporary beside it, renamed into place when done), or stdout. A device or pipe
     named as ``output`` is written into as it is (see
-    :func:`~opals_dsl.runtime.fsatomic.output_target`). ``whole``: stdout, a device or a pipe
-    gets the text only once the block has written all of it (held in memory, beyond
-    :data:`SPOOL_MEMORY` in a temporary file), so a block that fails writes nothing there."""
+    :func:`~opals_dsl.runtime.fsatomic.output_target`). ``whole``: stdout or a pipe gets the
+    text only once the block has written all of it (held in memory, beyond
+    :data:`SPOOL_MEMORY` in a temporary file), so a block that fails writes nothing there; a
+    terminal or ``/dev/null`` gets it as it comes."""
     if not output:
         with _spooled(sys.stdout, whole) as fh:
             yield fh
@@ -187,8 +189,9 @@ SPOOL_MEMORY = 64 << 20
 @contextlib.contextmanager
 def _spooled(out: TextIO, whole: bool) -> Iterator[TextIO]:
     """``out`` itself, or with ``whole`` a spool copied into ``out`` when the block ends
-    without an error."""
-    if not whole:
+    without an error. A terminal or ``/dev/null`` (a character device) keeps nothing that a
+    cut text could mislead, so it gets the text as it comes."""
+    if not whole or _is_device(out):
         yield out
         return
     import tempfile
@@ -198,6 +201,13 @@ def _spooled(out: TextIO, whole: bool) -> Iterator[TextIO]:
         yield spool  # type: ignore[misc]
         spool.seek(0)
         shutil.copyfileobj(spool, out, 1 << 20)  # type: ignore[misc]
+
+
+def _is_device(out: TextIO) -> bool:
+    try:
+        return stat.S_ISCHR(os.fstat(out.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor: a file in memory
+        return False
 
 
 def _write(text: str, output: str | None) -> None:
