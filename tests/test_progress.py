@@ -10,7 +10,7 @@ from opals_dsl.runtime.events import RunSummary, TaskFailure
 from opals_dsl.runtime.executor import EngineInfo
 from opals_dsl.runtime.progress import Progress, count, failure_report, printable
 
-TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, execs=("exec:dem/s1/grid",))
+TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, steps=("grid",))
 
 
 def failure(**changes) -> TaskFailure:

@@ -21,6 +21,7 @@ import networkx as nx
 from ..errors import Diagnostic, OpfCheckError, OpfSyntaxError, PipelineError, PlanError
 from ..plan import model
 from ..plan.graph import NodeLinkWriter, PlanSink
+from ..plan.table import PlanTable
 from ..source import SourceFile
 from . import nodes as n
 from .check import check
@@ -172,6 +173,15 @@ def write_plan(loaded: Loaded, out: TextIO) -> None:
     _plan_into(loaded, NodeLinkWriter(out))
 
 
+def plan_table(loaded: Loaded) -> PlanTable:
+    """Lower a checked pipeline to its plan held compactly for running it
+    (:class:`~opals_dsl.plan.table.PlanTable`: what :func:`plan` gives, at a tenth of the
+    memory, read through :mod:`~opals_dsl.plan.model`); raises as :func:`plan` does."""
+    table = PlanTable()
+    _plan_into(loaded, table)
+    return table
+
+
 def count_plan(loaded: Loaded) -> model.PlanCounts:
     """Plan a checked pipeline only to count its jobs, tasks and steps (``opf check``),
     without building the graph; raises as :func:`plan` does."""
@@ -212,10 +222,10 @@ def check_scratch(loaded: Loaded, graph: nx.DiGraph, roots: Iterable[str]) -> No
         return
     engines = Protected(scratch=tuple(roots))
     root = model.info(graph).root
-    folders = {dest.rpartition("/")[0] for dest in model.destinations(graph)}
+    folders = model.destination_folders(graph)
     if any(engines.folder_refusal(Protected.forms(os.path.join(root, f))) for f in folders):
         plan(dataclasses.replace(loaded, protected=protected.with_scratch(roots)))
 
 
-__all__ = ["Loaded", "load", "plan", "write_plan", "count_plan", "compile_file",
+__all__ = ["Loaded", "load", "plan", "plan_table", "write_plan", "count_plan", "compile_file",
            "check_scratch", "PipelineError", "PlanError", "Protected"]

@@ -36,7 +36,8 @@ This module imports only the standard library: the graph is only read through ``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import posixpath
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -338,6 +339,26 @@ def from_attrs(a: Mapping[str, Any]) -> Node:
     raise PlanFormatError(f"a plan node of unknown kind {kind!r}")
 
 
+class CompactPlan:
+    """A plan that is not a graph but reads like one (:class:`~opals_dsl.plan.table.PlanTable`:
+    ``graph``, ``nodes``, ``predecessors``, ``edges``), with short ways for what a run reads
+    most. The functions of this module take them; the subclass gives each."""
+
+    graph: dict[str, Any]
+
+    def tasks(self) -> Tasks:
+        raise NotImplementedError
+
+    def chain(self, task: Task) -> tuple[MachineStage | None, TaskStage, list[Exec], Copyback]:
+        raise NotImplementedError
+
+    def destination_folders(self) -> set[str]:
+        raise NotImplementedError
+
+    def call_steps(self) -> Container[str]:
+        raise NotImplementedError
+
+
 def node(graph: nx.DiGraph, nid: str) -> Node:
     """The typed node ``nid`` of a plan."""
     return from_attrs(graph.nodes[nid])
@@ -414,7 +435,7 @@ class PlanCounts:
         counts.start(graph.graph)
         found = tasks(graph)
         counts.tasks = len(found)
-        counts.steps = sum(len(t.execs) for t in found.tasks)
+        counts.steps = sum(len(t.steps) for t in found.tasks)
         return counts
 
     def start(self, attrs: Mapping[str, Any]) -> None:
@@ -435,16 +456,16 @@ class PlanCounts:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One task's chain, by node id, with its place in plan order (jobs as written, then the
-    task's index in its job), how often it may be retried, and the most engine slots one of its
-    steps holds (``threads``)."""
+    """One task's chain, with its place in plan order (jobs as written, then the task's index
+    in its job), how often it may be retried, its steps' names in step order and the most
+    engine slots one of its steps holds (``threads``)."""
 
     order: int
     job: str
     task: str
     index: int
     retries: int
-    execs: tuple[str, ...]
+    steps: tuple[str, ...]
     threads: int = 1
 
     @property
@@ -458,6 +479,11 @@ class Task:
     @property
     def task_stage(self) -> str:
         return task_stage_id(self.job, self.task)
+
+    @property
+    def execs(self) -> tuple[str, ...]:
+        """The exec nodes' ids, in step order."""
+        return tuple(exec_id(self.job, self.task, step) for step in self.steps)
 
     @property
     def copyback(self) -> str:
@@ -499,6 +525,8 @@ def tasks(graph: nx.DiGraph) -> Tasks:
     Raises :class:`PlanFormatError` for a graph that is not a plan: a node of an unknown kind,
     a task without its task stage or copy-back, a task stage waiting for something other than a
     machine stage or a copy-back."""
+    if isinstance(graph, CompactPlan):
+        return graph.tasks()
     jobs = list(graph.graph.get("jobs") or [])
     job_rank = {job: i for i, job in enumerate(jobs)}
     # per task, a short list rather than a dict (a plan has a million of them):
@@ -545,15 +573,16 @@ def tasks(graph: nx.DiGraph) -> Tasks:
         previous = key
     chains: list[Task] = []
     order_of: dict[str, int] = {}
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple of step names a job
     for order, ((job, task), chain) in enumerate(ordered):
         stage, index, retries, copyback, threads, execs = chain
         if stage is None or copyback is None:
             raise PlanFormatError(f"task {job}/{task} of the plan lacks its task stage or "
                                   "copy-back")
-        if len(execs) > 1:
-            execs.sort(key=step_index)
-        t = Task(order, job, task, index, retries, tuple(execs), threads)
-        if t.task_stage != stage or t.copyback != copyback:
+        execs.sort(key=step_index)
+        steps = tuple(str(graph.nodes[nid]["step"]) for nid in execs)
+        t = Task(order, job, task, index, retries, shared.setdefault(steps, steps), threads)
+        if t.task_stage != stage or t.copyback != copyback or list(t.execs) != execs:
             raise PlanFormatError(f"the nodes of task {t.name} do not have the ids the plan "
                                   f"format gives them")
         chains.append(t)
@@ -576,12 +605,22 @@ def chain(graph: nx.DiGraph, task: Task) -> tuple[MachineStage | None, TaskStage
                                                  Copyback]:
     """The typed nodes of one task: machine stage (None if the plan lacks it), task stage,
     exec nodes in step order, copy-back."""
+    if isinstance(graph, CompactPlan):
+        return graph.chain(task)
     nodes_ = graph.nodes
     machine = (MachineStage.from_attrs(nodes_[task.machine_stage])
                if task.machine_stage in nodes_ else None)
     return (machine, TaskStage.from_attrs(nodes_[task.task_stage]),
             [Exec.from_attrs(nodes_[nid]) for nid in task.execs],
             Copyback.from_attrs(nodes_[task.copyback]))
+
+
+def destination_folders(graph: nx.DiGraph) -> set[str]:
+    """The folders the copy-back nodes write into (plan form: relative to the root or
+    absolute; ``""`` the root itself)."""
+    if isinstance(graph, CompactPlan):
+        return graph.destination_folders()
+    return {posixpath.dirname(dest) for dest in destinations(graph)}
 
 
 def destinations(graph: nx.DiGraph) -> Iterator[str]:
@@ -604,6 +643,8 @@ def module_file(root: str, module: str) -> str | None:
     return None
 
 
-def call_steps(graph: nx.DiGraph) -> set[str]:
+def call_steps(graph: nx.DiGraph) -> Container[str]:
     """The ids of the exec nodes that are ``call`` steps (they have no exit status)."""
+    if isinstance(graph, CompactPlan):
+        return graph.call_steps()
     return {nid for nid, a in graph.nodes(data=True) if a.get("kind") == EXEC and a.get("call")}

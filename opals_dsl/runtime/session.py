@@ -35,6 +35,7 @@ import dataclasses
 import fcntl
 import gc
 import os
+import posixpath
 import shutil
 import signal
 import threading
@@ -72,11 +73,11 @@ def destination_folders(plan: nx.DiGraph, tasks: Iterable[Task] | None = None) -
     """The folders the copy-backs of ``tasks`` (default: every task) write into, sorted."""
     root = model.info(plan).root
     if tasks is None:
-        dests: Iterable[str] = model.destinations(plan)
+        folders = model.destination_folders(plan)
     else:
-        dests = (dest for t in tasks if t.copyback in plan.nodes
-                 for _, dest in model.node(plan, t.copyback).files)
-    return sorted({os.path.dirname(os.path.join(root, dest)) for dest in dests})
+        folders = {posixpath.dirname(dest) for t in tasks if t.copyback in plan.nodes
+                   for _, dest in model.node(plan, t.copyback).files}
+    return sorted({os.path.join(root, folder) if folder else root for folder in folders})
 
 
 def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[Task] | None = None
