@@ -4,8 +4,9 @@ Starts one embedded 2-engine cluster (as ``opf run -n 2`` does), then in the sam
 
 * the runtime: a pipeline of N one-step tasks whose step does nothing (``call`` of a no-op
   function by default, ``--step run`` for ``run true``, a process per task), compiled from a
-  real ``.opf`` file and scheduled with :func:`opals_dsl.runtime.session.run` — each task still
-  creates and removes its task folder and writes its step log;
+  real ``.opf`` file into the plan table ``opf run`` uses (``--graph``: into the graph, as the
+  library's ``compile_file`` gives it) and scheduled with :func:`opals_dsl.runtime.session.run`
+  — each task still creates and removes its task folder and writes its step log;
 * raw ipyparallel: N ``apply_async`` calls of a no-op function, one message each, round-robin
   over two DirectViews (the fastest one-at-a-time form measured here), then waiting for all.
 
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 from opals_dsl.api import compile_file
+from opals_dsl.lang.compile import load, plan_table
 from opals_dsl.runtime import session
 from opals_dsl.runtime.cluster import ClusterOptions
 from opals_dsl.runtime.connect import open_cluster
@@ -102,7 +104,7 @@ def scale(args: argparse.Namespace, sizes: list[int]) -> int:
                 path = write_pipeline(folder, n, args.step)
                 gc.collect()
                 exact = reset_peak_rss()
-                plan = compile_file(path)
+                plan = compile_file(path) if args.graph else plan_table(load(path))
                 t0 = time.perf_counter()
                 summary = session.run(plan, executor=executor, state_dir=folder / ".opf",
                                       resume=args.journal)
@@ -120,7 +122,8 @@ def scale(args: argparse.Namespace, sizes: list[int]) -> int:
         slope = (f"{(peak - first_peak) / (n - first_n) * 100_000:8.1f}" if n != first_n
                  else f"{'':>8}")
         print(f"{n:>9,}  {rate:>8,.0f}  {rate / first_rate:5.2f}  {peak:8.0f}  {slope}")
-    print(f"(journal {'on' if args.journal else 'off'}, {args.engines} engines, "
+    print(f"(plan as {'graph' if args.graph else 'table'}, "
+          f"journal {'on' if args.journal else 'off'}, {args.engines} engines, "
           f"{args.step} step; ratio: tasks/s against {first_n:,} tasks; MiB/100k: growth "
           f"of the peak per 100,000 tasks from {first_n:,})")
     return 0
@@ -132,6 +135,9 @@ def main() -> int:
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--step", choices=("call", "run"), default="call")
     parser.add_argument("--no-raw", action="store_true", help="skip raw apply_async")
+    parser.add_argument("--graph", action="store_true",
+                        help="run the plan as a networkx graph (the library's compile_file) "
+                        "instead of the compact table opf run uses")
     parser.add_argument("--journal", action=argparse.BooleanOptionalAction, default=True,
                         help="record finished tasks in the journal, as opf run does (default)")
     parser.add_argument("--sizes", help="comma-separated task counts, run one after the other "
@@ -144,7 +150,7 @@ def main() -> int:
         folder = Path(tmp)
         path = write_pipeline(folder, args.tasks, args.step)
         t0 = time.perf_counter()
-        plan = compile_file(path)
+        plan = compile_file(path) if args.graph else plan_table(load(path))
         compile_s = time.perf_counter() - t0
         rss_plan = peak_rss_mib()
         print(f"plan: {args.tasks} tasks, {plan.number_of_nodes()} nodes, compiled in "

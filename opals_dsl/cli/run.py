@@ -209,7 +209,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
                      early: session.EarlyCluster | None, options: ClusterOptions, state: Path,
                      scratch: str | None, params: dict[str, str], retries: int | None) -> int:
     with timeline.phase("compile"):
-        from ..lang.compile import Protected, check_scratch, load
+        from ..lang.compile import Protected, check_scratch, load, plan_table
         from ..lang.compile import plan as make_plan
 
         # no output may be copied back over the pipeline, into this run's state folder, or
@@ -217,7 +217,10 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
         protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
         loaded = load(args.file, params, protected=protected,
                       strict=getattr(args, "strict", False))
-        plan = only(make_plan(loaded), args)
+        # the whole plan is run from a table (a tenth of the graph's memory); a part of it is
+        # cut out of the graph
+        plan = only(make_plan(loaded), args) if getattr(args, "only", None) else \
+            plan_table(loaded)
     show_warnings(loaded.warnings)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
