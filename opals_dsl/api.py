@@ -29,7 +29,7 @@ from typing import Any
 import networkx as nx
 
 from .errors import OpfError, PipelineError, PlanError, UsageError
-from .lang.compile import Loaded, check_scratch, compile_file, load, plan
+from .lang.compile import Loaded, check_scratch, compile_file, load, plan, plan_table
 from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
 from .plan.dot import to_dot, to_job_dot
@@ -57,7 +57,7 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     notebook when ipywidgets is installed, else lines), False shows nothing, or a listener of
     your own. Further options are :func:`opals_dsl.runtime.session.run`'s (``force``,
     ``keep_going``, ``retries``, ``checksum``, ...)."""
-    graph, default_state, loaded = _plan_of(pipeline, params)
+    graph, default_state, loaded = _plan_of(pipeline, params, whole=not only)
     if only:
         graph = select(graph, only)
     if client is not None and (n is not None or cluster is not None):
@@ -75,9 +75,11 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
                        end_after_interrupt=False, **options)
 
 
-def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] | None
-             ) -> tuple[nx.DiGraph, Path, Loaded | None]:
-    """The plan, the default state folder, and the checked pipeline when there is one."""
+def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] | None,
+             whole: bool = False) -> tuple[nx.DiGraph, Path, Loaded | None]:
+    """The plan, the default state folder, and the checked pipeline when there is one;
+    ``whole``: a plan made here is only run as a whole, and made as the compact table
+    ``opf run`` runs (:mod:`opals_dsl.plan.table`)."""
     if isinstance(pipeline, nx.DiGraph):
         return pipeline, Path(model.info(pipeline).root) / STATE_FOLDER, None
     if isinstance(pipeline, Loaded):
@@ -86,7 +88,8 @@ def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, st
         loaded = pipeline
     else:
         loaded = load(pipeline, params)
-    return loaded.plan(), default_state_dir(loaded.path.resolve()), loaded
+    made = plan_table(loaded) if whole else loaded.plan()
+    return made, default_state_dir(loaded.path.resolve()), loaded
 
 
 def _listener(progress: bool | RunListener, title: str) -> RunListener:

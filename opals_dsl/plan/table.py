@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import pickle
 import posixpath
+import threading
 import zlib
 from collections.abc import Container, Iterator, Sequence
 from typing import Any
@@ -59,6 +60,7 @@ class PlanTable(model.CompactPlan):
         self._calls: set[tuple[str, str]] = set()  # (job, step) of the call steps
         self._steps: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._decoded: dict[int, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
         self._found: Tasks | None = None
 
     # -- filled by the planner ------------------------------------------------------------
@@ -158,9 +160,10 @@ class PlanTable(model.CompactPlan):
         if attrs is None:
             unpack = zlib.decompressobj(_WBITS, self._zdicts[self._tasks[order].job])
             attrs = pickle.loads(unpack.decompress(self._blobs[order]))
-            if len(self._decoded) >= _KEEP:
-                del self._decoded[next(iter(self._decoded))]
-            self._decoded[order] = attrs
+            with self._lock:  # a listener may read the plan from another thread
+                if len(self._decoded) >= _KEEP:
+                    del self._decoded[next(iter(self._decoded))]
+                self._decoded[order] = attrs
         return attrs
 
     # -- the graph's read interface -------------------------------------------------------
