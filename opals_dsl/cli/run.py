@@ -217,7 +217,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
         protected = Protected.for_pipeline(args.file, state=str(state), scratch=(scratch,))
         loaded = load(args.file, params, protected=protected,
                       strict=getattr(args, "strict", False))
-        # the whole plan is run from a table (a tenth of the graph's memory); a part of it is
+        # the whole plan is run from a table (a sixth of the graph's memory); a part of it is
         # cut out of the graph
         plan = only(make_plan(loaded), args) if getattr(args, "only", None) else \
             plan_table(loaded)

@@ -175,7 +175,7 @@ def write_plan(loaded: Loaded, out: TextIO) -> None:
 
 def plan_table(loaded: Loaded) -> PlanTable:
     """Lower a checked pipeline to its plan held compactly for running it
-    (:class:`~opals_dsl.plan.table.PlanTable`: what :func:`plan` gives, at a tenth of the
+    (:class:`~opals_dsl.plan.table.PlanTable`: what :func:`plan` gives, in a sixth of the
     memory, read through :mod:`~opals_dsl.plan.model`); raises as :func:`plan` does."""
     table = PlanTable()
     _plan_into(loaded, table)

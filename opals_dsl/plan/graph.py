@@ -210,7 +210,7 @@ class PlanSink(Protocol):
     (:func:`opals_dsl.lang.lower.build_plan`): started with the graph's attributes, given each
     chain as :func:`add_chain` would be, closed at the end of a plan without errors.
     :class:`NodeLinkWriter` writes it as JSON; :class:`~opals_dsl.plan.model.PlanCounts`
-    counts it."""
+    counts it; :class:`~opals_dsl.plan.table.PlanTable` holds it compactly for a run."""
 
     def start(self, attrs: dict[str, Any]) -> None: ...
     def add_chain(self, chain: Any, after: Any = ()) -> None: ...
