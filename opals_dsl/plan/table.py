@@ -62,11 +62,19 @@ class PlanTable(model.CompactPlan):
         self._decoded: dict[int, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._found: Tasks | None = None
+        self._ranks: dict[str, int] = {}  # job -> its place among the written jobs
+        self._last: tuple[int, str, int, str] | None = None  # the rank of the last task added
+        self._in_order = True
 
     # -- filled by the planner ------------------------------------------------------------
 
     def start(self, attrs: dict[str, Any]) -> None:
         self.graph = dict(attrs)
+        self._ranks = {job: i for i, job in enumerate(self.graph.get("jobs") or ())}
+
+    def _rank(self, t: Task) -> tuple[int, str, int, str]:
+        """A task's key in plan order: jobs as written, then its index in its job."""
+        return self._ranks.get(t.job, len(self._ranks)), t.job, t.index, t.task
 
     def add_chain(self, chain: Sequence[tuple[str, dict[str, Any]]],
                   after: Sequence[str] = ()) -> None:
@@ -93,8 +101,13 @@ class PlanTable(model.CompactPlan):
             self._folders[posixpath.dirname(dest)] = None
         named = tuple(steps)
         named = self._steps.setdefault(named, named)
-        self._tasks.append(Task(order, job, task, int(first.get("index") or 0),
-                                int(first.get("retries") or 0), named, threads))
+        added = Task(order, job, task, int(first.get("index") or 0),
+                     int(first.get("retries") or 0), named, threads)
+        self._tasks.append(added)
+        rank = self._rank(added)
+        if self._last is not None and rank < self._last:
+            self._in_order = False  # a job planned before one written earlier: sorted at close
+        self._last = rank
         self._order.setdefault(job, {})[task] = order
         self._upstream.append(tuple(sorted(ups)) if ups else ())
         raw = pickle.dumps([a for _, a in chain], pickle.HIGHEST_PROTOCOL)
@@ -104,16 +117,11 @@ class PlanTable(model.CompactPlan):
 
     def close(self) -> None:
         """Put the tasks in plan order (jobs as written, then each task's index in its job),
-        as :func:`model.tasks` has them for a graph."""
-        jobs = {job: i for i, job in enumerate(self.graph.get("jobs") or ())}
-
-        def rank(t: Task) -> tuple[int, str, int, str]:
-            return jobs.get(t.job, len(jobs)), t.job, t.index, t.task
-
-        keys = [rank(t) for t in self._tasks]
-        if all(a <= b for a, b in zip(keys, keys[1:], strict=False)):
+        as :func:`model.tasks` has them for a graph. The planner plans jobs in the order
+        their inputs allow, mostly the written one: only then is there anything to do."""
+        if self._in_order:
             return
-        old = sorted(range(len(keys)), key=keys.__getitem__)
+        old = sorted(range(len(self._tasks)), key=lambda o: self._rank(self._tasks[o]))
         new = [0] * len(old)
         for i, o in enumerate(old):
             new[o] = i
@@ -123,6 +131,7 @@ class PlanTable(model.CompactPlan):
         for t in self._tasks:
             self._order[t.job][t.task] = t.order
         self._decoded.clear()
+        self._in_order = True
 
     def _order_of(self, nid: str) -> int:
         kind, _, rest = nid.partition(":")
