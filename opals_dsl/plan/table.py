@@ -14,7 +14,7 @@ it each chain instead of adding the chain to a graph. Per task it keeps:
 * the orders of the tasks it waits for;
 * its chain's attribute dicts, pickled and compressed with the first chain of its job as the
   preset dictionary (``zlib``'s ``zdict``). The tasks of a job differ in a few names and
-  numbers, so this is some 60-100 bytes a task.
+  numbers, so this is a few dozen bytes a task (20-70 for the examples and the benchmarks).
 
 A few of the chains read last are kept decoded. Besides, the table keeps the machine stages,
 the destination folders and which steps are ``call`` steps, as the planner passes them.
