@@ -99,17 +99,23 @@ def to_dot(graph: nx.DiGraph, status: Mapping[str, str] | None = None) -> str:
 
 
 def to_job_dot(graph: nx.DiGraph) -> str:
-    """One node per job step, with task counts; edges between jobs where outputs flow."""
+    """One node per job step, with task counts; edges between jobs where outputs flow.
+
+    Read from the plan's tasks, not its nodes: a task's chain is read only when it has steps
+    not seen in its job yet (once a job), so a plan table is drawn without decoding it all."""
     info = model.info(graph)
+    found = model.tasks(graph)
     steps: dict[str, dict[str, int]] = {}
     tasks: dict[str, int] = {}
-    nodes: dict[str, model.Node] = {}
-    for nid, node in model.nodes(graph):
-        nodes[nid] = node
-        if isinstance(node, model.Exec):
-            steps.setdefault(node.job, {}).setdefault(node.step, node.index)
-        elif isinstance(node, model.TaskStage):
-            tasks[node.job] = tasks.get(node.job, 0) + 1
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    flows: set[tuple[str, str]] = set()
+    for t, ups in zip(found.tasks, found.upstream, strict=True):
+        tasks[t.job] = tasks.get(t.job, 0) + 1
+        if (t.job, t.steps) not in seen:
+            seen.add((t.job, t.steps))
+            for ex in model.chain(graph, t)[2]:
+                steps.setdefault(ex.job, {}).setdefault(ex.step, ex.index)
+        flows.update((found.tasks[u].job, t.job) for u in ups if found.tasks[u].job != t.job)
     lines = [
         f"digraph {_q(info.pipeline)} {{",
         "  rankdir=LR;",
@@ -130,12 +136,6 @@ def to_job_dot(graph: nx.DiGraph) -> str:
         for (a, _), (b, _) in zip(ordered, ordered[1:], strict=False):
             lines.append(f"    {_q(job + '/' + a)} -> {_q(job + '/' + b)};")
         lines.append("  }")
-    flows: set[tuple[str, str]] = set()
-    for u, v in graph.edges:
-        up, down = nodes[u], nodes[v]
-        if isinstance(up, model.Copyback) and isinstance(down, model.TaskStage) \
-                and up.job != down.job:
-            flows.add((up.job, down.job))
     for up_job, down_job in sorted(flows):
         last = max(steps[up_job].items(), key=lambda kv: kv[1])[0]
         first = min(steps[down_job].items(), key=lambda kv: kv[1])[0]
