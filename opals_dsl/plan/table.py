@@ -264,7 +264,10 @@ class _Nodes:
         return self._table.attrs(nid)
 
     def __iter__(self) -> Iterator[str]:
-        return (nid for nid, _ in self._table.items())
+        t = self._table
+        yield from t._machines
+        for task in t._tasks:
+            yield from task.nodes[1:]
 
     def __len__(self) -> int:
         t = self._table
