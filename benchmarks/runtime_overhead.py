@@ -83,6 +83,12 @@ def peak_rss_since_reset_mib() -> float:
     return peak_rss_mib()
 
 
+def make_plan(path: Path, graph: bool) -> object:
+    """The plan of ``path`` as ``opf run`` holds it (the plan table), or with ``graph`` as the
+    library's ``compile_file`` gives it."""
+    return compile_file(path) if graph else plan_table(load(path))
+
+
 def write_pipeline(folder: Path, tasks: int, step: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "noopmod.py").write_text("def nothing():\n    return None\n")
@@ -104,7 +110,7 @@ def scale(args: argparse.Namespace, sizes: list[int]) -> int:
                 path = write_pipeline(folder, n, args.step)
                 gc.collect()
                 exact = reset_peak_rss()
-                plan = compile_file(path) if args.graph else plan_table(load(path))
+                plan = make_plan(path, args.graph)
                 t0 = time.perf_counter()
                 summary = session.run(plan, executor=executor, state_dir=folder / ".opf",
                                       resume=args.journal)
@@ -150,7 +156,7 @@ def main() -> int:
         folder = Path(tmp)
         path = write_pipeline(folder, args.tasks, args.step)
         t0 = time.perf_counter()
-        plan = compile_file(path) if args.graph else plan_table(load(path))
+        plan = make_plan(path, args.graph)
         compile_s = time.perf_counter() - t0
         rss_plan = peak_rss_mib()
         print(f"plan: {args.tasks} tasks, {plan.number_of_nodes()} nodes, compiled in "
