@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from opals_dsl.api import compile_file
 from opals_dsl.lang.compile import load, plan_table
@@ -83,7 +84,7 @@ def peak_rss_since_reset_mib() -> float:
     return peak_rss_mib()
 
 
-def make_plan(path: Path, graph: bool) -> object:
+def make_plan(path: Path, graph: bool) -> Any:
     """The plan of ``path`` as ``opf run`` holds it (the plan table), or with ``graph`` as the
     library's ``compile_file`` gives it."""
     return compile_file(path) if graph else plan_table(load(path))
@@ -159,7 +160,7 @@ def main() -> int:
         plan = make_plan(path, args.graph)
         compile_s = time.perf_counter() - t0
         rss_plan = peak_rss_mib()
-        print(f"plan: {args.tasks} tasks, {plan.number_of_nodes()} nodes, compiled in "
+        print(f"plan: {args.tasks} tasks, {len(plan.nodes)} nodes, compiled in "
               f"{compile_s:.2f} s; peak RSS so far {rss_plan:.0f} MiB")
         state = folder / ".opf"
         t0 = time.perf_counter()
