@@ -10,9 +10,11 @@ import json
 
 import networkx as nx
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from opals_dsl.plan import graph as graph_module
+from opals_dsl.plan import model
 from opals_dsl.plan.graph import Neighbour, NodeLinkWriter, add_chain, to_json
 
 CHAINS = st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6)
@@ -177,3 +179,48 @@ def test_node_attributes_are_plain_dicts_that_take_new_keys(tmp_path):
     assert "note" not in b and b["timeout"] is None
     assert json.loads(json.dumps(a))["note"] == 1
     assert json.loads(to_json(g))["nodes"][2]["note"] == 1
+
+
+NAMES = st.text(st.characters(codec=None, exclude_categories=()), max_size=6)  # surrogates too
+PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | NAMES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def plan_nodes(draw: st.DrawFn) -> dict:
+    """A plan node's attributes as the planner makes them (opals_dsl.plan.model)."""
+    job, task, name = draw(NAMES), draw(NAMES), draw(NAMES)
+    files = draw(st.lists(st.lists(NAMES, min_size=2, max_size=2), max_size=2))
+    kind = draw(st.sampled_from(["stage", "exec", "copyback"]))
+    if kind == "stage":
+        attrs = model.task_stage_attrs(job, task, (job, task), draw(st.integers(0, 2**40)),
+                                       draw(st.integers(0, 9)), files)
+    elif kind == "copyback":
+        attrs = model.copyback_attrs(job, task, (job, task), files)
+    else:
+        call = draw(st.none() | st.builds(model.call_attrs, NAMES,
+                                          st.dictionaries(NAMES, PLAIN, max_size=3)))
+        attrs = model.exec_attrs(
+            job, task, name, (job, task), draw(st.integers(0, 9)),
+            None if call else draw(st.lists(NAMES, max_size=3)), call,
+            draw(st.lists(NAMES, max_size=2)), [name], [], draw(st.integers(1, 64)),
+            draw(st.none() | st.floats(min_value=0, exclude_min=True)))
+    attrs["id"] = f"{kind}:{job}/{task}"
+    return attrs
+
+
+@given(st.lists(plan_nodes(), max_size=8))
+@example([model.exec_attrs("j", "t", "s", ("j", "t"), 0, ["a"], None, [], [], [], 1, 5e-05)])
+@example([model.exec_attrs("j", "t", "s", ("j", "t"), 0, None,
+                           model.call_attrs("m:f", {"eps": 1e-07, "x": float("nan")}),
+                           [], [], [], 1, None)])
+@example([model.copyback_attrs("j", "t\udcff", ("j", "t\udcff"), [])])
+def test_plan_nodes_are_written_as_the_standard_library_writes_them(nodes):
+    """Invariant: the encoder of plan nodes (orjson where it writes the same text) writes any
+    batch of plan nodes — tiny, huge and non-finite floats in timeouts and call arguments,
+    integers beyond 64 bits, names that are not UTF-8 — exactly as json.dumps does."""
+    assert graph_module.orjson is not None  # the fast path is there to be checked
+    assert graph_module._nodes_encoder()(nodes) == json.dumps(
+        nodes, separators=(",", ":"), ensure_ascii=False)

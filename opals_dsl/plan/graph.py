@@ -14,7 +14,8 @@ only, as measured at 100,000 tasks:
   edges share one empty attribute dict. Together that keeps 1.2 KB less per task of four
   nodes (658 MB → 542 MB for a plan of 100,000 tasks).
 * :func:`json_chunks` reads the same dicts to stream the plan as JSON a few dozen nodes at a
-  time.
+  time, encoded by orjson where that writes the same text as the ``json`` module (four times
+  as fast; :func:`_nodes_encoder` says where it does not).
 
 Where the graph itself is not needed, the planner hands its chains to a :class:`PlanSink`
 instead of a graph: :class:`NodeLinkWriter` writes the same JSON as each chain is planned and
@@ -35,6 +36,11 @@ from json.encoder import encode_basestring
 from typing import Any, Protocol, TextIO
 
 import networkx as nx
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a platform without its wheel: the standard library
+    orjson = None  # type: ignore[assignment]
 
 
 class _NoAttributes(dict):  # type: ignore[type-arg]
@@ -159,12 +165,12 @@ def json_chunks(graph: nx.DiGraph, batch: int = 64) -> Iterator[str]:
 
     Nodes are encoded a few dozen at a time: small batches stay in the processor's cache,
     which makes the whole twice as fast as a few large ones."""
-    encode = _compact_encoder()
+    encode, encode_nodes = _compact_encoder(), _nodes_encoder()
     yield _head(encode, graph.graph, graph.is_directed())
     nodes = list(graph.nodes)
     for k in range(0, len(nodes), batch):
         part = [{**graph._node[v], "id": v} for v in nodes[k : k + batch]]
-        yield ("," if k else "") + encode(part)[1:-1]
+        yield ("," if k else "") + encode_nodes(part)[1:-1]
     yield '],"edges":['
     yield from _joined(_edge_rows(encode, (
         (u, nbrs.pairs() if nbrs.__class__ is Neighbour else nbrs.items())
@@ -231,6 +237,7 @@ class NodeLinkWriter:
     def __init__(self, out: TextIO, batch: int = 64) -> None:
         self._out = out
         self._encode = _compact_encoder()
+        self._encode_nodes = _nodes_encoder()
         self._batch = batch
         self._pending: list[dict[str, Any]] = []
         self._written = 0
@@ -259,7 +266,7 @@ class NodeLinkWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            text = self._encode(self._pending)[1:-1]
+            text = self._encode_nodes(self._pending)[1:-1]
             self._out.write("," + text if self._written else text)
             self._written += len(self._pending)
             self._pending = []
@@ -305,6 +312,33 @@ def _compact_encoder() -> Callable[[Any], str]:
         return options.encode
     run = make(None, options.default, encode_basestring, None, ":", ",", False, False, True)
     return lambda value: "".join(run(value, 0))
+
+
+def _nodes_encoder() -> Callable[[list[dict[str, Any]]], str]:
+    """:func:`_compact_encoder` for a list of plan nodes' attributes, four times as fast with
+    orjson (installed with opf) where that writes the same text.
+
+    orjson writes every string, integer, list and dict of a plan node as the standard library
+    does; it writes floats below 1e-4 without an exponent (``0.00005``, not ``5e-05``) and NaN
+    and infinities as ``null``. A plan node holds floats only in a step's ``timeout`` and a
+    ``call``'s arguments (:func:`opals_dsl.plan.model.exec_attrs`), so a batch with either goes to
+    the standard library, as does one orjson refuses (a file name that is not UTF-8, an integer
+    beyond 64 bits)."""
+    stdlib = _compact_encoder()
+    if orjson is None:
+        return stdlib
+    dumps, refused = orjson.dumps, (TypeError, orjson.JSONEncodeError)
+
+    def encode(nodes: list[dict[str, Any]]) -> str:
+        for attrs in nodes:
+            if attrs.get("timeout") is not None or attrs.get("call") is not None:
+                return stdlib(nodes)
+        try:
+            return dumps(nodes).decode()
+        except refused:
+            return stdlib(nodes)
+
+    return encode
 
 
 def write_json(graph: nx.DiGraph, out: TextIO) -> None:
