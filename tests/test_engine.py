@@ -9,6 +9,7 @@ real ``call`` functions written into a temporary pipeline folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -1184,3 +1185,64 @@ def test_atomic_copies_in_turns_names_the_failing_pair_and_keeps_its_turn_unplac
     assert failed.value.index == 3
     assert isinstance(failed.value.error, IsADirectoryError)
     assert sorted(p.name for p in out.iterdir()) == ["d0.bin", "d1.bin"]
+
+
+ADOPTING = textwrap.dedent(
+    """
+    import json, sys
+    from opals_dsl.runtime.engine import run_tasks
+    from opals_dsl.runtime.steps import adopt_orphans
+    adopting = adopt_orphans()
+    results = run_tasks([json.loads(sys.argv[1])])
+    print(json.dumps({"adopting": adopting, "results": results}), flush=True)
+    sys.stdin.read()  # alive until the test has looked: its orphans would go to init then
+    """
+)
+
+STRAYS = (
+    "import subprocess\n"
+    "def spawn(pidfile):\n"
+    "    proc = subprocess.Popen(['sleep', '1001'])\n"
+    "    open(pidfile, 'w').write(str(proc.pid))\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="orphans are adopted on Linux")
+@pytest.mark.parametrize("how", ["setsid", "setsid past the timeout", "call"])
+def test_what_a_step_leaves_running_outside_its_group_ends_with_the_step(
+        project: Project, tmp_path: Path, how: str):
+    """A process a step started that left the step's process group (setsid), also when the
+    step is stopped at its timeout, and one a call step started in the engine's own group,
+    end with the step, while the engine that ran it (an engine adopts orphans) still runs."""
+    pidfile = tmp_path / "stray.pid"
+    if how == "call":
+        (project.root / "strays.py").write_text(STRAYS)
+        step = call_step("dem", "strip11", "s", "strays:spawn", {"pidfile": str(pidfile)})
+    else:
+        # the stray writes its pid once it has left the group; the step waits for that
+        script = (f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 1001' & "
+                  f"while [ ! -s {pidfile} ]; do sleep 0.01; done")
+        if how.endswith("timeout"):
+            script += "; sleep 1002"
+        step = argv_step("dem", "strip11", "s", ["sh", "-c", script])
+        if how.endswith("timeout"):
+            step = dataclasses.replace(step, timeout=1.0)
+    proc = subprocess.Popen([sys.executable, "-c", ADOPTING, json.dumps(project.request(
+        execs=[step]))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    stray = None
+    try:
+        answer = json.loads(proc.stdout.readline())
+        stray = int(pidfile.read_text())
+        assert answer["adopting"]
+        result = only(answer["results"])
+        if how.endswith("timeout"):
+            assert result["failure"]["kind"] == "timeout"
+        else:
+            assert result["ok"], result["failure"]
+        assert proc.poll() is None  # the engine still runs: it ended the stray itself
+        assert _gone(stray), f"{how}: the step's stray process outlived the step"
+    finally:
+        proc.communicate(timeout=30)
+        if stray is not None:
+            _kill(stray)

@@ -53,6 +53,11 @@ elif cmd == "bigfree":   # bigfree N OUT: N bytes, lifting the soft file size li
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     with open(args[1], "wb") as f:
         f.write(b"x" * int(args[0]))
+elif cmd == "stray":     # stray PIDFILE OUT: leave a sleep running in a session of its own
+    import subprocess
+    proc = subprocess.Popen(["sleep", "1003"], start_new_session=True)
+    open(args[0], "w").write(str(proc.pid))
+    open(args[1], "w").write("left one")
 elif cmd == "pattern":   # pattern N SRC OUT: N bytes made from SRC's text
     text = open(args[1], "rb").read()
     with open(args[2], "wb") as f:
@@ -105,6 +110,54 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 
 
 # -- retries and stopping ----------------------------------------------------------------------
+
+
+STRAY = """
+pipeline strays
+param marks = "{marks}"
+job leave for i in range(1) {{
+    shared extra = "extra.py"
+    output "results" flat
+    step s {{
+        out o = "o{{i}}.txt"
+        run python {{extra}} stray {{marks}}/{{i}}.pid {{o}}
+    }}
+}}
+"""
+
+
+def _gone(pid: int, wait: float = 10.0) -> bool:
+    """True once process ``pid`` has ended (a zombie counts as ended) within ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_process_a_step_left_in_a_session_of_its_own_ends_with_the_step(cluster, tmp_path):
+    """On an ipyparallel engine (which adopts the orphans of its steps' processes), a process
+    that a step started in a session of its own and left behind is ended with the step: it
+    does not outlive the run, though no run of opf started this cluster."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    path = setup(tmp_path, STRAY.format(marks=marks), inputs=0)
+    proc = run_on(cluster, path)
+    pids = [int(p.read_text()) for p in marks.glob("*.pid")]
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert len(pids) == 1
+        assert _gone(pids[0]), "the step's stray sleep outlived the run"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                if "sleep" in " ".join(psutil.Process(pid).cmdline()):
+                    psutil.Process(pid).kill()
+
 
 
 FLAKY = """

@@ -83,23 +83,19 @@ Failures
     into a file.
 
 Atomic copies
-    :func:`atomic_copies` writes to ``<folder>/.<name>.opf-tmp-<host><pid><random>`` beside the
-    destination (8 hex digits each: a hash of the host name, the process id, random; ``name`` is
-    cut short, by bytes, where the whole would exceed the folder's name limit, at most 255
-    bytes), flushes it to disk, renames it over the destination and flushes the folder: a
-    destination is either as before or complete, never truncated. The writer holds an exclusive
-    ``flock`` on the temporary from its creation until after the rename. On any error the
-    temporary is removed and the error raised again. :func:`is_temp_name` recognises such
-    temporaries; :func:`remove_abandoned_temporaries` removes those of a folder whose writer is
-    provably gone (nobody holds the lock, and a writer of this host no longer runs; one of
-    another host must also be unchanged for :data:`FOREIGN_GRACE` seconds), never one that is
-    still being written.
+    How a destination only ever appears complete, and how a killed writer's temporaries are
+    told from a live one's: :mod:`opals_dsl.runtime.fsatomic`.
+
+Strays
+    What a step leaves running outside its process group (``setsid``, a daemon, a ``call``
+    step's processes) is ended when the step ends, where the engine adopts orphans
+    (:func:`opals_dsl.runtime.steps.adopt_orphans`, Linux; done for every ipyparallel engine
+    opf uses).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
@@ -130,6 +126,8 @@ from .fsatomic import CopyError, atomic_copies, is_temp_name
 from .jobfolders import MARKER, JobPrephase
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
+    Changing,
+    copy_in,
     disk_full,
     file_in_the_way,
     first_part,
@@ -141,6 +139,8 @@ from .paths import (
 from .steps import (
     StepTimedOut,
     call_redirected,
+    children,
+    end_strays,
     environment,
     exit_message,
     forget_stale_module,
@@ -362,7 +362,7 @@ class _Task(JobPrephase):
                 if folder not in made:
                     os.makedirs(folder, exist_ok=True)
                     made.add(folder)
-                stats = _copy_in(src, dst, self.checksum)
+                stats = copy_in(src, dst, self.checksum)
             except FileNotFoundError as exc:
                 if os.path.exists(src):  # the file is there: its copy's folder is not
                     raise self.fail(node, "stage", f"cannot stage {src} as {local}: "
@@ -370,7 +370,7 @@ class _Task(JobPrephase):
                 raise self.fail(node, "stage", f"input {src} does not exist (any more): it was "
                                                f"deleted or renamed after the plan was "
                                                f"made") from exc
-            except _Changing as exc:
+            except Changing as exc:
                 raise self.fail(node, "stage", f"input {src} changed while it was being copied "
                                                f"({exc}); it is probably still being written. "
                                                f"Run again when it is complete") from exc
@@ -523,6 +523,7 @@ class _Task(JobPrephase):
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log)
+            before = children()
             try:
                 # a session of its own: the step and everything it starts form one process
                 # group, which is ended as a whole (see wait_step)
@@ -536,7 +537,7 @@ class _Task(JobPrephase):
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log) from exc
-            code = wait_step(proc, timeout)
+            code = wait_step(proc, timeout, before)
         if code is None:
             raise self.timed_out(node, step, timeout, log)
         if code != 0:
@@ -561,7 +562,11 @@ class _Task(JobPrephase):
                 message = (f"step {step} could not load {function} (pipeline folder "
                            f"{self.root}): {type(exc).__name__}: {_first_line(exc)}")
                 raise self.fail(node, "exception", message, step=step, log=log) from exc
-            error = call_redirected(fn, kwargs, out, self.task_dir, timeout)
+            before = children()
+            try:
+                error = call_redirected(fn, kwargs, out, self.task_dir, timeout)
+            finally:  # what the call started and left running ends with it
+                end_strays(before)
         if isinstance(error, StepTimedOut):
             raise self.timed_out(node, step, timeout, log)
         if isinstance(error, SystemExit):
@@ -656,38 +661,6 @@ def _scratch_root(scratch: str | None) -> str:
     if root is None:
         root = _SCRATCH[base] = os.path.realpath(base)
     return root
-
-
-class _Changing(Exception):
-    """A source file changed while it was being copied."""
-
-
-def _copy_in(src: str, dst: str, checksum: bool = False) -> list[Any]:
-    """Copy into scratch space (data and permission bits); returns ``[size, mtime_ns]`` of the
-    source as copied, plus its SHA-256 if ``checksum``. Raises :class:`_Changing` when the source
-    changed during the copy."""
-    st = os.stat(src)
-    digest = None
-    if checksum:
-        h = hashlib.sha256()
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                h.update(chunk)
-                fout.write(chunk)
-        digest = h.hexdigest()
-    else:
-        shutil.copyfile(src, dst)
-    after = os.stat(src)
-    copied = os.stat(dst).st_size
-    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or copied != st.st_size:
-        raise _Changing(f"{st.st_size} bytes when the copy began, {after.st_size} after it; "
-                        f"{copied} copied")
-    with contextlib.suppress(OSError):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    stats: list[Any] = [st.st_size, st.st_mtime_ns]
-    if digest is not None:
-        stats.append(digest)
-    return stats
 
 
 def _write(out: Any, text: str) -> None:

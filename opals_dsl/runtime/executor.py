@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from ..errors import ClusterError
 from . import engine as engine_side
+from .steps import adopt_orphans
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,10 @@ PREPARE = EngineCall("opals_dsl.runtime.executor:prepare_engine")
 
 
 def prepare_engine(scratch: str | None) -> dict[str, Any]:
-    """Runs on an engine: plain tracebacks, import the engine module, say who and where it is."""
+    """Runs on an engine: plain tracebacks, import the engine module, adopt the orphans of the
+    steps' processes (:func:`~opals_dsl.runtime.steps.adopt_orphans`), say who and where it
+    is."""
+    adopt_orphans()
     with contextlib.suppress(Exception):
         from IPython import get_ipython
 

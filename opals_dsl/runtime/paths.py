@@ -1,5 +1,6 @@
 """Paths and operating-system errors on an engine: whether a name is one folder name, whether a
-path lies inside a folder, and an OS error said in words (a full disk named as such).
+path lies inside a folder, an OS error said in words (a full disk named as such), and a copy
+into scratch space that notices a source being written meanwhile.
 
 Standard library only: engines import it.
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
+import stat
+from typing import Any
 
 
 def is_component(name: str) -> bool:
@@ -84,3 +88,35 @@ def remove_tree(path: str) -> None:
         with contextlib.suppress(OSError):
             os.chmod(folder, 0o700)
     shutil.rmtree(path)
+
+
+class Changing(Exception):
+    """A source file changed while it was being copied."""
+
+
+def copy_in(src: str, dst: str, checksum: bool = False) -> list[Any]:
+    """Copy into scratch space (data and permission bits); returns ``[size, mtime_ns]`` of the
+    source as copied, plus its SHA-256 if ``checksum``. Raises :class:`Changing` when the source
+    changed during the copy."""
+    st = os.stat(src)
+    digest = None
+    if checksum:
+        h = hashlib.sha256()
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+        digest = h.hexdigest()
+    else:
+        shutil.copyfile(src, dst)
+    after = os.stat(src)
+    copied = os.stat(dst).st_size
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or copied != st.st_size:
+        raise Changing(f"{st.st_size} bytes when the copy began, {after.st_size} after it; "
+                        f"{copied} copied")
+    with contextlib.suppress(OSError):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    stats: list[Any] = [st.st_size, st.st_mtime_ns]
+    if digest is not None:
+        stats.append(digest)
+    return stats

@@ -9,6 +9,12 @@ engine's *lifeline* (:mod:`opals_dsl.runtime.reaper`, started with the first ste
 should the engine die. A ``call`` imports its module afresh when the module's file changed since,
 or when the pipeline's folder has a module of that name elsewhere.
 
+What a step starts outside its group — a program in a session of its own (``setsid``), a
+``call`` step's processes, which are the engine's children — ends with the step too, where the
+engine adopts orphans (:func:`adopt_orphans`, Linux; every ipyparallel engine opf uses does):
+once their parent is gone they are the engine's children, and when the step ends
+:func:`end_strays` kills each child the engine did not have before the step.
+
 Limits: each step's environment tells the libraries it uses how many threads it may take
 (:data:`THREAD_VARS`, :func:`use_threads`). A step with a ``timeout`` is waited for with
 a deadline; past it, its whole process group is ended (SIGTERM, :data:`STOP_GRACE` seconds,
@@ -28,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -86,13 +93,16 @@ _GROUPS: set[int] = set()
 _LIFELINE: subprocess.Popen | None = None
 
 
-def wait_step(proc: subprocess.Popen, timeout: float | None = None) -> int | None:
+def wait_step(proc: subprocess.Popen, timeout: float | None = None,
+              before: frozenset[int] = frozenset()) -> int | None:
     """Wait for a step started in a session of its own; return its exit status, or None if
     it ran ``timeout`` seconds (None: no limit) and its whole group was ended (SIGTERM,
     :data:`STOP_GRACE` seconds, SIGKILL).
 
     When the step's process ends, whatever it left running in its process group is killed
-    (before the step is reaped, so that the group's id cannot have been reused). If the wait
+    (before the step is reaped, so that the group's id cannot have been reused), and so is
+    what left the group, once it is this process's child (:func:`end_strays`; ``before``:
+    this process's children before the step started, :func:`children`). If the wait
     is interrupted (Ctrl-C reaching the engine, an engine shutting down), the whole group is
     ended first and the interruption goes on. While the step runs its group is known to this
     process's lifeline, which ends it should this process die.
@@ -112,6 +122,7 @@ def wait_step(proc: subprocess.Popen, timeout: float | None = None) -> int | Non
     finally:
         _unwatch(pgid)
         proc.wait()
+        end_strays(before, pgid)
     return None if timed_out else proc.returncode
 
 
@@ -151,6 +162,96 @@ def exit_message(step: str, code: int) -> str:
         message += (" (a file grew beyond the file size limit: is the scratch disk or a quota "
                     "full?)")
     return message
+
+
+# -- strays: processes a step left running outside its process group -----------------------
+
+#: Linux's prctl option that makes a process adopt its descendants' orphans
+_PR_SET_CHILD_SUBREAPER = 36
+
+# [True] once this process adopts orphans (adopt_orphans), [False] where it cannot
+_ADOPTING: list[bool] = []
+
+#: seconds end_strays waits for a step's group to be gone and its strays to come to this process
+STRAY_WAIT = 2.0
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one its descendants' orphans are handed to (Linux's "child
+    subreaper"): a step's process that leaves its group (``setsid``, a daemon that forks
+    twice) becomes this process's child once its parent ends, where :func:`end_strays` finds
+    it. For an engine process only: a process that has children of its own to keep (a driver
+    that runs tasks in-process) must not. True if this process adopts them."""
+    if not _ADOPTING:
+        adopting = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                adopting = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        _ADOPTING.append(adopting)
+    return _ADOPTING[0]
+
+
+def children() -> frozenset[int]:
+    """This process's children now, where this process adopts orphans (else none: there is
+    nothing :func:`end_strays` would do): those of the thread that runs the steps and of the
+    main thread, to which adopted orphans go."""
+    if not (_ADOPTING and _ADOPTING[0]):
+        return frozenset()
+    found: set[int] = set()
+    for tid in {os.getpid(), threading.get_native_id()}:
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
+                found.update(int(pid) for pid in f.read().split())
+    return frozenset(found)
+
+
+def end_strays(before: frozenset[int], pgid: int | None = None) -> list[int]:
+    """Kill and reap this process's children that were not ``before`` (:func:`children` when
+    the step started) and are not its lifeline: after a step, what it left running outside its
+    process group (orphans this process adopted, a ``call`` step's processes). A stray that
+    leads a process group is killed with its group. Until :data:`STRAY_WAIT` seconds have
+    passed, it looks again while the step's group ``pgid`` still has processes (their children
+    come to this process as they die). Returns the strays' process ids. Nothing happens where
+    this process does not adopt orphans."""
+    if not (_ADOPTING and _ADOPTING[0]):
+        return []
+    keep = set(before)
+    if _LIFELINE is not None:
+        keep.add(_LIFELINE.pid)
+    ended: list[int] = []
+    deadline = time.monotonic() + STRAY_WAIT
+    while True:
+        strays = [pid for pid in children() if pid not in keep]
+        for pid in strays:
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        for pid in strays:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        ended += strays
+        if not strays and (pgid is None or not _group_left(pgid)):
+            return ended
+        if time.monotonic() > deadline:
+            return ended
+        if not strays:
+            time.sleep(0.005)
+
+
+def _group_left(pgid: int) -> bool:
+    """Does the process group ``pgid`` still have a process?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _end_group(pgid: int) -> None:
@@ -244,8 +345,6 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 def call_deadline(timeout: float | None) -> Iterator[bool]:
     """Raise :class:`StepTimedOut` in this thread after ``timeout`` seconds (a ``SIGALRM``
     timer); yields whether the limit is enforced (only the main thread receives signals)."""
-    import threading
-
     if timeout is None or threading.current_thread() is not threading.main_thread():
         yield False
         return
