@@ -202,3 +202,30 @@ def test_an_output_that_is_a_pipe_or_a_link_is_written_into_not_replaced(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "link.json").is_symlink()
     assert json.loads((tmp_path / "real.json").read_text())["graph"]["pipeline"] == "p"
+
+
+# opf with a spool that goes to a temporary file at once, and a file size limit of 100 kB
+SMALL_TEMP = textwrap.dedent("""
+    import resource, signal, sys
+    from opals_dsl.cli import main
+    sys.modules["opals_dsl.cli.main"].SPOOL_MEMORY = 1000
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_temporary_folder_without_room_for_the_text_is_named_with_the_way_out(tmp_path: Path):
+    """The JSON for a pipe is held until it is complete; when the temporary folder has no room
+    for it, the error says so and how to do without it (-o FILE), and nothing is written."""
+    path = pipeline(tmp_path, MANY)
+    proc = subprocess.run([sys.executable, "-c", SMALL_TEMP, "compile", "--json", path.name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("opf: error: the text is held in a temporary file until it is "
+                                  "complete, and there is no room for it in ")
+    assert "File too large (its disk is full, or a quota or file size limit was reached)" in (
+        proc.stderr)
+    assert "Write it to a file with -o FILE, or set TMPDIR to a folder with room" in proc.stderr
