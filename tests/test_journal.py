@@ -151,9 +151,9 @@ def test_every_reason_to_run_again(tmp_path):
     run(path, state, scratch)
     results = path.parent / "results"
 
-    # a command that changed: a parameter substituted into a call's arguments
+    # a command that changed: a parameter substituted into a call's arguments, named as such
     got = decisions(path, state, params={"greeting": "servus"})
-    assert got["hello/0"] == "parameters of step say changed: word 'hello' → 'servus'"
+    assert got["hello/0"] == "param greeting changed"
     assert {k for k, v in got.items() if v != "skip"} == {"hello/0"}
 
     # a destination deleted, or changed by hand

@@ -127,8 +127,8 @@ def test_an_earlier_temp_output_makes_the_whole_task_run_and_says_why(tmp_path):
         "from step shade: param azimuth changed")
     # grid reads import's temp output, which is gone: everything runs
     assert decisions(path, {"cell": "2.0"})["dem/s1"] == (
-        "command of step grid changed: '1.0' → '2.0'; step grid reads s1.a, a temp output "
-        "of step import (never copied back), so the whole task runs")
+        "param cell changed; step grid reads s1.a, a temp output of step import (never copied "
+        "back), so the whole task runs")
     assert run(path, {"cell": "2.0"}).done == 2
     assert ran(ledger) == ["grid s1.a", "grid s2.a", "import s1.txt", "import s2.txt",
                            "shade s1.g", "shade s2.g"]

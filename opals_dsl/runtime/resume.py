@@ -152,16 +152,17 @@ class Resume:
             return "failed in the last run"
         cmd, steps = self.journal.command(i)
         start, kept = 0, None
-        if rec.get("cmd") != cmd:
-            why = _what_changed(rec.get("steps") or [], steps)
+        if rec.get("cmd") != cmd:  # named by the params behind it, if one changed
+            changed = _params_changed(rec, self.journal) or _what_changed(
+                rec.get("steps") or [], steps)
             start = self._first_changed(i, rec, steps)
             if not start:
-                return why
+                return changed
             plan = self.journal.plan
             _, _, execs, copyback = model.chain(plan, ref)
             blocker = _temp_needed(execs, start)
             if blocker is not None:
-                return f"{why}; {blocker}, so the whole task runs"
+                return f"{changed}; {blocker}, so the whole task runs"
             kept = _kept_destinations(execs, copyback, start)
         up = rec.get("up") or {}
         for u in self.journal.deps[i]:
@@ -194,7 +195,7 @@ class Resume:
             self._refresh[i] = fresh
         if start:
             self._starts[i] = start
-            return f"from step {steps[start][0]}: {_params_changed(rec, self.journal) or why}"
+            return f"from step {steps[start][0]}: {changed}"
         return None
 
     def _first_changed(self, i: int, rec: dict[str, Any], steps: list[list[Any]]) -> int:
