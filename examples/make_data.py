@@ -7,8 +7,9 @@ flight lines. Each point records the flight line it was measured on as its point
 with the header of simple.las (point format, scales, offsets, no CRS record), its own point
 count and bounds, and the points in their original order, every attribute unchanged.
 
-Nothing else goes into the files (no date, no host name), so running this again gives
-byte-identical files; tests/test_lidar_tool.py checks that.
+Nothing else goes into the files (no host name, and a fixed creation date: laspy writes a date
+into every header, today's unless told, and simple.las has none), so running this again gives
+byte-identical files on any day; tests/test_lidar_tool.py checks that.
 
     python examples/make_data.py [--source LAS] [--out DIR]
 """
@@ -16,12 +17,16 @@ byte-identical files; tests/test_lidar_tool.py checks that.
 from __future__ import annotations
 
 import argparse
+import datetime
 from pathlib import Path
 
 import laspy
 import numpy as np
 
 DATA = Path(__file__).resolve().parent / "data"
+
+#: the creation date in every strip's header: the day the strips were first made
+CREATED = datetime.date(2026, 11, 27)
 
 
 def split_by_source_id(source: Path, out: Path) -> list[Path]:
@@ -30,6 +35,7 @@ def split_by_source_id(source: Path, out: Path) -> list[Path]:
     written = []
     for source_id in np.unique(las.point_source_id):
         strip = laspy.LasData(las.header.copy())
+        strip.header.creation_date = CREATED
         strip.points = las.points[las.point_source_id == source_id].copy()
         path = out / f"strip{source_id}.las"
         strip.write(path)  # laspy sets the point count and bounds from the points
