@@ -265,6 +265,21 @@ def test_deeply_nested_brackets_give_an_opf_error_not_a_recursion_error(
         front_end_strict(text, workspace)
 
 
+def test_an_output_declared_twice_that_a_later_job_loops_over_gives_errors_not_a_crash(
+        workspace: Path):
+    """Found by the mutation test: the second declaration made every task publish the output
+    twice, and the job looping over it zipped its tasks with twice as many files."""
+    text = (REPO / "examples" / "per_strip.opf").read_text(encoding="utf-8")
+    line = '        out dem = "{strip.stem}_dem.tif"\n'
+    assert text.count(line) == 1
+    source = SourceFile("twice.opf", text.replace(line, line * 2))
+    pipeline = parse(source)
+    params, diagnostics = check(pipeline, source, {})
+    assert any("duplicate output 'dem' in step 'grid'" in d.message for d in diagnostics)
+    with pytest.raises(PipelineError):  # as opf check plans around the mistakes
+        build_plan(pipeline, source, str(workspace), params, "twice", lenient=True)
+
+
 def front_end_strict(text: str, folder: Path) -> None:
     """parse → check → plan, letting every error through."""
     source = SourceFile("deep.opf", text)

@@ -243,7 +243,9 @@ class StepCompiler:
         """The task ids of an expanded job and where each copies one output back to."""
         up = self.jobs.get(job)
         dests = up.published.get((step, out)) if up is not None else None
-        if up is None or dests is None:  # lenient: that job or output could not be planned
+        # lenient: that job or output could not be planned, or the output's name is declared
+        # twice in its step (the checker says so), so its tasks published it twice
+        if up is None or dests is None or len(dests) != len(up.tasks):
             raise ResolveError(f"output '{job}.{step}.{out}' could not be planned")
         return up.tasks, dests
 
