@@ -145,6 +145,7 @@ from .steps import (
     exit_message,
     forget_stale_module,
     format_limit,
+    keep_lifeline,
     remember_module,
     use_threads,
     wait_step,
@@ -523,6 +524,7 @@ class _Task(JobPrephase):
                     _write(out, f"opf: {message}\n")
                 out.close()
                 raise self.fail(node, "not-found", message, step=step, log=log)
+            keep_lifeline()
             before = children()
             try:
                 # a session of its own: the step and everything it starts form one process

@@ -286,6 +286,13 @@ def _unwatch(pgid: int) -> None:
     _tell(f"-{pgid}\n")
 
 
+def keep_lifeline() -> None:
+    """Have this process's lifeline running before a step starts: a process killed right
+    after starting a step, before it could tell a lifeline started only then, would leave the
+    step's group to no one."""
+    _tell("")
+
+
 def _tell(line: str) -> None:
     """Tell this process's lifeline (:mod:`opals_dsl.runtime.reaper`, started when first needed and
     again if it died) about a step group."""
