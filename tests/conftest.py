@@ -286,3 +286,18 @@ def last_run(state: Path) -> Path:
 def trace_rows(state: Path) -> list[dict]:
     """The trace of the last run recorded in a state folder."""
     return read_json_lines(last_run(state) / "trace.jsonl")
+
+
+def process_gone(pid: int, wait: float = 15.0) -> bool:
+    """True once process ``pid`` has ended (a zombie counts as ended) within ``wait`` s."""
+    import psutil
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

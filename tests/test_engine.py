@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import process_gone
 
 from opals_dsl.plan import wire
 from opals_dsl.runtime import engine, locks
@@ -922,21 +923,6 @@ def test_malformed_request_gets_a_result():
 # -- processes, locks and the state folder -------------------------------------------------------
 
 
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-    """True once process ``pid`` has ended (a zombie counts as ended) within ``timeout``."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _kill(pid: int) -> None:
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
@@ -960,7 +946,7 @@ def test_a_step_runs_in_a_process_group_of_its_own_that_ends_with_it(project: Pr
         pgid = int((project.root / "pgid.txt").read_text())
         assert pgid != os.getpgrp()
         assert int((project.root / "sid.txt").read_text()) == pgid  # a session of its own
-        assert _gone(sleeper), "the step's background sleep outlived the step"
+        assert process_gone(sleeper), "the step's background sleep outlived the step"
     finally:
         _kill(sleeper)
 
@@ -985,7 +971,7 @@ def test_an_interrupted_step_ends_with_its_whole_group(project: Project, tmp_pat
         sleeper = int((marks / "sleep").read_text())
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 42
-        assert _gone(sleeper), "the step's sleep outlived the interrupted step"
+        assert process_gone(sleeper), "the step's sleep outlived the interrupted step"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1013,7 +999,7 @@ def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Pa
         sleeper = int((marks / "sleep").read_text())
         proc.kill()
         proc.wait()
-        assert _gone(sleeper), "the killed engine's step went on"
+        assert process_gone(sleeper), "the killed engine's step went on"
         time.sleep(0.3)
         assert not (marks / "late").exists()
     finally:
@@ -1241,7 +1227,7 @@ def test_what_a_step_leaves_running_outside_its_group_ends_with_the_step(
         else:
             assert result["ok"], result["failure"]
         assert proc.poll() is None  # the engine still runs: it ended the stray itself
-        assert _gone(stray), f"{how}: the step's stray process outlived the step"
+        assert process_gone(stray), f"{how}: the step's stray process outlived the step"
     finally:
         proc.communicate(timeout=30)
         if stray is not None:

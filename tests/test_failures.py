@@ -27,6 +27,7 @@ import pytest
 from conftest import (
     EngineCluster,
     files_under,
+    process_gone,
     trace_rows,
     write_pipeline,
 )
@@ -126,19 +127,6 @@ job leave for i in range(1) {{
 """
 
 
-def _gone(pid: int, wait: float = 10.0) -> bool:
-    """True once process ``pid`` has ended (a zombie counts as ended) within ``wait`` s."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_process_a_step_left_in_a_session_of_its_own_ends_with_the_step(cluster, tmp_path):
     """On an ipyparallel engine (which adopts the orphans of its steps' processes), a process
     that a step started in a session of its own and left behind is ended with the step: it
@@ -151,7 +139,7 @@ def test_a_process_a_step_left_in_a_session_of_its_own_ends_with_the_step(cluste
     try:
         assert proc.returncode == 0, proc.stderr
         assert len(pids) == 1
-        assert _gone(pids[0]), "the step's stray sleep outlived the run"
+        assert process_gone(pids[0]), "the step's stray sleep outlived the run"
     finally:
         for pid in pids:
             with contextlib.suppress(psutil.Error):
