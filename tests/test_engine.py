@@ -1210,9 +1210,8 @@ def test_what_a_step_leaves_running_outside_its_group_ends_with_the_step(
                   f"while [ ! -s {pidfile} ]; do sleep 0.01; done")
         if how.endswith("timeout"):
             script += "; sleep 1002"
-        step = argv_step("dem", "strip11", "s", ["sh", "-c", script])
-        if how.endswith("timeout"):
-            step = dataclasses.replace(step, timeout=1.0)
+        step = dataclasses.replace(argv_step("dem", "strip11", "s", ["sh", "-c", script]),
+                                   timeout=1.0 if how.endswith("timeout") else 60.0)
     proc = subprocess.Popen([sys.executable, "-c", ADOPTING, json.dumps(project.request(
         execs=[step]))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONPATH=str(REPO)))
