@@ -37,6 +37,8 @@ from typing import Any, Protocol, TextIO
 
 import networkx as nx
 
+from .model import may_hold_floats
+
 try:
     import orjson
 except ImportError:  # pragma: no cover - a platform without its wheel: the standard library
@@ -321,9 +323,9 @@ def _nodes_encoder() -> Callable[[list[dict[str, Any]]], str]:
     orjson writes every string, integer, list and dict of a plan node as the standard library
     does; it writes floats below 1e-4 without an exponent (``0.00005``, not ``5e-05``) and NaN
     and infinities as ``null``. A plan node holds floats only in a step's ``timeout`` and a
-    ``call``'s arguments (:func:`opals_dsl.plan.model.exec_attrs`), so a batch with either goes to
-    the standard library, as does one orjson refuses (a file name that is not UTF-8, an integer
-    beyond 64 bits)."""
+    ``call``'s arguments (:func:`opals_dsl.plan.model.may_hold_floats`), so a batch with either
+    goes to the standard library, as does one orjson refuses (a file name that is not UTF-8, an
+    integer beyond 64 bits)."""
     stdlib = _compact_encoder()
     if orjson is None:
         return stdlib
@@ -331,7 +333,7 @@ def _nodes_encoder() -> Callable[[list[dict[str, Any]]], str]:
 
     def encode(nodes: list[dict[str, Any]]) -> str:
         for attrs in nodes:
-            if attrs.get("timeout") is not None or attrs.get("call") is not None:
+            if may_hold_floats(attrs):
                 return stdlib(nodes)
         try:
             return dumps(nodes).decode()

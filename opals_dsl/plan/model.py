@@ -158,6 +158,13 @@ def exec_attrs(job: str, task: str, step: str, affinity: tuple[str, str], index:
                       threads, timeout).__dict__
 
 
+def may_hold_floats(attrs: Mapping[str, Any]) -> bool:
+    """Can this node's attributes hold a float? Only an exec node's ``timeout`` and a
+    ``call``'s arguments can; every other attribute is a string, an integer, None or a list of
+    those. (The plan's JSON writer picks its encoder by this, :mod:`opals_dsl.plan.graph`.)"""
+    return attrs.get("timeout") is not None or attrs.get("call") is not None
+
+
 def copyback_attrs(job: str, task: str, affinity: tuple[str, str],
                    files: list[list[str]]) -> dict[str, Any]:
     return _CopybackAttrs(job, task, affinity, files).__dict__
