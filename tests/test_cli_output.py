@@ -226,6 +226,6 @@ def test_a_temporary_folder_without_room_for_the_text_is_named_with_the_way_out(
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("opf: error: the text is held in a temporary file until it is "
                                   "complete, and there is no room for it in ")
-    assert "File too large (its disk is full, or a quota or file size limit was reached)" in (
-        proc.stderr)
+    assert ("File too large (the temp folder's disk is full, or a quota or file size limit "
+            "was reached); nothing was written." in proc.stderr)
     assert "Write it to a file with -o FILE, or set TMPDIR to a folder with room" in proc.stderr

@@ -194,8 +194,9 @@ def _spooled(out: TextIO, whole: bool) -> Iterator[TextIO]:
     if not whole or _is_device(out):
         yield out
         return
-    import errno
     import tempfile
+
+    from ..runtime.paths import NO_ROOM, os_reason
 
     with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, mode="w+", encoding="utf-8",
                                        errors=ERRORS) as spool:
@@ -203,13 +204,13 @@ def _spooled(out: TextIO, whole: bool) -> Iterator[TextIO]:
             yield spool  # type: ignore[misc]
             spool.flush()
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if exc.errno not in NO_ROOM:
                 raise
             raise UsageError(
                 f"the text is held in a temporary file until it is complete, and there is no "
-                f"room for it in {tempfile.gettempdir()}: {exc.strerror or exc} (its disk is "
-                f"full, or a quota or file size limit was reached); nothing was written. Write "
-                f"it to a file with -o FILE, or set TMPDIR to a folder with room") from None
+                f"room for it in {tempfile.gettempdir()}: {os_reason(exc, 'temp')}; nothing "
+                f"was written. Write it to a file with -o FILE, or set TMPDIR to a folder with "
+                f"room") from None
         spool.seek(0)
         shutil.copyfileobj(spool, out, 1 << 20)  # type: ignore[misc]
 

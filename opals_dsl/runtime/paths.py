@@ -49,16 +49,17 @@ def file_in_the_way(folder: str) -> str | None:
 
 
 #: errors that mean "no room": the disk, a quota, or the process's file size limit
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def os_reason(exc: OSError, disk: str | None = None) -> str:
     """The reason of an OS error, in words; ``disk`` names the disk written to (``scratch``,
-    ``destination`` or ``state``) so that a full disk is called one."""
+    ``destination``, ``state`` or ``temp``) so that a full disk is called one."""
     reason = exc.strerror or str(exc)
-    if disk is not None and exc.errno in _FULL:
+    if disk is not None and exc.errno in NO_ROOM:
         what = {"scratch": "the scratch disk", "destination": "the destination's disk",
-                "state": "the disk of the run's state folder"}.get(disk, "the disk")
+                "state": "the disk of the run's state folder",
+                "temp": "the temp folder's disk"}.get(disk, "the disk")
         reason += f" ({what} is full, or a quota or file size limit was reached)"
     return reason
 
