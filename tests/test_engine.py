@@ -969,15 +969,65 @@ def test_an_interrupted_step_ends_with_its_whole_group(project: Project, tmp_pat
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         sleeper = int((marks / "sleep").read_text())
+        assert project.task_dir().is_dir()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 42
         assert process_gone(sleeper), "the step's sleep outlived the interrupted step"
+        # nothing of an interrupted task is kept: its folder holds no failure to look at
+        assert not project.task_dir().exists(), "the interrupted task's folder was left"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if sleeper is not None:
             _kill(sleeper)
+
+
+def test_the_task_folder_of_a_killed_engine_is_removed_by_the_next_engine_there(
+        project: Project, tmp_path: Path):
+    """A task folder whose lock file outlived its engine (kill -9) is removed by the next engine
+    that uses the job folder; a folder kept after a failure, and a running task's, stay."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    kept = only(run_tasks([project.request("strip12", execs=[
+        argv_step("dem", "strip12", "fail", ["sh", "-c", "echo partial > p.txt; exit 3"])])]))
+    assert not kept["ok"] and kept["failure"]["task_dir"] == str(project.task_dir("strip12"))
+    script = "echo partial > p.txt; sleep 1001 & echo $! > {marks}/{task}; wait"
+    code = ("import json, sys; from opals_dsl.runtime.engine import run_tasks; "
+            "run_tasks([json.loads(sys.argv[1])])")
+    procs: dict[str, subprocess.Popen] = {}
+    sleepers: list[int] = []
+    try:
+        for task in ("strip11", "strip13"):  # strip11's engine is killed, strip13's runs on
+            req = project.request(task, execs=[argv_step(
+                "dem", task, "wait", ["sh", "-c", script.format(marks=marks, task=task)])])
+            procs[task] = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+            deadline = time.monotonic() + 60
+            while not (marks / task).is_file() or not (marks / task).read_text().strip():
+                assert time.monotonic() < deadline and procs[task].poll() is None
+                time.sleep(0.05)
+            sleepers.append(int((marks / task).read_text()))
+        procs["strip11"].kill()
+        procs["strip11"].wait()
+        locks = project.job_dir().parent / f".{project.job_dir().name}.tasks"
+        assert (project.task_dir() / "p.txt").is_file() and (locks / "strip11").is_file()
+
+        # the next engine process to use the job folder (a task of its own) clears what is left
+        after = run_python(code, json.dumps(project.request("strip14")))
+        assert after.returncode == 0, after.stderr
+        assert not project.task_dir().exists(), "the killed engine's task folder was left"
+        assert not (locks / "strip11").exists()
+        assert (project.task_dir("strip12") / "p.txt").is_file(), "a failed task's folder went"
+        assert (project.task_dir("strip13") / "p.txt").is_file(), "a running task's folder went"
+        assert procs["strip13"].poll() is None
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in sleepers:
+            _kill(pid)
 
 
 def test_the_steps_of_a_killed_engine_end_with_it(project: Project, tmp_path: Path):

@@ -138,7 +138,8 @@ def test_a_signal_to_opf_run_ends_every_process_of_the_run(cluster, tmp_path, cl
     marks.mkdir()
     path = write_pipeline(tmp_path / "p", SLEEPER.format(marks=marks), inputs=0)
     args = ["-n", "1"] if where == "embedded" else ["--cluster-file", str(cluster.client_file)]
-    driver = opf_run(path, *args)
+    scratch = tmp_path / "scratch"
+    driver = opf_run(path, *args, "--scratch", str(scratch))
     cleanup.drivers.append(driver)
     sleeper = int(read_when_there(marks / "sleep"))
     cleanup.pids.append(sleeper)
@@ -155,6 +156,11 @@ def test_a_signal_to_opf_run_ends_every_process_of_the_run(cluster, tmp_path, cl
     wait_for(lambda: not alive(sleeper, sleep_created), 15, "the step's sleep to end")
     wait_for(lambda: not carrying(marker), 15, "the run's processes to end")
     assert not (tmp_path / "p" / "results").exists()
+    # the interrupted task's folder (the job folder's one sub-folder) is gone too
+    [job_folder] = [p for p in (scratch / "opf" / "sleeper" / "w").iterdir()
+                    if p.is_dir() and not p.name.startswith(".")]
+    assert [p.name for p in job_folder.iterdir() if p.is_dir()] == [], \
+        "the interrupted task's folder was left in scratch"
 
 
 # -- a killed engine ---------------------------------------------------------------------------

@@ -273,6 +273,11 @@ class _Task(JobPrephase):
             failure = failed.failure
         except Exception as exc:  # an unforeseen condition is still this task's failure
             failure = self.unexpected(exc)
+        except BaseException:  # interrupted (Ctrl-C reaches an engine as SIGINT), or ending
+            if self.task_lock is not None:  # the folder is this task's: nothing in it counts
+                with contextlib.suppress(OSError):
+                    remove_tree(self.task_dir)
+            raise
         finally:
             if self.task_lock is not None:
                 unlock(*self.task_lock)

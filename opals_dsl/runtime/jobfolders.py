@@ -6,20 +6,22 @@ file's source path, size, modification time and name): one folder per content, s
 stage different shared files (other params, another project with the same pipeline name) never
 share one.
 
-The key of the shared file set picks
-       the job folder. The engine takes a shared ``flock`` on
-       ``<scratch>/opf/<pipeline>/<job>/.<key>.lock`` and keeps it until it needs another job
-       folder of this job or ends, so a folder is never removed while an engine uses it. If the
-       marker file ``<job folder>/.opf-staged`` holds the (full) key, there is nothing to do:
-       status ``cached``. Otherwise, under an exclusive lock on
-       ``<scratch>/opf/<pipeline>/.<job>.lock`` (and if the marker still does not hold the key),
-       the marker is removed, temporaries of a killed stage are cleared, each shared file is
-       copied in through a temporary name and renamed into place (a source that changes while
-       it is copied fails the stage), and the marker is written last, so an interrupted stage
-       never looks finished; status ``done``. Concurrent engines of a machine therefore copy
-       once: the first does the work, the others wait on the lock and find the marker. After
-       staging, the job's other job folders that no engine holds (their lock can be taken
-       exclusively at once) are removed, their marker first.
+The key of the shared file set picks the job folder. The engine takes a shared ``flock`` on
+``<scratch>/opf/<pipeline>/<job>/.<key>.lock`` and keeps it until it needs another job folder of
+this job or ends, so a folder is never removed while an engine uses it. If the marker file
+``<job folder>/.opf-staged`` holds the (full) key, there is nothing to do: status ``cached``.
+Otherwise, under an exclusive lock on ``<scratch>/opf/<pipeline>/.<job>.lock`` (and if the
+marker still does not hold the key), the marker is removed, temporaries of a killed stage are
+cleared, each shared file is copied in through a temporary name and renamed into place (a source
+that changes while it is copied fails the stage), and the marker is written last, so an
+interrupted stage never looks finished; status ``done``. Concurrent engines of a machine
+therefore copy once: the first does the work, the others wait on the lock and find the marker.
+After staging, the job's other job folders that no engine holds (their lock can be taken
+exclusively at once) are removed, their marker first.
+
+The first time an engine takes a job folder's lock, it also removes the task folders there that
+an engine killed mid-task left behind: those whose lock file nobody holds
+(:func:`.locks.remove_abandoned`).
 
 :class:`JobPrephase` is the part of an engine's task (:mod:`.engine`) that does this; it shares
 the task's state (its folders, its trace row, its failure), so it is a base class of the task.
@@ -36,6 +38,7 @@ import re
 
 from ..plan.wire import Stage
 from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
+from .locks import remove_abandoned
 from .paths import inside, is_component, os_reason, remove_tree
 
 #: the file in a job folder that says its shared files are complete, and for which file set
@@ -176,6 +179,8 @@ class JobPrephase:
                     break
                 os.close(fd)  # the folder was removed meanwhile: lock the new one
             _HELD[self.jobs_dir] = (short, fd)
+            # this engine's first task here: clear the task folders of engines killed mid-task
+            remove_abandoned(os.path.join(self.jobs_dir, f".{short}.tasks"), self.job_dir)
             while len(_HELD) > _HOLD_MAX:  # an engine that served many jobs lets the oldest go
                 os.close(_HELD.pop(next(iter(_HELD)))[1])
         if _marker_holds(marker, key):

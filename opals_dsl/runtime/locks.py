@@ -2,6 +2,9 @@
 except a holder that has been stopped (SIGSTOP, a debugger) for :data:`STOPPED_HOLDER_WAIT`
 seconds, which is reported instead of waited for forever (:class:`HeldByStopped`).
 
+:func:`remove_abandoned` clears the task folders whose lock file outlived its holder: an engine
+killed (``kill -9``, its machine lost) while it ran the task.
+
 Standard library only: engines import it.
 """
 
@@ -11,6 +14,8 @@ import contextlib
 import fcntl
 import os
 import time
+
+from .paths import is_component, remove_tree
 
 #: seconds a task waits for its task folder's lock while the holder is a stopped process
 STOPPED_HOLDER_WAIT = 10.0
@@ -104,3 +109,41 @@ def unlock(path: str, fd: int) -> None:
     with contextlib.suppress(OSError):  # removed while held, so that none piles up
         os.unlink(path)
     os.close(fd)
+
+
+def remove_abandoned(locks: str, folders: str) -> list[str]:
+    """Remove the task folders of ``folders`` whose lock file in ``locks`` nobody holds; return
+    their names.
+
+    A task that ends removes its lock file while it still holds it, so a lock file that can be
+    taken at once was left by a holder that was killed: its task folder (staged inputs, partial
+    outputs) serves nobody. The folder goes while its lock is held, then the lock file, so a
+    task waiting for that lock starts in an empty place (:func:`lock` takes the new file). A
+    held lock (a task running, a holder stopped) is left alone, and so is a task folder without a
+    lock file: one kept after a failure.
+    """
+    try:
+        names = sorted(os.listdir(locks))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if not is_component(name):
+            continue
+        path = os.path.join(locks, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                continue
+            remove_tree(os.path.join(folders, name))
+            os.unlink(path)
+            removed.append(name)
+        except OSError:  # held (a task runs), or it cannot be removed: leave it
+            continue
+        finally:
+            os.close(fd)
+    return removed
