@@ -109,13 +109,46 @@ def test_a_param_of_the_last_step_reruns_only_that_step(tmp_path):
     assert (results / "shade" / "s2.h").read_text() == (
         "strip 2\nimport \ngrid 0.5\nshade 45\n")
 
-    # an earlier output that is not as recorded: the whole task runs
+    # an earlier output that is not as recorded: the task runs from the step that made it
     (results / "grid" / "s1.g").write_text("edited by hand")
     got = decisions(path, {"azimuth": "30", "cell": "0.5"})
-    assert got == {"dem/s1": "output changed: results/grid/s1.g",
+    assert got == {"dem/s1": "from step grid: output changed: results/grid/s1.g",
                    "dem/s2": "from step shade: param azimuth changed"}
     assert run(path, {"azimuth": "30", "cell": "0.5"}).done == 2
-    assert ran(ledger) == ["grid s1.a", "import s1.txt", "shade s1.g", "shade s2.g"]
+    assert ran(ledger) == ["grid s1.a", "shade s1.g", "shade s2.g"]
+    assert (results / "grid" / "s1.g").read_text() == "strip 1\nimport \ngrid 0.5\n"
+
+
+def test_a_missing_output_reruns_the_task_from_the_step_that_made_it(tmp_path):
+    path, ledger = project(tmp_path)
+    results = tmp_path / "results"
+    assert run(path).done == 2
+    ran(ledger)
+    shade = results / "shade" / "s1.h"
+    want = shade.read_text()
+    earlier = {p: p.stat().st_mtime_ns for p in results.glob("[ig]*/*")}
+
+    shade.unlink()
+    assert decisions(path) == {"dem/s1": "from step shade: output missing: results/shade/s1.h",
+                               "dem/s2": "skip"}
+    assert run(path).done == 1
+    assert ran(ledger) == ["shade s1.g"]
+    assert shade.read_text() == want
+    assert {p: p.stat().st_mtime_ns for p in earlier} == earlier  # left as they were
+
+    # two missing: from the earlier of their steps
+    (results / "shade" / "s2.h").unlink()
+    (results / "grid" / "s2.g").unlink()
+    assert decisions(path)["dem/s2"] == "from step grid: output missing: results/grid/s2.g"
+    assert run(path).done == 1
+    assert ran(ledger) == ["grid s2.a", "shade s2.g"]
+
+    # the first step's output: the whole task
+    (results / "import" / "s1.a").unlink()
+    assert decisions(path)["dem/s1"] == "output missing: results/import/s1.a"
+    assert run(path).done == 1
+    assert ran(ledger) == ["grid s1.a", "import s1.txt", "shade s1.g"]
+    assert set(decisions(path).values()) == {"skip"}
 
 
 def test_an_earlier_temp_output_makes_the_whole_task_run_and_says_why(tmp_path):
@@ -132,6 +165,15 @@ def test_an_earlier_temp_output_makes_the_whole_task_run_and_says_why(tmp_path):
     assert run(path, {"cell": "2.0"}).done == 2
     assert ran(ledger) == ["grid s1.a", "grid s2.a", "import s1.txt", "import s2.txt",
                            "shade s1.g", "shade s2.g"]
+    # the same for a missing output of a step that reads a temp output
+    (tmp_path / "results" / "grid" / "s1.g").unlink()
+    assert decisions(path, {"cell": "2.0"})["dem/s1"] == (
+        "output missing: results/grid/s1.g; step grid reads s1.a, a temp output of step import "
+        "(never copied back), so the whole task runs")
+    (tmp_path / "results" / "grid" / "s2.g").write_text("edited")
+    (tmp_path / "results" / "shade" / "s2.h").unlink()  # the earliest step's output is named
+    assert decisions(path, {"cell": "2.0"})["dem/s2"].startswith(
+        "output changed: results/grid/s2.g; step grid reads s2.a")
 
 
 def opf(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -19,7 +19,9 @@ published output of steps before K is in place as recorded (its inputs and upstr
 unchanged, too). The engine then stages those published outputs instead of running the steps
 that made them (:attr:`Decision.start`); the reason says ``from step S: param P changed`` (or
 which command changed). Where such an output is ``temp``, the whole task runs, and the reason
-says which output made it so.
+says which output made it so. The same holds for published outputs missing or changed at their
+destinations: the task runs from the first step that made one (``from step S: output missing:
+D``), on the earlier steps' outputs, which are in place.
 With ``--checksum`` an input whose time changed but whose content did not is unchanged, and its
 record is refreshed in the journal so that the next run does not hash it again.
 """
@@ -151,15 +153,14 @@ class Resume:
         if rec.get("failed"):
             return "failed in the last run"
         cmd, steps = self.journal.command(i)
-        start, kept = 0, None
+        start, kept, changed = 0, None, ""
         if rec.get("cmd") != cmd:  # named by the params behind it, if one changed
             changed = _params_changed(rec, self.journal) or _what_changed(
                 rec.get("steps") or [], steps)
             start = self._first_changed(i, rec, steps)
             if not start:
                 return changed
-            plan = self.journal.plan
-            _, _, execs, copyback = model.chain(plan, ref)
+            _, _, execs, copyback = model.chain(self.journal.plan, ref)
             blocker = _temp_needed(execs, start)
             if blocker is not None:
                 return f"{changed}; {blocker}, so the whole task runs"
@@ -182,15 +183,21 @@ class Resume:
                 return why
             if entry is not None:
                 fresh[path] = entry
+        bad: list[tuple[str, str]] = []  # (destination, why) of outputs not as recorded
         for dest, old in (rec.get("out") or {}).items():
             if kept is not None and dest not in kept:
                 continue  # written again by the steps that run
             try:
                 st = os.stat(os.path.join(self.journal.root, dest))
             except OSError:
-                return f"output missing: {dest}"
+                bad.append((dest, f"output missing: {dest}"))
+                continue
             if not isinstance(old, list) or [st.st_size, st.st_mtime_ns] != old[:2]:
-                return f"output changed: {dest}"
+                bad.append((dest, f"output changed: {dest}"))
+        if bad:
+            start, changed = _redo_from(model.chain(self.journal.plan, ref), bad)
+            if not start:
+                return changed
         if fresh:
             self._refresh[i] = fresh
         if start:
@@ -250,6 +257,25 @@ def _temp_needed(execs: list[model.Exec], start: int) -> str | None:
                 return (f"step {e.step} reads {name}, a temp output of step {maker.step} "
                         f"(never copied back)")
     return None
+
+
+def _redo_from(chain: tuple[Any, Any, list[model.Exec], model.Copyback],
+               bad: list[tuple[str, str]]) -> tuple[int, str]:
+    """Where a task runs from when its published outputs ``bad`` (destination, why) are not
+    as recorded: the first step that made one of them, and that output's reason; 0 (and the
+    reason) if the whole task must run — the first step made one, or a step that runs reads a
+    ``temp`` output of an earlier one."""
+    _, _, execs, copyback = chain
+    step_of = {out: k for k, e in enumerate(execs) for out in e.outputs}
+    made = {dest: step_of.get(local, 0) for local, dest in copyback.files}
+    dest, why = min(bad, key=lambda b: made.get(b[0], 0))  # the first of the earliest step
+    first = made.get(dest, 0)  # before any step whose command changed: only those were looked at
+    if not first:
+        return 0, why
+    blocker = _temp_needed(execs, first)
+    if blocker is not None:
+        return 0, f"{why}; {blocker}, so the whole task runs"
+    return first, why
 
 
 def _kept_destinations(execs: list[model.Exec], copyback: model.Copyback,
