@@ -1281,3 +1281,48 @@ def test_what_a_step_leaves_running_outside_its_group_ends_with_the_step(
         proc.communicate(timeout=30)
         if stray is not None:
             _kill(stray)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc holds the marks")
+def test_what_a_step_left_outside_its_group_ends_when_its_engine_is_killed(
+        project: Project, tmp_path: Path):
+    """kill -9 of an engine while its step runs: the engine's lifeline ends the step's group
+    and also the process the step started outside it (setsid), which carries the engine's
+    mark; a process with another engine's mark is left alone."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = (f"setsid sh -c 'echo $$ > {marks}/stray; exec sleep 1001' & "
+              f"sleep 1001 & echo $! > {marks}/sleep; wait")
+    code = ("import json, sys\n"
+            "from opals_dsl.runtime.engine import run_tasks\n"
+            "from opals_dsl.runtime.executor import prepare_engine\n"
+            "prepare_engine(None)\n"
+            "run_tasks([json.loads(sys.argv[1])])\n")
+    req = project.request(execs=[argv_step("dem", "strip11", "wait", ["sh", "-c", script])])
+    # a bystander marked by another engine
+    other = subprocess.Popen(["sleep", "1001"], env=dict(os.environ, OPF_ENGINE_MARK="1-beef"))
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    pids: list[int] = []
+    try:
+        for name in ("stray", "sleep"):
+            deadline = time.monotonic() + 60
+            while not (marks / name).is_file() or not (marks / name).read_text().strip():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            pids.append(int((marks / name).read_text()))
+        stray, sleeper = pids
+        assert os.getsid(stray) == stray != os.getsid(sleeper)  # it left the step's session
+        proc.kill()
+        proc.wait()
+        assert process_gone(sleeper), "the killed engine's step went on"
+        assert process_gone(stray), "what the step started outside its group outlived the engine"
+        assert other.poll() is None, "a process of another engine was ended"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            _kill(pid)
+        other.kill()
+        other.wait()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ..errors import ClusterError
 from . import engine as engine_side
-from .steps import adopt_orphans
+from .steps import adopt_orphans, mark_engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +177,10 @@ PREPARE = EngineCall("opals_dsl.runtime.executor:prepare_engine")
 
 def prepare_engine(scratch: str | None) -> dict[str, Any]:
     """Runs on an engine: plain tracebacks, import the engine module, adopt the orphans of the
-    steps' processes (:func:`~opals_dsl.runtime.steps.adopt_orphans`), say who and where it
-    is."""
+    steps' processes (:func:`~opals_dsl.runtime.steps.adopt_orphans`) and mark them
+    (:func:`~opals_dsl.runtime.steps.mark_engine`), say who and where it is."""
     adopt_orphans()
+    mark_engine()
     with contextlib.suppress(Exception):
         from IPython import get_ipython
 

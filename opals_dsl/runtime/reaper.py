@@ -8,11 +8,15 @@ owner. The owner tells it what to end should it die; when the pipe reaches end o
 the owner having said ``done`` — the owner died, however — the lifeline ends those processes and
 exits. It does the same on SIGTERM; SIGINT and SIGHUP are ignored.
 
-``python -m opals_dsl.runtime.reaper groups`` (an engine's lifeline; standard library only)
+``python -m opals_dsl.runtime.reaper groups [NAME=VALUE]`` (an engine's lifeline; standard
+library only)
     Lines ``+PGID`` and ``-PGID``: the process group of a step that starts and ends (every step
     runs in a session of its own, see :mod:`opals_dsl.runtime.engine`). At the end, every group
     still listed gets SIGTERM (and SIGCONT, so that a stopped one sees it), and SIGKILL after
-    :data:`GRACE` seconds if any of it is left.
+    :data:`GRACE` seconds if any of it is left. Then so does every process whose environment
+    holds ``NAME=VALUE``, the engine's mark (:func:`opals_dsl.runtime.steps.mark_engine`): what
+    the steps started outside their groups (``setsid``, daemons), which the engine would have
+    ended after the step.
 
 ``python -m opals_dsl.runtime.reaper run`` (the lifeline of ``opf run`` with an embedded cluster)
     Lines of JSON: ``{"marker": RUN_ID}`` once, then ``{"pid": P, "created": T}`` for each
@@ -93,18 +97,57 @@ def end_groups(groups: Iterable[int], grace: float = GRACE) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
+def marked_pids(name: str, value: str, among: Iterable[int] | None = None) -> list[int]:
+    """The processes (of ``among``, else all) other than this one whose environment holds
+    ``name=value``, read from ``/proc`` (Linux; elsewhere none). Standard library only, as a
+    lifeline runs without site packages. A process that has ended (a zombie) has none."""
+    needle = f"{name}={value}".encode("utf-8", "surrogateescape")
+    me = os.getpid()
+    if among is None:
+        try:
+            among = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        except OSError:
+            return []
+    found = []
+    for pid in among:
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def end_marked(name: str, value: str, grace: float = GRACE) -> list[int]:
+    """SIGTERM (and SIGCONT) to every process marked ``name=value``, SIGKILL to those still
+    marked after ``grace`` seconds; their process ids."""
+    pids = marked_pids(name, value)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = marked_pids(name, value, left)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 def marked(marker: str) -> list[Any]:
     """The processes (psutil) whose environment carries ``OPF_RUN_ID=marker``."""
     import psutil
 
     found = []
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if proc.environ().get(MARKER) == marker:
-                found.append(proc)
+    for pid in marked_pids(MARKER, marker):
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
     return found
 
 
@@ -201,7 +244,7 @@ def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
         time.sleep(0.02)
 
 
-def _groups_main() -> int:
+def _groups_main(mark: str | None) -> int:
     groups: set[int] = set()
 
     def take(line: bytes) -> None:
@@ -212,6 +255,8 @@ def _groups_main() -> int:
 
     if _follow(take):
         end_groups(groups)
+        if mark and "=" in mark:
+            end_marked(*mark.split("=", 1))
     return 0
 
 
@@ -232,11 +277,12 @@ def _run_main() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["groups"]:
-        return _groups_main()
+    if argv[:1] == ["groups"] and len(argv) <= 2:
+        return _groups_main(argv[1] if len(argv) == 2 else None)
     if argv == ["run"]:
         return _run_main()
-    print("usage: python -m opals_dsl.runtime.reaper groups|run", file=sys.stderr)
+    print("usage: python -m opals_dsl.runtime.reaper groups [NAME=VALUE] | run",
+          file=sys.stderr)
     return 2
 
 

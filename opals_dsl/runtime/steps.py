@@ -13,7 +13,9 @@ What a step starts outside its group — a program in a session of its own (``se
 ``call`` step's processes, which are the engine's children — ends with the step too, where the
 engine adopts orphans (:func:`adopt_orphans`, Linux; every ipyparallel engine opf uses does):
 once their parent is gone they are the engine's children, and when the step ends
-:func:`end_strays` kills each child the engine did not have before the step.
+:func:`end_strays` kills each child the engine did not have before the step. Should the engine
+be killed outright, they are not its children yet: every step process carries the engine's mark
+(:func:`mark_engine`), by which the lifeline finds them.
 
 Limits: each step's environment tells the libraries it uses how many threads it may take
 (:data:`THREAD_VARS`, :func:`use_threads`). A step with a ``timeout`` is waited for with
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,6 +42,9 @@ import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
+
+#: the environment variable that marks an engine process, and so every step it starts
+ENGINE_MARK = "OPF_ENGINE_MARK"
 
 #: seconds a step's process group gets between SIGTERM and SIGKILL when it is stopped
 STOP_GRACE = 2.0
@@ -194,6 +200,19 @@ def adopt_orphans() -> bool:
     return _ADOPTING[0]
 
 
+def mark_engine() -> str:
+    """Mark this engine process, and so every process its steps start, with
+    ``OPF_ENGINE_MARK`` (its process id and random digits): should the engine be killed
+    outright, its lifeline ends the processes carrying the mark that left their steps' groups.
+    An engine started by a step of another engine replaces that engine's mark with its own. For
+    an engine process only, before its first step (its lifeline takes the mark when it
+    starts)."""
+    mark = os.environ.get(ENGINE_MARK, "")
+    if not mark.startswith(f"{os.getpid()}-"):
+        mark = os.environ[ENGINE_MARK] = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return mark
+
+
 def children() -> frozenset[int]:
     """This process's children now, where this process adopts orphans (else none: there is
     nothing :func:`end_strays` would do): those of the thread that runs the steps and of the
@@ -318,9 +337,13 @@ def _start_lifeline() -> subprocess.Popen | None:
     env = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
     env.update({k: v for k, v in _ENGINE_ENV.items() if v is not None})
     reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
+    # what this engine's steps carry (mark_engine); not a mark inherited from another engine
+    mark = os.environ.get(ENGINE_MARK, "")
+    mark = mark if mark.startswith(f"{os.getpid()}-") else ""
     try:
         return subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper, "groups"], stdin=subprocess.PIPE,
+            [sys.executable, "-I", "-S", reaper, "groups",
+             *([f"{ENGINE_MARK}={mark}"] if mark else [])], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
             start_new_session=True,
         )
