@@ -31,6 +31,7 @@ from conftest import EngineCluster, engines_on_machines, trace_rows
 
 from opals_dsl.api import compile_file
 from opals_dsl.plan import model
+from opals_dsl.report.analyse import analyse
 from opals_dsl.runtime.steps import THREAD_VARS
 
 
@@ -157,6 +158,32 @@ def test_a_step_sees_its_threads_in_the_environment_and_in_task_threads(one_mach
     assert (out / "called.txt").read_text().split() == ["2"] * 6
     assert set(THREAD_VARS) == {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                 "NUMEXPR_NUM_THREADS", "GDAL_NUM_THREADS"}
+
+
+def test_the_trace_and_report_show_a_threaded_steps_threads_and_the_engines_it_kept_free(
+        one_machine) -> None:
+    path, proc = one_machine
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = trace_rows(path.parent / ".opf")
+    wide = [r for r in rows if r["job"] in ("wide", "called")]
+    assert len(wide) >= 7 * 3
+    for r in wide:  # the machine's other engine was kept free for the whole task
+        assert r["borrowed"] == [1 - r["engine"]], r
+        assert r.get("threads") == (2 if r["kind"] == "exec" else None), r
+    narrow = [r for r in rows if r["job"] == "narrow"]
+    assert narrow and all("borrowed" not in r and "threads" not in r for r in narrow)
+
+    data = analyse(rows)
+    held = {ln["engine"]: ln["held"] for ln in data["lanes"]}
+    lent = {e for r in wide for e in r["borrowed"]}
+    assert sorted(held) == [0, 1] and lent
+    assert {e for e, seconds in held.items() if seconds > 0} == lent
+    busy = sum(ln["busy"] for ln in data["lanes"])
+    wall = data["summary"]["wall"]
+    assert data["idle"] == pytest.approx(max(0.0, 2 * wall - busy - sum(held.values())))
+    report = opf("report", "p.opf", "-o", "r.html", cwd=path.parent)
+    assert report.returncode == 0, report.stderr
+    assert "kept free for steps with threads" in (path.parent / "r.html").read_text()
 
 
 # -- two machines of 2 engines each ------------------------------------------------------------

@@ -30,7 +30,7 @@ def result() -> wire.TaskResult:
     return wire.TaskResult(
         job="dem", task="s1", attempt=1, ok=False, host="h", pid=7, scratch="/tmp",
         trace=(wire.TraceRow("stage:dem", "stage", 1.0, 1.5, "cached"),
-               wire.TraceRow("exec:dem/s1/grid", "exec", 1.5, 2.5, "failed", 0, 3, "exit 3")),
+               wire.TraceRow("exec:dem/s1/grid", "exec", 1.5, 2.5, "failed", 0, 3, "exit 3", 4)),
         failure=wire.Failure("exit", "step grid exited with status 3", "exec:dem/s1/grid",
                              "grid", 3, "/state/logs/dem/s1/grid.log", ("a", "b"), "/tmp/x"),
         bytes_staged=10, shared={"cfg/grid.cfg": [5, 99]},

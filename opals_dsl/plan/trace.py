@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 #: the fields of a trace row, in the order written; a failed node's row also holds
-#: ``returncode`` and ``message``
+#: ``returncode`` and ``message``, an exec node's row of a step with more than one thread
+#: ``threads``, and every row of a task that held engines of its machine besides its own (for
+#: such a step) ``borrowed``, their ids
 TRACE_FIELDS = ("node", "kind", "job", "task", "step", "engine", "machine", "start", "end",
                 "status", "bytes", "attempt")
 #: how many lines of a failed step's log a failure carries

@@ -228,7 +228,7 @@ class TraceRow:
     found complete), ``reused`` (a step a resumed task did not run), ``failed`` or ``timeout``
     (an exec node stopped at its time limit); ``bytes`` what it copied (stages, copy-back) or
     wrote (exec); the failed node's row also holds the failure's ``returncode`` and
-    ``message``."""
+    ``message``; an exec node whose step uses more than one thread holds ``threads``."""
 
     node: str
     kind: str
@@ -238,6 +238,7 @@ class TraceRow:
     bytes: int = 0
     returncode: int | None = None
     message: str | None = None
+    threads: int = 1
 
     def to_wire(self) -> dict[str, Any]:
         row = {"node": self.node, "kind": self.kind, "start": self.start, "end": self.end,
@@ -245,13 +246,15 @@ class TraceRow:
         if self.message is not None:
             row["returncode"] = self.returncode
             row["message"] = self.message
+        if self.threads != 1:
+            row["threads"] = self.threads
         return row
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> TraceRow:
         return cls(str(d["node"]), str(d["kind"]), d["start"], d.get("end"),
                    str(d.get("status") or FAILED), int(d.get("bytes") or 0),
-                   d.get("returncode"), d.get("message"))
+                   d.get("returncode"), d.get("message"), int(d.get("threads") or 1))
 
 
 @dataclass(frozen=True, slots=True)

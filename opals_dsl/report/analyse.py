@@ -92,7 +92,8 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
     outcome = {key: _outcome(t.rows) for key, t in tasks.items()}
     bars = _bars(timed, t0, lane_keys, {k: i for i, k in enumerate(task_keys)}, calls)
     phases, busy, bytes_by_phase = _phases(bars)
-    lanes = _lane_figures(bars, lane_keys)
+    lanes = _lane_figures(bars, lane_keys, timed)
+    held = sum(ln["held"] for ln in lanes)
 
     counts = Counter(outcome.values())
     summary = {
@@ -111,7 +112,8 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
         "pipeline": info.pipeline if info is not None else None,
         "summary": summary,
         "phases": phases,
-        "idle": max(0.0, wall * len(lanes) - busy),
+        "idle": max(0.0, wall * len(lanes) - busy - held),
+        "held": held,
         "jobs": _jobs(jobs_order, task_keys, tasks, outcome, bars),
         "steps": _steps(bars, job_rank),
         "slowest": _slowest(tasks, outcome)[:SLOWEST],
@@ -132,10 +134,20 @@ def _lane_key(r: Row) -> tuple[str, Any]:
     return (str(r.get("machine") or "?"), r.get("engine"))
 
 
+def _borrowed(r: Row) -> list[tuple[str, Any]]:
+    """The lanes a row's task held besides its own (a step with ``threads``)."""
+    borrowed = r.get("borrowed")
+    if not isinstance(borrowed, list):
+        return []
+    return [(str(r.get("machine") or "?"), e) for e in borrowed if isinstance(e, int)]
+
+
 def _lanes(timed: list[Row]) -> list[tuple[str, Any]]:
-    """One lane per engine, grouped by machine (machines by name, engines by id)."""
-    return sorted({_lane_key(r) for r in timed},
-                  key=lambda k: (k[0], k[1] if isinstance(k[1], int) else -1, str(k[1])))
+    """One lane per engine, grouped by machine (machines by name, engines by id); an engine
+    that was only held for another's threaded step too."""
+    keys = {_lane_key(r) for r in timed}
+    keys.update(k for r in timed for k in _borrowed(r))
+    return sorted(keys, key=lambda k: (k[0], k[1] if isinstance(k[1], int) else -1, str(k[1])))
 
 
 def _tasks(rows: list[Row]) -> dict[TaskKey, _TaskRows]:
@@ -207,17 +219,23 @@ def _phases(bars: list[list[Any]]) -> tuple[list[dict[str, Any]], float, list[in
     return phases, busy, nbytes
 
 
-def _lane_figures(bars: list[list[Any]],
-                  lane_keys: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """Busy time and tasks per engine."""
+def _lane_figures(bars: list[list[Any]], lane_keys: list[tuple[str, Any]],
+                  timed: list[Row]) -> list[dict[str, Any]]:
+    """Busy time and tasks per engine, and the time it was held (kept free) for a threaded
+    step of another engine of its machine."""
     busy = [0.0] * len(lane_keys)
+    held = [0.0] * len(lane_keys)
     tasks: list[set[int]] = [set() for _ in lane_keys]
     for b in bars:
         busy[b[_LANE]] += b[_DUR]
         if b[_PHASE] == TASK_STAGE:
             tasks[b[_LANE]].add(b[_TASK])
-    return [{"machine": m, "engine": e, "busy": busy[i], "tasks": len(tasks[i])}
-            for i, (m, e) in enumerate(lane_keys)]
+    lane_of = {k: i for i, k in enumerate(lane_keys)}
+    for r in timed:
+        for key in _borrowed(r):
+            held[lane_of[key]] += max(0.0, r["end"] - r["start"])
+    return [{"machine": m, "engine": e, "busy": busy[i], "held": held[i],
+             "tasks": len(tasks[i])} for i, (m, e) in enumerate(lane_keys)]
 
 
 def _jobs(jobs_order: list[str], task_keys: list[TaskKey], tasks: Mapping[TaskKey, _TaskRows],

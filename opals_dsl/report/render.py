@@ -167,8 +167,11 @@ def _time_parts(data: Mapping[str, Any]) -> dict[str, str]:
     )
     if s["engines"]:
         total = s["wall"] * s["engines"]
+        held = data.get("held") or 0.0
+        kept = (f"{_e(format_duration(held))} kept free for steps with threads, "
+                if held else "")
         sentence += (f" The engines were busy {_pct(busy, total)} of the wall time "
-                     f"({_e(format_duration(data['idle']))} idle).")
+                     f"({kept}{_e(format_duration(data['idle']))} idle).")
     phase_table = _table(
         ["phase", "nodes", "engine time", "share", "bytes"],
         [[f'<span class="sw p{i}"></span>{_e(p["phase"])}', p["nodes"],
@@ -179,10 +182,12 @@ def _time_parts(data: Mapping[str, Any]) -> dict[str, str]:
         numeric=(1, 2, 3, 4),
     )
     lanes_table = _table(
-        ["machine", "engine", "tasks", "busy", "of wall"],
+        ["machine", "engine", "tasks", "busy", "of wall", "kept free for threads"],
         [[_e(ln["machine"]), _e(ln["engine"]), ln["tasks"], _e(format_duration(ln["busy"])),
-          _pct(ln["busy"], s["wall"])] for ln in data["lanes"]],
-        numeric=(1, 2, 3, 4),
+          _pct(ln["busy"], s["wall"]),
+          _e(format_duration(ln["held"])) if ln.get("held") else ""]
+         for ln in data["lanes"]],
+        numeric=(1, 2, 3, 4, 5),
     )
     return {"stack": stack, "sentence": sentence, "phase_table": phase_table,
             "lanes_table": lanes_table}

@@ -433,6 +433,7 @@ class _Task(JobPrephase):
         step = self.step = ex.step
         node = ex.node
         row = self.open_row(node, "exec")
+        row.threads = ex.threads
         log = os.path.join(self.logs, f"{step}.log")
         if not self.logs_ready:
             try:

@@ -446,7 +446,7 @@ class Scheduler:
                 self._task_failed(i, attempt, engine, None, Failure("engine", str(exc)))
                 continue
             if self.trace is not None:
-                self.trace.task_rows(self.tasks[i], attempt, engine, result)
+                self.trace.task_rows(self.tasks[i], attempt, engine, result, batch.borrowed)
             s = self.summary
             s.bytes_staged += result.bytes_staged
             s.bytes_copied += result.bytes_copied

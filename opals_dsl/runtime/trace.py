@@ -55,13 +55,19 @@ class TraceWriter:
 
     # the rows of a task
 
-    def task_rows(self, ref: Task, attempt: int, engine: int, result: TaskResult) -> None:
-        """The rows of a task's nodes as its engine reported them."""
+    def task_rows(self, ref: Task, attempt: int, engine: int, result: TaskResult,
+                  borrowed: tuple[int, ...] = ()) -> None:
+        """The rows of a task's nodes as its engine reported them; ``borrowed``: the engines of
+        its machine it held besides its own (a step with ``threads``), named in every row."""
         machine = result.machine
         for row in result.trace:
             node = row.node
-            extra = {} if row.message is None else {"returncode": row.returncode,
-                                                    "message": row.message}
+            extra: dict[str, Any] = {} if row.message is None else {
+                "returncode": row.returncode, "message": row.message}
+            if row.threads != 1:
+                extra["threads"] = row.threads
+            if borrowed:
+                extra["borrowed"] = list(borrowed)
             self.write({
                 "node": node, "kind": row.kind, "job": ref.job,
                 "task": None if node == ref.machine_stage else ref.task,
