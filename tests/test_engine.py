@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -1169,6 +1170,49 @@ def test_copyback_renames_no_destination_before_every_temporary_is_flushed(
     assert not task.exists()
     assert [d.stat().st_size for d in dests] == [70_000, 5, 300_000]
     assert not [p for d in dests for p in d.parent.iterdir() if is_temp_name(p.name)]
+
+
+def test_a_batch_flushes_each_destination_folder_once_after_its_renames(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: the folders a batch's copy-backs renamed into are each flushed to disk once,
+    after every rename into them and before the batch answers; a folder that cannot be
+    flushed fails exactly the tasks that copied into it."""
+    from opals_dsl.runtime import fsatomic
+    events: list[tuple[str, str]] = []
+    real_rename, real_folder = fsatomic._rename, engine.fsync_folder
+
+    def rename(src: str, dst: str) -> None:
+        events.append(("rename", os.path.dirname(dst)))
+        real_rename(src, dst)
+
+    def flush_folder(folder: str) -> None:
+        events.append(("folder", folder))
+        real_folder(folder)
+
+    monkeypatch.setattr(fsatomic, "_rename", rename)
+    monkeypatch.setattr(engine, "fsync_folder", flush_folder)
+
+    def req(task: str, folder: str) -> dict[str, Any]:
+        return project.request(task, execs=[argv_step(
+            "dem", task, "w", ["python", "-c", "open('o.txt', 'w').write('x')"],
+            outputs=("o.txt",))], copyback=[["o.txt", f"{folder}/{task}.txt"]])
+
+    batch = [req("strip11", "a"), req("strip12", "a"), req("strip13", "b")]
+    results = run_tasks(batch)
+    assert [r["ok"] for r in results] == [True] * 3, results
+    a, b = str(project.root / "a"), str(project.root / "b")
+    assert events == [("rename", a), ("rename", a), ("rename", b), ("folder", a), ("folder", b)]
+
+    def failing(folder: str) -> None:
+        if folder == a:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(engine, "fsync_folder", failing)
+    results = run_tasks(batch)
+    assert [r["ok"] for r in results] == [False, False, True]
+    for r in results[:2]:
+        assert r["failure"]["kind"] == "copyback"
+        assert r["failure"]["message"] == f"cannot flush the folder {a} to disk: Input/output error"
 
 
 def test_copyback_failing_on_one_file_replaces_none_of_the_task_s_destinations(

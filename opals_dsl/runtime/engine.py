@@ -45,13 +45,10 @@ The four phases of a task, each a node of the plan with one row in the result's 
        on the engine's PATH. The folders of the declared outputs (``out x = "sub/f.asc"``) are
        created before the step runs. The environment is the engine's plus ``OPF_TASK``,
        ``OPF_JOB`` and the request's ``run_id`` as ``OPF_RUN_ID``. The step runs in a session
-       (and so a process group) of its own: when it ends, what it left running in its group is
-       killed; when the engine is interrupted while it waits (SIGINT, an engine shutting down)
-       the whole group gets SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds; and the
-       engine's *lifeline* (:mod:`opals_dsl.runtime.reaper`, a small process started with the first
-       step) ends every group still running should the engine die, ``kill -9`` included. A
-       log that cannot be written fails the step with kind ``log``, naming the state folder's
-       disk when it is full. A ``call`` step imports ``package.module`` with the pipeline's
+       of its own; what it started ends with it, when it times out, when the engine is
+       interrupted, and when the engine dies (``kill -9`` included; :mod:`.steps`). A log that
+       cannot be written fails the step with kind ``log``, naming the state folder's disk when
+       it is full. A ``call`` step imports ``package.module`` with the pipeline's
        folder on ``sys.path`` and calls ``function(**kwargs)`` in this process, with the working
        directory, ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 switched to the task
        folder and the log for the duration and restored afterwards, whatever happens. A module
@@ -61,8 +58,9 @@ The four phases of a task, each a node of the plan with one row in the result's 
     4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
        pair is copied with :func:`atomic_copies` (the destination joined with the request's
        ``root``: every temporary written, then all flushed together, then renamed), then the
-       task folder is removed. If anything before failed, nothing is copied back and the task
-       folder is kept for inspection. The result's ``outputs`` gives each
+       task folder is removed; the folders renamed into are flushed once per batch, before its
+       results go back. If anything before failed, nothing is copied back and the task folder is
+       kept for inspection. The result's ``outputs`` gives each
        destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
        the request carries a ``receipt``, a line of JSON — the receipt's record plus
        ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
@@ -85,17 +83,12 @@ Failures
 Atomic copies
     How a destination only ever appears complete, and how a killed writer's temporaries are
     told from a live one's: :mod:`opals_dsl.runtime.fsatomic`.
-
-Strays
-    What a step leaves running outside its process group (``setsid``, a daemon, a ``call``
-    step's processes) is ended when the step ends, where the engine adopts orphans
-    (:func:`opals_dsl.runtime.steps.adopt_orphans`, Linux; done for every ipyparallel engine
-    opf uses).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -122,7 +115,7 @@ from ..plan.wire import (
     TraceRow,
     WireError,
 )
-from .fsatomic import CopyError, atomic_copies, is_temp_name
+from .fsatomic import CopyError, atomic_copies, fsync_folder, is_temp_name
 from .jobfolders import MARKER, JobPrephase
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
@@ -186,15 +179,39 @@ def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     read (another version of opf, say).
     """
     host = socket.gethostname()
-    return [_run_one(request, host).to_wire() for request in batch]
+    ran = [_run_one(request, host) for request in batch]
+    return [result.to_wire() for result in _flush_folders(ran)]
 
 
-def _run_one(data: Any, host: str) -> TaskResult:
+def _run_one(data: Any, host: str) -> tuple[TaskResult, set[str]]:
+    """A task's result, and the folders its copy-back renamed files into (not yet flushed)."""
     try:
         task = _Task(TaskRequest.from_wire(data), host)
     except Exception as exc:  # a request without its essentials still gets an answer
-        return _malformed(data, host, exc)
-    return task.run()
+        return _malformed(data, host, exc), set()
+    return task.run(), task.landed
+
+
+def _flush_folders(ran: list[tuple[TaskResult, set[str]]]) -> list[TaskResult]:
+    """Flush the folders a batch's copy-backs renamed into, each once, before any result goes
+    back: a task counts as done only once its renames are on disk. A folder that cannot be
+    flushed fails the tasks that copied into it."""
+    failed: dict[str, OSError] = {}
+    for folder in sorted(set().union(*(landed for _, landed in ran))):
+        try:
+            fsync_folder(folder)
+        except OSError as exc:
+            failed[folder] = exc
+    results = []
+    for result, landed in ran:
+        bad = sorted(landed & failed.keys())
+        if bad and result.ok:
+            result = dataclasses.replace(result, ok=False, failure=Failure(
+                "copyback", f"cannot flush the folder {bad[0]} to disk: "
+                            f"{os_reason(failed[bad[0]], 'destination')}",
+                node=f"copyback:{result.job}/{result.task}"))
+        results.append(result)
+    return results
 
 
 def _malformed(data: Any, host: str, exc: Exception) -> TaskResult:
@@ -248,6 +265,7 @@ class _Task(JobPrephase):
         self.outputs: dict[str, list[Any]] = {}
         self.checksum = req.checksum
         self.task_lock: tuple[str, int] | None = None
+        self.landed: set[str] = set()  # folders the copy-back renamed into, flushed by the batch
 
     # -- the task --------------------------------------------------------------------------
 
@@ -638,7 +656,7 @@ class _Task(JobPrephase):
         pairs = [(os.path.join(self.task_dir, local), os.path.join(self.root, dest))
                  for local, dest in files]
         try:
-            nbytes = sum(atomic_copies(pairs))
+            nbytes = sum(atomic_copies(pairs, self.landed))
             for (_, dest), (_, dst) in zip(files, pairs, strict=True):
                 st = os.stat(dst)
                 self.outputs[dest] = [st.st_size, st.st_mtime_ns]

@@ -88,7 +88,8 @@ _rename = os.replace
 BATCH = 256
 
 
-def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
+def atomic_copies(pairs: Sequence[tuple[str, str]],
+                  folders: set[str] | None = None) -> list[int]:
     """Copy each ``(src, dst)`` pair as :func:`atomic_copy` does; return the bytes of each.
 
     In three phases, so that one flush phase serves them all: every temporary is written (the
@@ -98,11 +99,18 @@ def atomic_copies(pairs: Sequence[tuple[str, str]]) -> list[int]:
     :class:`CopyError`; the temporaries not yet renamed are removed, so a failure before the
     renames leaves every destination as it was. More than :data:`BATCH` pairs go in turns of
     that many (each turn's destinations are in place before the next turn starts).
+
+    Given ``folders``, the destination folders are added to it instead of being flushed: the
+    caller flushes them (:func:`fsync_folder`), once for the copies of many calls. Until then a
+    crash may undo a rename — leaving the destination as it was before, never incomplete.
     """
     made: set[str] = set()
     sizes: list[int] = []
     for first in range(0, len(pairs), BATCH):
         sizes += _copy_turn(pairs[first:first + BATCH], first, made)
+    if folders is not None:
+        folders.update(made)
+        return sizes
     for folder in sorted(made):
         fsync_folder(folder)
     return sizes
