@@ -263,3 +263,29 @@ def test_a_script_names_each_value_once_and_lists_item_by_item(tmp_path: Path) -
         "/bin/sh", "-c", 'cp "$1" "$1".bak && cat "$2" "$3" "$4""$4" > "$5"', "sh",
         "a b", "d", "e", "c", "words.bin",
     ]
+
+
+@pytest.mark.parametrize("form", ["sh -c", "bash -c"])
+def test_a_script_given_with_dash_c_gets_its_values_as_parameters_too(tmp_path: Path,
+                                                                        form: str) -> None:
+    """Invariant: ``run sh -c "SCRIPT"`` and ``run bash -c "SCRIPT"`` are planned as ``run sh
+    "SCRIPT"`` is (with bash for bash): no value is part of the script the shell parses, so
+    every payload arrives as exactly its text and none runs."""
+    path = tmp_path / "p.opf"
+    path.write_text('param p0 = ""\njob j {\n    step s {\n        out o = "words.bin"\n'
+                    f'        run {form} "printf %s {{p0}} > {{o}}"\n    }}\n}}\n',
+                    encoding="utf-8")
+    program = form.split()[0]
+    for payload in PAYLOADS:
+        loaded = load(path)
+        loaded.params["p0"] = payload
+        argv = plan(loaded).nodes["exec:j/0/s"]["argv"]
+        head = ["bash", "-c"] if program == "bash" else ["/bin/sh", "-c"]
+        assert argv == [*head, 'printf %s "$1" > "$2"', program, payload, "words.bin"]
+        for shell in (BASH, DASH) if program == "sh" else (BASH,):
+            out = tmp_path / "words.bin"
+            out.unlink(missing_ok=True)
+            proc = run_with(shell, ["/bin/sh", *argv[1:3], "sh", *argv[4:]], tmp_path)
+            assert proc.returncode == 0, proc.stderr
+            assert out.read_bytes() == payload.encode()
+            assert not (tmp_path / MARKER).exists(), (shell, payload)

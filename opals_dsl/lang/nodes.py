@@ -198,7 +198,8 @@ class Word:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """``run WORD ...``; ``shell`` is set for ``run sh "script"``, whose script is ``words[1]``.
+    """``run WORD ...``; ``shell`` is set for ``run sh "script"``, ``run sh -c "script"`` and
+    ``run bash -c "script"``, whose script is the last word.
 
     ``shell_problems`` lists, with their places, the mistakes in a shell script that the checker
     reports: a placeholder where its value would not arrive as it is (inside the script's own

@@ -397,7 +397,7 @@ def templates_of_step(step: n.Step) -> Iterable[tuple[n.Ref, bool]]:
         if isinstance(action, n.Run):
             for k, w in enumerate(action.words):
                 parts = w.template.parts
-                if action.shell and k == 1:
+                if action.shell and k == len(action.words) - 1:
                     for j, p in enumerate(parts):
                         if isinstance(p, n.Ref):
                             yield p, _alone_in_script(parts, j)

@@ -279,7 +279,9 @@ class StepCompiler:
             return call
         assert isinstance(action, n.Run)
         if action.shell:
-            return self.compile_script(action.words[1].template, scope, i)
+            program = "".join(p for p in action.words[0].template.parts if isinstance(p, str))
+            return self.compile_script(action.words[-1].template, scope, i,
+                                       ["bash", "-c"] if program == "bash" else ["/bin/sh", "-c"])
 
         words: list[object] = []  # str | list[str] (one word per item) | function -> str
         for w in action.words:
@@ -344,15 +346,18 @@ class StepCompiler:
         return piece
 
     def compile_script(
-        self, tpl: n.Template, scope: Scope, i: int
+        self, tpl: n.Template, scope: Scope, i: int, shell: list[str]
     ) -> Callable[[TaskCtx], tuple[list[str], None]]:
-        """``run sh "SCRIPT"`` as ``["/bin/sh", "-c", SCRIPT', "sh", VALUE...]``.
+        """``run sh "SCRIPT"`` (and ``run sh -c "SCRIPT"``) as ``["/bin/sh", "-c", SCRIPT',
+        "sh", VALUE...]``; ``run bash -c "SCRIPT"`` as ``["bash", "-c", SCRIPT', "bash",
+        VALUE...]`` (``shell``: the first two words).
 
         No value is ever part of the script the shell parses: each placeholder becomes a quoted
         positional parameter, ``"$1"`` or ``"${12}"`` (a list one per item, ``"$3" "$4"``), and
         the values follow the script as the shell's arguments. A name used twice refers to one
         parameter. ``words.shell_places`` says where a placeholder may stand (and the checker
         refuses the rest), so that ``"$1"`` stays one word holding exactly the value."""
+        name = posixpath.basename(shell[0])  # the script's $0
         pieces: list[str | tuple[tuple[str, bool], object]] = []
         places = iter(shell_places(tpl.parts))
         for p in tpl.parts:
@@ -369,11 +374,11 @@ class StepCompiler:
                 concrete = [p if isinstance(p, str) else (p[0], p[1](t) if isinstance(
                     p[1], TaskList) else p[1]) for p in pieces]
                 script, args = _numbered(concrete)
-                return ["/bin/sh", "-c", script, "sh"] + [text_of(a, t) for a in args], None
+                return [*shell, script, name] + [text_of(a, t) for a in args], None
 
             return per_task
         script_text, args = _numbered(pieces)
-        head = ["/bin/sh", "-c", script_text, "sh"]
+        head = [*shell, script_text, name]
         if all(a.__class__ is str for a in args):
             argv = head + args  # type: ignore[operator]
             return lambda t: (list(argv), None)

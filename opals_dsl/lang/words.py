@@ -135,14 +135,22 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
         parsed.append((tpl, starts))
         out.append(Word(tpl, tpl.span))
     span = source.span(start, start + len(line.rstrip()))
-    shell = len(words) == 2 and "".join(words[0][0]) == "sh" and bool(words[1][2]) and all(
-        words[1][2]
-    )
+    shell = bool(words) and _is_shell_script(["".join(chars) for chars, _, _ in words],
+                                             words[-1][2])
     problems: list[tuple[Span | None, str]] = []
     if shell:
-        chars, offsets, _quoted = words[1]
-        problems = _script_problems(source, "".join(chars), offsets, *parsed[1])
+        chars, offsets, _quoted = words[-1]
+        problems = _script_problems(source, "".join(chars), offsets, *parsed[-1])
     return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
+
+
+def _is_shell_script(texts: list[str], last_quoted: list[bool]) -> bool:
+    """Is a run line a shell script in quotes: ``sh "SCRIPT"``, ``sh -c "SCRIPT"`` or
+    ``bash -c "SCRIPT"`` (the script quoted as a whole)?"""
+    if not (last_quoted and all(last_quoted)):
+        return False
+    return (texts[:1] == ["sh"] and len(texts) == 2) or (
+        len(texts) == 3 and texts[1] == "-c" and texts[0] in ("sh", "bash"))
 
 
 def _comment_continued(line: str, i: int, start: int, report: Report) -> None:
