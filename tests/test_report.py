@@ -300,6 +300,23 @@ def test_report_command_from_the_pipeline_file_and_from_the_state_folder(
     assert embedded_data(out3.read_text(encoding="utf-8"))["summary"] == run.data["summary"]
 
 
+def test_a_report_that_cannot_be_written_is_named_and_nothing_else_is_written(
+        run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-file").write_text("in the way")
+    out = tmp_path / "a-file" / "r.html"
+    assert opf_report(str(run.pipeline), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"opf: error: cannot write the report {out}: "), err
+    assert err.rstrip().endswith("; it was not written"), err
+    assert "opf-tmp" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    if os.path.isdir("/proc/self"):  # a folder that is there but takes no files
+        assert opf_report(str(run.pipeline), "-o", "/proc/opf-report.html") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("opf: error: cannot write the report /proc/opf-report.html: ")
+        assert "opf-tmp" not in err, err  # not the name of the temporary it could not create
+
+
 def test_report_command_without_a_trace(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.html"

@@ -34,13 +34,18 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
 
     text = report.page(state_dir, plan)
     out = Path(out_path) if out_path is not None else Path(state_dir) / REPORT_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    target, atomic = output_target(str(out))
-    if atomic:
-        write_atomic(target, text.encode("utf-8"))
-    else:  # a device or pipe: written into, never replaced
-        with open(target, "wb") as fh:
-            fh.write(text.encode("utf-8"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        target, atomic = output_target(str(out))
+        if atomic:
+            write_atomic(target, text.encode("utf-8"))
+        else:  # a device or pipe: written into, never replaced
+            with open(target, "wb") as fh:
+                fh.write(text.encode("utf-8"))
+    except OSError as exc:  # a missing or read-only folder, a full disk, ...
+        before = "is left as it was" if out.exists() else "was not written"
+        raise ReportError(f"cannot write the report {out}: {exc.strerror or exc}; it "
+                          f"{before}") from None
     return out
 
 

@@ -42,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_INTERRUPTED, UsageError
+from ..errors import EXIT_INTERRUPTED, ReportError, UsageError
 from ..plan import model
 from ..runtime import launch_options as launchers
 from ..runtime import session
@@ -244,9 +244,14 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
     if getattr(args, "report", None) is not None and summary.records:
         from .report import write_report
 
-        path = write_report(summary.records, Path(args.report) if args.report else None, plan)
-        if not quiet:
-            print(f"report: {path}")
+        try:
+            path = write_report(summary.records, Path(args.report) if args.report else None,
+                                plan)
+            if not quiet:
+                print(f"report: {path}")
+        except ReportError as exc:  # the run's results stand; the report can be made later
+            print(error_line(f"{exc} (the run's records are kept: opf report writes it "
+                             f"later)"), file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     if summary.no_engines:
