@@ -129,3 +129,18 @@ def test_a_file_finding_is_reported_beside_an_unknown_name_that_stops_the_planne
     assert any("unknown name 'resultz'" in m for m in messages), messages
     assert any(MISSING in m for m in messages), messages
     assert any(CLASH in m for m in messages), messages
+
+
+@pytest.mark.parametrize("command", ["run echo {celll}", "run sh \"echo {celll}\"",
+                                     "call tools.qc:density(cell = celll)"])
+def test_a_missing_input_is_reported_beside_an_unknown_name_in_the_same_step(
+        workspace: Path, command: str) -> None:
+    """The step's command names something unknown: its `in` files are still checked."""
+    path = workspace / "same_step.opf"
+    path.write_text('job k {\n    step u {\n        in "data/nosuch.prj"\n'
+                    f'        {command}\n    }}\n}}\n', encoding="utf-8")
+    with pytest.raises(PipelineError) as caught:
+        compile_file(path)
+    messages = [d.message for d in caught.value.diagnostics]
+    assert any("unknown name 'celll'" in m for m in messages), messages
+    assert "the input file 'data/nosuch.prj' does not exist" in messages, messages

@@ -160,6 +160,8 @@ class StepCompiler:
 
     #: the thread count of the step being compiled (``{task.threads}``)
     step_threads: int = 1
+    #: planning around unknown names, for the diagnostics only (see the planner)
+    lenient: bool = False
 
     def job_template(self, tpl: n.Template, scope: Scope, job: str) -> str:
         empty = TaskCtx(job, "", None, {}, "", "", "")
@@ -407,7 +409,12 @@ class StepCompiler:
             scope.job.source, (n.GlobSource, n.UpstreamSource)
         )
         for r in refs:
-            b = scope.resolve(r, CTX_STEP, i)
+            try:
+                b = scope.resolve(r, CTX_STEP, i)
+            except ResolveError:
+                if not self.lenient:
+                    raise
+                continue  # reported by the checker; the step's other reads are still checked
             if b.kind == "var" and b.attr == "files" and b not in seen:
                 pass  # a tile's files: staged like the loop's file
             elif b.attr is not None or b.kind in ("special", "param") or b in seen:
@@ -425,11 +432,14 @@ class StepCompiler:
                 inputs.append(self.gathered(b))
             else:
                 inputs.append(self.text(b))
-        files = [
-            (self.compile_template(item.item, scope, CTX_STEP, i), item)
-            for item in step.ins
-            if isinstance(item.item, n.Template)
-        ]
+        files = []
+        for item in step.ins:
+            if isinstance(item.item, n.Template):
+                try:
+                    files.append((self.compile_template(item.item, scope, CTX_STEP, i), item))
+                except ResolveError:
+                    if not self.lenient:
+                        raise
         self._file_bindings.extend(seen)  # only once the step's reads all compiled
         return inputs, files
 
