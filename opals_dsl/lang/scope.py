@@ -317,6 +317,18 @@ class Scope:
         """``JOB.STEP.OUT`` of another job: a job's source, or a gather in a step."""
         parts = ref.parts
         head = parts[0]
+        if len(parts) == 1 and head in self.params and step is None:
+            value = self.params[head]
+            if isinstance(value, int) and not isinstance(value, bool):
+                fix = f"for {value} tasks numbered from 0, write range({head})"
+            elif isinstance(value, str):
+                fix = f"for the files its pattern matches, write \"{{{head}}}\""
+            else:
+                items = list(value) if isinstance(value, list | tuple) else []
+                shown = [_literal(v) for v in items[:3]] + (["..."] if len(items) > 3 else [])
+                fix = f"write its values as the job's list, [{', '.join(shown) or '...'}]"
+            raise ResolveError(f"'{head}' is a param, and a job cannot loop over a param "
+                               f"itself; {fix}")
         if len(parts) != 3 or head not in self.jobs:
             raise self.unknown(
                 ref, ctx, step,
@@ -442,6 +454,15 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
             if b.kind == "gather" and not graph.has_edge(b.job, job.name.value):
                 graph.add_edge(b.job, job.name.value, ref=ref)
     return graph
+
+
+def _literal(value: object) -> str:
+    """A param's value as the pipeline language writes it in a list."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _special(ref: n.Ref, allow_task: bool, in_step: bool = True) -> Binding:
