@@ -127,9 +127,9 @@ class _UnknownName(ResolveError):
     def message(self) -> str:  # type: ignore[override]
         if self._message is None:
             scope, ref, ctx, step, what = self._find
-            close = None
+            close = scope.earlier_output(ref, ctx, step)
             table = scope.table
-            if table.hints_left > 0 and table.hint_work > 0:
+            if close is None and table.hints_left > 0 and table.hint_work > 0:
                 table.hints_left -= 1
                 candidates = scope._candidates_of(ref, ctx, step)
                 table.hint_work -= len(candidates)
@@ -231,6 +231,16 @@ class Scope:
                 s = self.job.steps[i].name.value
                 names += [f"{s}.{o}" for o in self.step_outs[i]]
         return names
+
+    def earlier_output(self, ref: n.Ref, ctx: str, step: int | None) -> str | None:
+        """``STEP.OUT`` for a bare ``OUT`` that an earlier step of this job declares (the
+        latest such step): what a step writes to use another step's output."""
+        if ctx != CTX_STEP or step is None or len(ref.parts) != 1:
+            return None
+        for i in range(step - 1, -1, -1):
+            if ref.parts[0] in self.step_outs[i]:
+                return f"{self.job.steps[i].name.value}.{ref.parts[0]}"
+        return None
 
     def unknown(self, ref: n.Ref, ctx: str, step: int | None, what: str) -> ResolveError:
         return _UnknownName(self, ref, ctx, step, what)
