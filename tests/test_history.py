@@ -109,6 +109,27 @@ def test_two_pipelines_in_one_folder_keep_their_own_records(tmp_path, capsys, mo
     assert status == 2 and "holds the runs of 2 pipelines (strips, tiles)" in err
 
 
+def test_runs_lists_the_runs_of_a_pipeline_file_that_no_longer_parses(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A file being edited (a syntax error anywhere after its pipeline line, or a file
+    without one) still shows its runs; a broken pipeline line itself is the syntax error."""
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).done == 3
+    text = tiles.read_text()
+    tiles.write_text(text.replace("step make {", "step make {{"))
+    status, out, err = opf(capsys, "runs", "tiles.opf")
+    assert status == 0, err
+    assert out.splitlines()[1].split()[-5:] == ["3", "3", "0", "0", "done"]
+    # no pipeline line: the file's stem names the records
+    tiles.write_text(text.replace("pipeline tiles\n", "").replace("step make {", "stp make {"))
+    status, out, err = opf(capsys, "runs", "tiles.opf")
+    assert status == 0 and out.splitlines()[1].split()[-1] == "done", err
+    tiles.write_text(text.replace("pipeline tiles", "pipeline tiles!"))
+    status, _, err = opf(capsys, "runs", "tiles.opf")
+    assert status == 2 and "tiles.opf:" in err and "Traceback" not in err
+
+
 def test_report_where_nothing_ran_names_the_pipeline_and_the_folder(tmp_path, capsys,
                                                                      monkeypatch):
     tiles, _ = two_pipelines(tmp_path)

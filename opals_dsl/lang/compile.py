@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,30 @@ def pipeline_name(path: str | Path) -> str:
         tree = parse(source)
     except OpfSyntaxError as exc:
         tree = getattr(exc, "pipeline", None)
-        if tree is None:
-            raise
+        if tree is None:  # a file that does not parse still names its pipeline first
+            name = _first_statement_name(source.text)
+            if name is None:
+                raise
+            return name or path.stem
     return tree.name.value if tree.name else path.stem
+
+
+_PIPELINE_LINE = re.compile(r"pipeline[ \t]+([A-Za-z_][A-Za-z0-9_]*)[ \t]*(#.*)?")
+
+
+def _first_statement_name(text: str) -> str | None:
+    """The name in a file's first statement if it is ``pipeline NAME``, "" if the first
+    statement is another (no name: the file's stem), None if it starts as ``pipeline`` but
+    is not one (the name cannot be told)."""
+    for line in text.lstrip("\ufeff").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _PIPELINE_LINE.fullmatch(line)
+        if match is not None:
+            return match.group(1)
+        return None if line.split(None, 1)[0] == "pipeline" else ""
+    return ""
 
 
 def load(path: str | Path, params: Mapping[str, object] | None = None, *,
