@@ -556,3 +556,24 @@ def test_the_same_pipeline_with_other_spacing_is_an_equal_tree():
     assert a == b
     assert a.jobs[0].span != b.jobs[0].span  # equal although written elsewhere
     assert tree(tight.replace('"r" flat', '"r"')) != a  # and a real difference shows
+
+
+@pytest.mark.parametrize("text, meant", [
+    ("jb j {\n}\n", "job"),
+    ("parm cell = 1\n", "param"),
+    ("job j {\n    sharde tool = \"t.py\"\n}\n", "shared"),
+    ("job j {\n    outptu \"results\" flat\n}\n", "output"),
+    ("job j {\n    step s {\n        rn echo hi\n    }\n}\n", "run"),
+    ("job j {\n    step s {\n        otu o = \"x\"\n        run echo {o}\n    }\n}\n", "out"),
+])
+def test_a_misspelt_keyword_is_answered_with_the_keyword_meant(text: str, meant: str):
+    with pytest.raises(OpfSyntaxError) as caught:
+        parse(SourceFile("t.opf", text))
+    [message] = [d.message for d in caught.value.diagnostics]
+    assert message.endswith(f"; did you mean '{meant}'?"), message
+
+
+def test_a_word_far_from_every_keyword_gets_no_guess():
+    with pytest.raises(OpfSyntaxError) as caught:
+        parse(SourceFile("t.opf", "job j {\n    zebra 1\n}\n"))
+    assert "did you mean" not in caught.value.diagnostics[0].message

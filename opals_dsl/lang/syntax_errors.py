@@ -22,6 +22,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 from ..errors import Diagnostic
 from ..source import SourceFile, Span
 from .nodes import RESERVED, SOFT_KEYWORDS
+from .scope import closest
 
 _WORDS = {
     "NAME": "a name",
@@ -291,8 +292,14 @@ def _top_statement(value: str, got: str, tok: Token) -> str:
         return f"'{value}' lines belong inside a step of a job: step NAME {{ ... }}"
     return (
         f"unexpected {got}: a pipeline file holds 'pipeline', 'param' and 'job' statements, "
-        "one per line"
+        f"one per line{_meant(value, ('pipeline', 'param', 'job'))}"
     )
+
+
+def _meant(value: str, words: tuple[str, ...]) -> str:
+    """``; did you mean 'WORD'?`` for a misspelt keyword of ``words``, else ""."""
+    close = closest(value, words) if value.isidentifier() else None
+    return f"; did you mean '{close}'?" if close else ""
 
 
 def _job_statement(value: str, got: str, opener: Token | None) -> str:
@@ -306,6 +313,7 @@ def _job_statement(value: str, got: str, opener: Token | None) -> str:
     return (
         f"unexpected {got} in a job: a job holds 'shared', 'output', 'retries', 'threads', "
         "'timeout' and 'step' lines, and ends with '}' on a line of its own"
+        + _meant(value, ("shared", "output", "retries", "threads", "timeout", "step"))
     )
 
 
@@ -323,6 +331,7 @@ def _step_statement(value: str, got: str, opener: Token | None) -> str:
     return (
         f"unexpected {got} in a step: a step holds 'out', 'in', 'threads' and 'timeout' lines "
         "and one 'run' or 'call' line, and ends with '}' on a line of its own"
+        + _meant(value, ("out", "in", "threads", "timeout", "run", "call"))
     )
 
 
