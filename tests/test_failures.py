@@ -180,7 +180,7 @@ def test_retries_from_the_job_or_the_command_line(cluster, tmp_path, written, op
         assert sorted(p.name for p in marks.iterdir()) == ["s1", "s2"]
     else:
         assert proc.returncode == 1
-        assert "FAILED work/s" in proc.stderr and "exit status: 5" in proc.stderr
+        assert "FAILED work/s" in proc.stderr and "step flaky exited with status 5" in proc.stderr
         assert "| first attempt fails" in proc.stderr
         assert "retrying" not in proc.stderr
         assert summary_value(proc.stdout, "retried") == "0"
@@ -329,7 +329,7 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
     err = proc.stderr
     assert proc.returncode == 1, err
     assert "program 'opf-no-such-program-q7' of step go was not found on the engine's PATH" in err
-    assert "FAILED exits/s2: step go\n  step go exited with status 3\n  exit status: 3" in err
+    assert "FAILED exits/s2: step go\n  step go exited with status 3\n  engine: " in err
     assert "    | the input was unreadable" in err
     assert "step go finished but did not write s1.a" in err
     assert (f"cannot copy s1.a back to {folder / 'blocked' / 'blocked' / 's1.a'}: "

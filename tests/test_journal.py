@@ -286,6 +286,19 @@ def test_checksum_tells_a_touched_file_from_a_changed_one(tmp_path):
     assert decisions(path, state, checksum=True)["up/s1"] == "input changed: data/s1.txt"
 
 
+def test_checksum_after_a_run_without_it_says_why_a_touched_file_counts_as_changed(tmp_path):
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    run(path, state, scratch)  # no hashes recorded
+    s1 = path.parent / "data" / "s1.txt"
+    st = s1.stat()
+    os.utime(s1, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched, not changed
+    assert decisions(path, state, checksum=True)["up/s1"] == (
+        "input changed: data/s1.txt (its time; the run that recorded it ran without "
+        "--checksum, so there is no content hash to compare)")
+    assert decisions(path, state)["up/s1"] == "input changed: data/s1.txt"
+
+
 # -- the file ---------------------------------------------------------------------------------
 
 

@@ -283,7 +283,7 @@ def test_cli_failing_step_exits_1_and_reports_it(cluster, tmp_path):
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr
     assert "FAILED work/s2: step convert" in err
-    assert "exit status: 3" in err
+    assert "exited with status 3" in err and "exit status:" not in err
     assert "| the input was unreadable" in err
     log = last_run(state) / "logs" / "work" / "s2" / "convert.log"
     assert f"full log: {log}" in err

@@ -72,9 +72,7 @@ def failure_report(task: Task, failure: TaskFailure) -> str:
     attempts = failure.attempt + 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     lines = [f"FAILED {task.name}: {where}{tries}"]
-    lines.append(f"  {printable(failure.message)}")
-    if failure.returncode is not None and failure.kind == "exit":
-        lines.append(f"  exit status: {failure.returncode}")
+    lines.append(f"  {printable(failure.message)}")  # an exit status is told here
     if failure.engine is not None:
         machine = f" ({failure.machine})" if failure.machine else ""
         lines.append(f"  engine: {failure.engine}{machine}")
