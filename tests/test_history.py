@@ -146,6 +146,21 @@ def test_report_where_nothing_ran_names_the_pipeline_and_the_folder(tmp_path, ca
     assert status == 0
 
 
+def test_clean_keeps_the_last_runs_that_did_work(tmp_path, capsys, monkeypatch):
+    """Runs with nothing to do do not push the runs that did work out of --keep."""
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).done == 3
+    assert run(tiles, force=True).done == 3
+    for _ in range(2):
+        assert run(tiles).skipped == 3
+    runs = tmp_path / ".opf" / "runs" / "tiles"
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "2")
+    assert status == 0
+    assert out.splitlines() == [f"removed records of run 3 (unchanged): {runs / '3'}"]
+    assert sorted(p.name for p in runs.iterdir()) == ["1", "2", "4"]
+
+
 def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypatch):
     tiles, strips = two_pipelines(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser, *, clean: bool) -> None:
     if not clean:
         return
     p.add_argument("--keep", type=int, default=5, metavar="K",
-                   help="keep the records of the last K runs (default: 5) and always those "
-                   "of the last run that did work")
+                   help="keep the records of the last K runs that did work (default: 5) and "
+                   "of the last run; runs that had nothing to do or never started count for "
+                   "none")
     p.add_argument("--scratch-folder", action="store_true",
                    help="also remove the pipeline's scratch folder on this machine (job "
                    "folders, task folders kept after failures): every checkout that runs a "

@@ -148,9 +148,13 @@ def pick(found: list[PastRun], number: int | None = None) -> PastRun | None:
 
 
 def prunable(found: list[PastRun], keep: int) -> list[PastRun]:
-    """The runs ``opf clean --keep KEEP`` removes: all but the last ``keep``, the last run that
-    did work (what ``opf report`` shows) and any run still going on."""
-    spared = {r.number for r in found[len(found) - keep:]} if keep > 0 else set()
+    """The runs ``opf clean --keep KEEP`` removes: all but the last ``keep`` runs that did work
+    (what ``opf report`` shows; a run with nothing to do, or one that never got to run, counts
+    for none) and, when ``keep`` > 0, the last run of all; never a run still going on."""
+    worked = [r for r in found if r.did_work]
+    spared = {r.number for r in worked[len(worked) - keep:]} if keep > 0 else set()
+    if keep > 0 and found:
+        spared.add(found[-1].number)
     last = pick(found)
     if last is not None:
         spared.add(last.number)
