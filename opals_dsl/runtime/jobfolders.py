@@ -38,7 +38,7 @@ import re
 
 from ..plan.wire import Stage
 from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
-from .locks import remove_abandoned
+from .locks import remove_abandoned, unheld
 from .paths import inside, is_component, os_reason, remove_tree
 
 #: the file in a job folder that says its shared files are complete, and for which file set
@@ -77,34 +77,23 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
     """Remove the job folders in ``jobs_dir`` (other than ``keep``) that no engine uses: each
     one whose lock can be taken exclusively at once; return the removed folders."""
     try:
-        names = sorted(os.listdir(jobs_dir))
+        names = sorted(name for name in os.listdir(jobs_dir)
+                       if (m := _KEY_LOCK_RE.match(name)) and m.group(1) != keep)
     except OSError:
         return []
     removed = []
-    for name in names:
-        match = _KEY_LOCK_RE.match(name)
-        if match is None or match.group(1) == keep:
-            continue
-        path = os.path.join(jobs_dir, name)
+    for path in unheld(jobs_dir, names):
+        key = _KEY_LOCK_RE.match(os.path.basename(path)).group(1)  # type: ignore[union-attr]
+        folder = os.path.join(jobs_dir, key)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not same_file(path, fd):
-                continue
-            folder = os.path.join(jobs_dir, match.group(1))
             with contextlib.suppress(FileNotFoundError):  # first: it no longer looks complete
                 os.unlink(os.path.join(folder, MARKER))
             remove_tree(folder)
-            remove_tree(os.path.join(jobs_dir, f".{match.group(1)}.tasks"))
+            remove_tree(os.path.join(jobs_dir, f".{key}.tasks"))
             os.unlink(path)
-            removed.append(folder)
-        except OSError:  # in use (or it cannot be locked, or removed): leave it
+        except OSError:  # it cannot be removed: leave it
             continue
-        finally:
-            os.close(fd)
+        removed.append(folder)
     return removed
 
 

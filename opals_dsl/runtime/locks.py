@@ -14,7 +14,9 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterable, Iterator
 
+from .fsatomic import same_file
 from .paths import is_component, remove_tree
 
 #: seconds a task waits for its task folder's lock while the holder is a stopped process
@@ -111,6 +113,28 @@ def unlock(path: str, fd: int) -> None:
     os.close(fd)
 
 
+def unheld(folder: str, names: Iterable[str]) -> Iterator[str]:
+    """The lock files ``folder/NAME`` (for each of ``names``) that nobody holds, each yielded
+    while this process holds it exclusively and let go once the caller goes on: the caller
+    removes what the lock guards, then the lock file. One that another process holds, or that
+    is gone or replaced meanwhile, is skipped."""
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: in use
+                continue
+            if same_file(path, fd):
+                yield path
+        finally:
+            os.close(fd)
+
+
 def remove_abandoned(locks: str, folders: str) -> list[str]:
     """Remove the task folders of ``folders`` whose lock file in ``locks`` nobody holds; return
     their names.
@@ -123,27 +147,16 @@ def remove_abandoned(locks: str, folders: str) -> list[str]:
     lock file: one kept after a failure.
     """
     try:
-        names = sorted(os.listdir(locks))
+        names = sorted(name for name in os.listdir(locks) if is_component(name))
     except OSError:
         return []
     removed = []
-    for name in names:
-        if not is_component(name):
-            continue
-        path = os.path.join(locks, name)
+    for path in unheld(locks, names):
+        name = os.path.basename(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                continue
             remove_tree(os.path.join(folders, name))
             os.unlink(path)
-            removed.append(name)
-        except OSError:  # held (a task runs), or it cannot be removed: leave it
+        except OSError:  # it cannot be removed: leave it
             continue
-        finally:
-            os.close(fd)
+        removed.append(name)
     return removed
