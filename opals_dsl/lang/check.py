@@ -45,6 +45,7 @@ from .scope import (
     JobTable,
     ResolveError,
     Scope,
+    as_written,
     closest,
     job_dependencies,
     templates_of_step,
@@ -96,7 +97,7 @@ def param_values(
             checker.error(
                 None,
                 f"--param {name}={shown}: {exc} (the default of '{name}' is "
-                f"{_show(values[name])})",
+                f"{as_written(values[name])})",
             )
     return values
 
@@ -281,17 +282,6 @@ def is_list_binding(b: Binding, params: Mapping[str, object]) -> bool:
     return b.kind == "param" and b.attr is None and isinstance(params.get(b.name), tuple)
 
 
-def _show(value: object) -> str:
-    """A value as it is written in a pipeline file."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    return repr(value)
-
-
 def _whole_number(
     c: Checker, params: Mapping[str, object], b: Binding | None, v: n.Value, what: str,
     minimum: int | None = None,
@@ -305,10 +295,10 @@ def _whole_number(
             c.error(v.span, f"{what} takes {need}, or a parameter holding one")
             return
         value = params.get(b.name)
-        shown = f"but parameter '{b.name}' is {_show(value)}"
+        shown = f"but parameter '{b.name}' is {as_written(value)}"
     else:
         value = v.value
-        shown = f"not {_show(value)}"
+        shown = f"not {as_written(value)}"
     if isinstance(value, bool) or not isinstance(value, int):
         c.error(v.span, f"{what} takes {need}, {shown}")
     elif minimum is not None and value < minimum:
@@ -435,9 +425,9 @@ def _check_tiles_numbers(src: n.TilesSource, params: Mapping[str, object], c: Ch
         else:
             value, shown = v.value, "not"
         if isinstance(value, bool) or not isinstance(value, int | float):
-            c.error(v.span, f"{what} takes {need}, {shown} {_show(value)}")
+            c.error(v.span, f"{what} takes {need}, {shown} {as_written(value)}")
         elif (positive and value <= 0) or (zero and value < 0):
-            c.error(v.span, f"{what} takes {need}, {shown} {_show(value)}")
+            c.error(v.span, f"{what} takes {need}, {shown} {as_written(value)}")
 
     if src.size is not None:
         number(src.size, "the size of tiles(...)", positive=True)

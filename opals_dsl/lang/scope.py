@@ -335,7 +335,7 @@ class Scope:
                 fix = f"for the files its pattern matches, write \"{{{head}}}\""
             else:
                 items = list(value) if isinstance(value, list | tuple) else []
-                shown = [_literal(v) for v in items[:3]] + (["..."] if len(items) > 3 else [])
+                shown = [as_written(v) for v in items[:3]] + (["..."] if len(items) > 3 else [])
                 fix = f"write its values as the job's list, [{', '.join(shown) or '...'}]"
             raise ResolveError(f"'{head}' is a param, and a job cannot loop over a param "
                                f"itself; {fix}")
@@ -466,13 +466,15 @@ def job_dependencies(pipeline: n.Pipeline, params: Mapping[str, object]) -> nx.D
     return graph
 
 
-def _literal(value: object) -> str:
-    """A param's value as the pipeline language writes it in a list."""
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def as_written(value: object) -> str:
+    """A value as it is written in a pipeline file."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    return repr(value)
 
 
 def _special(ref: n.Ref, allow_task: bool, in_step: bool = True) -> Binding:
