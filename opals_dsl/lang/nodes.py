@@ -198,8 +198,9 @@ class Word:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """``run WORD ...``; ``shell`` is set for ``run sh "script"``, ``run sh -c "script"`` and
-    ``run bash -c "script"``, whose script is the last word.
+    """``run WORD ...``; ``shell`` names the shell (``sh`` or ``bash``) of ``run sh "script"``,
+    ``run sh -c "script"`` and ``run bash -c "script"``, whose script is the last word ("" for
+    any other run line).
 
     ``shell_problems`` lists, with their places, the mistakes in a shell script that the checker
     reports: a placeholder where its value would not arrive as it is (inside the script's own
@@ -207,7 +208,7 @@ class Run:
     """
 
     words: tuple[Word, ...]
-    shell: bool = False
+    shell: str = ""
     shell_problems: tuple[tuple[Span | None, str], ...] = field(default=(), compare=False)
     span: Span | None = _SPAN
 

@@ -281,9 +281,9 @@ class StepCompiler:
             return call
         assert isinstance(action, n.Run)
         if action.shell:
-            program = "".join(p for p in action.words[0].template.parts if isinstance(p, str))
             return self.compile_script(action.words[-1].template, scope, i,
-                                       ["bash", "-c"] if program == "bash" else ["/bin/sh", "-c"])
+                                       ["bash", "-c"] if action.shell == "bash" else
+                                       ["/bin/sh", "-c"])
 
         words: list[object] = []  # str | list[str] (one word per item) | function -> str
         for w in action.words:

@@ -135,8 +135,7 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
         parsed.append((tpl, starts))
         out.append(Word(tpl, tpl.span))
     span = source.span(start, start + len(line.rstrip()))
-    shell = bool(words) and _is_shell_script(["".join(chars) for chars, _, _ in words],
-                                             words[-1][2])
+    shell = _shell_of(["".join(chars) for chars, _, _ in words], words[-1][2]) if words else ""
     problems: list[tuple[Span | None, str]] = []
     if shell:
         chars, offsets, _quoted = words[-1]
@@ -144,13 +143,15 @@ def split_run_line(source: SourceFile, line: str, start: int, report: Report) ->
     return Run(tuple(out), shell=shell, shell_problems=tuple(problems), span=span)
 
 
-def _is_shell_script(texts: list[str], last_quoted: list[bool]) -> bool:
-    """Is a run line a shell script in quotes: ``sh "SCRIPT"``, ``sh -c "SCRIPT"`` or
-    ``bash -c "SCRIPT"`` (the script quoted as a whole)?"""
+def _shell_of(texts: list[str], last_quoted: list[bool]) -> str:
+    """The shell of a run line that is a shell script in quotes — ``sh "SCRIPT"``, ``sh -c
+    "SCRIPT"`` or ``bash -c "SCRIPT"``, the script quoted as a whole —, else ""."""
     if not (last_quoted and all(last_quoted)):
-        return False
-    return (texts[:1] == ["sh"] and len(texts) == 2) or (
-        len(texts) == 3 and texts[1] == "-c" and texts[0] in ("sh", "bash"))
+        return ""
+    if (texts[:1] == ["sh"] and len(texts) == 2) or (
+            len(texts) == 3 and texts[1] == "-c" and texts[0] in ("sh", "bash")):
+        return texts[0]
+    return ""
 
 
 def _comment_continued(line: str, i: int, start: int, report: Report) -> None:
