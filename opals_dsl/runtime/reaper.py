@@ -74,27 +74,34 @@ def _follow(take: Callable[[bytes], None]) -> bool:
 
 def end_groups(groups: Iterable[int], grace: float = GRACE) -> None:
     """SIGTERM (and SIGCONT) to each process group, SIGKILL to what is left after ``grace``."""
-    alive = set()
-    for pgid in groups:
-        if pgid <= 1 or pgid == os.getpgrp():
-            continue
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            os.killpg(pgid, signal.SIGCONT)
-            alive.add(pgid)
-        except (ProcessLookupError, PermissionError):
-            continue
+    def left(pgids: list[int]) -> list[int]:
+        return [pgid for pgid in pgids if _signalled(os.killpg, pgid, 0)]
+
+    _end([g for g in groups if g > 1 and g != os.getpgrp()], os.killpg, left, grace)
+
+
+def _end(targets: list[int], send: Callable[[int, int], None],
+         left: Callable[[list[int]], list[int]], grace: float) -> None:
+    """SIGTERM and SIGCONT (so that a stopped one sees it) to each of ``targets`` with
+    ``send`` (``os.kill`` or ``os.killpg``), then SIGKILL to those that ``left`` still finds
+    after ``grace`` seconds."""
+    sent = [t for t in targets
+            if _signalled(send, t, signal.SIGTERM) and _signalled(send, t, signal.SIGCONT)]
     deadline = time.monotonic() + grace
-    while alive and time.monotonic() < deadline:
+    while sent and time.monotonic() < deadline:
         time.sleep(0.05)
-        for pgid in list(alive):
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                alive.discard(pgid)
-    for pgid in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+        sent = left(sent)
+    for target in sent:
+        _signalled(send, target, signal.SIGKILL)
+
+
+def _signalled(send: Callable[[int, int], None], target: int, sig: int) -> bool:
+    """Send ``sig`` to ``target``; False if it is gone (or not this user's)."""
+    try:
+        send(target, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def marked_pids(name: str, value: str, among: Iterable[int] | None = None) -> list[int]:
@@ -125,18 +132,7 @@ def end_marked(name: str, value: str, grace: float = GRACE) -> list[int]:
     """SIGTERM (and SIGCONT) to every process marked ``name=value``, SIGKILL to those still
     marked after ``grace`` seconds; their process ids."""
     pids = marked_pids(name, value)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-            os.kill(pid, signal.SIGCONT)
-    deadline = time.monotonic() + grace
-    left = pids
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = marked_pids(name, value, left)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    _end(pids, os.kill, lambda left: marked_pids(name, value, left), grace)
     return pids
 
 

@@ -207,10 +207,17 @@ def mark_engine() -> str:
     An engine started by a step of another engine replaces that engine's mark with its own. For
     an engine process only, before its first step (its lifeline takes the mark when it
     starts)."""
-    mark = os.environ.get(ENGINE_MARK, "")
-    if not mark.startswith(f"{os.getpid()}-"):
+    mark = _own_mark()
+    if not mark:
         mark = os.environ[ENGINE_MARK] = f"{os.getpid()}-{secrets.token_hex(4)}"
     return mark
+
+
+def _own_mark() -> str:
+    """This process's engine mark (:func:`mark_engine`); "" if it has none, or only one
+    inherited from another engine."""
+    mark = os.environ.get(ENGINE_MARK, "")
+    return mark if mark.startswith(f"{os.getpid()}-") else ""
 
 
 def children() -> frozenset[int]:
@@ -337,9 +344,7 @@ def _start_lifeline() -> subprocess.Popen | None:
     env = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
     env.update({k: v for k, v in _ENGINE_ENV.items() if v is not None})
     reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
-    # what this engine's steps carry (mark_engine); not a mark inherited from another engine
-    mark = os.environ.get(ENGINE_MARK, "")
-    mark = mark if mark.startswith(f"{os.getpid()}-") else ""
+    mark = _own_mark()  # what this engine's steps carry
     try:
         return subprocess.Popen(
             [sys.executable, "-I", "-S", reaper, "groups",
