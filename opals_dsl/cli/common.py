@@ -4,6 +4,7 @@ the words of an error or warning line."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +16,8 @@ from ..lang.protect import default_state_dir
 if TYPE_CHECKING:  # imported when a pipeline is compiled (`opf run` starts its cluster meanwhile)
     import networkx as nx
 
-__all__ = ["add_only", "add_strict", "error_line", "only", "parse_params", "show_warnings",
-           "state_dir", "state_of", "warning_line"]
+__all__ = ["add_only", "add_strict", "error_line", "not_written", "only", "parse_params",
+           "show_warnings", "state_dir", "state_of", "warning_line"]
 
 
 def add_strict(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,13 @@ def show_warnings(warnings: Sequence[Diagnostic]) -> None:
 def warning_line(message: str) -> str:
     """A message as the command line shows a warning."""
     return f"opf: warning: {message}"
+
+
+def not_written(what: str, path: str | Path, exc: OSError) -> str:
+    """Why ``what`` (``-o``'s path, "the report ...") could not be written, and whether
+    ``path`` is left as it was or was not written at all."""
+    before = "is left as it was" if os.path.exists(path) else "was not written"
+    return f"cannot write {what}: {exc.strerror or exc}; it {before}"
 
 
 def parse_params(items: list[str] | None) -> dict[str, str]:

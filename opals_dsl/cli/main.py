@@ -34,6 +34,7 @@ from .common import (
     add_only,
     add_strict,
     error_line,
+    not_written,
     only,
     parse_params,
     show_warnings,
@@ -178,8 +179,7 @@ def _output(output: str | None, whole: bool = False) -> Iterator[TextIO]:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:  # a missing folder, no permission, a full disk, ...
-        before = "is left as it was" if os.path.exists(target) else "was not written"
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}; it {before}") from None
+        raise UsageError(not_written(output, target, exc)) from None
 
 
 #: how much of a result :func:`_output` holds in memory before it goes to a temporary file

@@ -19,7 +19,7 @@ from ..lang.protect import STATE_FOLDER
 from ..plan.trace import REPORT_FILE, RUNS_FOLDER, TRACE_FILE
 from ..runtime import history
 from ..runtime.fsatomic import output_target, write_atomic
-from .common import parse_params, state_dir
+from .common import not_written, parse_params, state_dir
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -43,9 +43,7 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
             with open(target, "wb") as fh:
                 fh.write(text.encode("utf-8"))
     except OSError as exc:  # a missing or read-only folder, a full disk, ...
-        before = "is left as it was" if out.exists() else "was not written"
-        raise ReportError(f"cannot write the report {out}: {exc.strerror or exc}; it "
-                          f"{before}") from None
+        raise ReportError(not_written(f"the report {out}", out, exc)) from None
     return out
 
 
