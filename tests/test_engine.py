@@ -1176,10 +1176,11 @@ def test_a_batch_flushes_each_destination_folder_once_after_its_renames(
         project: Project, monkeypatch: pytest.MonkeyPatch):
     """Invariant: the folders a batch's copy-backs renamed into are each flushed to disk once,
     after every rename into them and before the batch answers; a folder that cannot be
-    flushed fails exactly the tasks that copied into it."""
-    from opals_dsl.runtime import fsatomic
+    flushed fails exactly the tasks that copied into it (their copy-back rows too), and only
+    the tasks whose results are on disk get a receipt."""
+    from opals_dsl.runtime import fsatomic, landing
     events: list[tuple[str, str]] = []
-    real_rename, real_folder = fsatomic._rename, engine.fsync_folder
+    real_rename, real_folder = fsatomic._rename, landing.fsync_folder
 
     def rename(src: str, dst: str) -> None:
         events.append(("rename", os.path.dirname(dst)))
@@ -1190,29 +1191,43 @@ def test_a_batch_flushes_each_destination_folder_once_after_its_renames(
         real_folder(folder)
 
     monkeypatch.setattr(fsatomic, "_rename", rename)
-    monkeypatch.setattr(engine, "fsync_folder", flush_folder)
+    monkeypatch.setattr(landing, "fsync_folder", flush_folder)
+    receipts = project.root / "receipts"
 
-    def req(task: str, folder: str) -> dict[str, Any]:
-        return project.request(task, execs=[argv_step(
+    def req(task: str, folder: str, run: str) -> dict[str, Any]:
+        data = project.request(task, execs=[argv_step(
             "dem", task, "w", ["python", "-c", "open('o.txt', 'w').write('x')"],
             outputs=("o.txt",))], copyback=[["o.txt", f"{folder}/{task}.txt"]])
+        data["receipt"] = {"folder": str(receipts), "run": run, "record": {"task": task}}
+        return data
 
-    batch = [req("strip11", "a"), req("strip12", "a"), req("strip13", "b")]
+    def receipted(run: str) -> list[str]:
+        return [json.loads(line)["task"] for path in sorted(receipts.glob(f"{run}-*"))
+                for line in path.read_text().splitlines()]
+
+    batch = [req("strip11", "a", "one"), req("strip12", "a", "one"), req("strip13", "b", "one")]
     results = run_tasks(batch)
     assert [r["ok"] for r in results] == [True] * 3, results
     a, b = str(project.root / "a"), str(project.root / "b")
     assert events == [("rename", a), ("rename", a), ("rename", b), ("folder", a), ("folder", b)]
+    assert receipted("one") == ["strip11", "strip12", "strip13"]
 
     def failing(folder: str) -> None:
         if folder == a:
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(engine, "fsync_folder", failing)
+    monkeypatch.setattr(landing, "fsync_folder", failing)
+    batch = [req("strip11", "a", "two"), req("strip12", "a", "two"), req("strip13", "b", "two")]
     results = run_tasks(batch)
     assert [r["ok"] for r in results] == [False, False, True]
+    message = f"cannot flush the folder {a} to disk: Input/output error"
     for r in results[:2]:
         assert r["failure"]["kind"] == "copyback"
-        assert r["failure"]["message"] == f"cannot flush the folder {a} to disk: Input/output error"
+        assert r["failure"]["message"] == message
+        assert r["failure"]["node"] == f"copyback:dem/{r['task']}"
+        row = next(row for row in r["trace"] if row["kind"] == "copyback")
+        assert (row["status"], row["message"]) == ("failed", message)
+    assert receipted("two") == ["strip13"]
 
 
 def test_copyback_failing_on_one_file_replaces_none_of_the_task_s_destinations(

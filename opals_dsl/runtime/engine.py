@@ -58,14 +58,12 @@ The four phases of a task, each a node of the plan with one row in the result's 
     4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
        pair is copied with :func:`atomic_copies` (the destination joined with the request's
        ``root``: every temporary written, then all flushed together, then renamed), then the
-       task folder is removed; the folders renamed into are flushed once per batch, before its
-       results go back. If anything before failed, nothing is copied back and the task folder is
-       kept for inspection. The result's ``outputs`` gives each
-       destination's ``[size, mtime_ns]`` once it is in place (a journal records them). When
-       the request carries a ``receipt``, a line of JSON — the receipt's record plus
-       ``staged``, ``shared``, ``outputs`` and ``landed`` — is then appended to
-       ``<receipt folder>/<run>-<host>-<pid>.jsonl``
-       (:meth:`opals_dsl.runtime.journal.Journal.stamp`).
+       task folder is removed. If anything before failed, nothing is copied back and the task
+       folder is kept for inspection. The result's ``outputs`` gives each destination's
+       ``[size, mtime_ns]`` once it is in place (a journal records them). At the end of the
+       batch the folders renamed into are flushed, each once, and each task whose results are
+       on disk gets its receipt, if its request asked for one (:mod:`.landing`); only then do
+       the results go back.
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says
@@ -88,9 +86,7 @@ Atomic copies
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
-import json
 import os
 import shlex
 import shutil
@@ -115,8 +111,9 @@ from ..plan.wire import (
     TraceRow,
     WireError,
 )
-from .fsatomic import CopyError, atomic_copies, fsync_folder, is_temp_name
+from .fsatomic import CopyError, atomic_copies, is_temp_name
 from .jobfolders import MARKER, JobPrephase
+from .landing import Ran, settle
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
     Changing,
@@ -172,7 +169,8 @@ def job_folder(request: dict[str, Any]) -> str:
 
 def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run each task request (:class:`~opals_dsl.plan.wire.TaskRequest` as plain data) in order
-    and return one result (:class:`~opals_dsl.plan.wire.TaskResult` as plain data) per request.
+    and return one result (:class:`~opals_dsl.plan.wire.TaskResult` as plain data) per request,
+    once the batch's results are on disk (:func:`~.landing.settle`).
 
     A task's own failure (a bad command, a missing output, a copy that fails, a ``call`` that
     raises ...) is reported in its result, never raised; so is a request this engine cannot
@@ -180,38 +178,15 @@ def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     host = socket.gethostname()
     ran = [_run_one(request, host) for request in batch]
-    return [result.to_wire() for result in _flush_folders(ran)]
+    return [result.to_wire() for result in settle(ran, host)]
 
 
-def _run_one(data: Any, host: str) -> tuple[TaskResult, set[str]]:
-    """A task's result, and the folders its copy-back renamed files into (not yet flushed)."""
+def _run_one(data: Any, host: str) -> Ran:
     try:
         task = _Task(TaskRequest.from_wire(data), host)
     except Exception as exc:  # a request without its essentials still gets an answer
-        return _malformed(data, host, exc), set()
-    return task.run(), task.landed
-
-
-def _flush_folders(ran: list[tuple[TaskResult, set[str]]]) -> list[TaskResult]:
-    """Flush the folders a batch's copy-backs renamed into, each once, before any result goes
-    back: a task counts as done only once its renames are on disk. A folder that cannot be
-    flushed fails the tasks that copied into it."""
-    failed: dict[str, OSError] = {}
-    for folder in sorted(set().union(*(landed for _, landed in ran))):
-        try:
-            fsync_folder(folder)
-        except OSError as exc:
-            failed[folder] = exc
-    results = []
-    for result, landed in ran:
-        bad = sorted(landed & failed.keys())
-        if bad and result.ok:
-            result = dataclasses.replace(result, ok=False, failure=Failure(
-                "copyback", f"cannot flush the folder {bad[0]} to disk: "
-                            f"{os_reason(failed[bad[0]], 'destination')}",
-                node=f"copyback:{result.job}/{result.task}"))
-        results.append(result)
-    return results
+        return Ran(_malformed(data, host, exc))
+    return Ran(task.run(), task.landed, task.req.receipt)
 
 
 def _malformed(data: Any, host: str, exc: Exception) -> TaskResult:
@@ -285,8 +260,6 @@ class _Task(JobPrephase):
                     self.exec_step(step)
             self.copyback()
             ok = True
-            with contextlib.suppress(Exception):  # the results are in place, whatever happens
-                self.write_receipt()
         except _Failed as failed:
             failure = failed.failure
         except Exception as exc:  # an unforeseen condition is still this task's failure
@@ -621,29 +594,6 @@ class _Task(JobPrephase):
         if not callable(obj):
             raise TypeError(f"{function} is not callable")
         return obj
-
-    def write_receipt(self) -> None:
-        """After a copy-back: append the task's receipt (what the journal would record) to this
-        engine's receipt file in the run's state folder, so that a result that landed is
-        recognised even if the driver never hears of it. Best effort: a receipt that cannot be
-        written only means that the task runs again next time."""
-        spec = self.req.receipt
-        if spec is None or not spec.folder:
-            return
-        record = dict(spec.record)
-        record.update(staged=self.staged, shared=self.shared, outputs=self.outputs,
-                      landed=time.time())
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        folder = spec.folder
-        name = f"{spec.run}-{self.host}-{os.getpid()}.jsonl"
-        with contextlib.suppress(OSError):
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
 
     # -- 4. copy-back (Task Postphase) -------------------------------------------------------
 
