@@ -622,7 +622,7 @@ class Journal(RunListener):
 
     def stamp(self, task: Task) -> Receipt:
         """What a request carries so that its engine leaves a receipt once the task's results
-        landed (:meth:`opals_dsl.runtime.engine._Task.write_receipt`): the record's sig (also used
+        landed (:func:`opals_dsl.runtime.landing.write_receipt`): the record's sig (also used
         when the result reaches this run), the sigs of its upstream tasks and the state of its call
         modules now, the time it was sent, and where receipts go."""
         i = task.order
