@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 from ..source import Span
 from . import nodes as n
-from .scope import CTX_JOB, Binding, ResolveError, Scope
+from .scope import CTX_JOB, Binding, ResolveError, Scope, as_written
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(?:(\d+)([smhd]))+")
@@ -39,19 +39,13 @@ def parse_duration(text: str) -> float:
     return float(seconds)
 
 
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
-
-
 def _value(v: n.Value, params: Mapping[str, object]) -> tuple[object, str]:
     """The value a ``threads`` or ``timeout`` line gives, and how to name it in a message."""
     if isinstance(v, n.Ref):
         value = params.get(v.parts[0])
-        return value, f"but parameter '{v.parts[0]}' is {_show(value)}"
+        return value, f"but parameter '{v.parts[0]}' is {as_written(value)}"
     value = v.value if isinstance(v, n.Literal) else None
-    return value, f"not {_show(value)}"
+    return value, f"not {as_written(value)}"
 
 
 def threads_of(v: n.Value, params: Mapping[str, object]) -> int:
