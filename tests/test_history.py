@@ -9,6 +9,7 @@ commands are called as the command line calls them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import write_pipeline
+from hypothesis import given
+from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.runtime import session
+from opals_dsl.runtime import history, session
 from opals_dsl.runtime.executor import LocalExecutor
 
 #: two pipelines with the same job, task and step names, each writing its own word
@@ -159,6 +162,44 @@ def test_clean_keeps_the_last_runs_that_did_work(tmp_path, capsys, monkeypatch):
     assert status == 0
     assert out.splitlines() == [f"removed records of run 3 (unchanged): {runs / '3'}"]
     assert sorted(p.name for p in runs.iterdir()) == ["1", "2", "4"]
+
+
+@dataclasses.dataclass
+class _Run:
+    """What :func:`history.prunable` reads of a past run."""
+
+    number: int
+    did_work: bool
+    status: str = "done"
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(["done", "failed", history.RUNNING])),
+                max_size=12),
+       st.integers(min_value=1, max_value=14))
+def test_clean_never_removes_one_of_the_last_keep_runs_that_did_work(runs, keep):
+    """Invariant: ``opf clean --keep K`` (K >= 1) keeps the last K runs that did work (all of
+    them when there are fewer), the last run of all and every run still going on."""
+    found = [_Run(i + 1, worked, status) for i, (worked, status) in enumerate(runs)]
+    removed = history.prunable(found, keep)  # type: ignore[arg-type]
+    gone = {r.number for r in removed}
+    worked = [r.number for r in found if r.did_work]
+    assert not gone & set(worked[-keep:])
+    assert not found or found[-1].number not in gone
+    assert all(r.status != history.RUNNING for r in removed)
+
+
+def test_clean_keeps_every_run_when_fewer_than_keep_did_work(tmp_path, capsys, monkeypatch):
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(4):
+        assert run(tiles, force=True).done == 3
+    runs = tmp_path / ".opf" / "runs" / "tiles"
+    status, out, _ = opf(capsys, "clean", "tiles.opf")
+    assert (status, out) == (0, "nothing to clean for tiles\n")
+    assert sorted(p.name for p in runs.iterdir()) == ["1", "2", "3", "4"]
+    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "3")
+    assert status == 0
+    assert out.splitlines() == [f"removed records of run 1 (done): {runs / '1'}"]
 
 
 def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypatch):

@@ -152,7 +152,7 @@ def prunable(found: list[PastRun], keep: int) -> list[PastRun]:
     (what ``opf report`` shows; a run with nothing to do, or one that never got to run, counts
     for none) and, when ``keep`` > 0, the last run of all; never a run still going on."""
     worked = [r for r in found if r.did_work]
-    spared = {r.number for r in worked[len(worked) - keep:]} if keep > 0 else set()
+    spared = {r.number for r in worked[-keep:]} if keep > 0 else set()
     if keep > 0 and found:
         spared.add(found[-1].number)
     last = pick(found)
