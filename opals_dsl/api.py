@@ -56,7 +56,12 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     ``opf run --only`` (``JOB`` or ``JOB/TASK``). ``progress``: True shows the run (a widget in a
     notebook when ipywidgets is installed, else lines), False shows nothing, or a listener of
     your own. Further options are :func:`opals_dsl.runtime.session.run`'s (``force``,
-    ``keep_going``, ``retries``, ``checksum``, ...)."""
+    ``keep_going``, ``retries``, ``checksum``, ...).
+
+    A run interrupted (Ctrl-C, an interrupted kernel, SIGTERM) is stopped as ``opf run`` stops
+    it, then raises ``KeyboardInterrupt`` with the run's summary as its ``summary``: a script
+    or a loop of runs stops there, as at any other Ctrl-C (a script not catching it ends as
+    one ended by Ctrl-C does, status 130 in a shell)."""
     graph, default_state, loaded = _plan_of(pipeline, params, whole=not only)
     if only:
         graph = select(graph, only)
@@ -70,9 +75,17 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     listener = _listener(progress, model.info(graph).pipeline)
     # no output may be copied back into the opf folder of a scratch root the engines report
     guard = None if loaded is None else functools.partial(check_scratch, loaded, graph)
-    return session.run(graph, state_dir=state_dir or default_state, cluster=cluster,
-                       executor=executor, scratch=scratch, listener=listener, guard=guard,
-                       end_after_interrupt=False, **options)
+    summary = session.run(graph, state_dir=state_dir or default_state, cluster=cluster,
+                          executor=executor, scratch=scratch, listener=listener, guard=guard,
+                          end_after_interrupt=False, **options)
+    if summary.interrupted:
+        # exactly KeyboardInterrupt: Python then ends an uncaught one as killed by SIGINT
+        stopped = KeyboardInterrupt(f"the run was interrupted: {summary.done} of "
+                                    f"{summary.total} tasks done; the journal keeps what "
+                                    f"finished")
+        stopped.summary = summary  # type: ignore[attr-defined]
+        raise stopped
+    return summary
 
 
 def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] | None,

@@ -382,6 +382,49 @@ def test_kill_9_of_opf_run_ends_its_cluster_and_the_next_run_knows_what_landed(t
     assert (results / "slow.txt").read_text() == "made\n"
 
 
+SCRIPT = """
+import sys
+import ipyparallel
+import opals_dsl as opf
+
+client = ipyparallel.Client(sys.argv[2])
+try:
+    opf.run(sys.argv[1], client=client, progress=False)
+except KeyboardInterrupt as stopped:
+    print("interrupted", stopped.summary.exit_code, stopped.summary.done, flush=True)
+    raise
+print("went on after the run", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_script_stops_the_run_and_the_script(cluster, tmp_path, cleanup):
+    """``opf.run`` interrupted in a script stops the run as ``opf run`` does, then raises
+    RunInterrupted (a KeyboardInterrupt): the script does not go on to what follows."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    path = write_pipeline(tmp_path / "p", SLEEPER.format(marks=marks), inputs=0)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPF_SCRATCH", "OPF_RUN_ID")}
+    driver = subprocess.Popen([sys.executable, str(script), str(path), str(cluster.client_file)],
+                              cwd=path.parent, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cleanup.drivers.append(driver)
+    sleeper = int(read_when_there(marks / "sleep"))
+    cleanup.pids.append(sleeper)
+    marker = read_when_there(marks / "run")
+    cleanup.markers.append(marker)
+    created = psutil.Process(sleeper).create_time()
+
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=90)
+    assert out.splitlines() == ["interrupted 130 0"], (out, err)
+    assert driver.returncode == -signal.SIGINT, err
+    assert "KeyboardInterrupt: the run was interrupted: 0 of 1 tasks done" in err
+    wait_for(lambda: not alive(sleeper, created), 15, "the step's sleep to end")
+    wait_for(lambda: not carrying(marker), 15, "the run's processes to end")
+
+
 # -- a task that kills its engine ---------------------------------------------------------------
 
 BOMB = """

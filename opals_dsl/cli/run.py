@@ -42,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_INTERRUPTED, ReportError, UsageError
+from ..errors import ReportError, UsageError
 from ..plan import model
 from ..runtime import launch_options as launchers
 from ..runtime import session
@@ -252,9 +252,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
         except ReportError as exc:  # the run's results stand; the report can be made later
             print(error_line(f"{exc} (the run's records are kept: opf report writes it "
                              f"later)"), file=sys.stderr)
-    if summary.interrupted:
-        return EXIT_INTERRUPTED
-    if summary.no_engines:
+    if summary.no_engines and not summary.interrupted:
         print(error_line(
             f"every engine of the cluster was lost; {summary.not_run} "
             f"task{'s' if summary.not_run != 1 else ''} did not run (the journal keeps what "

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_OK
+from ..errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from ..plan.model import Task
 from ..plan.wire import Failure, TaskResult
 from ..units import format_bytes, format_duration
@@ -57,7 +57,7 @@ class TaskFailure:
 @dataclass(slots=True)
 class RunSummary:
     """What a run did. ``exit_code``: 0 all done or skipped, 1 a task failed or the run was
-    stopped, 3 no engine left."""
+    stopped, 3 no engine left, 130 interrupted (SIGINT, SIGTERM, SIGHUP)."""
 
     total: int = 0
     done: int = 0
@@ -88,9 +88,11 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
         if self.no_engines:
             return EXIT_CLUSTER
-        if self.failed or self.interrupted or self.blocked or self.not_run:
+        if self.failed or self.blocked or self.not_run:
             return EXIT_FAILED
         return EXIT_OK
 
