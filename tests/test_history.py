@@ -10,6 +10,7 @@ commands are called as the command line calls them.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import re
 import subprocess
@@ -200,6 +201,24 @@ def test_clean_keeps_every_run_when_fewer_than_keep_did_work(tmp_path, capsys, m
     status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "3")
     assert status == 0
     assert out.splitlines() == [f"removed records of run 1 (done): {runs / '1'}"]
+
+
+def test_clean_under_a_run_going_on_removes_nothing_and_says_to_wait(tmp_path, capsys,
+                                                                    monkeypatch):
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert run(tiles, force=True).done == 3
+    state = tmp_path / ".opf"
+    with open(state / "run.lock", "w") as held:  # as a run going on holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1")
+    assert (status, out) == (2, "")
+    assert err == (f"opf: error: another opf run (process 4242) is using the state folder "
+                   f"{state}; nothing was removed; clean again once it has finished\n")
+    assert sorted(p.name for p in (state / "runs" / "tiles").iterdir()) == ["1", "2"]
 
 
 def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypatch):

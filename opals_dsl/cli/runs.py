@@ -104,7 +104,8 @@ def clean_main(args: argparse.Namespace) -> int:
         for line in lines:
             print(f"{verb} {line}")
     elif paths:
-        with lock_state(state):  # never under a run that is going on
+        # never under a run that is going on
+        with lock_state(state, "nothing was removed; clean again once it has finished"):
             history.remove(paths)
         for line in lines:
             print(f"{verb} {line}")

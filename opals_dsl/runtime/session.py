@@ -109,10 +109,11 @@ _held: dict[Path, int] = {}
 
 
 @contextlib.contextmanager
-def lock_state(state: Path) -> Iterator[None]:
-    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused. The
-    lock may be taken again by this process while it holds it (a cluster started early holds
-    it from before the run)."""
+def lock_state(state: Path, busy: str = "wait for it to finish, or give this run its own "
+                                        "folder with --state") -> Iterator[None]:
+    """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused, the
+    message ending with ``busy`` (what to do). The lock may be taken again by this process while
+    it holds it (a cluster started early holds it from before the run)."""
     key = state.absolute()
     if _held.get(key):
         _held[key] += 1
@@ -134,8 +135,7 @@ def lock_state(state: Path) -> Iterator[None]:
         except BlockingIOError:
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise UsageError(
-                f"another opf run (process {other}) is using the state folder "
-                f"{state}; wait for it to finish, or give this run its own folder with --state"
+                f"another opf run (process {other}) is using the state folder {state}; {busy}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
