@@ -6,7 +6,7 @@ and the plan it was read for. Out: one :class:`Decision` per task, in plan order
 scheduler's ``skip`` hook.
 
 Decisions are made in dependency order (upstream tasks first); the first reason that applies:
-``forced`` (``--force``); ``upstream T re-runs``; ``new`` (no record); ``failed in the last
+``forced`` (``--force``); ``new`` (no record); ``upstream T re-runs``; ``failed in the last
 run``; ``steps changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S
 changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran again
 since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
@@ -97,6 +97,8 @@ class Resume:
         starts: dict[int, int] = {}
         for i in self._dependency_order():
             reason: str | None = "forced" if force else None
+            if reason is None and self.journal.tasks[i].name not in self.journal.records:
+                reason = "new"
             if reason is None:
                 for u in self.journal.deps[i]:
                     if runs[u]:
