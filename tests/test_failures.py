@@ -239,7 +239,7 @@ def test_the_first_failure_stops_new_work_and_running_tasks_finish(cluster, tmp_
                 and r["status"] == "done"}
     not_run = {r["task"] for r in rows if r["job"] == "slow" and r["status"] == "not-run"}
     assert finished and not_run and not finished & not_run
-    assert summary_value(proc.stdout, "not run (run stopped)") == str(len(not_run))
+    assert summary_value(proc.stdout, "not finished (run stopped)") == str(len(not_run))
     results = path.parent / "results" / "slow"
     for task in finished:  # what was running finished, completely, and is in the journal
         assert (results / f"{task}.a").read_text() == f"copied:strip {task[1:]}\n"

@@ -103,7 +103,7 @@ class RunSummary:
         if self.blocked:
             rows.append(("not run (upstream failed)", str(self.blocked)))
         if self.not_run:
-            rows.append(("not run (run stopped)", str(self.not_run)))
+            rows.append(("not finished (run stopped)", str(self.not_run)))
         rows.append(("retried", str(self.retried)))
         if self.engines_lost:
             moved = f"{self.resubmitted} task{'' if self.resubmitted == 1 else 's'} moved"

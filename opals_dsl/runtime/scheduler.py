@@ -488,11 +488,11 @@ class Scheduler:
         self.summary.failed += 1
         self.summary.failures.append(record)
         self.listener.task_failed(ref, record)
-        if self.keep_going:
-            blocked = self._block_dependents(i)
-            if blocked:
-                self.summary.blocked_by[ref.name] = [self.tasks[d].name for d in blocked]
-        else:
+        # what waits for it can never run, whether the run goes on or stops
+        blocked = self._block_dependents(i)
+        if blocked:
+            self.summary.blocked_by[ref.name] = [self.tasks[d].name for d in blocked]
+        if not self.keep_going:
             self._stop(f"task {ref.name} failed")
 
     def _release(self, i: int) -> None:
