@@ -39,6 +39,26 @@ def test_a_bad_option_is_a_usage_error_in_one_line(capsys: pytest.CaptureFixture
     assert err == "opf: error: --param takes NAME=VALUE, not 'cell'\n"
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["rnu", "x.opf"], "; did you mean 'run'?"),
+    (["chek", "x.opf"], "; did you mean 'check'?"),
+    (["check", "x.opf", "--json"], "unrecognized arguments: --json; did you mean '--format json'?"),
+    (["run", "x.opf", "--keepgoing"], "unrecognized arguments: --keepgoing; did you mean "
+                                      "'--keep-going'?"),
+    (["compile", "x.opf", "--jsn"], "unrecognized arguments: --jsn; did you mean '--json'?"),
+    (["run", "x.opf", "--zzzzz"], "unrecognized arguments: --zzzzz\n"),
+])
+def test_a_misspelt_command_or_option_gets_what_it_likely_meant(
+        argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == errors.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: opf {argv[0]} " if argv[0] in ("check", "run", "compile")
+                          else "usage: opf ")
+    assert hint in err.splitlines()[-1] + "\n"
+
+
 def test_a_missing_file_is_said_in_words(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path / "none.opf")]) == errors.EXIT_INVALID

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import stat
@@ -49,8 +50,39 @@ if TYPE_CHECKING:  # the compiler is imported when a pipeline is compiled: `opf 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 2 with usage, as argparse does, minus noise
         self.print_usage(sys.stderr)
-        print(error_line(message), file=sys.stderr)
+        print(error_line(message + _meant(self, message)), file=sys.stderr)
         raise SystemExit(EXIT_INVALID)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        """As argparse's, but an unknown option is reported by the command's own parser, which
+        knows the options it could have meant."""
+        found, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(found, "command", None)
+            parser = self._commands.get(command, self) if command else self
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return found
+
+    _commands: dict[str, argparse.ArgumentParser] = {}
+
+
+def _meant(parser: argparse.ArgumentParser, message: str) -> str:
+    """"; did you mean ...?" for a misspelt command or option in argparse's ``message``."""
+    from ..lang.scope import closest
+
+    choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+    if choice:
+        meant = closest(choice[1], re.findall(r"'([^']*)'", choice[2]))
+        return f"; did you mean '{meant}'?" if meant else ""
+    unknown = re.match(r"unrecognized arguments: (-\S+)", message)
+    if not unknown:
+        return ""
+    word = unknown[1].split("=")[0]
+    for action in parser._actions:  # --json, where the command says --format json
+        if action.option_strings and action.choices and word.lstrip("-") in action.choices:
+            return f"; did you mean '{action.option_strings[0]} {word.lstrip('-')}'?"
+    meant = closest(word, [s for a in parser._actions for s in a.option_strings])
+    return f"; did you mean '{meant}'?" if meant else ""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"opf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    parser._commands = sub.choices
 
     p = sub.add_parser("check", help="check a pipeline file and report every mistake")
     _add_common(p)
