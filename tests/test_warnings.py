@@ -87,8 +87,8 @@ CASES = {
         pipeline lonely
         param cell = 1.0
         """,
-        "1:10: warning: this pipeline has no job, so running it does nothing; add one: job "
-        "NAME { step NAME { run ... } }",
+        "1:10: warning: this pipeline has no job, so running it does nothing; add one: the "
+        "lines 'job NAME {', 'step NAME {' and 'run COMMAND', each block ended by a line '}'",
         "^^^^^^",
     ),
     "bare_redirect": (

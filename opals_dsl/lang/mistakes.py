@@ -55,8 +55,9 @@ def check_likely_mistakes(pipeline: n.Pipeline, params: Mapping[str, object],
     if not pipeline.jobs:
         place = pipeline.name.span if pipeline.name is not None else (
             c.source.span(0, 0) if c.source is not None else None)
-        c.warn(place, "this pipeline has no job, so running it does nothing; add one: "
-               "job NAME { step NAME { run ... } }")
+        c.warn(place, "this pipeline has no job, so running it does nothing; add one: the "
+               "lines 'job NAME {', 'step NAME {' and 'run COMMAND', each block ended by a "
+               "line '}'")
     modules: dict[str, _Module] = {}
     files: dict[str, bool] = {}  # a word → whether it names a file (asked once per word)
     for job in pipeline.jobs:
