@@ -152,7 +152,8 @@ def test_the_notebook_runs_the_example_on_its_own_cluster_and_stops_it(tmp_path)
     widgets = [o for out in outputs.values() for o in out
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "the run's progress was not shown as a widget"
-    assert (tmp_path / "examples" / "results" / "mosaic_hillshade.tif").is_file()
+    assert (tmp_path / "examples" / "results_50" / "mosaic_hillshade.tif").is_file()
+    assert not (tmp_path / "examples" / "results").exists()  # the quick start's stay as they are
 
 
 def test_run_refuses_an_output_in_a_scratch_root_the_callers_engines_report(cluster, tmp_path):
