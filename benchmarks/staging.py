@@ -9,7 +9,12 @@ The baseline does the same two hops with ``cp`` (as many ``cp`` streams at once 
 engines), then ``sync`` so that its copies are on disk too. Both run on one embedded cluster in
 the same process, alternately, ``--repeat`` times; the best time of each is compared.
 
+``--step call`` renames with a ``call`` step (a Python function in the engine) instead of
+``run mv``: no process is started for the step, so what is left is opf moving the data and
+keeping its books.
+
     python benchmarks/staging.py                     # 4 × 192 MiB + 256 × 1 MiB
+    python benchmarks/staging.py --step call
     python benchmarks/staging.py --big 2 --big-mib 64 --small 64 --small-kib 256
 """
 
@@ -47,6 +52,10 @@ job small for f in "data/small/*.bin" {
     }
 }
 """
+
+#: the step of PIPELINE as a ``call``, and the module it calls
+CALL_STEP = "call keep:move(src = f, dst = o)"
+KEEP_MODULE = "import os\n\n\ndef move(src, dst):\n    os.rename(src, dst)\n"
 
 MIB = 1 << 20
 
@@ -97,6 +106,8 @@ def main() -> int:
     parser.add_argument("--small-kib", type=int, default=1024)
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--step", choices=("run", "call"), default="run",
+                        help="the step that renames the file: run mv (a process) or a call")
     parser.add_argument("--dir", help="where to put the data (default: the temp folder)")
     args = parser.parse_args()
 
@@ -107,7 +118,11 @@ def main() -> int:
         total = make_inputs(shared, args.big, args.big_mib, args.small, args.small_kib)
         print(f"inputs: {args.big} × {args.big_mib} MiB + {args.small} × {args.small_kib} KiB "
               f"= {total / MIB:.0f} MiB, written in {time.perf_counter() - t0:.1f} s")
-        (shared / "staging.opf").write_text(PIPELINE)
+        pipeline = PIPELINE
+        if args.step == "call":
+            pipeline = PIPELINE.replace("run mv {f} {o}", CALL_STEP)
+            (shared / "keep.py").write_text(KEEP_MODULE)
+        (shared / "staging.opf").write_text(pipeline)
         plan = compile_file(shared / "staging.opf")
         scratch = root / "scratch"
         state = root / "state"
