@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.runtime import history, session
+from opals_dsl.runtime import history, jobfolders, session
 from opals_dsl.runtime.executor import LocalExecutor
 
 #: two pipelines with the same job, task and step names, each writing its own word
@@ -221,6 +222,13 @@ def test_clean_under_a_run_going_on_removes_nothing_and_says_to_wait(tmp_path, c
     assert sorted(p.name for p in (state / "runs" / "tiles").iterdir()) == ["1", "2"]
 
 
+def engines_ended() -> None:
+    """What the end of the engine processes does: the in-process engine lets go of the job
+    folders it holds."""
+    while jobfolders._HELD:
+        os.close(jobfolders._HELD.popitem()[1][1])
+
+
 def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypatch):
     tiles, strips = two_pipelines(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -253,17 +261,31 @@ def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypa
         f"{scratch / 'opf' / 'tiles'}"]
     assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["1", "2", "3", "4"]
 
-    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
-                         "--scratch", str(scratch))
+    # the in-process engine still holds the job folder, as a live engine of a cluster would
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
+                           "--scratch", str(scratch))
     assert status == 0 and out.splitlines()[0].startswith("removed records of run 1 ")
+    assert "scratch folder" not in out
+    assert err == (f"kept 1 job folder in {scratch / 'opf' / 'tiles'}: an engine holds it (a "
+                   f"run going on, or a cluster's engine keeping it for its next run); the "
+                   f"rest was removed\n")
+    assert all(p.is_dir() for p in kept)
+    engines_ended()
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
+                           "--scratch", str(scratch))
+    assert status == 0 and out.splitlines() == [
+        f"removed scratch folder of tiles (job folders, kept task folders): "
+        f"{scratch / 'opf' / 'tiles'}"]
     # the last run stays; the other pipeline is untouched
     assert sorted(p.name for p in (runs / "tiles").iterdir()) == ["4"]
     assert not (scratch / "opf" / "tiles").exists()
     assert (scratch / "opf" / "strips").is_dir()
     assert sorted(p.name for p in (runs / "strips").iterdir()) == ["1"]
-    status, out, _ = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch",
-                         str(scratch))
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "elsewhere"))  # not this machine's
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder")
     assert out == "nothing to clean for tiles\n"
+    assert err.startswith(f"no scratch folder {tmp_path / 'elsewhere' / 'opf' / 'tiles'}: "
+                          f"runs given --scratch DIR keep it there")
     # a run with nothing to do never pushes out the last run that did work
     tiles.write_text(tiles.read_text().replace("fail 3", "copy {s} {a}"))
     assert run(tiles).done >= 1

@@ -78,6 +78,14 @@ def runs_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_scratch(folder: Path) -> list[str]:
+    """Remove the pipeline's scratch folder but for the job folders an engine holds; those job
+    folders."""
+    from ..runtime.jobfolders import remove_job_folders
+
+    return remove_job_folders(str(folder))[1]
+
+
 def clean_main(args: argparse.Namespace) -> int:
     """``opf clean``: remove old runs' records and this pipeline's scratch folder."""
     from ..errors import UsageError
@@ -90,25 +98,30 @@ def clean_main(args: argparse.Namespace) -> int:
                else default_scratch())
     old = history.prunable(found, args.keep)
     lines = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
-    paths = [r.folder for r in old]
     folder = Path(scratch) / "opf" / name  # as the engines name it
     kept = None
-    if folder.is_dir() and args.scratch_folder:
+    scratch_too = folder.is_dir() and args.scratch_folder
+    if scratch_too:
         lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
-        paths.append(folder)
     elif folder.is_dir():
         kept = (f"kept the scratch folder {folder}: other checkouts with a pipeline named "
                 f"{name} share it (--scratch-folder removes it)")
+    elif args.scratch_folder:
+        kept = (f"no scratch folder {folder}: runs given --scratch DIR keep it there; give opf "
+                f"clean the same --scratch")
     verb = "would remove" if args.dry_run else "removed"
-    if args.dry_run:
-        for line in lines:
-            print(f"{verb} {line}")
-    elif paths:
-        # never under a run that is going on
+    in_use: list[str] = []
+    if not args.dry_run and lines:
+        # never under a run that uses this state folder; job folders that other runs use stay
         with lock_state(state, "nothing was removed; clean again once it has finished"):
-            history.remove(paths)
-        for line in lines:
-            print(f"{verb} {line}")
+            history.remove([r.folder for r in old])
+            in_use = _clean_scratch(folder) if scratch_too else []
+    for line in lines[:len(old)] if in_use else lines:
+        print(f"{verb} {line}")
+    if in_use:
+        kept = (f"kept {len(in_use)} job folder{'s' if len(in_use) != 1 else ''} in {folder}: an "
+                f"engine holds {'them' if len(in_use) != 1 else 'it'} (a run going on, or a "
+                f"cluster's engine keeping it for its next run); the rest was removed")
     if not lines:
         print(f"nothing to clean for {name}")
     if kept:

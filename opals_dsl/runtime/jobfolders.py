@@ -97,6 +97,28 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
     return removed
 
 
+def remove_job_folders(pipeline_dir: str) -> tuple[list[str], list[str]]:
+    """Empty a pipeline's scratch folder (``opf clean --scratch-folder``) as far as no engine
+    uses it: remove each job folder (with the task folders kept in it) whose lock no engine
+    holds, and the whole folder once none is held. Returns the job folders removed and those
+    left because an engine holds them."""
+    try:
+        jobs = sorted(e.path for e in os.scandir(pipeline_dir)
+                      if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+    except OSError:
+        return [], []
+    removed: list[str] = []
+    in_use: list[str] = []
+    for jobs_dir in jobs:
+        removed += _remove_unused_job_folders(jobs_dir, keep="")
+        with contextlib.suppress(OSError):
+            in_use += [os.path.join(jobs_dir, m.group(1)) for name in sorted(os.listdir(jobs_dir))
+                       if (m := _KEY_LOCK_RE.match(name))]
+    if not in_use:
+        remove_tree(pipeline_dir)
+    return removed, in_use
+
+
 class JobPrephase:
     """The machine stage of a task; see the module docstring."""
 
