@@ -59,6 +59,14 @@ def test_a_misspelt_command_or_option_gets_what_it_likely_meant(
     assert hint in err.splitlines()[-1] + "\n"
 
 
+def test_level_job_without_a_drawing_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--level only changes a drawing; with --json (or nothing) it would be silently ignored."""
+    for extra in (["--json"], []):
+        assert main(["compile", str(STRIPS), "--level", "job", *extra]) == errors.EXIT_INVALID
+        assert capsys.readouterr().err == (
+            "opf: error: --level job draws one node per job step: use it with --dot or --svg\n")
+
+
 def test_a_missing_file_is_said_in_words(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path / "none.opf")]) == errors.EXIT_INVALID

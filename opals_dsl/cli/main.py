@@ -318,6 +318,8 @@ def _compile(args: argparse.Namespace, loaded: Loaded) -> int:
     from ..plan.dot import to_dot, to_job_dot
     from ..plan.graph import write_json
 
+    if args.level == "job" and not (args.dot or args.svg):
+        raise UsageError("--level job draws one node per job step: use it with --dot or --svg")
     whole = not args.status and not getattr(args, "only", None)
     if whole and (args.json or not (args.dot or args.svg)):
         return _compile_json(args, loaded) if args.json else _compile_summary(loaded)
