@@ -110,7 +110,8 @@ _held: dict[Path, int] = {}
 
 @contextlib.contextmanager
 def lock_state(state: Path, busy: str = "wait for it to finish, or give this run its own "
-                                        "folder with --state") -> Iterator[None]:
+                                        "folder with --state (and its own destinations, if the "
+                                        "two runs write the same ones)") -> Iterator[None]:
     """Hold ``<state>/run.lock`` for the run; another run on the same folder is refused, the
     message ending with ``busy`` (what to do). The lock may be taken again by this process while
     it holds it (a cluster started early holds it from before the run)."""
