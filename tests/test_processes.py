@@ -29,11 +29,13 @@ from opals_dsl.runtime.cluster import stop_leftover_cluster
 
 
 def opf_run(path: Path, *args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("OPF_SCRATCH", None)
-    env.pop("OPF_RUN_ID", None)
-    return subprocess.Popen([sys.executable, "-m", "opals_dsl", "run", str(path), *args],
-                            cwd=path.parent, env=env, stdout=subprocess.PIPE,
+    return python(path.parent, "-m", "opals_dsl", "run", str(path), *args, **kw)
+
+
+def python(cwd: Path, *args: str, **kw) -> subprocess.Popen:
+    """This Python, in a session of its own, without the scratch root and run id of ours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPF_SCRATCH", "OPF_RUN_ID")}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
@@ -128,6 +130,18 @@ job w for n in range(1) {{
                              "echo late > {{a}}"))
 
 
+def sleeping_step(driver: subprocess.Popen, marks: Path,
+                  cleanup: Cleanup) -> tuple[int, float, str]:
+    """Once the SLEEPER step sleeps: its ``sleep`` (process id, start time) and the run's
+    marker; the driver, the sleep and the marker are left to ``cleanup``."""
+    cleanup.drivers.append(driver)
+    sleeper = int(read_when_there(marks / "sleep"))
+    cleanup.pids.append(sleeper)
+    marker = read_when_there(marks / "run")
+    cleanup.markers.append(marker)
+    return sleeper, psutil.Process(sleeper).create_time(), marker
+
+
 @pytest.mark.parametrize("sig, where", [(signal.SIGINT, "embedded"),
                                         (signal.SIGTERM, "embedded"),
                                         (signal.SIGHUP, "embedded"),
@@ -140,12 +154,7 @@ def test_a_signal_to_opf_run_ends_every_process_of_the_run(cluster, tmp_path, cl
     args = ["-n", "1"] if where == "embedded" else ["--cluster-file", str(cluster.client_file)]
     scratch = tmp_path / "scratch"
     driver = opf_run(path, *args, "--scratch", str(scratch))
-    cleanup.drivers.append(driver)
-    sleeper = int(read_when_there(marks / "sleep"))
-    cleanup.pids.append(sleeper)
-    marker = read_when_there(marks / "run")
-    cleanup.markers.append(marker)
-    sleep_created = psutil.Process(sleeper).create_time()
+    sleeper, sleep_created, marker = sleeping_step(driver, marks, cleanup)
     assert carrying(marker), "the step carries the run's marker"
 
     driver.send_signal(sig)
@@ -405,16 +414,8 @@ def test_ctrl_c_in_a_script_stops_the_run_and_the_script(cluster, tmp_path, clea
     path = write_pipeline(tmp_path / "p", SLEEPER.format(marks=marks), inputs=0)
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("OPF_SCRATCH", "OPF_RUN_ID")}
-    driver = subprocess.Popen([sys.executable, str(script), str(path), str(cluster.client_file)],
-                              cwd=path.parent, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    cleanup.drivers.append(driver)
-    sleeper = int(read_when_there(marks / "sleep"))
-    cleanup.pids.append(sleeper)
-    marker = read_when_there(marks / "run")
-    cleanup.markers.append(marker)
-    created = psutil.Process(sleeper).create_time()
+    driver = python(path.parent, str(script), str(path), str(cluster.client_file))
+    sleeper, created, marker = sleeping_step(driver, marks, cleanup)
 
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=90)
