@@ -68,12 +68,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _meant(parser: argparse.ArgumentParser, message: str) -> str:
     """"; did you mean ...?" for a misspelt command or option in argparse's ``message``."""
-    from ..lang.scope import closest
+    from ..lang.scope import did_you_mean
 
     choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
     if choice:
-        meant = closest(choice[1], re.findall(r"'([^']*)'", choice[2]))
-        return f"; did you mean '{meant}'?" if meant else ""
+        return did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2]))
     unknown = re.match(r"unrecognized arguments: (-\S+)", message)
     if not unknown:
         return ""
@@ -81,8 +80,7 @@ def _meant(parser: argparse.ArgumentParser, message: str) -> str:
     for action in parser._actions:  # --json, where the command says --format json
         if action.option_strings and action.choices and word.lstrip("-") in action.choices:
             return f"; did you mean '{action.option_strings[0]} {word.lstrip('-')}'?"
-    meant = closest(word, [s for a in parser._actions for s in a.option_strings])
-    return f"; did you mean '{meant}'?" if meant else ""
+    return did_you_mean(word, [s for a in parser._actions for s in a.option_strings])
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ from .scope import (
     ResolveError,
     Scope,
     as_written,
-    closest,
+    did_you_mean,
     job_dependencies,
     templates_of_step,
 )
@@ -82,8 +82,7 @@ def param_values(
         shown = text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
         shown = shown.replace("\0", "\\0")
         if name not in values:
-            close = closest(name, values)
-            hint = f"; did you mean '{close}'?" if close else ""
+            hint = did_you_mean(name, values)
             known = ", ".join(values) or "none"
             checker.error(
                 None,

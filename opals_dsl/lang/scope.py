@@ -403,6 +403,13 @@ class Scope:
         return ResolveError(f"'{ref.dotted}' is not known: a value offers only {offers}")
 
 
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``; did you mean 'NAME'?`` for the candidate :func:`closest` finds for ``word``, else
+    "": the end of a message about a misspelt name."""
+    close = closest(word, candidates)
+    return f"; did you mean '{close}'?" if close else ""
+
+
 def templates_of_step(step: n.Step) -> Iterable[tuple[n.Ref, bool]]:
     """(ref, alone-in-its-word) for every reference a step's command and ins make.
 

@@ -22,7 +22,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 from ..errors import Diagnostic
 from ..source import SourceFile, Span
 from .nodes import RESERVED, SOFT_KEYWORDS
-from .scope import closest
+from .scope import did_you_mean
 
 _WORDS = {
     "NAME": "a name",
@@ -298,8 +298,7 @@ def _top_statement(value: str, got: str, tok: Token) -> str:
 
 def _meant(value: str, words: tuple[str, ...]) -> str:
     """``; did you mean 'WORD'?`` for a misspelt keyword of ``words``, else ""."""
-    close = closest(value, words) if value.isidentifier() else None
-    return f"; did you mean '{close}'?" if close else ""
+    return did_you_mean(value, words) if value.isidentifier() else ""
 
 
 def _job_statement(value: str, got: str, opener: Token | None) -> str:
