@@ -78,17 +78,10 @@ def runs_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clean_scratch(folder: Path) -> list[str]:
-    """Remove the pipeline's scratch folder but for the job folders an engine holds; those job
-    folders."""
-    from ..runtime.jobfolders import remove_job_folders
-
-    return remove_job_folders(str(folder))[1]
-
-
 def clean_main(args: argparse.Namespace) -> int:
     """``opf clean``: remove old runs' records and this pipeline's scratch folder."""
     from ..errors import UsageError
+    from ..runtime.jobfolders import remove_job_folders
     from ..runtime.session import lock_state
 
     if args.keep < 0:
@@ -115,7 +108,7 @@ def clean_main(args: argparse.Namespace) -> int:
         # never under a run that uses this state folder; job folders that other runs use stay
         with lock_state(state, "nothing was removed; clean again once it has finished"):
             history.remove([r.folder for r in old])
-            in_use = _clean_scratch(folder) if scratch_too else []
+            in_use = remove_job_folders(str(folder)) if scratch_too else []
     for line in lines[:len(old)] if in_use else lines:
         print(f"{verb} {line}")
     if in_use:

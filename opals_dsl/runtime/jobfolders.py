@@ -97,26 +97,25 @@ def _remove_unused_job_folders(jobs_dir: str, keep: str) -> list[str]:
     return removed
 
 
-def remove_job_folders(pipeline_dir: str) -> tuple[list[str], list[str]]:
+def remove_job_folders(pipeline_dir: str) -> list[str]:
     """Empty a pipeline's scratch folder (``opf clean --scratch-folder``) as far as no engine
     uses it: remove each job folder (with the task folders kept in it) whose lock no engine
-    holds, and the whole folder once none is held. Returns the job folders removed and those
-    left because an engine holds them."""
+    holds, and the whole folder once none is held. Returns the job folders left because an
+    engine holds them."""
     try:
         jobs = sorted(e.path for e in os.scandir(pipeline_dir)
                       if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
     except OSError:
-        return [], []
-    removed: list[str] = []
+        return []
     in_use: list[str] = []
     for jobs_dir in jobs:
-        removed += _remove_unused_job_folders(jobs_dir, keep="")
+        _remove_unused_job_folders(jobs_dir, keep="")
         with contextlib.suppress(OSError):
             in_use += [os.path.join(jobs_dir, m.group(1)) for name in sorted(os.listdir(jobs_dir))
                        if (m := _KEY_LOCK_RE.match(name))]
     if not in_use:
         remove_tree(pipeline_dir)
-    return removed, in_use
+    return in_use
 
 
 class JobPrephase:
