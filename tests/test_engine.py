@@ -92,7 +92,7 @@ class Project:
             steps=tuple(execs or ()),
             copyback=wire.Stage(f"copyback:{job}/{task}", tuple(map(tuple, copyback or ()))),
             attempt=attempt, scratch=str(self.scratch) if scratch == "default" else scratch,
-            logs=str(self.state / "logs" / job / task), run_id=run_id,
+            logs=str(self.state / "logs" / job), run_id=run_id,
         ).to_wire()
 
     def job_dir(self, job: str = "dem", pipeline: str = "strips",
@@ -237,17 +237,22 @@ def test_stage_exec_copyback_end_to_end(project: Project):
     assert (job / "grid.cfg").read_text() == "cell = 0.5\n"
     assert (job / ".opf-staged").is_file()
 
-    log = project.state / "logs" / "dem" / "strip11" / "grid.log"
+    log = project.state / "logs" / "dem" / "grid" / "strip11.log"
     lines = log.read_text().splitlines()
     assert lines[0].startswith("$ ") and "../tool.py grid ../grid.cfg strip11.xyz" in lines[0]
     assert "tool grid cell 0.5" in lines
-    assert (project.state / "logs" / "dem" / "strip11" / "copy.log").read_text().startswith("$ ")
+    assert (project.state / "logs" / "dem" / "copy" / "strip11.log").read_text().startswith("$ ")
     assert not [p for p in project.root.rglob("*") if is_temp_name(p.name)]
 
 
 def test_batch_returns_one_result_per_request_in_order(project: Project):
     results = run_tasks([grid_request(project, "strip11"), grid_request(project, "strip12")])
     assert [r["task"] for r in results] == ["strip11", "strip12"]
+    # one log folder per step, made by the first task; one file per task in it
+    logs = project.state / "logs" / "dem"
+    assert sorted(str(p.relative_to(logs)) for p in logs.rglob("*")) == [
+        "copy", "copy/strip11.log", "copy/strip12.log",
+        "grid", "grid/strip11.log", "grid/strip12.log"]
     assert all(r["ok"] for r in results)
     assert statuses(results[1])[0] == ("stage:dem", "cached")
     assert results[1]["bytes_staged"] == (project.root / "data/strip12.xyz").stat().st_size
@@ -592,7 +597,7 @@ def test_call_step_runs_in_task_folder_and_logs(project: Project, fresh_imports,
     assert "OPF_TASK" not in os.environ
     assert (project.root / "out.txt").read_text() == (
         f"points of strip11|0.5|a,b|{project.task_dir()}|strip11")
-    log = (project.state / "logs" / "dem" / "strip11" / "grid.log").read_text().splitlines()
+    log = (project.state / "logs" / "dem" / "grid" / "strip11.log").read_text().splitlines()
     assert log[0].startswith(f"$ call {module}:grid(")
     assert "python print 0.5 ['a', 'b']" in log
     assert "child process output" in log
@@ -626,7 +631,7 @@ def test_call_that_raises(project: Project, fresh_imports):
     assert failure["returncode"] is None
     assert "ValueError" in failure["message"] and "got -1" in failure["message"]
     log = Path(failure["log"])
-    assert log == project.state / "logs" / "dem" / "strip11" / "check.log"
+    assert log == project.state / "logs" / "dem" / "check" / "strip11.log"
     text = log.read_text()
     assert "Traceback" in text and 'raise ValueError(f"cell must be positive' in text
     assert failure["tail"][-1] == "ValueError: cell must be positive, got -1"
@@ -678,7 +683,7 @@ def test_exit_nonzero_reports_tail_keeps_folder_copies_nothing(project: Project)
     assert len(failure["tail"]) == 20
     assert failure["tail"][-1] == "grid: bad cell"
     assert failure["tail"][0] == "line 11"
-    assert failure["log"] == str(project.state / "logs" / "dem" / "strip11" / "grid.log")
+    assert failure["log"] == str(project.state / "logs" / "dem" / "grid" / "strip11.log")
     assert failure["task_dir"] == str(project.task_dir())
     assert (project.task_dir() / "first.txt").is_file()  # kept for inspection
     assert not (project.root / "results").exists()
@@ -1107,9 +1112,9 @@ def test_a_log_that_cannot_be_written_names_the_state_folder_s_disk(project: Pro
     """A full disk under the run's state folder is not the step's fault, and says so."""
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    logs = project.state / "logs" / "dem" / "strip11"
+    logs = project.state / "logs" / "dem" / "s"
     logs.mkdir(parents=True)
-    (logs / "s.log").symlink_to("/dev/full")  # every write there: No space left on device
+    (logs / "strip11.log").symlink_to("/dev/full")  # every write there: No space left on device
     if kind == "argv":
         step = argv_step("dem", "strip11", "s", ["true"])
     else:
@@ -1118,8 +1123,19 @@ def test_a_log_that_cannot_be_written_names_the_state_folder_s_disk(project: Pro
     failure = only(run_tasks([project.request(execs=[step])]))["failure"]
     assert failure["kind"] == "log" and failure["step"] == "s"
     assert failure["message"] == (
-        f"cannot write the log of step s ({logs / 's.log'}): No space left on device (the disk "
-        f"of the run's state folder is full, or a quota or file size limit was reached)")
+        f"cannot write the log of step s ({logs / 'strip11.log'}): No space left on device (the "
+        f"disk of the run's state folder is full, or a quota or file size limit was reached)")
+
+
+def test_a_log_folder_that_cannot_be_made_fails_the_step_naming_it(project: Project):
+    """The job's log folder is a file: the step fails as a problem of the state folder."""
+    (project.state / "logs").mkdir(parents=True)
+    (project.state / "logs" / "dem").write_text("in the way\n")
+    step = argv_step("dem", "strip11", "s", ["true"])
+    failure = only(run_tasks([project.request(execs=[step])]))["failure"]
+    assert failure["kind"] == "log" and failure["step"] == "s"
+    assert failure["message"].startswith(
+        f"cannot create the log folder {project.state / 'logs' / 'dem' / 's'} for step s: ")
 
 
 WRITE_THREE = ("import os\n"

@@ -76,8 +76,8 @@ def test_two_pipelines_in_one_folder_keep_their_own_records(tmp_path, capsys, mo
     assert run(tiles).done == 3
     assert run(strips).done == 3
     state = tmp_path / ".opf"
-    tile_log = state / "runs" / "tiles" / "1" / "logs" / "work" / "s1" / "make.log"
-    strip_log = state / "runs" / "strips" / "1" / "logs" / "work" / "s1" / "make.log"
+    tile_log = state / "runs" / "tiles" / "1" / "logs" / "work" / "make" / "s1.log"
+    strip_log = state / "runs" / "strips" / "1" / "logs" / "work" / "make" / "s1.log"
     assert "copy s1.txt s1.a" in tile_log.read_text()  # not overwritten by the other's
     assert "merge s1.a s1.txt s1.txt" in strip_log.read_text()
 

@@ -16,7 +16,7 @@ TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, steps=("grid",))
 def failure(**changes) -> TaskFailure:
     fields = dict(job="dem", task="s1", attempt=0, engine=0, machine="vm:/tmp",
                   node="exec:dem/s1/grid", step="grid", kind="exit", returncode=1,
-                  message="step grid exited with status 1", log="/state/logs/dem/s1/grid.log",
+                  message="step grid exited with status 1", log="/state/logs/dem/grid/s1.log",
                   tail=[], task_dir=None)
     fields.update(changes)
     return TaskFailure(**fields)

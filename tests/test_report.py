@@ -242,7 +242,7 @@ def test_failures_are_listed_with_their_log(run: Run) -> None:
     assert (retried["final"], retried["outcome"], retried["step"]) == (False, "done", "second")
     final = fails[("broken", "0", 0)]
     assert final["final"] and final["step"] == "bad"
-    assert final["log"] == str((last_run(run.state) / "logs" / "broken" / "0" / "bad.log")
+    assert final["log"] == str((last_run(run.state) / "logs" / "broken" / "bad" / "0.log")
                                .resolve())
     assert "the input was unreadable" in final["tail"]
     assert "the input was unreadable" in run.text

@@ -124,7 +124,7 @@ def test_chain_map_and_gather_deliver_outputs_flat_and_by_step(cluster, tmp_path
     merged = (results / "all" / "all.txt").read_text().splitlines()
     assert merged == [f"copied:copied:copied:strip {i}" for i in range(1, 7)]
     for i in range(1, 7):
-        assert (last_run(state) / "logs" / "down" / f"s{i}" / "second.log").is_file()
+        assert (last_run(state) / "logs" / "down" / "second" / f"s{i}.log").is_file()
 
     rows = trace_rows(state)
     assert {r["status"] for r in rows} <= {"done", "cached"}
@@ -285,7 +285,7 @@ def test_cli_failing_step_exits_1_and_reports_it(cluster, tmp_path):
     assert "FAILED work/s2: step convert" in err
     assert "exited with status 3" in err and "exit status:" not in err
     assert "| the input was unreadable" in err
-    log = last_run(state) / "logs" / "work" / "s2" / "convert.log"
+    log = last_run(state) / "logs" / "work" / "convert" / "s2.log"
     assert f"full log: {log}" in err
     assert "about to fail" in log.read_text()
     kept = err.split("task folder kept: ")[1].splitlines()[0]
@@ -364,10 +364,10 @@ def test_cli_a_file_named_like_an_option_is_copied_as_a_file(cluster, tmp_path):
     assert (results / "-n.copy").read_text() == "dash\n"
     assert (results / "-n.both").read_text() == "dash\ndash\n"
     assert (results / "s1.both").read_text() == "strip 1\nstrip 1\n"
-    logs = last_run(tmp_path / "p" / ".opf") / "logs" / "j" / "-n"
-    assert (logs / "copy.log").read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
+    logs = last_run(tmp_path / "p" / ".opf") / "logs" / "j"
+    assert (logs / "copy" / "-n.log").read_text().startswith("$ cp ./-n.txt ./-n.copy\n")
     # the script names the values; they follow it as the shell's arguments
-    assert (logs / "sh.log").read_text().startswith(
+    assert (logs / "sh" / "-n.log").read_text().startswith(
         """$ /bin/sh -c 'cat "$1" "$2" > "$3"' sh ./-n.txt ./-n.copy ./-n.both\n""")
 
 
@@ -670,7 +670,7 @@ def test_progress_lines_off_a_terminal(tmp_path):
     assert "done work/s1 on engine 0" in text and "done after/s3 on engine 0" in text
     assert "FAILED work/s2: step convert\n  step convert exited with status 3\n" in text
     assert "    | about to fail\n    | the input was unreadable\n" in text
-    log = last_run(tmp_path / "s") / "logs" / "work" / "s2" / "convert.log"
+    log = last_run(tmp_path / "s") / "logs" / "work" / "convert" / "s2.log"
     assert f"  full log: {log}\n" in text
     assert "  task folder kept: " in text
     assert "failing: 1 task failed\n" in text

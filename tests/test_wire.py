@@ -22,7 +22,7 @@ def request() -> wire.TaskRequest:
             wire.Step("exec:dem/s1/call", "call", None, "pkg.mod:fn", {"a": [1, 2]}),
         ),
         copyback=wire.Stage("copyback:dem/s1", (("s1.asc", "results/s1.asc"),)),
-        attempt=1, scratch=None, logs="/state/logs/dem/s1", checksum=True,
+        attempt=1, scratch=None, logs="/state/logs/dem", checksum=True,
     )
 
 
@@ -32,7 +32,7 @@ def result() -> wire.TaskResult:
         trace=(wire.TraceRow("stage:dem", "stage", 1.0, 1.5, "cached"),
                wire.TraceRow("exec:dem/s1/grid", "exec", 1.5, 2.5, "failed", 0, 3, "exit 3", 4)),
         failure=wire.Failure("exit", "step grid exited with status 3", "exec:dem/s1/grid",
-                             "grid", 3, "/state/logs/dem/s1/grid.log", ("a", "b"), "/tmp/x"),
+                             "grid", 3, "/state/logs/dem/grid/s1.log", ("a", "b"), "/tmp/x"),
         bytes_staged=10, shared={"cfg/grid.cfg": [5, 99]},
         staged={"data/s1.xyz": [10, 100, "ab" * 32]},
     )

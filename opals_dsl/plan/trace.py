@@ -13,7 +13,7 @@ Layout (in the state folder, ``.opf`` beside the pipeline file by default)::
         run.json                   when it started and ended, its tasks done/skipped/failed,
                                    its status and parameters
         trace.jsonl                one row per plan node and attempt (TRACE_FIELDS)
-        logs/<job>/<task>/<step>.log   each step's output, starting with its command line
+        logs/<job>/<step>/<task>.log   each step's output, starting with its command line
         report.html                its report, once written (opf report, opf run --report)
 
 Pipelines are told apart by their name (``pipeline NAME``, or the file's stem), so two pipelines
@@ -78,8 +78,10 @@ def read_run(folder: str | Path) -> dict[str, Any]:
 
 
 def log_path(logs: str | Path, job: str, task: str, step: str) -> Path:
-    """Where the log of ``step`` of task ``job/task`` lies below a run's ``logs`` folder."""
-    return Path(logs) / job / task / f"{step}.log"
+    """Where the log of ``step`` of task ``job/task`` lies below a run's ``logs`` folder: one
+    folder per job and step, one file per task (no folder per task: a run of many small tasks
+    creates as few files and folders as it can)."""
+    return Path(logs) / job / step / f"{task}.log"
 
 
 def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: the version of the request and result format; both sides must speak the same one
-VERSION = 2
+VERSION = 3
 
 #: ``[size, mtime_ns]`` of a file as the engine saw it, plus its SHA-256 when asked for
 Stat = Sequence[Any]
@@ -124,7 +124,8 @@ class Receipt:
 @dataclass(frozen=True, slots=True)
 class TaskRequest:
     """One task for an engine: where (``pipeline``, ``root`` — the pipeline's folder on the
-    shared drive —, ``scratch``, ``logs``), which (``job``, ``task``, ``attempt``) and its
+    shared drive —, ``scratch``, ``logs``: the job's log folder, which holds
+    ``<step>/<task>.log``), which (``job``, ``task``, ``attempt``) and its
     chain. ``checksum`` asks for the SHA-256 of each staged input; ``run_id`` marks the steps'
     processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed.
 

@@ -38,9 +38,10 @@ The four phases of a task, each a node of the plan with one row in the result's 
        SHA-256 when the request says ``checksum``, computed while copying), ``shared`` the same
        for the shared files.
     3. *Exec* (``exec:JOB/TASK/STEP``, the Mainphase), one step after the other with the task
-       folder as working directory; each step's output goes to ``<logs>/<step>.log``, which starts
-       with the command line. An ``argv`` step runs without a shell, each word passed exactly as
-       given, stdin from ``/dev/null``; the first word ``python`` means this engine's interpreter,
+       folder as working directory; each step's output goes to ``<logs>/<step>/<task id>.log``
+       (``logs``: the request's, the job's log folder), which starts with the command line. An
+       ``argv`` step runs without a shell, each word passed exactly as given, stdin from
+       ``/dev/null``; the first word ``python`` means this engine's interpreter,
        a first word containing ``/`` is a path relative to the task folder, any other is looked up
        on the engine's PATH. The folders of the declared outputs (``out x = "sub/f.asc"``) are
        created before the step runs. The environment is the engine's plus ``OPF_TASK``,
@@ -224,14 +225,13 @@ class _Task(JobPrephase):
         self.jobs_dir = os.path.join(self.pipeline_dir, self.job)
         self.job_dir = self.jobs_dir
         self.task_dir = os.path.join(self.job_dir, self.task)
-        self.logs = (
+        self.logs = (  # the job's log folder: <step>/<task>.log in it
             os.path.abspath(req.logs)
             if req.logs
-            else os.path.join(self.pipeline_dir, ".logs", self.job, self.task)
+            else os.path.join(self.pipeline_dir, ".logs", self.job)
         )
         self.trace: list[TraceRow] = []
         self.step: str | None = None
-        self.logs_ready = False
         # what the result says, keyed by the plan's paths
         self.bytes_staged = 0
         self.bytes_copied = 0
@@ -312,7 +312,7 @@ class _Task(JobPrephase):
         step = log = None
         if row.kind == "exec":
             step = self.step
-            log = os.path.join(self.logs, f"{step}.log")
+            log = self.log_file(step)
             if not os.path.isfile(log):
                 log = None
         message = f"{row.node} failed unexpectedly: {type(exc).__name__}: {_first_line(exc)}"
@@ -425,15 +425,7 @@ class _Task(JobPrephase):
         node = ex.node
         row = self.open_row(node, "exec")
         row.threads = ex.threads
-        log = os.path.join(self.logs, f"{step}.log")
-        if not self.logs_ready:
-            try:
-                os.makedirs(self.logs, exist_ok=True)
-            except OSError as exc:
-                raise self.fail(node, "log", f"cannot create the log folder {self.logs} for step "
-                                             f"{step}: {os_reason(exc, 'state')}",
-                                step=step) from exc
-            self.logs_ready = True
+        log = self.log_file(step)
         for out in ex.outputs:
             folder = os.path.dirname(os.path.join(self.task_dir, out))
             if folder != self.task_dir:
@@ -471,19 +463,31 @@ class _Task(JobPrephase):
                             step=step, returncode=returncode, log=log)
         self.close_row(row, "done", nbytes)
 
+    def log_file(self, step: str) -> str:
+        return os.path.join(self.logs, step, f"{self.task}.log")
+
     def open_log(self, node: str, step: str, log: str, header: str, *,
                  text: bool = False) -> Any:
-        """The step's log, opened and begun with ``header`` (its command line). A log that
-        cannot be written fails the step as a problem of the run's state folder, not of the
-        step (a full disk there is named as such)."""
+        """The step's log, opened and begun with ``header`` (its command line); its folder is
+        created when the first task of the job and step on this engine finds it missing. A log
+        that cannot be written fails the step as a problem of the run's state folder, not of
+        the step (a full disk there is named as such)."""
         out: Any = None
         try:
+            try:
+                out = _open_log(log, text)
+            except (FileNotFoundError, NotADirectoryError):
+                folder = os.path.dirname(log)
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise self.fail(node, "log", f"cannot create the log folder {folder} for "
+                                                 f"step {step}: {os_reason(exc, 'state')}",
+                                    step=step) from exc
+                out = _open_log(log, text)
             if text:
-                out = open(log, "w", buffering=1, encoding="utf-8",  # noqa: SIM115
-                           errors="backslashreplace")
                 out.write(header)
             else:
-                out = open(log, "wb", buffering=0)  # noqa: SIM115
                 _write(out, header)
         except OSError as exc:
             if out is not None:
@@ -637,6 +641,12 @@ def _scratch_root(scratch: str | None) -> str:
     if root is None:
         root = _SCRATCH[base] = os.path.realpath(base)
     return root
+
+
+def _open_log(path: str, text: bool) -> Any:
+    if text:
+        return open(path, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    return open(path, "wb", buffering=0)
 
 
 def _write(out: Any, text: str) -> None:

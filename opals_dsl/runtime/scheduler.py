@@ -149,7 +149,7 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
         stage_data(task.machine_stage, machine.files if machine is not None else ()),
         stage_data(task.task_stage, stage.files), steps,
         stage_data(task.copyback, copyback.files),
-        attempt, scratch, str(logs / task.job / task.task), checksum, run_id, receipt, start,
+        attempt, scratch, str(logs / task.job), checksum, run_id, receipt, start,
     )
 
 
