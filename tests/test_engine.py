@@ -1246,6 +1246,72 @@ def test_a_batch_flushes_each_destination_folder_once_after_its_renames(
     assert receipted("two") == ["strip13"]
 
 
+def _writing_request(project: Project, task: str, folder: str) -> dict[str, Any]:
+    return project.request(task, execs=[argv_step(
+        "dem", task, "w", ["python", "-c", "open('o.txt', 'w').write('x')"],
+        outputs=("o.txt",))], copyback=[["o.txt", f"{folder}/{task}.txt"]])
+
+
+def test_a_batch_flushes_every_task_s_copies_before_it_puts_any_in_place(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: the copies of all the tasks of a batch are flushed to disk in one phase,
+    before the first of them is renamed into place; a copy that cannot be flushed fails its
+    own task only, which leaves neither its destination nor a temporary behind."""
+    from opals_dsl.runtime import fsatomic
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_flush, real_rename = fsatomic._flush, fsatomic._rename
+
+    def flush(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "strip12" in path and broken:
+            raise OSError(errno.EIO, "Input/output error")
+        real_flush(fd)
+        with lock:
+            events.append(("flushed", os.path.basename(path)))
+
+    def rename(src: str, dst: str) -> None:
+        events.append(("rename", os.path.basename(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fsatomic, "_flush", flush)
+    monkeypatch.setattr(fsatomic, "_rename", rename)
+    tasks = ["strip11", "strip12", "strip13"]
+    broken = False
+    results = run_tasks([_writing_request(project, t, "a") for t in tasks])
+    assert [r["ok"] for r in results] == [True] * 3, results
+    assert [kind for kind, _ in events] == ["flushed"] * 3 + ["rename"] * 3, events
+    assert [name for kind, name in events if kind == "rename"] == [f"{t}.txt" for t in tasks]
+    for r in results:  # the result names each destination as it is on disk
+        st = (project.root / "a" / f"{r['task']}.txt").stat()
+        assert r["outputs"] == {f"a/{r['task']}.txt": [st.st_size, st.st_mtime_ns]}
+
+    events.clear()
+    broken = True
+    results = run_tasks([_writing_request(project, t, "b") for t in tasks])
+    assert [r["ok"] for r in results] == [True, False, True]
+    failure = results[1]["failure"]
+    assert failure["kind"] == "copyback" and failure["node"] == "copyback:dem/strip12"
+    assert failure["message"] == (f"cannot copy o.txt back to {project.root / 'b' / 'strip12.txt'}"
+                                  f": Input/output error")
+    row = next(row for row in results[1]["trace"] if row["kind"] == "copyback")
+    assert row["status"] == "failed"
+    assert sorted(p.name for p in (project.root / "b").iterdir()) == ["strip11.txt",
+                                                                      "strip13.txt"]
+
+
+def test_an_interrupted_batch_puts_none_of_its_waiting_copies_in_place(
+        project: Project, fresh_imports):
+    """Invariant: when a batch is interrupted (Ctrl-C reaching the engine), the copies of its
+    tasks that ended before are not renamed into place, and no temporary stays."""
+    (project.root / "stop.py").write_text("def now():\n    raise KeyboardInterrupt\n")
+    batch = [_writing_request(project, "strip11", "a"), _writing_request(project, "strip12", "a"),
+             project.request("strip13", execs=[call_step("dem", "strip13", "s", "stop:now", {})])]
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(batch)
+    assert list((project.root / "a").iterdir()) == []
+
+
 def test_copyback_failing_on_one_file_replaces_none_of_the_task_s_destinations(
         project: Project):
     """Invariant: when one file of a copy-back cannot be written, every destination of the task

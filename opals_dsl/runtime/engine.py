@@ -57,14 +57,15 @@ The four phases of a task, each a node of the plan with one row in the result's 
        pipeline's folder has a module of that name elsewhere (an engine serves many runs). After
        a step, each declared output must exist as a file.
     4. *Copy-back* (``copyback:JOB/TASK``, the Task Postphase). Each ``[local, destination]``
-       pair is copied with :func:`atomic_copies` (the destination joined with the request's
-       ``root``: every temporary written, then all flushed together, then renamed), then the
-       task folder is removed. If anything before failed, nothing is copied back and the task
-       folder is kept for inspection. The result's ``outputs`` gives each destination's
-       ``[size, mtime_ns]`` once it is in place (a journal records them). At the end of the
-       batch the folders renamed into are flushed, each once, and each task whose results are
-       on disk gets its receipt, if its request asked for one (:mod:`.landing`); only then do
-       the results go back.
+       pair is copied to a temporary beside its destination (joined with the request's
+       ``root``; :func:`write_temporaries`), then the task folder is removed. If anything before
+       failed, nothing is copied back and the task folder is kept for inspection. The batch
+       puts its tasks' copies in place together (:mod:`.landing`): every temporary flushed to
+       disk, then each task's renamed into place, then each folder renamed into flushed once;
+       each task whose results are on disk gets its receipt, if its request asked for one; only
+       then do the results go back. The result's ``outputs`` gives each destination's
+       ``[size, mtime_ns]`` as it is on disk (a journal records them). The copy-back's trace
+       row ends when its temporaries are written.
 
 Failures
     :func:`run_tasks` does not raise for a task's own failure; the result's ``failure`` says
@@ -112,9 +113,9 @@ from ..plan.wire import (
     TraceRow,
     WireError,
 )
-from .fsatomic import CopyError, atomic_copies, is_temp_name
+from .fsatomic import CopyError, Temporary, discard, is_temp_name, write_temporaries
 from .jobfolders import MARKER, JobPrephase
-from .landing import Ran, settle
+from .landing import Landing, Ran, settle
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
     Changing,
@@ -178,8 +179,15 @@ def run_tasks(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     read (another version of opf, say).
     """
     host = socket.gethostname()
-    ran = [_run_one(request, host) for request in batch]
-    return [result.to_wire() for result in settle(ran, host)]
+    landing = Landing()
+    try:
+        for request in batch:
+            landing.add(_run_one(request, host))
+        landing.land()
+    except BaseException:  # interrupted: what is not in place yet stays out
+        landing.abandon()
+        raise
+    return [result.to_wire() for result in settle(landing.ran, host)]
 
 
 def _run_one(data: Any, host: str) -> Ran:
@@ -187,7 +195,7 @@ def _run_one(data: Any, host: str) -> Ran:
         task = _Task(TaskRequest.from_wire(data), host)
     except Exception as exc:  # a request without its essentials still gets an answer
         return Ran(_malformed(data, host, exc))
-    return Ran(task.run(), task.landed, task.req.receipt)
+    return Ran(task.run(), task.landed, task.req.receipt, task.copies)
 
 
 def _malformed(data: Any, host: str, exc: Exception) -> TaskResult:
@@ -241,6 +249,8 @@ class _Task(JobPrephase):
         self.checksum = req.checksum
         self.task_lock: tuple[str, int] | None = None
         self.landed: set[str] = set()  # folders the copy-back renamed into, flushed by the batch
+        # the copy-back's temporaries, put in place with the batch's: (local, destination, temp)
+        self.copies: list[tuple[str, str, Temporary]] = []
 
     # -- the task --------------------------------------------------------------------------
 
@@ -265,6 +275,8 @@ class _Task(JobPrephase):
         except Exception as exc:  # an unforeseen condition is still this task's failure
             failure = self.unexpected(exc)
         except BaseException:  # interrupted (Ctrl-C reaches an engine as SIGINT), or ending
+            discard([temp for _, _, temp in self.copies])
+            self.copies = []
             if self.task_lock is not None:  # the folder is this task's: nothing in it counts
                 with contextlib.suppress(OSError):
                     remove_tree(self.task_dir)
@@ -610,10 +622,7 @@ class _Task(JobPrephase):
         pairs = [(os.path.join(self.task_dir, local), os.path.join(self.root, dest))
                  for local, dest in files]
         try:
-            nbytes = sum(atomic_copies(pairs, self.landed))
-            for (_, dest), (_, dst) in zip(files, pairs, strict=True):
-                st = os.stat(dst)
-                self.outputs[dest] = [st.st_size, st.st_mtime_ns]
+            temps = write_temporaries(pairs)
         except CopyError as failed:
             (local, _), (_, dst) = files[failed.index], pairs[failed.index]
             blocker = file_in_the_way(os.path.dirname(dst))
@@ -622,6 +631,9 @@ class _Task(JobPrephase):
                 reason += f" ({blocker} is a file, not a folder)"
             raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
                                               f"{reason}") from failed.error
+        self.copies = [(local, dest, temp) for (local, dest), temp in zip(files, temps,
+                                                                          strict=True)]
+        nbytes = sum(temp.size for temp in temps)
         self.bytes_copied += nbytes
         with contextlib.suppress(OSError):  # the outputs are safe; a stuck folder is no failure
             remove_tree(self.task_dir)

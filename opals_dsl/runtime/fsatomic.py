@@ -4,7 +4,9 @@
 the destination (the hex digits name the writer's host and process), flush it to disk, rename it
 over the destination and flush the folder: a destination is either as before or complete, never
 truncated. :func:`atomic_copies` does the same for many files with one flush phase: all
-temporaries written, then flushed together, then renamed. On any error the temporary is
+temporaries written, then flushed together, then renamed; its phases are there one by one
+(:func:`write_temporaries`, :func:`flush_each`, :func:`place`) for a caller that flushes the
+copies of many tasks together. On any error the temporary is
 removed and the error raised again. The writer holds a lock on the temporary while it writes.
 :func:`is_temp_name` recognises such temporaries; :func:`remove_abandoned_temporaries` removes
 those of a folder whose writer is provably gone (nobody holds the lock, and a writer of this
@@ -119,9 +121,35 @@ def atomic_copies(pairs: Sequence[tuple[str, str]],
 def _copy_turn(pairs: Sequence[tuple[str, str]], first: int, made: set[str]) -> list[int]:
     """The three phases of :func:`atomic_copies` for ``pairs``, number ``first`` and on; adds
     the destination folders to ``made``."""
-    temps: list[tuple[str, int, str]] = []  # temporary, its locked descriptor, destination
-    sizes: list[int] = []
-    renamed = 0
+    temps = write_temporaries(pairs, first, made)
+    try:
+        _flush_all([t.fd for t in temps], first)
+    except BaseException:
+        discard(temps)
+        raise
+    place(temps, first)
+    return [t.size for t in temps]
+
+
+class Temporary:
+    """A copy written beside its destination ``dst`` as ``tmp``, still open (and locked) as
+    ``fd``, ``size`` bytes; not yet flushed, not yet in place."""
+
+    __slots__ = ("tmp", "fd", "dst", "size")
+
+    def __init__(self, tmp: str, fd: int, dst: str) -> None:
+        self.tmp, self.fd, self.dst, self.size = tmp, fd, dst, 0
+
+
+def write_temporaries(pairs: Sequence[tuple[str, str]], first: int = 0,
+                      made: set[str] | None = None) -> list[Temporary]:
+    """The first phase of :func:`atomic_copies`: each ``(src, dst)`` pair copied into a new
+    temporary beside ``dst`` (missing folders created, each added to ``made``). The caller
+    flushes them (:func:`flush_each`) and puts them in place (:func:`place`), or drops them
+    (:func:`discard`). A failure raises :class:`CopyError` (pairs numbered from ``first``) and
+    leaves no temporary behind."""
+    made = set() if made is None else made
+    temps: list[Temporary] = []
     try:
         for i, (src, dst) in enumerate(pairs, first):
             try:
@@ -130,39 +158,60 @@ def _copy_turn(pairs: Sequence[tuple[str, str]], first: int, made: set[str]) -> 
                 if folder not in made:
                     os.makedirs(folder, exist_ok=True)
                     made.add(folder)
-                tmp, fd = _create_temporary(folder, name, 0o666)
-                temps.append((tmp, fd, dst))
-                sizes.append(_copy_into(src, fd))
+                temp = Temporary(*_create_temporary(folder, name, 0o666), dst)
+                temps.append(temp)
+                temp.size = _copy_into(src, temp.fd)
             except OSError as exc:
                 raise CopyError(i, exc) from exc
-        _flush_all([fd for _, fd, _ in temps], first)
-        for tmp, _, dst in temps:
+    except BaseException:
+        discard(temps)
+        raise
+    return temps
+
+
+def place(temps: Sequence[Temporary], first: int = 0) -> None:
+    """Rename each flushed temporary over its destination, in order; the descriptors are
+    closed (the locks let go) once each has its final name. A rename that fails raises
+    :class:`CopyError` (numbered from ``first``); the temporaries after it are removed, those
+    before it stay in place."""
+    renamed = 0
+    try:
+        for temp in temps:
             try:
-                _rename(tmp, dst)
+                _rename(temp.tmp, temp.dst)
             except OSError as exc:
                 raise CopyError(first + renamed, exc) from exc
             renamed += 1
     finally:
-        for tmp, _fd, _ in temps[renamed:]:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        for _, fd, _ in temps:
-            os.close(fd)  # releases the lock, once the temporary has its final name (or none)
-    return sizes
+        for temp in temps[:renamed]:
+            os.close(temp.fd)
+        discard(temps[renamed:])
+
+
+def discard(temps: Sequence[Temporary]) -> None:
+    """Remove temporaries that will not be put in place, and close them."""
+    for temp in temps:
+        with contextlib.suppress(OSError):
+            os.unlink(temp.tmp)
+        with contextlib.suppress(OSError):
+            os.close(temp.fd)
 
 
 def _flush_all(fds: list[int], first: int) -> None:
-    """Flush every descriptor to disk, the flushes issued together (a file system can then
-    commit them as one); raise :class:`CopyError` (numbered from ``first``) for the first that
-    fails."""
-    if len(fds) < 2:
-        outcomes = [_flush_one(fd) for fd in fds]
-    else:
-        with ThreadPoolExecutor(min(len(fds), 8)) as pool:
-            outcomes = list(pool.map(_flush_one, fds))
-    for i, exc in enumerate(outcomes, first):
+    """Flush every descriptor to disk (:func:`flush_each`); raise :class:`CopyError` (numbered
+    from ``first``) for the first that fails."""
+    for i, exc in enumerate(flush_each(fds), first):
         if exc is not None:
             raise CopyError(i, exc) from exc
+
+
+def flush_each(fds: Sequence[int]) -> list[OSError | None]:
+    """Flush every descriptor to disk, the flushes issued together (a file system can then
+    commit them as one); the error of each, or None."""
+    if len(fds) < 2:
+        return [_flush_one(fd) for fd in fds]
+    with ThreadPoolExecutor(min(len(fds), 8)) as pool:
+        return list(pool.map(_flush_one, fds))
 
 
 def _flush_one(fd: int) -> OSError | None:

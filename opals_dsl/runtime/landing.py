@@ -1,9 +1,16 @@
-"""The end of a batch on an engine: the results of its tasks made durable, then vouched for.
+"""The end of a batch on an engine: the results of its tasks put in place, made durable, then
+vouched for.
 
-A task's copy-back renames each destination into place (:func:`~.fsatomic.atomic_copies`, the
-file's data already on disk); the folders it renamed into are flushed here once for the whole
-batch (:func:`settle`), and only then does a task count as done. A folder that cannot be flushed
-fails the tasks that copied into it: their results say so, and so do their copy-back rows.
+A task's copy-back writes each result to a temporary beside its destination
+(:func:`~.fsatomic.write_temporaries`) and goes on. :class:`Landing` flushes the temporaries of
+all the batch's tasks to disk together, then renames each into place
+(:func:`~.fsatomic.place`): one flush phase for the batch instead of one per task, and still no
+destination renamed before its data is on disk. It lands what is waiting early once
+:data:`~.fsatomic.BATCH` temporaries are open. The folders renamed into are then flushed, each
+once for the whole batch (:func:`settle`), and only then does a task count as done. A copy that
+cannot be flushed or renamed, or a folder that cannot be flushed, fails the tasks it belongs to:
+their results say so, and so do their copy-back rows. A batch that is interrupted puts none of
+its waiting temporaries in place.
 
 Each task that is done then gets its receipt (:func:`write_receipt`): a line of JSON appended to
 the run's receipt file, which lets the next run recognise results that landed while no driver
@@ -23,18 +30,71 @@ import time
 from collections.abc import Sequence
 
 from ..plan.wire import FAILED, Failure, Receipt, TaskResult
-from .fsatomic import fsync_folder
+from .fsatomic import BATCH, CopyError, Temporary, discard, flush_each, fsync_folder, place
 from .paths import os_reason
 
 
 @dataclasses.dataclass(slots=True)
 class Ran:
-    """A task of the batch as it ended: its ``result``, the folders its copy-back renamed into
-    (``landed``, not yet flushed) and the ``receipt`` its request asked for."""
+    """A task of the batch as it ended: its ``result``, its copy-back's temporaries not yet in
+    place (``copies``: the local name, the destination as the plan writes it, the temporary),
+    the folders it renamed into (``landed``, not yet flushed) and the ``receipt`` its request
+    asked for."""
 
     result: TaskResult
     landed: set[str] = dataclasses.field(default_factory=set)
     receipt: Receipt | None = None
+    copies: list[tuple[str, str, Temporary]] = dataclasses.field(default_factory=list)
+
+
+class Landing:
+    """The tasks of a batch as they end (:meth:`add`), their copies put in place together
+    (:meth:`land`), or dropped if the batch is interrupted (:meth:`abandon`)."""
+
+    def __init__(self) -> None:
+        self.ran: list[Ran] = []
+        self._waiting = 0  # the first task whose copies are not in place yet
+
+    def add(self, ran: Ran) -> None:
+        self.ran.append(ran)
+        if sum(len(r.copies) for r in self.ran[self._waiting:]) >= BATCH:
+            self.land()  # not too many descriptors open at once
+
+    def land(self) -> None:
+        """Flush the waiting tasks' temporaries together, then put each task's in place; a
+        task whose copy cannot be flushed or renamed fails, none of its temporaries placed
+        after the failure."""
+        group, self._waiting = self.ran[self._waiting:], len(self.ran)
+        outcomes = iter(flush_each([t.fd for r in group for _, _, t in r.copies]))
+        for r in group:
+            copies, r.copies = r.copies, []
+            errors = [next(outcomes) for _ in copies]
+            temps = [t for _, _, t in copies]
+            failed = next((i for i, e in enumerate(errors) if e is not None), None)
+            try:
+                if failed is not None:
+                    raise CopyError(failed, errors[failed])  # type: ignore[arg-type]
+                for i, (_, dest, temp) in enumerate(copies):
+                    try:
+                        st = os.fstat(temp.fd)  # as on disk, once flushed
+                    except OSError as exc:
+                        raise CopyError(i, exc) from exc
+                    r.result.outputs[dest] = [st.st_size, st.st_mtime_ns]
+                temps, pending = [], temps
+                place(pending)
+            except CopyError as exc:
+                discard(temps)
+                local, _, temp = copies[exc.index]
+                r.result = _copy_failed(r.result, f"cannot copy {local} back to {temp.dst}: "
+                                                  f"{os_reason(exc.error, 'destination')}")
+                continue
+            r.landed.update(os.path.dirname(t.dst) for _, _, t in copies)
+
+    def abandon(self) -> None:
+        """Remove the temporaries not in place yet: the batch was interrupted."""
+        for r in self.ran[self._waiting:]:
+            discard([t for _, _, t in r.copies])
+            r.copies = []
 
 
 def settle(ran: Sequence[Ran], host: str) -> list[TaskResult]:
@@ -52,17 +112,18 @@ def settle(ran: Sequence[Ran], host: str) -> list[TaskResult]:
         result = r.result
         bad = sorted(r.landed & failed.keys())
         if bad and result.ok:
-            result = _unflushed(result, bad[0], failed[bad[0]])
+            folder = bad[0]
+            result = _copy_failed(result, f"cannot flush the folder {folder} to disk: "
+                                          f"{os_reason(failed[folder], 'destination')}")
         elif result.ok and r.receipt is not None:
             write_receipt(r.receipt, result, host)
         results.append(result)
     return results
 
 
-def _unflushed(result: TaskResult, folder: str, exc: OSError) -> TaskResult:
-    """``result`` failed because ``folder``, which its copy-back renamed into, could not be
-    flushed to disk; its copy-back row says so too."""
-    message = f"cannot flush the folder {folder} to disk: {os_reason(exc, 'destination')}"
+def _copy_failed(result: TaskResult, message: str) -> TaskResult:
+    """``result`` failed in its copy-back's landing, for ``message``; its copy-back row says so
+    too."""
     node = f"copyback:{result.job}/{result.task}"
     for row in result.trace:
         if row.kind == "copyback":
