@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from opals_dsl.plan.model import Task
-from opals_dsl.runtime.events import RunSummary, TaskFailure
+from opals_dsl.runtime.events import Counts, RunSummary, TaskFailure
 from opals_dsl.runtime.executor import EngineInfo
 from opals_dsl.runtime.progress import Progress, count, failure_report, printable
 
@@ -80,3 +80,18 @@ def test_progress_lines_agree_in_number():
         "p: its task is unchanged since the last run; nothing to run (--force runs it again)"]
     assert progress_lines(lambda p: p.resuming(1, 1)) == [
         "p: 1 of 2 tasks unchanged since the last run; 1 to run"]
+
+
+def test_the_status_line_says_tasks_on_engines_not_running():
+    """With more tasks handed to engines than engines, the count is of tasks on engines
+    (running or queued there), and the line says so."""
+    engines = {i: EngineInfo(i, "vm", i, "/tmp", "vm:/tmp") for i in range(2)}
+    counts = Counts(total=300, done=10, skipped=0, failed=1, running=12, engines=2,
+                    engines_busy=2)
+
+    def events(p: Progress) -> None:
+        p.run_started(300, engines)
+        p.counts_changed(counts)
+
+    assert progress_lines(events)[-1] == (
+        "10/300 finished, 12 on engines, 1 failed, engines busy 2/2")

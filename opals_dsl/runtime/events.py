@@ -135,7 +135,7 @@ class Counts:
     done: int
     skipped: int
     failed: int
-    running: int
+    running: int  # handed to engines: running there, or queued behind the task that runs
     engines: int
     engines_busy: int
 

@@ -71,7 +71,7 @@ class WidgetProgress(RunListener):
     def counts_changed(self, counts: Counts) -> None:
         self.bar.value = counts.done + counts.skipped
         self.label.value = html.escape(
-            f"{counts.done + counts.skipped}/{counts.total} · running {counts.running} · "
+            f"{counts.done + counts.skipped}/{counts.total} · on engines {counts.running} · "
             f"failed {counts.failed} · engines busy {counts.engines_busy}/{counts.engines}")
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:

@@ -6,7 +6,7 @@ stream, standard error by default, and the summary at the end, the run's result,
 standard output by default (``opf``'s rule: results on stdout, progress and diagnostics on
 stderr). Given only ``stream``, both go there.
 
-* On a terminal: a live bar with tasks done / running / failed / total and the engines busy,
+* On a terminal: a live bar with tasks done / on engines / failed / total and the engines busy,
   and a summary table at the end (rich).
 * Elsewhere (a log file, CI): plain lines — one per finished task for small runs, and for runs
   of more than ``line_limit`` tasks a status line at most every ``interval`` seconds — and the
@@ -223,7 +223,7 @@ class Progress(RunListener):
     def counts_changed(self, counts: Counts) -> None:
         self._counts = counts
         if self._bar is not None:
-            status = (f"running {counts.running}, failed {counts.failed}, "
+            status = (f"on engines {counts.running}, failed {counts.failed}, "
                       f"engines busy {counts.engines_busy}/{counts.engines}")
             self._bar.update(self._bar_task, completed=counts.done + counts.skipped,
                              status=status)
@@ -232,7 +232,7 @@ class Progress(RunListener):
             if self._last_status is None or now - self._last_status >= self.interval:
                 self._last_status = now
                 self._say(f"{counts.done + counts.skipped}/{counts.total} finished, "
-                          f"{counts.running} running, {counts.failed} failed, engines busy "
+                          f"{counts.running} on engines, {counts.failed} failed, engines busy "
                           f"{counts.engines_busy}/{counts.engines}")
 
     def task_done(self, task: Task, result: TaskResult, engine: int) -> None:
