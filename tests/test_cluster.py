@@ -195,7 +195,21 @@ def test_cli_by_profile_name(cluster, tmp_path):
                                    "--force"),
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
-    assert "nosuchprofile" in proc.stderr and "Traceback" not in proc.stderr
+    profiles = cluster.root / "ipython"
+    assert proc.stderr.splitlines()[-1] == (
+        f"opf: error: there is no ipyparallel profile 'nosuchprofile' (no folder "
+        f"{profiles / 'profile_nosuchprofile'}); start one with 'ipcluster start "
+        f"--profile=nosuchprofile', or leave out --profile for a cluster of this machine")
+    # a profile whose cluster is not running: no connection file to read
+    (profiles / "profile_stopped").mkdir()
+    proc = subprocess.run(opf_args(str(path), "--profile", "stopped", "--timeout", "1",
+                                   "--force"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    client = profiles / "profile_stopped" / "security" / "ipcontroller-client.json"
+    assert proc.stderr.splitlines()[-1] == (
+        f"opf: error: no cluster of profile 'stopped' is running (no {client}); start one "
+        f"with 'ipcluster start --profile=stopped'")
 
 
 def test_nothing_to_run_exits_0_and_touches_no_cluster(cluster, tmp_path):

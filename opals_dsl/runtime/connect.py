@@ -96,6 +96,7 @@ def _existing(options: ClusterOptions, state: Path,
     else:
         what = f"the ipyparallel cluster of profile {options.profile!r}"
         ipython_dir = None
+        _check_profile(str(options.profile))
 
         def connect() -> Any:
             return ipp.Client(profile=options.profile, timeout=options.timeout)
@@ -118,3 +119,18 @@ def _existing(options: ClusterOptions, state: Path,
         finally:
             with contextlib.suppress(Exception):
                 client.close(linger=0)
+
+
+def _check_profile(name: str) -> None:
+    """Refuse a profile whose folder does not exist, or whose controller has left no
+    connection file, naming the folder and how to start its cluster."""
+    from IPython.paths import get_ipython_dir
+
+    folder = Path(get_ipython_dir()) / f"profile_{name}"
+    start = f"start one with 'ipcluster start --profile={name}'"
+    if not folder.is_dir():
+        raise ClusterError(f"there is no ipyparallel profile {name!r} (no folder {folder}); "
+                           f"{start}, or leave out --profile for a cluster of this machine")
+    if not (folder / "security" / "ipcontroller-client.json").is_file():
+        raise ClusterError(f"no cluster of profile {name!r} is running (no "
+                           f"{folder / 'security' / 'ipcontroller-client.json'}); {start}")
