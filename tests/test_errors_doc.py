@@ -28,6 +28,9 @@ from test_docs import ROOT, Block, blocks, copy_examples, shown_as_in_docs
 
 ERRORS = ROOT / "docs" / "errors.md"
 
+#: the IPython folder (profiles) as the page shows it
+IPYTHON_SHOWN = "/home/anna/.ipython"
+
 #: the first line of each example output that is not produced here, and why
 NOT_REPRODUCED = {
     "strip_dems: 10 tasks on 2 engines (1 machine)":
@@ -94,7 +97,9 @@ def run_example(before: Block, folder: Path) -> str:
         command = ["bash", "-c", before.text]
     done = subprocess.run(command, cwd=folder, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
-    return shown_as_in_docs(done.stdout, folder)
+    ipython = folder.parent / "ipython"
+    shown = done.stdout.replace(str(ipython.resolve()), IPYTHON_SHOWN)
+    return shown_as_in_docs(shown.replace(str(ipython), IPYTHON_SHOWN), folder)
 
 
 @pytest.mark.parametrize(("before", "text"), _cases())
