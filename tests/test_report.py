@@ -33,6 +33,7 @@ from opals_dsl.runtime import session
 from opals_dsl.runtime.cluster import ClusterOptions
 from opals_dsl.runtime.connect import open_cluster
 from opals_dsl.runtime.events import RunSummary
+from opals_dsl.units import format_duration
 
 PIPELINE = """\
     pipeline report_check
@@ -154,7 +155,11 @@ def test_summary_matches_the_run(run: Run) -> None:
     assert s.started <= got["start"] < got["end"] <= s.finished
     assert got["wall"] == pytest.approx(got["end"] - got["start"])
     assert 0.15 < got["wall"] <= s.wall
-    # the tiles show the same figures
+    # the tiles show the same figures; the time is named for what it spans, not "wall time"
+    # as in the run's summary (which counts from the engines being ready)
+    assert (f'data-metric="wall" data-value="{round(got["wall"], 3)}"><div class="v">'
+            f'{format_duration(got["wall"])}</div><div class="l">first task to last</div>'
+            in run.text)
     for metric in ("done", "failed", "skipped", "retried", "bytes_staged", "bytes_copied"):
         assert f'data-metric="{metric}" data-value="{got[metric]}"' in run.text
 

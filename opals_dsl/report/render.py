@@ -128,7 +128,8 @@ def render(data: Mapping[str, Any], *, svg: str | None = None, title: str | None
 
 def _tiles(s: Mapping[str, Any]) -> list[str]:
     tiles = [
-        _tile("wall", "wall time", round(s["wall"], 3), format_duration(s["wall"])),
+        _tile("wall", "first task to last", round(s["wall"], 3),
+              format_duration(s["wall"])),
         _tile("done", "task run" if s["done"] == 1 else "tasks run", s["done"], str(s["done"]),
               "ok"),
         _tile("skipped", "skipped", s["skipped"], str(s["skipped"])),
