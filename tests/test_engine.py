@@ -1300,6 +1300,21 @@ def test_a_batch_flushes_every_task_s_copies_before_it_puts_any_in_place(
                                                                       "strip13.txt"]
 
 
+def test_a_copy_that_cannot_be_renamed_into_place_fails_its_own_task_only(project: Project):
+    """A destination that is a folder takes the temporary's write but not its rename: that
+    task fails naming the destination, the other lands, and no temporary stays."""
+    (project.root / "a" / "strip12.txt" / "x").mkdir(parents=True)
+    results = run_tasks([_writing_request(project, t, "a") for t in ("strip11", "strip12")])
+    assert [r["ok"] for r in results] == [True, False]
+    failure = results[1]["failure"]
+    assert failure["kind"] == "copyback"
+    assert failure["message"].startswith(
+        f"cannot copy o.txt back to {project.root / 'a' / 'strip12.txt'}: ")
+    assert sorted(p.name for p in (project.root / "a").iterdir()) == ["strip11.txt",
+                                                                      "strip12.txt"]
+    assert (project.root / "a" / "strip11.txt").read_text() == "x"
+
+
 def test_an_interrupted_batch_puts_none_of_its_waiting_copies_in_place(
         project: Project, fresh_imports):
     """Invariant: when a batch is interrupted (Ctrl-C reaching the engine), the copies of its

@@ -6,8 +6,8 @@ over the destination and flush the folder: a destination is either as before or 
 truncated. :func:`atomic_copies` does the same for many files with one flush phase: all
 temporaries written, then flushed together, then renamed; its phases are there one by one
 (:func:`write_temporaries`, :func:`flush_each`, :func:`place`) for a caller that flushes the
-copies of many tasks together. On any error the temporary is
-removed and the error raised again. The writer holds a lock on the temporary while it writes.
+copies of many tasks together. On any error the temporary is removed and the error raised
+again. The writer holds a lock on the temporary while it writes.
 :func:`is_temp_name` recognises such temporaries; :func:`remove_abandoned_temporaries` removes
 those of a folder whose writer is provably gone (nobody holds the lock, and a writer of this
 host no longer runs; one of another host must also be unchanged for :data:`FOREIGN_GRACE`

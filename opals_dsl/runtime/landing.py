@@ -69,9 +69,8 @@ class Landing:
         for r in group:
             copies, r.copies = r.copies, []
             errors = [next(outcomes) for _ in copies]
-            temps = [t for _, _, t in copies]
-            failed = next((i for i, e in enumerate(errors) if e is not None), None)
             try:
+                failed = next((i for i, e in enumerate(errors) if e is not None), None)
                 if failed is not None:
                     raise CopyError(failed, errors[failed])  # type: ignore[arg-type]
                 for i, (_, dest, temp) in enumerate(copies):
@@ -80,19 +79,26 @@ class Landing:
                     except OSError as exc:
                         raise CopyError(i, exc) from exc
                     r.result.outputs[dest] = [st.st_size, st.st_mtime_ns]
-                temps, pending = [], temps
-                place(pending)
             except CopyError as exc:
-                discard(temps)
-                local, _, temp = copies[exc.index]
-                r.result = _copy_failed(r.result, f"cannot copy {local} back to {temp.dst}: "
-                                                  f"{os_reason(exc.error, 'destination')}")
+                discard([t for _, _, t in copies])
+                self._failed(r, copies, exc)
+                continue
+            try:
+                place([t for _, _, t in copies])  # removes what it could not place
+            except CopyError as exc:
+                self._failed(r, copies, exc)
                 continue
             r.landed.update(os.path.dirname(t.dst) for _, _, t in copies)
 
+    @staticmethod
+    def _failed(r: Ran, copies: list[tuple[str, str, Temporary]], exc: CopyError) -> None:
+        local, _, temp = copies[exc.index]
+        r.result = _copy_failed(r.result, f"cannot copy {local} back to {temp.dst}: "
+                                          f"{os_reason(exc.error, 'destination')}")
+
     def abandon(self) -> None:
         """Remove the temporaries not in place yet: the batch was interrupted."""
-        for r in self.ran[self._waiting:]:
+        for r in self.ran:
             discard([t for _, _, t in r.copies])
             r.copies = []
 
