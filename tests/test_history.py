@@ -222,6 +222,47 @@ def test_clean_under_a_run_going_on_removes_nothing_and_says_to_wait(tmp_path, c
     assert sorted(p.name for p in (state / "runs" / "tiles").iterdir()) == ["1", "2"]
 
 
+PARAM_PIPELINE = """
+pipeline tiles
+param results = "results"
+
+job work for s in "data/*.txt" {
+    shared tool = "tool.py"
+    output "{results}" flat
+    step make {
+        out a = "{s.stem}.a"
+        run python {tool} copy {s} {a}
+    }
+}
+"""
+
+
+def test_a_second_run_into_the_same_folders_is_refused_whatever_its_state_folder(
+        tmp_path, capsys, monkeypatch):
+    """Two runs that copy back into the same folders would overwrite each other's results,
+    whatever their state folders: while one runs, the other is refused before it writes
+    anything. A run of the same pipeline into other folders (another param) goes ahead."""
+    path = write_pipeline(tmp_path, PARAM_PIPELINE, name="tiles.opf", inputs=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "scratch"))
+    state_a = tmp_path / "state-a"
+    with session.lock_results(compile_file(path), state_a):  # as a run going on holds it
+        status, out, err = opf(capsys, "run", "tiles.opf", "--state", "state-b", "-n", "1")
+        assert (status, out) == (2, "")
+        assert err == (
+            f"opf: error: another opf run (process {os.getpid()}, state folder {state_a}) is "
+            f"copying back into the same folders (results): the two would overwrite each "
+            f"other's results; wait for it to finish, or give this run other destinations\n")
+        assert not (tmp_path / "state-b" / "runs").exists()
+        status, _, err = opf(capsys, "run", "tiles.opf", "--state", "state-c", "-n", "1",
+                             "-p", "results=other")
+        assert status == 0, err
+        assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["s1.a", "s2.a"]
+    status, _, err = opf(capsys, "run", "tiles.opf", "--state", "state-b", "-n", "1")
+    assert status == 0, err  # once the other run is over
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["s1.a", "s2.a"]
+
+
 def engines_ended() -> None:
     """What the end of the engine processes does: the in-process engine lets go of the job
     folders it holds."""

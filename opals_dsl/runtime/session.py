@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import fcntl
 import gc
+import hashlib
 import os
 import posixpath
 import shutil
@@ -149,6 +150,47 @@ def lock_state(state: Path, busy: str = "wait for it to finish, or give this run
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def lock_results(plan: nx.DiGraph, state: Path) -> Iterator[None]:
+    """Hold a lock on the plan's destination folders for the run, whatever its state folder:
+    ``<pipeline folder>/.opf/results-<hash of the folders>.lock``. A second run that copies
+    back into the same folders (the same pipeline with the same params, started with a state
+    folder of its own) would overwrite the first one's results; it is refused, naming the first
+    run's process and state folder. Runs into other folders (other params, another pipeline)
+    are not held up. Where the pipeline's folder cannot be written, the run goes on without
+    the lock."""
+    info = model.info(plan)
+    folders = destination_folders(plan)
+    if not folders:
+        yield
+        return
+    digest = hashlib.sha256("\0".join(folders).encode()).hexdigest()[:16]
+    path = Path(info.root) / ".opf" / f"results-{digest}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, other = os.pread(fd, 4096, 0).decode(errors="replace").partition(" ")
+            shown = ", ".join(os.path.relpath(f, info.root) for f in folders[:3])
+            shown += ", ..." if len(folders) > 3 else ""
+            raise UsageError(
+                f"another opf run (process {pid.strip() or '?'}, state folder "
+                f"{other.strip() or '?'}) is copying back into the same folders ({shown}): "
+                f"the two would overwrite each other's results; wait for it to finish, or give "
+                f"this run other destinations") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {state.absolute()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class Interrupts:
     """SIGINT, SIGTERM and SIGHUP, handled alike.
 
@@ -260,7 +302,8 @@ def run(
     state = Path(state_dir)
     listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
-    with lock_state(state), interrupts.installed(signals), contextlib.ExitStack() as stack:
+    with lock_state(state), lock_results(plan, state), interrupts.installed(signals), \
+            contextlib.ExitStack() as stack:
         if executor is None and early is None:  # its engines may still be copying back
             stop_leftover_cluster(state)
         remove_stale_temporaries(plan)
