@@ -245,6 +245,12 @@ def test_failures_are_listed_with_their_log(run: Run) -> None:
     assert set(fails) == {("work", "s2", 0), ("broken", "0", 0)}
     retried = fails[("work", "s2", 0)]
     assert (retried["final"], retried["outcome"], retried["step"]) == (False, "done", "second")
+    # the failed attempt's log stays beside the retry's, and the report shows it
+    logs = last_run(run.state) / "logs" / "work" / "second"
+    assert retried["log"] == str((logs / "s2.log").resolve())
+    assert "first attempt fails" in retried["tail"]
+    assert "first attempt fails" not in (logs / "attempt2" / "s2.log").read_text()
+    assert (logs / "attempt2" / "s2.log").read_text().startswith("$ ")
     final = fails[("broken", "0", 0)]
     assert final["final"] and final["step"] == "bad"
     assert final["log"] == str((last_run(run.state) / "logs" / "broken" / "bad" / "0.log")

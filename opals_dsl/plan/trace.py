@@ -14,6 +14,7 @@ Layout (in the state folder, ``.opf`` beside the pipeline file by default)::
                                    its status and parameters
         trace.jsonl                one row per plan node and attempt (TRACE_FIELDS)
         logs/<job>/<step>/<task>.log   each step's output, starting with its command line
+                                   (a retry's: logs/<job>/<step>/attempt2/<task>.log, ...)
         report.html                its report, once written (opf report, opf run --report)
 
 Pipelines are told apart by their name (``pipeline NAME``, or the file's stem), so two pipelines
@@ -77,11 +78,15 @@ def read_run(folder: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def log_path(logs: str | Path, job: str, task: str, step: str) -> Path:
+def log_path(logs: str | Path, job: str, task: str, step: str, attempt: int = 0) -> Path:
     """Where the log of ``step`` of task ``job/task`` lies below a run's ``logs`` folder: one
     folder per job and step, one file per task (no folder per task: a run of many small tasks
-    creates as few files and folders as it can)."""
-    return Path(logs) / job / step / f"{task}.log"
+    creates as few files and folders as it can). A retry (``attempt`` 1 and on) writes to a
+    folder of its own in it, ``attempt2/`` and so on, so the failed attempt's log stays."""
+    folder = Path(logs) / job / step
+    if attempt:
+        folder /= f"attempt{attempt + 1}"
+    return folder / f"{task}.log"
 
 
 def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], int]:

@@ -320,8 +320,8 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             and outcome[key] == "failed"
         log = tail = None
         step = r.get("step")
-        if final and step and state_dir is not None and key is not None:
-            path = trace.log_path(Path(state_dir) / "logs", job, key[1], step)
+        if step and state_dir is not None and key is not None:  # every attempt's log
+            path = trace.log_path(Path(state_dir) / "logs", job, key[1], step, attempt)
             if path.is_file():
                 log = str(path.resolve())
                 tail = trace.tail(path, TAIL_LINES)

@@ -39,7 +39,8 @@ The four phases of a task, each a node of the plan with one row in the result's 
        for the shared files.
     3. *Exec* (``exec:JOB/TASK/STEP``, the Mainphase), one step after the other with the task
        folder as working directory; each step's output goes to ``<logs>/<step>/<task id>.log``
-       (``logs``: the request's, the job's log folder), which starts with the command line. An
+       (``logs``: the request's, the job's log folder; a retry's in ``attempt2/`` ... below the
+       step's folder), which starts with the command line. An
        ``argv`` step runs without a shell, each word passed exactly as given, stdin from
        ``/dev/null``; the first word ``python`` means this engine's interpreter,
        a first word containing ``/`` is a path relative to the task folder, any other is looked up
@@ -476,6 +477,10 @@ class _Task(JobPrephase):
         self.close_row(row, "done", nbytes)
 
     def log_file(self, step: str) -> str:
+        """The step's log (:func:`~opals_dsl.plan.trace.log_path`: a retry's is kept apart)."""
+        if self.req.attempt:
+            return os.path.join(self.logs, step, f"attempt{self.req.attempt + 1}",
+                                f"{self.task}.log")
         return os.path.join(self.logs, step, f"{self.task}.log")
 
     def open_log(self, node: str, step: str, log: str, header: str, *,

@@ -599,7 +599,7 @@ class Scheduler:
         tail: list[str] = []
         for exec_node in reversed(ref.execs):
             name = model.step_of(exec_node)
-            path = log_path(self.logs, ref.job, ref.task, name)
+            path = log_path(self.logs, ref.job, ref.task, name, self.attempt[i])
             try:
                 written = path.stat().st_mtime
             except OSError:
