@@ -232,8 +232,8 @@ def test_the_first_failure_stops_new_work_and_running_tasks_finish(cluster, tmp_
     proc = run_on(cluster, path, "--state", str(state))
     assert proc.returncode == 1, proc.stderr
     assert "FAILED work/s1: step go" in proc.stderr
-    assert "stopping: task work/s1 failed; no more tasks are handed out; those already on engines finish" in (
-        proc.stderr)
+    assert ("stopping: task work/s1 failed; no more tasks are handed out; those already on "
+            "engines finish") in proc.stderr
     rows = trace_rows(state)
     finished = {r["task"] for r in rows if r["job"] == "slow" and r["kind"] == "copyback"
                 and r["status"] == "done"}

@@ -277,7 +277,8 @@ class Progress(RunListener):
         if reason == "interrupted":
             self._say("interrupted: stopping the running tasks")
         else:
-            self._say(f"stopping: {reason}; no more tasks are handed out; those already on engines finish")
+            self._say(f"stopping: {reason}; no more tasks are handed out; those already on "
+                      f"engines finish")
 
     def run_finished(self, summary: RunSummary) -> None:
         if self._bar is not None:
