@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
-from opals_dsl.runtime import session
+from opals_dsl.runtime import resume, session
 from opals_dsl.runtime.executor import LocalExecutor
 from opals_dsl.runtime.journal import Journal, journal_path
 from opals_dsl.runtime.records import ENCODE, Written, record_line, time_of
@@ -220,6 +220,15 @@ def test_a_changed_command_word_is_named(tmp_path):
     assert decisions(path, state)["down/s1"] == "command of step copy changed: 's1.a' → 's1.b'"
     path.write_text(text.replace("step merge", "step gather"))
     assert decisions(path, state)["all/0"] == "steps changed (merge → gather)"
+
+
+@given(st.text(max_size=80), st.text(max_size=80), st.text(min_size=1, max_size=5))
+def test_a_changed_word_is_shown_where_it_changed(start, rest, extra):
+    """Invariant: two different words of a command are never shown alike, however long the
+    part they have in common (each is shortened to 40 characters)."""
+    was, now = start + rest, start + extra + rest
+    a, b = resume._apart(was, now)
+    assert a != b
 
 
 def test_a_task_that_failed_runs_again(tmp_path):

@@ -309,6 +309,16 @@ def _short(value: Any, limit: int = 40) -> str:
     return repr(text) if isinstance(value, str) else text
 
 
+def _apart(was: str, now: str, limit: int = 40) -> tuple[str, str]:
+    """Two differing words, shortened so that where they differ shows: past a long common
+    start, each begins with "…" a little before the first difference."""
+    common = len(os.path.commonprefix([was, now]))
+    start = common - 10 if common > limit - 10 else 0
+    if not start:
+        return _short(was, limit), _short(now, limit)
+    return _short("…" + was[start:], limit), _short("…" + now[start:], limit)
+
+
 def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
     """Why two ``steps`` lists (the recorded and the current one) make a task run again."""
     before = {s[0]: s[1] for s in old if isinstance(s, list) and len(s) == 2}
@@ -330,7 +340,9 @@ def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
         if isinstance(was, list) and isinstance(now, list):
             for x, y in zip(was, now, strict=False):
                 if x != y:
-                    return f"command of step {step} changed: {_short(x)} → {_short(y)}"
+                    a, b = _apart(x, y) if isinstance(x, str) and isinstance(y, str) else (
+                        _short(x), _short(y))
+                    return f"command of step {step} changed: {a} → {b}"
             return f"command of step {step} changed: {len(was)} → {len(now)} words"
         return f"command of step {step} changed"
     return "files or destinations of the task changed"
