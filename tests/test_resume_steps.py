@@ -96,6 +96,8 @@ def test_a_param_of_the_last_step_reruns_only_that_step(tmp_path):
     summary = run(path, {"azimuth": "45"})
     assert (summary.done, summary.failed) == (2, 0)
     assert ran(ledger) == ["shade s1.g", "shade s2.g"]  # import and grid did not run
+    # staged: only what shade reads, the grids; not the strips, which only import reads
+    assert summary.bytes_staged == sum(p.stat().st_size for p in results.glob("grid/*.g"))
     assert (results / "shade" / "s1.h").read_text() == (
         "strip 1\nimport \ngrid 1.0\nshade 45\n")
     assert {p: p.stat().st_mtime_ns for p in earlier} == earlier  # left as they were

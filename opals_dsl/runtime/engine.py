@@ -400,7 +400,7 @@ class _Task(JobPrephase):
             raise self.fail(node, "stage", f"the task id {self.task!r} cannot name a folder of "
                                            f"its own inside the job folder {self.job_dir}")
         pairs = []
-        for src, local in [*spec.files, *self.reused_outputs()]:
+        for src, local in [*self.inputs_read(spec), *self.reused_outputs()]:
             dst = self.local_path(node, local, "input")
             pairs.append((src, os.path.join(self.root, src), local, dst))
         for ex in self.req.steps:
@@ -412,6 +412,16 @@ class _Task(JobPrephase):
         for local, _ in self.req.copyback.files:
             self.local_path(node, local, "file to copy back")
         return pairs
+
+    def inputs_read(self, spec: Stage) -> list[tuple[str, str]]:
+        """The task's inputs as (source, local name) that the steps it runs read: all of them,
+        unless it resumes at a later step (an input only the earlier steps read, a raw strip
+        of several GB, say, is not copied for nothing)."""
+        start = self.req.start
+        if start <= 0:
+            return list(spec.files)
+        read = {name for ex in self.req.steps[start:] for name in ex.inputs}
+        return [(src, local) for src, local in spec.files if local in read]
 
     def reused_outputs(self) -> list[tuple[str, str]]:
         """For a task resumed at a later step: (destination, local name) of each published
