@@ -79,14 +79,19 @@ def read_run(folder: str | Path) -> dict[str, Any]:
 
 
 def log_path(logs: str | Path, job: str, task: str, step: str, attempt: int = 0) -> Path:
-    """Where the log of ``step`` of task ``job/task`` lies below a run's ``logs`` folder: one
-    folder per job and step, one file per task (no folder per task: a run of many small tasks
-    creates as few files and folders as it can). A retry (``attempt`` 1 and on) writes to a
-    folder of its own in it, ``attempt2/`` and so on, so the failed attempt's log stays."""
-    folder = Path(logs) / job / step
+    """Where the log of ``step`` of task ``job/task`` lies below a run's ``logs`` folder
+    (:func:`step_log` in the job's folder ``logs/<job>``)."""
+    return Path(step_log(os.path.join(logs, job), task, step, attempt))
+
+
+def step_log(job_logs: str, task: str, step: str, attempt: int = 0) -> str:
+    """Where the log of ``step`` of ``task`` lies in its job's log folder ``job_logs``: one
+    folder per step, one file per task (no folder per task: a run of many small tasks creates
+    as few files and folders as it can). A retry (``attempt`` 1 and on) writes to a folder of
+    its own in it, ``attempt2/`` and so on, so the failed attempt's log stays."""
     if attempt:
-        folder /= f"attempt{attempt + 1}"
-    return folder / f"{task}.log"
+        return os.path.join(job_logs, step, f"attempt{attempt + 1}", f"{task}.log")
+    return os.path.join(job_logs, step, f"{task}.log")
 
 
 def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], int]:

@@ -102,7 +102,7 @@ import time
 import traceback
 from typing import Any
 
-from ..plan.trace import TAIL_LINES, tail
+from ..plan.trace import TAIL_LINES, step_log, tail
 from ..plan.wire import (
     REUSED,
     TIMEOUT,
@@ -487,11 +487,7 @@ class _Task(JobPrephase):
         self.close_row(row, "done", nbytes)
 
     def log_file(self, step: str) -> str:
-        """The step's log (:func:`~opals_dsl.plan.trace.log_path`: a retry's is kept apart)."""
-        if self.req.attempt:
-            return os.path.join(self.logs, step, f"attempt{self.req.attempt + 1}",
-                                f"{self.task}.log")
-        return os.path.join(self.logs, step, f"{self.task}.log")
+        return step_log(self.logs, self.task, step, self.req.attempt)
 
     def open_log(self, node: str, step: str, log: str, header: str, *,
                  text: bool = False) -> Any:
