@@ -116,13 +116,12 @@ from ..plan.wire import (
 )
 from .fsatomic import CopyError, Temporary, discard, is_temp_name, write_temporaries
 from .jobfolders import MARKER, JobPrephase
-from .landing import Landing, Ran, settle
+from .landing import Landing, Ran, copy_back_failed, settle
 from .locks import HeldByStopped, lock, unlock
 from .paths import (
     Changing,
     copy_in,
     disk_full,
-    file_in_the_way,
     first_part,
     inside,
     is_component,
@@ -196,7 +195,7 @@ def _run_one(data: Any, host: str) -> Ran:
         task = _Task(TaskRequest.from_wire(data), host)
     except Exception as exc:  # a request without its essentials still gets an answer
         return Ran(_malformed(data, host, exc))
-    return Ran(task.run(), task.landed, task.req.receipt, task.copies)
+    return Ran(task.run(), receipt=task.req.receipt, copies=task.copies)
 
 
 def _malformed(data: Any, host: str, exc: Exception) -> TaskResult:
@@ -249,7 +248,6 @@ class _Task(JobPrephase):
         self.outputs: dict[str, list[Any]] = {}
         self.checksum = req.checksum
         self.task_lock: tuple[str, int] | None = None
-        self.landed: set[str] = set()  # folders the copy-back renamed into, flushed by the batch
         # the copy-back's temporaries, put in place with the batch's: (local, destination, temp)
         self.copies: list[tuple[str, str, Temporary]] = []
 
@@ -417,10 +415,9 @@ class _Task(JobPrephase):
         """The task's inputs as (source, local name) that the steps it runs read: all of them,
         unless it resumes at a later step (an input only the earlier steps read, a raw strip
         of several GB, say, is not copied for nothing)."""
-        start = self.req.start
-        if start <= 0:
+        if self.req.start <= 0:
             return list(spec.files)
-        read = {name for ex in self.req.steps[start:] for name in ex.inputs}
+        read = self.read_by_steps_run()
         return [(src, local) for src, local in spec.files if local in read]
 
     def reused_outputs(self) -> list[tuple[str, str]]:
@@ -430,9 +427,13 @@ class _Task(JobPrephase):
         if start <= 0:
             return []
         earlier = {out for ex in self.req.steps[:start] for out in ex.outputs}
-        read = {name for ex in self.req.steps[start:] for name in ex.inputs}
+        read = self.read_by_steps_run()
         return [(dest, local) for local, dest in self.req.copyback.files
                 if local in earlier and local in read]
+
+    def read_by_steps_run(self) -> set[str]:
+        """The local names the steps this task runs read."""
+        return {name for ex in self.req.steps[self.req.start:] for name in ex.inputs}
 
     def local_path(self, node: str, local: str, what: str) -> str:
         path = inside(self.task_dir, local)
@@ -636,12 +637,8 @@ class _Task(JobPrephase):
             temps = write_temporaries(pairs)
         except CopyError as failed:
             (local, _), (_, dst) = files[failed.index], pairs[failed.index]
-            blocker = file_in_the_way(os.path.dirname(dst))
-            reason = os_reason(failed.error, "destination")
-            if blocker is not None:
-                reason += f" ({blocker} is a file, not a folder)"
-            raise self.fail(node, "copyback", f"cannot copy {local} back to {dst}: "
-                                              f"{reason}") from failed.error
+            raise self.fail(node, "copyback",
+                            copy_back_failed(local, dst, failed.error)) from failed.error
         self.copies = [(local, dest, temp) for (local, dest), temp in zip(files, temps,
                                                                           strict=True)]
         nbytes = sum(temp.size for temp in temps)

@@ -31,15 +31,15 @@ from collections.abc import Sequence
 
 from ..plan.wire import FAILED, Failure, Receipt, TaskResult
 from .fsatomic import BATCH, CopyError, Temporary, discard, flush_each, fsync_folder, place
-from .paths import os_reason
+from .paths import file_in_the_way, os_reason
 
 
 @dataclasses.dataclass(slots=True)
 class Ran:
     """A task of the batch as it ended: its ``result``, its copy-back's temporaries not yet in
     place (``copies``: the local name, the destination as the plan writes it, the temporary),
-    the folders it renamed into (``landed``, not yet flushed) and the ``receipt`` its request
-    asked for."""
+    the folders they were renamed into (``landed``, by :class:`Landing`; not yet flushed) and
+    the ``receipt`` its request asked for."""
 
     result: TaskResult
     landed: set[str] = dataclasses.field(default_factory=set)
@@ -93,8 +93,7 @@ class Landing:
     @staticmethod
     def _failed(r: Ran, copies: list[tuple[str, str, Temporary]], exc: CopyError) -> None:
         local, _, temp = copies[exc.index]
-        r.result = _copy_failed(r.result, f"cannot copy {local} back to {temp.dst}: "
-                                          f"{os_reason(exc.error, 'destination')}")
+        r.result = _copy_failed(r.result, copy_back_failed(local, temp.dst, exc.error))
 
     def abandon(self) -> None:
         """Remove the temporaries not in place yet: the batch was interrupted."""
@@ -125,6 +124,16 @@ def settle(ran: Sequence[Ran], host: str) -> list[TaskResult]:
             write_receipt(r.receipt, result, host)
         results.append(result)
     return results
+
+
+def copy_back_failed(local: str, dst: str, error: OSError) -> str:
+    """Why the copy-back of the task's file ``local`` to ``dst`` failed, naming a file that
+    stands where one of ``dst``'s folders should be."""
+    reason = os_reason(error, "destination")
+    blocker = file_in_the_way(os.path.dirname(dst))
+    if blocker is not None:
+        reason += f" ({blocker} is a file, not a folder)"
+    return f"cannot copy {local} back to {dst}: {reason}"
 
 
 def _copy_failed(result: TaskResult, message: str) -> TaskResult:
