@@ -246,7 +246,9 @@ def test_a_second_run_into_the_same_folders_is_refused_whatever_its_state_folder
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "scratch"))
     state_a = tmp_path / "state-a"
-    with session.lock_results(compile_file(path), state_a):  # as a run going on holds it
+    plan = compile_file(path)
+    held = session.lock_results(str(tmp_path), session.destination_folders(plan), state_a)
+    with held:  # as a run going on holds it
         status, out, err = opf(capsys, "run", "tiles.opf", "--state", "state-b", "-n", "1")
         assert (status, out) == (2, "")
         assert err == (

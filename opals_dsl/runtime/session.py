@@ -40,7 +40,7 @@ import posixpath
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,14 +81,15 @@ def destination_folders(plan: nx.DiGraph, tasks: Iterable[Task] | None = None) -
     return sorted({os.path.join(root, folder) if folder else root for folder in folders})
 
 
-def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[Task] | None = None
-                             ) -> list[str]:
+def remove_stale_temporaries(plan: nx.DiGraph, tasks: Iterable[Task] | None = None, *,
+                             folders: Iterable[str] | None = None) -> list[str]:
     """Remove the temporaries that killed copy-backs left in the destination folders of
-    ``tasks`` (default: of the whole plan); return their paths. Only temporaries whose writer
-    is provably gone are removed (:func:`~opals_dsl.runtime.fsatomic.remove_abandoned_temporaries`):
-    those another run is still writing stay."""
+    ``tasks`` (default: of the whole plan; ``folders``: those folders, if known); return their
+    paths. Only temporaries whose writer is provably gone are removed
+    (:func:`~opals_dsl.runtime.fsatomic.remove_abandoned_temporaries`): those another run is
+    still writing stay."""
     removed = []
-    for folder in destination_folders(plan, tasks):
+    for folder in folders if folders is not None else destination_folders(plan, tasks):
         removed += remove_abandoned_temporaries(folder)
     return removed
 
@@ -131,64 +132,70 @@ def lock_state(state: Path, busy: str = "wait for it to finish, or give this run
     except OSError as exc:
         raise UsageError(f"cannot use the state folder {state}: "
                           f"{exc.strerror or exc}; choose another with --state") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UsageError(
-                f"another opf run (process {other}) is using the state folder {state}; {busy}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def refused(holder: str) -> str:
+        return (f"another opf run (process {holder.strip() or '?'}) is using the state folder "
+                f"{state}; {busy}")
+
+    with _holding(fd, f"{os.getpid()}\n", refused):
         _held[key] = 1
         try:
             yield
         finally:
             del _held[key]
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
-def lock_results(plan: nx.DiGraph, state: Path) -> Iterator[None]:
-    """Hold a lock on the plan's destination folders for the run, whatever its state folder:
-    ``<pipeline folder>/.opf/results-<hash of the folders>.lock``. A second run that copies
-    back into the same folders (the same pipeline with the same params, started with a state
-    folder of its own) would overwrite the first one's results; it is refused, naming the first
-    run's process and state folder. Runs into other folders (other params, another pipeline)
-    are not held up. Where the pipeline's folder cannot be written, the run goes on without
-    the lock."""
-    info = model.info(plan)
-    folders = destination_folders(plan)
+def lock_results(root: str, folders: Sequence[str], state: Path) -> Iterator[None]:
+    """Hold a lock on a plan's destination ``folders`` for the run, whatever its state folder:
+    ``<pipeline folder>/.opf/results-<hash of the folders>.lock`` (``root``: the pipeline
+    folder). A second run that copies back into the same folders (the same pipeline with the
+    same params, started with a state folder of its own) would overwrite the first one's
+    results; it is refused, naming the first run's process and state folder. Runs into other
+    folders (other params, another pipeline) are not held up. Where the pipeline's folder
+    cannot be written, the run goes on without the lock."""
     if not folders:
         yield
         return
     digest = hashlib.sha256("\0".join(folders).encode()).hexdigest()[:16]
-    path = Path(info.root) / ".opf" / f"results-{digest}.lock"
+    path = Path(root) / ".opf" / f"results-{digest}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
         yield
         return
+
+    def refused(holder: str) -> str:
+        pid, _, other = holder.partition(" ")
+        shown = ", ".join(os.path.relpath(f, root) for f in folders[:3])
+        shown += ", ..." if len(folders) > 3 else ""
+        return (f"another opf run (process {pid.strip() or '?'}, state folder "
+                f"{other.strip() or '?'}) is copying back into the same folders ({shown}): the "
+                f"two would overwrite each other's results; wait for it to finish, or give this "
+                f"run other destinations")
+
+    with _holding(fd, f"{os.getpid()} {state.absolute()}\n", refused):
+        yield
+
+
+@contextlib.contextmanager
+def _holding(fd: int, mark: str, refused: Callable[[str], str]) -> Iterator[None]:
+    """Hold an exclusive lock on the open file ``fd``, writing ``mark`` (who holds it) into
+    it, until the block ends; the descriptor is closed then, which lets the lock go. When
+    another process holds it, raise :class:`UsageError` with ``refused`` of what that one
+    wrote."""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid, _, other = os.pread(fd, 4096, 0).decode(errors="replace").partition(" ")
-            shown = ", ".join(os.path.relpath(f, info.root) for f in folders[:3])
-            shown += ", ..." if len(folders) > 3 else ""
-            raise UsageError(
-                f"another opf run (process {pid.strip() or '?'}, state folder "
-                f"{other.strip() or '?'}) is copying back into the same folders ({shown}): "
-                f"the two would overwrite each other's results; wait for it to finish, or give "
-                f"this run other destinations") from None
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            raise UsageError(refused(holder)) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {state.absolute()}\n".encode(), 0)
+        os.pwrite(fd, mark.encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)
 
 
 class Interrupts:
@@ -299,14 +306,14 @@ def run(
     process, unless ``end_after_interrupt`` is False (a kernel: its handlers come back).
     ``timeline`` gets the phases; ``policy`` the scheduler's knobs (``depth``,
     ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``)."""
-    state = Path(state_dir)
+    state, folders = Path(state_dir), destination_folders(plan)
     listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
-    with lock_state(state), lock_results(plan, state), interrupts.installed(signals), \
-            contextlib.ExitStack() as stack:
+    with lock_state(state), lock_results(model.info(plan).root, folders, state), \
+            interrupts.installed(signals), contextlib.ExitStack() as stack:
         if executor is None and early is None:  # its engines may still be copying back
             stop_leftover_cluster(state)
-        remove_stale_temporaries(plan)
+        remove_stale_temporaries(plan, folders=folders)
         tasks = model.tasks(plan)
         decided = timeline.now()
         with _journal(state, plan, resume, checksum, tasks) as journal:
@@ -342,7 +349,7 @@ def run(
                                state, scratch, run_id, interrupts, guard, to_run=to_run,
                                widest=max((t.threads for t in tasks.tasks), default=1),
                                timeline=timeline)
-        remove_stale_temporaries(plan)  # of engines lost on the way, or stopped mid-copy
+        remove_stale_temporaries(plan, folders=folders)  # of engines lost, or stopped mid-copy
         for problem in (journal.error if journal is not None else None, summary.trace_error):
             if problem:
                 listener.warning(problem)
