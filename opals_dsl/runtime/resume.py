@@ -309,10 +309,12 @@ def _short(value: Any, limit: int = 40) -> str:
     return repr(text) if isinstance(value, str) else text
 
 
-def _apart(was: str, now: str, limit: int = 40) -> tuple[str, str]:
-    """Two differing words, shortened so that where they differ shows: past a long common
-    start, each begins with "…" a little before the first difference."""
-    common = len(os.path.commonprefix([was, now]))
+def _apart(was: Any, now: Any, limit: int = 40) -> tuple[str, str]:
+    """Two differing words (:func:`_short` each), shortened so that where they differ shows:
+    past a long common start of two strings, each begins with "…" a little before the first
+    difference."""
+    both = isinstance(was, str) and isinstance(now, str)
+    common = len(os.path.commonprefix([was, now])) if both else 0
     start = common - 10 if common > limit - 10 else 0
     if not start:
         return _short(was, limit), _short(now, limit)
@@ -340,8 +342,7 @@ def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
         if isinstance(was, list) and isinstance(now, list):
             for x, y in zip(was, now, strict=False):
                 if x != y:
-                    a, b = _apart(x, y) if isinstance(x, str) and isinstance(y, str) else (
-                        _short(x), _short(y))
+                    a, b = _apart(x, y)
                     return f"command of step {step} changed: {a} → {b}"
             return f"command of step {step} changed: {len(was)} → {len(now)} words"
         return f"command of step {step} changed"
