@@ -38,25 +38,18 @@ from opals_dsl.runtime import session
 from opals_dsl.runtime.cluster import ClusterOptions
 from opals_dsl.runtime.connect import open_cluster
 
-PIPELINE = """
-pipeline staging
-job big for f in "data/big/*.bin" {
-    output "results/big" flat
-    step keep {
-        out o = "{f.stem}.out"
-        run mv {f} {o}
-    }
-}
-job small for f in "data/small/*.bin" {
-    output "results/small" flat
-    step keep {
-        out o = "{f.stem}.out"
-        run mv {f} {o}
-    }
-}
+#: one job per kind of input file (``big``, ``small``); a kind with no files has no job
+JOB = """
+job {kind} for f in "data/{kind}/*.bin" {{
+    output "results/{kind}" flat
+    step keep {{
+        out o = "{{f.stem}}.out"
+        run mv {{f}} {{o}}
+    }}
+}}
 """
 
-#: the step of PIPELINE as a ``call``, and the module it calls
+#: the step of JOB as a ``call``, and the module it calls
 CALL_STEP = "call keep:move(src = f, dst = o)"
 KEEP_MODULE = "import os\n\n\ndef move(src, dst):\n    os.rename(src, dst)\n"
 
@@ -121,9 +114,10 @@ def main() -> int:
         total = make_inputs(shared, args.big, args.big_mib, args.small, args.small_kib)
         print(f"inputs: {args.big} × {args.big_mib} MiB + {args.small} × {args.small_kib} KiB "
               f"= {total / MIB:.0f} MiB, written in {time.perf_counter() - t0:.1f} s")
-        pipeline = PIPELINE
+        kinds = [kind for kind, count in (("big", args.big), ("small", args.small)) if count]
+        pipeline = "pipeline staging\n" + "".join(JOB.format(kind=kind) for kind in kinds)
         if args.step == "call":
-            pipeline = PIPELINE.replace("run mv {f} {o}", CALL_STEP)
+            pipeline = pipeline.replace("run mv {f} {o}", CALL_STEP)
             (shared / "keep.py").write_text(KEEP_MODULE)
         (shared / "staging.opf").write_text(pipeline)
         plan = compile_file(shared / "staging.opf")
