@@ -717,6 +717,21 @@ def test_ctrl_c_stops_keeps_results_consistent_and_writes_the_journal(cluster, t
         for step in steps:  # the running steps were stopped
             wait_for(lambda step=step: not step.is_running()
                      or step.status() == psutil.STATUS_ZOMBIE, timeout=15)
+        # the trace and the report say which engine held each slow task, and show its log
+        assert "not finished (run stopped)  2 (2 of them on engines)" in out
+        rows = trace_rows(path.parent / ".opf")
+        held = [r for r in rows if r["status"] == "interrupted"]
+        assert sorted(r["task"] for r in held) == ["s1", "s2"]
+        assert len({r["engine"] for r in held}) == 2  # one slow task on each of two engines
+        assert all(r["node"] == f"stage:slow/{r['task']}" and r["end"] > r["start"]
+                   for r in held)
+        report = opf("report", str(path), cwd=tmp_path)
+        page = Path(report.stdout.split("report: ", 1)[1].strip()).read_text()
+        section = page[page.index("<h2>Interrupted"):]
+        for task in ("s1", "s2"):
+            assert f"<b>slow/{task}</b>" in section
+            assert f"logs/slow/wait/{task}.log" in section
+        assert "step wait had begun" in section
     else:
         for step in steps:  # a second Ctrl-C does not wait for them; free the engines
             with contextlib.suppress(psutil.Error):

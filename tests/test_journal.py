@@ -23,8 +23,9 @@ from opals_dsl.runtime import resume, session
 from opals_dsl.runtime.executor import LocalExecutor
 from opals_dsl.runtime.journal import Journal, journal_path
 from opals_dsl.runtime.records import ENCODE, Written, record_line, time_of
+from opals_dsl.runtime.request import build_request
 from opals_dsl.runtime.resume import Resume
-from opals_dsl.runtime.scheduler import Scheduler, build_request
+from opals_dsl.runtime.scheduler import Scheduler
 
 CHAIN = """
 pipeline chain

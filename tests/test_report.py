@@ -385,6 +385,45 @@ def test_a_trace_cut_short_and_tasks_that_never_ran(tmp_path: Path) -> None:
         ("a", False, "done")]
 
 
+def test_time_an_engine_held_a_task_without_reporting_is_in_no_phase(tmp_path: Path) -> None:
+    """A lost engine's row and an interrupted task's row span the time the engine held the
+    task: that time is a bar on its lane, but in no phase and not a node that ran; the
+    interrupted task is listed with the log of the step it had begun."""
+    def row(node: str, kind: str, task: str, status: str, start: float | None,
+            end: float | None = None, engine: int | None = 0) -> dict:
+        return {"node": node, "kind": kind, "job": "j", "task": task,
+                "step": node.rsplit("/", 1)[1] if kind == "exec" else None,
+                "engine": engine, "machine": "h:/s" if engine is not None else None,
+                "start": start, "end": end, "status": status, "bytes": 0, "attempt": 0}
+
+    rows = [
+        row("stage:j/a", "stage", "a", "done", 100.0, 101.0),
+        row("exec:j/a/s", "exec", "a", "done", 101.0, 103.0),
+        row("copyback:j/a", "copyback", "a", "done", 103.0, 104.0),
+        row("stage:j/b", "stage", "b", "lost", 100.0, 110.0, engine=1),
+        row("stage:j/b", "stage", "b", "interrupted", 111.0, 131.0, engine=2),
+        row("exec:j/b/s", "exec", "b", "not-run", None, engine=None),
+        row("copyback:j/b", "copyback", "b", "not-run", None, engine=None),
+    ]
+    (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                          encoding="utf-8")
+    log = tmp_path / "logs" / "j" / "s" / "b.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("$ step s\nhalf way\n")
+    out = write_report(tmp_path, tmp_path / "r.html")
+    page = out.read_text(encoding="utf-8")
+    data = embedded_data(page)
+    assert sum(p["seconds"] for p in data["phases"]) == 4.0  # task a's three nodes only
+    assert data["unreported"] == 30.0
+    assert data["summary"]["nodes_run"] == 3 and data["summary"]["not_run"] == 1
+    assert len(data["timeline"]["bars"]) == 5
+    [held] = data["interrupted"]
+    assert (held["task"], held["engine"], held["seconds"], held["step"]) == ("b", 2, 20.0, "s")
+    assert held["log"] == str(log.resolve()) and held["tail"] == ["$ step s", "half way"]
+    assert "30.0 s in tasks whose engine never reported back" in page
+    assert "<h2>Interrupted" in page and "step s had begun" in page
+
+
 def test_counts_of_one_are_said_in_the_singular(tmp_path: Path) -> None:
     """A run of one task on one engine: '1 task run', '1 engine on 1 machine' (it said
     '1 tasks run' and '1 engines')."""

@@ -35,6 +35,9 @@ _LANE, _START, _DUR, _PHASE, _STATUS, _ATTEMPT, _BYTES, _TASK, _JOB, _STEP = ran
 UNRUN = ("skipped", "blocked", "not-run", "reused")
 #: statuses of rows for nodes that failed: ``timeout`` is a step stopped at its time limit
 FAILING = ("failed", "timeout")
+#: statuses of the rows of tasks whose engine never reported back (a lost engine, an
+#: interrupted run): the time it held them, in no phase
+HELD = ("lost", "interrupted")
 SLOWEST = 10
 MAX_FAILURES = 50
 TAIL_LINES = 12
@@ -94,6 +97,7 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
     phases, busy, bytes_by_phase = _phases(bars)
     lanes = _lane_figures(bars, lane_keys, timed)
     held = sum(ln["held"] for ln in lanes)
+    unreported = sum(b[_DUR] for b in bars if b[_STATUS] in HELD)
 
     counts = Counter(outcome.values())
     summary = {
@@ -102,18 +106,20 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
         "retried": sum(t.max_attempt for t in tasks.values()),
         "retried_tasks": sum(1 for t in tasks.values() if t.max_attempt > 0),
         "wall": wall, "start": t0 if timed else None, "end": t1 if timed else None,
-        "nodes_run": len(bars),
+        "nodes_run": sum(1 for b in bars if b[_STATUS] not in HELD),
         "bytes_staged": bytes_by_phase[MACHINE_STAGE] + bytes_by_phase[TASK_STAGE],
         "bytes_copied": bytes_by_phase[COPYBACK],
         "engines": len(lanes), "machines": len({m for m, _ in lane_keys}),
     }
     failures = _failures(rows, tasks, outcome, state_dir, t0)
+    stopped = _interrupted(rows, tasks, state_dir, t0)
     return {
         "pipeline": info.pipeline if info is not None else None,
         "summary": summary,
         "phases": phases,
-        "idle": max(0.0, wall * len(lanes) - busy - held),
+        "idle": max(0.0, wall * len(lanes) - busy - held - unreported),
         "held": held,
+        "unreported": unreported,
         "jobs": _jobs(jobs_order, task_keys, tasks, outcome, bars),
         "steps": _steps(bars, job_rank),
         "slowest": _slowest(tasks, outcome)[:SLOWEST],
@@ -121,6 +127,8 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
         "lanes": lanes,
         "failures": failures[:MAX_FAILURES],
         "failures_total": len(failures),
+        "interrupted": stopped[:MAX_FAILURES],
+        "interrupted_total": len(stopped),
         "timeline": {
             "t0": t0, "wall": wall, "fields": list(BAR_FIELDS), "phases": list(PHASES),
             "lanes": [{"machine": m, "engine": e} for m, e in lane_keys],
@@ -208,6 +216,8 @@ def _phases(bars: list[list[Any]]) -> tuple[list[dict[str, Any]], float, list[in
     count = [0] * len(PHASES)
     nbytes = [0] * len(PHASES)
     for b in bars:
+        if b[_STATUS] in HELD:
+            continue
         seconds[b[_PHASE]] += b[_DUR]
         count[b[_PHASE]] += 1
         if b[_STATUS] not in FAILING:
@@ -334,5 +344,33 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             "outcome": outcome.get(key, "failed") if key is not None else "failed",
             "final": final, "log": log, "tail": tail,
             "timeout": r.get("status") == "timeout",
+        })
+    return found
+
+
+def _interrupted(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
+                 state_dir: str | Path | None, t0: float) -> list[dict[str, Any]]:
+    """The tasks an engine held when the run was interrupted (rows ``interrupted``), each with
+    the log of the last of its steps that had begun (``step``, ``log``, ``tail``; None where
+    no step had, or the logs are not at hand)."""
+    found = []
+    for r in rows:
+        if r.get("status") != "interrupted" or not _timed(r) or r.get("task") is None:
+            continue
+        job, task = str(r.get("job")), str(r.get("task"))
+        attempt = int(r.get("attempt") or 0)
+        step = log = tail = None
+        if state_dir is not None:
+            steps = [x.get("step") for x in tasks[(job, task)].rows
+                     if x.get("kind") == "exec" and (x.get("attempt") or 0) == attempt]
+            for name in reversed([x for x in steps if x]):
+                path = trace.log_path(Path(state_dir) / "logs", job, task, name, attempt)
+                if path.is_file():
+                    step, log, tail = name, str(path.resolve()), trace.tail(path, TAIL_LINES)
+                    break
+        found.append({
+            "job": job, "task": task, "attempt": attempt, "engine": r.get("engine"),
+            "machine": r.get("machine"), "start": r["start"] - t0,
+            "seconds": r["end"] - r["start"], "step": step, "log": log, "tail": tail,
         })
     return found

@@ -119,6 +119,7 @@ def render(data: Mapping[str, Any], *, svg: str | None = None, title: str | None
         plan=plan_html,
         failures=_failures_html(data),
         nfail=data["failures_total"],
+        interrupted=_interrupted_html(data),
         css=_asset("page.css"),
         script=_asset("page.js"),
         data=blob,
@@ -171,7 +172,11 @@ def _time_parts(data: Mapping[str, Any]) -> dict[str, str]:
         held = data.get("held") or 0.0
         kept = (f"{_e(format_duration(held))} kept free for steps with threads, "
                 if held else "")
-        sentence += (f" The engines were busy {_pct(busy, total)} of the wall time "
+        unreported = data.get("unreported") or 0.0
+        if unreported:
+            kept += (f"{_e(format_duration(unreported))} in tasks whose engine never reported "
+                     f"back, lost or interrupted, ")
+        sentence += (f" The engines were busy {_pct(busy + unreported, total)} of the wall time "
                      f"({kept}{_e(format_duration(data['idle']))} idle).")
     phase_table = _table(
         ["phase", "nodes", "engine time", "share", "bytes"],
@@ -277,3 +282,32 @@ def _failures_html(data: Mapping[str, Any]) -> str:
     more = data["failures_total"] - len(fails)
     tail = f'<p class="muted">… and {more} more.</p>' if more > 0 else ""
     return f'<ul class="failures">{"".join(out)}</ul>{tail}'
+
+
+def _interrupted_html(data: Mapping[str, Any]) -> str:
+    """The tasks engines held when the run was interrupted, with the log of the step each
+    had begun; nothing when the run was not interrupted while tasks were out."""
+    held = data.get("interrupted") or []
+    if not held:
+        return ""
+    out = []
+    for t in held:
+        head = (f'<b>{_e(t["job"])}/{_e(t["task"])}</b> · attempt {t["attempt"] + 1} · '
+                f'engine {_e(t["engine"])} on {_e(t["machine"])} · held for '
+                f'{_e(format_duration(t["seconds"]))}')
+        if t["step"]:
+            head += f" · step {_e(t['step'])} had begun"
+        body = ""
+        if t["tail"] is not None:
+            body += f'<pre class="tail">{_e(chr(10).join(t["tail"]))}</pre>'
+        if t["log"]:
+            body += (f'<div class="muted">log: <a href="{_e(Path(t["log"]).as_uri())}">'
+                     f'{_e(t["log"])}</a></div>')
+        out.append(f"<li>{head}{body}</li>")
+    more = data["interrupted_total"] - len(held)
+    tail = f'<p class="muted">… and {more} more.</p>' if more > 0 else ""
+    return (f'<section><h2>Interrupted <span class="muted">({data["interrupted_total"]})'
+            f'</span></h2><p class="muted">The run was interrupted while engines held these '
+            f'tasks (running, or waiting their turn in the engine\'s batch). The next run runs '
+            f'what did not finish.</p><ul class="failures">{"".join(out)}</ul>{tail}'
+            f'</section>')

@@ -65,6 +65,8 @@ class RunSummary:
     failed: int = 0
     blocked: int = 0
     not_run: int = 0
+    #: of ``not_run``: tasks an engine held when the run was interrupted
+    stopped_on_engines: int = 0
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
     #: failed task name -> names of the tasks left out because of it (``keep_going``)
@@ -103,7 +105,9 @@ class RunSummary:
         if self.blocked:
             rows.append(("not run (upstream failed)", str(self.blocked)))
         if self.not_run:
-            rows.append(("not finished (run stopped)", str(self.not_run)))
+            held = self.stopped_on_engines
+            rows.append(("not finished (run stopped)", str(self.not_run) + (
+                f" ({held} of them on engines)" if held else "")))
         rows.append(("retried", str(self.retried)))
         if self.engines_lost:
             moved = f"{self.resubmitted} task{'' if self.resubmitted == 1 else 's'} moved"

@@ -70,7 +70,8 @@ gives the step a task resumes at.
 
 The trace has a row per node and attempt (:data:`TRACE_FIELDS`); the row of the node that
 failed also holds the engine's ``returncode`` and ``message``. Nodes that did not run get rows
-with status ``skipped``, ``blocked`` or ``not-run``.
+with status ``skipped``, ``blocked`` or ``not-run``; a task that an engine held when the run was
+interrupted gets first a row ``interrupted`` on its task stage, from when it was sent until then.
 
 A synchronous executor (:class:`~opals_dsl.runtime.executor.LocalExecutor`) runs requests in this
 process, one after the other, for tests of the policy and for stepping through a run.
@@ -88,23 +89,16 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..plan import model
 from ..plan.model import Task
 from ..plan.trace import TAIL_LINES, TRACE_FILE, log_path
 from ..plan.trace import tail as read_tail
-from ..plan.wire import (
-    Failure,
-    Receipt,
-    TaskResult,
-    WireError,
-    request_data,
-    stage_data,
-    step_data,
-)
+from ..plan.wire import Failure, Receipt, TaskResult, WireError
 from .events import Counts, RunListener, RunSummary, TaskFailure, new_run_id
 from .executor import EngineInfo, Executor, describe_error
+from .request import build_request
 from .slots import Slots
 from .trace import TraceWriter
 
@@ -123,34 +117,6 @@ NOT_RUN = "not-run"  # the run stopped before the task was submitted
 
 #: a task on which this many engines were lost fails for good: it keeps killing its engine
 LOST_LIMIT = 2
-
-
-# -- the plan as tasks -----------------------------------------------------------------------
-
-
-def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
-                  logs: Path, checksum: bool = False, run_id: str | None = None,
-                  receipt: Receipt | None = None,
-                  info: model.PlanInfo | None = None, start: int = 0) -> dict[str, Any]:
-    """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
-    as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
-    ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
-    the task's results landed (:meth:`opals_dsl.runtime.journal.Journal.stamp`); ``info`` is the
-    plan's :func:`~opals_dsl.plan.model.info`, if it is at hand; ``start`` the step the task
-    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`)."""
-    info = info or model.info(plan)
-    machine, stage, execs, copyback = model.chain(plan, task)
-    steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
-                       e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp,
-                       e.threads, e.timeout)
-             for e in execs]
-    return request_data(
-        info.pipeline, info.root, task.job, task.task,
-        stage_data(task.machine_stage, machine.files if machine is not None else ()),
-        stage_data(task.task_stage, stage.files), steps,
-        stage_data(task.copyback, copyback.files),
-        attempt, scratch, str(logs / task.job), checksum, run_id, receipt, start,
-    )
 
 
 @dataclass(slots=True)
@@ -228,6 +194,8 @@ class Scheduler:
         self.attempt = [0] * n
         #: task -> the engines lost while it was running (tasks with none are not in it)
         self.lost_on: dict[int, list[int]] = {}
+        #: task -> (engine, sent, stopped) for the tasks engines held when the run stopped
+        self.stopped_on: dict[int, tuple[int, float, float]] = {}
         self.ready: list[int] = []
         #: ready tasks that need several slots of a machine (see :mod:`.slots`)
         self.wide: list[int] = []
@@ -428,9 +396,12 @@ class Scheduler:
             if self.executor.is_engine_loss(error):
                 self._lose_engine(engine, batch.tasks, lost_batch=batch)
                 return
-            if _is_withdrawn(error) or self.summary.interrupted:
-                for i in batch.tasks:  # withdrawn, or stopped by our own interrupt
+            if _is_withdrawn(error):
+                for i in batch.tasks:
                     self.state[i] = NOT_RUN
+                return
+            if self.summary.interrupted:  # stopped by our own interrupt
+                self._held_at_stop(batch)
                 return
             message = describe_error(error)
             for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
@@ -563,7 +534,7 @@ class Scheduler:
             self.slots.give_back(batch.borrowed)
             for i, attempt in zip(batch.tasks, batch.attempts, strict=True):
                 if self.trace is not None:
-                    self.trace.lost_row(self.tasks[i], attempt, engine,
+                    self.trace.held_row(self.tasks[i], attempt, engine,
                                         info.machine if info else None, batch.sent, lost_at)
         running = min(lost, key=lambda b: b.id) if lost and resubmit else None
         if running is not None:
@@ -662,15 +633,26 @@ class Scheduler:
                 continue
             self._complete(batch)
 
+    def _held_at_stop(self, batch: _Batch) -> None:
+        for i in batch.tasks:
+            self.state[i] = NOT_RUN
+            self.stopped_on[i] = (batch.engine, batch.sent, time.time())
+
     def _trace_unrun(self, i: int, status: str) -> None:
-        if self.trace is not None:
-            self.trace.unrun_rows(self.tasks[i], status, self.attempt[i])
+        if self.trace is None:
+            return
+        ref, attempt = self.tasks[i], self.attempt[i]
+        held = self.stopped_on.get(i)
+        if held is not None:
+            info = self.engines.get(held[0])
+            self.trace.held_row(ref, attempt, held[0], info.machine if info else None,
+                                held[1], held[2], "interrupted")
+        self.trace.unrun_rows(ref, status, attempt, 1 if held is None else 2)
 
     def _finish(self) -> None:
         s = self.summary
-        for batch in list(self.batches.values()):
-            for i in batch.tasks:
-                self.state[i] = NOT_RUN
+        for batch in list(self.batches.values()):  # engines that did not answer in time
+            self._held_at_stop(batch)
         self.batches.clear()
         for engine in self.held:
             self.held[engine] = []
@@ -682,6 +664,7 @@ class Scheduler:
                 else:
                     self.state[i] = NOT_RUN
                     s.not_run += 1
+                    s.stopped_on_engines += i in self.stopped_on
                 self._trace_unrun(i, state if state == BLOCKED else NOT_RUN)
         s.finished = time.time()
         if self.trace is not None:

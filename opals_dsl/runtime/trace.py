@@ -76,18 +76,21 @@ class TraceWriter:
                 "bytes": row.bytes, "attempt": attempt, **extra,
             })
 
-    def lost_row(self, ref: Task, attempt: int, engine: int, machine: str | None,
-                 sent: float, lost_at: float) -> None:
-        """A task whose engine was lost while it held the task."""
+    def held_row(self, ref: Task, attempt: int, engine: int, machine: str | None,
+                 sent: float, until: float, status: str = "lost") -> None:
+        """A task its engine held from ``sent`` until ``until`` without answering: the engine
+        was lost (``lost``), or the run was interrupted (``interrupted``). One row, on the task
+        stage, for the whole time."""
         self.write({
             "node": ref.task_stage, "kind": "stage", "job": ref.job, "task": ref.task,
             "step": None, "engine": engine, "machine": machine,
-            "start": sent, "end": lost_at, "status": "lost", "bytes": 0, "attempt": attempt,
+            "start": sent, "end": until, "status": status, "bytes": 0, "attempt": attempt,
         })
 
-    def unrun_rows(self, ref: Task, status: str, attempt: int) -> None:
-        """A task that did not run (skipped, blocked, not-run): a row per node."""
-        for node, kind in ref.kinds()[1:]:
+    def unrun_rows(self, ref: Task, status: str, attempt: int, first: int = 1) -> None:
+        """A task that did not run (skipped, blocked, not-run): a row per node of its chain
+        from ``first`` on (1: the task stage; 2 after a :meth:`held_row`)."""
+        for node, kind in ref.kinds()[first:]:
             self.write({
                 "node": node, "kind": kind, "job": ref.job,
                 "task": ref.task, "step": model.step_of(node), "engine": None, "machine": None,
