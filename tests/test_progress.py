@@ -8,7 +8,13 @@ import io
 from opals_dsl.plan.model import Task
 from opals_dsl.runtime.events import Counts, RunSummary, TaskFailure
 from opals_dsl.runtime.executor import EngineInfo
-from opals_dsl.runtime.progress import Progress, count, failure_report, printable
+from opals_dsl.runtime.progress import (
+    Progress,
+    blocked_lines,
+    count,
+    failure_report,
+    printable,
+)
 
 TASK = Task(order=0, job="dem", task="s1", index=0, retries=0, steps=("grid",))
 
@@ -44,6 +50,35 @@ def test_the_task_folder_is_named_only_when_it_was_kept():
     assert "task folder kept" not in failure_report(TASK, failure(task_dir=None))
     assert "  task folder kept: /scratch/opf/p/dem/s1" in failure_report(
         TASK, failure(task_dir="/scratch/opf/p/dem/s1"))
+
+
+def test_a_failure_outside_a_step_says_what_the_task_was_doing():
+    """The heading names the phase in words, not the plan's node id."""
+    def heading(node: str) -> str:
+        return failure_report(TASK, failure(node=node, step=None)).splitlines()[0]
+
+    assert heading("stage:dem") == "FAILED dem/s1: staging the job's shared files"
+    assert heading("stage:dem/s1") == "FAILED dem/s1: staging its inputs"
+    assert heading("copyback:dem/s1") == "FAILED dem/s1: copying its results back"
+    assert heading("exec:dem/s1/grid").startswith("FAILED dem/s1: exec:dem/s1/grid")
+
+
+def test_tasks_left_out_by_several_failures_name_them_all():
+    """A task that needs several failed tasks names each of them; tasks left out by the same
+    failures share a line."""
+    summary = RunSummary(blocked_by={
+        "dem/a": ["mosaic/0", "report/0", "hill/a"],
+        "dem/b": ["mosaic/0", "report/0"],
+        "dem/c": [f"x/{i}" for i in range(7)],
+    })
+    assert blocked_lines(summary) == [
+        "not run because dem/a and dem/b failed: mosaic/0, report/0",
+        "not run because dem/a failed: hill/a",
+        "not run because dem/c failed: x/0, x/1, x/2, x/3, x/4 and 2 more",
+    ]
+    many = RunSummary(blocked_by={f"dem/{i}": ["mosaic/0"] for i in range(7)})
+    assert blocked_lines(many) == [
+        "not run because dem/0, dem/1, dem/2, dem/3, dem/4 and 2 more failed: mosaic/0"]
 
 
 def test_counts_are_singular_and_plural():

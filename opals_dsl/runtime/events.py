@@ -69,7 +69,8 @@ class RunSummary:
     stopped_on_engines: int = 0
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
-    #: failed task name -> names of the tasks left out because of it (``keep_going``)
+    #: failed task name -> names of the tasks left out because of it (``keep_going``), also
+    #: those another failure left out too
     blocked_by: dict[str, list[str]] = field(default_factory=dict)
     engines_lost: int = 0
     bytes_staged: int = 0

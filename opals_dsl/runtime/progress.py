@@ -40,7 +40,7 @@ from .resume import Decision
 
 #: lines of a failed step's log shown in a failure report
 TAIL_SHOWN = 10
-#: tasks named per failure in the summary's "not run because ... failed" lines
+#: tasks named in each list of the summary's "not run because ... failed" lines
 BLOCKED_SHOWN = 5
 
 
@@ -66,9 +66,21 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _phase_words(node: str | None) -> str:
+    """What a task was doing at ``node`` (not a step), in words: ``stage:dem`` → staging the
+    job's shared files, ``stage:dem/a`` → staging its inputs, ``copyback:dem/a`` → copying
+    its results back."""
+    kind, _, rest = (node or "").partition(":")
+    if kind == "stage":
+        return "staging its inputs" if "/" in rest else "staging the job's shared files"
+    if kind == "copyback":
+        return "copying its results back"
+    return node or "the task"
+
+
 def failure_report(task: Task, failure: TaskFailure) -> str:
     """A task's failure, for a person: what failed, how, the log's tail, where to look."""
-    where = f"step {failure.step}" if failure.step else (failure.node or "the task")
+    where = f"step {failure.step}" if failure.step else _phase_words(failure.node)
     attempts = failure.attempt + 1
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     lines = [f"FAILED {task.name}: {where}{tries}"]
@@ -88,14 +100,27 @@ def failure_report(task: Task, failure: TaskFailure) -> str:
 
 
 def blocked_lines(summary: RunSummary) -> list[str]:
-    """For each failed task, the tasks that were not run because of it."""
-    lines = []
+    """The tasks that were not run because tasks they need failed, one line for each set of
+    failed tasks: ``not run because dem/a and dem/b failed: mosaic/0``."""
+    causes: dict[str, list[str]] = {}
     for failed, blocked in summary.blocked_by.items():
-        names = ", ".join(blocked[:BLOCKED_SHOWN])
-        if len(blocked) > BLOCKED_SHOWN:
-            names += f" and {len(blocked) - BLOCKED_SHOWN} more"
-        lines.append(f"not run because {failed} failed: {names}")
-    return lines
+        for name in blocked:
+            causes.setdefault(name, []).append(failed)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, failed in causes.items():
+        groups.setdefault(tuple(failed), []).append(name)
+    return [f"not run because {_some(list(failed), ' and ')} failed: {_some(names, ', ')}"
+            for failed, names in groups.items()]
+
+
+def _some(names: list[str], last: str) -> str:
+    """``names`` joined, the last two by ``last`` (``a, b and c``); beyond
+    :data:`BLOCKED_SHOWN` of them, how many more (``a, b, c, d, e and 3 more``)."""
+    if len(names) > BLOCKED_SHOWN:
+        return ", ".join(names[:BLOCKED_SHOWN]) + f" and {len(names) - BLOCKED_SHOWN} more"
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + last + names[-1]
 
 
 def decision_lines(title: str, decisions: list[Decision]) -> list[str]:

@@ -495,15 +495,15 @@ class Scheduler:
                 self._push_ready(j)
 
     def _block_dependents(self, i: int) -> list[int]:
-        """Block every task that waits (transitively) for task ``i``; the ones blocked now, in
-        plan order."""
+        """Block every task that waits (transitively) for task ``i``; every task downstream of
+        ``i`` that is blocked now, also those an earlier failure blocked, in plan order."""
         todo = list(self.dependents.get(i, ()))
-        blocked = []
+        blocked: set[int] = set()
         while todo:
             d = todo.pop()
-            if self.state[d] == WAITING:
+            if d not in blocked and self.state[d] in (WAITING, BLOCKED):
                 self.state[d] = BLOCKED
-                blocked.append(d)
+                blocked.add(d)
                 todo.extend(self.dependents.get(d, ()))
         return sorted(blocked)
 
