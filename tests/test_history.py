@@ -314,8 +314,12 @@ def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypa
                    f"rest was removed\n")
     assert all(p.is_dir() for p in kept)
     engines_ended()
-    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
-                           "--scratch", str(scratch))
+    # without --scratch it looks where the last run's engines worked, as its records say,
+    # not in the default scratch root
+    last = json.loads((runs / "tiles" / "4" / "run.json").read_text())
+    assert last["scratch"] == [str(scratch.resolve())]
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "elsewhere"))
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder")
     assert status == 0 and out.splitlines() == [
         f"removed scratch folder of tiles (job folders, kept task folders): "
         f"{scratch / 'opf' / 'tiles'}"]
@@ -324,8 +328,8 @@ def test_clean_prunes_old_runs_and_the_scratch_folder(tmp_path, capsys, monkeypa
     assert not (scratch / "opf" / "tiles").exists()
     assert (scratch / "opf" / "strips").is_dir()
     assert sorted(p.name for p in (runs / "strips").iterdir()) == ["1"]
-    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "elsewhere"))  # not this machine's
-    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder")
+    status, out, err = opf(capsys, "clean", "tiles.opf", "--keep", "1", "--scratch-folder",
+                           "--scratch", str(tmp_path / "elsewhere"))
     assert out == "nothing to clean for tiles\n"
     assert err.startswith(f"no scratch folder {tmp_path / 'elsewhere' / 'opf' / 'tiles'}: "
                           f"runs given --scratch DIR keep it there")

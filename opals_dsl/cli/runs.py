@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser, *, clean: bool) -> None:
                    "folders, task folders kept after failures): every checkout that runs a "
                    "pipeline of this name on this machine shares it")
     p.add_argument("--scratch", metavar="DIR",
-                   help="with --scratch-folder: the scratch root the runs used (default: "
-                   "$OPF_SCRATCH, else the system temp folder)")
+                   help="the scratch root to look in (default: the roots the last run's "
+                   "engines on this machine used, as its records say; else $OPF_SCRATCH, "
+                   "else the system temp folder)")
     p.add_argument("--dry-run", action="store_true",
                    help="remove nothing; list what would be removed")
 
@@ -87,36 +89,51 @@ def clean_main(args: argparse.Namespace) -> int:
     if args.keep < 0:
         raise UsageError("--keep takes a number of runs, 0 or more")
     name, state, found = _found(args)
-    scratch = (os.path.abspath(os.path.expanduser(args.scratch)) if args.scratch
-               else default_scratch())
+    roots = ([os.path.abspath(os.path.expanduser(args.scratch))] if args.scratch
+             else _recorded_scratch(found) or [default_scratch()])
     old = history.prunable(found, args.keep)
     lines = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
-    folder = Path(scratch) / "opf" / name  # as the engines name it
-    kept = None
-    scratch_too = folder.is_dir() and args.scratch_folder
-    if scratch_too:
-        lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
-    elif folder.is_dir():
-        kept = (f"kept the scratch folder {folder}: other checkouts with a pipeline named "
-                f"{name} share it (--scratch-folder removes it)")
-    elif args.scratch_folder:
-        kept = (f"no scratch folder {folder}: runs given --scratch DIR keep it there; give opf "
-                f"clean the same --scratch")
+    folders = [Path(root) / "opf" / name for root in roots]  # as the engines name it
+    kept: list[str] = []
+    for folder in folders:
+        if folder.is_dir() and args.scratch_folder:
+            lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
+        elif folder.is_dir():
+            kept.append(f"kept the scratch folder {folder}: other checkouts with a pipeline "
+                        f"named {name} share it (--scratch-folder removes it)")
+        elif args.scratch_folder:
+            kept.append(f"no scratch folder {folder}: runs given --scratch DIR keep it there; "
+                        f"give opf clean the same --scratch")
     verb = "would remove" if args.dry_run else "removed"
-    in_use: list[str] = []
+    in_use: dict[Path, list[str]] = {}
     if not args.dry_run and lines:
         # never under a run that uses this state folder; job folders that other runs use stay
         with lock_state(state, "nothing was removed; clean again once it has finished"):
             history.remove([r.folder for r in old])
-            in_use = remove_job_folders(str(folder)) if scratch_too else []
-    for line in lines[:len(old)] if in_use else lines:
-        print(f"{verb} {line}")
-    if in_use:
-        kept = (f"kept {len(in_use)} job folder{'s' if len(in_use) != 1 else ''} in {folder}: an "
-                f"engine holds {'them' if len(in_use) != 1 else 'it'} (a run going on, or a "
-                f"cluster's engine keeping it for its next run); the rest was removed")
+            for folder in folders if args.scratch_folder else ():
+                if folder.is_dir():
+                    in_use[folder] = remove_job_folders(str(folder))
+    for line in lines:
+        if not any(held and line.endswith(f": {folder}") for folder, held in in_use.items()):
+            print(f"{verb} {line}")
+    for folder, held in in_use.items():
+        if held:
+            kept.append(f"kept {len(held)} job folder{'s' if len(held) != 1 else ''} in "
+                        f"{folder}: an engine holds {'them' if len(held) != 1 else 'it'} (a run "
+                        f"going on, or a cluster's engine keeping it for its next run); the "
+                        f"rest was removed")
     if not lines:
         print(f"nothing to clean for {name}")
-    if kept:
-        print(kept, file=sys.stderr)
+    for line in kept:
+        print(line, file=sys.stderr)
     return 0
+
+
+def _recorded_scratch(found: list[history.PastRun]) -> list[str]:
+    """The scratch roots the last run that recorded them used on this host (``opf clean``
+    looks there unless given ``--scratch``)."""
+    for r in reversed(found):
+        roots = r.data.get("scratch")
+        if isinstance(roots, list) and roots and r.data.get("host") == socket.gethostname():
+            return [str(root) for root in roots]
+    return []

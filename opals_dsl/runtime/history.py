@@ -8,10 +8,12 @@ report`` picks and ``opf clean`` removes.
 ``run.json``
     ``{"run": N, "pipeline": ..., "source": ..., "params": {...}, "pid": ..., "host": ...,
     "started": ..., "finished": ..., "tasks": ..., "to_run": ..., "done": ..., "skipped":
-    ..., "failed": ..., "not_run": ..., "status": ...}``, written (whole, by a rename) when the
-    run starts, with status ``running``, and again when it ends, with its counts and one of
-    ``done``, ``failed``, ``stopped`` (tasks left undone), ``interrupted``, ``unchanged``
-    (nothing to do) or ``error`` (it could not start, e.g. no cluster). A run still
+    ..., "failed": ..., "not_run": ..., "status": ..., "scratch": [...]}``, written (whole,
+    by a rename) when the run starts, with status ``running``, and again when it ends, with
+    its counts and one of ``done``, ``failed``, ``stopped`` (tasks left undone),
+    ``interrupted``, ``unchanged`` (nothing to do) or ``error`` (it could not start, e.g. no
+    cluster); ``scratch``, once its engines are there, lists the scratch roots its engines on
+    this host use. A run still
     ``running`` whose process is gone was killed.
 
 Run numbers are given under the state folder's lock (:func:`opals_dsl.runtime.session.lock_state`)
@@ -25,6 +27,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,8 @@ from .paths import remove_tree
 
 if TYPE_CHECKING:
     import networkx as nx
+
+    from .executor import EngineInfo
 
 #: the status of a run still going on (or killed while it did)
 RUNNING = "running"
@@ -58,7 +63,8 @@ class RunRecords(RunListener):
     starts and completed when it ends (a context manager: a run that raises is ``error``, or
     ``interrupted`` on Ctrl-C)."""
 
-    def __init__(self, state: str | Path, plan: nx.DiGraph, *, total: int, to_run: int) -> None:
+    def __init__(self, state: str | Path, plan: nx.DiGraph, *, total: int, to_run: int,
+                 scratch: str | None = None) -> None:
         info = model.info(plan)
         base = runs_folder(state, info.pipeline)
         base.mkdir(parents=True, exist_ok=True)
@@ -72,6 +78,7 @@ class RunRecords(RunListener):
                 number += 1
         self.folder = base / str(number)
         self.to_run = to_run
+        self.scratch = scratch
         self.data: dict[str, Any] = {
             "run": number, "pipeline": info.pipeline, "source": info.source,
             "params": dict(info.params), "pid": os.getpid(), "host": socket.gethostname(),
@@ -85,6 +92,17 @@ class RunRecords(RunListener):
         text = json.dumps(self.data, ensure_ascii=False, indent=1) + "\n"
         with contextlib.suppress(OSError):  # the trace says what ran; the run goes on
             write_atomic(str(self.folder / RUN_FILE), text.encode("utf-8", "surrogateescape"))
+
+    def run_started(self, total: int, engines: Mapping[int, EngineInfo]) -> None:
+        """Record the scratch roots that the run's engines on this host work below
+        (``scratch``, where ``opf clean`` looks): the run's ``--scratch`` (resolved as they
+        resolve it) if it has one, else each engine's own."""
+        here = socket.gethostname()
+        mine = [info.scratch for info in engines.values() if info.host == here]
+        if self.scratch is not None and mine:
+            mine = [os.path.realpath(os.path.expanduser(self.scratch))]
+        self.data["scratch"] = sorted(set(mine))
+        self._write()
 
     def run_finished(self, summary: RunSummary) -> None:
         self.data.update(

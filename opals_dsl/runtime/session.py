@@ -329,7 +329,7 @@ def run(
             given = policy.pop("run_id", None)
             run_id = early.run_id if early else given or new_run_id()
             records = stack.enter_context(
-                RunRecords(state, plan, total=len(tasks), to_run=to_run))
+                RunRecords(state, plan, total=len(tasks), to_run=to_run, scratch=scratch))
 
             def schedule(engines: Executor) -> RunSummary:
                 refuse_wide_steps(plan, tasks, engines)
