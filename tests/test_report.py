@@ -151,6 +151,11 @@ def test_summary_matches_the_run(run: Run) -> None:
     assert got["blocked"] == s.blocked and got["not_run"] == s.not_run
     assert got["bytes_staged"] == s.bytes_staged
     assert got["bytes_copied"] == s.bytes_copied
+    # the nodes that ran: not the machine stages found ready, nor the nodes that never ran
+    ran = [r for r in run.trace if r.get("start") is not None
+           and r["status"] not in ("cached", "skipped", "blocked", "not-run", "reused")]
+    assert any(r["status"] == "cached" for r in run.trace)
+    assert got["nodes_run"] == len(ran)
     # the wall time lies within the driver's own start and end of the run
     assert s.started <= got["start"] < got["end"] <= s.finished
     assert got["wall"] == pytest.approx(got["end"] - got["start"])
