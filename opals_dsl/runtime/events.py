@@ -69,8 +69,8 @@ class RunSummary:
     stopped_on_engines: int = 0
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
-    #: failed task name -> names of the tasks left out because of it (``keep_going``), also
-    #: those another failure left out too
+    #: failed task name -> names of the tasks left out because of it (``keep_going``), with
+    #: the nearest of those an earlier failure had left out already
     blocked_by: dict[str, list[str]] = field(default_factory=dict)
     engines_lost: int = 0
     bytes_staged: int = 0

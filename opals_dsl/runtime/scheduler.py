@@ -495,15 +495,18 @@ class Scheduler:
                 self._push_ready(j)
 
     def _block_dependents(self, i: int) -> list[int]:
-        """Block every task that waits (transitively) for task ``i``; every task downstream of
-        ``i`` that is blocked now, also those an earlier failure blocked, in plan order."""
+        """Block every task that waits (transitively) for task ``i``; the ones blocked now and
+        the nearest ones an earlier failure blocked (not what lies beyond them: a failure
+        costs no more than the tasks it blocks), in plan order."""
         todo = list(self.dependents.get(i, ()))
         blocked: set[int] = set()
         while todo:
             d = todo.pop()
-            if d not in blocked and self.state[d] in (WAITING, BLOCKED):
+            if d in blocked or self.state[d] not in (WAITING, BLOCKED):
+                continue
+            blocked.add(d)
+            if self.state[d] == WAITING:
                 self.state[d] = BLOCKED
-                blocked.add(d)
                 todo.extend(self.dependents.get(d, ()))
         return sorted(blocked)
 
