@@ -409,6 +409,10 @@ def test_time_an_engine_held_a_task_without_reporting_is_in_no_phase(tmp_path: P
         row("stage:j/b", "stage", "b", "interrupted", 111.0, 131.0, engine=2),
         row("exec:j/b/s", "exec", "b", "not-run", None, engine=None),
         row("copyback:j/b", "copyback", "b", "not-run", None, engine=None),
+        # c was in the same batch as b: the engine held both for the same time, once
+        row("stage:j/c", "stage", "c", "interrupted", 111.0, 131.0, engine=2),
+        row("exec:j/c/s", "exec", "c", "not-run", None, engine=None),
+        row("copyback:j/c", "copyback", "c", "not-run", None, engine=None),
     ]
     (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
                                           encoding="utf-8")
@@ -420,9 +424,11 @@ def test_time_an_engine_held_a_task_without_reporting_is_in_no_phase(tmp_path: P
     data = embedded_data(page)
     assert sum(p["seconds"] for p in data["phases"]) == 4.0  # task a's three nodes only
     assert data["unreported"] == 30.0
-    assert data["summary"]["nodes_run"] == 3 and data["summary"]["not_run"] == 1
-    assert len(data["timeline"]["bars"]) == 5
-    [held] = data["interrupted"]
+    assert data["summary"]["nodes_run"] == 3 and data["summary"]["not_run"] == 2
+    assert len(data["timeline"]["bars"]) == 6
+    assert {ln["engine"]: ln["busy"] for ln in data["lanes"]} == {0: 4.0, 1: 10.0, 2: 20.0}
+    assert [t["task"] for t in data["slowest"]] == ["a"]  # no span of its own for b or c
+    held, _ = data["interrupted"]
     assert (held["task"], held["engine"], held["seconds"], held["step"]) == ("b", 2, 20.0, "s")
     assert held["log"] == str(log.resolve()) and held["tail"] == ["$ step s", "half way"]
     assert "30.0 s in tasks whose engine never reported back" in page

@@ -97,7 +97,7 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
     phases, busy, bytes_by_phase = _phases(bars)
     lanes = _lane_figures(bars, lane_keys, timed)
     held = sum(ln["held"] for ln in lanes)
-    unreported = sum(b[_DUR] for b in bars if b[_STATUS] in HELD)
+    unreported = sum(ln["unreported"] for ln in lanes)
 
     counts = Counter(outcome.values())
     summary = {
@@ -237,16 +237,33 @@ def _lane_figures(bars: list[list[Any]], lane_keys: list[tuple[str, Any]],
     busy = [0.0] * len(lane_keys)
     held = [0.0] * len(lane_keys)
     tasks: list[set[int]] = [set() for _ in lane_keys]
+    held_spans: list[list[tuple[float, float]]] = [[] for _ in lane_keys]
     for b in bars:
+        if b[_STATUS] in HELD:  # the tasks of one batch share one span: count it once
+            held_spans[b[_LANE]].append((b[_START], b[_START] + b[_DUR]))
+            continue
         busy[b[_LANE]] += b[_DUR]
         if b[_PHASE] == TASK_STAGE:
             tasks[b[_LANE]].add(b[_TASK])
+    for lane, spans in enumerate(held_spans):
+        busy[lane] += _covered(spans)
     lane_of = {k: i for i, k in enumerate(lane_keys)}
     for r in timed:
         for key in _borrowed(r):
             held[lane_of[key]] += max(0.0, r["end"] - r["start"])
     return [{"machine": m, "engine": e, "busy": busy[i], "held": held[i],
-             "tasks": len(tasks[i])} for i, (m, e) in enumerate(lane_keys)]
+             "unreported": _covered(held_spans[i]), "tasks": len(tasks[i])}
+            for i, (m, e) in enumerate(lane_keys)]
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """The time that at least one of ``spans`` (start, end) covers."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _jobs(jobs_order: list[str], task_keys: list[TaskKey], tasks: Mapping[TaskKey, _TaskRows],
@@ -289,7 +306,7 @@ def _slowest(tasks: Mapping[TaskKey, _TaskRows],
     first."""
     spans = []
     for key, t in tasks.items():
-        ran = [r for r in t.rows if _timed(r)]
+        ran = [r for r in t.rows if _timed(r) and r.get("status") not in HELD]
         if not ran:
             continue
         last = max(int(r.get("attempt") or 0) for r in ran)
