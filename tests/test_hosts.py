@@ -19,6 +19,7 @@ Root only (CI runs as root), and marked ``hosts``: the README's ``pytest`` leave
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -231,7 +232,7 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
     nothing_left(hosts.hosts, state)
 
 
-@pytest.mark.parametrize("how", ["link", "kill"])
+@pytest.mark.parametrize("how", ["link", "kill", "engine"])
 def test_a_host_lost_mid_run_its_tasks_run_again_on_the_others(
         hosts: Hosts, shared: Path, how: str):
     marks = shared / "marks"
@@ -251,8 +252,12 @@ def test_a_host_lost_mid_run_its_tasks_run_again_on_the_others(
         lost_at = time.time()
         if how == "link":
             hosts["opfhost2"].link_down()
-        else:
+        elif how == "kill":
             hosts["opfhost2"].kill_all()
+        else:  # its engine alone (kill -9), the host and its sshd stay
+            for pid, cmd in hosts["opfhost2"].processes():
+                if "ipyparallel.engine" in cmd and "nanny" not in cmd:
+                    os.kill(pid, signal.SIGKILL)
         out, err = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
@@ -322,6 +327,56 @@ def test_ctrl_c_stops_the_run_and_every_engine_on_every_host(hosts: Hosts, share
     assert driver.returncode == 130, err
     assert "Traceback" not in err
     nothing_left(hosts.hosts, shared / "p" / ".opf")
+
+
+def _of_cluster(cluster_id: str) -> list[int]:
+    """The processes (on every host: they share this side's process ids) whose environment
+    names ipyparallel cluster ``cluster_id``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["environ"]):
+        with contextlib.suppress(psutil.Error):
+            if (proc.info["environ"] or {}).get("IPP_CLUSTER_ID") == cluster_id:
+                found.append(proc.pid)
+    return found
+
+
+def test_the_engines_of_a_killed_run_are_ended_by_the_next_run(hosts: Hosts, shared: Path):
+    """``kill -9`` of opf leaves its engines on the hosts, running their tasks; the next run
+    in the state folder ends them before it decides what to run, so that none of them copies
+    back behind its back (the old steps would sleep a minute more)."""
+    marks = shared / "marks"
+    marks.mkdir()
+    path = write_pipeline(shared / "p", MARKED.format(marks=marks, seconds=90), inputs=3)
+    (shared / "p" / "hosttool.py").write_text(HOST_TOOL)
+    state = shared / "p" / ".opf"
+    engines = ["--engines", "ssh:opfhost1:1,opfhost2:1,opfhost3:1",
+               "--ssh-config", str(hosts.ssh_config), "--timeout", "300"]
+    driver = subprocess.Popen(opf(str(path), *engines), cwd=shared, env=run_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == 3, 300, "a task on every host")
+        record = json.loads((state / "launched.json").read_text())
+        driver.kill()
+        driver.wait()
+        old = record["cluster_id"]
+        assert sorted(host_of(r["ssh"][-1]) for r in record["ssh_engines"]) == list(HOSTS)
+        assert {r["pid"] for r in record["ssh_engines"]} <= set(_of_cluster(old))
+        proc = subprocess.run(opf(str(path), "-p", "seconds=0", *engines), cwd=shared,
+                              env=run_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        # at once, not after their heartbeat ran out: nothing of the killed run's cluster
+        assert _of_cluster(old) == []
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    results = shared / "p" / "results"
+    assert {p.name: p.read_text() for p in results.iterdir()} == {
+        f"s{i}.a": f"copied:strip {i}\n" for i in range(1, 4)}
+    nothing_left(hosts.hosts, state)
 
 
 def test_hosts_of_a_killed_session_are_removed_by_the_next(shared: Path):

@@ -171,7 +171,7 @@ def test_a_launcher_configuration_that_does_not_load_exits_3(tmp_path):
 
 WATCHERS = """
 import sys, threading
-from opals_dsl.runtime.launchers import quiet_ssh_waits
+from opals_dsl.runtime.ssh import quiet_ssh_waits
 
 def fail():
     raise RuntimeError("failed in " + threading.current_thread().name)

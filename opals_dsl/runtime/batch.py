@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .reaper import end_run
+from .ssh import end_engines
 
 #: how long a cancelled batch job may take to leave the queue (seconds)
 BATCH_GONE_WAIT = 30.0
@@ -58,8 +59,8 @@ RECORD = "launched.json"
 
 
 def stop_leftover_launch(state_dir: str | Path) -> bool:
-    """Stop what a killed run recorded in ``<state>/launched.json``: its controller and its
-    batch job. True if anything was still there."""
+    """Stop what a killed run recorded in ``<state>/launched.json``: its engines over SSH,
+    its controller and its batch job. True if anything was still there."""
     record = Path(state_dir) / RECORD
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
@@ -69,9 +70,12 @@ def stop_leftover_launch(state_dir: str | Path) -> bool:
         data = {}
     if not isinstance(data, dict):
         data = {}
+    # the engines first: while their controller is there, they cannot yet be finishing
+    # their last batch unheard
+    ended = end_engines(data.get("ssh_engines") or [])
     procs = end_run(data.get("processes") or [], None, grace=3.0)
     job = data.get("batch_job")
-    found = bool(procs)
+    found = bool(procs) or ended > 0
     if isinstance(job, dict) and job.get("delete"):
         if batch_state(job):
             found = True

@@ -85,8 +85,9 @@ from .timeline import NoTimeline, Timeline
 HEARTBEAT_MS = 100
 #: beats an engine may miss before the hub drops it (50 × 100 ms = 5 s)
 HEARTBEAT_MISSES = 50
-#: pings from the hub an engine may miss before it shuts itself down (600 × 100 ms = 1 min)
-ENGINE_HEARTBEAT_MISSES = 600
+#: checks without a ping from the hub after which an engine shuts itself down: an engine
+#: checks every heartbeat + 500 ms (ipyparallel's rule), so 100 × 600 ms = 1 min
+ENGINE_HEARTBEAT_MISSES = 60_000 // (HEARTBEAT_MS + 500)
 
 log = logging.getLogger(__name__)
 

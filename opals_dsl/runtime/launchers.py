@@ -63,8 +63,10 @@ Stopping
     removed, all at once; a batch job is cancelled; and what is left of the local processes
     (the controller, ssh sessions) is killed. Ctrl-C while stopping is held back until
     the stop is done. A run killed with ``kill -9`` leaves ``<state>/launched.json``; the next run
-    in that state folder stops the controller and cancels the batch job recorded there; the
-    engines over SSH stop by themselves within a minute once their controller is gone.
+    in that state folder ends the engines over SSH recorded there (each as soon as it is
+    started: host, ssh command, process id), stops the controller and cancels the batch job,
+    before it looks at what to run. An engine on a host it cannot reach stops by itself once
+    it has missed its controller's heartbeat for a minute.
 """
 
 from __future__ import annotations
@@ -106,7 +108,16 @@ from .executor import IPyParallelExecutor, describe_error
 from .fsatomic import write_atomic
 from .launch_options import PER_HOST, LaunchOptions
 from .reaper import live_processes
-from .ssh import last_lines, probe_host, source_address, ssh_address, ssh_base, ssh_hint
+from .ssh import (
+    engine_record,
+    last_lines,
+    probe_host,
+    quiet_ssh_waits,
+    source_address,
+    ssh_address,
+    ssh_base,
+    ssh_hint,
+)
 
 #: the commands a launcher needs on this machine
 _TOOLS = {"ssh": ("ssh",), "slurm": ("sbatch", "squeue", "scancel"),
@@ -142,6 +153,8 @@ class LaunchedCluster:
     expected: int = 0
     started_in: float | None = None
     _procs: list[dict[str, Any]] = field(default_factory=list)
+    _ssh_engines: list[dict[str, Any]] = field(default_factory=list)
+    _recording: Any = field(default_factory=threading.RLock)
     _starts: list[_Start] = field(default_factory=list)
     _pool: ThreadPoolExecutor | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -313,6 +326,7 @@ class LaunchedCluster:
                             return
                         self.cluster.start_engines_sync(1, engine_set_id=start.set_id,
                                                         engines={host: 1})
+                        self._remember_engines(start.set_id)
 
                 start.future = self._pool.submit(run)
                 self._starts.append(start)
@@ -431,13 +445,25 @@ class LaunchedCluster:
         return "\n".join(parts)
 
     def _remember(self, procs: list[Any]) -> None:
-        for proc in procs:
-            rec = process_record(proc)
-            if rec is not None:
-                self._procs.append(rec)
-        data = {"cluster_id": self.cluster_id, "kind": self.options.kind,
-                "driver": os.getpid(), "processes": self._procs, "batch_job": self._job}
-        write_atomic(str(self.record), json.dumps(data, indent=1).encode("utf-8"))
+        with self._recording:  # engines over SSH are recorded from the threads starting them
+            for proc in procs:
+                rec = process_record(proc)
+                if rec is not None:
+                    self._procs.append(rec)
+            data = {"cluster_id": self.cluster_id, "kind": self.options.kind,
+                    "driver": os.getpid(), "processes": self._procs, "batch_job": self._job,
+                    "ssh_engines": self._ssh_engines}
+            write_atomic(str(self.record), json.dumps(data, indent=1).encode("utf-8"))
+
+    def _remember_engines(self, set_id: str) -> None:
+        """Record the engines of an SSH engine set as started (host, process id), so that the
+        next run can end them if this one is killed."""
+        engine_set = self.cluster.engines.get(set_id)
+        launchers = getattr(engine_set, "launchers", {}) or {}
+        recs = [engine_record(la, self.cluster_id, self.remote_dir) for la in launchers.values()]
+        with self._recording:
+            self._ssh_engines.extend(r for r in recs if r is not None)
+        self._remember([])
 
     # stopping
 
@@ -472,11 +498,16 @@ class LaunchedCluster:
                 parts.append(cluster.stop_engines_sync)
             parts.append(cluster.stop_controller_sync)
         parts += [functools.partial(self._remove_remote_dir, host) for host in self._hosts]
+        # what ssh passes on from the hosts while they stop (a Python traceback from
+        # ipyparallel's kill of an engine that is gone already) is not opf's to show
         if parts:
-            with ThreadPoolExecutor(max_workers=min(16, len(parts)),
-                                    thread_name_prefix="opf-stop") as pool:
+            with _stderr_captured(self.options.kind == "ssh", echo=False) as caught, \
+                    ThreadPoolExecutor(max_workers=min(16, len(parts)),
+                                       thread_name_prefix="opf-stop") as pool:
                 for part in parts:
                     pool.submit(_quietly, part)
+            if caught and caught[0].strip():
+                log.debug("while stopping: %s", caught[0])
         if self._job is not None:
             _quietly(subprocess.run, self._job["delete"], capture_output=True, timeout=30)
             wait_batch_gone(self._job, BATCH_GONE_WAIT)
@@ -504,11 +535,11 @@ class LaunchedCluster:
 
 
 @contextlib.contextmanager
-def _stderr_captured(on: bool) -> Iterator[list[str]]:
+def _stderr_captured(on: bool, echo: bool = True) -> Iterator[list[str]]:
     """Catch what the launcher's commands write to standard error (ipyparallel keeps only
     their standard output): ``sbatch: error: ...`` belongs in opf's message, not above it.
     Yields a list that holds what was caught once the block is left; it is written out again
-    unless an error is propagating (the error quotes it)."""
+    (if ``echo``) unless an error is propagating (the error quotes it)."""
     caught: list[str] = []
     if not on:
         yield caught
@@ -528,7 +559,7 @@ def _stderr_captured(on: bool) -> Iterator[list[str]]:
             os.close(saved)
             tmp.seek(0)
             caught.append(tmp.read().decode(errors="replace"))
-            if ok and caught[0]:
+            if ok and echo and caught[0]:
                 sys.stderr.write(caught[0])
 
 
@@ -629,28 +660,6 @@ def _say(quiet: bool) -> Callable[[str], None]:
             print(f"opf: {text}", file=sys.stderr, flush=True)
 
     return say
-
-
-def quiet_ssh_waits() -> None:
-    """ipyparallel's SSH launcher watches each remote engine from a thread (``wait(host=...)``)
-    that dies with a traceback when its host stops answering; the engine's loss is opf's to
-    report (the hub notices it), so those tracebacks go to the debug log instead.
-
-    Installed once for the process and never taken back: a watcher blocked on an unreachable
-    host fails only when its ssh gives up, which may be after the cluster has been stopped."""
-    previous = threading.excepthook
-    if getattr(previous, "opf_quiet_ssh_waits", False):
-        return
-
-    def hook(args: Any) -> None:
-        name = getattr(args.thread, "name", "") or ""
-        if name.startswith("wait(host="):
-            log.debug("%s ended: %s", name, describe_error(args.exc_value))
-            return
-        previous(args)
-
-    hook.opf_quiet_ssh_waits = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
 
 
 def launched(options: ClusterOptions, state: Path,

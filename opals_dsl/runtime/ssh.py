@@ -1,16 +1,24 @@
-"""SSH for engines started on other hosts: the ssh command opf uses, and asking each host
-before anything starts whether it can run an engine (:func:`probe_host`)."""
+"""SSH for engines started on other hosts: the ssh command opf uses, asking each host before
+anything starts whether it can run an engine (:func:`probe_host`), and ending the engines a
+killed run left on its hosts (:func:`end_engines`)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import socket
 import subprocess
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from .launch_options import LaunchOptions
+
+log = logging.getLogger(__name__)
 
 #: longest wait for one SSH connection to be set up (seconds)
 SSH_CONNECT_TIMEOUT = 10
@@ -113,3 +121,92 @@ def source_address(address: str) -> str | None:
         s.connect((address, 9))
         return s.getsockname()[0]
     return None
+
+
+#: Python run on a host to end an engine that a killed run left there: the process, if it is
+#: still an engine of that cluster (its environment says so, so a reused process id is left
+#: alone), gets SIGTERM and, if it is still there after 5 s, SIGKILL. Its steps end with it
+#: (the engine's lifeline ends their process groups). Then ipyparallel's folder of the
+#: cluster on that host goes.
+_END_ENGINE = """\
+import os, shutil, signal, time
+pid, mark, folder = {pid}, {mark!r}, {folder!r}
+def alive():
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0] != b'Z'
+    except (OSError, IndexError):
+        return False
+try:
+    with open('/proc/%d/environ' % pid, 'rb') as f:
+        ours = mark.encode() in f.read().split(b'\\0')
+except OSError:
+    ours = False
+if ours:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 5
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+    print('__opf_ended=1')
+if folder.startswith('/tmp/opf-'):
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def engine_record(launcher: Any, cluster_id: str, folder: str) -> dict[str, Any] | None:
+    """What :func:`end_engines` needs to end the engine an ipyparallel SSH launcher started
+    (the ssh command it used, the Python, the process id there, the cluster's ``folder``
+    there), or None without a pid."""
+    pid = getattr(launcher, "pid", None)
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    return {"ssh": [*launcher.ssh_cmd, *launcher.ssh_args, launcher.location],
+            "python": launcher.remote_python, "pid": pid, "cluster_id": cluster_id,
+            "folder": folder}
+
+
+def end_engines(records: Iterable[dict[str, Any]], timeout: float = 20.0) -> int:
+    """End the engines a killed run recorded (:func:`engine_record`), all hosts at once;
+    how many were still there. A host that cannot be reached is passed over: its engines stop
+    by themselves once they miss their controller's heartbeat for a minute."""
+    def end(rec: dict[str, Any]) -> bool:
+        code = _END_ENGINE.format(pid=int(rec["pid"]),
+                                  mark=f"IPP_CLUSTER_ID={rec['cluster_id']}",
+                                  folder=str(rec.get("folder") or ""))
+        cmd = [*map(str, rec["ssh"]), shlex.quote(str(rec["python"])), "-"]
+        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+            proc = subprocess.run(cmd, input=code, capture_output=True, text=True,
+                                  timeout=timeout)
+            return "__opf_ended=1" in proc.stdout
+        return False
+
+    found = [r for r in records if isinstance(r, dict) and {"ssh", "python", "pid",
+                                                            "cluster_id"} <= r.keys()]
+    if not found:
+        return 0
+    with ThreadPoolExecutor(min(16, len(found))) as pool:
+        return sum(pool.map(end, found))
+
+
+def quiet_ssh_waits() -> None:
+    """ipyparallel's SSH launcher watches each remote engine from a thread (``wait(host=...)``)
+    that dies with a traceback when its host stops answering; the engine's loss is opf's to
+    report (the hub notices it), so those tracebacks go to the debug log instead.
+
+    Installed once for the process and never taken back: a watcher blocked on an unreachable
+    host fails only when its ssh gives up, which may be after the cluster has been stopped."""
+    previous = threading.excepthook
+    if getattr(previous, "opf_quiet_ssh_waits", False):
+        return
+
+    def hook(args: Any) -> None:
+        name = getattr(args.thread, "name", "") or ""
+        if name.startswith("wait(host="):
+            log.debug("%s ended: %s: %s", name, type(args.exc_value).__name__, args.exc_value)
+            return
+        previous(args)
+
+    hook.opf_quiet_ssh_waits = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
