@@ -307,6 +307,27 @@ def test_a_host_that_cannot_be_reached_at_start_exits_3(hosts: Hosts, shared: Pa
     nothing_left([h for h in hosts.hosts if h.name != "opfhost3"], shared / "p" / ".opf")
 
 
+def test_engines_that_do_not_register_in_time_ask_for_a_longer_timeout(hosts: Hosts,
+                                                                       shared: Path):
+    """The hosts answered over SSH, so a timeout too short is the first thing to check (here
+    the engines' Python answers the hosts' check, but an engine never starts)."""
+    path = write_pipeline(shared / "p", SPREAD, inputs=1)
+    (shared / "p" / "cfg.txt").write_text("cell 1.0\n")
+    python = shared / "slow-python"
+    python.write_text(f"#!/bin/sh\ncase \"$*\" in *ipyparallel.engine*) exec sleep 120;; esac\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    proc = subprocess.run(
+        opf(str(path), "--engines", "ssh:opfhost1:1", "--ssh-config", str(hosts.ssh_config),
+            "--remote-python", str(python), "--timeout", "15"),
+        cwd=shared, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no engine registered within 15 s (--timeout)" in proc.stderr
+    assert "Check: a longer --timeout" in proc.stderr
+    nothing_left(hosts.hosts, shared / "p" / ".opf")
+
+
 def test_ctrl_c_stops_the_run_and_every_engine_on_every_host(hosts: Hosts, shared: Path):
     marks = shared / "marks"
     marks.mkdir()

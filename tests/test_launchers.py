@@ -142,6 +142,21 @@ def test_a_host_that_refuses_ssh_exits_3_before_anything_starts(tmp_path):
     assert not (tmp_path / "p" / "results").exists()
 
 
+def test_a_controller_ip_that_is_not_this_machine_s_exits_3_before_any_host_is_asked(tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text("Host deadhost\n    HostName 127.0.0.1\n    Port 9\n")
+    path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
+    # 192.0.2.0/24 is for documentation: never an address of this machine
+    proc = opf(str(path), "--engines", "ssh:deadhost:1", "--ssh-config", str(config),
+               "--controller-ip", "192.0.2.77", cwd=tmp_path, env=clean_env())
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("opf: error: --controller-ip 192.0.2.77 is not an address of this machine "
+            "(Cannot assign requested address)") in proc.stderr
+    assert "deadhost" not in proc.stderr  # no host was asked
+    assert not (tmp_path / "p" / ".opf" / "launched.json").exists()
+
+
 def test_a_batch_system_that_is_not_installed_exits_3(tmp_path):
     path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
     empty = tmp_path / "bin"

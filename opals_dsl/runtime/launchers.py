@@ -82,7 +82,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -109,8 +108,10 @@ from .fsatomic import write_atomic
 from .launch_options import PER_HOST, LaunchOptions
 from .reaper import live_processes
 from .ssh import (
+    check_local_address,
     engine_record,
     last_lines,
+    machine_name,
     probe_host,
     quiet_ssh_waits,
     source_address,
@@ -198,6 +199,8 @@ class LaunchedCluster:
                     f"could not start engines with {opts.kind}: {tool} is not installed on "
                     f"this machine (or not on PATH); run opf where {opts.kind}'s commands "
                     f"work, e.g. on a login node")
+        if opts.controller_ip and opts.controller_ip != "*":
+            check_local_address(opts.controller_ip)  # before any host is asked
         engines: dict[str, int] = {}
         if opts.kind == "ssh":
             engines = self._probe_hosts(deadline)
@@ -256,7 +259,7 @@ class LaunchedCluster:
         opts = self.options
         if opts.controller_ip:
             if opts.controller_ip == "*":
-                return "*", socket.getfqdn()
+                return "*", machine_name()
             return opts.controller_ip, opts.controller_ip
         if opts.kind == "ssh":
             sources = set()
@@ -267,7 +270,7 @@ class LaunchedCluster:
                 only = sources.pop()
                 assert only is not None
                 return only, only
-        return "*", socket.getfqdn()
+        return "*", machine_name()
 
     def _config(self) -> Any:
         from traitlets.config import Config
@@ -391,10 +394,13 @@ class LaunchedCluster:
                      f"when they start")
             self.started_in = time.monotonic() - self._t0
             return
+        # the hosts answered over SSH before: the engines may just need longer to start
         raise ClusterError(self._failed(
             f"no engine registered within {self.timeout:g} s (--timeout)"
             + (f"; {self._job['kind']} job {self._job['id']} is {job_state}"
-               if self._job and job_state else "")))
+               if self._job and job_state else ""),
+            f"a longer --timeout (starting an engine over SSH takes 10-30 s), and "
+            f"{_hint('ssh')}" if self.options.kind == "ssh" else None))
 
     def _check_starts(self) -> None:
         for start in self._starts:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ClusterError
 from .launch_options import LaunchOptions
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,28 @@ def source_address(address: str) -> str | None:
         s.connect((address, 9))
         return s.getsockname()[0]
     return None
+
+
+def machine_name() -> str:
+    """This machine's name as other machines may know it: its fully qualified name, unless
+    that is only ``localhost`` (a host file that maps the name to the loopback address)."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.split(".")[0] == "localhost" else fqdn
+
+
+def check_local_address(address: str) -> None:
+    """Refuse a ``--controller-ip`` that is not an address of this machine: the controller
+    could not listen there."""
+    try:
+        infos = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise ClusterError(
+            f"--controller-ip {address} is not an address of this machine "
+            f"({exc.strerror or exc}): the controller listens there and the engines connect "
+            f"to it; give one of this machine's addresses that the hosts reach, or '*'") \
+            from exc
 
 
 #: Python run on a host to end an engine that a killed run left there: the process, if it is
