@@ -151,6 +151,26 @@ def test_report_where_nothing_ran_names_the_pipeline_and_the_folder(tmp_path, ca
     assert status == 0
 
 
+def test_the_report_of_a_killed_run_says_it_was_killed(tmp_path, capsys, monkeypatch):
+    """A run whose process is gone while its summary still says ``running``: ``opf runs``
+    and ``opf report`` both call it killed."""
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).done == 3
+    summary = tmp_path / ".opf" / "runs" / "tiles" / "1" / "run.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    data = json.loads(summary.read_text())
+    data.update(status="running", finished=None, pid=int(gone.stdout))
+    summary.write_text(json.dumps(data))
+    status, out, _ = opf(capsys, "runs", "tiles.opf")
+    assert status == 0 and any(line.endswith("killed") for line in out.splitlines())
+    status, out, _ = opf(capsys, "report", "tiles.opf")
+    assert status == 0
+    page = Path(out.split("report: ", 1)[1].strip()).read_text(encoding="utf-8")
+    assert "run 1: <b>killed</b>" in page
+
+
 def test_clean_keeps_the_last_runs_that_did_work(tmp_path, capsys, monkeypatch):
     """Runs with nothing to do do not push the runs that did work out of --keep."""
     tiles, _ = two_pipelines(tmp_path)

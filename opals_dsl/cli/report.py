@@ -32,7 +32,7 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
     path."""
     from .. import report  # here, not at the top: every `opf` command builds this parser
 
-    text = report.page(state_dir, plan)
+    text = report.page(state_dir, plan, _run_of(Path(state_dir)))
     out = Path(out_path) if out_path is not None else Path(state_dir) / REPORT_FILE
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,20 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
     except OSError as exc:  # a missing or read-only folder, a full disk, ...
         raise ReportError(not_written(f"the report {out}", out, exc)) from None
     return out
+
+
+def _run_of(folder: Path) -> dict[str, object] | None:
+    """The number and status of the run whose records are ``folder`` (``killed`` when its
+    process is gone without ending it), or None for a folder that is not a run's."""
+    from ..plan.trace import read_run
+    from ..runtime.history import PastRun
+
+    data = read_run(folder)
+    if not data:
+        return None
+    number = data.get("run")
+    past = PastRun(number if isinstance(number, int) else 0, folder, data)
+    return {"number": number, "status": past.status}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

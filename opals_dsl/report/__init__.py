@@ -34,8 +34,9 @@ clocks (``time.time()``), so lanes of different machines are only as aligned as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ReportError
 from ..plan.trace import TRACE_FILE, read_trace
@@ -48,10 +49,13 @@ if TYPE_CHECKING:
 # -- the page of a state folder --------------------------------------------------------------
 
 
-def page(state_dir: str | Path, plan: nx.DiGraph | None = None) -> str:
+def page(state_dir: str | Path, plan: nx.DiGraph | None = None,
+         run: Mapping[str, Any] | None = None) -> str:
     """The report page of the run whose state is in ``state_dir``.
 
-    ``plan`` (the plan that ran) adds the pipeline's name and the job-level plan drawing.
+    ``plan`` (the plan that ran) adds the pipeline's name and the job-level plan drawing;
+    ``run`` the run's ``number`` and ``status`` as its records tell them (``killed`` for a run
+    whose process is gone without ending it).
     Raises :class:`ReportError` when ``state_dir`` holds no trace.
     """
     state = Path(state_dir)
@@ -62,6 +66,7 @@ def page(state_dir: str | Path, plan: nx.DiGraph | None = None) -> str:
     rows, bad = read_trace(trace)
     data = analyse(rows, plan, state)
     data["unreadable"] = bad
+    data["run"] = dict(run) if run else None
     if plan is None:
         svg, note = None, ("Give the pipeline file (opf report FILE) to draw its plan here.")
     else:

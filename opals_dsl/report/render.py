@@ -234,6 +234,9 @@ def _tables(data: Mapping[str, Any]) -> dict[str, str]:
 def _subtitle(data: Mapping[str, Any], source: str | None) -> str:
     s = data["summary"]
     sub = [f"trace: {_e(source)}"] if source else []
+    run = data.get("run") or {}
+    if run.get("status"):
+        sub.insert(0, f'run {_e(run.get("number", "?"))}: <b>{_e(run["status"])}</b>')
     sub.append(f"started {_e(_when(s['start']))}")
     sub.append(f"{plural(s['nodes_run'], 'node')} ran on {plural(s['engines'], 'engine')}")
     if data.get("unreadable"):
