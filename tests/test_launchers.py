@@ -157,6 +157,23 @@ def test_a_controller_ip_that_is_not_this_machine_s_exits_3_before_any_host_is_a
     assert not (tmp_path / "p" / ".opf" / "launched.json").exists()
 
 
+def test_what_ssh_says_of_a_refused_login_is_quoted_once_punctuated(tmp_path):
+    """ssh's "Permission denied (publickey,password)." ends in a full stop; opf's sentence goes
+    on after it without doubling the punctuation."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ssh"
+    fake.write_text("#!/bin/sh\necho 'anna@h1: Permission denied (publickey,password).' >&2\n"
+                    "exit 255\n")
+    fake.chmod(0o755)
+    path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
+    proc = opf(str(path), "--engines", "ssh:h1:1", cwd=tmp_path,
+               env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert proc.returncode == 3, proc.stderr
+    assert ("cannot reach h1 over SSH: anna@h1: Permission denied (publickey,password); check "
+            "that 'ssh h1 true' logs in") in proc.stderr
+
+
 def test_a_batch_system_that_is_not_installed_exits_3(tmp_path):
     path = write_pipeline(tmp_path / "p", QUICK, inputs=1)
     empty = tmp_path / "bin"

@@ -79,7 +79,7 @@ def probe_host(host: str, options: LaunchOptions, python: str, timeout: float,
         return HostProbe(host, problem=f"{host} did not answer over SSH within {timeout:g} s; "
                                        f"{ssh_hint(options, host)}")
     out = dict(re.findall(r"__opf_(\w+)=(.*)", proc.stdout))
-    said = last_lines(proc.stderr)
+    said = last_lines(proc.stderr).rstrip(".")  # ssh ends some sentences with one
     if proc.returncode == 255:
         return HostProbe(host, problem=f"cannot reach {host} over SSH: {said or 'ssh failed'}; "
                                        f"{ssh_hint(options, host)}")
