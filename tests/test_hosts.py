@@ -198,12 +198,16 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
     # one engine per core on each host: HOST without :N
     proc = subprocess.run(
         opf(str(path), "--engines", ",".join(("ssh:" + HOSTS[0], *HOSTS[1:])),
-            "--ssh-config", str(hosts.ssh_config), "--timeout", "300"),
+            "--ssh-config", str(hosts.ssh_config), "--timeout", "300", "-v"),
         cwd=shared, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     cores = len(os.sched_getaffinity(0))
     assert f"{3 * cores} engines on 3 machines ready" in proc.stderr
+    # -v shows where the time went, the engines' start over SSH and their stop included
+    phases = {m.group(1) for m in re.finditer(r"^  (engines ready|run|stop) +[\d.]+ →",
+                                              proc.stderr, re.M)}
+    assert phases == {"engines ready", "run", "stop"}, proc.stderr
     assert "controller listening on 198.18.0.1;" in proc.stderr
     print(f"\n{3 * cores} engines over SSH on 3 hosts ready in "
           f"{engine_start_seconds(proc.stderr)} s")

@@ -38,7 +38,7 @@ def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if options.launch is not None:
-        yield from launched(options, state, scratch)
+        yield from launched(options, state, scratch, timeline or NoTimeline())
     elif options.embedded:
         yield from _embedded(options, state, scratch, run_id, interrupted,
                              timeline or NoTimeline(), count)

@@ -198,3 +198,17 @@ def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions 
         account=given["account"], time_limit=given["time_limit"],
         config_file=files.get("launcher_config"), quiet=bool(getattr(args, "quiet", False)),
     )
+
+
+def check_hint(kind: str) -> str:
+    """What to check when engines of launcher ``kind`` did not start."""
+    return {
+        "ssh": "that each host logs in over SSH without a password and reaches this machine "
+               "at the controller's address (--controller-ip)",
+        "slurm": "'sinfo' and 'squeue', the partition (--partition) and account (--account), "
+                 "and that the compute nodes reach this machine at the controller's address "
+                 "(--controller-ip)",
+        "pbs": "'qstat -q', the queue (--partition), and that the compute nodes reach this "
+               "machine at the controller's address (--controller-ip)",
+        "mpi": "that mpiexec is on PATH and that mpi4py is installed in the engines' Python",
+    }.get(kind, "the launcher's settings")

@@ -105,7 +105,7 @@ from .cluster import (
 )
 from .executor import IPyParallelExecutor, describe_error
 from .fsatomic import write_atomic
-from .launch_options import PER_HOST, LaunchOptions
+from .launch_options import PER_HOST, LaunchOptions, check_hint
 from .reaper import live_processes
 from .ssh import (
     check_local_address,
@@ -119,6 +119,7 @@ from .ssh import (
     ssh_base,
     ssh_hint,
 )
+from .timeline import Timeline
 
 #: the commands a launcher needs on this machine
 _TOOLS = {"ssh": ("ssh",), "slurm": ("sbatch", "squeue", "scancel"),
@@ -346,7 +347,7 @@ class LaunchedCluster:
             raise ClusterError(
                 f"could not start engines with {kind}: {shlex.join(map(str, exc.cmd))} "
                 f"failed with exit status {exc.returncode}"
-                + (f": {said}" if said else "") + f".\nCheck: {_hint(kind)}.") from exc
+                + (f": {said}" if said else "") + f".\nCheck: {check_hint(kind)}.") from exc
         engine_set = self.cluster.engines[set_id]
         if kind in ("slurm", "pbs"):
             job = getattr(engine_set, "job_id", "")
@@ -400,7 +401,7 @@ class LaunchedCluster:
             + (f"; {self._job['kind']} job {self._job['id']} is {job_state}"
                if self._job and job_state else ""),
             f"a longer --timeout (starting an engine over SSH takes 10-30 s), and "
-            f"{_hint('ssh')}" if self.options.kind == "ssh" else None))
+            f"{check_hint('ssh')}" if self.options.kind == "ssh" else None))
 
     def _check_starts(self) -> None:
         for start in self._starts:
@@ -426,7 +427,7 @@ class LaunchedCluster:
     def _failed(self, what: str, hint: str | None = None) -> str:
         kind = self.options.kind
         text = f"could not start engines with {self.options.describe()}: {what}\n"
-        text += f"Check: {hint or _hint(kind)}."
+        text += f"Check: {hint or check_hint(kind)}."
         said = self.output_tail()
         return text + (f"\n{said}" if said else "")
 
@@ -573,19 +574,6 @@ def _indent(text: str, lines: int) -> str:
     return "\n".join("  | " + ln for ln in text.splitlines()[-lines:])
 
 
-def _hint(kind: str) -> str:
-    return {
-        "ssh": "that each host logs in over SSH without a password and reaches this machine "
-               "at the controller's address (--controller-ip)",
-        "slurm": "'sinfo' and 'squeue', the partition (--partition) and account (--account), "
-                 "and that the compute nodes reach this machine at the controller's address "
-                 "(--controller-ip)",
-        "pbs": "'qstat -q', the queue (--partition), and that the compute nodes reach this "
-               "machine at the controller's address (--controller-ip)",
-        "mpi": "that mpiexec is on PATH and that mpi4py is installed in the engines' Python",
-    }.get(kind, "the launcher's settings")
-
-
 def _stop_launcher(launcher: Any) -> None:
     result = launcher.stop()
     if inspect.isawaitable(result):
@@ -668,16 +656,19 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def launched(options: ClusterOptions, state: Path,
-             scratch: str | None) -> Iterator[IPyParallelExecutor]:
+def launched(options: ClusterOptions, state: Path, scratch: str | None,
+             timeline: Timeline) -> Iterator[IPyParallelExecutor]:
     """Start the engines ``options.launch`` names, yield an executor for them, and stop
-    everything at the end (a generator for :func:`opals_dsl.runtime.connect.open_cluster`)."""
+    everything at the end (a generator for :func:`opals_dsl.runtime.connect.open_cluster`);
+    the start (hosts asked, controller, engines until ready) and the stop are marked on
+    ``timeline``."""
     launch: LaunchOptions = options.launch
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
     quiet_ssh_waits()
     with using_ipython_dir(cluster.ipython_dir):
         try:
             stop_leftover_launch(state)
+            began = timeline.now()
             try:
                 client = cluster.start()
                 executor = IPyParallelExecutor(client, scratch=scratch, timeout=options.timeout)
@@ -687,11 +678,14 @@ def launched(options: ClusterOptions, state: Path,
                 said = cluster.output_tail()
                 raise ClusterError(
                     f"could not start engines with {launch.describe()}: {describe_error(exc)}\n"
-                    f"Check: {_hint(launch.kind)}." + (f"\n{said}" if said else "")
+                    f"Check: {check_hint(launch.kind)}." + (f"\n{said}" if said else "")
                 ) from exc
             machines = len({info.machine for info in executor.engines().values()})
-            cluster.say(f"{cluster._count(len(executor.engines()))} on {machines} machine"
-                        f"{'s' if machines != 1 else ''} ready in {cluster.started_in:.1f} s")
+            ready = (f"{cluster._count(len(executor.engines()))} on {machines} machine"
+                     f"{'s' if machines != 1 else ''}")
+            cluster.say(f"{ready} ready in {cluster.started_in:.1f} s")
+            timeline.mark("engines ready", began, note=f"{launch.describe()}: {ready}")
             yield executor
         finally:
-            cluster.stop()
+            with timeline.phase("stop"):
+                cluster.stop()
