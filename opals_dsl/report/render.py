@@ -273,18 +273,9 @@ def _failures_html(data: Mapping[str, Any]) -> str:
             head += ' · <span class="st failed">failed for good</span>'
         else:
             head += f' · <span class="st {_e(f["outcome"])}">task then {_e(f["outcome"])}</span>'
-        body = ""
-        if f.get("message"):
-            body += f'<div>{_e(f["message"])}</div>'
-        if f["tail"] is not None:
-            body += f'<pre class="tail">{_e(chr(10).join(f["tail"]))}</pre>'
-        if f["log"]:
-            body += (f'<div class="muted">log: <a href="{_e(Path(f["log"]).as_uri())}">'
-                     f'{_e(f["log"])}</a></div>')
-        out.append(f'<li class="{"final" if f["final"] else ""}">{head}{body}</li>')
-    more = data["failures_total"] - len(fails)
-    tail = f'<p class="muted">… and {more} more.</p>' if more > 0 else ""
-    return f'<ul class="failures">{"".join(out)}</ul>{tail}'
+        body = f'<div>{_e(f["message"])}</div>' if f.get("message") else ""
+        out.append(f'<li class="{"final" if f["final"] else ""}">{head}{body}{_log(f)}</li>')
+    return f'<ul class="failures">{"".join(out)}</ul>{_more(data["failures_total"], fails)}'
 
 
 def _interrupted_html(data: Mapping[str, Any]) -> str:
@@ -300,17 +291,27 @@ def _interrupted_html(data: Mapping[str, Any]) -> str:
                 f'{_e(format_duration(t["seconds"]))}')
         if t["step"]:
             head += f" · step {_e(t['step'])} had begun"
-        body = ""
-        if t["tail"] is not None:
-            body += f'<pre class="tail">{_e(chr(10).join(t["tail"]))}</pre>'
-        if t["log"]:
-            body += (f'<div class="muted">log: <a href="{_e(Path(t["log"]).as_uri())}">'
-                     f'{_e(t["log"])}</a></div>')
-        out.append(f"<li>{head}{body}</li>")
-    more = data["interrupted_total"] - len(held)
-    tail = f'<p class="muted">… and {more} more.</p>' if more > 0 else ""
+        out.append(f"<li>{head}{_log(t)}</li>")
+    tail = _more(data["interrupted_total"], held)
     return (f'<section><h2>Interrupted <span class="muted">({data["interrupted_total"]})'
             f'</span></h2><p class="muted">The run was interrupted while engines held these '
             f'tasks (running, or waiting their turn in the engine\'s batch). The next run runs '
             f'what did not finish.</p><ul class="failures">{"".join(out)}</ul>{tail}'
             f'</section>')
+
+
+def _log(entry: Mapping[str, Any]) -> str:
+    """The last lines of an entry's log and a link to it, where there is one."""
+    out = ""
+    if entry["tail"] is not None:
+        out += f'<pre class="tail">{_e(chr(10).join(entry["tail"]))}</pre>'
+    if entry["log"]:
+        out += (f'<div class="muted">log: <a href="{_e(Path(entry["log"]).as_uri())}">'
+                f'{_e(entry["log"])}</a></div>')
+    return out
+
+
+def _more(total: int, shown: list[Any]) -> str:
+    """``… and N more.`` for a list shown cut short."""
+    more = total - len(shown)
+    return f'<p class="muted">… and {more} more.</p>' if more > 0 else ""
