@@ -70,8 +70,8 @@ def stop_leftover_launch(state_dir: str | Path) -> bool:
         data = {}
     if not isinstance(data, dict):
         data = {}
-    # the engines first: while their controller is there, they cannot yet be finishing
-    # their last batch unheard
+    # the engines first, before this run looks at what is done: none of them may copy back
+    # a task it still holds while this run decides and runs
     ended = end_engines(data.get("ssh_engines") or [])
     procs = end_run(data.get("processes") or [], None, grace=3.0)
     job = data.get("batch_job")

@@ -166,12 +166,15 @@ try:
 except OSError:
     ours = False
 if ours:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + 5
-    while alive() and time.time() < deadline:
-        time.sleep(0.1)
-    if alive():
-        os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 5
+        while alive() and time.time() < deadline:
+            time.sleep(0.1)
+        if alive():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     print('__opf_ended=1')
 if folder.startswith('/tmp/opf-'):
     shutil.rmtree(folder, ignore_errors=True)
