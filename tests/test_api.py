@@ -116,6 +116,7 @@ def _marked(token: str) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_the_example_on_its_own_cluster_and_stops_it(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")

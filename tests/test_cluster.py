@@ -112,6 +112,7 @@ def test_embedded_cluster_runs_and_leaves_nothing_behind(tmp_path):
     assert processes_using(state / "ipython") == []
 
 
+@pytest.mark.slow
 def test_a_killed_run_s_cluster_is_stopped_by_the_next_run(tmp_path):
     pids = tmp_path / "pids"
     pids.mkdir()

@@ -628,6 +628,7 @@ job slow for s in "data/*.txt" {{
 """
 
 
+@pytest.mark.slow
 def test_cli_a_killed_engine_s_task_is_staged_again_elsewhere(cluster, tmp_path):
     victim = cluster.start_engine(cluster.root / "scratch" / "m4")
     try:
@@ -791,6 +792,7 @@ job slow for n in range(2) {
 """
 
 
+@pytest.mark.slow
 def test_a_controller_that_dies_mid_run_ends_the_run_instead_of_waiting_forever(tmp_path):
     """A lost controller says nothing; opf must notice by itself and stop within its timeout."""
     lone = EngineCluster(root=tmp_path / "c", profile_dir=tmp_path / "c" / "profile",

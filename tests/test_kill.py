@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import EngineCluster, files_under, write_pipeline
 
 from opals_dsl.api import compile_file
@@ -213,6 +214,7 @@ def stray_processes(ipython_dir: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing_and_resumes(cluster, tmp_path):
     seed = int(os.environ.get("OPF_KILL_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)

@@ -229,6 +229,7 @@ job w for n in range(1) {{
 """
 
 
+@pytest.mark.slow
 def test_a_frozen_engine_is_taken_for_lost_and_its_task_runs_elsewhere(tmp_path, cleanup):
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -274,6 +275,7 @@ def _can_unshare() -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_frozen_engine_elsewhere_that_comes_back_is_waited_for_quietly(tmp_path, cleanup):
     """Engines on another machine cannot be killed from here: the retry waits for the task's
     lock while the frozen engine holds it; once it resumes, its late answer is dropped
@@ -343,6 +345,7 @@ job slow {{
                     "echo made > {{b}}"))
 
 
+@pytest.mark.slow
 def test_kill_9_of_opf_run_ends_its_cluster_and_the_next_run_knows_what_landed(tmp_path,
                                                                               cleanup):
     marks = tmp_path / "marks"
