@@ -245,14 +245,15 @@ def _lane_figures(bars: list[list[Any]], lane_keys: list[tuple[str, Any]],
         busy[b[_LANE]] += b[_DUR]
         if b[_PHASE] == TASK_STAGE:
             tasks[b[_LANE]].add(b[_TASK])
-    for lane, spans in enumerate(held_spans):
-        busy[lane] += _covered(spans)
+    unreported = [_covered(spans) for spans in held_spans]
+    for lane, seconds in enumerate(unreported):
+        busy[lane] += seconds
     lane_of = {k: i for i, k in enumerate(lane_keys)}
     for r in timed:
         for key in _borrowed(r):
             held[lane_of[key]] += max(0.0, r["end"] - r["start"])
     return [{"machine": m, "engine": e, "busy": busy[i], "held": held[i],
-             "unreported": _covered(held_spans[i]), "tasks": len(tasks[i])}
+             "unreported": unreported[i], "tasks": len(tasks[i])}
             for i, (m, e) in enumerate(lane_keys)]
 
 
@@ -348,11 +349,8 @@ def _failures(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             and outcome[key] == "failed"
         log = tail = None
         step = r.get("step")
-        if step and state_dir is not None and key is not None:  # every attempt's log
-            path = trace.log_path(Path(state_dir) / "logs", job, key[1], step, attempt)
-            if path.is_file():
-                log = str(path.resolve())
-                tail = trace.tail(path, TAIL_LINES)
+        if step and key is not None:  # every attempt's log
+            log, tail = _log_of(state_dir, job, key[1], step, attempt)
         found.append({
             "node": r.get("node"), "job": job, "task": task, "step": step,
             "phase": PHASES[_phase(r) or 0], "attempt": attempt,
@@ -382,9 +380,9 @@ def _interrupted(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             steps = [x.get("step") for x in tasks[(job, task)].rows
                      if x.get("kind") == "exec" and (x.get("attempt") or 0) == attempt]
             for name in reversed([x for x in steps if x]):
-                path = trace.log_path(Path(state_dir) / "logs", job, task, name, attempt)
-                if path.is_file():
-                    step, log, tail = name, str(path.resolve()), trace.tail(path, TAIL_LINES)
+                log, tail = _log_of(state_dir, job, task, name, attempt)
+                if log is not None:
+                    step = name
                     break
         found.append({
             "job": job, "task": task, "attempt": attempt, "engine": r.get("engine"),
@@ -392,3 +390,15 @@ def _interrupted(rows: list[Row], tasks: Mapping[TaskKey, _TaskRows],
             "seconds": r["end"] - r["start"], "step": step, "log": log, "tail": tail,
         })
     return found
+
+
+def _log_of(state_dir: str | Path | None, job: str, task: str, step: str,
+            attempt: int) -> tuple[str | None, list[str] | None]:
+    """The path of a step's log for one attempt and its last lines; (None, None) where there
+    is no such log or the logs are not at hand."""
+    if state_dir is None:
+        return None, None
+    path = trace.log_path(Path(state_dir) / "logs", job, task, step, attempt)
+    if not path.is_file():
+        return None, None
+    return str(path.resolve()), trace.tail(path, TAIL_LINES)
