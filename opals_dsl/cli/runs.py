@@ -92,37 +92,35 @@ def clean_main(args: argparse.Namespace) -> int:
     roots = ([os.path.abspath(os.path.expanduser(args.scratch))] if args.scratch
              else _recorded_scratch(found) or [default_scratch()])
     old = history.prunable(found, args.keep)
-    lines = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
+    records = [f"records of run {r.number} ({r.status}): {r.folder}" for r in old]
     folders = [Path(root) / "opf" / name for root in roots]  # as the engines name it
+    removing = {f: f"scratch folder of {name} (job folders, kept task folders): {f}"
+                for f in folders if f.is_dir() and args.scratch_folder}
     kept: list[str] = []
     for folder in folders:
-        if folder.is_dir() and args.scratch_folder:
-            lines.append(f"scratch folder of {name} (job folders, kept task folders): {folder}")
-        elif folder.is_dir():
+        if folder.is_dir() and folder not in removing:
             kept.append(f"kept the scratch folder {folder}: other checkouts with a pipeline "
                         f"named {name} share it (--scratch-folder removes it)")
-        elif args.scratch_folder:
+        elif not folder.is_dir() and args.scratch_folder:
             kept.append(f"no scratch folder {folder}: runs given --scratch DIR keep it there; "
                         f"give opf clean the same --scratch")
     verb = "would remove" if args.dry_run else "removed"
     in_use: dict[Path, list[str]] = {}
-    if not args.dry_run and lines:
+    if not args.dry_run and (records or removing):
         # never under a run that uses this state folder; job folders that other runs use stay
         with lock_state(state, "nothing was removed; clean again once it has finished"):
             history.remove([r.folder for r in old])
-            for folder in folders if args.scratch_folder else ():
-                if folder.is_dir():
-                    in_use[folder] = remove_job_folders(str(folder))
-    for line in lines:
-        if not any(held and line.endswith(f": {folder}") for folder, held in in_use.items()):
-            print(f"{verb} {line}")
+            in_use = {folder: remove_job_folders(str(folder)) for folder in removing}
+    # a scratch folder an engine still holds a job folder of was emptied, not removed
+    for line in records + [line for f, line in removing.items() if not in_use.get(f)]:
+        print(f"{verb} {line}")
     for folder, held in in_use.items():
         if held:
             kept.append(f"kept {len(held)} job folder{'s' if len(held) != 1 else ''} in "
                         f"{folder}: an engine holds {'them' if len(held) != 1 else 'it'} (a run "
                         f"going on, or a cluster's engine keeping it for its next run); the "
                         f"rest was removed")
-    if not lines:
+    if not records and not removing:
         print(f"nothing to clean for {name}")
     for line in kept:
         print(line, file=sys.stderr)
