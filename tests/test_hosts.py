@@ -162,7 +162,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def nothing_left(hosts: list[Host], state: Path) -> None:
     """No process opf started is left on these hosts (only sshd listens there), none here (the
-    controller, ssh sessions), and no ipyparallel folder on any of them."""
+    controller, ssh sessions), and no ipyparallel folder on any of them. No engine and no
+    engine's nanny outlives opf at all: the hosts are asked while opf has just returned (the
+    ssh sessions that carried them may take a moment to close)."""
+    for host in hosts:
+        engines = [(pid, cmd) for pid, cmd in host.processes() if "ipyparallel" in cmd]
+        assert engines == [], f"ipyparallel processes outlive opf on {host.name}: {engines}"
     for host in hosts:
         wait_for(lambda h=host: h.processes() == [], 30,
                  f"the processes opf started on {host.name} to end: {host.processes()}")

@@ -109,6 +109,7 @@ from .launch_options import PER_HOST, LaunchOptions, check_hint
 from .reaper import live_processes
 from .ssh import (
     check_local_address,
+    end_cluster_on,
     engine_record,
     last_lines,
     machine_name,
@@ -504,7 +505,12 @@ class LaunchedCluster:
                         cluster.engines.pop(set_id)  # never submitted: nothing to cancel
                 parts.append(cluster.stop_engines_sync)
             parts.append(cluster.stop_controller_sync)
-        parts += [functools.partial(self._remove_remote_dir, host) for host in self._hosts]
+        # on each host, whatever of the cluster outlives its engine's stop (the nanny an
+        # engine starts in a session of its own notices its engine gone, then waits seconds
+        # for the controller to hear of it) is ended and waited for, and the folder goes
+        parts += [functools.partial(end_cluster_on, ["ssh", *ssh_base(self.options, 10), host],
+                                    self.python, self.cluster_id, self.remote_dir)
+                  for host in self._hosts]
         # what ssh passes on from the hosts while they stop (a Python traceback from
         # ipyparallel's kill of an engine that is gone already) is not opf's to show
         if parts:
@@ -524,10 +530,6 @@ class LaunchedCluster:
             self.record.unlink()
         self._remove_logs()
         self.cluster = None
-
-    def _remove_remote_dir(self, host: str) -> None:
-        subprocess.run(["ssh", *ssh_base(self.options, 10), host,
-                        f"rm -rf {shlex.quote(self.remote_dir)}"], capture_output=True, timeout=20)
 
     def _remove_logs(self) -> None:
         folder = self.profile_dir / "log"

@@ -1,6 +1,7 @@
 """SSH for engines started on other hosts: the ssh command opf uses, asking each host before
 anything starts whether it can run an engine (:func:`probe_host`), and ending the engines a
-killed run left on its hosts (:func:`end_engines`)."""
+killed run left on its hosts (:func:`end_engines`), and what a stopped cluster left
+(:func:`end_cluster_on`)."""
 
 from __future__ import annotations
 
@@ -146,36 +147,48 @@ def check_local_address(address: str) -> None:
             from exc
 
 
-#: Python run on a host to end an engine that a killed run left there: the process, if it is
-#: still an engine of that cluster (its environment says so, so a reused process id is left
-#: alone), gets SIGTERM and, if it is still there after 5 s, SIGKILL. Its steps end with it
-#: (the engine's lifeline ends their process groups). Then ipyparallel's folder of the
-#: cluster on that host goes.
-_END_ENGINE = """\
+#: Python run on a host to end what a cluster left there: every process of this user whose
+#: environment names the cluster (``IPP_CLUSTER_ID``: its engines, and the nanny each engine
+#: starts in a session of its own) gets SIGTERM, and SIGKILL if it is still there after 5 s; a
+#: reused process id is never taken for one. Their steps end with them (an engine's lifeline
+#: ends their process groups). Then ipyparallel's folder of the cluster on that host goes.
+_END_CLUSTER = """\
 import os, shutil, signal, time
-pid, mark, folder = {pid}, {mark!r}, {folder!r}
-def alive():
+mark, folder, me = {mark!r}.encode(), {folder!r}, os.getpid()
+def ours():
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit() or int(name) in (me, os.getppid()):
+            continue
+        try:
+            with open('/proc/%s/environ' % name, 'rb') as f:
+                if mark in f.read().split(b'\\0'):
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+def alive(pid):
     try:
         with open('/proc/%d/stat' % pid, 'rb') as f:
             return f.read().rsplit(b')', 1)[1].split()[0] != b'Z'
     except (OSError, IndexError):
         return False
-try:
-    with open('/proc/%d/environ' % pid, 'rb') as f:
-        ours = mark.encode() in f.read().split(b'\\0')
-except OSError:
-    ours = False
-if ours:
+found = ours()
+for pid in found:
     try:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 5
-        while alive() and time.time() < deadline:
-            time.sleep(0.1)
-        if alive():
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except OSError:
         pass
-    print('__opf_ended=1')
+deadline = time.time() + 5
+while any(alive(pid) for pid in found) and time.time() < deadline:
+    time.sleep(0.05)
+for pid in found:
+    if alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+print('__opf_ended=%d' % len(found))
 if folder.startswith('/tmp/opf-'):
     shutil.rmtree(folder, ignore_errors=True)
 """
@@ -193,27 +206,37 @@ def engine_record(launcher: Any, cluster_id: str, folder: str) -> dict[str, Any]
             "folder": folder}
 
 
-def end_engines(records: Iterable[dict[str, Any]], timeout: float = 20.0) -> int:
-    """End the engines a killed run recorded (:func:`engine_record`), all hosts at once;
-    how many were still there. A host that cannot be reached is passed over: its engines stop
-    by themselves once they miss their controller's heartbeat for a minute."""
-    def end(rec: dict[str, Any]) -> bool:
-        code = _END_ENGINE.format(pid=int(rec["pid"]),
-                                  mark=f"IPP_CLUSTER_ID={rec['cluster_id']}",
-                                  folder=str(rec.get("folder") or ""))
-        cmd = [*map(str, rec["ssh"]), shlex.quote(str(rec["python"])), "-"]
-        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
-            proc = subprocess.run(cmd, input=code, capture_output=True, text=True,
-                                  timeout=timeout)
-            return "__opf_ended=1" in proc.stdout
-        return False
+def end_cluster_on(ssh: list[str], python: str, cluster_id: str, folder: str,
+                   timeout: float = 20.0) -> int:
+    """End every process of ipyparallel cluster ``cluster_id`` on the host that ``ssh`` (the
+    command up to and with the host) reaches, waiting until they are gone, and remove the
+    cluster's ``folder`` there; how many processes there were (0 if the host cannot be
+    reached: its engines stop by themselves once they miss their controller's heartbeat for a
+    minute)."""
+    code = _END_CLUSTER.format(mark=f"IPP_CLUSTER_ID={cluster_id}", folder=folder)
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        proc = subprocess.run([*ssh, shlex.quote(python), "-"], input=code,
+                              capture_output=True, text=True, timeout=timeout)
+        m = re.search(r"__opf_ended=(\d+)", proc.stdout)
+        return int(m.group(1)) if m else 0
+    return 0
 
-    found = [r for r in records if isinstance(r, dict) and {"ssh", "python", "pid",
-                                                            "cluster_id"} <= r.keys()]
-    if not found:
+
+def end_engines(records: Iterable[dict[str, Any]], timeout: float = 20.0) -> int:
+    """End the engines a killed run recorded (:func:`engine_record`), with every other process
+    of their cluster on their hosts, one ssh call a host, all hosts at once; how many processes
+    were still there."""
+    hosts = {}
+    for r in records:
+        if isinstance(r, dict) and {"ssh", "python", "cluster_id"} <= r.keys():
+            key = (tuple(map(str, r["ssh"])), str(r["python"]), str(r["cluster_id"]),
+                   str(r.get("folder") or ""))
+            hosts[key] = r
+    if not hosts:
         return 0
-    with ThreadPoolExecutor(min(16, len(found))) as pool:
-        return sum(pool.map(end, found))
+    with ThreadPoolExecutor(min(16, len(hosts))) as pool:
+        return sum(pool.map(lambda k: end_cluster_on(list(k[0]), k[1], k[2], k[3], timeout),
+                            hosts))
 
 
 def quiet_ssh_waits() -> None:
