@@ -213,7 +213,8 @@ def test_job_prephase_once_per_host_tasks_on_every_host_outputs_as_a_local_run(
     phases = {m.group(1) for m in re.finditer(r"^  (engines ready|run|stop) +[\d.]+ →",
                                               proc.stderr, re.M)}
     assert phases == {"engines ready", "run", "stop"}, proc.stderr
-    assert "controller listening on 198.18.0.1;" in proc.stderr
+    assert ("opf: asking opfhost1, opfhost2, opfhost3 over SSH for their cores and the "
+            "engines' Python\nopf: controller listening on 198.18.0.1;") in proc.stderr
     print(f"\n{3 * cores} engines over SSH on 3 hosts ready in "
           f"{engine_start_seconds(proc.stderr)} s")
 

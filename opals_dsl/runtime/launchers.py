@@ -246,6 +246,9 @@ class LaunchedCluster:
     def _probe_hosts(self, deadline: float) -> dict[str, int]:
         opts = self.options
         wait = max(1.0, deadline - time.monotonic())
+        names = [h for h, _ in opts.hosts]
+        self.say(f"asking {', '.join(names) if len(names) <= 8 else f'{len(names)} hosts'} "
+                 f"over SSH for their cores and the engines' Python")
         with ThreadPoolExecutor(max_workers=min(16, len(opts.hosts))) as pool:
             probes = list(pool.map(
                 lambda h: probe_host(h[0], opts, self.python, wait, self.remote_dir),
