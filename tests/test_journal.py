@@ -525,6 +525,29 @@ def test_a_run_takes_in_its_own_receipts_of_results_it_never_received(tmp_path):
     assert got["down/s2"] == "upstream up/s2 ran again since"
 
 
+def test_a_task_held_at_an_interrupt_is_named_so_until_its_late_result_lands(tmp_path):
+    """A task an engine held when the run was interrupted is recorded as interrupted, not
+    left as new; if the engine lands its result after all, its receipt wins over that record
+    (which has no time), so the task is unchanged, as any result that landed unheard."""
+    from opals_dsl.runtime.engine import run_tasks
+    from opals_dsl.runtime.events import RunSummary
+    path = project(tmp_path)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    plan = compile_file(path)
+    with Journal.open(state, plan) as journal:
+        ref = next(t for t in journal.tasks if t.name == "up/s2")
+        request = build_request(plan, ref, 0, scratch=str(scratch), logs=state / "logs",
+                                receipt=journal.stamp(ref))
+        journal.run_finished(RunSummary(interrupted=True, stopped_tasks=[ref.order]))
+    got = decisions(path, state)
+    assert got["up/s2"] == "interrupted in the last run"
+    assert got["up/s1"] == "new"
+    assert run_tasks([request])[0]["ok"]  # the engine went on and landed it
+    got = decisions(path, state)
+    assert got["up/s2"] == "skip"
+    assert got["down/s2"] == "new"
+
+
 def test_a_run_holds_only_the_sig_and_time_of_the_records_it_writes(tmp_path):
     """Invariant: once a run recorded a task, the journal holds no record line of it in memory
     (a run of a million tasks would hold hundreds of megabytes), yet every question about the

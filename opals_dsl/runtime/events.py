@@ -67,6 +67,8 @@ class RunSummary:
     not_run: int = 0
     #: of ``not_run``: tasks an engine held when the run was interrupted
     stopped_on_engines: int = 0
+    #: those tasks (their order in the plan)
+    stopped_tasks: list[int] = field(default_factory=list)
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
     #: failed task name -> names of the tasks left out because of it (``keep_going``), with

@@ -8,14 +8,10 @@ with them).
 
 The file
     JSON lines, appended to: a header, then one record per task and destination set that
-    finished (or failed for good); its fields are described in :mod:`.records`. The last line
-    of a task and destination set is the one that counts, so a run into other folders
-    (``--param results=...``) and back again finds the first folders' records. A line that
-    is cut off or garbled is ignored (that task just runs again); those, except a line cut off
-    at the end of the file (the usual trace of a kill), are reported by
-    :meth:`Journal.warnings`. When the file is opened for a run it is compacted if more than
-    half of its lines are stale or any is unreadable: written afresh under a temporary name
-    and renamed.
+    finished (or failed for good, or was held by an engine when the run was interrupted). The
+    last line of a task and destination set is the one that counts, so a run into other
+    folders (``--param results=...``) and back again finds the first folders' records. The
+    fields, damaged lines and compaction are described in :mod:`.records`.
 
 Receipts
     Each request carries a *stamp* (:meth:`Journal.stamp`): the sig its record will have, its
@@ -268,9 +264,7 @@ class Journal(RunListener):
         return self._index
 
     def dest_key(self, i: int) -> str:
-        """The key of task ``i``'s destination set: a journal keeps a record per task and
-        destination set, so that a run into other folders (``--param results=...``) does not
-        make the runs into the first ones forget what they did."""
+        """The key of task ``i``'s destination set (a record is kept per task and set)."""
         key = self._dest_keys.get(i)
         if key is None:
             dests = sorted(d for _, d in model.node(self.plan, self.tasks[i].copyback).files)
@@ -391,9 +385,11 @@ class Journal(RunListener):
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._stubs.pop(task.order, None)
-        body = ENCODE({"failed": True, "time": round(time.time(), 3)})
-        line = record_line(task.name, FAILED_SIG, body, self.dest_key(task.order))
-        self._keep(task, line)
+        self._keep_unfinished(task, {"failed": True, "time": round(time.time(), 3)})
+
+    def _keep_unfinished(self, task: Task, body: dict[str, Any]) -> None:
+        self._keep(task, record_line(task.name, FAILED_SIG, ENCODE(body),
+                                     self.dest_key(task.order)))
 
     def task_skipped(self, task: Task) -> None:
         self._cmds.pop(task.order, None)
@@ -420,6 +416,11 @@ class Journal(RunListener):
         self._sync()
 
     def run_finished(self, summary: RunSummary) -> None:
+        # a task an engine held is recorded so, unless a record of a finished run says more;
+        # without a time: a receipt is newer if the result lands after all (_adopt_receipts)
+        for i in summary.stopped_tasks:
+            if self.sig_of(self.tasks[i].name) in (None, FAILED_SIG):
+                self._keep_unfinished(self.tasks[i], {"interrupted": True})
         self.flush()
 
     def forget_damaged(self, name: str) -> None:
@@ -614,9 +615,8 @@ class Journal(RunListener):
 
     def _new_sig(self, name: str, cmd: str) -> str:
         self._serial += 1
-        return hashlib.blake2b(
-            f"{name}\0{cmd}\0{time.time()!r}\0{self._salt}{self._serial}".encode(
-                "utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        text = f"{name}\0{cmd}\0{time.time()!r}\0{self._salt}{self._serial}"
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
     # -- receipts -----------------------------------------------------------------------------
 

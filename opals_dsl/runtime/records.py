@@ -45,14 +45,15 @@ The file
         ``{DESTINATION: [size, mtime_ns]}`` of each destination once in place.
 
     A task that failed for good gets ``{"task": ..., "sig": "0000000000000000", "dests": ...,
-    "failed": true, "time": ...}``. The last line of a task and destination set is the one
-    that counts; a line without ``dests`` (written by an older opf) stands for the task's
-    destinations now. A line that is cut off or
-    garbled (a run killed while writing, a machine that lost power) is ignored, so that task just
-    runs again; so is a record whose fields do not have the types written here (the file edited
-    by hand, or damaged on its disk). Those, except a line cut off at the end of the file (the
-    usual trace of a kill), are reported by :meth:`Journal.warnings`. When the file is opened
-    for a run it is compacted if more than half of its lines are stale or any is unreadable:
+    "failed": true, "time": ...}``; one that an engine held when the run was interrupted (and
+    that had no record of a finished run) gets ``"interrupted": true`` instead. The last line of
+    a task and destination set is the one that counts; a line without ``dests`` (written by an
+    older opf) stands for the task's destinations now. A line that is cut off or garbled (a run
+    killed while writing, a machine that lost power) is ignored, so that task just runs again;
+    so is a record whose fields do not have the types written here (the file edited by hand, or
+    damaged on its disk). Those, except a line cut off at the end of the file (the usual trace
+    of a kill), are reported by :meth:`Journal.warnings`. When the file is opened for a run it
+    is compacted if more than half of its lines are stale or any is unreadable:
     written afresh under a temporary name and renamed.
 """
 
@@ -121,7 +122,7 @@ def well_formed(rec: Any) -> bool:
     """Has a parsed record the fields, of the types, that :meth:`Journal._compare` reads?"""
     if not isinstance(rec, dict):
         return False
-    if rec.get("failed"):
+    if rec.get("failed") or rec.get("interrupted"):
         return True
     steps = rec.get("steps")
     if not isinstance(rec.get("cmd"), str) or not isinstance(steps, list):

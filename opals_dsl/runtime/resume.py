@@ -6,11 +6,12 @@ and the plan it was read for. Out: one :class:`Decision` per task, in plan order
 scheduler's ``skip`` hook.
 
 Decisions are made in dependency order (upstream tasks first); the first reason that applies:
-``forced`` (``--force``); ``new`` (no record); ``upstream T re-runs``; ``failed in the last
-run``; ``steps changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S
-changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran again
-since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
-``output missing: D`` / ``output changed: D``. Otherwise the task is ``unchanged`` and skipped.
+``forced`` (``--force``); ``new`` (no record); ``upstream T re-runs``; ``interrupted in the last
+run`` (an engine held it when the run was interrupted); ``failed in the last run``; ``steps
+changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S changed: k 1 → 2``
+/ ``files or destinations of the task changed``; ``upstream T ran again since`` (its sig is not
+the one recorded); ``input missing: P`` / ``input changed: P``; ``output missing: D`` / ``output
+changed: D``. Otherwise the task is ``unchanged`` and skipped.
 
 Resuming from a step: where only the commands of some steps changed (a ``--param`` that only a
 later step uses), the task runs again from the first step whose command changed, K, when the
@@ -152,6 +153,8 @@ class Resume:
         if not well_formed(rec):  # a damaged record: as if there were none
             self.journal.forget_damaged(ref.name)
             return "new"
+        if rec.get("interrupted"):
+            return "interrupted in the last run"
         if rec.get("failed"):
             return "failed in the last run"
         cmd, steps = self.journal.command(i)

@@ -667,7 +667,9 @@ class Scheduler:
                 else:
                     self.state[i] = NOT_RUN
                     s.not_run += 1
-                    s.stopped_on_engines += i in self.stopped_on
+                    if i in self.stopped_on:
+                        s.stopped_on_engines += 1
+                        s.stopped_tasks.append(i)
                 self._trace_unrun(i, state if state == BLOCKED else NOT_RUN)
         s.finished = time.time()
         if self.trace is not None:
