@@ -176,9 +176,9 @@ def test_a_reader_that_goes_away_ends_opf_quietly(tmp_path: Path):
 
 
 def test_an_output_that_is_a_pipe_or_a_link_is_written_into_not_replaced(tmp_path: Path):
-    """``-o`` naming a device or pipe (``/dev/null``, a FIFO) writes into it: renaming a
-    temporary over it would turn the device into a plain file for every program on the
-    machine. A link stays a link; the file it names gets the plan."""
+    """``-o`` naming a device or pipe (``/dev/null``, a FIFO, ``/dev/stdout`` on a pipe) writes
+    into it: renaming a temporary over it would turn the device into a plain file for every
+    program on the machine. A link stays a link; the file it names gets the plan."""
     import threading
 
     path = pipeline(tmp_path, GLOB.replace('"data/*.txt"', '["a", "b"]').replace("{f}", "{f}.in"))
@@ -194,6 +194,11 @@ def test_an_output_that_is_a_pipe_or_a_link_is_written_into_not_replaced(tmp_pat
     assert fifo.is_fifo(), "the named pipe was replaced by a file"
     assert json.loads(got[0])["graph"]["pipeline"] == "p"
     assert not [p for p in tmp_path.iterdir() if ".opf-tmp-" in p.name]
+    if os.path.exists("/dev/stdout"):  # standard output, here a pipe, as a file name
+        proc = subprocess.run([*OPF, "compile", "--json", "-o", "/dev/stdout", path.name],
+                              cwd=tmp_path, capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["graph"]["pipeline"] == "p"
 
     (tmp_path / "real.json").write_text("old")
     (tmp_path / "link.json").symlink_to("real.json")

@@ -447,13 +447,17 @@ def output_target(path: str) -> tuple[str, bool]:
     """Where a file the user named for writing (``-o PATH``) really is, and whether it is to be
     replaced atomically: a link is followed (the file it names is written, the link stays), and
     an existing device, pipe or socket (``/dev/null``, ``/dev/stdout``, a FIFO) is written into
-    as it is — renaming a temporary over it would replace the device with a plain file."""
+    as it is — renaming a temporary over it would replace the device with a plain file.
+    ``/dev/stdout`` on a pipe is such a one: its link names no path (``pipe:[...]``), so the
+    name given is opened as it is."""
     real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        st = os.stat(path)
     except OSError:
         return real, True
-    return real, stat.S_ISREG(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        return (real if os.path.exists(real) else path), False
+    return real, True
 
 
 def write_atomic(path: str, data: bytes) -> None:
