@@ -18,6 +18,7 @@ import select
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -265,6 +266,39 @@ def test_failures_are_listed_with_their_log(run: Run) -> None:
     assert "failed for good" in run.text
 
 
+def _log_links(page: str) -> list[str]:
+    return re.findall(r'log: <a href="([^"]+)">', page)
+
+
+def test_log_links_are_relative_to_the_page_so_a_moved_state_folder_keeps_them(
+        run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every link to a log, followed from the folder of the page, reaches that log: in the
+    run's own folder, in another folder, and after the state folder moved with its report. A
+    page written into a pipe or device, which has no folder, links absolutely."""
+    from urllib.parse import unquote
+    moved = tmp_path / "moved"
+    shutil.copytree(run.state, moved)
+    out = tmp_path / "elsewhere" / "r.html"
+    for page in (write_report(last_run(run.state), None, run.plan), out,
+                 write_report(last_run(moved), None, run.plan)):
+        if page == out:
+            assert opf_report(str(run.pipeline), "-o", str(out)) == 0
+        links = _log_links(page.read_text(encoding="utf-8"))
+        assert len(links) == 2, links  # the retried attempt's log and the final failure's
+        for href in links:
+            assert not href.startswith(("/", "file:")), href
+            assert (page.parent / unquote(href)).is_file(), (page, href)
+        if page.parent.is_relative_to(moved):
+            assert all((page.parent / unquote(h)).resolve().is_relative_to(moved.resolve())
+                       for h in links)
+    if os.path.exists("/dev/stdout"):  # here a pipe
+        proc = subprocess.run([sys.executable, "-m", "opals_dsl", "report", str(run.pipeline),
+                               "-o", "/dev/stdout"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        links = _log_links(proc.stdout)
+        assert len(links) == 2 and all(h.startswith("file:///") for h in links), links
+
+
 def test_the_plan_is_drawn_at_job_level(run: Run) -> None:
     if shutil.which("dot") is None:
         assert "Graphviz" in run.text
@@ -282,8 +316,9 @@ def test_the_page_needs_nothing_from_outside(run: Run) -> None:
     assert not re.search(r"<script[^>]*\bsrc=", page)
     assert not re.search(r"<(img|iframe|image|use)\b", page)
     assert "@import" not in page and "url(" not in page
+    logs = _log_links(page)
     for ref in re.findall(r'(?:href|src)="([^"]*)"', page):
-        assert ref.startswith("file://"), ref  # only the links to local step logs
+        assert ref in logs and ":" not in ref, ref  # only the links to step logs, relative
 
 
 # -- the command -----------------------------------------------------------------------------

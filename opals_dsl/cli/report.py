@@ -11,6 +11,7 @@ file in the current folder, else ``.opf``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,11 +33,13 @@ def write_report(state_dir: str | Path, out_path: str | Path | None = None,
     path."""
     from .. import report  # here, not at the top: every `opf` command builds this parser
 
-    text = report.page(state_dir, plan, _run_of(Path(state_dir)))
     out = Path(out_path) if out_path is not None else Path(state_dir) / REPORT_FILE
+    target, atomic = output_target(str(out))
+    # links relative to a page that is a file; a device or pipe gets absolute ones
+    text = report.page(state_dir, plan, _run_of(Path(state_dir)),
+                       links_from=os.path.dirname(target) if atomic else None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        target, atomic = output_target(str(out))
         if atomic:
             write_atomic(target, text.encode("utf-8"))
         else:  # a device or pipe: written into, never replaced

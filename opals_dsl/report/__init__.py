@@ -34,6 +34,7 @@ clocks (``time.time()``), so lanes of different machines are only as aligned as 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,12 +51,13 @@ if TYPE_CHECKING:
 
 
 def page(state_dir: str | Path, plan: nx.DiGraph | None = None,
-         run: Mapping[str, Any] | None = None) -> str:
+         run: Mapping[str, Any] | None = None, links_from: str | Path | None = None) -> str:
     """The report page of the run whose state is in ``state_dir``.
 
     ``plan`` (the plan that ran) adds the pipeline's name and the job-level plan drawing;
     ``run`` the run's ``number`` and ``status`` as its records tell them (``killed`` for a run
-    whose process is gone without ending it).
+    whose process is gone without ending it); ``links_from`` the folder the page goes to, which
+    its links to logs are relative to (absolute without it).
     Raises :class:`ReportError` when ``state_dir`` holds no trace.
     """
     state = Path(state_dir)
@@ -67,6 +69,7 @@ def page(state_dir: str | Path, plan: nx.DiGraph | None = None,
     data = analyse(rows, plan, state)
     data["unreadable"] = bad
     data["run"] = dict(run) if run else None
+    data["link_base"] = os.path.abspath(links_from) if links_from is not None else None
     if plan is None:
         svg, note = None, ("Give the pipeline file (opf report FILE) to draw its plan here.")
     else:

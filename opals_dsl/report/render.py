@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -22,6 +23,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from ..errors import plural
 from ..plan.dot import to_job_dot
@@ -274,7 +276,8 @@ def _failures_html(data: Mapping[str, Any]) -> str:
         else:
             head += f' · <span class="st {_e(f["outcome"])}">task then {_e(f["outcome"])}</span>'
         body = f'<div>{_e(f["message"])}</div>' if f.get("message") else ""
-        out.append(f'<li class="{"final" if f["final"] else ""}">{head}{body}{_log(f)}</li>')
+        body += _log(f, data.get("link_base"))
+        out.append(f'<li class="{"final" if f["final"] else ""}">{head}{body}</li>')
     return f'<ul class="failures">{"".join(out)}</ul>{_more(data["failures_total"], fails)}'
 
 
@@ -291,7 +294,7 @@ def _interrupted_html(data: Mapping[str, Any]) -> str:
                 f'{_e(format_duration(t["seconds"]))}')
         if t["step"]:
             head += f" · step {_e(t['step'])} had begun"
-        out.append(f"<li>{head}{_log(t)}</li>")
+        out.append(f"<li>{head}{_log(t, data.get('link_base'))}</li>")
     tail = _more(data["interrupted_total"], held)
     return (f'<section><h2>Interrupted <span class="muted">({data["interrupted_total"]})'
             f'</span></h2><p class="muted">The run was interrupted while engines held these '
@@ -300,13 +303,17 @@ def _interrupted_html(data: Mapping[str, Any]) -> str:
             f'</section>')
 
 
-def _log(entry: Mapping[str, Any]) -> str:
-    """The last lines of an entry's log and a link to it, where there is one."""
+def _log(entry: Mapping[str, Any], base: str | None) -> str:
+    """The last lines of an entry's log and a link to it, where there is one: relative to
+    ``base``, the folder the page is written in (so that the state folder can be moved or
+    served as a whole), else absolute."""
     out = ""
     if entry["tail"] is not None:
         out += f'<pre class="tail">{_e(chr(10).join(entry["tail"]))}</pre>'
     if entry["log"]:
-        out += (f'<div class="muted">log: <a href="{_e(Path(entry["log"]).as_uri())}">'
+        href = (quote(os.path.relpath(entry["log"], base)) if base
+                else Path(entry["log"]).as_uri())
+        out += (f'<div class="muted">log: <a href="{_e(href)}">'
                 f'{_e(entry["log"])}</a></div>')
     return out
 
