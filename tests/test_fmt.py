@@ -451,6 +451,7 @@ PROPERTY = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(data=st.data())
 def test_formatting_keeps_the_tree_and_every_comment_and_is_idempotent(data: st.DataObject):

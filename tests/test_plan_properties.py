@@ -668,6 +668,7 @@ def _normalised(text: str, root: str) -> str:
     return json.dumps(data)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pipelines())
 def test_invariant_6_affinity_is_one_task_and_compile_is_deterministic(model: PipelineM) -> None:
@@ -858,6 +859,7 @@ def cyclic(draw: st.DrawFn) -> PipelineM:
     return model
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(cyclic())
 def test_job_cycles_through_gathers_are_rejected(model: PipelineM) -> None:
