@@ -11,6 +11,7 @@ test ends whatever it started, also when it fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -427,6 +428,43 @@ def test_ctrl_c_in_a_script_stops_the_run_and_the_script(cluster, tmp_path, clea
     assert "KeyboardInterrupt: the run was interrupted: 0 of 1 tasks done" in err
     wait_for(lambda: not alive(sleeper, created), 15, "the step's sleep to end")
     wait_for(lambda: not carrying(marker), 15, "the run's processes to end")
+
+
+STARTING = """
+import sys
+import opals_dsl as opf
+
+try:
+    opf.run(sys.argv[1], n=1, progress=False)
+except KeyboardInterrupt as stopped:
+    s = stopped.summary
+    print("interrupted", s.exit_code, s.done, s.not_run, s.total, s.trace, flush=True)
+    raise
+"""
+
+
+def test_ctrl_c_while_the_engines_start_still_gives_the_script_a_summary(tmp_path, cleanup):
+    """``opf.run`` interrupted before any task ran (its embedded cluster still starting)
+    raises a KeyboardInterrupt with a summary, as the docs' example reads it: nothing done,
+    every task not run, no trace; and the run's records say interrupted."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    path = write_pipeline(tmp_path / "p", SLEEPER.format(marks=marks), inputs=0)
+    script = tmp_path / "script.py"
+    script.write_text(STARTING)
+    driver = python(path.parent, str(script), str(path))
+    cleanup.drivers.append(driver)
+    state = path.parent / ".opf"
+    wait_for(lambda: using(state / "ipython"), 60, "the cluster to begin its start")
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=90)
+    assert out.splitlines() == ["interrupted 130 0 1 1 None"], (out, err)
+    assert driver.returncode == -signal.SIGINT, err
+    assert "AttributeError" not in err
+    assert not (marks / "run").exists()  # no step began
+    run = json.loads(next((state / "runs" / "sleeper").glob("*/run.json")).read_text())
+    assert run["status"] == "interrupted"
+    wait_for(lambda: not using(state / "ipython"), 15, "the cluster's processes to end")
 
 
 # -- a task that kills its engine ---------------------------------------------------------------

@@ -40,6 +40,7 @@ import posixpath
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,25 +276,14 @@ def _detach_terminal() -> None:
 
 
 def run(
-    plan: nx.DiGraph,
-    *,
-    state_dir: str | Path,
-    cluster: ClusterOptions | None = None,
-    executor: Executor | None = None,
-    scratch: str | None = None,
-    resume: bool = True,
-    force: bool = False,
-    checksum: bool = False,
-    keep_going: bool = False,
-    retries: int | None = None,
-    listener: RunListener | None = None,
+    plan: nx.DiGraph, *, state_dir: str | Path, cluster: ClusterOptions | None = None,
+    executor: Executor | None = None, scratch: str | None = None, resume: bool = True,
+    force: bool = False, checksum: bool = False, keep_going: bool = False,
+    retries: int | None = None, listener: RunListener | None = None,
     skip: Callable[[Task], bool] | None = None,
-    guard: Callable[[Iterable[str]], None] | None = None,
-    signals: bool = True,
-    early: EarlyCluster | None = None,
-    timeline: Timeline | None = None,
-    end_after_interrupt: bool = True,
-    **policy: Any,
+    guard: Callable[[Iterable[str]], None] | None = None, signals: bool = True,
+    early: EarlyCluster | None = None, timeline: Timeline | None = None,
+    end_after_interrupt: bool = True, **policy: Any,
 ) -> RunSummary:
     """Run ``plan`` (the module docstring says what happens, in order). Engines: ``executor``
     (left as it is), else an :class:`EarlyCluster` ``early`` or the cluster ``cluster``
@@ -330,6 +320,7 @@ def run(
             run_id = early.run_id if early else given or new_run_id()
             records = stack.enter_context(
                 RunRecords(state, plan, total=len(tasks), to_run=to_run, scratch=scratch))
+            stack.enter_context(_summary_if_interrupted(len(tasks), to_run, records))
 
             def schedule(engines: Executor) -> RunSummary:
                 refuse_wide_steps(plan, tasks, engines)
@@ -354,6 +345,22 @@ def run(
             if problem:
                 listener.warning(problem)
     return summary
+
+
+@contextlib.contextmanager
+def _summary_if_interrupted(total: int, to_run: int, records: RunRecords) -> Iterator[None]:
+    """A run interrupted before its scheduler ran (while the engines started) raises a
+    ``KeyboardInterrupt`` that carries a summary too, as one interrupted later does: nothing
+    ran."""
+    try:
+        yield
+    except KeyboardInterrupt as stopped:
+        if getattr(stopped, "summary", None) is None:
+            stopped.summary = RunSummary(  # type: ignore[attr-defined]
+                total=total, skipped=total - to_run, not_run=to_run,
+                started=records.data["started"], finished=time.time(), interrupted=True,
+                records=str(records.folder))
+        raise
 
 
 @contextlib.contextmanager
