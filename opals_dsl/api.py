@@ -17,11 +17,13 @@ it after. The state folder defaults to ``.opf`` beside the pipeline file, as ``o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,30 @@ def run(pipeline: Loaded | nx.DiGraph | str | Path, *,
     it, then raises ``KeyboardInterrupt`` with the run's summary as its ``summary``: a script
     or a loop of runs stops there, as at any other Ctrl-C (a script not catching it ends as
     one ended by Ctrl-C does, status 130 in a shell)."""
+    with _summary_if_interrupted():
+        return _run(pipeline, params, client, n, only, state_dir, cluster, progress, scratch,
+                    options)
+
+
+@contextlib.contextmanager
+def _summary_if_interrupted() -> Iterator[None]:
+    """A run interrupted before it began (while its pipeline was compiled) raises a
+    KeyboardInterrupt with a summary too: of no task."""
+    began = time.time()
+    try:
+        yield
+    except KeyboardInterrupt as stopped:
+        if getattr(stopped, "summary", None) is None:
+            stopped.summary = RunSummary(  # type: ignore[attr-defined]
+                started=began, finished=time.time(), interrupted=True)
+        raise
+
+
+def _run(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] | None,
+         client: Any, n: int | None, only: Sequence[str] | None,
+         state_dir: str | Path | None, cluster: ClusterOptions | None,
+         progress: bool | RunListener, scratch: str | None,
+         options: dict[str, Any]) -> RunSummary:
     graph, default_state, loaded = _plan_of(pipeline, params, whole=not only)
     if only:
         graph = select(graph, only)

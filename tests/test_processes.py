@@ -467,6 +467,39 @@ def test_ctrl_c_while_the_engines_start_still_gives_the_script_a_summary(tmp_pat
     wait_for(lambda: not using(state / "ipython"), 15, "the cluster's processes to end")
 
 
+COMPILING = """
+import sys
+import opals_dsl as opf
+
+run = opf.run
+print("ready", flush=True)
+try:
+    run(sys.argv[1], n=1, progress=False)
+except KeyboardInterrupt as stopped:
+    s = stopped.summary
+    print("interrupted", s.exit_code, s.done, s.total, s.trace, flush=True)
+    raise
+"""
+
+
+def test_ctrl_c_while_the_pipeline_compiles_gives_a_summary_of_no_task(tmp_path, cleanup):
+    """Interrupted before the run began (a pipeline of 400,000 tasks still being planned),
+    ``opf.run`` raises a KeyboardInterrupt whose summary is of no task, and nothing started."""
+    big = SLEEPER.format(marks=tmp_path).replace("range(1)", "range(400000)")
+    path = write_pipeline(tmp_path / "p", big, inputs=0)
+    script = tmp_path / "script.py"
+    script.write_text(COMPILING)
+    driver = python(path.parent, str(script), str(path))
+    cleanup.drivers.append(driver)
+    assert driver.stdout.readline() == "ready\n"
+    time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=90)
+    assert out.splitlines() == ["interrupted 130 0 0 None"], (out, err)
+    assert driver.returncode == -signal.SIGINT, err
+    assert not (path.parent / ".opf" / "runs").exists()
+
+
 # -- a task that kills its engine ---------------------------------------------------------------
 
 BOMB = """
