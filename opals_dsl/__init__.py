@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 #: the Python API's names, imported from :mod:`opals_dsl.api` when first asked for
 API = ("load", "plan", "draw", "run", "select", "compile_file", "Loaded", "Drawing",
-       "OpfError", "PipelineError", "PlanError", "Protected", "RunSummary", "ClusterOptions")
+       "OpfError", "PipelineError", "PlanError", "UsageError", "Protected", "RunSummary",
+       "ClusterOptions")
 
 
 def __getattr__(name: str) -> Any:

@@ -88,17 +88,26 @@ def _run(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] |
          state_dir: str | Path | None, cluster: ClusterOptions | None,
          progress: bool | RunListener, scratch: str | None,
          options: dict[str, Any]) -> RunSummary:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:  # before anything is compiled or started
+        raise TypeError(f"run() got an unexpected option {unknown[0]!r}; its options are "
+                        f"{', '.join(sorted(_OPTIONS))}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(f"n is a number of engines, 1 or more, not {n!r} (None: one per core)")
+    if client is not None and (n is not None or cluster is not None):
+        raise UsageError("run takes a client or the engines to start (n, cluster), not both")
     graph, default_state, loaded = _plan_of(pipeline, params, whole=not only)
     if only:
         graph = select(graph, only)
-    if client is not None and (n is not None or cluster is not None):
-        raise UsageError("run takes a client or the engines to start (n, cluster), not both")
     if n is not None:
         cluster = ClusterOptions(engines=n)
     executor = None
     if client is not None:
         executor = IPyParallelExecutor(client, scratch=scratch)
     listener = _listener(progress, model.info(graph).pipeline)
+    for warning in loaded.warnings if loaded is not None else ():  # as opf run shows them
+        listener.warning(f"{warning.span}: {warning.message}" if warning.span
+                         else warning.message)
     # no output may be copied back into the opf folder of a scratch root the engines report
     guard = None if loaded is None else functools.partial(check_scratch, loaded, graph)
     summary = session.run(graph, state_dir=state_dir or default_state, cluster=cluster,
@@ -131,11 +140,17 @@ def _plan_of(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, st
     return made, default_state_dir(loaded.path.resolve()), loaded
 
 
+#: what ``run`` passes on to :func:`opals_dsl.runtime.session.run` (and its scheduler)
+_OPTIONS = frozenset({"force", "keep_going", "retries", "checksum", "resume", "skip",
+                      "depth", "batch_seconds", "max_batch", "engine_wait", "interrupt_wait",
+                      "run_id"})
+
+
 def _listener(progress: bool | RunListener, title: str) -> RunListener:
     if isinstance(progress, RunListener):
         return progress
     if not progress:
-        return Progress(quiet=True, title=title)
+        return RunListener()  # nothing shown: the summary says what happened
     widget = widget_progress(title)
     if widget is not None:
         return widget
@@ -177,4 +192,5 @@ def draw(pipeline: Loaded | nx.DiGraph, level: str = "task") -> Drawing:
 
 
 __all__ = ["Loaded", "load", "plan", "draw", "Drawing", "compile_file", "run", "select",
-           "OpfError", "PipelineError", "PlanError", "Protected", "RunSummary", "ClusterOptions"]
+           "OpfError", "PipelineError", "PlanError", "UsageError", "Protected", "RunSummary",
+           "ClusterOptions"]

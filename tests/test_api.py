@@ -70,6 +70,22 @@ def test_load_raises_every_finding_and_plan_gives_the_graph(tmp_path):
     assert "digraph" in str(opf.draw(pipeline, level="job"))
 
 
+def test_list_params_from_python_are_lists_and_what_cannot_be_one_is_refused(tmp_path):
+    path = write_pipeline(tmp_path, PIPELINE.replace(
+        "pipeline p\n", 'pipeline p\nparam tags = ["a", "b"]\nparam sizes = [1, 2]\n').replace(
+        "{s} {a}", "{s} {a} {tags} {sizes}"))
+    assert opf.load(path, params={"tags": ["x", "y z"], "sizes": (3,)}).params == {
+        "tags": ("x", "y z"), "sizes": (3,)}
+    assert opf.load(path, params={"tags": []}).params["tags"] == ()
+    for bad, says in (({"tags": ["a,b"]}, "the item 'a,b' holds a comma"),
+                      ({"tags": [["a"]]}, "not lists"),
+                      ({"tags": None}, "not NoneType")):
+        with pytest.raises(opf.UsageError, match=says):
+            opf.load(path, params=bad)
+    with pytest.raises(opf.PipelineError, match="'q' is not one"):
+        opf.load(path, params={"sizes": ["q"]})
+
+
 class Seen(RunListener):
     def __init__(self) -> None:
         self.done: list[str] = []
@@ -103,6 +119,37 @@ def test_run_refuses_a_client_together_with_engines_to_start(cluster, tmp_path):
     path = write_pipeline(tmp_path, PIPELINE)
     with pytest.raises(opf.api.UsageError, match="a client or the engines to start"):
         opf.run(path, client=object(), n=2)
+
+
+def test_run_refuses_unknown_options_and_no_engines_before_it_starts_anything(tmp_path):
+    path = write_pipeline(tmp_path, PIPELINE)
+    with pytest.raises(TypeError, match="unexpected option 'bogus'; its options are .*force"):
+        opf.run(path, force=True, bogus=1)
+    for n in (0, -1, True, 1.5):
+        with pytest.raises(opf.UsageError, match="n is a number of engines, 1 or more"):
+            opf.run(path, n=n)
+    assert not (tmp_path / ".opf").exists()  # no run was begun, no cluster started
+    plan = opf.load(path).plan()
+    assert set(opf.select(plan, "up")) == set(opf.select(plan, ["up"]))  # one target, a string
+
+
+def test_progress_false_shows_nothing_and_warnings_show_as_opf_run_shows_them(
+        cluster, tmp_path, capfd):
+    failing = PIPELINE.replace("run python {tool} merge {m} {up.copy.a}",
+                               "run python {tool} nosuchcommand {m} {up.copy.a} > x")
+    path = write_pipeline(tmp_path, failing)
+    client = cluster.client()
+    try:
+        summary = opf.run(path, client=client, progress=False)
+        assert summary.exit_code == 1 and summary.failures
+        out, err = capfd.readouterr()
+        assert (out, err) == ("", "")
+        opf.run(path, client=client)
+        err = capfd.readouterr().err
+        assert "FAILED all/0" in err
+        assert f"opf: warning: {path}:" in err and "'>'" in err
+    finally:
+        client.close()
 
 
 def _marked(token: str) -> list:

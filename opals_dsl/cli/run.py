@@ -47,7 +47,6 @@ from ..plan import model
 from ..runtime import launch_options as launchers
 from ..runtime import session
 from ..runtime.cluster import ClusterOptions
-from ..runtime.events import Listeners, RunListener
 from ..runtime.journal import Journal
 from ..runtime.progress import Progress, decision_lines
 from ..runtime.resume import Resume
@@ -157,13 +156,6 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
                           timeout=timeout, launch=launch)
 
 
-class _Warnings(RunListener):
-    """Says the run's warnings on standard error."""
-
-    def warning(self, message: str) -> None:
-        print(warning_line(message), file=sys.stderr)
-
-
 def main(args: argparse.Namespace) -> int:
     """Run ``opf run`` with parsed arguments; returns the exit status."""
     timeline = Timeline() if getattr(args, "verbose", False) else NoTimeline()
@@ -237,7 +229,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
     summary = session.run(
         plan, state_dir=state, cluster=options, scratch=scratch, force=force,
         checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
-        listener=Listeners([_Warnings(), Progress(quiet=quiet, title=title)]),
+        listener=Progress(quiet=quiet, title=title),
         guard=lambda roots: check_scratch(loaded, plan, roots),
         early=early, timeline=timeline,
     )

@@ -19,7 +19,14 @@ from typing import TextIO
 
 import networkx as nx
 
-from ..errors import Diagnostic, OpfCheckError, OpfSyntaxError, PipelineError, PlanError
+from ..errors import (
+    Diagnostic,
+    OpfCheckError,
+    OpfSyntaxError,
+    PipelineError,
+    PlanError,
+    UsageError,
+)
 from ..plan import model
 from ..plan.graph import NodeLinkWriter, PlanSink
 from ..plan.table import PlanTable
@@ -92,11 +99,12 @@ def load(path: str | Path, params: Mapping[str, object] | None = None, *,
          protected: Protected | None = None, strict: bool = False) -> Loaded:
     """Parse and check a pipeline file; raises with every mistake found (and carries the
     warnings). ``params``: values as ``--param`` gives them, or Python numbers and booleans
-    (written as the pipeline would write them); ``protected``: where no output may be copied
+    (written as the pipeline would write them), or for a list param a list or tuple of those;
+    ``protected``: where no output may be copied
     back (default: :meth:`Protected.for_pipeline`); ``strict``: warnings are errors."""
     path = Path(path)
     if params:
-        params = {name: _as_text(value) for name, value in params.items()}
+        params = {name: _param_text(name, value) for name, value in params.items()}
     source = SourceFile.read(path)
     if protected is None:
         protected = Protected.for_pipeline(path)
@@ -111,11 +119,29 @@ def load(path: str | Path, params: Mapping[str, object] | None = None, *,
             gc.enable()
 
 
-def _as_text(value: object) -> str:
-    """A parameter's value as the command line gives it: ``true``/``false`` for booleans."""
+def _param_text(name: str, value: object) -> str:
+    """A parameter's value as the command line gives it: ``true``/``false`` for booleans, the
+    items of a list or tuple joined by commas (an item that holds one cannot be given)."""
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            if isinstance(item, list | tuple):
+                raise UsageError(f"params[{name!r}]: a list param's items are strings, "
+                                 f"numbers or booleans, not lists")
+            text = _param_text(name, item)
+            if "," in text:
+                raise UsageError(f"params[{name!r}]: the item {text!r} holds a comma, which "
+                                 f"separates a list param's items")
+            items.append(text)
+        return ",".join(items)
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    raise UsageError(f"params[{name!r}]: a param's value is a string, a number, a boolean or a "
+                     f"list of them, not {type(value).__name__}")
 
 
 def _load(path: Path, source: SourceFile, params: Mapping[str, str] | None,

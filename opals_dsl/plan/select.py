@@ -20,6 +20,8 @@ from . import model
 def select(graph: nx.DiGraph, targets: Sequence[str]) -> nx.DiGraph:
     """The plan of ``targets`` (``JOB`` or ``JOB/TASK``) and what they need; raises
     :class:`UsageError` for a target that names no job or no task of its job."""
+    if isinstance(targets, str):  # one target, not its letters
+        targets = [targets]
     every = model.tasks(graph)
     by_job: dict[str, dict[str, model.Task]] = {}
     for task in every.tasks:

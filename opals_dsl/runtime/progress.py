@@ -11,7 +11,7 @@ stderr). Given only ``stream``, both go there.
 * Elsewhere (a log file, CI): plain lines — one per finished task for small runs, and for runs
   of more than ``line_limit`` tasks a status line at most every ``interval`` seconds — and the
   summary as plain lines.
-* ``quiet``: only failures.
+* ``quiet``: only failures and warnings.
 
 A task that fails for good is always reported in full: the task, the step and node, the exit
 status, the last lines of the step's log (control characters shown as ``\\xNN``, never sent to
@@ -208,6 +208,9 @@ class Progress(RunListener):
             self._gone = True
 
     # -- events ----------------------------------------------------------------------------
+
+    def warning(self, message: str) -> None:
+        self._say(f"opf: warning: {printable(message)}")  # quiet or not
 
     def resuming(self, to_run: int, unchanged: int) -> None:
         """Before the run: how many tasks the journal found unchanged."""
