@@ -22,7 +22,7 @@ import re
 import shlex
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import networkx as nx
 import pytest
@@ -604,6 +604,8 @@ def test_exec_commands_name_only_files_of_their_own_task(model: PipelineM) -> No
 @SETTINGS
 @given(pipelines())
 def test_invariant_4_copyback_copies_every_published_output_once(model: PipelineM) -> None:
+    """Each published output is copied back exactly once, to a destination of its own, and
+    no destination is the folder of another (a path is a file or a folder, not both)."""
     g = compile_model(model)
     check_shape_against_model(g, model)
     destinations: list[str] = []
@@ -623,6 +625,9 @@ def test_invariant_4_copyback_copies_every_published_output_once(model: Pipeline
         assert len(temps) == sum(1 for s in jm.steps for o in s.outs if o.temp)
         destinations.extend(dest for _, dest in pairs)
     assert len(destinations) == len(set(destinations))
+    files = set(destinations)
+    for dest in destinations:
+        assert not any(str(up) in files for up in PurePosixPath(dest).parents), dest
 
 
 @SETTINGS

@@ -33,7 +33,6 @@ import os
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import networkx as nx
@@ -56,6 +55,7 @@ from .expand import (
 )
 from .limits import step_limits
 from .protect import (
+    REPORT_LIMIT,
     DestinationChecks,
     Protected,
     overwritten_message,
@@ -65,7 +65,7 @@ from .scope import CTX_OUT, CTX_OUTPUT, Binding, JobTable, ResolveError, Scope, 
 from .templates import BROKEN, CompiledStep, StepCompiler, TaskCtx, Text, no_action, text_of
 
 #: at most this many errors are reported for one declaration (a glob, an out, an in)
-_REPORT_LIMIT = 3
+_REPORT_LIMIT = REPORT_LIMIT
 
 
 
@@ -142,6 +142,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         self.jobs: dict[str, _JobPlan] = {}
         # destination -> (job, task, out, step) of the output copied back there
         self.destinations: dict[str, tuple[str, str, n.Out, str]] = {}
+        self.folders: dict[str, str] = {}  # folder above a destination -> one inside it
+        self.folders_reported: set[str] = set()  # paths found a file and a folder at once
         # shared-drive file -> (job, task or None, span) of the first stage that reads it
         # (shared files, glob matches, `in` files: not the upstream outputs a task waits for)
         self.readers: dict[str, tuple[str, str | None, Span | None]] = {}
@@ -511,7 +513,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             dest = prefix + local
             if prefix[:1] == "/":  # absolute: the file may still lie inside the root
                 dest = self.plan_path(dest)
-            if dest in destinations or dest in readers:
+            if (dest in destinations or dest in readers or dest in self.folders
+                    or dest[:dest.rfind("/")] not in self.folders):
                 self.claim(dest, t.job, t.task, o, cs.name)
             else:
                 destinations[dest] = (t.job, t.task, o, cs.name)
@@ -579,44 +582,6 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             self.readers[src] = (job, task, span)
             if what is not None:
                 self.reader_what[src] = what
-
-    def claim(self, dest: str, job: str, task: str, o: n.Out, step: str) -> None:
-        first = self.destinations.get(dest)
-        if first is None:
-            self.destinations[dest] = (job, task, o, step)
-            reader = self.readers.get(dest)
-            if reader is not None:
-                rjob, rtask, _ = reader
-                what = self.reader_what.get(dest)
-                who = (f"task '{rtask}' of job '{rjob}'" if rtask is not None
-                       else f"job '{rjob}' (a shared file)")
-                reads = f"which job '{rjob}' reads as {what}" if what is not None else (
-                    f"a file that {who} reads as an input")
-                self.error(
-                    o.path.span,
-                    f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
-                    f"to '{dest}', {reads}; a copy-back must not overwrite an input: give the "
-                    "output another name or output folder",
-                    o,
-                )
-            return
-        fjob, ftask, fout, _ = first
-        limit = _REPORT_LIMIT
-        if fout is o:
-            limit = 1  # every task of the job clashes alike: once says it all
-            hint = self._clash_hint.get(job, "{task.id}")
-            msg = (
-                f"tasks '{ftask}' and '{task}' of job '{job}' would both copy output "
-                f"'{o.name.value}' back to '{dest}'; make the name differ per task, e.g. "
-                f"\"{hint}{PurePosixPath(dest).suffix}\""
-            )
-        else:
-            msg = (
-                f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back to "
-                f"'{dest}', where output '{fout.name.value}' of task '{ftask}' (job '{fjob}') "
-                "goes too; give one of them another name or output folder"
-            )
-        self.error(o.path.span, msg, o, limit)
 
     def graph_attrs(self, source: str | None = None) -> dict[str, Any]:
         return model.graph_attrs(

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from . import nodes as n
 
@@ -109,6 +110,10 @@ class Protected:
                          if any(f in self.forms(os.path.dirname(path)) for f in folder))
 
 
+#: at most this many errors are reported for one declaration (a glob, an out, an in)
+REPORT_LIMIT = 3
+
+
 class DestinationChecks:
     """The planner's checks of the output folders and destinations (a base class of
     :class:`~opals_dsl.lang.lower.Planner`, whose collected destinations and readers it
@@ -125,6 +130,51 @@ class DestinationChecks:
                 "folder in full (e.g. \"/home/me/results\"), or relative to the pipeline file",
                 decl, 1,
             )
+
+    def claim(self, dest: str, job: str, task: str, o: n.Out, step: str) -> None:
+        """Output ``o`` of ``task`` is copied back to ``dest``: no other output may go there,
+        need it to be a folder or have a folder there, and no stage may read it as an input."""
+        clash = file_folder_clash(dest, self.destinations, self.folders)
+        if clash is not None and clash[0] not in self.folders_reported:  # once per path
+            self.folders_reported.add(clash[0])
+            self.error(o.path.span, f"output '{o.name.value}' of task '{task}' (job '{job}') "
+                                    f"{clash[1]}", o, REPORT_LIMIT)
+        first = self.destinations.get(dest)
+        if first is None:
+            self.destinations[dest] = (job, task, o, step)
+            reader = self.readers.get(dest)
+            if reader is not None:
+                rjob, rtask, _ = reader
+                what = self.reader_what.get(dest)
+                who = (f"task '{rtask}' of job '{rjob}'" if rtask is not None
+                       else f"job '{rjob}' (a shared file)")
+                reads = f"which job '{rjob}' reads as {what}" if what is not None else (
+                    f"a file that {who} reads as an input")
+                self.error(
+                    o.path.span,
+                    f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back "
+                    f"to '{dest}', {reads}; a copy-back must not overwrite an input: give the "
+                    "output another name or output folder",
+                    o,
+                )
+            return
+        fjob, ftask, fout, _ = first
+        limit = REPORT_LIMIT
+        if fout is o:
+            limit = 1  # every task of the job clashes alike: once says it all
+            hint = self._clash_hint.get(job, "{task.id}")
+            msg = (
+                f"tasks '{ftask}' and '{task}' of job '{job}' would both copy output "
+                f"'{o.name.value}' back to '{dest}'; make the name differ per task, e.g. "
+                f"\"{hint}{PurePosixPath(dest).suffix}\""
+            )
+        else:
+            msg = (
+                f"output '{o.name.value}' of task '{task}' (job '{job}') would be copied back to "
+                f"'{dest}', where output '{fout.name.value}' of task '{ftask}' (job '{fjob}') "
+                "goes too; give one of them another name or output folder"
+            )
+        self.error(o.path.span, msg, o, limit)
 
     def check_destinations(self) -> None:
         """No copy-back may write the pipeline file, into the run's state folder or into opf's
@@ -229,3 +279,31 @@ def reads_output_message(src: str, job: str, task: str | None,
         f"'{cjob}') is copied back, but nothing makes this task wait for it; name the output "
         f"as {{{cjob}.{cstep}.{cout.name.value}}} (in the command or an 'in' line) instead"
     )
+
+
+def file_folder_clash(dest: str, destinations: Mapping[str, tuple[str, str, n.Out, str]],
+                      folders: dict[str, str]) -> tuple[str, str] | None:
+    """That path and the error when destination ``dest`` and another one need one path to be a
+    file and a folder at once (``res/a.txt`` and ``res/a.txt/b``), else None; the folders above
+    ``dest`` are noted in ``folders`` (folder -> a destination inside it) on the way. Each
+    folder is looked at once: a destination claimed later that is a noted folder is found by
+    its own call."""
+    inside = folders.get(dest)
+    if inside is not None:
+        return dest, _clash(dest, destinations[inside],
+                            f"'{dest}' is the folder of '{inside}', where")
+    folder = posixpath.dirname(dest)
+    while folder not in ("", "/") and folder not in folders:
+        if folder in destinations:
+            return folder, _clash(dest, destinations[folder],
+                                  f"its folder '{folder}' is a file: that is where")
+        folders[folder] = dest
+        folder = posixpath.dirname(folder)
+    return None
+
+
+def _clash(dest: str, other: tuple[str, str, n.Out, str], what: str) -> str:
+    ojob, otask, oout, _ = other
+    return (f"would be copied back to '{dest}', but {what} output '{oout.name.value}' of task "
+            f"'{otask}' (job '{ojob}') is copied back; a path cannot be a file and a folder at "
+            f"once: give one of them another name or output folder")
