@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import os
 import stat
 import sys
@@ -55,6 +56,10 @@ def _files(names: list[str]) -> Iterator[tuple[str, str | None]]:
 def _write(path: str, text: str) -> None:
     target = os.path.realpath(path)  # a link stays a link: its file is rewritten
     mode = stat.S_IMODE(os.stat(target).st_mode)
+    # a file its owner made read-only, or one this user may not write, is not replaced by a
+    # new file of this user's (the folder would allow it)
+    if not mode & 0o222 or not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, "the file is read-only (chmod u+w to format it)")
     write_atomic(target, text.encode("utf-8"))
     if stat.S_IMODE(os.stat(target).st_mode) != mode:
         os.chmod(target, mode)

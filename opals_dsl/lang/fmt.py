@@ -114,7 +114,7 @@ def format_source(source: SourceFile) -> str:
     Raises :class:`OpfSyntaxError` when the file does not parse (nothing can be said about its
     layout then) and :class:`FormatError` when the result would not mean the same.
     """
-    before = parse(source)
+    before = _tree(source)
     text = _prepared(source.text)
     toks = tokens(source)
     found = _comments(text, toks)
@@ -123,11 +123,24 @@ def format_source(source: SourceFile) -> str:
     return result
 
 
+def _tree(source: SourceFile) -> n.Pipeline:
+    """The syntax tree of ``source``, also where the only mistakes are found while the tree is
+    built (a name where a value must be, an unknown ``tiles`` argument): the parser read the
+    whole file, and the layout does not depend on them. A file that does not parse raises."""
+    try:
+        return parse(source)
+    except OpfSyntaxError as error:
+        pipeline = getattr(error, "pipeline", None)
+        if pipeline is None:
+            raise
+        return pipeline
+
+
 def _verify(source: SourceFile, before: n.Pipeline, found: list[Comment], result: str) -> None:
     formatted = SourceFile(source.name, result)
     why = ""
     try:
-        if parse(formatted) != before:
+        if _tree(formatted) != before:
             why = "the formatted file would mean something else"
         elif [c.text for c in comments(formatted)] != [c.text for c in found]:
             why = "the formatted file would lose or reorder a comment"
