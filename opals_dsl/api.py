@@ -178,6 +178,9 @@ class Drawing:
     def _repr_svg_(self) -> str | None:
         return self.svg()
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # without Graphviz: the text
+        printer.text(self.source)
+
     def __str__(self) -> str:
         return self.source
 

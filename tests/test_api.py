@@ -70,6 +70,17 @@ def test_load_raises_every_finding_and_plan_gives_the_graph(tmp_path):
     assert "digraph" in str(opf.draw(pipeline, level="job"))
 
 
+def test_a_notebook_shows_a_loaded_pipeline_in_a_line_and_a_drawing_as_dot_without_graphviz(
+        tmp_path):
+    from IPython.lib.pretty import pretty
+    pipeline = opf.load(write_pipeline(tmp_path, PIPELINE))
+    shown = repr(pipeline)
+    assert shown.startswith("<Loaded pipeline 'p' from ") and "2 jobs" in shown, shown
+    assert "\n" not in shown and "job up" not in shown  # not the text, not the tree
+    drawing = opf.draw(pipeline, level="job")
+    assert pretty(drawing) == drawing.source == str(drawing)  # the text a notebook shows
+
+
 def test_list_params_from_python_are_lists_and_what_cannot_be_one_is_refused(tmp_path):
     path = write_pipeline(tmp_path, PIPELINE.replace(
         "pipeline p\n", 'pipeline p\nparam tags = ["a", "b"]\nparam sizes = [1, 2]\n').replace(
