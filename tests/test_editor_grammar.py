@@ -173,6 +173,8 @@ def expectations(source: SourceFile) -> tuple[list[tuple[int, int, str, str]], l
                 at(tok, "string.quoted.double.opf", "a string")
             elif tok.type in ("INT", "FLOAT"):
                 at(tok, "constant.numeric.opf", "a number")
+            elif tok.type == "DURATION":
+                at(tok, "constant.numeric.duration.opf", "a duration")
             elif tok.type in ("TRUE", "FALSE"):
                 at(tok, "constant.language.boolean.opf", "a boolean")
             elif tok.type in ("TEMP", "FLAT", "BY") and prev is not None and prev.type == "STRING":
@@ -258,12 +260,13 @@ def test_the_features_file_has_every_kind_of_place(tokenised: dict[Path, list]):
             "string.quoted.double.opf", "variable.other.opf", "entity.name.type.job.opf",
             "entity.name.function.step.opf", "variable.parameter.loop.opf",
             "variable.parameter.argument.opf", "entity.name.function.call.opf",
-            "constant.numeric.opf", "constant.language.boolean.opf",
-            "storage.modifier.opf"} <= scopes
+            "constant.numeric.opf", "constant.numeric.duration.opf",
+            "constant.language.boolean.opf", "storage.modifier.opf"} <= scopes
     runs = [t for t in tokens(source) if t.type == "RUN_LINE"]
     assert any("\\\n" in str(t) for t in runs)  # a continued run line
     assert any(run_comments(str(t), t.start_pos) for t in runs)  # a comment on a run line
     assert "x#y" in source.text and "'# nor this'" in source.text and '"a#b"' in source.text
+    assert "run# " in source.text  # a bare run with a comment right after it
 
 
 def test_run_comments_are_found_as_opf_reads_them():
