@@ -65,6 +65,19 @@ def tree(text: str):
         return error.pipeline
 
 
+def laid_out_or_refused(text: str) -> bool:
+    """A text that does not parse is refused with the parser's error (False); one that parses
+    keeps its tree and comments and formats to itself (True)."""
+    try:
+        tree(text)
+    except OpfSyntaxError:
+        with pytest.raises(OpfSyntaxError):
+            fmt(text)
+        return False
+    assert_invariants(text)
+    return True
+
+
 def assert_invariants(text: str) -> str:
     before = tree(text)
     once = fmt(text)
@@ -302,17 +315,8 @@ def test_mistakes_found_while_the_tree_is_built_do_not_stop_the_layout():
         with pytest.raises(OpfSyntaxError):
             parse(SourceFile("t.opf", text))
         assert_invariants(text)
-    laid_out = 0
-    for case in sorted(GOLDEN_ERRORS.glob("*.opf")):
-        text = case.read_text(encoding="utf-8")
-        try:
-            tree(text)
-        except OpfSyntaxError:
-            with pytest.raises(OpfSyntaxError):
-                fmt(text)
-            continue
-        assert_invariants(text)
-        laid_out += 1
+    laid_out = sum(laid_out_or_refused(case.read_text(encoding="utf-8"))
+                   for case in sorted(GOLDEN_ERRORS.glob("*.opf")))
     assert laid_out >= 30, laid_out
 
 
@@ -562,14 +566,7 @@ def test_any_text_is_formatted_faithfully_or_refused_as_a_syntax_error(data: st.
     end's fuzzing): a text that does not parse is refused with the parser's error; one that
     parses (mistakes found while its tree is built included) keeps its tree and comments and
     formats to itself."""
-    text = mutate(data.draw(st.sampled_from(FUZZ_SEEDS)), data)
-    try:
-        tree(text)
-    except OpfSyntaxError:
-        with pytest.raises(OpfSyntaxError):
-            fmt(text)
-        return
-    assert_invariants(text)
+    laid_out_or_refused(mutate(data.draw(st.sampled_from(FUZZ_SEEDS)), data))
 
 
 # -- the command -------------------------------------------------------------------------------
