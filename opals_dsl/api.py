@@ -35,7 +35,7 @@ from .lang.compile import Loaded, check_scratch, compile_file, load, plan, plan_
 from .lang.protect import STATE_FOLDER, Protected, default_state_dir
 from .plan import model
 from .plan.dot import to_dot, to_job_dot
-from .plan.select import select
+from .plan.select import select, targets_of
 from .runtime import session
 from .runtime.cluster import ClusterOptions
 from .runtime.events import RunListener, RunSummary
@@ -99,6 +99,8 @@ def _run(pipeline: Loaded | nx.DiGraph | str | Path, params: Mapping[str, str] |
     graph, default_state, loaded = _plan_of(pipeline, params, whole=not only)
     if only:
         graph = select(graph, only)
+        if options.get("force") is True:  # as opf run --only --force: the targets
+            options = {**options, "force": targets_of(only)}
     if n is not None:
         cluster = ClusterOptions(engines=n)
     executor = None

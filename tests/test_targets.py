@@ -137,3 +137,14 @@ def test_run_only_runs_the_targets_and_what_they_need(cluster, tmp_path):
     # the whole pipeline afterwards: what --only ran is unchanged, the rest runs
     proc = opf(*run, "--dry-run", cwd=tmp_path)
     assert "p: 8 of 10 tasks would run, 2 unchanged" in proc.stdout, proc.stdout
+
+    # --force with --only runs the targets again, not what they need (it is done), as make -B
+    # or snakemake -f do; a target's job forces all of its tasks
+    proc = opf(*run, "--dry-run", "--only", "down/s2", "--force", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = {ln.split()[1]: ln.split(None, 2)[2] for ln in proc.stdout.splitlines()[:-1]}
+    assert lines == {"up/s2": "unchanged", "down/s2": "forced"}, proc.stdout
+    proc = opf(*run, "--dry-run", "--only", "down", "--only", "up/s1", "--force", cwd=tmp_path)
+    lines = {ln.split()[1]: ln.split(None, 2)[2] for ln in proc.stdout.splitlines()[:-1]}
+    assert lines == {"up/s1": "forced", "up/s2": "unchanged", "up/s3": "new",
+                     "down/s1": "forced", "down/s2": "forced", "down/s3": "forced"}, proc.stdout

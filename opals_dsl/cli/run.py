@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..errors import ReportError, UsageError
 from ..plan import model
+from ..plan.select import targets_of
 from ..runtime import launch_options as launchers
 from ..runtime import session
 from ..runtime.cluster import ClusterOptions
@@ -117,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     again.add_argument(
         "--force", action="store_true",
-        help="run every task, also those unchanged since they last ran",
+        help="run every task, also those unchanged since they last ran; with --only, the "
+        "targets (what they need runs if it is not done)",
     )
     again.add_argument(
         "--checksum", action="store_true",
@@ -216,6 +218,8 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
     show_warnings(loaded.warnings)
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
+    if force and getattr(args, "only", None):  # as make -B or snakemake -f: the targets
+        force = targets_of(args.only)
     checksum = getattr(args, "checksum", False)
     title = model.info(plan).pipeline
     if getattr(args, "dry_run", False):

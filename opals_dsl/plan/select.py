@@ -9,7 +9,7 @@ a plan (the run, the journal, the drawings, ``--json``) takes it unchanged.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import networkx as nx
 
@@ -42,6 +42,15 @@ def select(graph: nx.DiGraph, targets: Sequence[str]) -> nx.DiGraph:
     jobs = {every.tasks[order].job for order in wanted}
     part.graph["jobs"] = [job for job in graph.graph.get("jobs") or [] if job in jobs]
     return part
+
+
+def targets_of(targets: Sequence[str]) -> Callable[[model.Task], bool]:
+    """Whether a task is one of ``targets`` (``JOB``: every task of the job, ``JOB/TASK``)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    jobs = {t for t in targets if "/" not in t}
+    tasks = {t for t in targets if "/" in t}
+    return lambda task: task.job in jobs or task.name in tasks
 
 
 def _named(target: str, by_job: dict[str, dict[str, model.Task]],

@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,9 @@ from ..plan import model
 from ..plan.model import Task
 from .journal import Journal
 from .records import record_body, well_formed
+
+#: ``--force``: every task (True), none (False), or the tasks it says True of
+Force = bool | Callable[[Task], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,24 +83,26 @@ class Resume:
             self.decide()
         return self._from.get(task.order, 0)
 
-    def decide(self, force: bool = False) -> list[Decision]:
-        """Decide for every task whether it runs, and why; in plan order."""
+    def decide(self, force: Force = False) -> list[Decision]:
+        """Decide for every task whether it runs, and why; in plan order. ``force``: every
+        task runs (True), or those it says True of (the targets of ``--only``)."""
         self._decide(force, keep=True)
         assert self.decisions is not None
         return self.decisions
 
-    def settle(self, force: bool = False) -> int:
+    def settle(self, force: Force = False) -> int:
         """Decide as :meth:`decide` does, but keep only what :meth:`skip` and :meth:`start_of`
         answer — a byte a task, no :class:`Decision` —; the number of tasks to run."""
         return self._decide(force, keep=False)
 
-    def _decide(self, force: bool, *, keep: bool) -> int:
+    def _decide(self, force: Force, *, keep: bool) -> int:
         n = len(self.journal.tasks)
         runs = bytearray(n)
         decisions: list[Decision | None] | None = [None] * n if keep else None
         starts: dict[int, int] = {}
         for i in self._dependency_order():
-            reason: str | None = "forced" if force else None
+            reason: str | None = "forced" if force is True or (
+                callable(force) and force(self.journal.tasks[i])) else None
             if reason is None and self.journal.tasks[i].name not in self.journal.records:
                 reason = "new"
             if reason is None:

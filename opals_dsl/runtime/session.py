@@ -55,7 +55,7 @@ from .executor import Executor, LocalExecutor
 from .fsatomic import remove_abandoned_temporaries
 from .history import RunRecords
 from .journal import Journal
-from .resume import Resume
+from .resume import Force, Resume
 from .scheduler import Scheduler
 from .slots import Slots, too_wide
 from .timeline import NoTimeline, Timeline
@@ -278,24 +278,24 @@ def _detach_terminal() -> None:
 def run(
     plan: nx.DiGraph, *, state_dir: str | Path, cluster: ClusterOptions | None = None,
     executor: Executor | None = None, scratch: str | None = None, resume: bool = True,
-    force: bool = False, checksum: bool = False, keep_going: bool = False,
+    force: Force = False, checksum: bool = False, keep_going: bool = False,
     retries: int | None = None, listener: RunListener | None = None,
     skip: Callable[[Task], bool] | None = None,
     guard: Callable[[Iterable[str]], None] | None = None, signals: bool = True,
     early: EarlyCluster | None = None, timeline: Timeline | None = None,
     end_after_interrupt: bool = True, **policy: Any,
 ) -> RunSummary:
-    """Run ``plan`` (the module docstring says what happens, in order). Engines: ``executor``
-    (left as it is), else an :class:`EarlyCluster` ``early`` or the cluster ``cluster``
-    describes (default: embedded, :func:`engine_count` engines), started and stopped here.
-    ``resume`` keeps the journal in ``state_dir``: unchanged tasks are skipped (``force`` runs
-    all; ``checksum`` compares inputs by content); without it every task runs (or those
-    ``skip`` lets run) and nothing is recorded. ``retries`` replaces every job's. ``guard``
-    gets the engines' scratch roots first and raises to stop the run. ``signals``: SIGINT,
-    SIGTERM, SIGHUP handled (main thread only); after an interrupt a further signal ends the
-    process, unless ``end_after_interrupt`` is False (a kernel: its handlers come back).
-    ``timeline`` gets the phases; ``policy`` the scheduler's knobs (``depth``,
-    ``batch_seconds``, ``max_batch``, ``engine_wait``, ``interrupt_wait``, ``run_id``)."""
+    """Run ``plan`` (the module docstring says what happens, in order). Engines: ``executor`` (left
+    as it is), else an :class:`EarlyCluster` ``early`` or the cluster ``cluster`` describes
+    (default: embedded, :func:`engine_count` engines), started and stopped here. ``resume`` keeps
+    the journal in ``state_dir``: unchanged tasks are skipped (``force`` runs all, or the tasks it
+    says True of; ``checksum`` compares inputs by content); without it every task runs (or those
+    ``skip`` lets run) and nothing is recorded. ``retries`` replaces every job's. ``guard`` gets the
+    engines' scratch roots first and raises to stop the run. ``signals``: SIGINT, SIGTERM, SIGHUP
+    handled (main thread only); after an interrupt a further signal ends the process, unless
+    ``end_after_interrupt`` is False (a kernel: its handlers come back). ``timeline`` gets the
+    phases; ``policy`` the scheduler's knobs (``depth``, ``batch_seconds``, ``max_batch``,
+    ``engine_wait``, ``interrupt_wait``, ``run_id``)."""
     state, folders = Path(state_dir), destination_folders(plan)
     listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
