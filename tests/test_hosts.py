@@ -317,6 +317,26 @@ def test_a_host_that_cannot_be_reached_at_start_exits_3(hosts: Hosts, shared: Pa
     nothing_left([h for h in hosts.hosts if h.name != "opfhost3"], shared / "p" / ".opf")
 
 
+def test_hosts_without_n_start_no_more_engines_than_the_run_has_tasks(hosts: Hosts,
+                                                                       shared: Path):
+    """``ssh:HOST`` without ``:N`` means one engine per core, but a run of one task starts one
+    engine a host (the run decided what to run before the hosts were asked: its state folder
+    exists, so the cluster does not start while the pipeline compiles)."""
+    marks = shared / "marks"
+    marks.mkdir()
+    path = write_pipeline(shared / "p", MARKED.format(marks=marks, seconds=0), inputs=1)
+    (shared / "p" / "hosttool.py").write_text(HOST_TOOL)
+    (shared / "p" / ".opf").mkdir()
+    proc = subprocess.run(
+        opf(str(path), "--engines", "ssh:opfhost1,opfhost2", "--ssh-config",
+            str(hosts.ssh_config), "--timeout", "300"),
+        cwd=shared, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "starting 2 engines over SSH: opfhost1 (1), opfhost2 (1)" in proc.stderr
+    assert (shared / "p" / "results" / "s1.a").read_text() == "copied:strip 1\n"
+    nothing_left(hosts.hosts, shared / "p" / ".opf")
+
+
 def test_engines_that_do_not_register_in_time_ask_for_a_longer_timeout(hosts: Hosts,
                                                                        shared: Path):
     """The hosts answered over SSH, so a timeout too short is the first thing to check (here

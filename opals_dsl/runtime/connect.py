@@ -25,6 +25,7 @@ def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
                  interrupted: Callable[[], bool] | None = None,
                  timeline: Timeline | None = None,
                  count: Callable[[], int] | None = None,
+                 needed: Callable[[], int | None] = lambda: None,
                  ) -> Iterator[IPyParallelExecutor]:
     """Start or reach the cluster ``options`` name and yield an executor for its engines.
 
@@ -32,13 +33,15 @@ def open_cluster(options: ClusterOptions, state_dir: str | Path, *,
     if this process is killed); every process of it carries ``OPF_RUN_ID=run_id``; a start
     that ``interrupted`` reports interrupted raises KeyboardInterrupt; its phases (cluster
     start, engines ready, stop) are marked on ``timeline``; ``count``, if given, says how many
-    engines an embedded cluster starts once its controller is launched. An existing cluster is only
+    engines an embedded cluster starts once its controller is launched, ``needed`` how many
+    engines a launched one needs at most, if known by the time its hosts have answered (a host
+    of ``ssh:`` without ``:N`` starts no more). An existing cluster is only
     disconnected from. Raises :class:`ClusterError` if there is no cluster to use.
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if options.launch is not None:
-        yield from launched(options, state, scratch, timeline or NoTimeline())
+        yield from launched(options, state, scratch, timeline or NoTimeline(), needed)
     elif options.embedded:
         yield from _embedded(options, state, scratch, run_id, interrupted,
                              timeline or NoTimeline(), count)

@@ -150,6 +150,8 @@ class LaunchedCluster:
     state_dir: Path
     timeout: float
     say: Callable[[str], None]
+    #: the engines the run needs, once known (a host without ``:N`` starts no more)
+    needed: Callable[[], int | None] = lambda: None
     cluster: Any = None
     client: Any = None
     cluster_id: str = ""
@@ -257,7 +259,8 @@ class LaunchedCluster:
         problems = [p.problem for p in probes if p.problem]
         if problems:
             raise ClusterError("\n".join(problems))
-        return {host: n if n is not None else (probe.cores or 1)
+        need = self.needed()
+        return {host: n if n is not None else min(probe.cores or 1, need or probe.cores or 1)
                 for (host, n), probe in zip(opts.hosts, probes, strict=True)}
 
     def _controller_address(self) -> tuple[str, str]:
@@ -661,14 +664,14 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def launched(options: ClusterOptions, state: Path, scratch: str | None,
-             timeline: Timeline) -> Iterator[IPyParallelExecutor]:
+def launched(options: ClusterOptions, state: Path, scratch: str | None, timeline: Timeline,
+             needed: Callable[[], int | None] = lambda: None) -> Iterator[IPyParallelExecutor]:
     """Start the engines ``options.launch`` names, yield an executor for them, and stop
     everything at the end (a generator for :func:`opals_dsl.runtime.connect.open_cluster`);
     the start (hosts asked, controller, engines until ready) and the stop are marked on
-    ``timeline``."""
+    ``timeline``; ``needed`` says, once the run knows it, how many engines it needs at most."""
     launch: LaunchOptions = options.launch
-    cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet))
+    cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet), needed)
     quiet_ssh_waits()
     with using_ipython_dir(cluster.ipython_dir):
         try:

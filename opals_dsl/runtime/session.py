@@ -440,7 +440,8 @@ def _engines(schedule: Callable[[Executor], RunSummary],
     # job) waits in plain Python, where the signal is raised as KeyboardInterrupt and it cleans up
     interrupts.starting = options.embedded and options.launch is None
     with open_cluster(options, state, scratch=scratch, run_id=run_id,
-                      interrupted=lambda: interrupts.requested, timeline=timeline) as started:
+                      interrupted=lambda: interrupts.requested, timeline=timeline,
+                      needed=lambda: max(to_run, widest)) as started:
         interrupts.starting = False
         return _schedule_on(started, schedule, guard, interrupts)
 
@@ -531,7 +532,7 @@ class EarlyCluster:
             count = self._count if self.options.engines is None else None
             opened = open_cluster(self.options, self.state, scratch=self.scratch,
                                   run_id=self.run_id, interrupted=self._interrupted,
-                                  timeline=self.timeline, count=count)
+                                  timeline=self.timeline, count=count, needed=self._needed)
             self.executor = opened.__enter__()
             self._opened = opened
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
@@ -542,6 +543,10 @@ class EarlyCluster:
         and for the ``widest`` step's threads)."""
         self._to_run, self._widest = to_run, widest
         self._decided.set()
+
+    def _needed(self) -> int | None:
+        """The engines the run needs at most, if the journal has decided by now."""
+        return max(self._to_run, self._widest) if self._decided.is_set() else None
 
     def _count(self) -> int:
         """How many engines to start: asked by the start once the controller is launched."""
