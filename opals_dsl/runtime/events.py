@@ -65,9 +65,8 @@ class RunSummary:
     failed: int = 0
     blocked: int = 0
     not_run: int = 0
-    #: of ``not_run``: tasks an engine held when the run was interrupted
-    stopped_on_engines: int = 0
-    #: those tasks (their order in the plan)
+    #: of ``not_run``: the tasks an engine held when the run was interrupted (their order in
+    #: the plan)
     stopped_tasks: list[int] = field(default_factory=list)
     retried: int = 0
     resubmitted: int = 0  # tasks moved off a lost engine
@@ -108,7 +107,7 @@ class RunSummary:
         if self.blocked:
             rows.append(("not run (upstream failed)", str(self.blocked)))
         if self.not_run:
-            held = self.stopped_on_engines
+            held = len(self.stopped_tasks)
             rows.append(("not finished (run stopped)", str(self.not_run) + (
                 f" ({held} of them on engines)" if held else "")))
         rows.append(("retried", str(self.retried)))

@@ -668,7 +668,6 @@ class Scheduler:
                     self.state[i] = NOT_RUN
                     s.not_run += 1
                     if i in self.stopped_on:
-                        s.stopped_on_engines += 1
                         s.stopped_tasks.append(i)
                 self._trace_unrun(i, state if state == BLOCKED else NOT_RUN)
         s.finished = time.time()
