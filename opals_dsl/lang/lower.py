@@ -593,11 +593,17 @@ class Planner(StepCompiler, Expander, DestinationChecks):
     def run(self) -> nx.DiGraph:
         deps = job_dependencies(self.pipeline, self.params)
         if self.lenient and not nx.is_directed_acyclic_graph(deps):
-            # jobs waiting for each other cannot be planned (the checker reports the cycle)
+            # jobs waiting for each other cannot be planned (the checker reports the cycle);
+            # what they read of their own (a glob, shared files) is still looked at
             deps = deps.subgraph(
                 j for part in nx.strongly_connected_components(deps) if len(part) == 1
                 for j in part
             ).copy()
+            for job in self.pipeline.jobs:
+                if job.name.value not in deps and not isinstance(job.source, n.UpstreamSource):
+                    scope = Scope(self.pipeline, job, self.params, self.table)
+                    self._guarded(lambda job=job, scope=scope: self.task_values(job, scope), None)
+                    self.stage_shared(job, scope)
         order = {j.name.value: k for k, j in enumerate(self.pipeline.jobs)}
         by_name = {j.name.value: j for j in self.pipeline.jobs}
         for jname in nx.lexicographical_topological_sort(deps, key=lambda j: order[j]):
