@@ -103,6 +103,8 @@ def test_a_bad_engines_spec_says_what_is_wrong(text, says):
     (["--engines", "3", "-n", "2"], "-n 2 and --engines 3 ask for different numbers"),
     (["--engines", "ssh:a", "--ssh-config", "no/such/file"], "--ssh-config no/such/file: no such"),
     (["--engines", "mpi", "--launcher-config", "p.opf"], "--launcher-config takes an ipyparallel"),
+    (["--engines", "slurm", "-n", "2", "--time-limit", "banana"],
+     "--time-limit banana: Slurm takes minutes, MM:SS, HH:MM:SS, D-HH"),
 ])
 def test_launcher_options_that_cannot_work_exit_2(tmp_path, args, says):
     path = write_pipeline(tmp_path / "p", QUICK, inputs=1)

@@ -131,6 +131,9 @@ def _parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
     return tuple(hosts)
 
 
+#: the time limits Slurm's ``--time`` takes
+_SLURM_TIME = re.compile(r"\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|(?i:unlimited|infinite)")
+
 _LAUNCH_FLAGS = {
     "controller_ip": ("--controller-ip", KINDS),
     "remote_python": ("--remote-python", KINDS),
@@ -181,6 +184,10 @@ def launch_options(args: argparse.Namespace) -> tuple[int | None, LaunchOptions 
     elif n is None and parsed.kind in ("slurm", "pbs"):
         raise LaunchUsageError(f"--engines {parsed.kind} needs the number of "
                                f"engines to submit: add -n N")
+    limit = given["time_limit"]
+    if limit is not None and not _SLURM_TIME.fullmatch(limit.strip()):
+        raise LaunchUsageError(f"--time-limit {limit}: Slurm takes minutes, MM:SS, HH:MM:SS, "
+                               f"D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED (e.g. 12:00:00)")
     files = {}
     for name in ("ssh_config", "launcher_config"):
         if given[name] is not None:
