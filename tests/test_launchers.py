@@ -231,3 +231,35 @@ def test_an_ssh_watcher_that_fails_after_the_cluster_stopped_prints_no_traceback
     assert proc.stderr.count("Traceback") == 1, proc.stderr
     assert "failed in someone else's thread" in proc.stderr
     assert "opfhost2" not in proc.stderr
+
+
+def test_a_killed_runs_batch_job_that_cannot_be_cancelled_is_said_and_kept(tmp_path, capsys,
+                                                                           monkeypatch):
+    """The next run cancels the batch job a killed run left; when the cancel fails and the
+    queue cannot say the job is gone (here: no Slurm to ask), a warning names the job and
+    the record stays, for the run after to try again. One the queue says is gone is
+    forgotten quietly."""
+    import json
+
+    from opals_dsl.runtime.batch import RECORD, stop_leftover_launch
+
+    record = tmp_path / RECORD
+    cancel = ["sh", "-c", "echo 'scancel: error: Unable to contact slurm controller' >&2; exit 1"]
+    job = {"kind": "slurm", "id": 4242, "delete": cancel}
+    record.write_text(json.dumps({"batch_job": job}))
+    bin_dir = tmp_path / "bin"  # a squeue that cannot reach its controller, as scancel
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm "
+                                    "controller' >&2\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    stop_leftover_launch(tmp_path)
+    err = capsys.readouterr().err
+    assert ("opf: warning: the slurm job 4242 of a run that was killed could not be "
+            "cancelled (sh -c") in err
+    assert "Unable to contact slurm controller); its engines may still run tasks" in err
+    assert record.exists()
+    # cancelled: forgotten, whatever the queue says
+    record.write_text(json.dumps({"batch_job": {**job, "delete": ["true"]}}))
+    stop_leftover_launch(tmp_path)
+    assert capsys.readouterr().err == "" and not record.exists()

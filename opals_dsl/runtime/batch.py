@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,22 @@ def stop_leftover_launch(state_dir: str | Path) -> bool:
     if isinstance(job, dict) and job.get("delete"):
         if batch_state(job):
             found = True
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([str(w) for w in job["delete"]], capture_output=True, timeout=30)
+        delete = [str(w) for w in job["delete"]]
+        failed = "it could not be run"  # what the cancel said when it failed, else ""
+        try:
+            done = subprocess.run(delete, capture_output=True, text=True, timeout=30)
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            failed = (lines[-1] if lines else f"exit status {done.returncode}") \
+                if done.returncode else ""
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
         wait_batch_gone(job, BATCH_GONE_WAIT)
+        if failed and batch_state(job) != "":  # not cancelled, and the queue does not say gone
+            # said, and the record kept for the next run to try again
+            print(f"opf: warning: the {job.get('kind')} job {job.get('id')} of a run that was "
+                  f"killed could not be cancelled ({' '.join(delete)}: {failed}); its engines "
+                  f"may still run tasks: cancel it yourself", file=sys.stderr, flush=True)
+            return found
     with contextlib.suppress(OSError):
         record.unlink()
     return found
