@@ -293,6 +293,32 @@ def test_ctrl_c_while_tasks_run_cancels_the_job(slurm: Slurm, shared: Path):
     nothing_left(slurm, shared / "p" / ".opf")
 
 
+def test_a_job_cancelled_under_the_run_is_named_as_the_cause(slurm: Slurm, shared: Path):
+    """``scancel`` of the engines' job while tasks run: Slurm stops the steps (they look
+    killed by SIGTERM) and the engines; the run says that the job ended before it did."""
+    path, marks = pipeline(shared, 120, inputs=2)
+    driver = subprocess.Popen(
+        opf(str(path), "--engines", "slurm", "-n", "2", "--controller-ip", CONTROLLER_IP,
+            "--timeout", "300"),
+        cwd=shared, env=run_env(slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == 2, 300, "both tasks to run")
+        job = re.search(r"(\d+) RUNNING ipengine-opf-", slurm.queue())
+        assert job, slurm.queue()
+        assert slurm.run("scancel", job.group(1)).returncode == 0
+        out, err = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode in (1, 3), err
+    assert "Traceback" not in err
+    assert f"opf: warning: slurm job {job.group(1)} ended before the run did" in err, err
+    assert "it was cancelled, or ran out of its time limit (--time-limit)" in err
+    nothing_left(slurm, shared / "p" / ".opf")
+
+
 def test_ctrl_c_while_the_job_waits_in_the_queue_cancels_it(slurm: Slurm, shared: Path):
     path, _ = pipeline(shared, 1, inputs=1)
     driver = subprocess.Popen(

@@ -46,6 +46,18 @@ def batch_state(job: dict[str, Any]) -> str | None:
     return lines[-1].split()[4] if lines and len(lines[-1].split()) > 4 else None
 
 
+def ended_early(job: dict[str, Any]) -> str | None:
+    """A warning when a Slurm job whose engines the run still has is no longer running (it was
+    cancelled, or ran out of its time limit), else None: Slurm stopped the steps then, and
+    they look like steps killed by SIGTERM."""
+    state = batch_state(job) if job["kind"] == "slurm" else None
+    if state is None or state.startswith("RUNNING"):
+        return None
+    return (f"warning: slurm job {job['id']} ended before the run did "
+            f"({state or 'no longer in the queue'}): it was cancelled, or ran out of its time "
+            f"limit (--time-limit); the steps it stopped show as killed by SIGTERM")
+
+
 def wait_batch_gone(job: dict[str, Any], wait: float) -> bool:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -93,7 +93,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
-from .batch import BATCH_GONE_WAIT, RECORD, batch_state, stop_leftover_launch, wait_batch_gone
+from .batch import (
+    BATCH_GONE_WAIT,
+    RECORD,
+    batch_state,
+    ended_early,
+    stop_leftover_launch,
+    wait_batch_gone,
+)
 from .cluster import (
     ENGINE_HEARTBEAT_MISSES,
     HEARTBEAT_MISSES,
@@ -120,6 +127,7 @@ from .ssh import (
     ssh_base,
     ssh_hint,
 )
+from .stderr import stderr_captured
 from .timeline import Timeline
 
 #: the commands a launcher needs on this machine
@@ -345,7 +353,7 @@ class LaunchedCluster:
     def _start_set(self, n: int) -> None:
         kind = self.options.kind
         try:
-            with _stderr_captured(kind in ("slurm", "pbs")) as caught:
+            with stderr_captured(kind in ("slurm", "pbs")) as caught:
                 set_id = self.cluster.start_engines_sync(n, engine_set_id=kind)
         except subprocess.CalledProcessError as exc:
             out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) \
@@ -487,6 +495,9 @@ class LaunchedCluster:
 
     def _stop(self) -> None:
         self._cancelled.set()
+        ended = ended_early(self._job) if self._job and self.started_in is not None else None
+        if ended:  # asked before the engines are stopped, which cancels the job
+            self.say(ended)
         # the controller's schedulers are processes of their own: taken now, while they are
         # still its children, they are ended below even when the controller exits first and
         # leaves them to init
@@ -520,7 +531,7 @@ class LaunchedCluster:
         # what ssh passes on from the hosts while they stop (a Python traceback from
         # ipyparallel's kill of an engine that is gone already) is not opf's to show
         if parts:
-            with _stderr_captured(self.options.kind == "ssh", echo=False) as caught, \
+            with stderr_captured(self.options.kind == "ssh", echo=False) as caught, \
                     ThreadPoolExecutor(max_workers=min(16, len(parts)),
                                        thread_name_prefix="opf-stop") as pool:
                 for part in parts:
@@ -547,35 +558,6 @@ class LaunchedCluster:
         for suffix in (".sbatch", ".pbs"):
             with contextlib.suppress(OSError):
                 (self.ipython_dir / f"{self.cluster_id}{suffix}").unlink()
-
-
-@contextlib.contextmanager
-def _stderr_captured(on: bool, echo: bool = True) -> Iterator[list[str]]:
-    """Catch what the launcher's commands write to standard error (ipyparallel keeps only
-    their standard output): ``sbatch: error: ...`` belongs in opf's message, not above it.
-    Yields a list that holds what was caught once the block is left; it is written out again
-    (if ``echo``) unless an error is propagating (the error quotes it)."""
-    caught: list[str] = []
-    if not on:
-        yield caught
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        ok = False
-        try:
-            yield caught
-            ok = True
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            caught.append(tmp.read().decode(errors="replace"))
-            if ok and echo and caught[0]:
-                sys.stderr.write(caught[0])
 
 
 def _indent(text: str, lines: int) -> str:
