@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,30 +272,11 @@ def test_engines_run_as_a_slurm_job_and_the_queue_is_empty_after(slurm: Slurm, s
     nothing_left(slurm, state)
 
 
-def test_ctrl_c_while_tasks_run_cancels_the_job(slurm: Slurm, shared: Path):
-    path, marks = pipeline(shared, 120, inputs=2)
-    driver = subprocess.Popen(
-        opf(str(path), "--engines", "slurm", "-n", "2", "--controller-ip", CONTROLLER_IP,
-            "--timeout", "300"),
-        cwd=shared, env=run_env(slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        wait_for(lambda: len(list(marks.iterdir())) == 2, 300, "both tasks to run")
-        assert re.search(r"\d+ RUNNING ipengine-opf-", slurm.queue())
-        driver.send_signal(signal.SIGINT)
-        out, err = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 130, err
-    assert "Traceback" not in err
-    nothing_left(slurm, shared / "p" / ".opf")
-
-
-def test_a_job_cancelled_under_the_run_is_named_as_the_cause(slurm: Slurm, shared: Path):
-    """``scancel`` of the engines' job while tasks run: Slurm stops the steps (they look
-    killed by SIGTERM) and the engines; the run says that the job ended before it did."""
+def while_two_tasks_run(slurm: Slurm, shared: Path, act: Callable[[subprocess.Popen, str], None],
+                        end_within: float) -> tuple[int, str]:
+    """Run two 120 s tasks on a job of two engines; once both run, ``act`` on opf's process
+    and the job's id; opf must end within ``end_within`` seconds: its exit status and
+    standard error."""
     path, marks = pipeline(shared, 120, inputs=2)
     driver = subprocess.Popen(
         opf(str(path), "--engines", "slurm", "-n", "2", "--controller-ip", CONTROLLER_IP,
@@ -306,15 +287,36 @@ def test_a_job_cancelled_under_the_run_is_named_as_the_cause(slurm: Slurm, share
         wait_for(lambda: len(list(marks.iterdir())) == 2, 300, "both tasks to run")
         job = re.search(r"(\d+) RUNNING ipengine-opf-", slurm.queue())
         assert job, slurm.queue()
-        assert slurm.run("scancel", job.group(1)).returncode == 0
-        out, err = driver.communicate(timeout=300)
+        act(driver, job.group(1))
+        _out, err = driver.communicate(timeout=end_within)
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert driver.returncode in (1, 3), err
+    return driver.returncode, err
+
+
+def test_ctrl_c_while_tasks_run_cancels_the_job(slurm: Slurm, shared: Path):
+    status, err = while_two_tasks_run(
+        slurm, shared, lambda driver, _job: driver.send_signal(signal.SIGINT), 120)
+    assert status == 130, err
     assert "Traceback" not in err
-    assert f"opf: warning: slurm job {job.group(1)} ended before the run did" in err, err
+    nothing_left(slurm, shared / "p" / ".opf")
+
+
+def test_a_job_cancelled_under_the_run_is_named_as_the_cause(slurm: Slurm, shared: Path):
+    """``scancel`` of the engines' job while tasks run: Slurm stops the steps (they look
+    killed by SIGTERM) and the engines; the run says that the job ended before it did."""
+    cancelled: list[str] = []
+
+    def cancel(_driver: subprocess.Popen, job: str) -> None:
+        assert slurm.run("scancel", job).returncode == 0
+        cancelled.append(job)
+
+    status, err = while_two_tasks_run(slurm, shared, cancel, 300)
+    assert status in (1, 3), err
+    assert "Traceback" not in err
+    assert f"opf: warning: slurm job {cancelled[0]} ended before the run did" in err, err
     assert "it was cancelled, or ran out of its time limit (--time-limit)" in err
     nothing_left(slurm, shared / "p" / ".opf")
 
