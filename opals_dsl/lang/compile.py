@@ -26,6 +26,7 @@ from ..errors import (
     PipelineError,
     PlanError,
     UsageError,
+    plural,
 )
 from ..plan import model
 from ..plan.graph import NodeLinkWriter, PlanSink
@@ -56,10 +57,9 @@ class Loaded:
         return self.pipeline.name.value if self.pipeline.name else self.path.stem
 
     def __repr__(self) -> str:  # not the whole text and tree: a screenful in a notebook
-        jobs = len(self.pipeline.jobs)
         return (f"<Loaded pipeline {self.name!r} from {str(self.path)!r}: "
-                f"{jobs} job{'s' if jobs != 1 else ''}, params {self.params!r}, "
-                f"{len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}>")
+                f"{plural(len(self.pipeline.jobs), 'job')}, params {self.params!r}, "
+                f"{plural(len(self.warnings), 'warning')}>")
 
     def plan(self) -> nx.DiGraph:
         """The pipeline lowered to its plan graph."""

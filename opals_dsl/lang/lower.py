@@ -64,11 +64,6 @@ from .protect import (
 from .scope import CTX_OUT, CTX_OUTPUT, Binding, JobTable, ResolveError, Scope, job_dependencies
 from .templates import BROKEN, CompiledStep, StepCompiler, TaskCtx, Text, no_action, text_of
 
-#: at most this many errors are reported for one declaration (a glob, an out, an in)
-_REPORT_LIMIT = REPORT_LIMIT
-
-
-
 
 @dataclass(slots=True)
 class _JobPlan:
@@ -174,7 +169,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
     # -- values --------------------------------------------------------------------------
 
     def error(
-        self, span: Span | None, message: str, key: object = None, limit: int = _REPORT_LIMIT
+        self, span: Span | None, message: str, key: object = None, limit: int = REPORT_LIMIT
     ) -> None:
         """Report, at most ``limit`` times for one ``key`` (a declaration)."""
         if key is not None:
@@ -514,7 +509,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
             if prefix[:1] == "/":  # absolute: the file may still lie inside the root
                 dest = self.plan_path(dest)
             if (dest in destinations or dest in readers or dest in self.folders
-                    or dest[:dest.rfind("/")] not in self.folders):
+                    or dest.rpartition("/")[0] not in self.folders):
                 self.claim(dest, t.job, t.task, o, cs.name)
             else:
                 destinations[dest] = (t.job, t.task, o, cs.name)

@@ -196,8 +196,8 @@ if folder.startswith('/tmp/opf-'):
 
 def engine_record(launcher: Any, cluster_id: str, folder: str) -> dict[str, Any] | None:
     """What :func:`end_engines` needs to end the engine an ipyparallel SSH launcher started
-    (the ssh command it used, the Python, the process id there, the cluster's ``folder``
-    there), or None without a pid."""
+    (the ssh command it used, the Python, the cluster's ``folder`` there) and its process id
+    there, or None while it has none (not started)."""
     pid = getattr(launcher, "pid", None)
     if not isinstance(pid, int) or pid <= 0:
         return None
@@ -226,12 +226,10 @@ def end_engines(records: Iterable[dict[str, Any]], timeout: float = 20.0) -> int
     """End the engines a killed run recorded (:func:`engine_record`), with every other process
     of their cluster on their hosts, one ssh call a host, all hosts at once; how many processes
     were still there."""
-    hosts = {}
-    for r in records:
-        if isinstance(r, dict) and {"ssh", "python", "cluster_id"} <= r.keys():
-            key = (tuple(map(str, r["ssh"])), str(r["python"]), str(r["cluster_id"]),
-                   str(r.get("folder") or ""))
-            hosts[key] = r
+    needs = {"ssh", "python", "cluster_id"}
+    hosts = {(tuple(map(str, r["ssh"])), str(r["python"]), str(r["cluster_id"]),
+              str(r.get("folder") or ""))
+             for r in records if isinstance(r, dict) and needs <= r.keys()}
     if not hosts:
         return 0
     with ThreadPoolExecutor(min(16, len(hosts))) as pool:
