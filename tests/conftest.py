@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -301,3 +302,26 @@ def process_gone(pid: int, wait: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def launch_lifeline(driver: subprocess.Popen) -> Any:
+    """The lifeline (psutil) of the cluster an ``opf run`` launched elsewhere: its child that
+    runs :func:`opals_dsl.runtime.batch.lifeline_main`."""
+    import psutil
+
+    found = [child for child in psutil.Process(driver.pid).children()
+             if "lifeline_main" in " ".join(child.cmdline())]
+    assert len(found) == 1, f"opf run {driver.pid} has {len(found)} launch lifelines"
+    return found[0]
+
+
+def kill_run_and_its_lifeline(driver: subprocess.Popen) -> None:
+    """``kill -9`` of an ``opf run`` and of its launched cluster's lifeline (first, so that it
+    never sees its run die): what a crash of the machine opf runs on leaves behind."""
+    try:
+        lifeline = launch_lifeline(driver)
+        lifeline.kill()
+        assert process_gone(lifeline.pid)  # a zombie until opf reaps it or dies
+    finally:
+        driver.kill()
+        driver.wait()

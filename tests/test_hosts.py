@@ -33,7 +33,7 @@ from pathlib import Path
 
 import hosts as hostlib
 import pytest
-from conftest import REPO, files_under, last_run, write_pipeline
+from conftest import REPO, files_under, kill_run_and_its_lifeline, last_run, write_pipeline
 from hosts import Host, Hosts, missing
 
 WHY = missing()
@@ -393,24 +393,53 @@ def _of_cluster(cluster_id: str) -> list[int]:
     return found
 
 
-def test_the_engines_of_a_killed_run_are_ended_by_the_next_run(hosts: Hosts, shared: Path):
-    """``kill -9`` of opf leaves its engines on the hosts, running their tasks; the next run
-    in the state folder ends them before it decides what to run, so that none of them copies
-    back behind its back (the old steps would sleep a minute more)."""
+def _three_hosts_busy(hosts: Hosts, shared: Path) -> tuple[Path, list[str], subprocess.Popen]:
+    """An ``opf run`` with a task sleeping 90 s on each of three hosts, once all three run:
+    the pipeline, the engines' flags and opf's process."""
     marks = shared / "marks"
     marks.mkdir()
     path = write_pipeline(shared / "p", MARKED.format(marks=marks, seconds=90), inputs=3)
     (shared / "p" / "hosttool.py").write_text(HOST_TOOL)
-    state = shared / "p" / ".opf"
     engines = ["--engines", "ssh:opfhost1:1,opfhost2:1,opfhost3:1",
                "--ssh-config", str(hosts.ssh_config), "--timeout", "300"]
     driver = subprocess.Popen(opf(str(path), *engines), cwd=shared, env=run_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(list(marks.iterdir())) == 3, 300, "a task on every host")
-        record = json.loads((state / "launched.json").read_text())
+    except BaseException:
         driver.kill()
         driver.wait()
+        raise
+    return path, engines, driver
+
+
+def test_the_engines_of_a_killed_run_are_ended_by_its_lifeline(hosts: Hosts, shared: Path):
+    """``kill -9`` of opf: its launched cluster's lifeline ends the engines on every host
+    within seconds, without another run, and none of them copies a result back."""
+    state = shared / "p" / ".opf"
+    _path, _engines, driver = _three_hosts_busy(hosts, shared)
+    try:
+        old = json.loads((state / "launched.json").read_text())["cluster_id"]
+        assert len(_of_cluster(old)) >= 3
+    finally:
+        driver.kill()
+        driver.wait()
+    wait_for(lambda: _of_cluster(old) == [], 60, "the lifeline to end the engines")
+    wait_for(lambda: not (state / "launched.json").exists(), 30, "the lifeline to finish")
+    assert not (shared / "p" / "results").exists() or files_under(shared / "p" / "results") == []
+    nothing_left(hosts.hosts, state)
+
+
+def test_the_engines_of_a_killed_run_are_ended_by_the_next_run(hosts: Hosts, shared: Path):
+    """``kill -9`` of opf and of its lifeline (its machine crashed) leaves its engines on the
+    hosts, running their tasks; the next run in the state folder ends them before it decides
+    what to run, so that none of them copies back behind its back (the old steps would sleep
+    a minute more)."""
+    state = shared / "p" / ".opf"
+    path, engines, driver = _three_hosts_busy(hosts, shared)
+    try:
+        record = json.loads((state / "launched.json").read_text())
+        kill_run_and_its_lifeline(driver)
         old = record["cluster_id"]
         assert sorted(host_of(r["ssh"][-1]) for r in record["ssh_engines"]) == list(HOSTS)
         assert {r["pid"] for r in record["ssh_engines"]} <= set(_of_cluster(old))

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from conftest import EngineCluster, write_pipeline
 
+from opals_dsl.runtime import batch
 from opals_dsl.runtime.cluster import stop_leftover_cluster
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -393,6 +394,64 @@ def test_kill_9_of_opf_run_ends_its_cluster_and_the_next_run_knows_what_landed(t
     table = {line.split()[1]: line.split(None, 2)[2] for line in dry.stdout.splitlines()[:-1]}
     assert table == {"quick/0": "unchanged", "slow/0": "unchanged"}, dry.stdout
     assert (results / "slow.txt").read_text() == "made\n"
+
+
+ONE_TASK = """
+pipeline p
+job w for n in range(1) {
+    output "results" flat
+    step make {
+        out a = "{n}.txt"
+        run sh "echo made > {a}"
+    }
+}
+"""
+
+
+def test_a_run_waits_for_the_lifeline_that_stops_what_a_killed_run_left(tmp_path, cleanup):
+    """The lifeline of a run that launched its cluster elsewhere, once that run is dead, holds
+    the state folder while it stops what the run's record names; a run started meanwhile waits
+    for it, saying so, instead of being refused, and runs once it is done. The record names a
+    controller that ignores SIGTERM (it gets SIGKILL) and a batch job whose cancel command
+    waits for the test."""
+    path = write_pipeline(tmp_path / "p", ONE_TASK, inputs=0)
+    state = tmp_path / "p" / ".opf"
+    state.mkdir()
+    (state / "run.lock").touch()
+    stubborn = python(tmp_path, "-c", "import signal, time; "
+                      "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True);"
+                      " time.sleep(600)")
+    cleanup.drivers.append(stubborn)
+    assert stubborn.stdout.readline() == "ready\n"
+    created = psutil.Process(stubborn.pid).create_time()
+    go = tmp_path / "go"
+    cancel = [sys.executable, "-c",
+              f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)"]
+    (state / "launched.json").write_text(json.dumps({
+        "cluster_id": "opf-1-abcdef", "kind": "pbs", "driver": 1, "ssh_engines": [],
+        "processes": [{"pid": stubborn.pid, "created": created}],
+        "batch_job": {"kind": "pbs", "id": "1", "delete": cancel}}))
+
+    lifeline = batch.start_lifeline(state)
+    assert lifeline is not None and lifeline.stdin is not None
+    cleanup.drivers.append(lifeline)
+    lifeline.stdin.close()  # its run is gone, without a word
+    wait_for(lambda: batch.ENDING in (state / "run.lock").read_text(), 30, "the lifeline's lock")
+    driver = opf_run(path)
+    cleanup.drivers.append(driver)
+    assert driver.stderr is not None
+    said = driver.stderr.readline()
+    assert said == f"opf: waiting for process {lifeline.pid}, {batch.ENDING} in this state " \
+                   f"folder\n"
+    wait_for(lambda: not alive(stubborn.pid, created), 30, "the killed run's controller to end")
+    time.sleep(0.5)
+    assert driver.poll() is None and lifeline.poll() is None  # the batch job's cancel waits
+    go.touch()
+    _out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, said + err
+    assert (tmp_path / "p" / "results" / "0.txt").read_text() == "made\n"
+    assert lifeline.wait(timeout=30) == 0
+    assert not (state / "launched.json").exists()
 
 
 SCRIPT = """

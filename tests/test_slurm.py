@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, last_run, write_pipeline
+from conftest import (
+    REPO,
+    kill_run_and_its_lifeline,
+    last_run,
+    launch_lifeline,
+    process_gone,
+    write_pipeline,
+)
 from hosts import Hosts, missing
 
 
@@ -370,21 +377,56 @@ def test_a_job_slurm_refuses_exits_3_with_sbatch_s_message(slurm: Slurm, shared:
     nothing_left(slurm, shared / "p" / ".opf")
 
 
-def test_a_killed_run_s_job_and_controller_are_stopped_by_the_next_run(slurm: Slurm,
-                                                                       shared: Path):
-    import psutil
-
+def held_job(slurm: Slurm, shared: Path, state: Path) -> tuple[Path, subprocess.Popen]:
+    """An ``opf run`` of one task whose job waits in the queue (the ``held`` partition runs
+    nothing): the pipeline and opf's process."""
     path, _ = pipeline(shared, 0, inputs=1)
-    state = shared / "state"
     driver = subprocess.Popen(
         opf(str(path), "--engines", "slurm", "-n", "1", "--partition", "held",
             "--controller-ip", CONTROLLER_IP, "--timeout", "300", "--state", str(state)),
         cwd=shared, env=run_env(slurm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: "PENDING" in slurm.queue(), 120, "the job to wait in the queue")
-    finally:
-        driver.kill()  # no handler runs: the job and the controller are left behind
+    except BaseException:
+        driver.kill()
         driver.wait()
+        raise
+    return path, driver
+
+
+def test_a_killed_run_s_lifeline_cancels_its_job_and_stops_its_controller(slurm: Slurm,
+                                                                          shared: Path):
+    """``kill -9`` of opf: its launched cluster's lifeline, a process of its own, cancels the
+    batch job and stops the controller within seconds, without another run."""
+    state = shared / "state"
+    path, driver = held_job(slurm, shared, state)
+    try:
+        record = json.loads((state / "launched.json").read_text())
+        lifeline = launch_lifeline(driver)
+    finally:
+        driver.kill()
+        driver.wait()
+    wait_for(lambda: slurm.queue() == "", 60, f"the lifeline to cancel the job: {slurm.queue()}")
+    assert process_gone(lifeline.pid, 60)
+    assert not (state / "launched.json").exists()
+    wait_for(lambda: controllers() == [], 10, f"the controller to end: {controllers()}")
+    leftovers = [p.name for p in (state / "ipython").rglob(f"*{record['cluster_id']}*")]
+    assert leftovers == []
+
+    proc = subprocess.run(opf(str(path), "-n", "1", "--state", str(state)), cwd=shared,
+                          env=run_env(slurm), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_killed_run_s_job_and_controller_are_stopped_by_the_next_run(slurm: Slurm,
+                                                                       shared: Path):
+    """When opf's lifeline died with it (its machine crashed), the next run in the state
+    folder cancels the job and stops the controller before anything else."""
+    import psutil
+
+    state = shared / "state"
+    path, driver = held_job(slurm, shared, state)
+    kill_run_and_its_lifeline(driver)  # no handler runs: job and controller are left behind
     record = json.loads((state / "launched.json").read_text())
     assert record["batch_job"]["kind"] == "slurm"
     assert str(record["batch_job"]["id"]) in slurm.queue()
@@ -399,3 +441,4 @@ def test_a_killed_run_s_job_and_controller_are_stopped_by_the_next_run(slurm: Sl
                              for p in controller), 30, "the old controller to stop")
     assert not (state / "launched.json").exists()
     wait_for(lambda: controllers() == [], 10, f"every controller to end: {controllers()}")
+    assert [p.name for p in (state / "ipython").rglob(f"*{record['cluster_id']}*")] == []

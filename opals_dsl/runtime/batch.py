@@ -1,18 +1,21 @@
 """Batch jobs (Slurm, PBS) that hold opf's engines — whether one is still queued or running,
 waiting for it to be gone — and stopping what a killed run started elsewhere, as its record
-(``<state>/launched.json``) says."""
+(``<state>/launched.json``) says: by the run's lifeline as soon as the run dies
+(:func:`start_lifeline`), else by the next run in that state folder."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .reaper import end_run
+from .reaper import MARKER, end_run, follow
 from .ssh import end_engines
 
 #: how long a cancelled batch job may take to leave the queue (seconds)
@@ -70,6 +73,17 @@ def wait_batch_gone(job: dict[str, Any], wait: float) -> bool:
 #: the record of a launched cluster in the state folder
 RECORD = "launched.json"
 
+#: the state folder's lock, held by a run (:func:`opals_dsl.runtime.session.lock_state`)
+RUN_LOCK = "run.lock"
+
+#: what a lifeline writes into the state folder's lock while it stops what its run left; a
+#: run started meanwhile waits for it instead of being refused
+ENDING = "ending what a killed run left running"
+
+#: seconds a lifeline tries to take the state folder's lock once its run died: the dead run
+#: lets it go as its files are closed, which may come just after the lifeline's pipe
+LOCK_TAKEN_WAIT = 5.0
+
 
 def stop_leftover_launch(state_dir: str | Path) -> bool:
     """Stop what a killed run recorded in ``<state>/launched.json``: its engines over SSH,
@@ -110,4 +124,84 @@ def stop_leftover_launch(state_dir: str | Path) -> bool:
             return found
     with contextlib.suppress(OSError):
         record.unlink()
+    if isinstance(data.get("cluster_id"), str):
+        remove_launch_files(Path(state_dir) / "ipython", data["cluster_id"])
     return found
+
+
+def remove_launch_files(ipython_dir: Path, cluster_id: str) -> None:
+    """ipyparallel's files of a launched cluster in the state folder: its logs, its
+    connection files and its batch script."""
+    profile = ipython_dir / "profile_opf"
+    for folder in (profile / "log", profile / "security"):
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if cluster_id in entry.name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+    for suffix in (".sbatch", ".pbs"):
+        with contextlib.suppress(OSError):
+            (ipython_dir / f"{cluster_id}{suffix}").unlink()
+
+
+def start_lifeline(state_dir: Path) -> subprocess.Popen | None:
+    """The lifeline of a run that launches a cluster (:func:`lifeline_main`), in a session of
+    its own; tell it ``done`` (:func:`end_lifeline`) once the cluster is stopped. None if it
+    cannot be started: the next run then stops what a killed run left."""
+    package = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from opals_dsl.runtime.batch import lifeline_main; "
+            "raise SystemExit(lifeline_main(sys.argv[2]))")
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, package, str(Path(state_dir).absolute())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd="/", start_new_session=True)
+    except OSError:
+        return None
+
+
+def end_lifeline(proc: subprocess.Popen | None) -> None:
+    """Tell a lifeline that its run stopped its cluster, and wait for it to go."""
+    if proc is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if proc.stdin is not None:
+            proc.stdin.write(b"done\n")
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def lifeline_main(state_dir: str) -> int:
+    """A launched cluster's lifeline: when the run that started it dies without saying
+    ``done`` on standard input (``kill -9``, the out-of-memory killer), take the state folder's
+    lock and stop what the run's record names: its engines over SSH, its controller, its batch
+    job (:func:`stop_leftover_launch`). A run that holds the lock already (one started right
+    after) does that itself."""
+    if not follow(lambda line: None):
+        return 0
+    try:
+        fd = os.open(Path(state_dir) / RUN_LOCK, os.O_RDWR)
+    except OSError:
+        return 0
+    try:
+        deadline = time.monotonic() + LOCK_TAKEN_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return 0
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}, {ENDING}\n".encode(), 0)
+        stop_leftover_launch(state_dir)
+    finally:
+        os.close(fd)
+    return 0

@@ -62,11 +62,14 @@ Stopping
     the engine sets and the controller are stopped by their launchers and the remote folders
     removed, all at once; a batch job is cancelled; and what is left of the local processes
     (the controller, ssh sessions) is killed. Ctrl-C while stopping is held back until
-    the stop is done. A run killed with ``kill -9`` leaves ``<state>/launched.json``; the next run
-    in that state folder ends the engines over SSH recorded there (each as soon as it is
-    started: host, ssh command, process id), stops the controller and cancels the batch job,
-    before it looks at what to run. An engine on a host it cannot reach stops by itself once
-    it has missed its controller's heartbeat for a minute.
+    the stop is done. What the run started is recorded in ``<state>/launched.json`` as it
+    starts (the engines over SSH, each with host, ssh command and process id; the controller;
+    the batch job). A run killed with ``kill -9`` leaves it behind, and its lifeline
+    (:func:`opals_dsl.runtime.batch.start_lifeline`) then ends those engines, stops the
+    controller and cancels the job within seconds. Should the lifeline be gone too, the next
+    run in that state folder does it, before it looks at what to run. An engine on a host
+    neither can reach stops by itself once it has missed its controller's heartbeat for a
+    minute.
 """
 
 from __future__ import annotations
@@ -97,7 +100,10 @@ from .batch import (
     BATCH_GONE_WAIT,
     RECORD,
     batch_state,
+    end_lifeline,
     ended_early,
+    remove_launch_files,
+    start_lifeline,
     stop_leftover_launch,
     wait_batch_gone,
 )
@@ -545,19 +551,9 @@ class LaunchedCluster:
         kill_processes(_our_ssh_children(self._t0))
         with contextlib.suppress(OSError):
             self.record.unlink()
-        self._remove_logs()
+        remove_launch_files(self.ipython_dir, self.cluster_id)
         self.cluster = None
 
-    def _remove_logs(self) -> None:
-        folder = self.profile_dir / "log"
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                if self.cluster_id in entry.name:
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-        for suffix in (".sbatch", ".pbs"):
-            with contextlib.suppress(OSError):
-                (self.ipython_dir / f"{self.cluster_id}{suffix}").unlink()
 
 
 def _indent(text: str, lines: int) -> str:
@@ -656,8 +652,11 @@ def launched(options: ClusterOptions, state: Path, scratch: str | None, timeline
     cluster = LaunchedCluster(launch, state, options.timeout, _say(launch.quiet), needed)
     quiet_ssh_waits()
     with using_ipython_dir(cluster.ipython_dir):
+        lifeline = None
         try:
             stop_leftover_launch(state)
+            # should this process die without stopping the cluster, its lifeline does
+            lifeline = start_lifeline(state)
             began = timeline.now()
             try:
                 client = cluster.start()
@@ -679,3 +678,4 @@ def launched(options: ClusterOptions, state: Path, scratch: str | None, timeline
         finally:
             with timeline.phase("stop"):
                 cluster.stop()
+            end_lifeline(lifeline)

@@ -25,6 +25,9 @@ library only)
     process groups they lead, and every process whose environment carries ``OPF_RUN_ID=RUN_ID``
     (steps that left their parent's tree). So an embedded cluster dies with its driver within a
     few seconds, whatever killed the driver.
+
+A cluster that ``opf run`` launches elsewhere (over SSH, through Slurm or PBS) has a lifeline of
+its own, :func:`opals_dsl.runtime.batch.lifeline_main`, on the same pipe protocol (:func:`follow`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _on_term(signum: int, frame: Any) -> None:
     raise _Stop
 
 
-def _follow(take: Callable[[bytes], None]) -> bool:
+def follow(take: Callable[[bytes], None]) -> bool:
     """Pass each line of standard input to ``take`` until end of file or SIGTERM (True: the
     owner is gone, end what it left) or a line ``done`` (False: nothing to end)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -249,7 +252,7 @@ def _groups_main(mark: str | None) -> int:
         elif line.startswith(b"-"):
             groups.discard(int(line[1:]))
 
-    if _follow(take):
+    if follow(take):
         end_groups(groups)
         if mark and "=" in mark:
             end_marked(*mark.split("=", 1))
@@ -267,7 +270,7 @@ def _run_main() -> int:
         elif isinstance(item, dict):
             records.append(item)
 
-    if _follow(take):
+    if follow(take):
         end_run(records, marker[-1] if marker else None)
     return 0
 

@@ -39,6 +39,7 @@ import os
 import posixpath
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import EXIT_INTERRUPTED, ThreadsError, UsageError
 from ..plan import model
 from ..plan.model import Task
+from .batch import ENDING, RUN_LOCK
 from .cluster import ClusterOptions, stop_leftover_cluster
 from .connect import open_cluster
 from .events import Listeners, RunListener, RunSummary, new_run_id
@@ -126,7 +128,7 @@ def lock_state(state: Path, busy: str = "wait for it to finish, or give this run
         finally:
             _held[key] -= 1
         return
-    path = state / "run.lock"
+    path = state / RUN_LOCK
     try:
         state.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -138,7 +140,7 @@ def lock_state(state: Path, busy: str = "wait for it to finish, or give this run
         return (f"another opf run (process {holder.strip() or '?'}) is using the state folder "
                 f"{state}; {busy}")
 
-    with _holding(fd, f"{os.getpid()}\n", refused):
+    with _holding(fd, f"{os.getpid()}\n", refused, wait_while=ENDING):
         _held[key] = 1
         try:
             yield
@@ -180,23 +182,47 @@ def lock_results(root: str, folders: Sequence[str], state: Path) -> Iterator[Non
         yield
 
 
+#: seconds a run waits for a lifeline that is stopping what a killed run left
+#: (:func:`opals_dsl.runtime.batch.lifeline_main`) before it is refused
+LIFELINE_WAIT = 120.0
+
+
 @contextlib.contextmanager
-def _holding(fd: int, mark: str, refused: Callable[[str], str]) -> Iterator[None]:
+def _holding(fd: int, mark: str, refused: Callable[[str], str],
+             wait_while: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the open file ``fd``, writing ``mark`` (who holds it) into
     it, until the block ends; the descriptor is closed then, which lets the lock go. When
     another process holds it, raise :class:`UsageError` with ``refused`` of what that one
-    wrote."""
+    wrote; if what it wrote holds ``wait_while``, wait for it first (up to
+    :data:`LIFELINE_WAIT` seconds)."""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            raise UsageError(refused(holder)) from None
+            if not (wait_while and wait_while in holder and _waited_for(fd, holder)):
+                raise UsageError(refused(holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, mark.encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _waited_for(fd: int, holder: str) -> bool:
+    """Wait until the lock on ``fd`` is free, then hold it (True), saying why; False after
+    :data:`LIFELINE_WAIT` seconds."""
+    print(f"opf: waiting for process {holder.strip()} in this state folder",
+          file=sys.stderr, flush=True)
+    deadline = time.monotonic() + LIFELINE_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+    return False
 
 
 class Interrupts:
