@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.cli import main as opf_main
-from opals_dsl.runtime import history, jobfolders, session
+from opals_dsl.runtime import history, jobfolders, session, writers
 from opals_dsl.runtime.executor import LocalExecutor
 
 #: two pipelines with the same job, task and step names, each writing its own word
@@ -283,6 +284,67 @@ def test_a_second_run_into_the_same_folders_is_refused_whatever_its_state_folder
     status, _, err = opf(capsys, "run", "tiles.opf", "--state", "state-b", "-n", "1")
     assert status == 0, err  # once the other run is over
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["s1.a", "s2.a"]
+
+
+def test_runs_of_other_pipelines_into_the_same_folder_are_refused_also_through_a_link(
+        tmp_path, capsys, monkeypatch):
+    """Two runs that copy back into the same folder would overwrite each other's results,
+    whatever their pipelines and state folders, and whether the folder is named as it is or
+    through a symbolic link: while one runs, the other is refused before it writes anything;
+    once it is over, the other runs."""
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "scratch"))
+    shared = tmp_path / "shared-results"
+    shared.mkdir()
+    alias = tmp_path / "alias"
+    alias.symlink_to(shared, target_is_directory=True)
+    a = write_pipeline(tmp_path / "a", PARAM_PIPELINE, name="tiles.opf", inputs=2)
+    write_pipeline(tmp_path / "b", PARAM_PIPELINE.replace("pipeline tiles", "pipeline dems"),
+                       name="dems.opf", inputs=2)
+    plan = compile_file(a, {"results": str(shared)})
+    state_a = tmp_path / "a" / ".opf"
+    monkeypatch.chdir(tmp_path / "b")
+    with session.lock_results(str(tmp_path / "a"), session.destination_folders(plan), state_a,
+                              str(a)):  # as a run going on holds it
+        for results in (shared, alias):
+            status, out, err = opf(capsys, "run", "dems.opf", "-n", "1", "-p",
+                                   f"results={results}")
+            assert (status, out) == (2, "")
+            assert err == (
+                f"opf: error: another opf run (process {os.getpid()} on {socket.gethostname()}, "
+                f"pipeline {a}, state folder {state_a}) is copying back into the same folder "
+                f"({shared}): the two would overwrite each other's results; wait for it to "
+                f"finish, or give this run other destinations\n")
+        assert list(shared.iterdir()) == []
+    status, _, err = opf(capsys, "run", "dems.opf", "-n", "1", "-p", f"results={alias}")
+    assert status == 0, err
+    assert sorted(p.name for p in shared.iterdir()) == ["s1.a", "s2.a"]
+
+
+def test_the_registration_of_a_run_that_was_killed_holds_nothing_up(tmp_path, capsys,
+                                                                     monkeypatch):
+    """A run killed with ``kill -9`` leaves its registration of the folders it was copying
+    back into behind; nobody holds it, so the next run into those folders goes ahead and
+    removes it."""
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "scratch"))
+    results = tmp_path / "results"
+    code = ("import sys\nfrom opals_dsl.runtime.writers import registered\n"
+            "with registered([sys.argv[1]], {}, lambda o, c: 'refused'):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(results)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        left = [p for p in writers.registry().glob(f"*-{holder.pid}-*.json")]
+        assert len(left) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert left[0].exists()
+    write_pipeline(tmp_path, PARAM_PIPELINE, name="tiles.opf", inputs=2)
+    monkeypatch.chdir(tmp_path)
+    status, _, err = opf(capsys, "run", "tiles.opf", "-n", "1")
+    assert status == 0, err
+    assert not left[0].exists()
 
 
 def engines_ended() -> None:

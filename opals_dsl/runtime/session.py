@@ -61,6 +61,7 @@ from .resume import Force, Resume
 from .scheduler import Scheduler
 from .slots import Slots, too_wide
 from .timeline import NoTimeline, Timeline
+from .writers import registered
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -149,17 +150,36 @@ def lock_state(state: Path, busy: str = "wait for it to finish, or give this run
 
 
 @contextlib.contextmanager
-def lock_results(root: str, folders: Sequence[str], state: Path) -> Iterator[None]:
-    """Hold a lock on a plan's destination ``folders`` for the run, whatever its state folder:
-    ``<pipeline folder>/.opf/results-<hash of the folders>.lock`` (``root``: the pipeline
-    folder). A second run that copies back into the same folders (the same pipeline with the
-    same params, started with a state folder of its own) would overwrite the first one's
-    results; it is refused, naming the first run's process and state folder. Runs into other
-    folders (other params, another pipeline) are not held up. Where the pipeline's folder
-    cannot be written, the run goes on without the lock."""
+def lock_results(root: str, folders: Sequence[str], state: Path,
+                 pipeline: str | None = None) -> Iterator[None]:
+    """Hold the plan's destination ``folders`` for the run, whatever its state folder, so that
+    no other run copies back into any of them meanwhile: it would overwrite this one's results.
+
+    Two locks: ``<pipeline folder>/.opf/results-<hash of the folders>.lock`` (``root``: the
+    pipeline folder) refuses the same pipeline with the same params started with a state folder
+    of its own, also on another machine that shares the pipeline's folder; the registry of
+    this user's runs (:mod:`.writers`) refuses any run on this machine whose folders meet
+    these, whatever its pipeline, also through a symbolic link. Either names the first run's
+    process and state folder. Where a lock cannot be written, the run goes on without it."""
     if not folders:
         yield
         return
+
+    def clash(other: dict[str, Any], common: list[str]) -> str:
+        shown = ", ".join(common[:3]) + (", ..." if len(common) > 3 else "")
+        return (f"another opf run (process {other.get('pid', '?')} on {other.get('host', '?')}, "
+                f"pipeline {other.get('pipeline', '?')}, state folder {other.get('state', '?')})"
+                f" is copying back into the same folder{'s' if len(common) != 1 else ''} "
+                f"({shown}): the two would overwrite each other's results; wait for it to "
+                f"finish, or give this run other destinations")
+
+    about = {"pipeline": str(pipeline or root), "state": str(state.absolute())}
+    with _same_pipeline_lock(root, folders, state), registered(folders, about, clash):
+        yield
+
+
+@contextlib.contextmanager
+def _same_pipeline_lock(root: str, folders: Sequence[str], state: Path) -> Iterator[None]:
     digest = hashlib.sha256("\0".join(folders).encode()).hexdigest()[:16]
     path = Path(root) / ".opf" / f"results-{digest}.lock"
     try:
@@ -325,7 +345,9 @@ def run(
     state, folders = Path(state_dir), destination_folders(plan)
     listener, timeline = listener or RunListener(), timeline or NoTimeline()
     interrupts = Interrupts(end_after=end_after_interrupt)
-    with lock_state(state), lock_results(model.info(plan).root, folders, state), \
+    about = model.info(plan)
+    pipeline = os.path.join(about.root, about.source) if about.source else about.root
+    with lock_state(state), lock_results(about.root, folders, state, pipeline), \
             interrupts.installed(signals), contextlib.ExitStack() as stack:
         if executor is None and early is None:  # its engines may still be copying back
             stop_leftover_cluster(state)
