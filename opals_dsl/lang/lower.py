@@ -475,6 +475,8 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         text = text_of(jc.folder, t)
         if text[:1] == "~":
             self.check_folder(text, jc.job.outputs[0])
+        if ".." in text:
+            self.check_inside(text, jc.job.outputs[0], t.task)
         return self.prefixes(text, jc.flat, jc.steps)
 
     def claim_outputs(self, t: TaskCtx, cs: CompiledStep, prefix: str,

@@ -131,6 +131,27 @@ class DestinationChecks:
                 decl, 1,
             )
 
+    def check_inside(self, text: str, decl: n.Output, task: str) -> None:
+        """A task's output folder ``text`` (its template filled in) must lie inside the folder
+        the template's fixed start names (``results`` of ``"results/{x}"``): a value may not
+        climb out of it with ``..`` (a line of a file, a param), into another project's
+        results. A template that starts with a value (``"{results}"``) is left to it."""
+        fixed = decl.folder.parts[0] if isinstance(decl.folder.parts[0], str) else ""
+        base = posixpath.normpath(fixed.rpartition("/")[0]) if "/" in fixed else ""
+        if not base:
+            return
+        folder = posixpath.normpath(text)
+        if folder == base or folder.startswith(base.rstrip("/") + "/"):
+            return
+        self.error(
+            decl.folder.span,
+            f"the output folder of task '{task}' is '{text}', which is outside '{base}', the "
+            f"folder this output declaration names: a value filled in climbs out of it with "
+            f"'..'; use values without '..' (or start the folder with the value, as in "
+            f"\"{{results}}\", to let it choose any folder)",
+            decl, 1,
+        )
+
     def claim(self, dest: str, job: str, task: str, o: n.Out, step: str) -> None:
         """Output ``o`` of ``task`` is copied back to ``dest``: no other output may go there,
         need it to be a folder or have a folder there, and no stage may read it as an input."""
