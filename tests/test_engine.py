@@ -710,6 +710,17 @@ def test_log_tail_replaces_undecodable_bytes(project: Project):
     assert failure["tail"][-1] == "bad \ufffd\ufffd bytes"
 
 
+def test_log_tail_reads_back_past_a_very_long_last_line_and_shortens_it(project: Project):
+    """The last lines of a log whose last line is longer than what is first read of its end
+    (64 KiB) are still there, the long one shortened to its start."""
+    code = ("import sys; print('line one'); print('error: real cause here'); "
+            "sys.stdout.write('y' * 70000); sys.exit(4)")
+    failure = only(run_tasks([project.request(
+        execs=[argv_step("dem", "strip11", "b", ["python", "-c", code])])]))["failure"]
+    assert failure["tail"][-3:] == ["line one", "error: real cause here",
+                                    "y" * 500 + " … (69,500 more characters)"]
+
+
 def test_missing_output(project: Project):
     req = project.request(
         execs=[argv_step("dem", "strip11", "grid",

@@ -47,6 +47,10 @@ REPORT_FILE = "report.html"
 RUNS_FOLDER = "runs"
 #: how much of the end of a log is read for its last lines
 _TAIL_BYTES = 64 * 1024
+#: at most this many bytes are read back from a log's end for its last lines
+_TAIL_MAX = 4 * 1024 * 1024
+#: a log line in a failure report is cut after this many characters
+_LINE_CHARS = 500
 
 
 def safe_name(pipeline: str) -> str:
@@ -116,15 +120,33 @@ def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 def tail(path: str | Path, lines: int) -> list[str]:
     """The last ``lines`` lines of a log (UTF-8, undecodable bytes replaced); [] if it cannot
-    be read. Only the end of a long log is read, and its first, probably cut, line dropped."""
+    be read. Only the end of a long log is read, back to the start of the first of those lines
+    (or :data:`_TAIL_MAX` bytes back, that line then marked as cut). A line longer than
+    :data:`_LINE_CHARS` characters is shortened to its start, saying how much was left out."""
+    if lines <= 0:
+        return []
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL_BYTES))
-            data = f.read()
+            end = f.seek(0, os.SEEK_END)
+            span = _TAIL_BYTES
+            while True:  # twice as far back each time
+                start = max(0, end - span)
+                f.seek(start)
+                data = f.read(end - start)
+                if start == 0 or span >= _TAIL_MAX or data.count(b"\n", 0, -1) >= lines:
+                    break
+                span *= 2
     except OSError:
         return []
     found = data.decode("utf-8", errors="replace").splitlines()
-    if size > _TAIL_BYTES and found:
-        found = found[1:]
-    return found[-lines:] if lines > 0 else []
+    if start > 0 and found:  # the first line began before what was read
+        found[0] = "…" + found[0]
+        if len(found) > lines:
+            found = found[1:]
+    return [_shortened(line) for line in found[-lines:]]
+
+
+def _shortened(line: str) -> str:
+    if len(line) <= _LINE_CHARS:
+        return line
+    return f"{line[:_LINE_CHARS]} … ({len(line) - _LINE_CHARS:,} more characters)"
