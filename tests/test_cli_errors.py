@@ -7,6 +7,10 @@ traceback and exit status 70 — never hidden, never a bare Python crash."""
 from __future__ import annotations
 
 import inspect
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,24 @@ def test_a_range_with_a_wrong_number_of_arguments_is_an_error_at_its_place(
     err = capsys.readouterr().err
     assert "p.opf:2:16: error: range takes one or two whole numbers" in err
     assert "^^^^" in err and "internal error" not in err
+
+
+def test_ctrl_c_while_opf_loads_its_modules_ends_it_quietly_with_status_130() -> None:
+    """A SIGINT that reaches ``opf`` while it still imports its command's modules (a few
+    tenths of a second on a cold start) ends it like one that comes later: ``opf:
+    interrupted``, exit status 130, no traceback. The process sends the signal to itself as
+    the import begins, started the way ``opf``'s console script starts it."""
+    code = textwrap.dedent("""\
+        import os, signal, sys
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "opals_dsl.cli.main":
+                    os.kill(os.getpid(), signal.SIGINT)
+        sys.meta_path.insert(0, Interrupt())
+        from opals_dsl.cli import main
+        sys.exit(main(["check", sys.argv[1]]))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code, str(STRIPS)], capture_output=True,
+                          text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "opf: interrupted\n")

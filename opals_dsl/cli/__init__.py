@@ -1,6 +1,30 @@
 """The ``opf`` command: argument parsing and dispatch; the one place errors are rendered and
-exit statuses chosen."""
+exit statuses chosen.
 
-from .main import build_parser, main
+:func:`main` imports the command's modules itself, so that Ctrl-C while they load (a few
+tenths of a second on a cold start) ends ``opf`` quietly with status 130, as later."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
 
 __all__ = ["build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``opf ARGS``: run the command; its exit status."""
+    try:
+        from .main import main as command
+    except KeyboardInterrupt:
+        print("opf: interrupted", file=sys.stderr)
+        return 130  # errors.EXIT_INTERRUPTED, which is not loaded yet
+    return command(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_parser":
+        from .main import build_parser
+
+        return build_parser
+    raise AttributeError(name)
