@@ -114,7 +114,7 @@ def test_ctrl_c_while_opf_loads_its_modules_ends_it_quietly_with_status_130() ->
         import os, signal, sys
         class Interrupt:
             def find_spec(self, name, path=None, target=None):
-                if name == "opals_dsl.cli.main":
+                if name == "opals_dsl.cli.command":
                     os.kill(os.getpid(), signal.SIGINT)
         sys.meta_path.insert(0, Interrupt())
         from opals_dsl.cli import main

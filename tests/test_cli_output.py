@@ -212,8 +212,8 @@ def test_an_output_that_is_a_pipe_or_a_link_is_written_into_not_replaced(tmp_pat
 # opf with a spool that goes to a temporary file at once, and a file size limit of 100 kB
 SMALL_TEMP = textwrap.dedent("""
     import resource, signal, sys
-    from opals_dsl.cli import main
-    sys.modules["opals_dsl.cli.main"].SPOOL_MEMORY = 1000
+    from opals_dsl.cli import command, main
+    command.SPOOL_MEMORY = 1000
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
     sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ __all__ = ["build_parser", "main"]
 def main(argv: list[str] | None = None) -> int:
     """``opf ARGS``: run the command; its exit status."""
     try:
-        from .main import main as command
+        from .command import main as command
     except KeyboardInterrupt:
         print("opf: interrupted", file=sys.stderr)
         return 130  # errors.EXIT_INTERRUPTED, which is not loaded yet
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def __getattr__(name: str) -> Any:
     if name == "build_parser":
-        from .main import build_parser
+        from .command import build_parser
 
         return build_parser
     raise AttributeError(name)
