@@ -106,7 +106,7 @@ def test_embedded_cluster_runs_and_leaves_nothing_behind(tmp_path):
     rows = [json.loads(line) for line in (last_run(state) / "trace.jsonl").read_text().splitlines()]
     assert len({r["engine"] for r in rows}) == 2
     # ipyparallel's files stayed in the state folder, none in the home folder
-    assert list(home.iterdir()) == []
+    assert_only_the_registry_in(home)
     assert (state / "ipython" / "profile_opf").is_dir()
     assert not (state / "cluster.json").exists()
     assert processes_using(state / "ipython") == []
@@ -234,7 +234,14 @@ def test_nothing_to_run_exits_0_and_touches_no_cluster(cluster, tmp_path):
         assert "error" not in proc.stderr, (args, proc.stderr)
     # the embedded cluster was never started: it would have made its ipyparallel folder
     assert not (state / "ipython").exists()
-    assert list(home.iterdir()) == []
+    assert_only_the_registry_in(home)
+
+
+def assert_only_the_registry_in(home: Path) -> None:
+    """The home folder holds nothing but opf's registry of the runs that copy back
+    (:mod:`opals_dsl.runtime.writers`), and no registration in it: the runs are over."""
+    left = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert left == [".cache", ".cache/opf", ".cache/opf/writing", ".cache/opf/writing/.lock"]
 
 
 def test_verbose_says_where_the_time_went_and_the_cluster_is_gone(tmp_path):

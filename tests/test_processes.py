@@ -454,6 +454,39 @@ def test_a_run_waits_for_the_lifeline_that_stops_what_a_killed_run_left(tmp_path
     assert not (state / "launched.json").exists()
 
 
+WAITING = """
+pipeline p
+job w for n in range(1) {{
+    output "results" flat
+    step make {{
+        out a = "{{n}}.txt"
+        run sh "touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; echo made > {{a}}"
+    }}
+}}
+"""
+
+
+def test_a_run_under_nohup_goes_on_through_a_hang_up(tmp_path, cleanup):
+    """``nohup opf run ...`` ignores SIGHUP, and so does the run: a hang-up while its step runs
+    changes nothing (without nohup it ends the run with status 130)."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    path = write_pipeline(tmp_path / "p", WAITING.format(started=started, go=go), inputs=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPF_SCRATCH", "OPF_RUN_ID")}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "opals_dsl", "run", str(path), "-n", "1"], cwd=path.parent,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    cleanup.drivers.append(driver)
+    wait_for(started.exists, 120, "the step to start")
+    driver.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert driver.poll() is None
+    go.touch()
+    _out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, err
+    assert (tmp_path / "p" / "results" / "0.txt").read_text() == "made\n"
+
+
 SCRIPT = """
 import sys
 import ipyparallel

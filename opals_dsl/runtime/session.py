@@ -255,7 +255,8 @@ class Interrupts:
     its tasks behind. While the cluster is being stopped (``closing``) signals are ignored, so
     the stop finishes. SIGHUP means the terminal is gone: standard output and error, if they
     are that terminal, are pointed at ``/dev/null`` before anything more is written. Once a
-    run was interrupted, a further signal after the clean-up ends the process at once.
+    run was interrupted, a further signal after the clean-up ends the process at once. A
+    signal that is ignored when the run starts (``nohup`` ignores SIGHUP) stays ignored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -293,7 +294,10 @@ class Interrupts:
     def installed(self, signals: bool = True) -> Iterator[Interrupts]:
         try:
             for sig in self.SIGNALS if signals else ():
-                self._saved[sig] = signal.signal(sig, self.handle)
+                # one ignored when the run starts stays ignored: SIGHUP under nohup, SIGINT
+                # in a job a shell started in the background
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._saved[sig] = signal.signal(sig, self.handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
         try:
