@@ -85,6 +85,17 @@ def by_place(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
     )
 
 
+def not_utf8(name: str, exc: UnicodeDecodeError) -> str:
+    """What is said of a file ``name`` whose text (all of it, ``exc.object``) is not UTF-8:
+    the first byte that is not, by line and column (in characters, as diagnostics count)."""
+    data = bytes(exc.object)
+    line = data.count(b"\n", 0, exc.start) + 1
+    begins = data.rfind(b"\n", 0, exc.start) + 1
+    column = len(data[begins:exc.start].decode("utf-8", errors="replace")) + 1
+    return (f"{name} is not UTF-8 text ({exc.reason}: byte 0x{data[exc.start]:02x} at line "
+            f"{line}, column {column})")
+
+
 def error_line(message: str) -> str:
     """A message as ``opf`` shows an error on the command line."""
     return f"opf: error: {message}"

@@ -101,7 +101,8 @@ def test_the_golden_cases_cover_every_kind_of_error(monkeypatch: pytest.MonkeyPa
     [
         (["missing.opf"], "no such file: missing.opf"),
         (["."], ". is a folder, not a pipeline file"),
-        (["latin1.opf"], "latin1.opf is not UTF-8 text (invalid continuation byte)"),
+        (["latin1.opf"], "latin1.opf is not UTF-8 text (invalid continuation byte: byte 0xe9 at "
+                         "line 1, column 12)"),
         ([str(EXAMPLE), "--param", "cell"], "--param takes NAME=VALUE, not 'cell'"),
     ],
     ids=["missing", "folder", "not-utf8", "param-syntax"],

@@ -124,3 +124,16 @@ def test_ctrl_c_while_opf_loads_its_modules_ends_it_quietly_with_status_130() ->
                           text=True, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "opf: interrupted\n")
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_a_file_that_is_not_utf8_is_named_with_the_line_and_column_of_its_first_bad_byte(
+        command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Columns count characters, as in every diagnostic: the 'é' before the bad byte is one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.opf").write_bytes(b'pipeline p\n# ok\nparam x = "\xc3\xa9\xe9"\n')
+    assert main([command, "latin1.opf"]) == errors.EXIT_INVALID
+    assert capsys.readouterr().err == (
+        "opf: error: latin1.opf is not UTF-8 text (invalid continuation byte: byte 0xe9 at "
+        "line 3, column 13)\n")

@@ -28,7 +28,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, OpfError, UsageError
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    OpfError,
+    UsageError,
+    not_utf8,
+)
 from ..plan import model
 from ..source import NotARegularFile, SourceTooLarge
 from .common import (
@@ -273,7 +280,7 @@ def _file_problem(exc: Exception, file: str) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"no such file: {exc.filename}"
     if isinstance(exc, UnicodeDecodeError):
-        return f"{file} is not UTF-8 text ({exc.reason})"
+        return not_utf8(file, exc)
     if isinstance(exc, IsADirectoryError):
         return f"{exc.filename} is a folder, not a pipeline file"
     return f"{getattr(exc, 'filename', None) or ''}: {getattr(exc, 'strerror', None) or exc}"

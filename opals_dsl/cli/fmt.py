@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import EXIT_INVALID, MAX_SHOWN, FormatError, PipelineError
+from ..errors import EXIT_INVALID, MAX_SHOWN, FormatError, PipelineError, not_utf8
 from ..runtime.fsatomic import write_atomic
 from .common import error_line
 
@@ -71,8 +71,8 @@ def _read(name: str, shown: str) -> tuple[str, str] | None:
         if name == "-":
             text = sys.stdin.buffer.read().decode("utf-8")
         else:
-            with open(name, encoding="utf-8", newline="") as fh:
-                text = fh.read()
+            with open(name, "rb") as fh:  # decoded whole: a bad byte is found by its line
+                text = fh.read().decode("utf-8")
         from ..lang.fmt import format_text  # here: every `opf` command builds this parser
 
         return text, format_text(text, shown)
@@ -87,7 +87,7 @@ def _read(name: str, shown: str) -> tuple[str, str] | None:
     except FileNotFoundError:
         print(error_line(f"no such file: {shown}"), file=sys.stderr)
     except UnicodeDecodeError as exc:
-        print(error_line(f"{shown} is not UTF-8 text ({exc.reason})"), file=sys.stderr)
+        print(error_line(not_utf8(shown, exc)), file=sys.stderr)
     except OSError as exc:
         print(error_line(f"{shown}: {exc.strerror or exc}"), file=sys.stderr)
     return None
