@@ -559,6 +559,7 @@ def test_the_docs_pipelines_format_without_complaint():
         assert_invariants(seed)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_any_text_is_formatted_faithfully_or_refused_as_a_syntax_error(data: st.DataObject):
