@@ -555,7 +555,6 @@ class LaunchedCluster:
         self.cluster = None
 
 
-
 def _indent(text: str, lines: int) -> str:
     return "\n".join("  | " + ln for ln in text.splitlines()[-lines:])
 
