@@ -347,6 +347,34 @@ def test_the_registration_of_a_run_that_was_killed_holds_nothing_up(tmp_path, ca
     assert not left[0].exists()
 
 
+LONG_NAMES = """
+pipeline longnames
+job j for f in "data/*.x" {
+    output "results" flat
+    step s {
+        out o = "o.txt"
+        run sh "cat {f} > {o}"
+    }
+}
+"""
+
+
+def test_an_input_with_a_name_as_long_as_a_file_name_may_be_runs(tmp_path, capsys,
+                                                                 monkeypatch):
+    """An input named with 255 bytes gives its task a shortened id (its start and a hash):
+    the task's folder and its step's log (``<id>.log``) fit a file name."""
+    monkeypatch.setenv("OPF_SCRATCH", str(tmp_path / "scratch"))
+    write_pipeline(tmp_path, LONG_NAMES, name="long.opf", inputs=0)
+    stem = "b" * 253
+    (tmp_path / "data" / f"{stem}.x").write_text("long\n")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = opf(capsys, "run", "long.opf", "-n", "1")
+    assert status == 0, err
+    assert (tmp_path / "results" / "o.txt").read_text() == "long\n"
+    [log] = (tmp_path / ".opf" / "runs").rglob("*.log")
+    assert log.name.startswith("b" * 183 + "-") and len(log.name) == 204
+
+
 def engines_ended() -> None:
     """What the end of the engine processes does: the in-process engine lets go of the job
     folders it holds."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globmod
+import hashlib
 import os
 import posixpath
 import re
@@ -62,9 +63,23 @@ def safe_id(text: str) -> str:
     return out
 
 
+#: the longest task id: its log (``<id>.log``) and its folder must fit a file name's 255 bytes,
+#: with an index in front on a clash
+MAX_ID = 200
+
+
+def fitting_id(text: str) -> str:
+    """A safe id (:func:`safe_id`, ASCII) of at most :data:`MAX_ID` characters: a longer one
+    keeps its start, and ends with a hash of the whole, so that it stays stable and apart."""
+    if len(text) <= MAX_ID:
+        return text
+    digest = hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
+    return f"{text[:MAX_ID - 17]}-{digest}"
+
+
 def task_ids(labels: list[str]) -> list[str]:
     """Readable, stable task ids; on a clash (ignoring case) every id gets its index in front."""
-    ids = [safe_id(label) for label in labels]
+    ids = [fitting_id(safe_id(label)) for label in labels]
     if len({i.lower() for i in ids}) != len(ids):
         width = len(str(len(ids) - 1))
         ids = [f"{k:0{width}d}-{i}" for k, i in enumerate(ids)]

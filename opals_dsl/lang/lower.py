@@ -501,6 +501,10 @@ class Planner(StepCompiler, Expander, DestinationChecks):
                     "the other; give them different names",
                     o,
                 )
+            if len(local) > _NAME_MAX // 4 and _name_too_long(local):
+                self.error(o.path.span, f"output '{oname}' of task '{t.task}' is '{local}', a "
+                                        f"name longer than the {_NAME_MAX} bytes a file or "
+                                        f"folder name may have; give it a shorter one", o)
             produced[local] = okey
             t.outs[okey] = local
             out_locals.append(local)
@@ -618,6 +622,16 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         return g
 
 
+
+
+#: the longest name of a file or folder (bytes), on the file systems opf writes to
+_NAME_MAX = 255
+
+
+def _name_too_long(path: str) -> bool:
+    """Is a part of ``path`` longer than a file name may be?"""
+    return any(len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX
+               for part in path.split("/"))
 
 
 def _prefix(folder: str) -> str:
