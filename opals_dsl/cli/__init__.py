@@ -13,13 +13,16 @@ __all__ = ["build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``opf ARGS``: run the command; its exit status."""
+    """``opf ARGS``: run the command; its exit status. A Ctrl-C before the command runs (while
+    its modules load, while its arguments are read) is said here; one while it runs, by
+    :func:`opals_dsl.cli.command.main`."""
     try:
         from .command import main as command
+
+        return command(argv)
     except KeyboardInterrupt:
         print("opf: interrupted", file=sys.stderr)
         return 130  # errors.EXIT_INTERRUPTED, which is not loaded yet
-    return command(argv)
 
 
 def __getattr__(name: str) -> Any:

@@ -388,11 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     """``opf ARGS``: run the command; its exit status. Every error is rendered here."""
     if isinstance(sys.stdout, io.TextIOWrapper):  # file names that are not UTF-8, see ERRORS
         sys.stdout.reconfigure(errors=ERRORS)
-    try:
-        args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:
-        print("opf: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except BrokenPipeError:

@@ -501,6 +501,7 @@ class Planner(StepCompiler, Expander, DestinationChecks):
                     "the other; give them different names",
                     o,
                 )
+            # (a name of no more than a quarter as many characters fits: 4 bytes a character)
             if len(local) > _NAME_MAX // 4 and _name_too_long(local):
                 self.error(o.path.span, f"output '{oname}' of task '{t.task}' is '{local}', a "
                                         f"name longer than the {_NAME_MAX} bytes a file or "
@@ -620,8 +621,6 @@ class Planner(StepCompiler, Expander, DestinationChecks):
         if self.c.diagnostics:
             raise PlanError(self.c.diagnostics)
         return g
-
-
 
 
 #: the longest name of a file or folder (bytes), on the file systems opf writes to

@@ -136,7 +136,7 @@ def _clash(folder: Path, mine: set[str]) -> tuple[dict[str, Any], list[str]] | N
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # its run is going on
-                data = _read(fd)
+                data = _read(entry.path)
                 common = sorted(mine.intersection(data.get("folders") or ()))
                 if common:
                     return data, common
@@ -150,17 +150,9 @@ def _clash(folder: Path, mine: set[str]) -> tuple[dict[str, Any], list[str]] | N
     return None
 
 
-def _read(fd: int) -> dict[str, Any]:
-    chunks = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
+def _read(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(b"".join(chunks))
-    except ValueError:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
