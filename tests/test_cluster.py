@@ -18,11 +18,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EngineCluster, files_under, last_run, write_pipeline
+from conftest import EngineCluster, files_under, last_run, process_gone, write_pipeline
 
 from opals_dsl.runtime.cluster import stop_leftover_cluster
 from opals_dsl.runtime.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
 from opals_dsl.runtime.fsatomic import is_temp_name
+from opals_dsl.runtime.reaper import end_run
 
 QUICK = """
 pipeline quick
@@ -316,6 +317,40 @@ def test_stop_leftover_cluster_only_touches_the_recorded_processes(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_what_a_process_starts_while_it_is_ended_is_ended_too(tmp_path):
+    """Ending a run looks again once what it found has ended: a process that starts another as
+    it ends (an engine starting its nanny when the stop comes) leaves nothing running."""
+    marker = "ending-" + os.urandom(4).hex()
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "def on_term(*_):\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                             start_new_session=True)\n"
+        "    open(sys.argv[1], 'w').write(str(child.pid))\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")
+    note = tmp_path / "child"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(note)], stdout=subprocess.PIPE,
+                            env=dict(os.environ, OPF_RUN_ID=marker), start_new_session=True)
+    child = None
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        record = {"pid": proc.pid, "created": psutil.Process(proc.pid).create_time()}
+        ended = end_run([record], marker, grace=5.0)
+        assert proc.wait(timeout=10) == 0  # it ended by its handler, having started a child
+        child = int(note.read_text())
+        assert {p.pid for p in ended} == {proc.pid, child}
+        assert process_gone(child, wait=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if child is not None and not process_gone(child, wait=0.1):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_cluster_that_cannot_start_exits_3_and_leaves_nothing(tmp_path):

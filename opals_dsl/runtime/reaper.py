@@ -45,6 +45,8 @@ from typing import Any
 MARKER = "OPF_RUN_ID"
 #: seconds between SIGTERM and SIGKILL
 GRACE = 2.0
+#: looks at most for what a run left (what was ended may have started more)
+ROUNDS = 5
 
 
 class _Stop(Exception):
@@ -188,18 +190,29 @@ def end_run(records: Iterable[dict[str, Any]], marker: str | None,
             grace: float = GRACE) -> list[Any]:
     """End a run's processes: the recorded ones (``{"pid", "created"}``, checked against the
     creation time), their descendants, the process groups any of them leads, and every process
-    marked with ``marker``. SIGTERM first, SIGKILL after ``grace``. Returns what was found."""
+    marked with ``marker``. SIGTERM first, SIGKILL after ``grace``. Returns what was found.
+
+    A process may start another while it is being ended (an engine starting its nanny, a step
+    its tool): the look is taken again until it finds nothing, a few rounds at most."""
+    records = list(records)
+    ended: dict[int, Any] = {}
+    for _ in range(ROUNDS):
+        found = {proc.pid: proc for proc in live_processes(records)}
+        if marker:
+            for proc in marked(marker):
+                found.setdefault(proc.pid, proc)
+        for pid in (os.getpid(), os.getppid()):
+            found.pop(pid, None)
+        if not found:
+            break
+        _end_processes(list(found.values()), grace)
+        ended.update(found)
+    return list(ended.values())
+
+
+def _end_processes(procs: list[Any], grace: float) -> None:
     import psutil
 
-    found = {proc.pid: proc for proc in live_processes(records)}
-    if marker:
-        for proc in marked(marker):
-            found.setdefault(proc.pid, proc)
-    for pid in (os.getpid(), os.getppid()):
-        found.pop(pid, None)
-    procs = list(found.values())
-    if not procs:
-        return []
     groups = set()
     for proc in procs:
         with contextlib.suppress(OSError):
@@ -221,7 +234,6 @@ def end_run(records: Iterable[dict[str, Any]], marker: str | None,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
     _wait_gone(alive, max(grace, 0.5))
-    return procs
 
 
 def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
