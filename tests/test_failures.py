@@ -304,6 +304,14 @@ job blocked for s in "data/s1.txt" {
     }
 }
 
+job dangling for s in "data/s1.txt" {
+    output "dangling/{job.name}" flat
+    step go {
+        out a = "{s.stem}.a"
+        run cp {s} {a}
+    }
+}
+
 job good for s in "data/*.txt" {
     output "results/{job.name}"
     step go {
@@ -324,6 +332,7 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
         (results / name).parent.mkdir(parents=True, exist_ok=True)
         (results / name).write_text(text)
     (folder / "blocked").write_text("a file where the results' folder belongs\n")
+    (folder / "dangling").symlink_to(folder / "gone")
 
     proc = run_on(cluster, path, "--keep-going")
     err = proc.stderr
@@ -335,10 +344,13 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
     assert (f"cannot copy s1.a back to {folder / 'blocked' / 'blocked' / 's1.a'}: "
             in err)
     assert f"({folder / 'blocked'} is a file, not a folder)" in err
+    assert (f"({folder / 'dangling'} is a symbolic link to {folder / 'gone'}, which does not "
+            f"exist)" in err)
     # the summary, the run's result, is on standard output; the failures on standard error
     assert "not run because exits/s2 failed: after/s2" in proc.stdout
-    assert summary_value(proc.stdout, "failed") == "4"
+    assert summary_value(proc.stdout, "failed") == "5"
     assert summary_value(proc.stdout, "not run (upstream failed)") == "1"
+    assert not (folder / "gone").exists()
     # the earlier results of the failed tasks are untouched; the others are all there
     for name, text in earlier.items():
         assert (results / name).read_text() == text
@@ -364,7 +376,7 @@ def test_bad_input_at_run_time_each_reported_and_nothing_else_harmed(cluster, tm
     # the journal knows what failed; the next run does those (and what waits for them)
     recs = records(path)
     assert {n for n, r in recs.items() if r.get("failed")} == {
-        "notfound/s1", "exits/s2", "noout/s1", "blocked/s1"}
+        "notfound/s1", "exits/s2", "noout/s1", "blocked/s1", "dangling/s1"}
     dry = opf("run", str(path), "--dry-run", cwd=tmp_path)
     table = {line.split()[1]: line.split(None, 2)[2] for line in dry.stdout.splitlines()[:-1]}
     assert table["exits/s2"] == "failed in the last run"

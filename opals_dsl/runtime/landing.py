@@ -127,12 +127,12 @@ def settle(ran: Sequence[Ran], host: str) -> list[TaskResult]:
 
 
 def copy_back_failed(local: str, dst: str, error: OSError) -> str:
-    """Why the copy-back of the task's file ``local`` to ``dst`` failed, naming a file that
-    stands where one of ``dst``'s folders should be."""
+    """Why the copy-back of the task's file ``local`` to ``dst`` failed, naming what stands
+    where one of ``dst``'s folders should be."""
     reason = os_reason(error, "destination")
     blocker = file_in_the_way(os.path.dirname(dst))
     if blocker is not None:
-        reason += f" ({blocker} is a file, not a folder)"
+        reason += f" ({blocker})"
     return f"cannot copy {local} back to {dst}: {reason}"
 
 

@@ -35,13 +35,21 @@ def inside(base: str, rel: str) -> str | None:
 
 
 def file_in_the_way(folder: str) -> str | None:
-    """The first part of ``folder``'s path that exists but is not a folder, if any."""
+    """What stands where a part of ``folder``'s path should be a folder, in words (the first
+    part that exists but is not one: a file, or a symbolic link to nothing), if anything."""
     path = os.path.abspath(folder)
     while True:
         if os.path.isdir(path):
             return None
+        if os.path.islink(path):
+            try:
+                target = os.path.join(os.path.dirname(path), os.readlink(path))
+            except OSError:
+                target = "?"
+            if not os.path.lexists(target):
+                return f"{path} is a symbolic link to {target}, which does not exist"
         if os.path.lexists(path):
-            return path
+            return f"{path} is a file, not a folder"
         parent = os.path.dirname(path)
         if parent == path:
             return None
