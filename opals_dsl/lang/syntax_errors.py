@@ -23,6 +23,7 @@ from ..errors import Diagnostic
 from ..source import SourceFile, Span
 from .nodes import RESERVED, SOFT_KEYWORDS
 from .scope import did_you_mean
+from .words import continued_comment
 
 _WORDS = {
     "NAME": "a name",
@@ -341,6 +342,9 @@ def _end_of_file(source: SourceFile, postlex: Any, words: list[str]) -> Diagnost
         swallowed = [t for t in postlex.run_braces if t.start_pos > opener.start_pos]
         if swallowed:
             run = swallowed[-1]
+            comment = continued_comment(str(run), run.start_pos)
+            if comment is not None:
+                return Diagnostic(source.span(comment[0], comment[1]), comment[2], source)
             at = run.start_pos + len(str(run).rstrip()) - 1
             return Diagnostic(
                 source.span(at, at + 1),

@@ -154,14 +154,25 @@ def _shell_of(texts: list[str], last_quoted: list[bool]) -> str:
     return ""
 
 
+_COMMENT_CONTINUED = (
+    "a comment ends the run line: this backslash belongs to the comment and continues "
+    "nothing; end the comment's line without it, and put the comment on the command's last "
+    "line or on a line of its own")
+
+
 def _comment_continued(line: str, i: int, start: int, report: Report) -> None:
     """Report the backslash that ends the comment at ``i`` of a run line: the line went on past
     the comment only through it, yet it is the comment's text and continues nothing."""
     nl = line.find("\n", i)
-    report(start + nl - (2 if line[nl - 1] == "\r" else 1), start + nl,
-           "a comment ends the run line: this backslash belongs to the comment and continues "
-           "nothing; end the comment's line without it, and put the comment on the command's "
-           "last line or on a line of its own")
+    report(start + nl - (2 if line[nl - 1] == "\r" else 1), start + nl, _COMMENT_CONTINUED)
+
+
+def continued_comment(line: str, start: int) -> tuple[int, int, str] | None:
+    """The backslash that ends a comment of the run line ``line`` (at offset ``start`` of its
+    file) and so took in the lines after it: its span and what to say, if there is one."""
+    said: list[tuple[int, int, str]] = []
+    _shell_words(line, start, lambda a, b, msg: said.append((a, b, msg)))
+    return next((s for s in said if s[2] == _COMMENT_CONTINUED), None)
 
 
 def _shell_words(line: str, start: int, report: Report
