@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.runtime import resume, session
+from opals_dsl.runtime.events import RunListener
 from opals_dsl.runtime.executor import LocalExecutor
 from opals_dsl.runtime.journal import Journal, journal_path
 from opals_dsl.runtime.records import ENCODE, Written, record_line, time_of
@@ -184,6 +185,40 @@ def test_every_reason_to_run_again(tmp_path):
 
     # --force: everything
     assert set(decisions(path, state, force=True).values()) == {"forced"}
+
+
+class EditsSharedFile(RunListener):
+    """Rewrites a shared file on the shared drive as soon as the run's first task is done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def task_done(self, task, result, engine) -> None:
+        if "edited" not in self.path.read_text():
+            later(self.path, self.path.read_text() + "\n# edited during the run\n")
+
+
+def test_a_shared_file_edited_during_a_run_fails_the_tasks_after_and_the_next_run_redoes_all(
+        tmp_path):
+    """Invariant: one run stages one version of each shared file; a task that would see another
+    fails naming it, and the next run runs again what used the earlier version."""
+    path = write_pipeline(tmp_path / "p", CHAIN.split("job down")[0], inputs=3)
+    state, scratch = tmp_path / "state", tmp_path / "m"
+    tool = path.parent / "tool.py"
+    summary = run(path, state, scratch, keep_going=True, listener=EditsSharedFile(tool),
+                  depth=1, max_batch=1)
+    assert (summary.done, summary.failed) == (1, 2)
+    for failure in summary.failures:
+        assert failure.node == f"stage:{failure.job}"
+        assert f"shared file {tool} changed after the run started (then " in failure.message
+        assert "the run's tasks use the version it had at the start" in failure.message
+    assert sorted(p.name for p in (path.parent / "results" / "up").iterdir()) == ["s1.a"]
+    # the next run runs every task: the one done used the version before the edit
+    got = decisions(path, state)
+    assert got == {"up/s1": "input changed: tool.py", "up/s2": "failed in the last run",
+                   "up/s3": "failed in the last run"}
+    summary = run(path, state, scratch)
+    assert (summary.done, summary.failed) == (3, 0)
 
 
 def test_a_record_per_task_and_destination_set_so_switching_back_and_forth_skips(tmp_path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: the version of the request and result format; both sides must speak the same one
-VERSION = 3
+VERSION = 4
 
 #: ``[size, mtime_ns]`` of a file as the engine saw it, plus its SHA-256 when asked for
 Stat = Sequence[Any]
@@ -127,7 +127,9 @@ class TaskRequest:
     shared drive —, ``scratch``, ``logs``: the job's log folder, which holds
     ``<step>/<task>.log``), which (``job``, ``task``, ``attempt``) and its
     chain. ``checksum`` asks for the SHA-256 of each staged input; ``run_id`` marks the steps'
-    processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed.
+    processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed;
+    ``shared`` holds each shared file's ``[size, mtime_ns]`` as the run first saw it (by its
+    source), so that a task never stages another version of it than the run's earlier tasks.
 
     ``start`` > 0 resumes the task at that step: the steps before it do not run; instead the
     task stage also stages, from its destination, each published output of theirs that a later
@@ -149,13 +151,14 @@ class TaskRequest:
     run_id: str | None = None
     receipt: Receipt | None = None
     start: int = 0
+    shared: Mapping[str, Stat] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return request_data(
             self.pipeline, self.root, self.job, self.task, self.machine_stage.to_wire(),
             self.task_stage.to_wire(), [s.to_wire() for s in self.steps],
             self.copyback.to_wire(), self.attempt, self.scratch, self.logs, self.checksum,
-            self.run_id, self.receipt, self.start,
+            self.run_id, self.receipt, self.start, self.shared,
         )
 
     @classmethod
@@ -172,7 +175,7 @@ class TaskRequest:
                 Stage.from_wire(d["copyback"]), int(d.get("attempt") or 0),
                 d.get("scratch"), d.get("logs"), bool(d.get("checksum")),
                 d.get("run_id"), Receipt.from_wire(d["receipt"]) if d.get("receipt") else None,
-                int(d.get("start") or 0),
+                int(d.get("start") or 0), _stats(d.get("shared")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"the task request is incomplete: {type(exc).__name__}: "
@@ -209,14 +212,15 @@ def request_data(pipeline: str, root: str, job: str, task: str, machine_stage: d
                  task_stage: dict[str, Any], steps: list[dict[str, Any]],
                  copyback: dict[str, Any], attempt: int = 0, scratch: str | None = None,
                  logs: str | None = None, checksum: bool = False, run_id: str | None = None,
-                 receipt: Receipt | None = None, start: int = 0) -> dict[str, Any]:
+                 receipt: Receipt | None = None, start: int = 0,
+                 shared: Mapping[str, Stat] | None = None) -> dict[str, Any]:
     """A :class:`TaskRequest` as plain data (its stages and steps already plain data)."""
     return {
         "v": VERSION, "pipeline": pipeline, "root": root, "job": job, "task": task,
         "attempt": attempt, "scratch": scratch, "logs": logs, "checksum": checksum,
         "run_id": run_id, "receipt": receipt.to_wire() if receipt is not None else None,
         "machine_stage": machine_stage, "task_stage": task_stage, "steps": steps,
-        "copyback": copyback, "start": start,
+        "copyback": copyback, "start": start, "shared": dict(shared) if shared else {},
     }
 
 

@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 
 from ..plan.wire import Stage
 from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
@@ -217,7 +218,9 @@ class JobPrephase:
 
     def shared_key(self, node: str, names: list[tuple[str, str, str]]) -> str:
         """What a job folder holds: the pipeline folder, and each shared file's source, its
-        size and modification time, and its name in the job folder."""
+        size and modification time, and its name in the job folder. A shared file that is not
+        as the run first saw it (the request's ``shared``) fails the stage: one run, one
+        version of each."""
         parts = ["opf-stage-2", self.root]
         self.shared = {}
         for plan_src, src, name in names:
@@ -226,6 +229,9 @@ class JobPrephase:
             except OSError as exc:
                 raise self.fail(node, "stage",
                                 f"shared file {src} cannot be read: {os_reason(exc)}") from exc
+            first = self.req.shared.get(plan_src)
+            if first is not None and list(first[:2]) != [st.st_size, st.st_mtime_ns]:
+                raise self.fail(node, "stage", _changed_since_start(src, first, st))
             parts.append(f"{src}\0{name}\0{st.st_size}\0{st.st_mtime_ns}")
             self.shared[plan_src] = [st.st_size, st.st_mtime_ns]
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
@@ -259,3 +265,14 @@ class JobPrephase:
         except OSError as exc:
             raise self.fail(node, "stage", f"cannot write {marker}: {os_reason(exc)}") from exc
         return nbytes
+
+
+def _changed_since_start(src: str, first: list[int], now: os.stat_result) -> str:
+    def version(size: int, mtime_ns: int) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime_ns / 1e9))
+        return f"{size:,} bytes, modified {when}"
+
+    return (f"shared file {src} changed after the run started (then {version(*first[:2])}; now "
+            f"{version(now.st_size, now.st_mtime_ns)}): the run's tasks use the version it had "
+            f"at the start. Run again once it is complete: the tasks that used the earlier "
+            f"version run again too")

@@ -82,6 +82,7 @@ from .records import (
     time_of,
     warning_lines,
 )
+from .request import FirstSeen, file_stat
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -143,7 +144,8 @@ class Journal(RunListener):
         self._pending: list[str] = []
         self._last_sync = 0.0
         self._unsynced = False
-        self._shared_stats: dict[str, list[Any] | None] = {}
+        #: a shared file's (or call module's) ``[size, mtime_ns]``, as the run first saw it
+        self.shared_stat = FirstSeen(self.root)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._job_parts: dict[str, tuple[list[str], str]] = {}
         self._module_files: dict[str, str] = {}
@@ -529,16 +531,7 @@ class Journal(RunListener):
         return files
 
     def stat(self, path: str) -> list[int] | None:
-        try:
-            st = os.stat(os.path.join(self.root, path))
-        except OSError:
-            return None
-        return [st.st_size, st.st_mtime_ns]
-
-    def shared_stat(self, path: str) -> list[int] | None:  # also for call modules
-        if path not in self._shared_stats:
-            self._shared_stats[path] = self.stat(path)
-        return self._shared_stats[path]
+        return file_stat(self.root, path)
 
     def hash_of(self, path: str, st: list[int]) -> str | None:
         key = (path, st[0], st[1])

@@ -3,6 +3,8 @@ plain data)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +19,24 @@ if TYPE_CHECKING:
 def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | None,
                   logs: Path, checksum: bool = False, run_id: str | None = None,
                   receipt: Receipt | None = None,
-                  info: model.PlanInfo | None = None, start: int = 0) -> dict[str, Any]:
+                  info: model.PlanInfo | None = None, start: int = 0,
+                  shared: Callable[[str], list[int] | None] | None = None) -> dict[str, Any]:
     """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
     as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
     ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
     the task's results landed (:meth:`opals_dsl.runtime.journal.Journal.stamp`); ``info`` is the
     plan's :func:`~opals_dsl.plan.model.info`, if it is at hand; ``start`` the step the task
-    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`)."""
+    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`); ``shared`` gives a shared
+    file's ``[size, mtime_ns]`` as the run first saw it (:class:`FirstSeen`), which the engine
+    holds the file to."""
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
+    seen = {}
+    if shared is not None and machine is not None:
+        for src, _ in machine.files:
+            st = shared(src)
+            if st is not None:
+                seen[src] = st
     steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
                        e.call.kwargs if e.call is not None else {}, e.inputs, e.outputs, e.temp,
                        e.threads, e.timeout)
@@ -35,5 +46,28 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
         stage_data(task.machine_stage, machine.files if machine is not None else ()),
         stage_data(task.task_stage, stage.files), steps,
         stage_data(task.copyback, copyback.files),
-        attempt, scratch, str(logs / task.job), checksum, run_id, receipt, start,
+        attempt, scratch, str(logs / task.job), checksum, run_id, receipt, start, seen,
     )
+
+
+def file_stat(root: str, path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of the pipeline's file ``path`` (relative to ``root``, or absolute);
+    None if it cannot be read."""
+    try:
+        st = os.stat(os.path.join(root, path))
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+class FirstSeen:
+    """Files as a run first saw them: the :func:`file_stat` of each, taken once."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._seen: dict[str, list[int] | None] = {}
+
+    def __call__(self, path: str) -> list[int] | None:
+        if path not in self._seen:
+            self._seen[path] = file_stat(self.root, path)
+        return self._seen[path]

@@ -98,7 +98,7 @@ from ..plan.trace import tail as read_tail
 from ..plan.wire import Failure, Receipt, TaskResult, WireError
 from .events import Counts, RunListener, RunSummary, TaskFailure, new_run_id
 from .executor import EngineInfo, Executor, describe_error
-from .request import build_request
+from .request import FirstSeen, build_request
 from .slots import Slots
 from .trace import TraceWriter
 
@@ -150,6 +150,7 @@ class Scheduler:
         run_id: str | None = None,
         stamp: Callable[[Task], Receipt | None] | None = None,
         start: Callable[[Task], int] | None = None,
+        shared: Callable[[str], list[int] | None] | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
@@ -169,13 +170,11 @@ class Scheduler:
         self.skip = skip
         self.listener = listener or RunListener()
         self.depth = depth
-        self.batch_seconds = batch_seconds
-        self.max_batch = max_batch
-        self.engine_wait = engine_wait
-        self.interrupt_wait = interrupt_wait
+        self.batch_seconds, self.max_batch = batch_seconds, max_batch
+        self.engine_wait, self.interrupt_wait = engine_wait, interrupt_wait
         self.run_id = run_id or getattr(executor, "run_id", None) or new_run_id()
-        self.stamp = stamp
-        self.start = start
+        self.stamp, self.start = stamp, start
+        self.shared = shared or FirstSeen(self.info.root)  # every task stages that version
 
         found = tasks if tasks is not None else model.tasks(plan)
         self.tasks: list[Task] = list(found.tasks)
@@ -355,7 +354,8 @@ class Scheduler:
                           info=self.info,
                           logs=self.logs, checksum=self.checksum, run_id=self.run_id,
                           receipt=stamp(self.tasks[i]) if stamp is not None else None,
-                          start=start(self.tasks[i]) if start is not None else 0)
+                          start=start(self.tasks[i]) if start is not None else 0,
+                          shared=self.shared)
             for i in picked
         ]
         try:

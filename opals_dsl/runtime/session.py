@@ -382,7 +382,8 @@ def run(
                     listener=Listeners([journal, listener, TemporarySweeper(plan), records]),
                     retries=retries, checksum=checksum, tasks=tasks, run_id=run_id,
                     stamp=journal.stamp if journal is not None else None,
-                    start=decider.start_of if decider is not None else None, **policy,
+                    start=decider.start_of if decider is not None else None,
+                    shared=journal.shared_stat if journal is not None else None, **policy,
                 )
                 interrupts.attach(scheduler)
                 with timeline.phase("run"), long_lived_frozen():
