@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import files_under, trace_rows, write_pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -198,24 +199,42 @@ class EditsSharedFile(RunListener):
             later(self.path, self.path.read_text() + "\n# edited during the run\n")
 
 
+SAY = """
+param greeting = "hello"
+
+job up for s in "data/*.txt" {
+    output "results/up" flat
+    step say {
+        out a = "{s.stem}.a"
+        call greet:say(word = greeting, out = a)
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("edited", ["tool.py", "greet.py"])
 def test_a_shared_file_edited_during_a_run_fails_the_tasks_after_and_the_next_run_redoes_all(
-        tmp_path):
-    """Invariant: one run stages one version of each shared file; a task that would see another
-    fails naming it, and the next run runs again what used the earlier version."""
-    path = write_pipeline(tmp_path / "p", CHAIN.split("job down")[0], inputs=3)
+        tmp_path, edited):
+    """Invariant: one run uses one version of each shared file and ``call`` module; a task that
+    would see another fails naming it, and the next run runs again what used the earlier one."""
+    text = CHAIN.split("job down")[0] if edited == "tool.py" else SAY
+    path = write_pipeline(tmp_path / "p", text, inputs=3)
+    (path.parent / "greet.py").write_text(GREET)
     state, scratch = tmp_path / "state", tmp_path / "m"
-    tool = path.parent / "tool.py"
-    summary = run(path, state, scratch, keep_going=True, listener=EditsSharedFile(tool),
+    file = path.parent / edited
+    summary = run(path, state, scratch, keep_going=True, listener=EditsSharedFile(file),
                   depth=1, max_batch=1)
     assert (summary.done, summary.failed) == (1, 2)
+    what = "shared file" if edited == "tool.py" else "the module file"
     for failure in summary.failures:
-        assert failure.node == f"stage:{failure.job}"
-        assert f"shared file {tool} changed after the run started (then " in failure.message
+        assert failure.node == (f"stage:{failure.job}" if edited == "tool.py"
+                                else f"exec:{failure.job}/{failure.task}/say")
+        assert f"{what} {file} changed after the run started (then " in failure.message
         assert "the run's tasks use the version it had at the start" in failure.message
     assert sorted(p.name for p in (path.parent / "results" / "up").iterdir()) == ["s1.a"]
     # the next run runs every task: the one done used the version before the edit
     got = decisions(path, state)
-    assert got == {"up/s1": "input changed: tool.py", "up/s2": "failed in the last run",
+    assert got == {"up/s1": f"input changed: {edited}", "up/s2": "failed in the last run",
                    "up/s3": "failed in the last run"}
     summary = run(path, state, scratch)
     assert (summary.done, summary.failed) == (3, 0)

@@ -579,6 +579,13 @@ class _Task(JobPrephase):
                  log: str, timeout: float | None = None) -> None:
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         with self.open_log(node, step, log, f"$ call {function}({args})\n", text=True) as out:
+            changed = self.module_changed(function.partition(":")[0])
+            if changed is not None:
+                with contextlib.suppress(OSError):
+                    out.write(changed + "\n")
+                    out.close()
+                raise self.fail(node, "exception", f"step {step} could not load {function}: "
+                                                   f"{changed}", step=step, log=log)
             try:
                 fn = self.load(function)
             except Exception as exc:

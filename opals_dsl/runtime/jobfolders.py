@@ -231,10 +231,27 @@ class JobPrephase:
                                 f"shared file {src} cannot be read: {os_reason(exc)}") from exc
             first = self.req.shared.get(plan_src)
             if first is not None and list(first[:2]) != [st.st_size, st.st_mtime_ns]:
-                raise self.fail(node, "stage", _changed_since_start(src, first, st))
+                raise self.fail(node, "stage", _changed_since_start("shared file", src, first, st))
             parts.append(f"{src}\0{name}\0{st.st_size}\0{st.st_mtime_ns}")
             self.shared[plan_src] = [st.st_size, st.st_mtime_ns]
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+    def module_changed(self, module: str) -> str | None:
+        """Why the file of a ``call``'s module in the pipeline folder is not as the run first
+        saw it (the request's ``shared``), if it is not."""
+        base = module.replace(".", "/")
+        for rel in (f"{base}.py", f"{base}/__init__.py"):
+            first = self.req.shared.get(rel)
+            if first is None:
+                continue
+            path = os.path.join(self.root, rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None  # the import says what is wrong
+            if list(first[:2]) != [st.st_size, st.st_mtime_ns]:
+                return _changed_since_start("the module file", path, first, st)
+        return None
 
     def copy_shared(self, node: str, pairs: list[tuple[str, str]], marker: str, key: str) -> int:
         try:
@@ -267,12 +284,12 @@ class JobPrephase:
         return nbytes
 
 
-def _changed_since_start(src: str, first: list[int], now: os.stat_result) -> str:
+def _changed_since_start(what: str, path: str, first: list[int], now: os.stat_result) -> str:
     def version(size: int, mtime_ns: int) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime_ns / 1e9))
         return f"{size:,} bytes, modified {when}"
 
-    return (f"shared file {src} changed after the run started (then {version(*first[:2])}; now "
+    return (f"{what} {path} changed after the run started (then {version(*first[:2])}; now "
             f"{version(now.st_size, now.st_mtime_ns)}): the run's tasks use the version it had "
             f"at the start. Run again once it is complete: the tasks that used the earlier "
             f"version run again too")

@@ -148,7 +148,6 @@ class Journal(RunListener):
         self.shared_stat = FirstSeen(self.root)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._job_parts: dict[str, tuple[list[str], str]] = {}
-        self._module_files: dict[str, str] = {}
         self._salt = secrets.token_hex(8)  # sigs differ between runs even at one clock reading
         self._serial = 0
         #: where engines leave receipts of tasks whose results landed
@@ -522,10 +521,7 @@ class Journal(RunListener):
             call = model.node(self.plan, node).call
             if call is None:
                 continue
-            module = call.function.partition(":")[0]
-            path = self._module_files.get(module)
-            if path is None:
-                path = self._module_files[module] = model.module_file(self.root, module) or ""
+            path = self.shared_stat.module_file(call.function.partition(":")[0])
             if path and path not in files:
                 files.append(path)
         return files

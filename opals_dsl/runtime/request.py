@@ -4,7 +4,6 @@ plain data)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,21 +19,24 @@ def build_request(plan: nx.DiGraph, task: Task, attempt: int, *, scratch: str | 
                   logs: Path, checksum: bool = False, run_id: str | None = None,
                   receipt: Receipt | None = None,
                   info: model.PlanInfo | None = None, start: int = 0,
-                  shared: Callable[[str], list[int] | None] | None = None) -> dict[str, Any]:
+                  shared: FirstSeen | None = None) -> dict[str, Any]:
     """The engine request for one task, as it travels (:class:`~opals_dsl.plan.wire.TaskRequest`
     as plain data); ``checksum`` asks the engine for the SHA-256 of each input it stages,
     ``run_id`` marks the steps' processes (``OPF_RUN_ID``), ``receipt`` asks for a receipt once
     the task's results landed (:meth:`opals_dsl.runtime.journal.Journal.stamp`); ``info`` is the
     plan's :func:`~opals_dsl.plan.model.info`, if it is at hand; ``start`` the step the task
-    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`); ``shared`` gives a shared
-    file's ``[size, mtime_ns]`` as the run first saw it (:class:`FirstSeen`), which the engine
-    holds the file to."""
+    resumes at (:attr:`~opals_dsl.plan.wire.TaskRequest.start`); ``shared`` gives the shared
+    files and ``call`` modules as the run first saw them (:class:`FirstSeen`), which the engine
+    holds them to."""
     info = info or model.info(plan)
     machine, stage, execs, copyback = model.chain(plan, task)
     seen = {}
-    if shared is not None and machine is not None:
-        for src, _ in machine.files:
-            st = shared(src)
+    if shared is not None:
+        files = [src for src, _ in machine.files] if machine is not None else []
+        files += [shared.module_file(e.call.function.partition(":")[0])
+                  for e in execs if e.call is not None]
+        for src in files:
+            st = shared(src) if src else None
             if st is not None:
                 seen[src] = st
     steps = [step_data(e.id, e.step, e.argv, e.call.function if e.call is not None else None,
@@ -66,6 +68,15 @@ class FirstSeen:
     def __init__(self, root: str) -> None:
         self.root = root
         self._seen: dict[str, list[int] | None] = {}
+        self._modules: dict[str, str] = {}
+
+    def module_file(self, module: str) -> str:
+        """The file of a ``call``'s module in the pipeline folder (:func:`.model.module_file`),
+        "" if it lies elsewhere; looked for once."""
+        path = self._modules.get(module)
+        if path is None:
+            path = self._modules[module] = model.module_file(self.root, module) or ""
+        return path
 
     def __call__(self, path: str) -> list[int] | None:
         if path not in self._seen:

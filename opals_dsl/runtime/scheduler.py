@@ -150,7 +150,7 @@ class Scheduler:
         run_id: str | None = None,
         stamp: Callable[[Task], Receipt | None] | None = None,
         start: Callable[[Task], int] | None = None,
-        shared: Callable[[str], list[int] | None] | None = None,
+        shared: FirstSeen | None = None,
         depth: int = 2,
         batch_seconds: float = 0.1,
         max_batch: int = 256,
