@@ -128,8 +128,9 @@ class TaskRequest:
     ``<step>/<task>.log``), which (``job``, ``task``, ``attempt``) and its
     chain. ``checksum`` asks for the SHA-256 of each staged input; ``run_id`` marks the steps'
     processes (``OPF_RUN_ID``); ``receipt`` asks for a receipt once the results landed;
-    ``shared`` holds each shared file's ``[size, mtime_ns]`` as the run first saw it (by its
-    source), so that a task never stages another version of it than the run's earlier tasks.
+    ``shared`` holds each shared file's and ``call`` module's ``[size, mtime_ns]`` as the run
+    first saw it (by its path in the plan), so that a task never uses another version of it
+    than the run's earlier tasks.
 
     ``start`` > 0 resumes the task at that step: the steps before it do not run; instead the
     task stage also stages, from its destination, each published output of theirs that a later
