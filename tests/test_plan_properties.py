@@ -725,6 +725,7 @@ def test_invariant_6_affinity_is_one_task_and_compile_is_deterministic(model: Pi
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+@pytest.mark.slow
 def test_compile_output_is_independent_of_the_hash_seed(tmp_path: Path) -> None:
     """Two processes with different string hashing write the same plan, byte for byte."""
     import subprocess
@@ -805,6 +806,7 @@ def colliding(draw: st.DrawFn) -> tuple[PipelineM, set[int], str]:
     return model, lines, "same.out"
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(colliding())
 def test_two_outputs_with_one_destination_are_rejected(case) -> None:
