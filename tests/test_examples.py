@@ -161,6 +161,7 @@ def assert_gdalinfo(path: Path, expected: Expected) -> None:
 
 # --- the examples --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_strips_demo_on_embedded_cluster_matches_independent_dems(examples: Path) -> None:
     proc = opf("run", "strips.opf", "-n", "2", cwd=examples)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -274,6 +275,7 @@ def differing_cells(mosaic: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return nodata | values
 
 
+@pytest.mark.slow
 def test_tiles_with_a_buffer_mosaic_to_the_dem_of_the_whole_area_cell_for_cell(
     examples: Path, cluster
 ) -> None:

@@ -537,6 +537,7 @@ def _doc_pipelines() -> list[str]:
 SEEDS = [p.read_text(encoding="utf-8") for p in EXAMPLES] + _doc_pipelines()
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_examples_with_comments_sprinkled_in_keep_tree_comments_and_layout(
