@@ -40,7 +40,7 @@ import time
 from ..plan.wire import Stage
 from .fsatomic import atomic_copy, is_temp_name, same_file, write_atomic
 from .locks import remove_abandoned, unheld
-from .paths import inside, is_component, os_reason, remove_tree
+from .paths import inside, is_component, module_files, os_reason, remove_tree
 
 #: the file in a job folder that says its shared files are complete, and for which file set
 MARKER = ".opf-staged"
@@ -239,8 +239,7 @@ class JobPrephase:
     def module_changed(self, module: str) -> str | None:
         """Why the file of a ``call``'s module in the pipeline folder is not as the run first
         saw it (the request's ``shared``), if it is not."""
-        base = module.replace(".", "/")
-        for rel in (f"{base}.py", f"{base}/__init__.py"):
+        for rel in module_files(module):
             first = self.req.shared.get(rel)
             if first is None:
                 continue

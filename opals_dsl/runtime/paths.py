@@ -56,6 +56,13 @@ def file_in_the_way(folder: str) -> str | None:
         path = parent
 
 
+def module_files(module: str) -> tuple[str, str]:
+    """Where a ``call``'s module ``pkg.mod`` may lie in the pipeline folder, relative to it:
+    ``pkg/mod.py``, then ``pkg/mod/__init__.py`` (as the planner looks for it)."""
+    base = module.replace(".", "/")
+    return f"{base}.py", f"{base}/__init__.py"
+
+
 #: errors that mean "no room": the disk, a quota, or the process's file size limit
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 

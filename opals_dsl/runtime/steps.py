@@ -43,6 +43,8 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from .paths import module_files
+
 #: the environment variable that marks an engine process, and so every step it starts
 ENGINE_MARK = "OPF_ENGINE_MARK"
 
@@ -472,8 +474,7 @@ def forget_stale_module(name: str, root: str) -> None:
     old = _MODULES.get(name)
     if old is None or name not in sys.modules:
         return
-    base = os.path.join(root, *name.split("."))
-    here = next((p for p in (base + ".py", os.path.join(base, "__init__.py"))
+    here = next((p for p in (os.path.join(root, rel) for rel in module_files(name))
                  if os.path.isfile(p)), None)
     now = _module_stamp(old[0])
     if now != old or (here is not None and os.path.realpath(here) != old[0]):
