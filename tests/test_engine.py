@@ -1257,6 +1257,42 @@ def test_a_batch_flushes_each_destination_folder_once_after_its_renames(
     assert receipted("two") == ["strip13"]
 
 
+def test_a_task_s_copies_are_flushed_while_the_next_task_of_the_batch_runs(
+        project: Project, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: a task's copies start going to disk as soon as the task has ended, not when
+    the batch is over; still none is renamed into place before the batch's flushes are all
+    done. The second task's step waits (up to 10 s) for the first task's copy to be flushed
+    and writes what it saw; each flush leaves a mark file behind for it."""
+    from opals_dsl.runtime import fsatomic
+    marks = project.root / "flushed"
+    marks.mkdir()
+    real_flush = fsatomic._flush
+
+    def flush(fd: int) -> None:
+        real_flush(fd)
+        dest = os.readlink(f"/proc/self/fd/{fd}")
+        (marks / os.path.basename(os.path.dirname(dest))).touch()
+
+    monkeypatch.setattr(fsatomic, "_flush", flush)
+    first_mark, first_dest = str(marks / "a"), str(project.root / "a" / "strip11.txt")
+    wait_for_first = textwrap.dedent(f"""
+        import os, time
+        deadline = time.monotonic() + 10
+        while not os.path.exists({first_mark!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = "flushed" if os.path.exists({first_mark!r}) else "not flushed yet"
+        placed = "in place" if os.path.exists({first_dest!r}) else "not in place"
+        open("o.txt", "w").write(seen + ", " + placed)
+    """)
+    second = project.request("strip12", execs=[argv_step(
+        "dem", "strip12", "w", ["python", "-c", wait_for_first], outputs=("o.txt",))],
+        copyback=[["o.txt", "b/strip12.txt"]])
+    results = run_tasks([_writing_request(project, "strip11", "a"), second])
+    assert [r["ok"] for r in results] == [True, True], results
+    assert (project.root / "b" / "strip12.txt").read_text() == "flushed, not in place"
+    assert (project.root / "a" / "strip11.txt").read_text() == "x"
+
+
 def _writing_request(project: Project, task: str, folder: str) -> dict[str, Any]:
     return project.request(task, execs=[argv_step(
         "dem", task, "w", ["python", "-c", "open('o.txt', 'w').write('x')"],

@@ -3,11 +3,12 @@
 :func:`atomic_copy` and :func:`write_atomic` write to ``<folder>/.<name>.opf-tmp-<hex>`` beside
 the destination (the hex digits name the writer's host and process), flush it to disk, rename it
 over the destination and flush the folder: a destination is either as before or complete, never
-truncated. :func:`atomic_copies` does the same for many files with one flush phase: all
-temporaries written, then flushed together, then renamed; its phases are there one by one
-(:func:`write_temporaries`, :func:`flush_each`, :func:`place`) for a caller that flushes the
-copies of many tasks together. On any error the temporary is removed and the error raised
-again. The writer holds a lock on the temporary while it writes.
+truncated. :func:`atomic_copies` does the same for many files with one flush phase: all temporaries
+written, then flushed together, then renamed; its phases are there one by one
+(:func:`write_temporaries`, :func:`flush_each` or :func:`flush_soon` in the background,
+:func:`place`) for a caller that flushes the copies of many tasks together. On any error the
+temporary is removed and the error raised again. The writer holds a lock on the temporary while it
+writes.
 :func:`is_temp_name` recognises such temporaries; :func:`remove_abandoned_temporaries` removes
 those of a folder whose writer is provably gone (nobody holds the lock, and a writer of this
 host no longer runs; one of another host must also be unchanged for :data:`FOREIGN_GRACE`
@@ -30,7 +31,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 # this host's tag in temporary names, computed once
 _HOST_TAG: list[str] = []
@@ -212,6 +213,20 @@ def flush_each(fds: Sequence[int]) -> list[OSError | None]:
         return [_flush_one(fd) for fd in fds]
     with ThreadPoolExecutor(min(len(fds), 8)) as pool:
         return list(pool.map(_flush_one, fds))
+
+
+#: the threads of :func:`flush_soon`, started when first needed; they live as long as the process
+_FLUSHER: list[ThreadPoolExecutor] = []
+
+
+def flush_soon(fds: Sequence[int]) -> list[Future[OSError | None]]:
+    """Start flushing each descriptor to disk in the background, while the caller goes on; a
+    future per descriptor gives its error, or None. The caller keeps each descriptor open until
+    its future is done (:func:`concurrent.futures.wait`), and cancels those not started yet
+    before it gives up on them."""
+    if not _FLUSHER:
+        _FLUSHER.append(ThreadPoolExecutor(8, thread_name_prefix="opf-flush"))
+    return [_FLUSHER[0].submit(_flush_one, fd) for fd in fds]
 
 
 def _flush_one(fd: int) -> OSError | None:

@@ -2,15 +2,16 @@
 vouched for.
 
 A task's copy-back writes each result to a temporary beside its destination
-(:func:`~.fsatomic.write_temporaries`) and goes on. :class:`Landing` flushes the temporaries of
-all the batch's tasks to disk together, then renames each into place
-(:func:`~.fsatomic.place`): one flush phase for the batch instead of one per task, and still no
-destination renamed before its data is on disk. It lands what is waiting early once
-:data:`~.fsatomic.BATCH` temporaries are open. The folders renamed into are then flushed, each
+(:func:`~.fsatomic.write_temporaries`) and goes on. :class:`Landing` starts flushing a task's
+temporaries to disk as soon as the task has ended, in the background while the next task runs
+(:func:`~.fsatomic.flush_soon`); at the end of the batch it waits for every flush, then renames each
+temporary into place (:func:`~.fsatomic.place`): the disk writes the results while the engine works
+on, and still no destination is renamed before its data is on disk. It lands what is waiting early
+once :data:`~.fsatomic.BATCH` temporaries are open. The folders renamed into are then flushed, each
 once for the whole batch (:func:`settle`), and only then does a task count as done. A copy that
 cannot be flushed or renamed, or a folder that cannot be flushed, fails the tasks it belongs to:
-their results say so, and so do their copy-back rows. A batch that is interrupted puts none of
-its waiting temporaries in place.
+their results say so, and so do their copy-back rows. A batch that is interrupted puts none of its
+waiting temporaries in place.
 
 Each task that is done then gets its receipt (:func:`write_receipt`): a line of JSON appended to
 the run's receipt file, which lets the next run recognise results that landed while no driver
@@ -28,9 +29,10 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, wait
 
 from ..plan.wire import FAILED, Failure, Receipt, TaskResult
-from .fsatomic import BATCH, CopyError, Temporary, discard, flush_each, fsync_folder, place
+from .fsatomic import BATCH, CopyError, Temporary, discard, flush_soon, fsync_folder, place
 from .paths import file_in_the_way, os_reason
 
 
@@ -54,18 +56,22 @@ class Landing:
     def __init__(self) -> None:
         self.ran: list[Ran] = []
         self._waiting = 0  # the first task whose copies are not in place yet
+        # the flushes of the waiting tasks' temporaries, one per temporary, in order
+        self._flushes: list[Future[OSError | None]] = []
 
     def add(self, ran: Ran) -> None:
         self.ran.append(ran)
+        self._flushes += flush_soon([t.fd for _, _, t in ran.copies])
         if sum(len(r.copies) for r in self.ran[self._waiting:]) >= BATCH:
             self.land()  # not too many descriptors open at once
 
     def land(self) -> None:
-        """Flush the waiting tasks' temporaries together, then put each task's in place; a
-        task whose copy cannot be flushed or renamed fails, none of its temporaries placed
-        after the failure."""
+        """Wait until the waiting tasks' temporaries are flushed, then put each task's in
+        place; a task whose copy cannot be flushed or renamed fails, none of its temporaries
+        placed after the failure."""
         group, self._waiting = self.ran[self._waiting:], len(self.ran)
-        outcomes = iter(flush_each([t.fd for r in group for _, _, t in r.copies]))
+        outcomes = iter([flush.result() for flush in self._flushes])
+        self._flushes = []
         for r in group:
             copies, r.copies = r.copies, []
             errors = [next(outcomes) for _ in copies]
@@ -97,6 +103,10 @@ class Landing:
 
     def abandon(self) -> None:
         """Remove the temporaries not in place yet: the batch was interrupted."""
+        for flush in self._flushes:  # none may flush a descriptor number closed meanwhile
+            flush.cancel()
+        wait(self._flushes)
+        self._flushes = []
         for r in self.ran:
             discard([t for _, _, t in r.copies])
             r.copies = []
