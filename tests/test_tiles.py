@@ -260,6 +260,26 @@ def test_the_header_reader_reads_no_point(tmp_path: Path) -> None:
 
 # -- a tile's values in commands -----------------------------------------------------------
 
+@pytest.mark.parametrize(("wkt", "code"), [
+    ('PROJCS["NAD83(HARN) / Oregon GIC Lambert (ft)",GEOGCS["NAD83(HARN)",'
+     'AUTHORITY["EPSG","4152"]],UNIT["foot",0.3048,AUTHORITY["EPSG","9002"]],'
+     'AUTHORITY["EPSG","2994"]]', "EPSG:2994"),
+    ('PROJCRS["WGS 84 / UTM zone 33N",BASEGEOGCRS["WGS 84",ID["EPSG",4326]],'
+     'ID["EPSG",32633]]', "EPSG:32633"),
+    # only ids of what is inside (its unit, its datum): the CRS itself has no code
+    ('PROJCS["NAD_1983_HARN_Lambert_Conformal_Conic",GEOGCS["GCS",AUTHORITY["EPSG","4152"]],'
+     'UNIT["foot",0.3048,AUTHORITY["EPSG","9002"]]]', None),
+    # an id-like text inside a quoted name is a name, not an id
+    ('PROJCS["a ""b"" ,AUTHORITY[""EPSG"",""1""]",UNIT["m",1]]', None),
+])
+def test_a_wkt_crs_is_named_by_its_own_epsg_code_never_by_one_inside_it(wkt: str,
+                                                                         code: str | None):
+    """Invariant: the EPSG code shown for a WKT CRS is the id of the CRS itself (a child of the
+    outermost element), not the id of its unit or datum, nor text inside a quoted name."""
+    from opals_dsl.lang.tiles import _wkt_epsg
+    assert _wkt_epsg(wkt) == code
+
+
 def test_a_tiles_files_are_staged_and_given_to_run_sh_and_call_one_item_each(tmp_path: Path):
     (tmp_path / "data").mkdir()
     write_las(tmp_path / "data" / "a.las", [(0.0, 0.0), (8.0, 8.0)])  # 1 short of 10_0's buffer

@@ -26,7 +26,7 @@ from pathlib import PurePosixPath
 from ..source import Span
 from . import nodes as n
 from .scope import ResolveError, Scope
-from .tiles import HeaderError, TooManyTiles, plan_tiles, read_box
+from .tiles import Box, HeaderError, TooManyTiles, plan_tiles, read_box
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -317,9 +317,8 @@ class Expander:
             except HeaderError as exc:
                 failed += 1
                 if failed <= 3:
-                    self.c.error(src.pattern.span, f"the file '{exc.path}' {exc.reason}; "
-                                 "tiles(...) reads LAS and LAZ files only: make the pattern "
-                                 "match only those")
+                    self.c.error(src.pattern.span,
+                                 f"the file '{exc.path}' {exc.reason}; {exc.hint}")
                 continue
             if crs_first is None:
                 crs_first = box
@@ -328,7 +327,7 @@ class Expander:
                 self.c.error(src.pattern.span, f"the files '{crs_first.path}' and '{box.path}' "
                              "are in different coordinate reference systems "
                              f"({crs_first.crs_name} and {box.crs_name}); one grid of tiles "
-                             "needs one CRS: reproject the files, or tile them in separate jobs")
+                             f"needs one CRS: {_one_crs(crs_first, box)}")
             boxes.append(box)
         if failed:
             return None
@@ -414,3 +413,14 @@ class Expander:
             return None
         self.task_count += len(values)
         return values
+
+
+def _one_crs(a: Box, b: Box) -> str:
+    """How to give two files of one grid one CRS: a file without a CRS record needs the CRS it
+    is in written into its header (its coordinates stay); others need reprojecting."""
+    if (a.crs is None) != (b.crs is None):
+        bare, other = (a, b) if a.crs is None else (b, a)
+        return (f"if the coordinates of '{bare.path}' are in {other.crs_name}, write that CRS "
+                f"into its header (assign it: the coordinates stay as they are); else reproject "
+                f"it, or tile the files in separate jobs")
+    return "reproject the files into one, or tile them in separate jobs"

@@ -37,6 +37,7 @@ _GEOKEY_RECORDS = (34735, 34736, 34737)
 #: GeoTIFF keys that name an EPSG CRS: projected, geographic
 _EPSG_KEYS = (3072, 2048)
 _WKT_NAME = re.compile(r'^\s*[A-Z_]+\[\s*"([^"]*)"')
+_WKT_ID = re.compile(r'\s*(?:AUTHORITY|ID)\s*[\[(]\s*"EPSG"\s*,\s*"?(\d+)"?\s*[\])]', re.I)
 
 Number = int | float
 
@@ -83,13 +84,21 @@ class Tile:
         return getattr(self, name)
 
 
-class HeaderError(Exception):
-    """A matched file whose header cannot be read as a LAS/LAZ header."""
+#: what to do about a file that is not LAS/LAZ at all
+NOT_LAS = "tiles(...) reads LAS and LAZ files only: make the pattern match only those"
+#: ... about one that begins as LAS/LAZ does, but whose header is cut short or damaged
+DAMAGED = ("the file is damaged or cut short (still being copied?): replace it with a good "
+           "copy, or move it out of the pattern's reach")
 
-    def __init__(self, path: str, reason: str) -> None:
+
+class HeaderError(Exception):
+    """A matched file whose header cannot be read as a LAS/LAZ header: why, and what to do."""
+
+    def __init__(self, path: str, reason: str, hint: str = NOT_LAS) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.hint = hint
 
 
 class TooManyTiles(Exception):
@@ -117,16 +126,20 @@ def read_box(path: str, shown: str | None = None) -> Box:
     except HeaderError:
         raise
     except OSError as exc:
-        raise HeaderError(name, f"cannot be read: {exc.strerror or exc}") from None
-    except Exception as exc:  # laspy's errors on a file of another kind are of many kinds
+        raise HeaderError(name, f"cannot be read: {exc.strerror or exc}",
+                          "make it readable for opf, or move it out of the pattern's reach"
+                          ) from None
+    except Exception as exc:  # laspy's errors on a damaged header are of many kinds
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HeaderError(name, f"is not a LAS/LAZ file ({reason})") from None
+        raise HeaderError(name, f"begins as a LAS/LAZ file does, but its header cannot be read "
+                          f"({reason})", DAMAGED) from None
     lo, hi = header.mins, header.maxs
     values = [float(v) for v in (lo[0], lo[1], hi[0], hi[1])]
     points = int(header.point_count)
     if points and (not all(map(math.isfinite, values)) or lo[0] > hi[0] or lo[1] > hi[1]):
         raise HeaderError(name, "has a header whose bounding box is not a box "
-                          f"(min {values[0]}, {values[1]}; max {values[2]}, {values[3]})")
+                          f"(min {values[0]}, {values[1]}; max {values[2]}, {values[3]})",
+                          DAMAGED)
     crs, crs_name = _crs_record(header.vlrs)
     return Box(name, *values, points=points, crs=crs, crs_name=crs_name)
 
@@ -170,10 +183,35 @@ def _crs_record(vlrs: Iterable[object]) -> tuple[object, str]:
                     epsg = epsg or f"EPSG:{entry.value_offset}"
     if wkt:
         match = _WKT_NAME.match(wkt)
-        return ("wkt", wkt), f"'{match.group(1)}'" if match else "a WKT CRS"
+        code = _wkt_epsg(wkt)
+        name = f"'{match.group(1)}'" if match else "a WKT CRS"
+        return ("wkt", wkt), f"{code} {name}" if code else name
     if keys:
         return ("geotiff", tuple(sorted(keys))), epsg or "a GeoTIFF-keys CRS"
     return None, "no CRS record"
+
+
+def _wkt_epsg(wkt: str) -> str | None:
+    """The EPSG code a WKT CRS names itself by (``EPSG:n``): its own ``AUTHORITY["EPSG","n"]``
+    (WKT 1) or ``ID["EPSG",n]`` (WKT 2), a child of the outermost element — not the id of a
+    unit or datum inside it."""
+    depth, quoted, item = 0, False, 0
+    for i, ch in enumerate(wkt):
+        if ch == '"':
+            quoted = not quoted  # a quote inside a name is written twice: the state is kept
+        elif quoted:
+            continue
+        elif ch in "[(":
+            depth += 1
+            if depth == 2:
+                match = _WKT_ID.match(wkt, item)
+                if match:
+                    return f"EPSG:{match.group(1)}"
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            item = i + 1
+    return None
 
 
 def _core_range(lo: float, hi: float, origin: Number, size: Number) -> tuple[int, int]:
