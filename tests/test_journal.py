@@ -270,11 +270,34 @@ def test_a_changed_command_word_is_named(tmp_path):
     run(path, state, tmp_path / "m")
     text = path.read_text()
     path.write_text(text.replace("merge {m} {down.copy.b}", "merge {m} {down.copy.b} {m}"))
-    assert decisions(path, state)["all/0"] == "command of step merge changed: 7 → 8 words"
+    assert decisions(path, state)["all/0"] == "command of step merge changed: gained 'all.txt'"
+    path.write_text(text.replace("merge {m} {down.copy.b}", "merge {down.copy.b}"))
+    assert decisions(path, state)["all/0"] == "command of step merge changed: lost 'all.txt'"
     path.write_text(text.replace("copy {x} {b}", "copy {b} {x}"))
     assert decisions(path, state)["down/s1"] == "command of step copy changed: 's1.a' → 's1.b'"
     path.write_text(text.replace("step merge", "step gather"))
     assert decisions(path, state)["all/0"] == "steps changed (merge → gather)"
+
+
+def test_files_a_task_gains_or_loses_are_named_not_the_words_they_shift(tmp_path):
+    """A task whose command changed because it reads other files (a tile that got a new file)
+    is said to have a new input, or one it no longer reads, by path."""
+    folder = tmp_path / "p"
+    (folder / "data").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (folder / "data" / f"{name}.txt").write_text(name)
+    path = folder / "pipeline.opf"
+    text = ('pipeline gather\njob all for x in ["one"] {\n    step cat {\n'
+            '        out o = "o.txt"\n        in "data/a.txt"\n        in "data/b.txt"\n'
+            '        run sh "cat a.txt b.txt > {o}"\n    }\n}\n')
+    path.write_text(text)
+    state = tmp_path / "state"
+    assert run(path, state, tmp_path / "m").done == 1
+    path.write_text(text.replace('in "data/b.txt"\n', 'in "data/b.txt"\n        in "data/c.txt"\n')
+                    .replace("b.txt >", "b.txt c.txt >"))
+    assert decisions(path, state)["all/one"] == "new input: data/c.txt"
+    path.write_text(text.replace('        in "data/a.txt"\n', "").replace("a.txt b.txt", "b.txt"))
+    assert decisions(path, state)["all/one"] == "input no longer read: data/a.txt"
 
 
 @given(st.text(max_size=80), st.text(max_size=80), st.text(min_size=1, max_size=5))

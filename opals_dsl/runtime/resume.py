@@ -8,8 +8,9 @@ scheduler's ``skip`` hook.
 Decisions are made in dependency order (upstream tasks first); the first reason that applies:
 ``forced`` (``--force``); ``new`` (no record); ``upstream T re-runs``; ``interrupted in the last
 run`` (an engine held it when the run was interrupted); ``failed in the last run``; ``steps
-changed`` / ``command of step S changed: 'a' → 'b'`` / ``parameters of step S changed: k 1 → 2``
-/ ``files or destinations of the task changed``; ``upstream T ran again since`` (its sig is not
+changed`` / ``new input: P`` / ``input no longer read: P`` / ``command of step S changed: 'a' →
+'b'`` (or ``gained 'w'``, ``lost 'w'``) / ``parameters of step S changed: k 1 → 2`` / ``files or
+destinations of the task changed``; ``upstream T ran again since`` (its sig is not
 the one recorded); ``input missing: P`` / ``input changed: P``; ``output missing: D`` / ``output
 changed: D``. Otherwise the task is ``unchanged`` and skipped.
 
@@ -29,6 +30,7 @@ record is refreshed in the journal so that the next run does not hash it again.
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import json
 import os
@@ -164,9 +166,11 @@ class Resume:
             return "failed in the last run"
         cmd, steps = self.journal.command(i)
         start, kept, changed = 0, None, ""
-        if rec.get("cmd") != cmd:  # named by the params behind it, if one changed
-            changed = _params_changed(rec, self.journal) or _what_changed(
-                rec.get("steps") or [], steps)
+        own, common = self.journal.inputs(i)
+        if rec.get("cmd") != cmd:  # named by the params behind it, or the inputs, if they changed
+            changed = (_params_changed(rec, self.journal)
+                       or _inputs_changed(rec.get("in"), own + common)
+                       or _what_changed(rec.get("steps") or [], steps))
             start = self._first_changed(i, rec, steps)
             if not start:
                 return changed
@@ -182,7 +186,6 @@ class Resume:
                 return f"upstream {name} ran again since"
         ins = rec.get("in") or {}
         fresh: dict[str, list[Any]] = {}
-        own, common = self.journal.inputs(i)
         for path, shared in [(p, False) for p in own] + [(p, True) for p in common]:
             old = ins.get(path)
             if not isinstance(old, list) or len(old) < 2:
@@ -310,6 +313,24 @@ def _params_changed(rec: dict[str, Any], journal: Journal) -> str | None:
     return f"param{'s' if len(names) > 1 else ''} {', '.join(names)} changed"
 
 
+def _inputs_changed(recorded: Any, now: list[str]) -> str | None:
+    """``new input: P`` / ``input no longer read: P`` (the first few of each), where the files
+    a task reads are not the ones its record has; None where they are."""
+    if not isinstance(recorded, dict):
+        return None
+    added = [p for p in now if p not in recorded]
+    dropped = sorted(set(recorded) - set(now))
+    parts = [_paths(one, many, paths) for one, many, paths in (
+        ("new input", "new inputs", added),
+        ("input no longer read", "inputs no longer read", dropped)) if paths]
+    return "; ".join(parts) or None
+
+
+def _paths(one: str, many: str, paths: list[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{one if len(paths) == 1 else many}: {', '.join(paths[:shown])}{more}"
+
+
 def _short(value: Any, limit: int = 40) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     if len(text) > limit:
@@ -348,10 +369,32 @@ def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
                     return (f"parameters of step {step} changed: {key} "
                             f"{_short(a.get(key, '(none)'))} → {_short(b.get(key, '(none)'))}")
         if isinstance(was, list) and isinstance(now, list):
-            for x, y in zip(was, now, strict=False):
-                if x != y:
-                    a, b = _apart(x, y)
-                    return f"command of step {step} changed: {a} → {b}"
-            return f"command of step {step} changed: {len(was)} → {len(now)} words"
+            return f"command of step {step} changed: {_words_changed(was, now)}"
         return f"command of step {step} changed"
     return "files or destinations of the task changed"
+
+
+def _words_changed(was: list[Any], now: list[Any]) -> str:
+    """The first difference of two commands (word lists): the first word that differs where
+    both have as many words; else the words gained or lost, found by ``difflib``."""
+    if len(was) == len(now):
+        x, y = next((x, y) for x, y in zip(was, now, strict=True) if x != y)
+        a, b = _apart(x, y)
+        return f"{a} → {b}"
+    matcher = difflib.SequenceMatcher(None, [_key(w) for w in was], [_key(w) for w in now],
+                                      autojunk=False)
+    op, i1, i2, j1, j2 = next(op for op in matcher.get_opcodes() if op[0] != "equal")
+    if op == "insert":
+        return f"gained {_listed(now[j1:j2])}"
+    if op == "delete":
+        return f"lost {_listed(was[i1:i2])}"
+    return f"{_listed(was[i1:i2])} → {_listed(now[j1:j2])}"
+
+
+def _key(word: Any) -> str:
+    return word if isinstance(word, str) else json.dumps(word, sort_keys=True)
+
+
+def _listed(words: list[Any], shown: int = 3) -> str:
+    more = f" and {len(words) - shown} more" if len(words) > shown else ""
+    return ", ".join(_short(w) for w in words[:shown]) + more
