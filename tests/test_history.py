@@ -115,6 +115,38 @@ def test_two_pipelines_in_one_folder_keep_their_own_records(tmp_path, capsys, mo
     assert status == 2 and "holds the runs of 2 pipelines (strips, tiles)" in err
 
 
+def test_a_run_s_records_say_why_each_task_ran_and_its_report_shows_it(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Each run keeps why each of its tasks was to run (``why.jsonl``, as the journal decided;
+    the tasks it skipped are not in it), and its report counts the reasons by kind."""
+    tiles, _ = two_pipelines(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run(tiles).done == 3
+    (tmp_path / "data" / "s2.txt").write_text("strip 2, measured again\n")
+    os.utime(tmp_path / "data" / "s2.txt", ns=(1, 1))
+    (tmp_path / "data" / "s4.txt").write_text("strip 4\n")
+    assert run(tiles).done == 2
+    runs = tmp_path / ".opf" / "runs" / "tiles"
+
+    def why(number: int) -> dict[str, str]:
+        lines = (runs / str(number) / "why.jsonl").read_text().splitlines()
+        return {row["task"]: row["why"] for row in map(json.loads, lines)}
+
+    assert why(1) == {"work/s1": "new", "work/s2": "new", "work/s3": "new"}
+    assert why(2) == {"work/s2": "input changed: data/s2.txt", "work/s4": "new"}
+    status, out, _ = opf(capsys, "report", str(tiles))
+    assert status == 0
+    data = page_data(runs / "2" / "report.html")
+    page = (runs / "2" / "report.html").read_text()
+    assert ">input changed</td>" in page and ">work/s2: input changed: data/s2.txt</td>" in page
+    assert data["why"] == [
+        {"why": "input changed", "tasks": 1, "example": "work/s2",
+         "reason": "input changed: data/s2.txt"},
+        {"why": "new", "tasks": 1, "example": "work/s4", "reason": "new"}]
+    assert {t["task"]: t["why"] for t in data["slowest"]} == {
+        "s2": "input changed: data/s2.txt", "s4": "new"}
+
+
 def test_runs_lists_the_runs_of_a_pipeline_file_that_no_longer_parses(tmp_path, capsys,
                                                                       monkeypatch):
     """A file being edited (a syntax error anywhere after its pipeline line, or a file

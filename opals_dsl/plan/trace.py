@@ -12,6 +12,8 @@ Layout (in the state folder, ``.opf`` beside the pipeline file by default)::
     runs/<pipeline>/<N>/           the records of run N of a pipeline (1, 2, 3, ...)
         run.json                   when it started and ended, its tasks done/skipped/failed,
                                    its status and parameters
+        why.jsonl                  why each task it ran was to run, as the journal decided
+                                   before the run: {"task": "JOB/TASK", "why": "new input: P"}
         trace.jsonl                one row per plan node and attempt (TRACE_FIELDS)
         logs/<job>/<step>/<task>.log   each step's output, starting with its command line
                                    (a retry's: logs/<job>/<step>/attempt2/<task>.log, ...)
@@ -24,6 +26,7 @@ that leaves the one before as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,6 +46,8 @@ TRACE_FILE = "trace.jsonl"
 RUN_FILE = "run.json"
 #: the report's file name in a run's records
 REPORT_FILE = "report.html"
+#: the file of why each task ran, in a run's records
+WHY_FILE = "why.jsonl"
 #: the folder of the runs' records in a state folder
 RUNS_FOLDER = "runs"
 #: how much of the end of a log is read for its last lines
@@ -116,6 +121,20 @@ def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             else:
                 bad += 1
     return rows, bad
+
+
+def read_why(folder: str | Path) -> dict[str, str]:
+    """``{task: why it ran}`` from a run's records (:data:`WHY_FILE`); {} for a run without it
+    (one that ran without the journal, or by an older opf). Unreadable lines are skipped."""
+    why: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        with open(Path(folder) / WHY_FILE, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    if isinstance(row, dict) and isinstance(row.get("task"), str):
+                        why[row["task"]] = str(row.get("why"))
+    return why
 
 
 def tail(path: str | Path, lines: int) -> list[str]:

@@ -18,6 +18,8 @@ The page holds
       (``cached``);
     * the plan at job level (:func:`opals_dsl.plan.dot.to_job_dot`, drawn by Graphviz's ``dot`` and
       inlined as SVG) when a plan is given and Graphviz is installed;
+    * why the tasks ran (``why.jsonl`` of the run's records, as the journal decided): how many
+      for each kind of reason, and each slowest task's own;
     * every failed node, with the last lines of the step's log for a task's last attempt.
 
 :func:`~opals_dsl.report.analyse.analyse` turns trace rows into plain data (what the page

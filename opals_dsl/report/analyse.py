@@ -12,6 +12,7 @@ in the order :func:`analyse` calls them.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ FAILING = ("failed", "timeout")
 #: interrupted run): the time it held them, in no phase
 HELD = ("lost", "interrupted")
 SLOWEST = 10
+#: an upstream task's name in a reason (``upstream dem/s1 re-runs``), left out of its kind
+_UPSTREAM = re.compile(r"^upstream \S+ ")
 MAX_FAILURES = 50
 TAIL_LINES = 12
 
@@ -112,6 +115,10 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
         "bytes_copied": bytes_by_phase[COPYBACK],
         "engines": len(lanes), "machines": len({m for m, _ in lane_keys}),
     }
+    why = trace.read_why(state_dir) if state_dir is not None else {}
+    slowest = _slowest(tasks, outcome)[:SLOWEST]
+    for t in slowest:
+        t["why"] = why.get(f"{t['job']}/{t['task']}")
     failures = _failures(rows, tasks, outcome, state_dir, t0)
     stopped = _interrupted(rows, tasks, state_dir, t0)
     return {
@@ -123,7 +130,8 @@ def analyse(rows: list[Row], plan: nx.DiGraph | None = None,
         "unreported": unreported,
         "jobs": _jobs(jobs_order, task_keys, tasks, outcome, bars),
         "steps": _steps(bars, job_rank),
-        "slowest": _slowest(tasks, outcome)[:SLOWEST],
+        "slowest": slowest,
+        "why": _why_kinds(why),
         "machine_stages": _machine_stages(timed, job_rank),
         "lanes": lanes,
         "failures": failures[:MAX_FAILURES],
@@ -321,6 +329,18 @@ def _slowest(tasks: Mapping[TaskKey, _TaskRows],
         })
     spans.sort(key=lambda s: (-s["seconds"], s["job"], s["task"]))
     return spans
+
+
+def _why_kinds(why: Mapping[str, str]) -> list[dict[str, Any]]:
+    """How many tasks ran for each kind of reason (the reason up to its first ``:``, upstream
+    tasks unnamed: ``upstream re-runs``), most first, with one task as an example."""
+    kinds: dict[str, list[Any]] = {}
+    for task, reason in why.items():
+        kind = _UPSTREAM.sub("upstream ", reason.split(": ", 1)[0])
+        found = kinds.setdefault(kind, [0, task, reason])
+        found[0] += 1
+    return [{"why": k, "tasks": n, "example": t, "reason": r}
+            for k, (n, t, r) in sorted(kinds.items(), key=lambda kv: (-kv[1][0], kv[0]))]
 
 
 def _machine_stages(timed: list[Row], job_rank: Mapping[str, int]) -> list[dict[str, Any]]:

@@ -204,13 +204,21 @@ def _time_parts(data: Mapping[str, Any]) -> dict[str, str]:
 def _tables(data: Mapping[str, Any]) -> dict[str, str]:
     """The slowest tasks, the jobs, the steps and the machine stages."""
     slowest = _table(
-        ["task", "time", "of which steps", "attempts", "engine", "outcome"],
+        ["task", "time", "of which steps", "attempts", "engine", "outcome", "why it ran"],
         [[_e(f"{t['job']}/{t['task']}"), _e(format_duration(t["seconds"])),
           _e(format_duration(t["exec"])), t["attempts"], _e(t["engine"]),
-          f'<span class="st {_e(t["status"])}">{_e(t["status"])}</span>']
+          f'<span class="st {_e(t["status"])}">{_e(t["status"])}</span>',
+          _e(t.get("why") or "–")]
          for t in data["slowest"]],
         numeric=(1, 2, 3, 4),
     )
+    why = _table(
+        ["why", "tasks", "for example"],
+        [[_e(w["why"]), w["tasks"], _e(f"{w['example']}: {w['reason']}")]
+         for w in data.get("why") or []],
+        numeric=(1,),
+    ) if data.get("why") else ('<p class="muted">Not recorded: the run ran without its '
+                               'journal, or was made by an older opf.</p>')
     jobs = _table(
         ["job", "tasks", "run", "skipped", "failed", "not run", "retried", "step time"],
         [[_e(j["job"]), j["tasks"], j["done"], j["skipped"], j["failed"], j["not_run"],
@@ -230,7 +238,7 @@ def _tables(data: Mapping[str, Any]) -> dict[str, str]:
          for m in data["machine_stages"]],
         numeric=(2, 3, 4),
     )
-    return {"slowest": slowest, "jobs": jobs, "steps": steps, "mstages": mstages}
+    return {"slowest": slowest, "jobs": jobs, "steps": steps, "mstages": mstages, "why": why}
 
 
 def _subtitle(data: Mapping[str, Any], source: str | None) -> str:

@@ -27,13 +27,13 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..plan import model
-from ..plan.trace import RUN_FILE, TRACE_FILE, read_run, run_numbers, runs_folder
+from ..plan.trace import RUN_FILE, TRACE_FILE, WHY_FILE, read_run, run_numbers, runs_folder
 from .events import RunListener, RunSummary
 from .fsatomic import write_atomic
 from .paths import remove_tree
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 #: the status of a run still going on (or killed while it did)
 RUNNING = "running"
+
+#: a string as JSON, ASCII only (the json module's own encoder, called without a dumps a line)
+_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def outcome(summary: RunSummary, to_run: int) -> str:
@@ -87,6 +90,36 @@ class RunRecords(RunListener):
             "status": RUNNING,
         }
         self._write()
+
+    def decided(self, to_run: int) -> None:
+        """Record how many tasks the journal found to run (none decided: all of them)."""
+        self.to_run = self.data["to_run"] = to_run
+        self._write()
+
+    @contextlib.contextmanager
+    def reasons(self) -> Iterator[Callable[[str, str], None]]:
+        """A writer of why each task is to run, ``(task, why)``: a line of :data:`WHY_FILE`
+        in the run's folder, written as the journal decides (nothing kept in memory). A file
+        that cannot be written only leaves the reasons out of the records."""
+        try:
+            out = open(self.folder / WHY_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError:
+            yield lambda task, why: None
+            return
+        failed: list[OSError] = []
+
+        def write(task: str, why: str) -> None:
+            if not failed:
+                try:
+                    out.write(f'{{"task":{_quote(task)},"why":{_quote(why)}}}\n')
+                except OSError as exc:
+                    failed.append(exc)
+
+        try:
+            yield write
+        finally:
+            with contextlib.suppress(OSError):
+                out.close()
 
     def _write(self) -> None:
         text = json.dumps(self.data, ensure_ascii=False, indent=1) + "\n"

@@ -92,12 +92,15 @@ class Resume:
         assert self.decisions is not None
         return self.decisions
 
-    def settle(self, force: Force = False) -> int:
+    def settle(self, force: Force = False,
+               why: Callable[[str, str], None] | None = None) -> int:
         """Decide as :meth:`decide` does, but keep only what :meth:`skip` and :meth:`start_of`
-        answer — a byte a task, no :class:`Decision` —; the number of tasks to run."""
-        return self._decide(force, keep=False)
+        answer — a byte a task, no :class:`Decision` —; the number of tasks to run. ``why``
+        is told each task that is to run, and why (``(task name, reason)``), as it is decided."""
+        return self._decide(force, keep=False, why=why)
 
-    def _decide(self, force: Force, *, keep: bool) -> int:
+    def _decide(self, force: Force, *, keep: bool,
+                why: Callable[[str, str], None] | None = None) -> int:
         n = len(self.journal.tasks)
         runs = bytearray(n)
         decisions: list[Decision | None] | None = [None] * n if keep else None
@@ -121,6 +124,8 @@ class Resume:
                 starts[i] = start
             if decisions is not None:
                 decisions[i] = Decision(self.journal.tasks[i], run, reason or "unchanged", start)
+            if why is not None and reason is not None:
+                why(self.journal.tasks[i].name, reason)
         self.decisions = None if decisions is None else [d for d in decisions if d is not None]
         self._runs, self._from = runs, starts
         if self._refresh and self.journal.writable:

@@ -361,17 +361,19 @@ def run(
         with _journal(state, plan, resume, checksum, tasks) as journal:
             decider = None
             to_run = len(tasks)
+            records = stack.enter_context(
+                RunRecords(state, plan, total=len(tasks), to_run=to_run, scratch=scratch))
             if journal is not None:
                 decider = Resume(journal)
-                to_run = decider.settle(force)  # the scheduler asks it: a byte a task
+                with records.reasons() as why:  # the scheduler asks it: a byte a task
+                    to_run = decider.settle(force, why)
+                records.decided(to_run)
                 timeline.mark("decide", decided, note="the journal: what is to run")
                 for warning in journal.warnings():
                     listener.warning(warning)
                 listener.resuming(to_run, len(tasks) - to_run)
             given = policy.pop("run_id", None)
             run_id = early.run_id if early else given or new_run_id()
-            records = stack.enter_context(
-                RunRecords(state, plan, total=len(tasks), to_run=to_run, scratch=scratch))
             stack.enter_context(_summary_if_interrupted(len(tasks), to_run, records))
 
             def schedule(engines: Executor) -> RunSummary:
