@@ -9,6 +9,7 @@ points or the rasters, never with the tool's own functions.
 from __future__ import annotations
 
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,28 @@ def test_grid_of_files_in_different_crss_names_both(tmp_path: Path) -> None:
                            "reference systems: WGS 84 / UTM zone 33N (EPSG:32633) and "
                            "ETRS89 / UTM zone 33N (EPSG:25833); reproject one of them first\n")
     assert not (tmp_path / "dem.tif").exists()
+
+
+def test_a_tile_of_a_file_whose_header_box_misses_points_is_refused(tmp_path: Path) -> None:
+    """A header whose bounding box is smaller than its points (stale after an edit) would make
+    tiles laid from it miss points: a tile's grid refuses it, naming how many; a DEM of the
+    whole file is still made."""
+    x, y, z, cls, _ = holed_cloud()  # x 100.5 to 139.5
+    write_las(tmp_path / "a.las", x, y, z, cls, crs="EPSG:32633")
+    with open(tmp_path / "a.las", "r+b") as f:  # the header's max X (LAS 1.2: at byte 179)
+        f.seek(179)
+        f.write(struct.pack("<d", 130.0))
+    assert laspy.read(tmp_path / "a.las").header.maxs[0] == 130.0
+    beyond = int((x > 130.005).sum())
+    proc = run_tool("grid", "--cell", "2", "--core", "100", "200", "120", "220", "a.las",
+                    "dem.tif", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(
+        f"lidar.py grid: error: a.las: {beyond} of its {len(x)} points lie outside the "
+        f"bounding box its header gives (x 100.5 to 130, y 200.5 to 239.25; the points reach "
+        f"x 100.5 to 139.5, y 200.5 to 239.25). Tiles laid from the header miss them")
+    assert not (tmp_path / "dem.tif").exists()
+    assert run_tool("grid", "--cell", "2", "a.las", "dem.tif", cwd=tmp_path).returncode == 0
 
 
 def test_grid_settings_from_config_and_options(tmp_path: Path) -> None:

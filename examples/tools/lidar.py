@@ -29,7 +29,8 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   everything, and the DEM keeps exactly the core, `[XMIN, XMAX) x [YMIN, YMAX)`, whose edges
   must lie on multiples of the cell size. Tiles' DEMs then join without seams: their mosaic
   is the DEM of all points gridded over the tiles' area, cell for cell, when the buffer is
-  at least `fill` cells.
+  at least `fill` cells. A file with points outside its header's bounding box is then an
+  error: tiles laid from that header would miss them.
 - **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
@@ -218,12 +219,15 @@ def _header_crs(path: str | Path, header: laspy.LasHeader) -> pyproj.CRS | None:
 
 
 def read_points(paths: list[str | Path], crs: pyproj.CRS | None = None,
-                ground: bool = False) -> Points:
-    """The points of LAS/LAZ files (with `ground`, of class 2 only) and their one CRS."""
+                ground: bool = False, boxed: bool = False) -> Points:
+    """The points of LAS/LAZ files (with `ground`, of class 2 only) and their one CRS. With
+    `boxed`, a file with points outside the bounding box its header gives is an error."""
     xs, ys, zs, named = [], [], [], []
     for path in paths:
         las = _open_las(path)
         named.append((str(path), _header_crs(path, las.header)))
+        if boxed:
+            _check_box(path, las)
         keep = las.classification == GROUND if ground else slice(None)
         xs.append(np.asarray(las.x)[keep])
         ys.append(np.asarray(las.y)[keep])
@@ -234,6 +238,24 @@ def read_points(paths: list[str | Path], crs: pyproj.CRS | None = None,
         kind = "ground points (class 2)" if ground else "points"
         raise LidarError(f"{', '.join(map(str, paths))}: no {kind} to grid")
     return points
+
+
+def _check_box(path: str | Path, las: laspy.LasData) -> None:
+    """Refuse a file whose points reach outside its header's bounding box (by more than half
+    its coordinate step): tiles laid from such a header miss points."""
+    if not len(las.points):
+        return
+    x, y = np.asarray(las.x), np.asarray(las.y)
+    (lx, ly), (hx, hy) = las.header.mins[:2], las.header.maxs[:2]
+    sx, sy = (abs(v) / 2 for v in las.header.scales[:2])
+    out = int(((x < lx - sx) | (x > hx + sx) | (y < ly - sy) | (y > hy + sy)).sum())
+    if out:
+        raise LidarError(
+            f"{path}: {out} of its {len(x)} points lie outside the bounding box its header "
+            f"gives (x {lx:g} to {hx:g}, y {ly:g} to {hy:g}; the points reach x {x.min():g} to "
+            f"{x.max():g}, y {y.min():g} to {y.max():g}). Tiles laid from the header miss "
+            f"them: write the points' true bounds into the header (a header repair in PDAL or "
+            f"LAStools), then run again")
 
 
 def import_points(source: str | Path, dest: str | Path, crs: pyproj.CRS | None = None,
@@ -554,7 +576,7 @@ def _grid(args: argparse.Namespace) -> str:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
             _check_setting(key, config[key], f"--{key}")
-    points = read_points(args.inputs, args.crs, args.ground)
+    points = read_points(args.inputs, args.crs, args.ground, boxed=args.core is not None)
     if points.crs is None:
         raise LidarError(f"{args.inputs[0]} carries no coordinate reference system; give it "
                          "with --crs, e.g. --crs EPSG:2994")
