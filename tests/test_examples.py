@@ -227,6 +227,50 @@ def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster) ->
     )
 
 
+#: a tool that writes half its file and still exits 0, for strip 7327 only
+CUT_SHORT = """import os, sys
+if "strip7327" in sys.argv[1]:
+    os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) // 2)
+"""
+
+CHECKED = """pipeline checked
+param crs = "EPSG:2994"
+job dem for strip in "data/strip732[67].las" {
+    shared tool = "tools/lidar.py"
+    shared cut = "cut.py"
+    output "results_checked" flat
+    step grid {
+        out dem = "{strip.stem}_dem.tif"
+        run python {tool} grid --crs {crs} --cell 50 {strip} {dem}
+    }
+    step damage {
+        run python {cut} {grid.dem}
+    }
+    step check {
+        run python {tool} check {grid.dem}
+    }
+}
+"""
+
+
+def test_a_last_step_that_checks_a_dem_keeps_a_half_written_one_from_being_published(
+        examples: Path, cluster) -> None:
+    """A step that exits 0 after writing half a DEM is caught by the task's last step (the
+    example tool's ``check``, docs/language.md): that task fails, naming the check and why,
+    and publishes nothing; the other task's DEM is published whole."""
+    (examples / "cut.py").write_text(CUT_SHORT)
+    (examples / "checked.opf").write_text(CHECKED)
+    proc = opf("run", "checked.opf", "--cluster-file", str(cluster.client_file), "--keep-going",
+               cwd=examples)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "dem/strip7327" in said and "step check" in said
+    assert "strip7327_dem.tif: its cells cannot be read: the file is cut short or damaged" in said
+    assert relative_files(examples / "results_checked") == ["strip7326_dem.tif"]
+    with rasterio.open(examples / "results_checked" / "strip7326_dem.tif") as src:
+        assert src.read(1).size == src.width * src.height > 0
+
+
 def test_per_strip_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> None:
     proc = opf("run", "per_strip.opf", "--cluster-file", str(cluster.client_file),
                cwd=examples)

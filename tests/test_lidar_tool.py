@@ -242,6 +242,28 @@ def test_a_tile_of_a_file_whose_header_box_misses_points_is_refused(tmp_path: Pa
     assert run_tool("grid", "--cell", "2", "a.las", "dem.tif", cwd=tmp_path).returncode == 0
 
 
+def test_check_reads_every_cell_and_refuses_a_dem_cut_short(tmp_path: Path) -> None:
+    """``check`` says a DEM's size, cell, CRS and cells with data; a copy cut anywhere in its
+    cells is an error (exit 2, one line), not a DEM of fewer cells."""
+    values = np.arange(12.0).reshape(3, 4)
+    values[0, 0] = np.nan
+    write_dem(tmp_path / "dem.tif", values, left=1000, top=2000, cell=5)
+    proc = run_tool("check", "dem.tif", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ("dem.tif: 4 x 3 cells of 5 foot in NAD83(HARN) / Oregon GIC Lambert "
+                           "(ft) (EPSG:2994): 11 with data, 1 nodata\n")
+    data = (tmp_path / "dem.tif").read_bytes()
+    with rasterio.open(tmp_path / "dem.tif") as src:  # where the cells begin
+        first = min(int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) or len(data)),
+                    len(data) - 1)
+    (tmp_path / "cut.tif").write_bytes(data[:first + (len(data) - first) // 2])
+    proc = run_tool("check", "cut.tif", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lidar.py check: error: cut.tif: its cells cannot be read: "
+                                  "the file is cut short or damaged (")
+    assert proc.stderr.count("\n") == 1
+
+
 def test_grid_settings_from_config_and_options(tmp_path: Path) -> None:
     x, y, z, cls, means = holed_cloud()
     write_las(tmp_path / "holed.las", x, y, z, cls, crs="EPSG:32633")

@@ -10,6 +10,7 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
     python lidar.py mosaic -o OUT.tif IN1.tif IN2.tif ...            DEMs -> one DEM
     python lidar.py hillshade [--azimuth A] [--altitude H] IN.tif OUT.tif   shaded relief
     python lidar.py slope IN.tif OUT.tif                             slope in degrees
+    python lidar.py check IN.tif [IN2.tif ...]                       read rasters whole
 
 - **import** reads an ASPRS LAS 1.0-1.4 file, LAZ-compressed or not (a COPC file is LAZ; its
   octree index is not kept), keeps all points or with `--ground` only the ground class (2),
@@ -35,6 +36,9 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
   of a DEM; a cell next to nodata is nodata.
+- **check** reads each raster whole, every cell, and says its size, cell size and unit, CRS
+  and cells with data; a file cut short or damaged is an error. As the last step of a task it
+  keeps a damaged result from being published.
 
 Units are never converted: a CRS in feet gives cell sizes, coordinates and heights in feet.
 Slope and hillshade take heights to be in the CRS's horizontal unit, as LAS files in a
@@ -426,8 +430,13 @@ def read_raster(path: str | Path) -> Grid:
 
     try:
         with rasterio.open(path) as src:
-            values = src.read(1, masked=True).astype(np.float64).filled(np.nan)
             t, crs, nodata = src.transform, src.crs, src.nodata
+            try:
+                values = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+            except rasterio.errors.RasterioIOError as exc:
+                cause = exc.__cause__ or exc.__context__ or exc  # GDAL's own words
+                raise LidarError(f"{path}: its cells cannot be read: the file is cut short or "
+                                 f"damaged ({cause})") from None
     except rasterio.errors.RasterioIOError as exc:
         raise LidarError(f"{path}: not a raster GDAL can read ({exc})") from None
     if t.b != 0 or t.d != 0 or t.e >= 0 or not math.isclose(t.a, -t.e):
@@ -567,7 +576,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slope", help="slope of a DEM in degrees")
     p.add_argument("input")
     p.add_argument("output")
+    p = sub.add_parser("check", help="read rasters whole; a damaged one is an error")
+    p.add_argument("inputs", nargs="+", metavar="input")
     return parser
+
+
+def _check(path: str) -> str:
+    grid = read_raster(path)
+    nrows, ncols = grid.values.shape
+    unit = grid.crs.axis_info[0].unit_name if grid.crs is not None and grid.crs.axis_info else ""
+    data = int((~np.isnan(grid.values)).sum())
+    return (f"{path}: {ncols} x {nrows} cells of {grid.cell:g} {unit}".rstrip()
+            + f" in {crs_name(grid.crs)}: {data} with data, {grid.values.size - data} nodata")
 
 
 def _grid(args: argparse.Namespace) -> str:
@@ -609,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "mosaic":
             grids = [read_raster(path) for path in args.inputs]
             write_raster(mosaic(grids, args.inputs), args.output)
+        elif args.command == "check":
+            for path in args.inputs:
+                print(_check(path))
         elif args.command == "hillshade":
             shade = hillshade(read_raster(args.input), args.azimuth, args.altitude)
             write_raster(shade, args.output, dtype="uint8")
