@@ -90,5 +90,7 @@ def test_a_failure_is_reported_on_stderr_and_counted_in_the_summary_on_stdout(
     assert done.returncode == 1
     assert "FAILED work/s1: step copy" in done.stderr
     assert "FAILED" not in done.stdout
+    assert done.stderr.splitlines()[-1].endswith(  # after the failures, what to do with them
+        "'opf clean p.opf --scratch-folder' removes it on this machine")
     assert done.stdout.splitlines()[0] == "streams: 1 task failed"
     assert "  failed  " in done.stdout and "  failed  " not in done.stderr

@@ -673,6 +673,9 @@ def test_progress_lines_off_a_terminal(tmp_path):
     log = last_run(tmp_path / "s") / "logs" / "work" / "convert" / "s2.log"
     assert f"  full log: {log}\n" in text
     assert "  task folder kept: " in text
+    assert ("kept the failed task's folder on its engine's scratch, with the inputs it staged, "
+            "for a look: the task's next run replaces it; 'opf clean FILE --scratch-folder' "
+            "removes it on this machine\n") in text
     assert "failing: 1 task failed\n" in text
     assert "  not run (upstream failed)  1\n" in text
     assert "\x1b[" not in text

@@ -233,7 +233,7 @@ def _compile_and_run(args: argparse.Namespace, timeline: Timeline,
     summary = session.run(
         plan, state_dir=state, cluster=options, scratch=scratch, force=force,
         checksum=checksum, keep_going=getattr(args, "keep_going", False), retries=retries,
-        listener=Progress(quiet=quiet, title=title),
+        listener=Progress(quiet=quiet, title=title, source=args.file),
         guard=lambda roots: check_scratch(loaded, plan, roots),
         early=early, timeline=timeline,
     )

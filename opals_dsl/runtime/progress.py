@@ -26,6 +26,7 @@ engine gets one line. The summary names, for each failure, the tasks left out be
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Mapping
@@ -99,6 +100,19 @@ def failure_report(task: Task, failure: TaskFailure) -> str:
     return "\n".join(lines)
 
 
+def kept_line(kept: int, source: str | None) -> str:
+    """What to do about the task folders kept after failures: their staged inputs fill the
+    engines' scratch until removed."""
+    clean = f"'opf clean {shlex.quote(source) if source else 'FILE'} --scratch-folder'"
+    if kept == 1:
+        return (f"kept the failed task's folder on its engine's scratch, with the inputs it "
+                f"staged, for a look: the task's next run replaces it; {clean} removes it on "
+                f"this machine")
+    return (f"kept the folders of {kept} failed tasks on the engines' scratch, with the inputs "
+            f"they staged, for a look: a task's next run replaces its folder; {clean} removes "
+            f"them on this machine")
+
+
 def blocked_lines(summary: RunSummary) -> list[str]:
     """The tasks that were not run because tasks they need failed, one line for each set of
     failed tasks: ``not run because dem/a and dem/b failed: mosaic/0``."""
@@ -155,8 +169,10 @@ class Progress(RunListener):
     def __init__(self, *, stream: TextIO | None = None, quiet: bool = False,
                  interactive: bool | None = None, title: str = "opf run",
                  line_limit: int = 100, interval: float = 5.0,
-                 result_stream: TextIO | None = None) -> None:
+                 result_stream: TextIO | None = None, source: str | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.source = source  # the pipeline file, as the user named it (for hints)
+        self._kept: list[str] = []  # the task folders kept after failures
         if result_stream is None:
             result_stream = stream if stream is not None else sys.stdout
         self.result_stream = result_stream
@@ -283,6 +299,8 @@ class Progress(RunListener):
 
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._say(failure_report(task, failure))
+        if failure.task_dir:
+            self._kept.append(failure.task_dir)
 
     def engine_added(self, engine: EngineInfo) -> None:
         if not self.quiet:
@@ -312,8 +330,12 @@ class Progress(RunListener):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._summary(summary)
+        if self._kept:  # with the failures (on the progress stream), when quiet too
+            self._say(kept_line(len(self._kept), self.source))
+
+    def _summary(self, summary: RunSummary) -> None:
         outcome = outcome_line(summary)
         rows = summary.rows()
         if self._result_console is not None:
