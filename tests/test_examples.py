@@ -271,6 +271,7 @@ def test_a_last_step_that_checks_a_dem_keeps_a_half_written_one_from_being_publi
         assert src.read(1).size == src.width * src.height > 0
 
 
+@pytest.mark.slow
 def test_per_strip_map_layout_and_temp_outputs_stay_out(examples: Path, cluster) -> None:
     proc = opf("run", "per_strip.opf", "--cluster-file", str(cluster.client_file),
                cwd=examples)

@@ -102,7 +102,7 @@ def variant_project(folder: Path, configs: dict[str, str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sharing", ["params", "projects"])
+@pytest.mark.parametrize("sharing", ["params", pytest.param("projects", marks=pytest.mark.slow)])
 def test_two_runs_at_once_each_get_their_own_shared_files(tmp_path, sharing):
     """Run 1 stages its shared files and finishes a task; run 2 (other params, or another
     project with the same pipeline name) stages its own on the same scratch root while run 1

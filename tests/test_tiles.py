@@ -219,6 +219,7 @@ def planned_tiles(pipeline: Path) -> list[Core]:
 LAS_POINTS = st.lists(st.tuples(QUARTER, QUARTER), min_size=1, max_size=12)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clouds=st.lists(LAS_POINTS, min_size=1, max_size=4), size=SIZES, buffer=BUFFERS,
        origin=ORIGINS)
