@@ -331,9 +331,14 @@ def _inputs_changed(recorded: Any, now: list[str]) -> str | None:
     return "; ".join(parts) or None
 
 
-def _paths(one: str, many: str, paths: list[str], shown: int = 3) -> str:
-    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
-    return f"{one if len(paths) == 1 else many}: {', '.join(paths[:shown])}{more}"
+def _paths(one: str, many: str, paths: list[str]) -> str:
+    return f"{one if len(paths) == 1 else many}: {_some(paths)}"
+
+
+def _some(texts: list[str], shown: int = 3) -> str:
+    """The first ``shown`` texts, and how many more."""
+    more = f" and {len(texts) - shown} more" if len(texts) > shown else ""
+    return ", ".join(texts[:shown]) + more
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -400,6 +405,5 @@ def _key(word: Any) -> str:
     return word if isinstance(word, str) else json.dumps(word, sort_keys=True)
 
 
-def _listed(words: list[Any], shown: int = 3) -> str:
-    more = f" and {len(words) - shown} more" if len(words) > shown else ""
-    return ", ".join(_short(w) for w in words[:shown]) + more
+def _listed(words: list[Any]) -> str:
+    return _some([_short(w) for w in words])
