@@ -23,7 +23,7 @@ from conftest import EngineCluster, files_under, last_run, process_gone, write_p
 from opals_dsl.runtime.cluster import stop_leftover_cluster
 from opals_dsl.runtime.executor import RUN_TASKS, EngineCall, IPyParallelExecutor
 from opals_dsl.runtime.fsatomic import is_temp_name
-from opals_dsl.runtime.reaper import end_run
+from opals_dsl.runtime.reaper import end_marked, end_run
 
 QUICK = """
 pipeline quick
@@ -319,9 +319,11 @@ def test_stop_leftover_cluster_only_touches_the_recorded_processes(tmp_path):
                 p.wait()
 
 
-def test_what_a_process_starts_while_it_is_ended_is_ended_too(tmp_path):
-    """Ending a run looks again once what it found has ended: a process that starts another as
-    it ends (an engine starting its nanny when the stop comes) leaves nothing running."""
+@pytest.mark.parametrize("ending", ["run", "marked"])
+def test_what_a_process_starts_while_it_is_ended_is_ended_too(tmp_path, ending):
+    """Ending a run (or the processes of a mark, as a lifeline ends a dead engine's steps)
+    looks again once what it found has ended: a process that starts another as it ends (an
+    engine starting its nanny when the stop comes) leaves nothing running."""
     marker = "ending-" + os.urandom(4).hex()
     script = (
         "import signal, subprocess, sys, time\n"
@@ -340,10 +342,13 @@ def test_what_a_process_starts_while_it_is_ended_is_ended_too(tmp_path):
     try:
         assert proc.stdout.readline() == b"ready\n"
         record = {"pid": proc.pid, "created": psutil.Process(proc.pid).create_time()}
-        ended = end_run([record], marker, grace=5.0)
+        if ending == "run":
+            ended = {p.pid for p in end_run([record], marker, grace=5.0)}
+        else:
+            ended = set(end_marked("OPF_RUN_ID", marker, grace=5.0))
         assert proc.wait(timeout=10) == 0  # it ended by its handler, having started a child
         child = int(note.read_text())
-        assert {p.pid for p in ended} == {proc.pid, child}
+        assert ended == {proc.pid, child}
         assert process_gone(child, wait=5)
     finally:
         if proc.poll() is None:

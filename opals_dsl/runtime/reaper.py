@@ -135,10 +135,16 @@ def marked_pids(name: str, value: str, among: Iterable[int] | None = None) -> li
 
 def end_marked(name: str, value: str, grace: float = GRACE) -> list[int]:
     """SIGTERM (and SIGCONT) to every process marked ``name=value``, SIGKILL to those still
-    marked after ``grace`` seconds; their process ids."""
-    pids = marked_pids(name, value)
-    _end(pids, os.kill, lambda left: marked_pids(name, value, left), grace)
-    return pids
+    marked after ``grace`` seconds; their process ids. As :func:`end_run`, it looks again
+    once they have ended, for what they started meanwhile (which carries the mark too)."""
+    ended: list[int] = []
+    for _ in range(ROUNDS):
+        pids = marked_pids(name, value)
+        if not pids:
+            break
+        _end(pids, os.kill, lambda left: marked_pids(name, value, left), grace)
+        ended += [pid for pid in pids if pid not in ended]
+    return ended
 
 
 def marked(marker: str) -> list[Any]:
