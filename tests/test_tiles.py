@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import tempfile
 import textwrap
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from hypothesis import strategies as st
 
 from opals_dsl.api import compile_file
 from opals_dsl.errors import PipelineError
-from opals_dsl.lang.tiles import MAX_TILES, Box, TooManyTiles, plan_tiles, read_box
+from opals_dsl.lang.tiles import MAX_TILES, Box, HeaderError, TooManyTiles, plan_tiles, read_box
 from opals_dsl.plan import model
+
+EXAMPLES_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 QUARTER = st.integers(-60, 60).map(lambda k: k / 4)
 SIZES = st.sampled_from([0.5, 1, 2.5, 3, 10, 12.75, 40])
@@ -250,13 +253,30 @@ def test_las_files_give_disjoint_aligned_cores_holding_each_point_once_with_buff
 
 
 def test_the_header_reader_reads_no_point(tmp_path: Path) -> None:
-    """A LAS file cut short after its header still has its box read: no point is read."""
-    path = tmp_path / "big.las"
+    """A LAZ file whose compressed points are garbage still has its box read: no point is read
+    (laspy cannot read one of them)."""
+    path = tmp_path / "big.laz"
     write_las(path, [(0.0, 0.0), (10.0, 20.0)] * 1000)
     header_end = laspy.open(path).header.offset_to_point_data
-    path.write_bytes(path.read_bytes()[:header_end])
+    data = path.read_bytes()
+    path.write_bytes(data[:header_end] + b"\xff" * (len(data) - header_end))
+    with pytest.raises(Exception):  # noqa: B017 - lazrs and laspy raise errors of many kinds
+        laspy.read(path)
     box = read_box(str(path))
     assert (box.xmin, box.ymin, box.xmax, box.ymax, box.points) == (0, 0, 10, 20, 2000)
+
+
+def test_a_las_file_cut_short_in_its_points_is_refused_by_its_size(tmp_path: Path) -> None:
+    """A LAS file (points not compressed) shorter than its header's point count needs is cut
+    short: said with both counts, without reading a point."""
+    path = tmp_path / "cut.las"
+    write_las(path, [(0.0, 0.0), (10.0, 20.0)] * 1000)
+    header = laspy.open(path).header
+    keep = header.offset_to_point_data + 1500 * header.point_format.size + 7
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(HeaderError) as err:
+        read_box(str(path))
+    assert err.value.reason == "is cut short: its header says 2000 points, the file holds 1500"
 
 
 # -- a tile's values in commands -----------------------------------------------------------
@@ -279,6 +299,38 @@ def test_a_wkt_crs_is_named_by_its_own_epsg_code_never_by_one_inside_it(wkt: str
     outermost element), not the id of its unit or datum, nor text inside a quoted name."""
     from opals_dsl.lang.tiles import _wkt_epsg
     assert _wkt_epsg(wkt) == code
+
+
+def test_files_whose_crs_records_differ_but_name_one_crs_share_a_grid(tmp_path: Path):
+    """An ESRI WKT of Oregon's Lambert projection (autzen_trim.laz's record) and the EPSG keys of
+    EPSG:2994 name one CRS: one grid takes both. EPSG:2994 and EPSG:6557 (the same projection
+    on another datum realisation) stay two CRSs, and an error."""
+    import pyproj
+
+    folder = tmp_path / "p"
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(EXAMPLES_DATA / "autzen_trim.laz", folder / "data" / "autzen_trim.laz")
+
+    def keyed(name: str, epsg: int) -> None:
+        header = laspy.LasHeader(point_format=3, version="1.2")
+        header.scales, header.offsets = np.array([0.01] * 3), np.zeros(3)
+        header.add_crs(pyproj.CRS.from_epsg(epsg))
+        las = laspy.LasData(header)
+        las.x, las.y, las.z = [636100.0, 636200.0], [849100.0, 849200.0], [1.0, 2.0]
+        las.write(folder / "data" / name)
+
+    keyed("strip.las", 2994)
+    path = folder / "p.opf"
+    path.write_text('job dem for tile in tiles("data/*.la[sz]", size = 500) {\n'
+                    '    step grid {\n        out dem = "{tile.id}.txt"\n'
+                    '        run python -c pass {tile.files} {dem}\n    }\n}\n')
+    tiles = model.tasks(compile_file(path)).tasks
+    assert len(tiles) > 1
+    keyed("other.las", 6557)
+    with pytest.raises(PipelineError) as err:
+        compile_file(path)
+    assert ("are in different coordinate reference systems ('NAD_1983_HARN_Lambert_Conformal"
+            "_Conic' and EPSG:6557)") in str(err.value)
 
 
 def test_a_tiles_files_are_staged_and_given_to_run_sh_and_call_one_item_each(tmp_path: Path):

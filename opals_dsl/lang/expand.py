@@ -26,7 +26,7 @@ from pathlib import PurePosixPath
 from ..source import Span
 from . import nodes as n
 from .scope import ResolveError, Scope
-from .tiles import Box, HeaderError, TooManyTiles, plan_tiles, read_box
+from .tiles import Box, HeaderError, TooManyTiles, can_compare_crs, plan_tiles, read_box, same_crs
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -322,7 +322,7 @@ class Expander:
                 continue
             if crs_first is None:
                 crs_first = box
-            elif box.crs != crs_first.crs and failed == 0:
+            elif failed == 0 and not same_crs(crs_first, box):
                 failed += 1
                 self.c.error(src.pattern.span, f"the files '{crs_first.path}' and '{box.path}' "
                              "are in different coordinate reference systems "
@@ -423,4 +423,6 @@ def _one_crs(a: Box, b: Box) -> str:
         return (f"if the coordinates of '{bare.path}' are in {other.crs_name}, write that CRS "
                 f"into its header (assign it: the coordinates stay as they are); else reproject "
                 f"it, or tile the files in separate jobs")
-    return "reproject the files into one, or tile them in separate jobs"
+    unsure = ("" if can_compare_crs() else " (pyproj is not installed, so their CRS records "
+              "are compared as written: with pyproj, two records of one CRS count as one)")
+    return f"reproject the files into one, or tile them in separate jobs{unsure}"

@@ -23,10 +23,13 @@ could round the other way.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 #: the most tiles one ``tiles(...)`` source may make
 MAX_TILES = 1_000_000
@@ -46,7 +49,7 @@ Number = int | float
 class Box:
     """What a file's header says: its bounding box (closed), point count and CRS.
 
-    ``crs`` is the CRS record as read (None: the file has none), compared as it is;
+    ``crs`` is the CRS record as read (None: the file has none), compared by :func:`same_crs`;
     ``crs_name`` says it in words."""
 
     path: str
@@ -87,8 +90,8 @@ class Tile:
 #: what to do about a file that is not LAS/LAZ at all
 NOT_LAS = "tiles(...) reads LAS and LAZ files only: make the pattern match only those"
 #: ... about one that begins as LAS/LAZ does, but whose header is cut short or damaged
-DAMAGED = ("the file is damaged or cut short (still being copied?): replace it with a good "
-           "copy, or move it out of the pattern's reach")
+DAMAGED = ("replace it with a whole, good copy (is it still being copied?), or move it out of "
+           "the pattern's reach")
 
 
 class HeaderError(Exception):
@@ -118,11 +121,15 @@ def read_box(path: str, shown: str | None = None) -> Box:
     name = path if shown is None else shown
     try:
         with open(path, "rb") as fh:
-            if fh.read(4) != b"LASF":
+            signature = fh.read(4)
+            if not signature:
+                raise HeaderError(name, "is empty", DAMAGED)
+            if signature != b"LASF":
                 raise HeaderError(name, "is not a LAS/LAZ file (it does not begin with the "
                                   "signature LASF)")
             fh.seek(0)
             header = _header_class().read_from(fh)
+            size = os.fstat(fh.fileno()).st_size
     except HeaderError:
         raise
     except OSError as exc:
@@ -132,7 +139,7 @@ def read_box(path: str, shown: str | None = None) -> Box:
     except Exception as exc:  # laspy's errors on a damaged header are of many kinds
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HeaderError(name, f"begins as a LAS/LAZ file does, but its header cannot be read "
-                          f"({reason})", DAMAGED) from None
+                          f"({reason}): it is damaged or cut short", DAMAGED) from None
     lo, hi = header.mins, header.maxs
     values = [float(v) for v in (lo[0], lo[1], hi[0], hi[1])]
     points = int(header.point_count)
@@ -140,6 +147,11 @@ def read_box(path: str, shown: str | None = None) -> Box:
         raise HeaderError(name, "has a header whose bounding box is not a box "
                           f"(min {values[0]}, {values[1]}; max {values[2]}, {values[3]})",
                           DAMAGED)
+    if not header.are_points_compressed:  # a LAS file's size says whether all points are there
+        held = max(size - header.offset_to_point_data, 0) // header.point_format.size
+        if held < points:
+            raise HeaderError(name, f"is cut short: its header says {points} points, the file "
+                              f"holds {held}", DAMAGED)
     crs, crs_name = _crs_record(header.vlrs)
     return Box(name, *values, points=points, crs=crs, crs_name=crs_name)
 
@@ -189,6 +201,40 @@ def _crs_record(vlrs: Iterable[object]) -> tuple[object, str]:
     if keys:
         return ("geotiff", tuple(sorted(keys))), epsg or "a GeoTIFF-keys CRS"
     return None, "no CRS record"
+
+
+def same_crs(a: Box, b: Box) -> bool:
+    """Whether two files' CRS records name one CRS: the same record, or two records that pyproj
+    (where it is installed) finds equal — an ESRI WKT and the EPSG keys of one projection."""
+    if a.crs == b.crs:
+        return True
+    if a.crs is None or b.crs is None:
+        return False
+    one, two = _as_pyproj(a.crs, a.crs_name), _as_pyproj(b.crs, b.crs_name)
+    return one is not None and two is not None and one.equals(two, ignore_axis_order=True)
+
+
+def can_compare_crs() -> bool:
+    """Whether :func:`same_crs` can tell two records of one CRS (pyproj is installed)."""
+    return importlib.util.find_spec("pyproj") is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _as_pyproj(record: object, name: str) -> Any:
+    """A CRS record as a ``pyproj.CRS``; None without pyproj, or for a record it cannot read."""
+    if not can_compare_crs():
+        return None
+    import pyproj
+
+    kind, data = record  # type: ignore[misc]
+    try:
+        if kind == "wkt":
+            return pyproj.CRS.from_wkt(data)
+        if name.startswith("EPSG:"):  # GeoTIFF keys naming an EPSG CRS
+            return pyproj.CRS.from_user_input(name)
+    except pyproj.exceptions.CRSError:
+        return None
+    return None
 
 
 def _wkt_epsg(wkt: str) -> str | None:
