@@ -274,7 +274,10 @@ def test_a_changed_command_word_is_named(tmp_path):
     path.write_text(text.replace("merge {m} {down.copy.b}", "merge {down.copy.b}"))
     assert decisions(path, state)["all/0"] == "command of step merge changed: lost 'all.txt'"
     path.write_text(text.replace("copy {x} {b}", "copy {b} {x}"))
-    assert decisions(path, state)["down/s1"] == "command of step copy changed: 's1.a' → 's1.b'"
+    assert decisions(path, state)["down/s1"] == ("command of step copy changed: the same words "
+                                                 "in another order: 's1.a' → 's1.b' first")
+    path.write_text(text.replace("merge {m} {down.copy.b}", "merge {down.copy.b} {m} {m}"))
+    assert decisions(path, state)["all/0"] == "command of step merge changed: gained 'all.txt'"
     path.write_text(text.replace("step merge", "step gather"))
     assert decisions(path, state)["all/0"] == "steps changed (merge → gather)"
 

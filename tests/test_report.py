@@ -687,3 +687,20 @@ def test_hovering_a_bar_shows_its_node_and_outlines_its_task(run: Run, tmp_path:
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.close()
+
+
+def test_reasons_are_counted_by_what_made_a_task_run_not_the_step_it_ran_from() -> None:
+    """The report's kinds of reasons leave out the step a task ran again from and the name of
+    an upstream task: a param change counts as one, whichever step the tasks started at."""
+    from opals_dsl.report.analyse import _why_kinds
+
+    kinds = _why_kinds({
+        "dem/a": "from step grid: param cell changed",
+        "dem/b": "from step grid: output missing: results/grid/b.tif",
+        "dem/c": "from step import: param cell changed",
+        "dem/d": "new",
+        "mosaic/0": "upstream dem/a re-runs",
+    })
+    assert [(k["why"], k["tasks"], k["example"]) for k in kinds] == [
+        ("param cell changed", 2, "dem/a"), ("new", 1, "dem/d"),
+        ("output missing", 1, "dem/b"), ("upstream re-runs", 1, "mosaic/0")]

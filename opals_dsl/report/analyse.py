@@ -42,6 +42,8 @@ HELD = ("lost", "interrupted")
 SLOWEST = 10
 #: an upstream task's name in a reason (``upstream dem/s1 re-runs``), left out of its kind
 _UPSTREAM = re.compile(r"^upstream \S+ ")
+#: the step a task ran again from (``from step grid: param cell changed``), left out of its kind
+_FROM_STEP = re.compile(r"^from step \S+: ")
 MAX_FAILURES = 50
 TAIL_LINES = 12
 
@@ -332,11 +334,12 @@ def _slowest(tasks: Mapping[TaskKey, _TaskRows],
 
 
 def _why_kinds(why: Mapping[str, str]) -> list[dict[str, Any]]:
-    """How many tasks ran for each kind of reason (the reason up to its first ``:``, upstream
-    tasks unnamed: ``upstream re-runs``), most first, with one task as an example."""
+    """How many tasks ran for each kind of reason (the reason up to its first ``:``, after the
+    step a task ran from, upstream tasks unnamed: ``upstream re-runs``), most first, with one
+    task as an example."""
     kinds: dict[str, list[Any]] = {}
     for task, reason in why.items():
-        kind = _UPSTREAM.sub("upstream ", reason.split(": ", 1)[0])
+        kind = _UPSTREAM.sub("upstream ", _FROM_STEP.sub("", reason).split(": ", 1)[0])
         found = kinds.setdefault(kind, [0, task, reason])
         found[0] += 1
     return [{"why": k, "tasks": n, "example": t, "reason": r}

@@ -9,10 +9,10 @@ Decisions are made in dependency order (upstream tasks first); the first reason 
 ``forced`` (``--force``); ``new`` (no record); ``upstream T re-runs``; ``interrupted in the last
 run`` (an engine held it when the run was interrupted); ``failed in the last run``; ``steps
 changed`` / ``new input: P`` / ``input no longer read: P`` / ``command of step S changed: 'a' →
-'b'`` (or ``gained 'w'``, ``lost 'w'``) / ``parameters of step S changed: k 1 → 2`` / ``files or
-destinations of the task changed``; ``upstream T ran again since`` (its sig is not
-the one recorded); ``input missing: P`` / ``input changed: P``; ``output missing: D`` / ``output
-changed: D``. Otherwise the task is ``unchanged`` and skipped.
+'b'`` (or ``gained 'w'``, ``lost 'w'``, ``the same words in another order``) / ``parameters of
+step S changed: k 1 → 2`` / ``files or destinations of the task changed``; ``upstream T ran
+again since`` (its sig is not the one recorded); ``input missing: P`` / ``input changed: P``;
+``output missing: D`` / ``output changed: D``. Otherwise the task is ``unchanged`` and skipped.
 
 Resuming from a step: where only the commands of some steps changed (a ``--param`` that only a
 later step uses), the task runs again from the first step whose command changed, K, when the
@@ -30,10 +30,10 @@ record is refreshed in the journal so that the next run does not hash it again.
 
 from __future__ import annotations
 
-import difflib
 import heapq
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -385,20 +385,33 @@ def _what_changed(old: list[Any], new: list[list[Any]]) -> str:
 
 
 def _words_changed(was: list[Any], now: list[Any]) -> str:
-    """The first difference of two commands (word lists): the first word that differs where
-    both have as many words; else the words gained or lost, found by ``difflib``."""
-    if len(was) == len(now):
+    """How a command (a word list) changed: the words it gained and lost, counted as
+    multisets (``gained '--cell', '5'``; ``lost '3'; gained '4'``; one for another: ``'5' →
+    '7'``); the same words in another order are named by the first that moved."""
+    old, new = Counter(map(_key, was)), Counter(map(_key, now))
+    gained = _taken([w for w in now if new[_key(w)] > old[_key(w)]], new - old)
+    lost = _taken([w for w in was if old[_key(w)] > new[_key(w)]], old - new)
+    if not gained and not lost:
         x, y = next((x, y) for x, y in zip(was, now, strict=True) if x != y)
         a, b = _apart(x, y)
+        return f"the same words in another order: {a} → {b} first"
+    if len(gained) == 1 and len(lost) == 1:
+        a, b = _apart(lost[0], gained[0])
         return f"{a} → {b}"
-    matcher = difflib.SequenceMatcher(None, [_key(w) for w in was], [_key(w) for w in now],
-                                      autojunk=False)
-    op, i1, i2, j1, j2 = next(op for op in matcher.get_opcodes() if op[0] != "equal")
-    if op == "insert":
-        return f"gained {_listed(now[j1:j2])}"
-    if op == "delete":
-        return f"lost {_listed(was[i1:i2])}"
-    return f"{_listed(was[i1:i2])} → {_listed(now[j1:j2])}"
+    parts = ([f"lost {_listed(lost)}"] if lost else []) + (
+        [f"gained {_listed(gained)}"] if gained else [])
+    return "; ".join(parts)
+
+
+def _taken(words: list[Any], counts: Counter[str]) -> list[Any]:
+    """``words`` in their order, each kept as often as ``counts`` says (the last ones)."""
+    left = Counter(counts)
+    kept = []
+    for w in reversed(words):
+        if left[_key(w)] > 0:
+            left[_key(w)] -= 1
+            kept.append(w)
+    return kept[::-1]
 
 
 def _key(word: Any) -> str:
