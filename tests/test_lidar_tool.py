@@ -221,25 +221,35 @@ def test_grid_of_files_in_different_crss_names_both(tmp_path: Path) -> None:
 
 
 def test_a_tile_of_a_file_whose_header_box_misses_points_is_refused(tmp_path: Path) -> None:
-    """A header whose bounding box is smaller than its points (stale after an edit) would make
-    tiles laid from it miss points: a tile's grid refuses it, naming how many; a DEM of the
-    whole file is still made."""
-    x, y, z, cls, _ = holed_cloud()  # x 100.5 to 139.5
-    write_las(tmp_path / "a.las", x, y, z, cls, crs="EPSG:32633")
-    with open(tmp_path / "a.las", "r+b") as f:  # the header's max X (LAS 1.2: at byte 179)
-        f.seek(179)
-        f.write(struct.pack("<d", 130.0))
-    assert laspy.read(tmp_path / "a.las").header.maxs[0] == 130.0
-    beyond = int((x > 130.005).sum())
-    proc = run_tool("grid", "--cell", "2", "--core", "100", "200", "120", "220", "a.las",
-                    "dem.tif", cwd=tmp_path)
+    """A header whose bounding box is smaller than its points (stale after an edit) makes tiles
+    laid from it miss the points in tiles the box does not reach: a tile's grid refuses such a
+    file, counting them; points outside the box in a tile it reaches count for nothing, and a
+    DEM of the whole file is still made."""
+    x, y, z, cls, _ = holed_cloud()  # x 100.5 to 139.5, y 200.5 to 239.25
+
+    def with_max_x(value: float) -> None:
+        write_las(tmp_path / "a.las", x, y, z, cls, crs="EPSG:32633")
+        with open(tmp_path / "a.las", "r+b") as f:  # the header's max X (LAS 1.2: byte 179)
+            f.seek(179)
+            f.write(struct.pack("<d", value))
+        assert laspy.read(tmp_path / "a.las").header.maxs[0] == value
+
+    def tile() -> subprocess.CompletedProcess[str]:
+        return run_tool("grid", "--cell", "2", "--core", "100", "200", "120", "220", "a.las",
+                        "dem.tif", cwd=tmp_path)
+
+    with_max_x(115.0)  # tiles of 20 from x = 100: the box reaches [100, 120), not [120, 140)
+    proc = tile()
     assert proc.returncode == 2
     assert proc.stderr.startswith(
-        f"lidar.py grid: error: a.las: {beyond} of its {len(x)} points lie outside the "
-        f"bounding box its header gives (x 100.5 to 130, y 200.5 to 239.25; the points reach "
-        f"x 100.5 to 139.5, y 200.5 to 239.25). Tiles laid from the header miss them")
+        f"lidar.py grid: error: a.las: {int((x >= 120).sum())} of its {len(x)} points lie "
+        f"outside the bounding box its header gives, in tiles that box does not reach (the "
+        f"header: x 100.50 to 115.00, y 200.50 to 239.25; the points: x 100.50 to 139.50, y "
+        f"200.50 to 239.25). Tiles are laid from headers")
     assert not (tmp_path / "dem.tif").exists()
-    assert run_tool("grid", "--cell", "2", "a.las", "dem.tif", cwd=tmp_path).returncode == 0
+    with_max_x(139.49)  # short of the points by a hundredth, in the tile the box reaches
+    assert tile().returncode == 0
+    assert run_tool("grid", "--cell", "2", "a.las", "whole.tif", cwd=tmp_path).returncode == 0
 
 
 def test_check_reads_every_cell_and_refuses_a_dem_cut_short(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ Each subcommand reads files and writes one file, so a pipeline step can run it:
   everything, and the DEM keeps exactly the core, `[XMIN, XMAX) x [YMIN, YMAX)`, whose edges
   must lie on multiples of the cell size. Tiles' DEMs then join without seams: their mosaic
   is the DEM of all points gridded over the tiles' area, cell for cell, when the buffer is
-  at least `fill` cells. A file with points outside its header's bounding box is then an
-  error: tiles laid from that header would miss them.
+  at least `fill` cells. A file with points outside its header's bounding box, in tiles
+  that box does not reach, is then an error: tiles laid from that header miss them.
 - **mosaic** merges DEMs of one CRS and cell size, aligned to one grid: the mean where they
   overlap, nodata where none has data.
 - **hillshade** (0 = nodata, 1-255 = shade, as `gdaldem hillshade`) and **slope** (degrees)
@@ -223,15 +223,16 @@ def _header_crs(path: str | Path, header: laspy.LasHeader) -> pyproj.CRS | None:
 
 
 def read_points(paths: list[str | Path], crs: pyproj.CRS | None = None,
-                ground: bool = False, boxed: bool = False) -> Points:
-    """The points of LAS/LAZ files (with `ground`, of class 2 only) and their one CRS. With
-    `boxed`, a file with points outside the bounding box its header gives is an error."""
+                ground: bool = False,
+                core: tuple[float, float, float, float] | None = None) -> Points:
+    """The points of LAS/LAZ files (with `ground`, of class 2 only) and their one CRS. Given a
+    tile's `core`, a file with points that tiles laid from its header miss is an error."""
     xs, ys, zs, named = [], [], [], []
     for path in paths:
         las = _open_las(path)
         named.append((str(path), _header_crs(path, las.header)))
-        if boxed:
-            _check_box(path, las)
+        if core is not None:
+            _check_box(path, las, core)
         keep = las.classification == GROUND if ground else slice(None)
         xs.append(np.asarray(las.x)[keep])
         ys.append(np.asarray(las.y)[keep])
@@ -244,22 +245,35 @@ def read_points(paths: list[str | Path], crs: pyproj.CRS | None = None,
     return points
 
 
-def _check_box(path: str | Path, las: laspy.LasData) -> None:
-    """Refuse a file whose points reach outside its header's bounding box (by more than half
-    its coordinate step): tiles laid from such a header miss points."""
+def _check_box(path: str | Path, las: laspy.LasData,
+               core: tuple[float, float, float, float]) -> None:
+    """Refuse a file with points outside its header's bounding box in tiles that box does not
+    reach: a grid laid from the header (squares as wide as `core`, aligned to it) gives those
+    tiles no copy of the file, or has no such tile, so the points reach no DEM."""
     if not len(las.points):
         return
     x, y = np.asarray(las.x), np.asarray(las.y)
     (lx, ly), (hx, hy) = las.header.mins[:2], las.header.maxs[:2]
-    sx, sy = (abs(v) / 2 for v in las.header.scales[:2])
-    out = int(((x < lx - sx) | (x > hx + sx) | (y < ly - sy) | (y > hy + sy)).sum())
-    if out:
+    size = core[2] - core[0]
+
+    def reached(v: np.ndarray, origin: float, lo: float, hi: float) -> np.ndarray:
+        left = origin + np.floor((v - origin) / size) * size  # the core [left, left + size)
+        return (left <= hi) & (left + size > lo)
+
+    lost = int((~(reached(x, core[0], lx, hx) & reached(y, core[1], ly, hy))).sum())
+    if lost:
+        digits = max(0, math.ceil(-math.log10(min(las.header.scales[:2]))))
+
+        def span(lo: float, hi: float) -> str:
+            return f"{lo:.{digits}f} to {hi:.{digits}f}"
+
         raise LidarError(
-            f"{path}: {out} of its {len(x)} points lie outside the bounding box its header "
-            f"gives (x {lx:g} to {hx:g}, y {ly:g} to {hy:g}; the points reach x {x.min():g} to "
-            f"{x.max():g}, y {y.min():g} to {y.max():g}). Tiles laid from the header miss "
-            f"them: write the points' true bounds into the header (a header repair in PDAL or "
-            f"LAStools), then run again")
+            f"{path}: {lost} of its {len(x)} points lie outside the bounding box its header "
+            f"gives, in tiles that box does not reach (the header: x {span(lx, hx)}, y "
+            f"{span(ly, hy)}; the points: x {span(x.min(), x.max())}, y "
+            f"{span(y.min(), y.max())}). Tiles are laid from headers, so no tile reads this file "
+            f"for them: write the points' true bounds into the header (PDAL, LAStools and laspy "
+            f"can), then run again")
 
 
 def import_points(source: str | Path, dest: str | Path, crs: pyproj.CRS | None = None,
@@ -596,7 +610,8 @@ def _grid(args: argparse.Namespace) -> str:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
             _check_setting(key, config[key], f"--{key}")
-    points = read_points(args.inputs, args.crs, args.ground, boxed=args.core is not None)
+    points = read_points(args.inputs, args.crs, args.ground,
+                         tuple(args.core) if args.core is not None else None)
     if points.crs is None:
         raise LidarError(f"{args.inputs[0]} carries no coordinate reference system; give it "
                          "with --crs, e.g. --crs EPSG:2994")
