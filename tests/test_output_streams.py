@@ -91,6 +91,7 @@ def test_a_failure_is_reported_on_stderr_and_counted_in_the_summary_on_stdout(
     assert "FAILED work/s1: step copy" in done.stderr
     assert "FAILED" not in done.stdout
     assert done.stderr.splitlines()[-1].endswith(  # after the failures, what to do with them
-        "'opf clean p.opf --scratch-folder' removes it on this machine")
+        "'opf clean p.opf --scratch-folder' removes it on this machine, with the pipeline's "
+        "job folders there and the records of all but its last runs")
     assert done.stdout.splitlines()[0] == "streams: 1 task failed"
     assert "  failed  " in done.stdout and "  failed  " not in done.stderr

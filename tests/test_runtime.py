@@ -675,7 +675,8 @@ def test_progress_lines_off_a_terminal(tmp_path):
     assert "  task folder kept: " in text
     assert ("kept the failed task's folder on its engine's scratch, with the inputs it staged, "
             "for a look: the task's next run replaces it; 'opf clean FILE --scratch-folder' "
-            "removes it on this machine\n") in text
+            "removes it on this machine, with the pipeline's job folders there and the records "
+            "of all but its last runs\n") in text
     assert "failing: 1 task failed\n" in text
     assert "  not run (upstream failed)  1\n" in text
     assert "\x1b[" not in text

@@ -211,7 +211,11 @@ def _open_las(path: str | Path) -> laspy.LasData:
     except (LidarError, OSError):
         raise
     except Exception as exc:  # laspy's and lazrs' errors on broken files are of many kinds
-        raise LidarError(f"{path}: not a LAS/LAZ file laspy can read ({exc})") from None
+        with open(path, "rb") as f:
+            las_like = f.read(4) == b"LASF"
+        what = ("begins as a LAS/LAZ file does, but its points cannot be read: it is damaged or "
+                "cut short" if las_like else "not a LAS/LAZ file laspy can read")
+        raise LidarError(f"{path}: {what} ({exc})") from None
 
 
 def _header_crs(path: str | Path, header: laspy.LasHeader) -> pyproj.CRS | None:

@@ -103,14 +103,14 @@ def failure_report(task: Task, failure: TaskFailure) -> str:
 def kept_line(kept: int, source: str | None) -> str:
     """What to do about the task folders kept after failures: their staged inputs fill the
     engines' scratch until removed."""
-    clean = f"'opf clean {shlex.quote(source) if source else 'FILE'} --scratch-folder'"
+    clean = (f"'opf clean {shlex.quote(source) if source else 'FILE'} --scratch-folder' "
+             f"removes {'it' if kept == 1 else 'them'} on this machine, with the pipeline's job "
+             f"folders there and the records of all but its last runs")
     if kept == 1:
         return (f"kept the failed task's folder on its engine's scratch, with the inputs it "
-                f"staged, for a look: the task's next run replaces it; {clean} removes it on "
-                f"this machine")
+                f"staged, for a look: the task's next run replaces it; {clean}")
     return (f"kept the folders of {kept} failed tasks on the engines' scratch, with the inputs "
-            f"they staged, for a look: a task's next run replaces its folder; {clean} removes "
-            f"them on this machine")
+            f"they staged, for a look: a task's next run replaces its folder; {clean}")
 
 
 def blocked_lines(summary: RunSummary) -> list[str]:
