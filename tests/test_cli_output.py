@@ -27,6 +27,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 OPF = [sys.executable, "-m", "opals_dsl"]
 
 GLOB = """\
@@ -80,6 +82,7 @@ def test_a_file_name_that_is_not_utf8_is_written_as_json_that_reads_back_to_it(t
     assert proc.stdout == written
 
 
+@pytest.mark.slow
 def test_an_output_file_is_complete_or_left_as_it_was(tmp_path: Path):
     path = pipeline(tmp_path, MANY)
     target = tmp_path / "plan.json"

@@ -559,6 +559,7 @@ def _published(g: nx.DiGraph, model: PipelineM, up: str, step: str, out: str) ->
     return found
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pipelines())
 def test_exec_commands_name_only_files_of_their_own_task(model: PipelineM) -> None:

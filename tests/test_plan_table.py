@@ -59,6 +59,7 @@ def test_every_example_s_table_reads_as_its_graph(pipeline: Path) -> None:
     assert_reads_alike(*both(pipeline))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pipelines())
 def test_a_table_reads_as_the_graph_of_any_pipeline(generated: PipelineM) -> None:

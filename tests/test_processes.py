@@ -408,6 +408,7 @@ job w for n in range(1) {
 """
 
 
+@pytest.mark.slow
 def test_a_run_waits_for_the_lifeline_that_stops_what_a_killed_run_left(tmp_path, cleanup):
     """The lifeline of a run that launched its cluster elsewhere, once that run is dead, holds
     the state folder while it stops what the run's record names; a run started meanwhile waits

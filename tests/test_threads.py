@@ -287,6 +287,7 @@ def nap(seconds, out):
 """
 
 
+@pytest.mark.slow
 def test_a_step_past_its_timeout_is_stopped_with_its_children_retried_and_reported(
         tmp_path: Path) -> None:
     (tmp_path / "napper.py").write_text(NAPPER, encoding="utf-8")

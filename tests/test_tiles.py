@@ -136,6 +136,7 @@ def test_generated_boxes_give_disjoint_aligned_cores_holding_each_point_once_wit
     assert plan_tiles(list(files), size, buffer, origin) == tiles
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(files=boxes(max_files=3), size=st.floats(0.5, 1000),
        buffer=st.floats(0, 100), ox=st.floats(-1e4, 1e4), oy=st.floats(-1e4, 1e4),
