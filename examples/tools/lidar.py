@@ -254,11 +254,11 @@ def _check_box(path: str | Path, las: laspy.LasData,
     """Refuse a file with points outside its header's bounding box in tiles that box does not
     reach: a grid laid from the header (squares as wide as `core`, aligned to it) gives those
     tiles no copy of the file, or has no such tile, so the points reach no DEM."""
-    if not len(las.points):
+    size = core[2] - core[0]
+    if not len(las.points) or size <= 0:  # a core that is not one is grid_core's to refuse
         return
     x, y = np.asarray(las.x), np.asarray(las.y)
     (lx, ly), (hx, hy) = las.header.mins[:2], las.header.maxs[:2]
-    size = core[2] - core[0]
 
     def reached(v: np.ndarray, origin: float, lo: float, hi: float) -> np.ndarray:
         left = origin + np.floor((v - origin) / size) * size  # the core [left, left + size)
@@ -599,10 +599,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unit(crs: pyproj.CRS | None) -> str:
+    """The name of a CRS's horizontal unit ("" without a CRS)."""
+    return crs.axis_info[0].unit_name if crs is not None and crs.axis_info else ""
+
+
 def _check(path: str) -> str:
     grid = read_raster(path)
     nrows, ncols = grid.values.shape
-    unit = grid.crs.axis_info[0].unit_name if grid.crs is not None and grid.crs.axis_info else ""
+    unit = _unit(grid.crs)
     data = int((~np.isnan(grid.values)).sum())
     return (f"{path}: {ncols} x {nrows} cells of {grid.cell:g} {unit}".rstrip()
             + f" in {crs_name(grid.crs)}: {data} with data, {grid.values.size - data} nodata")
@@ -626,7 +631,7 @@ def _grid(args: argparse.Namespace) -> str:
         grid = grid_points(points, config["cell"], int(config["fill"]), config["nodata"])
     write_raster(grid, args.output)
     nrows, ncols = grid.values.shape
-    unit = grid.crs.axis_info[0].unit_name if grid.crs is not None and grid.crs.axis_info else ""
+    unit = _unit(grid.crs)
     c = grid.counts
     if args.core is not None:
         return (f"{args.output}: the core's {ncols} x {nrows} cells of {grid.cell:g} {unit} "
