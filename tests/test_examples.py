@@ -216,6 +216,7 @@ def test_autzen_dem_keeps_the_laz_files_crs_and_feet(examples: Path, cluster) ->
         assert_gdalinfo(results / "autzen_trim_dem.tif", dem)
 
 
+@pytest.mark.slow
 def test_flat_layout_puts_every_result_in_one_folder(examples: Path, cluster) -> None:
     proc = opf("run", "strips_flat.opf", "--cluster-file", str(cluster.client_file),
                "--report", "flat.html", cwd=examples)

@@ -102,7 +102,8 @@ def variant_project(folder: Path, configs: dict[str, str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sharing", ["params", pytest.param("projects", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("sharing", ["params", "projects"])
 def test_two_runs_at_once_each_get_their_own_shared_files(tmp_path, sharing):
     """Run 1 stages its shared files and finishes a task; run 2 (other params, or another
     project with the same pipeline name) stages its own on the same scratch root while run 1
@@ -340,6 +341,7 @@ job big for i in range(8) {
 """
 
 
+@pytest.mark.slow
 def test_engine_killed_in_a_copy_back_leaves_no_temporary(tmp_path):
     """Each time a copy-back's temporary shows up, the run's processes are frozen; if it is
     still being written, its writer is killed. The run goes on with its other engine and ends
