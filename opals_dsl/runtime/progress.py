@@ -172,7 +172,7 @@ class Progress(RunListener):
                  result_stream: TextIO | None = None, source: str | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.source = source  # the pipeline file, as the user named it (for hints)
-        self._kept: list[str] = []  # the task folders kept after failures
+        self._kept = 0  # how many task folders were kept after failures
         if result_stream is None:
             result_stream = stream if stream is not None else sys.stdout
         self.result_stream = result_stream
@@ -300,7 +300,7 @@ class Progress(RunListener):
     def task_failed(self, task: Task, failure: TaskFailure) -> None:
         self._say(failure_report(task, failure))
         if failure.task_dir:
-            self._kept.append(failure.task_dir)
+            self._kept += 1
 
     def engine_added(self, engine: EngineInfo) -> None:
         if not self.quiet:
@@ -333,7 +333,7 @@ class Progress(RunListener):
         if not self.quiet:
             self._summary(summary)
         if self._kept:  # with the failures (on the progress stream), when quiet too
-            self._say(kept_line(len(self._kept), self.source))
+            self._say(kept_line(self._kept, self.source))
 
     def _summary(self, summary: RunSummary) -> None:
         outcome = outcome_line(summary)
