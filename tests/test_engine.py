@@ -853,6 +853,39 @@ def test_atomic_copy_into_a_file_parent_fails_cleanly(tmp_path: Path):
     assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
 
+@pytest.mark.parametrize("path", ["kernel", "user space"])
+def test_a_large_copy_is_handed_to_the_disk_chunk_by_chunk_while_it_is_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str):
+    """Invariant: a copy is asked to be written to disk one chunk at a time, each chunk right
+    after it is copied and before the next one is (its flush before the rename then finds
+    little left to write); every byte but a last part chunk is asked for once, in order, and
+    the copy is whole. The advice runs for real; the seam only records what was in the file
+    when it was given. Both ways of copying: in the kernel, and in user space where the kernel
+    cannot copy between the two files."""
+    from opals_dsl.runtime import fsatomic
+    chunk = 1 << 20
+    monkeypatch.setattr(fsatomic, "WRITEBACK_CHUNK", chunk)
+    if path == "user space":
+        def no_kernel_copy(infd: int, outfd: int) -> int:
+            raise fsatomic._NoFastCopy()
+        monkeypatch.setattr(fsatomic, "_kernel_copy", no_kernel_copy)
+    advised: list[tuple[int, int, int]] = []
+    real_advise = fsatomic._advise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, os.fstat(fd).st_size))
+        real_advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(fsatomic, "_advise", advise)
+    src = tmp_path / "strip.las"
+    src.write_bytes(os.urandom(3 * chunk + chunk // 2))
+    dst = tmp_path / "results" / "strip.las"
+    assert atomic_copy(str(src), str(dst)) == src.stat().st_size
+    assert dst.read_bytes() == src.read_bytes()
+    assert advised == [(0, chunk, chunk), (chunk, chunk, 2 * chunk),
+                       (2 * chunk, chunk, 3 * chunk)]
+
+
 # A file-size limit makes the write fail halfway (EFBIG), also for root, without any mount.
 LIMITED = textwrap.dedent(
     """

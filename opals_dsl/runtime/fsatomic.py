@@ -81,8 +81,10 @@ class CopyError(Exception):
         self.index, self.error = index, error
 
 
-# the flush and the rename of atomic_copies, by name so that a test can watch their order
+# the flush and the rename of atomic_copies, and the advice that starts writing a copy out, by
+# name so that a test can watch their order
 _flush = os.fsync
+_advise = getattr(os, "posix_fadvise", None)
 _rename = os.replace
 
 
@@ -249,13 +251,33 @@ def _copy_into(src: str, fd: int) -> int:
             copied = _kernel_copy(fin.fileno(), fd)
         if copied == 0:  # nothing done in the kernel: the same in user space
             fin.seek(0)
+            written = 0  # the bytes handed to the disk so far
             while chunk := fin.read(1 << 20):
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
                 copied += len(chunk)
+                written = _write_out(fd, written, copied)
     with contextlib.suppress(OSError):  # some shared drives refuse chmod; data matters
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    return copied
+
+
+def _write_out(fd: int, written: int, copied: int) -> int:
+    """Once a copy into ``fd`` has :data:`WRITEBACK_CHUNK` bytes or more past the ``written``
+    ones (of ``copied``), have the kernel start writing them to disk, without waiting for it;
+    return the bytes handed to the disk so far.
+
+    A large copy is so written out while the rest is copied, and its flush before the rename
+    finds little left to write instead of all of it (the flush is what makes the file durable;
+    this only starts it early). Linux starts the writeback on ``POSIX_FADV_DONTNEED`` (and drops
+    the pages of the range that are clean already, which the copy does not read again); where
+    that advice is not known or not taken, nothing happens."""
+    if copied - written < WRITEBACK_CHUNK:
+        return written
+    if _advise is not None:
+        with contextlib.suppress(OSError):
+            _advise(fd, written, copied - written, os.POSIX_FADV_DONTNEED)
     return copied
 
 
@@ -267,14 +289,20 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
                    errno.ETXTBSY, errno.EPERM}
 
 
+#: bytes of a copy that are handed to the disk together (:func:`_write_out`)
+WRITEBACK_CHUNK = 16 << 20
+
+
 def _kernel_copy(infd: int, outfd: int) -> int:
-    """Copy all of ``infd`` to ``outfd`` with ``copy_file_range`` (else ``sendfile``)."""
-    copied = 0
+    """Copy all of ``infd`` to ``outfd`` with ``copy_file_range`` (else ``sendfile``), in
+    chunks of :data:`WRITEBACK_CHUNK` bytes, each handed to the disk once it is copied."""
+    copied = written = 0
     for call in (os.copy_file_range, os.sendfile):
         try:
-            while n := (call(infd, outfd, 1 << 30) if call is os.copy_file_range
-                        else os.sendfile(outfd, infd, None, 1 << 30)):
+            while n := (call(infd, outfd, WRITEBACK_CHUNK) if call is os.copy_file_range
+                        else os.sendfile(outfd, infd, None, WRITEBACK_CHUNK)):
                 copied += n
+                written = _write_out(outfd, written, copied)
             return copied
         except OSError as exc:
             if copied or exc.errno not in _NO_KERNEL_COPY:
