@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser, *, clean: bool) -> None:
     p.add_argument("--keep", type=int, default=5, metavar="K",
                    help="keep the records of the last K runs that did work (default: 5) and "
                    "of the last run; runs that had nothing to do or never started count for "
-                   "none")
+                   "none. With 0, only the last run that did work (the one opf report shows) "
+                   "is kept")
     p.add_argument("--scratch-folder", action="store_true",
                    help="also remove the pipeline's scratch folder on this machine (job "
                    "folders, task folders kept after failures): every checkout that runs a "
