@@ -7,7 +7,14 @@ equality, and spans are asserted separately where they matter.
 
 from __future__ import annotations
 
+import os
+import pickle
+import stat
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -577,3 +584,84 @@ def test_a_word_far_from_every_keyword_gets_no_guess():
     with pytest.raises(OpfSyntaxError) as caught:
         parse(SourceFile("t.opf", "job j {\n    zebra 1\n}\n"))
     assert "did you mean" not in caught.value.diagnostics[0].message
+
+
+# -- the built parser, kept in the user's cache folder ----------------------------------------
+
+PARSE_ONE = (
+    "import sys\n"
+    "from opals_dsl.lang.parse import parse\n"
+    "from opals_dsl.source import SourceFile\n"
+    "tree = parse(SourceFile('p.opf', 'pipeline p\\njob j for x in [1, 2] {\\n"
+    "    step s {\\n        run echo {x}\\n    }\\n}\\n'))\n"
+    "print(tree.name.value, [job.name.value for job in tree.jobs])\n"
+)
+
+
+def _parse_in_new_process(cache: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    return subprocess.run([sys.executable, "-c", PARSE_ONE], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_built_parser_is_kept_for_the_next_process_and_a_damaged_one_is_rebuilt(
+        tmp_path: Path):
+    """Invariant: the first process builds the parser and leaves it in the user's cache folder
+    (``$XDG_CACHE_HOME/opf``, this user's alone) beside the lock that keeps two processes from
+    reading and writing it at once; the next one reads it without writing it again; a damaged
+    file is rebuilt and parses the same, with nothing said on stderr."""
+    cache = tmp_path / "cache"
+    first = _parse_in_new_process(cache)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "p ['j']\n" and first.stderr == ""
+    folder = cache / "opf"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    [kept] = [p for p in folder.iterdir() if p.suffix == ".lark"]
+    assert kept.name.startswith("parser-")
+    assert sorted(p.name for p in folder.iterdir()) == [kept.name, f"{kept.name}.lock"]
+    before = kept.stat()
+    second = _parse_in_new_process(cache)
+    assert (second.returncode, second.stdout, second.stderr) == (0, "p ['j']\n", "")
+    after = kept.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    kept.write_bytes(kept.read_bytes()[:200] + b"\0damaged")
+    third = _parse_in_new_process(cache)
+    assert (third.returncode, third.stdout, third.stderr) == (0, "p ['j']\n", "")
+    rebuilt = kept.stat()
+    assert rebuilt.st_mtime_ns != before.st_mtime_ns  # written again, and now read as it is:
+    fourth = _parse_in_new_process(cache)
+    assert (fourth.returncode, fourth.stdout, fourth.stderr) == (0, "p ['j']\n", "")
+    assert kept.stat().st_mtime_ns == rebuilt.st_mtime_ns
+
+
+class _Planted:
+    """A pickle that, when loaded, creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_parser_file_that_others_could_have_written_is_never_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Invariant: Lark's cache file is a pickle, which runs code as it loads; one in a cache
+    folder that others may write to is never read (the parser is built in memory instead), so
+    nobody can plant code for opf to run."""
+    from opals_dsl.lang import parse as parse_module
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    path = parse_module._cache_file(parse_module.grammar_text())
+    assert path is not None and os.path.dirname(path) == str(cache / "opf")
+    marker = tmp_path / "planted-code-ran"
+    with open(path, "wb") as f:
+        f.write(b"header\n" + pickle.dumps(_Planted(marker)))
+    (cache / "opf").chmod(0o777)
+    run = _parse_in_new_process(cache)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "p ['j']\n", "")
+    assert not marker.exists()
+    # the same file in a folder of this user's alone is read: the marker shows it would run
+    (cache / "opf").chmod(0o700)
+    _parse_in_new_process(cache)
+    assert marker.exists()

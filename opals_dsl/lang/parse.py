@@ -1,21 +1,28 @@
 """Parsing: pipeline text → syntax tree (:mod:`.nodes`), or an :class:`OpfSyntaxError`.
 
 The grammar is ``grammar/opf.lark`` (shipped inside the package). The Lark LALR parser is built
-on first use, with ``strict=True`` so a grammar conflict is a build error, and never cached to
-disk. A small post-lexer drops newlines inside ``( )`` and ``[ ]`` and remembers the tokens
-before a failure, so a syntax error can say what was expected *there*, in words ("a step name",
-"'{'", "end of file"), instead of terminal names. Tree to nodes is a separate pass that keeps
-positions; mistakes inside strings and ``run`` lines (braces, quotes, escapes) are collected and
-reported together after the parse.
+on first use, with ``strict=True`` so a grammar conflict is a build error. Building it takes a
+few tenths of a second, more than the rest of checking a small file, so it is kept for the next
+process in this user's cache folder (:func:`_cache_file`), where nobody else can write: Lark's
+cache is a pickle, and loading one runs what it says. A small post-lexer drops newlines inside
+``( )`` and ``[ ]`` and remembers the tokens before a failure, so a syntax error can say what
+was expected *there*, in words ("a step name", "'{'", "end of file"), instead of terminal names.
+Tree to nodes is a separate pass that keeps positions; mistakes inside strings and ``run`` lines
+(braces, quotes, escapes) are collected and reported together after the parse.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import math
+import os
+import sys
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 
+import lark
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
@@ -111,19 +118,49 @@ def grammar_text() -> str:
     return resources.files("opals_dsl").joinpath("grammar/opf.lark").read_text(encoding="utf-8")
 
 
+#: how the parser is built; part of its cache file's name
+_OPTIONS = {"parser": "lalr", "lexer": "contextual", "strict": True,
+            "propagate_positions": True, "maybe_placeholders": True}
+
+
 @cache
 def _parser() -> tuple[Lark, _PostLex]:
     postlex = _PostLex()
-    parser = Lark(
-        grammar_text(),
-        parser="lalr",
-        lexer="contextual",
-        strict=True,
-        propagate_positions=True,
-        maybe_placeholders=True,
-        postlex=postlex,
-    )
-    return parser, postlex
+    text = grammar_text()
+    path = _cache_file(text)
+    if path is None:
+        return Lark(text, postlex=postlex, **_OPTIONS), postlex
+    try:
+        lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return Lark(text, postlex=postlex, **_OPTIONS), postlex
+    try:  # one process at a time reads or writes the file: none reads one half written
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Lark reads the file if it is there and whole, else builds the parser and saves it
+        return Lark(text, postlex=postlex, cache=path, **_OPTIONS), postlex
+    finally:
+        os.close(lock)
+
+
+def _cache_file(grammar: str) -> str | None:
+    """Where this user's built parser for ``grammar`` is kept: ``$XDG_CACHE_HOME/opf/`` (else
+    ``~/.cache/opf/``), named by the grammar, the options and the versions of Lark and Python;
+    None where that folder cannot be made or is not this user's alone (the parser is then
+    built every time)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):  # no home folder to speak of
+        return None
+    folder = os.path.join(base, "opf")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return None
+    key = hashlib.sha256("\0".join([grammar, repr(sorted(_OPTIONS.items())), lark.__version__,
+                                    sys.version]).encode()).hexdigest()[:32]
+    return os.path.join(folder, f"parser-{key}.lark")
 
 
 def parse(source: SourceFile) -> n.Pipeline:
