@@ -7,6 +7,7 @@ equality, and spans are asserted separately where they matter.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import stat
@@ -598,10 +599,10 @@ PARSE_ONE = (
 )
 
 
-def _parse_in_new_process(cache: Path) -> subprocess.CompletedProcess[str]:
+def _parse_in_new_process(cache: Path, first: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
-    return subprocess.run([sys.executable, "-c", PARSE_ONE], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", first + PARSE_ONE], env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_the_built_parser_is_kept_for_the_next_process_and_a_damaged_one_is_rebuilt(
@@ -665,3 +666,19 @@ def test_a_parser_file_that_others_could_have_written_is_never_loaded(
     (cache / "opf").chmod(0o700)
     _parse_in_new_process(cache)
     assert marker.exists()
+
+
+def test_a_process_that_holds_the_parser_s_file_does_not_hold_up_the_next(tmp_path: Path):
+    """Invariant: a process that keeps the lock of the parser's cache file (an ``opf`` stopped
+    with Ctrl-Z while it loads it, say) does not stop the next ``opf``: after a short wait that
+    one builds its parser itself, leaving the file as it is."""
+    cache = tmp_path / "cache"
+    assert _parse_in_new_process(cache).returncode == 0
+    [kept] = (cache / "opf").glob("parser-*.lark")
+    before = kept.stat().st_mtime_ns
+    with open(f"{kept}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = _parse_in_new_process(
+            cache, "import opals_dsl.lang.parse as p\np.CACHE_WAIT = 0.2\n")
+    assert (run.returncode, run.stdout, run.stderr) == (0, "p ['j']\n", "")
+    assert kept.stat().st_mtime_ns == before

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
@@ -135,11 +136,29 @@ def _parser() -> tuple[Lark, _PostLex]:
     except OSError:
         return Lark(text, postlex=postlex, **_OPTIONS), postlex
     try:  # one process at a time reads or writes the file: none reads one half written
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _hold(lock, CACHE_WAIT):  # its holder is stopped, say: no waiting for it
+            return Lark(text, postlex=postlex, **_OPTIONS), postlex
         # Lark reads the file if it is there and whole, else builds the parser and saves it
         return Lark(text, postlex=postlex, cache=path, **_OPTIONS), postlex
     finally:
         os.close(lock)
+
+
+#: seconds a process waits for another one to be done with the parser's cache file
+CACHE_WAIT = 3.0
+
+
+def _hold(fd: int, seconds: float) -> bool:
+    """Take an exclusive lock on ``fd``, trying for up to ``seconds``; True once held."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def _cache_file(grammar: str) -> str | None:
