@@ -13,6 +13,7 @@ Tree to nodes is a separate pass that keeps positions; mistakes inside strings a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import math
@@ -128,18 +129,29 @@ _OPTIONS = {"parser": "lalr", "lexer": "contextual", "strict": True,
 def _parser() -> tuple[Lark, _PostLex]:
     postlex = _PostLex()
     text = grammar_text()
-    path = _cache_file(text)
+    with _cache_held(text) as path:
+        # Lark reads the file if it is there and whole, else builds the parser and saves it;
+        # without a file (None) it builds the parser in memory
+        return Lark(text, postlex=postlex, cache=path or False, **_OPTIONS), postlex
+
+
+@contextlib.contextmanager
+def _cache_held(grammar: str) -> Iterator[str | None]:
+    """The parser's cache file (:func:`_cache_file`), its lock held for the block so that no
+    other process reads or writes it meanwhile (none reads one half written); None where there
+    is no such file, or its lock is still held after :data:`CACHE_WAIT` seconds (by an
+    ``opf`` stopped while loading it, say: nobody waits for it)."""
+    path = _cache_file(grammar)
     if path is None:
-        return Lark(text, postlex=postlex, **_OPTIONS), postlex
+        yield None
+        return
     try:
         lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
-        return Lark(text, postlex=postlex, **_OPTIONS), postlex
-    try:  # one process at a time reads or writes the file: none reads one half written
-        if not _hold(lock, CACHE_WAIT):  # its holder is stopped, say: no waiting for it
-            return Lark(text, postlex=postlex, **_OPTIONS), postlex
-        # Lark reads the file if it is there and whole, else builds the parser and saves it
-        return Lark(text, postlex=postlex, cache=path, **_OPTIONS), postlex
+        yield None
+        return
+    try:
+        yield path if _hold(lock, CACHE_WAIT) else None
     finally:
         os.close(lock)
 
